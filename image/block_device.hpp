@@ -1,0 +1,102 @@
+// BlockDevice: the interface the NBD server drives (one object per export,
+// shared by every connection to it).
+//
+// Thread-safety: every method may be called concurrently from several
+// threads. Calls block until the I/O is done. Ranges are validated by the
+// caller (offset + length <= size()); implementations still refuse ranges
+// outside the device with EINVAL/ENOSPC rather than trusting that.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/result.hpp"
+#include "image/io/file.hpp"
+
+namespace qnbd::image {
+
+// What a device can do; the server derives NBD transmission flags from it.
+struct Capabilities {
+  bool writable = false;
+  bool can_flush = true;
+  bool can_fua = true;
+  bool can_trim = false;
+  bool can_write_zeroes = false;
+  bool can_fast_zero = false;     // write_zeroes(fast_only) can succeed quickly
+  bool can_multi_conn = true;     // one shared object: flush is visible to all
+  std::uint32_t min_block = 1;    // smallest I/O unit honoured exactly
+  std::uint32_t preferred_block = 4096;
+};
+
+// One extent of block status, consecutive from the requested offset.
+struct Extent {
+  std::uint64_t length = 0;
+  bool allocated = false;  // data is stored (in this image or its backing chain); false = hole
+  bool zero = false;       // reads as zeroes
+  // Which layer supplies the data: 0 = none in the chain, 1 = this image,
+  // 2 = its backing file, ... (NBD qemu:allocation-depth).
+  std::uint32_t depth = 0;
+};
+
+struct ZeroFlags {
+  bool may_unmap = true;    // may release allocation (NBD: NO_HOLE not set)
+  bool fast_only = false;   // fail with ENOTSUP unless it is cheap (NBD FAST_ZERO)
+  bool fua = false;
+};
+
+class BlockDevice {
+ public:
+  virtual ~BlockDevice() = default;
+
+  // Virtual size in bytes.
+  virtual std::uint64_t size() const = 0;
+  virtual Capabilities capabilities() const = 0;
+  // "raw" or "qcow2".
+  virtual const char* format() const = 0;
+
+  [[nodiscard]] virtual Result<void> read(std::span<std::byte> buf, std::uint64_t offset) = 0;
+  [[nodiscard]] virtual Result<void> write(std::span<const std::byte> buf, std::uint64_t offset,
+                                           bool fua) = 0;
+  [[nodiscard]] virtual Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length,
+                                                  ZeroFlags flags) = 0;
+  [[nodiscard]] virtual Result<void> discard(std::uint64_t offset, std::uint64_t length,
+                                             bool fua) = 0;
+  [[nodiscard]] virtual Result<void> flush() = 0;
+
+  // Fill `out` with consecutive extents starting at offset, covering at most
+  // `length` bytes (and at least one byte when length > 0). Returns how many
+  // extents were written; adjacent extents with equal status are merged. The
+  // total may be less than length when `out` fills up. Never allocates on the
+  // hot path: metadata comes from the engine's bounded cache.
+  [[nodiscard]] virtual Result<std::size_t> block_status(std::uint64_t offset, std::uint64_t length,
+                                                         std::span<Extent> out) = 0;
+
+  // Flush and release; after close() only the destructor may be called.
+  // Called on clean shutdown so a writer can store state (bitmaps, the dirty
+  // bit) and report errors; the destructor must not throw.
+  [[nodiscard]] virtual Result<void> close() { return flush(); }
+};
+
+enum class ImageFormat { detect, raw, qcow2 };
+
+struct OpenOptions {
+  ImageFormat format = ImageFormat::detect;
+  bool read_only = true;
+  CacheMode cache = CacheMode::writeback;
+  bool discard_unmap = false;     // --discard=unmap: trims release space
+  std::string data_file;          // overrides the qcow2 external data file name
+  // Backing files opened for a writable top image are read-only; the chain
+  // is bounded so a loop or a hostile chain cannot recurse forever.
+  unsigned max_backing_depth = 64;
+};
+
+// Open an image file, detecting the format unless told. Errors are one line
+// naming the file and the defect.
+[[nodiscard]] Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path,
+                                                              const OpenOptions& options);
+
+}  // namespace qnbd::image

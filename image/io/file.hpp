@@ -1,0 +1,65 @@
+// The I/O seam: every byte the engine reads or writes goes through File.
+//
+// The qcow2 and raw drivers never see a descriptor, so tests substitute
+// MemFile (in memory), and fault- or crash-injecting wrappers. Implementations
+// must be safe for concurrent pread/pwrite from several threads.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "common/result.hpp"
+
+namespace qnbd::image {
+
+class File {
+ public:
+  virtual ~File() = default;
+
+  // Read up to buf.size() bytes at offset. Returns the number read, which is
+  // short only at end of file.
+  [[nodiscard]] virtual Result<std::size_t> pread(std::span<std::byte> buf, std::uint64_t offset) = 0;
+  // Write all of buf at offset, extending the file if needed.
+  [[nodiscard]] virtual Result<void> pwrite(std::span<const std::byte> buf, std::uint64_t offset) = 0;
+  // Make every completed write durable (fdatasync).
+  [[nodiscard]] virtual Result<void> flush() = 0;
+  [[nodiscard]] virtual Result<void> truncate(std::uint64_t size) = 0;
+  [[nodiscard]] virtual Result<std::uint64_t> size() = 0;
+  // Make [offset, offset+length) read as zeroes. may_unmap allows releasing
+  // the space (punching a hole). The default writes zero buffers.
+  [[nodiscard]] virtual Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length, bool may_unmap);
+  // Release [offset, offset+length); contents afterwards are unspecified
+  // (implementations here make them read as zeroes). Default: no-op.
+  [[nodiscard]] virtual Result<void> discard(std::uint64_t offset, std::uint64_t length);
+  // True if [offset, offset+length) is known to be a hole in the host file
+  // (reads as zeroes, not allocated). Default: false (unknown).
+  [[nodiscard]] virtual Result<bool> is_hole(std::uint64_t offset, std::uint64_t length);
+  // Name for messages (the path for real files).
+  virtual const std::string& name() const = 0;
+
+  // Read exactly buf.size() bytes; a short read is an error naming `what`.
+  [[nodiscard]] Result<void> read_exact(std::span<std::byte> buf, std::uint64_t offset, const char* what);
+  // Read buf.size() bytes; bytes past end of file read as zeroes.
+  [[nodiscard]] Result<void> read_zero_fill(std::span<std::byte> buf, std::uint64_t offset);
+};
+
+enum class OpenMode { read_only, read_write };
+
+enum class CacheMode {
+  writeback,     // page cache, flush on request (default, as qemu-nbd)
+  none,          // O_DIRECT, flush on request
+  writethrough,  // every write durable before it completes
+  unsafe,        // flush requests are ignored
+};
+
+// Open a host file. direct = O_DIRECT (cache=none); falls back to buffered
+// I/O with a warning if the filesystem refuses O_DIRECT.
+[[nodiscard]] Result<std::unique_ptr<File>> open_posix_file(const std::string& path, OpenMode mode,
+                                                            CacheMode cache = CacheMode::writeback);
+// Create (or truncate) a host file for writing.
+[[nodiscard]] Result<std::unique_ptr<File>> create_posix_file(const std::string& path);
+
+}  // namespace qnbd::image
