@@ -1,0 +1,74 @@
+// The qnbd server configuration (a JSON file, see docs/config.md and
+// config/schema.json) as plain structs, and its strict loader.
+//
+// Loading never throws: every defect comes back as an Error whose message
+// starts with the JSON pointer of the offending key, e.g.
+//   /exports/1/read_only: expected a boolean, got "yes"
+// Plain data, no shared state: safe to use from any thread.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/result.hpp"
+
+namespace qnbd::config {
+
+struct ExportConfig {
+  std::string name;         // NBD export name; "" is the default export
+  std::string image;        // path of the image file (load_config resolves it
+                            // against the config file's directory)
+  std::string format;       // "raw", "qcow2", or "" = detect from the content
+  bool read_only = false;
+  std::string description;  // sent as NBD_INFO_DESCRIPTION when non-empty
+  bool allocation_depth = false;     // offer the qemu:allocation-depth context
+  std::vector<std::string> bitmaps;  // qcow2 bitmaps offered as qemu:dirty-bitmap:NAME
+  std::string cache = "writeback";   // "writeback" | "writethrough" | "none" | "unsafe"
+  std::string discard = "ignore";    // "ignore" | "unmap"
+};
+
+struct ListenerConfig {
+  std::string type = "tcp";         // "tcp" | "unix"
+  std::string host = "127.0.0.1";   // tcp only
+  std::uint16_t port = 10809;       // tcp only, 1..65535
+  std::string path;                 // unix only: socket path
+};
+
+struct Limits {
+  std::uint32_t max_connections = 100;  // 0 = unlimited
+  std::uint32_t handshake_timeout_seconds = 10;
+  std::uint64_t max_inflight_bytes_per_connection = 64ull << 20;
+  std::uint32_t threads = 0;  // 0 = one per core
+};
+
+struct Config {
+  std::vector<ExportConfig> exports;     // at least one, names unique
+  std::vector<ListenerConfig> listeners; // defaults to one tcp 127.0.0.1:10809
+  Limits limits;
+};
+
+// Bounds enforced by the loader, exported so the docs, the schema and the
+// tests agree with the code.
+inline constexpr std::size_t max_name_bytes = 4096;          // NBD string limit
+inline constexpr std::size_t max_bitmap_name_bytes = 1023;   // qcow2 bitmap name limit
+inline constexpr std::size_t max_unix_path_bytes = 107;      // sun_path minus the NUL
+inline constexpr std::uint32_t max_connections_limit = 1'000'000;
+inline constexpr std::uint32_t max_handshake_timeout_seconds = 3600;
+inline constexpr std::uint64_t min_inflight_bytes = 64ull << 10;  // 64 KiB
+inline constexpr std::uint64_t max_inflight_bytes = 4ull << 30;         // 4 GiB
+inline constexpr std::uint32_t max_threads = 1024;
+inline constexpr std::size_t max_config_file_bytes = 16u << 20;
+
+// Parse and validate a configuration held in memory. Image paths are kept as
+// written. Errors: EINVAL, message "POINTER: what is wrong" (or "line L,
+// column C: ..." for JSON syntax errors).
+[[nodiscard]] Result<Config> parse_config(std::string_view json_text);
+
+// Read PATH, parse and validate it, then resolve relative image paths against
+// the directory holding PATH. Errors are prefixed with PATH; I/O errors keep
+// their errno.
+[[nodiscard]] Result<Config> load_config(const std::string& path);
+
+}  // namespace qnbd::config

@@ -1,0 +1,289 @@
+// The config loader: defaults, every field, and many malformed documents, each
+// of which must be refused with the JSON pointer of the defect.
+#include <doctest/doctest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "config/config.hpp"
+
+using qnbd::config::load_config;
+using qnbd::config::parse_config;
+
+namespace {
+
+// The error message of a document that must be refused.
+std::string error_of(std::string_view text) {
+  auto r = parse_config(text);
+  REQUIRE_MESSAGE(!r, "accepted: " << text);
+  CHECK(r.error().code == EINVAL);
+  // One line: the server logs it as is.
+  CHECK(r.error().message.find('\n') == std::string::npos);
+  return r.error().message;
+}
+
+std::string read_file(const std::filesystem::path& path) {
+  std::ifstream in(path);
+  REQUIRE(in);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+}  // namespace
+
+TEST_CASE("minimal config gets the documented defaults") {
+  auto r = parse_config(R"({"exports": [{"name": "", "image": "disk.qcow2"}]})");
+  REQUIRE_MESSAGE(r, (r ? "" : r.error().message));
+  const auto& c = *r;
+  REQUIRE(c.exports.size() == 1);
+  const auto& e = c.exports[0];
+  CHECK(e.name == "");
+  CHECK(e.image == "disk.qcow2");
+  CHECK(e.format == "");
+  CHECK_FALSE(e.read_only);
+  CHECK(e.description == "");
+  CHECK_FALSE(e.allocation_depth);
+  CHECK(e.bitmaps.empty());
+  CHECK(e.cache == "writeback");
+  CHECK(e.discard == "ignore");
+  REQUIRE(c.listeners.size() == 1);
+  CHECK(c.listeners[0].type == "tcp");
+  CHECK(c.listeners[0].host == "127.0.0.1");
+  CHECK(c.listeners[0].port == 10809);
+  CHECK(c.limits.max_connections == 100);
+  CHECK(c.limits.handshake_timeout_seconds == 10);
+  CHECK(c.limits.max_inflight_bytes_per_connection == 64u * 1024 * 1024);
+  CHECK(c.limits.threads == 0);
+}
+
+TEST_CASE("every field is read") {
+  auto r = parse_config(R"({
+    "$schema": "../schema.json",
+    "exports": [
+      {"name": "a", "image": "/srv/a.qcow2", "format": "qcow2", "read_only": true,
+       "description": "disk A", "allocation_depth": true, "bitmaps": ["b0", "b1"],
+       "cache": "none", "discard": "unmap"},
+      {"name": "b", "image": "b.img", "format": "raw", "cache": "unsafe"}
+    ],
+    "listeners": [
+      {"type": "tcp", "host": "::1", "port": 10810},
+      {"type": "unix", "path": "/run/qnbd.sock"}
+    ],
+    "limits": {"max_connections": 0, "handshake_timeout_seconds": 30,
+               "max_inflight_bytes_per_connection": 1048576, "threads": 4}
+  })");
+  REQUIRE_MESSAGE(r, (r ? "" : r.error().message));
+  const auto& c = *r;
+  REQUIRE(c.exports.size() == 2);
+  CHECK(c.exports[0].name == "a");
+  CHECK(c.exports[0].image == "/srv/a.qcow2");
+  CHECK(c.exports[0].format == "qcow2");
+  CHECK(c.exports[0].read_only);
+  CHECK(c.exports[0].description == "disk A");
+  CHECK(c.exports[0].allocation_depth);
+  CHECK(c.exports[0].bitmaps == std::vector<std::string>{"b0", "b1"});
+  CHECK(c.exports[0].cache == "none");
+  CHECK(c.exports[0].discard == "unmap");
+  CHECK(c.exports[1].format == "raw");
+  CHECK(c.exports[1].cache == "unsafe");
+  REQUIRE(c.listeners.size() == 2);
+  CHECK(c.listeners[0].host == "::1");
+  CHECK(c.listeners[0].port == 10810);
+  CHECK(c.listeners[1].type == "unix");
+  CHECK(c.listeners[1].path == "/run/qnbd.sock");
+  CHECK(c.limits.max_connections == 0);
+  CHECK(c.limits.handshake_timeout_seconds == 30);
+  CHECK(c.limits.max_inflight_bytes_per_connection == 1048576);
+  CHECK(c.limits.threads == 4);
+}
+
+TEST_CASE("malformed documents name the JSON pointer and the defect") {
+  struct Case {
+    const char* text;
+    const char* expected;  // exact message
+  };
+  const Case cases[] = {
+      // the document
+      {R"([])", "<root>: expected an object, got []"},
+      {R"({})", "/exports: required key is missing"},
+      {R"({"exports": [], "x": 1})", "/x: unknown key (allowed: $schema, exports, listeners, limits)"},
+      {R"({"exports": {}})", "/exports: expected an array of exports, got {}"},
+      {R"({"exports": []})", "/exports: at least one export is required"},
+      {R"({"$schema": 3, "exports": []})", "/$schema: expected a string, got 3"},
+      // exports
+      {R"({"exports": [7]})", "/exports/0: expected an object, got 7"},
+      {R"({"exports": [{"image": "a"}]})", "/exports/0/name: required key is missing"},
+      {R"({"exports": [{"name": "a"}]})", "/exports/0/image: required key is missing"},
+      {R"({"exports": [{"name": "a", "image": ""}]})", "/exports/0/image: must not be empty"},
+      {R"({"exports": [{"name": 1, "image": "a"}]})", "/exports/0/name: expected a string, got 1"},
+      {R"({"exports": [{"name": "a", "image": "a"}, {"name": "b", "image": "b", "read_only": "yes"}]})",
+       R"(/exports/1/read_only: expected a boolean, got "yes")"},
+      {R"({"exports": [{"name": "a", "image": "a", "readonly": true}]})",
+       "/exports/0/readonly: unknown key (allowed: name, image, format, read_only, description, "
+       "allocation_depth, bitmaps, cache, discard)"},
+      {R"({"exports": [{"name": "a", "image": "a"}, {"name": "a", "image": "b"}]})",
+       R"(/exports/1/name: duplicate export name "a" (also /exports/0/name))"},
+      {R"({"exports": [{"name": "a", "image": "a", "format": "vmdk"}]})",
+       R"(/exports/0/format: expected one of "raw", "qcow2", "", got "vmdk")"},
+      {R"({"exports": [{"name": "a", "image": "a", "format": null}]})",
+       R"(/exports/0/format: expected one of "raw", "qcow2", "", got null)"},
+      {R"({"exports": [{"name": "a", "image": "a", "cache": "directsync"}]})",
+       R"(/exports/0/cache: expected one of "writeback", "writethrough", "none", "unsafe", got "directsync")"},
+      {R"({"exports": [{"name": "a", "image": "a", "discard": true}]})",
+       R"(/exports/0/discard: expected one of "ignore", "unmap", got true)"},
+      {R"({"exports": [{"name": "a", "image": "a", "allocation_depth": 1}]})",
+       "/exports/0/allocation_depth: expected a boolean, got 1"},
+      {R"({"exports": [{"name": "a", "image": "a", "description": ["x"]}]})",
+       R"(/exports/0/description: expected a string, got ["x"])"},
+      {R"({"exports": [{"name": "a", "image": "a", "bitmaps": "b0"}]})",
+       R"(/exports/0/bitmaps: expected an array of strings, got "b0")"},
+      {R"({"exports": [{"name": "a", "image": "a", "bitmaps": ["b0", 5]}]})",
+       "/exports/0/bitmaps/1: expected a string, got 5"},
+      {R"({"exports": [{"name": "a", "image": "a", "bitmaps": [""]}]})",
+       "/exports/0/bitmaps/0: must not be empty"},
+      {R"({"exports": [{"name": "a", "image": "a", "bitmaps": ["b0", "b1", "b0"]}]})",
+       R"(/exports/0/bitmaps/2: duplicate bitmap "b0" (also /exports/0/bitmaps/0))"},
+      {R"({"exports": [{"name": "a", "image": "a", "format": "raw", "bitmaps": ["b0"]}]})",
+       "/exports/0/bitmaps: a raw image has no bitmaps (only qcow2 stores them)"},
+      {R"({"exports": [{"name": "a\u0000b", "image": "a"}]})",
+       "/exports/0/name: must not contain a NUL character"},
+      // listeners
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": []})",
+       "/listeners: at least one listener is required (or leave the key out)"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": {"type": "tcp"}})",
+       R"(/listeners: expected an array of listeners, got {"type":"tcp"})"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"port": 1}]})",
+       "/listeners/0/type: required key is missing"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "vsock"}]})",
+       R"(/listeners/0/type: expected one of "tcp", "unix", got "vsock")"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "tcp", "port": 0}]})",
+       "/listeners/0/port: expected an integer in [1, 65535], got 0"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "tcp", "port": 65536}]})",
+       "/listeners/0/port: expected an integer in [1, 65535], got 65536"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "tcp", "port": -1}]})",
+       "/listeners/0/port: expected an integer in [1, 65535], got -1"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "tcp", "port": "10809"}]})",
+       R"(/listeners/0/port: expected an integer, got "10809")"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "tcp", "port": 10809.5}]})",
+       "/listeners/0/port: expected an integer, got 10809.5"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "tcp", "host": ""}]})",
+       "/listeners/0/host: must not be empty"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "tcp", "path": "/s"}]})",
+       "/listeners/0/path: not allowed for a tcp listener"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "unix"}]})",
+       "/listeners/0/path: required key is missing for a unix listener"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "unix", "path": "/s", "port": 1}]})",
+       "/listeners/0/port: not allowed for a unix listener"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "unix", "path": "/s", "mode": 1}]})",
+       "/listeners/0/mode: unknown key (allowed: type, path)"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "tcp"}, {"type": "tcp", "port": 10809}]})",
+       "/listeners/1: duplicate listener (tcp 127.0.0.1:10809, also /listeners/0)"},
+      {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "unix", "path": "/s"}, {"type": "unix", "path": "/s"}]})",
+       "/listeners/1: duplicate listener (unix /s, also /listeners/0)"},
+      // limits
+      {R"({"exports": [{"name": "", "image": "a"}], "limits": []})", "/limits: expected an object, got []"},
+      {R"({"exports": [{"name": "", "image": "a"}], "limits": {"max_conn": 1}})",
+       "/limits/max_conn: unknown key (allowed: max_connections, handshake_timeout_seconds, "
+       "max_inflight_bytes_per_connection, threads)"},
+      {R"({"exports": [{"name": "", "image": "a"}], "limits": {"max_connections": 1000001}})",
+       "/limits/max_connections: expected an integer in [0, 1000000], got 1000001"},
+      {R"({"exports": [{"name": "", "image": "a"}], "limits": {"handshake_timeout_seconds": 0}})",
+       "/limits/handshake_timeout_seconds: expected an integer in [1, 3600], got 0"},
+      {R"({"exports": [{"name": "", "image": "a"}], "limits": {"max_inflight_bytes_per_connection": 100}})",
+       "/limits/max_inflight_bytes_per_connection: expected an integer in [65536, 4294967296], got 100"},
+      {R"({"exports": [{"name": "", "image": "a"}], "limits": {"threads": 1e3}})",
+       "/limits/threads: expected an integer, got 1000.0"},
+      {R"({"exports": [{"name": "", "image": "a"}], "limits": {"threads": 18446744073709551616}})",
+       "/limits/threads: expected an integer, got 1.8446744073709552e+19"},
+      // keys needing RFC 6901 escapes
+      {R"({"exports": [{"name": "", "image": "a", "a/b~c": 1}]})",
+       "/exports/0/a~1b~0c: unknown key (allowed: name, image, format, read_only, description, "
+       "allocation_depth, bitmaps, cache, discard)"},
+      // repeated keys, which a plain JSON parser would silently merge
+      {R"({"exports": [{"name": "a", "image": "a", "read_only": true, "read_only": false}]})",
+       "/exports/0/read_only: duplicate key"},
+      {R"({"exports": [{"name": "", "image": "a"}], "limits": {}, "limits": {}})", "/limits: duplicate key"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.text);
+    CHECK(error_of(c.text) == c.expected);
+  }
+}
+
+TEST_CASE("JSON syntax errors say where") {
+  CHECK(error_of("") .starts_with("JSON syntax error at line 1, column 1"));
+  CHECK(error_of("{\"exports\": [\n  {\"name\": \"a\",}\n]}").starts_with("JSON syntax error at line 2, column"));
+  CHECK(error_of("{\"exports\": []} trailing").starts_with("JSON syntax error at line 1"));
+  CHECK(error_of("{\"a\": \"\xff\"}").starts_with("JSON syntax error"));  // invalid UTF-8
+  CHECK(error_of("// comment\n{}").starts_with("JSON syntax error"));
+}
+
+TEST_CASE("deep nesting is refused, not recursed into") {
+  std::string deep(100000, '[');
+  CHECK(error_of(deep).starts_with("JSON syntax error"));  // unterminated
+  std::string closed = R"({"exports": )" + std::string(40, '[') + std::string(40, ']') + "}";
+  CHECK(error_of(closed).find("nested deeper than 32 levels") != std::string::npos);
+}
+
+TEST_CASE("load_config reads a file, prefixes errors with its path, resolves relative images") {
+  const auto dir = std::filesystem::path(QNBD_TEST_BINARY_DIR) / "tests" / "config-tmp";
+  std::filesystem::create_directories(dir);
+  const auto good = dir / "good.json";
+  {
+    std::ofstream out(good);
+    out << R"({"exports": [{"name": "a", "image": "a.qcow2"}, {"name": "b", "image": "/abs/b.raw"}]})";
+  }
+  auto r = load_config(good.string());
+  REQUIRE_MESSAGE(r, (r ? "" : r.error().message));
+  CHECK(r->exports[0].image == (dir / "a.qcow2").string());
+  CHECK(r->exports[1].image == "/abs/b.raw");
+
+  const auto bad = dir / "bad.json";
+  {
+    std::ofstream out(bad);
+    out << R"({"exports": [{"name": "a", "image": "a", "read_only": "yes"}]})";
+  }
+  auto b = load_config(bad.string());
+  REQUIRE(!b);
+  CHECK(b.error().message == bad.string() + R"(: /exports/0/read_only: expected a boolean, got "yes")");
+
+  auto missing = load_config((dir / "does-not-exist.json").string());
+  REQUIRE(!missing);
+  CHECK(missing.error().code == ENOENT);
+  CHECK(missing.error().message.find("does-not-exist.json: cannot open") != std::string::npos);
+
+  auto directory = load_config(dir.string());
+  REQUIRE(!directory);
+  CHECK(directory.error().message.find("not a regular file") != std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("the shipped examples load") {
+  const auto examples = std::filesystem::path(QNBD_TEST_SOURCE_DIR) / "config" / "examples";
+  int count = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(examples)) {
+    if (entry.path().extension() != ".json") continue;
+    CAPTURE(entry.path().string());
+    auto r = load_config(entry.path().string());
+    CHECK_MESSAGE(r, (r ? "" : r.error().message));
+    ++count;
+  }
+  CHECK(count >= 2);
+}
+
+TEST_CASE("the schema is valid JSON naming every key the loader accepts") {
+  const auto schema = read_file(std::filesystem::path(QNBD_TEST_SOURCE_DIR) / "config" / "schema.json");
+  // The loader itself rejects the schema as a config, but must parse it as
+  // JSON: an error about a key, not about syntax.
+  auto r = parse_config(schema);
+  REQUIRE(!r);
+  CHECK_FALSE(r.error().message.starts_with("JSON syntax error"));
+  for (const char* key : {"exports", "listeners", "limits", "name", "image", "format", "read_only",
+                          "description", "allocation_depth", "bitmaps", "cache", "discard", "type", "host",
+                          "port", "path", "max_connections", "handshake_timeout_seconds",
+                          "max_inflight_bytes_per_connection", "threads"}) {
+    CAPTURE(key);
+    CHECK(schema.find(std::string("\"") + key + "\"") != std::string::npos);
+  }
+}
