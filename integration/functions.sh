@@ -1,0 +1,116 @@
+# Helpers shared by every integration/test-*.sh script. Source it first:
+#   source "$(dirname "$0")/functions.sh"
+#
+# Provides: requires TOOL..., requires_qnbd, cleanup_fn CMD..., $TMPDIR_TEST
+# (a private temp dir removed on exit), fail MSG, expect_eq ACTUAL EXPECTED
+# [WHAT], run_checked TIMEOUT CMD... (runs a command, classifies crashes), and
+# the exit status convention: 0 pass, 1 fail, 77 skip (ctest SKIP_RETURN_CODE).
+
+set -euo pipefail
+
+# ctest passes these; fall back to the default build tree for manual runs.
+QNBD_SOURCE_DIR=${QNBD_SOURCE_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+QNBD_BUILD_DIR=${QNBD_BUILD_DIR:-$QNBD_SOURCE_DIR/build}
+QNBD=${QNBD:-$QNBD_BUILD_DIR/qnbd}
+INTEGRATION_DIR=$QNBD_SOURCE_DIR/integration
+export QNBD QNBD_SOURCE_DIR QNBD_BUILD_DIR
+
+# Sanitizer reports must not be mistaken for an ordinary "exit 1" error
+# path: give them their own exit status (and the text is checked too).
+SANITIZER_EXIT=99
+export ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}exitcode=$SANITIZER_EXIT:abort_on_error=0
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:+$UBSAN_OPTIONS:}exitcode=$SANITIZER_EXIT:print_stacktrace=1
+
+# Cleanup actions run in reverse order of registration when the script exits,
+# however it exits.
+_cleanup_fns=()
+cleanup_fn() {
+  _cleanup_fns+=("$*")
+}
+_run_cleanups() {
+  local status=$?
+  local i
+  for ((i = ${#_cleanup_fns[@]} - 1; i >= 0; i--)); do
+    eval "${_cleanup_fns[i]}" || true
+  done
+  exit "$status"
+}
+trap _run_cleanups EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# A private scratch directory, removed at exit unless KEEP_TMP=1 (debugging).
+TMPDIR_TEST=$(mktemp -d "${TMPDIR:-/tmp}/qnbd-$(basename "$0" .sh).XXXXXX")
+if [[ ${KEEP_TMP:-0} == 1 ]]; then
+  echo "keeping $TMPDIR_TEST"
+else
+  cleanup_fn rm -rf "$TMPDIR_TEST"
+fi
+
+# Skip the test (exit 77) unless every named tool is on PATH.
+requires() {
+  local tool
+  for tool in "$@"; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+      echo "SKIP: $0: required tool '$tool' not found"
+      exit 77
+    fi
+  done
+}
+
+# Skip unless a python3 module imports.
+requires_python_module() {
+  requires python3
+  if ! python3 -c "import $1" >/dev/null 2>&1; then
+    echo "SKIP: $0: python3 module '$1' not found"
+    exit 77
+  fi
+}
+
+requires_qnbd() {
+  if [[ ! -x $QNBD ]]; then
+    echo "SKIP: $0: qnbd binary '$QNBD' not built"
+    exit 77
+  fi
+}
+
+fail() {
+  echo "FAIL: $0: $*" >&2
+  exit 1
+}
+
+expect_eq() {
+  local actual=$1 expected=$2 what=${3:-value}
+  if [[ $actual != "$expected" ]]; then
+    fail "$what: expected '$expected', got '$actual'"
+  fi
+}
+
+# run_checked TIMEOUT CMD...: run CMD with a time limit, stdout to
+# $RUN_STDOUT, stderr to $RUN_STDERR, exit status in $RUN_STATUS, and a verdict
+# in $RUN_KIND: "ok" (exit 0), "error" (a clean non-zero exit), "timeout",
+# "crash" (killed by a signal) or "sanitizer" (ASan/UBSan/LSan report).
+# Never fails itself, so callers can tabulate results.
+RUN_STDOUT=$TMPDIR_TEST/run.stdout
+RUN_STDERR=$TMPDIR_TEST/run.stderr
+run_checked() {
+  local limit=$1
+  shift
+  set +e
+  timeout --kill-after=5 "$limit" "$@" >"$RUN_STDOUT" 2>"$RUN_STDERR"
+  RUN_STATUS=$?
+  set -e
+  if grep -qE 'ERROR: (Address|Leak|Undefined)Sanitizer|runtime error:|SUMMARY: .*Sanitizer' "$RUN_STDERR"; then
+    RUN_KIND=sanitizer
+  elif ((RUN_STATUS == 124 || RUN_STATUS == 137)); then
+    RUN_KIND=timeout
+  elif ((RUN_STATUS == SANITIZER_EXIT)); then
+    RUN_KIND=sanitizer
+  elif ((RUN_STATUS >= 128)); then
+    RUN_KIND=crash
+  elif ((RUN_STATUS == 0)); then
+    RUN_KIND=ok
+  else
+    RUN_KIND=error
+  fi
+}
