@@ -1,17 +1,223 @@
-// qnbd serve: not yet built.
-#include <cstdio>
+// qnbd serve: export an image over NBD, with qemu-nbd's option spelling.
+#include <fcntl.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <cstdio>
+#include <fstream>
+#include <memory>
+
+#include "common/log.hpp"
+#include "config/config.hpp"
+#include "image/block_device.hpp"
 #include "server/commands.hpp"
+#include "server/server.hpp"
 
 namespace qnbd::cli {
 
+namespace {
+
+struct ServeArgs {
+  std::string image;
+  std::string socket;
+  std::uint16_t port = 10809;
+  std::string bind = "127.0.0.1";
+  std::string export_name;
+  std::string description;
+  bool read_only = false;
+  std::string format;  // "" = detect
+  bool persistent = false;
+  std::uint32_t shared = 1;  // qemu-nbd's default
+  bool allocation_depth = false;
+  bool fork = false;
+  std::string pid_file;
+  std::string cache = "writeback";
+  std::string discard = "ignore";
+  int verbose = 0;
+  std::vector<std::string> bitmaps;
+  std::string config;
+  std::uint32_t threads = 0;
+  std::uint32_t handshake_timeout = 10;
+};
+
+Result<image::CacheMode> parse_cache(const std::string& s) {
+  if (s == "writeback") return image::CacheMode::writeback;
+  if (s == "none" || s == "directsync" || s == "off") return image::CacheMode::none;
+  if (s == "writethrough") return image::CacheMode::writethrough;
+  if (s == "unsafe") return image::CacheMode::unsafe;
+  return make_error(EINVAL, "invalid cache mode '{}' (writeback, writethrough, none, unsafe)", s);
+}
+
+Result<image::ImageFormat> parse_format(const std::string& s) {
+  if (s.empty()) return image::ImageFormat::detect;
+  if (s == "raw") return image::ImageFormat::raw;
+  if (s == "qcow2") return image::ImageFormat::qcow2;
+  return make_error(EINVAL, "unknown format '{}' (raw, qcow2)", s);
+}
+
+Result<server::ExportSpec> open_export(const std::string& path, const std::string& format, bool read_only,
+                                       const std::string& cache, const std::string& discard, std::string name,
+                                       std::string description, bool multi_conn, bool allocation_depth,
+                                       const std::vector<std::string>& bitmaps) {
+  if (!bitmaps.empty())
+    return make_error(ENOTSUP, "export '{}': serving dirty bitmaps (--bitmap {}) is not implemented yet", name,
+                      bitmaps.front());
+  if (discard != "ignore" && discard != "unmap" && discard != "off" && discard != "on")
+    return make_error(EINVAL, "invalid discard mode '{}' (ignore, unmap)", discard);
+  image::OpenOptions oo;
+  oo.format = QNBD_TRY(parse_format(format));
+  oo.read_only = read_only;
+  oo.cache = QNBD_TRY(parse_cache(cache));
+  oo.discard_unmap = discard == "unmap" || discard == "on";
+  auto dev = QNBD_TRY(image::open_image(path, oo));
+  server::ExportSpec spec;
+  spec.info = server::describe_export(*dev, std::move(name), std::move(description), read_only, multi_conn,
+                                      allocation_depth);
+  spec.device = std::shared_ptr<image::BlockDevice>(std::move(dev));
+  spec.discard_unmap = oo.discard_unmap;
+  return spec;
+}
+
+Result<server::ServerOptions> build_options(const ServeArgs& a) {
+  server::ServerOptions o;
+  o.handshake_timeout_seconds = a.handshake_timeout;
+  o.threads = a.threads;
+  if (!a.config.empty()) {
+    if (!a.image.empty()) return make_error(EINVAL, "give either --config or an IMAGE, not both");
+    auto cfg = QNBD_TRY(config::load_config(a.config));
+    for (const auto& e : cfg.exports) {
+      auto spec = QNBD_TRY(open_export(e.image, e.format, e.read_only, e.cache, e.discard, e.name, e.description,
+                                       true, e.allocation_depth, e.bitmaps));
+      o.exports.push_back(std::move(spec));
+    }
+    for (const auto& l : cfg.listeners) {
+      server::ListenerSpec ls;
+      if (l.type == "unix") {
+        ls.kind = server::ListenerSpec::Kind::unix_socket;
+        ls.path = l.path;
+      } else {
+        ls.host = l.host;
+        ls.port = l.port;
+      }
+      o.listeners.push_back(ls);
+    }
+    o.persistent = true;
+    o.max_connections = cfg.limits.max_connections;
+    o.handshake_timeout_seconds = cfg.limits.handshake_timeout_seconds;
+    o.max_inflight_bytes = cfg.limits.max_inflight_bytes_per_connection;
+    if (!a.threads) o.threads = cfg.limits.threads;
+  } else {
+    if (a.image.empty()) return make_error(EINVAL, "an IMAGE (or --config FILE) is required");
+    auto spec = QNBD_TRY(open_export(a.image, a.format, a.read_only, a.cache, a.discard, a.export_name,
+                                     a.description, a.shared != 1, a.allocation_depth, a.bitmaps));
+    o.exports.push_back(std::move(spec));
+    server::ListenerSpec ls;
+    if (!a.socket.empty()) {
+      ls.kind = server::ListenerSpec::Kind::unix_socket;
+      ls.path = a.socket;
+    } else {
+      ls.host = a.bind;
+      ls.port = a.port;
+    }
+    o.listeners.push_back(ls);
+    o.persistent = a.persistent;
+    o.max_connections = a.shared;
+  }
+  // systemd socket activation replaces the configured listeners.
+  if (auto sd = server::systemd_listeners(); !sd.empty()) o.listeners = std::move(sd);
+  return o;
+}
+
+int serve(const ServeArgs& a) {
+  log::init(a.verbose);
+  auto opts = build_options(a);
+  if (!opts) {
+    std::fprintf(stderr, "qnbd serve: %s\n", opts.error().message.c_str());
+    return 1;
+  }
+  int ready_fd = -1;
+  if (a.fork) {
+    // Daemonize before any thread exists; the parent exits once the child
+    // listens (status 0) or dies trying (status 1), like qemu-nbd --fork.
+    int p[2];
+    if (::pipe(p) != 0) {
+      std::perror("qnbd serve: pipe");
+      return 1;
+    }
+    pid_t pid = ::fork();
+    if (pid < 0) {
+      std::perror("qnbd serve: fork");
+      return 1;
+    }
+    if (pid > 0) {
+      ::close(p[1]);
+      char c;
+      ssize_t n = ::read(p[0], &c, 1);
+      return n == 1 ? 0 : 1;
+    }
+    ::close(p[0]);
+    ::setsid();
+    ready_fd = p[1];
+  }
+  opts->on_listening = [&a, ready_fd] {
+    if (!a.pid_file.empty()) {
+      // Written only now, so waiting for the file means waiting for the socket.
+      std::string tmp = a.pid_file + ".tmp";
+      {
+        std::ofstream f(tmp);
+        f << ::getpid() << "\n";
+      }
+      std::rename(tmp.c_str(), a.pid_file.c_str());
+    }
+    if (ready_fd >= 0) {
+      int devnull = ::open("/dev/null", O_RDWR);
+      if (devnull >= 0) {
+        ::dup2(devnull, 0);
+        ::dup2(devnull, 1);
+        if (a.verbose == 0) ::dup2(devnull, 2);
+        ::close(devnull);
+      }
+      char c = 1;
+      (void)!::write(ready_fd, &c, 1);
+      ::close(ready_fd);
+    }
+  };
+  auto status = server::run_server(std::move(*opts));
+  if (!a.pid_file.empty()) ::unlink(a.pid_file.c_str());
+  if (!status) {
+    std::fprintf(stderr, "qnbd serve: %s\n", status.error().message.c_str());
+    return 1;
+  }
+  return *status;
+}
+
+}  // namespace
+
 void add_serve_command(CLI::App& app, int& status) {
-  auto* cmd = app.add_subcommand("serve", "(not yet implemented)");
-  cmd->allow_extras();
-  cmd->callback([&status] {
-    std::fprintf(stderr, "qnbd serve: not implemented yet\n");
-    status = 1;
-  });
+  auto args = std::make_shared<ServeArgs>();
+  auto* cmd = app.add_subcommand("serve", "Export a disk image over NBD (options as qemu-nbd)");
+  cmd->add_option("IMAGE", args->image, "Image file (raw or qcow2)");
+  cmd->add_option("-k,--socket", args->socket, "Listen on this Unix socket instead of TCP");
+  cmd->add_option("-p,--port", args->port, "TCP port (default 10809)");
+  cmd->add_option("-b,--bind", args->bind, "Address to listen on (default 127.0.0.1)");
+  cmd->add_option("-x,--export-name", args->export_name, "Export name (default \"\")");
+  cmd->add_option("-D,--description", args->description, "Export description");
+  cmd->add_flag("-r,--read-only", args->read_only, "Export read-only");
+  cmd->add_option("-f,--format", args->format, "Image format: raw or qcow2 (default: detect)");
+  cmd->add_flag("-t,--persistent", args->persistent, "Keep serving after the last client disconnects");
+  cmd->add_option("-e,--shared", args->shared, "Allow NUM clients at once (default 1, 0 = unlimited)");
+  cmd->add_flag("-A,--allocation-depth", args->allocation_depth, "Offer the qemu:allocation-depth context");
+  cmd->add_flag("--fork", args->fork, "Fork into the background once listening");
+  cmd->add_option("--pid-file", args->pid_file, "Write the server PID here once listening");
+  cmd->add_option("--cache", args->cache, "Cache mode: writeback, writethrough, none, unsafe");
+  cmd->add_option("--discard", args->discard, "Discard mode: ignore (default) or unmap");
+  cmd->add_flag("-v,--verbose", args->verbose, "More logging (repeatable)");
+  cmd->add_option("-B,--bitmap", args->bitmaps, "Export a persistent dirty bitmap (not yet supported)");
+  cmd->add_option("--config", args->config, "Serve the exports and listeners of a JSON config file");
+  cmd->add_option("--threads", args->threads, "I/O threads (default: one per core)");
+  cmd->add_option("--handshake-timeout", args->handshake_timeout, "Seconds allowed for negotiation (0 = none)");
+  cmd->callback([args, &status] { status = serve(*args); });
 }
 
 }  // namespace qnbd::cli

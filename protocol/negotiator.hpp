@@ -1,0 +1,98 @@
+// Negotiator: the server side of the NBD handshake (§3-§7) as a pure state
+// machine. Bytes in, actions out; no sockets, so it can be unit-tested with
+// scripts split at every byte boundary and fuzzed.
+//
+// Use: loop { a = next(); send a.data / read exactly a.bytes and feed() them /
+// start transmission with result() / close }. The negotiator never asks for
+// more bytes than the handshake needs, so nothing of the transmission phase
+// is consumed by it. Not thread-safe (one per connection).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "protocol/catalog.hpp"
+#include "protocol/meta_context.hpp"
+
+namespace qnbd::protocol {
+
+// Which request/reply headers the connection uses (§10.1).
+enum class ReplyMode : std::uint8_t { simple, structured, extended };
+
+struct Action {
+  enum class Kind : std::uint8_t {
+    send,                // write `data` to the peer, then call next() again
+    need_bytes,          // read exactly `bytes` more bytes and feed() them
+    start_transmission,  // handshake done: see Negotiator::result()
+    close,               // drop the connection (after sending nothing more)
+  };
+  Kind kind = Kind::close;
+  std::span<const std::byte> data;  // for send; valid until the next call
+  std::size_t bytes = 0;            // for need_bytes
+};
+
+// What the handshake settled.
+struct Negotiated {
+  const ExportInfo* export_info = nullptr;
+  std::uint16_t transmission_flags = 0;
+  ReplyMode mode = ReplyMode::simple;
+  std::vector<MetaContext> contexts;   // usable selection (empty: no BLOCK_STATUS)
+  bool block_size_committed = false;   // GO asked for NBD_INFO_BLOCK_SIZE
+  std::uint32_t min_block = 1;         // as advertised to this client
+  std::uint32_t max_payload = 32u << 20;
+};
+
+class Negotiator {
+ public:
+  explicit Negotiator(const ExportCatalog& catalog);
+
+  Action next();
+  // Feed bytes read from the peer; at most the count last asked for.
+  void feed(std::span<const std::byte> bytes);
+
+  const Negotiated& result() const { return result_; }
+  // Why the negotiator chose to close (empty after ABORT or success).
+  const std::string& close_reason() const { return close_reason_; }
+
+  // Transmission flags advertised for `exp` in `mode`, with `has_contexts`
+  // telling whether a context selection for it exists (BLOCK_STATUS_PAYLOAD).
+  static std::uint16_t transmission_flags(const ExportInfo& exp, ReplyMode mode, bool has_contexts);
+
+ private:
+  enum class Stage : std::uint8_t { client_flags, option_header, option_data, transmission, closed };
+
+  void process();
+  void process_option();
+  void fail(std::string reason);
+  void reply(std::uint32_t type, std::span<const std::byte> data = {});
+  void reply_error(std::uint32_t type, std::string_view message);
+  void opt_export_name();
+  void opt_list();
+  void opt_info_go(bool go);
+  void opt_meta_context(bool set);
+  std::uint16_t flags_for(const ExportInfo& exp) const;
+
+  const ExportCatalog& catalog_;
+  Stage stage_ = Stage::client_flags;
+  std::vector<std::byte> in_;
+  std::size_t need_ = 4;
+  std::vector<std::byte> out_;
+  bool out_pending_ = false;
+  bool close_after_send_ = false;
+
+  bool no_zeroes_ = false;
+  std::uint32_t opt_ = 0;
+  ReplyMode mode_ = ReplyMode::simple;
+  // Last SET_META_CONTEXT selection and the export it named (§4.7).
+  std::vector<MetaContext> selected_;
+  std::string selected_export_;
+  bool has_selection_ = false;
+
+  Negotiated result_;
+  std::string close_reason_;
+};
+
+}  // namespace qnbd::protocol

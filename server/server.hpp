@@ -1,0 +1,65 @@
+// The NBD server: listeners, per-connection sessions, exports and graceful
+// shutdown. This header is Asio-free so cmd_serve.cpp (and tests) stay cheap
+// to compile; everything Asio lives in server.cpp.
+//
+// Threading: one io_context run by `threads` threads; each connection runs
+// on its own strand (no locks on session state); blocking BlockDevice calls
+// run on a separate bounded thread pool and resume on the session strand.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/result.hpp"
+#include "image/block_device.hpp"
+#include "protocol/catalog.hpp"
+
+namespace qnbd::server {
+
+struct ExportSpec {
+  protocol::ExportInfo info;                   // as advertised
+  std::shared_ptr<image::BlockDevice> device;  // shared by every connection
+  bool discard_unmap = false;                  // TRIM releases space (else ignored)
+};
+
+struct ListenerSpec {
+  enum class Kind { tcp, unix_socket, inherited_fd };
+  Kind kind = Kind::tcp;
+  std::string host = "127.0.0.1";
+  std::uint16_t port = 10809;
+  std::string path;  // unix_socket
+  int fd = -1;       // inherited_fd (systemd socket activation)
+};
+
+struct ServerOptions {
+  std::vector<ExportSpec> exports;
+  std::vector<ListenerSpec> listeners;
+  bool persistent = true;            // false: exit after the last client leaves
+  std::uint32_t max_connections = 0; // 0 = unlimited
+  std::uint32_t handshake_timeout_seconds = 10;
+  std::uint64_t max_inflight_bytes = 64ull << 20;  // per connection
+  std::uint32_t max_inflight_requests = 16;        // per connection
+  std::uint32_t threads = 0;                       // 0 = one per core
+  // Called once every listener is bound and listening (pid file, --fork).
+  std::function<void()> on_listening;
+};
+
+// Listeners handed over by systemd (LISTEN_PID/LISTEN_FDS), as inherited_fd
+// specs; empty if this process was not socket-activated. Clears the
+// variables so children do not inherit them.
+std::vector<ListenerSpec> systemd_listeners();
+
+// Run until shutdown (signal, or last client gone when not persistent).
+// Returns the process exit status; errors setting up listeners are returned
+// before anything is served.
+[[nodiscard]] Result<int> run_server(ServerOptions options);
+
+// ExportInfo for a device, with qemu-nbd's flag choices (§13.3 of the spec).
+protocol::ExportInfo describe_export(const image::BlockDevice& device, std::string name,
+                                     std::string description, bool read_only, bool multi_conn,
+                                     bool allocation_depth);
+
+}  // namespace qnbd::server
