@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/result.hpp"
+#include "image/info.hpp"
 #include "image/io/file.hpp"
 
 namespace qnbd::image {
@@ -40,6 +41,21 @@ struct Extent {
   // Which layer supplies the data: 0 = none in the chain, 1 = this image,
   // 2 = its backing file, ... (NBD qemu:allocation-depth).
   std::uint32_t depth = 0;
+};
+
+// One layer's status for a range, as QEMU's bdrv_block_status on one node
+// (its driver plus the generic part in block/io.c). Used to walk backing
+// chains and by `qnbd map`, which prints the same fields as
+// `qemu-img map --output=json`.
+struct LayerStatus {
+  std::uint64_t length = 0;      // bytes with this status, from the queried offset
+  bool data = false;             // BDRV_BLOCK_DATA: reads come from this layer's storage
+  bool zero = false;             // BDRV_BLOCK_ZERO: reads as zeroes
+  bool present = false;          // BDRV_BLOCK_ALLOCATED: this layer decides the contents
+  bool offset_valid = false;     // BDRV_BLOCK_OFFSET_VALID: host_offset is meaningful
+  bool compressed = false;
+  std::uint64_t host_offset = 0;
+  const File* file = nullptr;    // the file host_offset points into
 };
 
 struct ZeroFlags {
@@ -75,6 +91,27 @@ class BlockDevice {
   [[nodiscard]] virtual Result<std::size_t> block_status(std::uint64_t offset, std::uint64_t length,
                                                          std::span<Extent> out) = 0;
 
+  // Status of [offset, offset + max_length) in this layer only (no backing
+  // recursion); length >= 1 when max_length >= 1. A range this layer does
+  // not decide has present = false, and zero = true if there is nothing
+  // below (no backing, or past the backing file's end), as QEMU reports.
+  // The default: everything is data of this layer.
+  [[nodiscard]] virtual Result<LayerStatus> layer_status(std::uint64_t /*offset*/, std::uint64_t max_length) {
+    LayerStatus st;
+    st.length = max_length;
+    st.data = st.present = true;
+    return st;
+  }
+  // The backing image, or nullptr (owned by this device).
+  virtual BlockDevice* backing() const { return nullptr; }
+  // Description for `qnbd info`.
+  virtual ImageInfo info() const {
+    ImageInfo i;
+    i.format = format();
+    i.virtual_size = size();
+    return i;
+  }
+
   // Flush and release; after close() only the destructor may be called.
   // Called on clean shutdown so a writer can store state (bitmaps, the dirty
   // bit) and report errors; the destructor must not throw.
@@ -93,6 +130,30 @@ struct OpenOptions {
   // is bounded so a loop or a hostile chain cannot recurse forever.
   unsigned max_backing_depth = 64;
 };
+
+// block_status() for any device, from layer_status() walked down the
+// backing chain: allocated = data somewhere, zero, depth = 1-based layer that
+// decides the contents (0: none). Merges equal neighbours; no heap use.
+[[nodiscard]] Result<std::size_t> chain_block_status(BlockDevice& top, std::uint64_t offset, std::uint64_t length,
+                                                     std::span<Extent> out);
+
+// One entry of `qemu-img map --output=json` (its MapEntry): depth is
+// 0-based here, as qemu-img prints it.
+struct MapEntry {
+  std::uint64_t start = 0;
+  std::uint64_t length = 0;
+  std::uint32_t depth = 0;
+  bool present = false;
+  bool zero = false;
+  bool data = false;
+  bool compressed = false;
+  bool has_offset = false;
+  std::uint64_t offset = 0;
+  const File* file = nullptr;  // file `offset` refers to (when has_offset)
+};
+// qemu-img's get_block_status(): the status of the range at offset, walking
+// the chain until a layer decides it. Not merged.
+[[nodiscard]] Result<MapEntry> map_block_status(BlockDevice& top, std::uint64_t offset, std::uint64_t length);
 
 // Open an image file, detecting the format unless told. Errors are one line
 // naming the file and the defect.

@@ -20,6 +20,14 @@ Result<void> File::discard(std::uint64_t, std::uint64_t) { return ok(); }
 
 Result<bool> File::is_hole(std::uint64_t, std::uint64_t) { return false; }
 
+Result<File::Extent> File::probe_extent(std::uint64_t offset, std::uint64_t max_length) {
+  std::uint64_t file_size = QNBD_TRY(size());
+  if (offset >= file_size) return Extent{max_length, true};
+  return Extent{std::min(max_length, file_size - offset), false};
+}
+
+Result<std::uint64_t> File::allocated_size() { return size(); }
+
 Result<void> File::read_exact(std::span<std::byte> buf, std::uint64_t offset, const char* what) {
   std::size_t n = QNBD_TRY(pread(buf, offset));
   if (n != buf.size()) {

@@ -37,6 +37,18 @@ class File {
   // True if [offset, offset+length) is known to be a hole in the host file
   // (reads as zeroes, not allocated). Default: false (unknown).
   [[nodiscard]] virtual Result<bool> is_hole(std::uint64_t offset, std::uint64_t length);
+  // The run starting at offset that is all data or all hole in the host
+  // file, at most max_length bytes long (and at least 1 byte when
+  // max_length > 0). Bytes past the end of the file count as a hole. The
+  // default knows nothing and reports everything before EOF as data.
+  struct Extent {
+    std::uint64_t length = 0;
+    bool hole = false;
+  };
+  [[nodiscard]] virtual Result<Extent> probe_extent(std::uint64_t offset, std::uint64_t max_length);
+  // Bytes of storage the host file occupies (st_blocks * 512), for `info`.
+  // Default: size().
+  [[nodiscard]] virtual Result<std::uint64_t> allocated_size();
   // Name for messages (the path for real files).
   virtual const std::string& name() const = 0;
 

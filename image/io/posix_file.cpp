@@ -1,0 +1,219 @@
+// PosixFile: File over a host file descriptor.
+//
+// Thread-safety: pread/pwrite/fallocate on one descriptor are safe from
+// several threads; nothing here keeps mutable state after open.
+//
+// Cache modes (as qemu's cache= option): writeback = page cache + fdatasync
+// on flush; writethrough = O_DSYNC; unsafe = flush is a no-op; none =
+// O_DIRECT. O_DIRECT needs buffer, offset and length aligned to the device's
+// logical block; rather than read-modify-write (which would race with
+// concurrent writers of the same block) unaligned requests go through a
+// second, buffered descriptor. Linux keeps the two coherent: a direct read
+// writes back dirty cached pages of its range first, and a direct write
+// invalidates them.
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+
+#include "common/checked.hpp"
+#include "common/log.hpp"
+#include "image/io/file.hpp"
+
+namespace qnbd::image {
+namespace {
+
+constexpr std::uint64_t kDirectAlign = 4096;
+
+Error errno_error(int err, const std::string& name, const char* what, std::uint64_t offset) {
+  return Error{err, fmt::format("{}: {} at offset {:#x}: {}", name, what, offset, std::strerror(err))};
+}
+
+class PosixFile final : public File {
+ public:
+  PosixFile(std::string name, int fd, int buffered_fd, CacheMode cache)
+      : name_(std::move(name)), fd_(fd), buffered_fd_(buffered_fd), cache_(cache) {}
+  ~PosixFile() override {
+    if (buffered_fd_ >= 0 && buffered_fd_ != fd_) ::close(buffered_fd_);
+    ::close(fd_);
+  }
+  PosixFile(const PosixFile&) = delete;
+  PosixFile& operator=(const PosixFile&) = delete;
+
+  Result<std::size_t> pread(std::span<std::byte> buf, std::uint64_t offset) override {
+    int fd = fd_for(buf.data(), buf.size(), offset);
+    std::size_t done = 0;
+    while (done < buf.size()) {
+      ssize_t n = ::pread(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return errno_error(errno, name_, "read", offset + done);
+      }
+      if (n == 0) break;  // end of file
+      done += static_cast<std::size_t>(n);
+    }
+    return done;
+  }
+
+  Result<void> pwrite(std::span<const std::byte> buf, std::uint64_t offset) override {
+    int fd = fd_for(buf.data(), buf.size(), offset);
+    std::size_t done = 0;
+    while (done < buf.size()) {
+      ssize_t n = ::pwrite(fd, buf.data() + done, buf.size() - done, static_cast<off_t>(offset + done));
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return errno_error(errno, name_, "write", offset + done);
+      }
+      if (n == 0) return errno_error(EIO, name_, "write made no progress", offset + done);
+      done += static_cast<std::size_t>(n);
+    }
+    // The buffered descriptor has no O_DSYNC when O_DIRECT is on, but
+    // writethrough never uses O_DIRECT, so durability semantics hold.
+    return ok();
+  }
+
+  Result<void> flush() override {
+    if (cache_ == CacheMode::unsafe) return ok();
+    if (buffered_fd_ != fd_ && ::fdatasync(buffered_fd_) < 0) return errno_error(errno, name_, "fdatasync", 0);
+    if (::fdatasync(fd_) < 0) return errno_error(errno, name_, "fdatasync", 0);
+    return ok();
+  }
+
+  Result<void> truncate(std::uint64_t size) override {
+    while (::ftruncate(fd_, static_cast<off_t>(size)) < 0) {
+      if (errno != EINTR) return errno_error(errno, name_, "truncate", size);
+    }
+    return ok();
+  }
+
+  Result<std::uint64_t> size() override {
+    struct stat st;
+    if (::fstat(fd_, &st) < 0) return errno_error(errno, name_, "fstat", 0);
+    if (S_ISBLK(st.st_mode)) {
+      off_t end = ::lseek(fd_, 0, SEEK_END);
+      if (end < 0) return errno_error(errno, name_, "seek to end", 0);
+      return static_cast<std::uint64_t>(end);
+    }
+    return static_cast<std::uint64_t>(st.st_size);
+  }
+
+  Result<std::uint64_t> allocated_size() override {
+    struct stat st;
+    if (::fstat(fd_, &st) < 0) return errno_error(errno, name_, "fstat", 0);
+    return static_cast<std::uint64_t>(st.st_blocks) * 512;
+  }
+
+  Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length, bool may_unmap) override {
+    if (length == 0) return ok();
+    if (!checked_add(offset, length)) return make_error(EINVAL, "{}: zero range overflows", name_);
+    std::uint64_t file_size = QNBD_TRY(size());
+    // Punching a hole never changes the size, so only use it inside the file.
+    if (may_unmap && offset + length <= file_size &&
+        fallocate_ok(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)) {
+      return ok();
+    }
+    if (fallocate_ok(FALLOC_FL_ZERO_RANGE, offset, length)) return ok();
+    return File::write_zeroes(offset, length, may_unmap);
+  }
+
+  Result<void> discard(std::uint64_t offset, std::uint64_t length) override {
+    if (length == 0) return ok();
+    // Best effort, like qemu: a filesystem without hole punching keeps the data.
+    (void)fallocate_ok(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+    return ok();
+  }
+
+  Result<bool> is_hole(std::uint64_t offset, std::uint64_t length) override {
+    if (length == 0) return true;
+    Extent e = QNBD_TRY(probe_extent(offset, length));
+    return e.hole && e.length >= length;
+  }
+
+  Result<Extent> probe_extent(std::uint64_t offset, std::uint64_t max_length) override {
+    std::uint64_t file_size = QNBD_TRY(size());
+    if (max_length == 0) return Extent{0, false};
+    if (offset >= file_size) return Extent{max_length, true};
+    std::uint64_t limit = std::min(max_length, file_size - offset);
+    off_t data = ::lseek(fd_, static_cast<off_t>(offset), SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) return Extent{limit, true};  // only a hole up to EOF
+      // No SEEK_DATA support (or another error): assume data, as qemu does.
+      return Extent{limit, false};
+    }
+    if (static_cast<std::uint64_t>(data) > offset) {
+      return Extent{std::min<std::uint64_t>(limit, static_cast<std::uint64_t>(data) - offset), true};
+    }
+    off_t hole = ::lseek(fd_, static_cast<off_t>(offset), SEEK_HOLE);
+    if (hole < 0 || static_cast<std::uint64_t>(hole) <= offset) return Extent{limit, false};
+    return Extent{std::min<std::uint64_t>(limit, static_cast<std::uint64_t>(hole) - offset), false};
+  }
+
+  const std::string& name() const override { return name_; }
+
+ private:
+  // O_DIRECT only takes aligned requests; send the rest to the buffered fd.
+  int fd_for(const void* buf, std::size_t len, std::uint64_t offset) const {
+    if (buffered_fd_ == fd_) return fd_;
+    if (is_aligned(reinterpret_cast<std::uintptr_t>(buf), kDirectAlign) && is_aligned(len, kDirectAlign) &&
+        is_aligned(offset, kDirectAlign)) {
+      return fd_;
+    }
+    return buffered_fd_;
+  }
+
+  bool fallocate_ok(int mode, std::uint64_t offset, std::uint64_t length) {
+    for (;;) {
+      if (::fallocate(fd_, mode, static_cast<off_t>(offset), static_cast<off_t>(length)) == 0) return true;
+      if (errno != EINTR) return false;
+    }
+  }
+
+  std::string name_;
+  int fd_;
+  int buffered_fd_;
+  CacheMode cache_;
+};
+
+Result<int> open_fd(const std::string& path, int flags) {
+  for (;;) {
+    int fd = ::open(path.c_str(), flags | O_CLOEXEC, 0644);
+    if (fd >= 0) return fd;
+    if (errno == EINTR) continue;
+    return Error{errno, fmt::format("{}: {}", path, std::strerror(errno))};
+  }
+}
+
+}  // namespace
+
+Result<std::unique_ptr<File>> open_posix_file(const std::string& path, OpenMode mode, CacheMode cache) {
+  int flags = mode == OpenMode::read_write ? O_RDWR : O_RDONLY;
+  if (cache == CacheMode::writethrough && mode == OpenMode::read_write) flags |= O_DSYNC;
+  int fd = QNBD_TRY(open_fd(path, flags));
+  struct stat st;
+  if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+    ::close(fd);
+    return make_error(EISDIR, "{}: is a directory", path);
+  }
+  int buffered_fd = fd;
+  if (cache == CacheMode::none) {
+    auto direct = open_fd(path, flags | O_DIRECT);
+    if (direct) {
+      fd = *direct;
+    } else {
+      log::warn("{}: O_DIRECT refused ({}); using the page cache", path, direct.error().message);
+    }
+  }
+  return std::unique_ptr<File>(new PosixFile(path, fd, buffered_fd, cache));
+}
+
+Result<std::unique_ptr<File>> create_posix_file(const std::string& path) {
+  int fd = QNBD_TRY(open_fd(path, O_RDWR | O_CREAT | O_TRUNC));
+  return std::unique_ptr<File>(new PosixFile(path, fd, fd, CacheMode::writeback));
+}
+
+}  // namespace qnbd::image

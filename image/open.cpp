@@ -1,0 +1,95 @@
+// open_image(): format detection and backing chains.
+//
+// A backing file name is resolved against the directory of the image that
+// names it (as QEMU's path_combine). The chain is bounded by
+// OpenOptions::max_backing_depth, and an image that is already in the chain
+// (same device and inode) is a loop; both are errors, as is a missing file.
+#include <sys/stat.h>
+
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "common/endian.hpp"
+#include "image/block_device.hpp"
+#include "image/qcow2/format.hpp"
+#include "image/qcow2/qcow2_image.hpp"
+#include "image/raw/raw_device.hpp"
+
+namespace qnbd::image {
+namespace {
+
+using Visited = std::vector<std::pair<dev_t, ino_t>>;
+
+std::string combine_path(const std::string& base, const std::string& name) {
+  if (name.empty() || name[0] == '/') return name;
+  auto slash = base.rfind('/');
+  if (slash == std::string::npos) return name;
+  return base.substr(0, slash + 1) + name;
+}
+
+Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const OpenOptions& options, ImageFormat format,
+                                              unsigned depth, Visited& visited) {
+  if (depth > options.max_backing_depth) {
+    return make_error(ELOOP, "{}: backing chain is too deep (more than {} backing files)", path,
+                      options.max_backing_depth);
+  }
+  struct stat st;
+  if (::stat(path.c_str(), &st) < 0) return make_error(errno, "{}: {}", path, std::strerror(errno));
+  for (const auto& [dev, ino] : visited) {
+    if (dev == st.st_dev && ino == st.st_ino) {
+      return make_error(ELOOP, "{}: backing chain loop (this file is already in the chain)", path);
+    }
+  }
+  visited.emplace_back(st.st_dev, st.st_ino);
+
+  auto mode = options.read_only ? OpenMode::read_only : OpenMode::read_write;
+  std::unique_ptr<File> file = QNBD_TRY(open_posix_file(path, mode, options.cache));
+
+  if (format == ImageFormat::detect) {
+    std::byte magic[4] = {};
+    std::size_t n = QNBD_TRY(file->pread(magic, 0));
+    format = (n == 4 && load_be32(magic) == qcow2::QCOW2_MAGIC) ? ImageFormat::qcow2 : ImageFormat::raw;
+  }
+  if (format == ImageFormat::raw) {
+    auto dev = RawDevice::open(std::move(file), options);
+    if (!dev) return make_error(dev.error().code, "{}: {}", path, dev.error().message);
+    return std::unique_ptr<BlockDevice>(std::move(*dev));
+  }
+
+  std::string full_backing;
+  qcow2::Qcow2Image::Parts parts;
+  parts.file = std::move(file);
+  parts.path = path;
+  parts.open_backing = [&](const std::string& name,
+                           const std::string& backing_format) -> Result<std::unique_ptr<BlockDevice>> {
+    full_backing = combine_path(path, name);
+    ImageFormat f = ImageFormat::detect;
+    if (backing_format == "qcow2") {
+      f = ImageFormat::qcow2;
+    } else if (backing_format == "raw") {
+      f = ImageFormat::raw;
+    } else if (!backing_format.empty()) {
+      return make_error(ENOTSUP, "unsupported backing file format '{}'", backing_format);
+    }
+    OpenOptions bo = options;
+    bo.read_only = true;  // backing files are never written
+    bo.data_file.clear();
+    auto b = open_one(full_backing, bo, f, depth + 1, visited);
+    if (!b) return make_error(b.error().code, "could not open backing file: {}", b.error().message);
+    return std::move(*b);
+  };
+  auto img = qcow2::Qcow2Image::open(std::move(parts), options);
+  if (!img) return make_error(img.error().code, "{}: {}", path, img.error().message);
+  (*img)->set_full_backing_filename(full_backing);
+  return std::unique_ptr<BlockDevice>(std::move(*img));
+}
+
+}  // namespace
+
+Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, const OpenOptions& options) {
+  Visited visited;
+  return open_one(path, options, options.format, 0, visited);
+}
+
+}  // namespace qnbd::image

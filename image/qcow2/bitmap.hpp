@@ -1,0 +1,19 @@
+// Persistent bitmap directory (§12): parsed and validated in full at open
+// (§12.2-§12.7), including every bitmap table entry. Serving bitmap contents
+// comes later.
+#pragma once
+
+#include <vector>
+
+#include "common/result.hpp"
+#include "image/info.hpp"
+#include "image/io/file.hpp"
+#include "image/qcow2/header.hpp"
+
+namespace qnbd::image::qcow2 {
+
+// Empty if the image has no (consistent) bitmaps extension.
+[[nodiscard]] Result<std::vector<BitmapInfo>> read_bitmap_directory(File& file, const Header& header,
+                                                                    std::uint64_t file_size);
+
+}  // namespace qnbd::image::qcow2

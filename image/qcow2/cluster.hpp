@@ -1,0 +1,67 @@
+// L1/L2 entry decoding (§6, §7): pure functions, no I/O, so every rule is
+// unit-testable on its own. The engine (qcow2_image.cpp) walks tables with
+// these; the future writer encodes with the same constants.
+#pragma once
+
+#include <cstdint>
+
+#include "common/result.hpp"
+#include "image/qcow2/format.hpp"
+
+namespace qnbd::image::qcow2 {
+
+// QEMU's QCow2SubclusterType. With standard (64-bit) L2 entries a cluster is
+// one subcluster.
+enum class SubclusterType {
+  normal,             // data at host offset
+  compressed,         // whole cluster compressed
+  zero_plain,         // reads as zeroes, no host cluster
+  zero_alloc,         // reads as zeroes, host cluster reserved
+  unallocated_plain,  // backing file / zeroes, no host cluster
+  unallocated_alloc,  // backing file / zeroes, host cluster reserved (extended L2)
+};
+
+const char* to_string(SubclusterType type);
+
+// What the decoder needs to know about the image.
+struct L2Geometry {
+  std::uint32_t cluster_bits = 16;
+  std::uint32_t version = 3;
+  bool extended_l2 = false;
+  bool external_data_file = false;
+
+  std::uint64_t cluster_size() const { return 1ull << cluster_bits; }
+  std::uint32_t l2_entry_size() const { return extended_l2 ? 16 : 8; }
+  std::uint32_t subcluster_bits() const { return extended_l2 ? cluster_bits - 5 : cluster_bits; }
+  unsigned subclusters_per_cluster() const { return extended_l2 ? SUBCLUSTERS_PER_CLUSTER : 1; }
+};
+
+// One L2 entry: word 0 and (extended L2 only) the subcluster bitmap.
+struct L2Entry {
+  std::uint64_t entry = 0;
+  std::uint64_t bitmap = 0;
+};
+
+// §6.4: host cluster offset of a standard entry (0 = none).
+inline std::uint64_t l2_entry_host_offset(std::uint64_t entry) { return entry & L2E_OFFSET_MASK; }
+
+// §6.5 compressed cluster descriptor.
+struct CompressedDescriptor {
+  std::uint64_t host_offset = 0;  // coffset: byte offset of the compressed data
+  std::uint64_t nb_sectors = 0;   // 512-byte sectors spanned, counting the first
+  std::uint64_t bytes = 0;        // csize: bytes to read from host_offset
+};
+CompressedDescriptor parse_compressed_descriptor(std::uint64_t entry, std::uint32_t cluster_bits);
+
+// Decode and validate the entry for subcluster sc_index (§6.4, §7, §13.3
+// #28-#32) of guest cluster starting at guest_cluster_offset. Errors are
+// EIO with a message naming the defect (the image is corrupt).
+[[nodiscard]] Result<SubclusterType> get_subcluster_type(const L2Geometry& g, L2Entry e, unsigned sc_index,
+                                                         std::uint64_t guest_cluster_offset);
+
+// Validate an L1 entry (§6.2, §13.3 #27); returns the L2 table offset (0 =
+// unallocated). file_size bounds the L2 table.
+[[nodiscard]] Result<std::uint64_t> l1_entry_l2_offset(std::uint64_t l1_entry, std::uint32_t cluster_bits,
+                                                       std::uint64_t file_size);
+
+}  // namespace qnbd::image::qcow2

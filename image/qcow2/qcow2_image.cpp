@@ -1,0 +1,330 @@
+// qcow2 driver: open (header, tables, chain), read path and block status.
+#include "image/qcow2/qcow2_image.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include "common/checked.hpp"
+#include "common/endian.hpp"
+#include "common/log.hpp"
+#include "image/qcow2/bitmap.hpp"
+#include "image/qcow2/compress.hpp"
+#include "image/qcow2/snapshot.hpp"
+
+namespace qnbd::image::qcow2 {
+namespace {
+
+// QEMU's default: enough L2 cache to map the whole disk, up to 32 MiB.
+constexpr std::uint64_t kMaxL2CacheBytes = 32ull << 20;
+
+Error not_writable() { return make_error(EROFS, "writing qcow2 images is not supported yet"); }
+
+}  // namespace
+
+Qcow2Image::~Qcow2Image() = default;
+
+Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOptions& options) {
+  std::unique_ptr<Qcow2Image> img(new Qcow2Image());
+  img->file_ = std::move(parts.file);
+  img->path_ = parts.path;
+  File& file = *img->file_;
+  img->file_size_ = QNBD_TRY(file.size());
+
+  // Cluster 0 is at most 2 MiB (cluster_bits <= 21).
+  std::vector<std::byte> c0(static_cast<std::size_t>(std::min<std::uint64_t>(img->file_size_, 1ull << MAX_CLUSTER_BITS)));
+  QNBD_TRY(file.read_exact(c0, 0, "header"));
+  img->header_ = QNBD_TRY(parse_header(c0, img->file_size_));
+  const Header& h = img->header_;
+
+  if (!options.read_only) {
+    if (h.corrupt()) return make_error(EROFS, "image is corrupt; it can only be opened read-only");
+    return not_writable();
+  }
+  if (h.dirty()) log::debug("{}: dirty bit set (refcounts may be stale); reading is safe", parts.path);
+
+  img->geometry_ = L2Geometry{h.cluster_bits, h.version, h.extended_l2(), h.has_data_file()};
+  img->size_ = align_down(h.size, 512);
+
+  // §10: the external data file.
+  if (h.has_data_file()) {
+    img->data_file_name_ = options.data_file.empty() ? h.data_file : options.data_file;
+    if (parts.data_file) {
+      img->data_file_ = std::move(parts.data_file);
+    } else {
+      if (img->data_file_name_.empty()) return make_error(EINVAL, "'data-file' is required for this image");
+      std::string path = img->data_file_name_;
+      if (path[0] != '/') {
+        auto slash = parts.path.rfind('/');
+        if (slash != std::string::npos) path = parts.path.substr(0, slash + 1) + path;
+      }
+      auto df = open_posix_file(path, OpenMode::read_only, options.cache);
+      if (!df) return make_error(df.error().code, "could not open data file: {}", df.error().message);
+      img->data_file_ = std::move(*df);
+    }
+  } else if (!options.data_file.empty() || parts.data_file) {
+    return make_error(EINVAL, "'data-file' can only be set for images with an external data file");
+  }
+
+  // The active L1 table (bounds checked by parse_header: aligned, <= 32 MiB,
+  // inside the file).
+  img->l1_.resize(h.l1_size);
+  if (h.l1_size) {
+    std::vector<std::byte> raw(std::size_t{h.l1_size} * 8);
+    QNBD_TRY(file.read_exact(raw, h.l1_table_offset, "L1 table"));
+    for (std::size_t i = 0; i < h.l1_size; ++i) img->l1_[i] = load_be64(raw.data() + i * 8);
+  }
+
+  img->snapshots_ = QNBD_TRY(read_snapshot_table(file, h, img->file_size_));
+  if (h.has_data_file() && !img->snapshots_.empty()) {
+    return make_error(EINVAL, "internal snapshots are not allowed with an external data file");
+  }
+  img->bitmaps_ = QNBD_TRY(read_bitmap_directory(file, h, img->file_size_));
+
+  const std::uint64_t cluster_size = h.cluster_size();
+  const std::uint64_t l2_coverage = h.l2_entries() * cluster_size;
+  std::uint64_t tables_needed = std::max<std::uint64_t>(div_round_up(h.size, l2_coverage), 1);
+  std::uint64_t capacity = std::clamp<std::uint64_t>(tables_needed, 4, std::max<std::uint64_t>(kMaxL2CacheBytes / cluster_size, 4));
+  img->l2_cache_ = std::make_unique<TableCache>(file, cluster_size, capacity, "L2 table");
+
+  if (!h.backing_file.empty()) {
+    if (!parts.open_backing) return make_error(EINVAL, "image has a backing file '{}' but none can be opened", h.backing_file);
+    img->backing_ = QNBD_TRY(parts.open_backing(h.backing_file, h.backing_format));
+  }
+  img->full_backing_filename_ = parts.full_backing_filename;
+  return img;
+}
+
+Capabilities Qcow2Image::capabilities() const {
+  Capabilities c;
+  c.writable = false;
+  c.preferred_block = static_cast<std::uint32_t>(std::min<std::uint64_t>(header_.cluster_size(), 65536));
+  return c;
+}
+
+Result<Mapping> Qcow2Image::get_host_offset(std::uint64_t offset, std::uint64_t max_bytes) {
+  std::lock_guard lock(mutex_);
+  return get_host_offset_locked(offset, max_bytes);
+}
+
+Result<Mapping> Qcow2Image::get_host_offset_locked(std::uint64_t offset, std::uint64_t max_bytes) {
+  const L2Geometry& g = geometry_;
+  const unsigned cluster_bits = g.cluster_bits;
+  const std::uint64_t cluster_size = g.cluster_size();
+  const unsigned l2_bits = header_.l2_bits();
+  const std::uint64_t l2_entries = 1ull << l2_bits;
+  const unsigned sc_bits = g.subcluster_bits();
+  const unsigned spc = g.subclusters_per_cluster();
+
+  // A run never crosses an L2 table.
+  const std::uint64_t l1_index = offset >> (cluster_bits + l2_bits);
+  const std::uint64_t table_end = (l1_index + 1) << (cluster_bits + l2_bits);
+  const std::uint64_t limit = std::min(max_bytes, table_end - offset);
+  Mapping m;
+  if (limit == 0) return make_error(EINVAL, "empty mapping request at {:#x}", offset);
+
+  if (l1_index >= l1_.size()) {
+    m.bytes = limit;
+    return m;
+  }
+  std::uint64_t l2_offset = 0;
+  {
+    auto r = l1_entry_l2_offset(l1_[l1_index], cluster_bits, file_size_);
+    if (!r) return make_error(EIO, "image is corrupt: {} (L1 index {})", r.error().message, l1_index);
+    l2_offset = *r;
+  }
+  if (l2_offset == 0) {
+    m.bytes = limit;
+    return m;
+  }
+  TableCache::Handle table = QNBD_TRY(l2_cache_->get(l2_offset));
+  const std::byte* t = table.data().data();
+  auto entry_at = [&](std::uint64_t idx) {
+    L2Entry e;
+    e.entry = load_be64(t + idx * g.l2_entry_size());
+    if (g.extended_l2) e.bitmap = load_be64(t + idx * g.l2_entry_size() + 8);
+    return e;
+  };
+
+  std::uint64_t l2_index = (offset >> cluster_bits) & (l2_entries - 1);
+  unsigned sc_index = static_cast<unsigned>((offset >> sc_bits) & (spc - 1));
+  const std::uint64_t guest_cluster = align_down(offset, cluster_size);
+  L2Entry first = entry_at(l2_index);
+  auto type_r = get_subcluster_type(g, first, sc_index, guest_cluster);
+  if (!type_r) return make_error(EIO, "image is corrupt: {}", type_r.error().message);
+  m.type = *type_r;
+
+  const bool has_host = m.type == SubclusterType::normal || m.type == SubclusterType::zero_alloc ||
+                        m.type == SubclusterType::unallocated_alloc;
+  std::uint64_t host_cluster = 0;
+  if (has_host) {
+    host_cluster = first.entry & L2E_OFFSET_MASK;
+    // A data cluster past the end of the image file is corrupt (an external
+    // data file may legitimately be sparse or short).
+    if (m.type == SubclusterType::normal && !data_file_ && host_cluster >= file_size_) {
+      return make_error(EIO, "image is corrupt: data cluster at {:#x} (guest offset {:#x}) is beyond the end of the file",
+                        host_cluster, guest_cluster);
+    }
+    m.host_offset = host_cluster + (offset & (cluster_size - 1));
+  }
+  if (m.type == SubclusterType::compressed) {
+    // Compressed clusters are handled one at a time.
+    m.l2_entry = first.entry;
+    m.bytes = std::min(limit, guest_cluster + cluster_size - offset);
+    return m;
+  }
+
+  // Extend the run over following subclusters of the same type (and, with a
+  // host cluster, contiguous host offsets), as count_contiguous_subclusters.
+  std::uint64_t run_end = guest_cluster + (std::uint64_t{sc_index} + 1) * (cluster_size / spc);
+  std::uint64_t expect_host = host_cluster;
+  std::uint64_t idx = l2_index;
+  unsigned sc = sc_index + 1;
+  L2Entry cur = first;
+  while (run_end - offset < limit) {
+    if (sc == spc) {
+      ++idx;
+      if (idx >= l2_entries) break;
+      sc = 0;
+      cur = entry_at(idx);
+      expect_host += cluster_size;
+      if (has_host && (cur.entry & L2E_OFFSET_MASK) != expect_host) break;
+    }
+    std::uint64_t cluster_guest = guest_cluster + ((idx - l2_index) << cluster_bits);
+    auto t2 = get_subcluster_type(g, cur, sc, cluster_guest);
+    if (!t2 || *t2 != m.type) break;  // a corrupt entry is reported when it is reached
+    if (has_host && (cur.entry & L2E_OFFSET_MASK) != expect_host) break;
+    if (m.type == SubclusterType::normal && !data_file_ && expect_host >= file_size_) break;
+    run_end += cluster_size / spc;
+    ++sc;
+  }
+  m.bytes = std::min(limit, run_end - offset);
+  return m;
+}
+
+Result<void> Qcow2Image::read_compressed(std::span<std::byte> buf, std::uint64_t offset, std::uint64_t l2_entry) {
+  const std::uint64_t cluster_size = header_.cluster_size();
+  CompressedDescriptor d = parse_compressed_descriptor(l2_entry, header_.cluster_bits);
+  if (d.host_offset >= file_size_) {
+    return make_error(EIO, "image is corrupt: compressed cluster at {:#x} is beyond the end of the file", d.host_offset);
+  }
+  // Reused per-thread buffers: no allocation per compressed cluster.
+  thread_local std::vector<std::byte> in, out;
+  if (in.size() < d.bytes) in.resize(d.bytes);
+  if (out.size() < cluster_size) out.resize(cluster_size);
+  std::span<std::byte> src(in.data(), d.bytes);
+  QNBD_TRY(file_->read_zero_fill(src, d.host_offset));
+  auto r = decompress_cluster(header_.compression_type, src, std::span(out.data(), cluster_size));
+  if (!r) {
+    return make_error(EIO, "{} (guest offset {:#x}, host offset {:#x})", r.error().message,
+                      align_down(offset, cluster_size), d.host_offset);
+  }
+  std::memcpy(buf.data(), out.data() + (offset & (cluster_size - 1)), buf.size());
+  return ok();
+}
+
+Result<void> Qcow2Image::read_unallocated(std::span<std::byte> buf, std::uint64_t offset) {
+  std::size_t from_backing = 0;
+  if (backing_ && offset < backing_->size()) {
+    from_backing = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), backing_->size() - offset));
+    QNBD_TRY(backing_->read(buf.first(from_backing), offset));
+  }
+  // Past the end of a shorter backing file (or with none): zeroes.
+  std::memset(buf.data() + from_backing, 0, buf.size() - from_backing);
+  return ok();
+}
+
+Result<void> Qcow2Image::read(std::span<std::byte> buf, std::uint64_t offset) {
+  if (!range_within(offset, buf.size(), size_)) {
+    return make_error(EINVAL, "{}: read {:#x}+{} is outside the image ({} bytes)", path_, offset, buf.size(), size_);
+  }
+  while (!buf.empty()) {
+    Mapping m = QNBD_TRY(get_host_offset(offset, buf.size()));
+    std::span<std::byte> part = buf.first(static_cast<std::size_t>(m.bytes));
+    switch (m.type) {
+      case SubclusterType::normal:
+        QNBD_TRY(data_file().read_zero_fill(part, m.host_offset));
+        break;
+      case SubclusterType::compressed:
+        QNBD_TRY(read_compressed(part, offset, m.l2_entry));
+        break;
+      case SubclusterType::zero_plain:
+      case SubclusterType::zero_alloc:
+        std::memset(part.data(), 0, part.size());
+        break;
+      case SubclusterType::unallocated_plain:
+      case SubclusterType::unallocated_alloc:
+        QNBD_TRY(read_unallocated(part, offset));
+        break;
+    }
+    buf = buf.subspan(part.size());
+    offset += part.size();
+  }
+  return ok();
+}
+
+Result<void> Qcow2Image::write(std::span<const std::byte>, std::uint64_t, bool) { return not_writable(); }
+Result<void> Qcow2Image::write_zeroes(std::uint64_t, std::uint64_t, ZeroFlags) { return not_writable(); }
+Result<void> Qcow2Image::discard(std::uint64_t, std::uint64_t, bool) { return not_writable(); }
+Result<void> Qcow2Image::flush() { return ok(); }
+
+Result<LayerStatus> Qcow2Image::layer_status(std::uint64_t offset, std::uint64_t max_length) {
+  if (offset >= size_ || max_length == 0) {
+    return make_error(EINVAL, "{}: block status at {:#x} is outside the image", path_, offset);
+  }
+  Mapping m = QNBD_TRY(get_host_offset(offset, std::min(max_length, size_ - offset)));
+  LayerStatus st;
+  st.length = m.bytes;
+  // As qcow2_co_block_status: an offset for every type with a host cluster.
+  if (m.type == SubclusterType::normal || m.type == SubclusterType::zero_alloc ||
+      m.type == SubclusterType::unallocated_alloc) {
+    st.offset_valid = true;
+    st.host_offset = m.host_offset;
+    st.file = data_file_ ? data_file_.get() : file_.get();
+  }
+  if (m.type == SubclusterType::zero_plain || m.type == SubclusterType::zero_alloc) {
+    st.zero = true;
+  } else if (m.type == SubclusterType::normal || m.type == SubclusterType::compressed) {
+    st.data = true;
+  }
+  st.compressed = m.type == SubclusterType::compressed;
+  st.present = st.data || st.zero;
+  // block/io.c: nothing below (or past the backing file's end) reads as zero.
+  if (!st.present && (!backing_ || offset >= backing_->size())) st.zero = true;
+  return st;
+}
+
+Result<std::size_t> Qcow2Image::block_status(std::uint64_t offset, std::uint64_t length, std::span<Extent> out) {
+  if (!range_within(offset, length, size_)) {
+    return make_error(EINVAL, "{}: block status {:#x}+{} is outside the image", path_, offset, length);
+  }
+  return chain_block_status(*this, offset, length, out);
+}
+
+ImageInfo Qcow2Image::info() const {
+  const Header& h = header_;
+  ImageInfo i;
+  i.format = "qcow2";
+  i.filename = path_;
+  i.virtual_size = size_;
+  auto allocated = file_->allocated_size();
+  if (allocated) i.actual_size = *allocated;
+  i.dirty = h.dirty();
+  i.cluster_size = h.cluster_size();
+  i.compat = h.version == 2 ? "0.10" : "1.1";
+  i.compression_type = h.compression_type == COMPRESSION_ZSTD ? "zstd" : "zlib";
+  i.lazy_refcounts = h.lazy_refcounts();
+  i.extended_l2 = h.extended_l2();
+  i.corrupt = h.corrupt();
+  i.refcount_bits = h.refcount_bits();
+  i.data_file = h.has_data_file() ? data_file_name_ : "";
+  i.data_file_raw = h.data_file_raw();
+  i.backing_filename = h.backing_file;
+  i.full_backing_filename = full_backing_filename_;
+  i.backing_format = h.backing_format;
+  i.bitmaps = bitmaps_;
+  i.has_bitmaps_extension = h.bitmaps.has_value();
+  i.snapshots = snapshots_;
+  return i;
+}
+
+}  // namespace qnbd::image::qcow2

@@ -1,0 +1,103 @@
+// Qcow2Image: the qcow2 BlockDevice (open, read path, block status, info).
+//
+// Thread-safety: one metadata mutex (mutex_) guards the L1 table, the L2
+// table cache and every other piece of metadata state. It is held only while
+// looking up a mapping (get_host_offset) and released around guest data I/O,
+// so reads of different clusters run in parallel. The writer (added later)
+// takes the same mutex for allocation and marks cache entries dirty.
+//
+// Read-only for now: writes fail with EROFS and open_image() refuses a
+// writable qcow2 open.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "image/block_device.hpp"
+#include "image/qcow2/cache.hpp"
+#include "image/qcow2/cluster.hpp"
+#include "image/qcow2/header.hpp"
+
+namespace qnbd::image::qcow2 {
+
+// Opens the backing image named in the header: (name as stored, format
+// from the extension or "") -> device. Resolution against the overlay's
+// directory, loop and depth checks live in open.cpp.
+using BackingOpener =
+    std::function<Result<std::unique_ptr<BlockDevice>>(const std::string& name, const std::string& format)>;
+
+// Where a guest range lives (QEMU's qcow2_get_host_offset result).
+struct Mapping {
+  std::uint64_t bytes = 0;        // length of the run from the queried offset
+  SubclusterType type = SubclusterType::unallocated_plain;
+  std::uint64_t host_offset = 0;  // normal/zero_alloc/unallocated_alloc: host byte of the queried offset
+  std::uint64_t l2_entry = 0;     // compressed: the raw descriptor
+};
+
+class Qcow2Image final : public BlockDevice {
+ public:
+  struct Parts {
+    std::unique_ptr<File> file;
+    std::string path;                  // as given (for messages and info)
+    std::unique_ptr<File> data_file;   // optional: overrides the external data file name
+    BackingOpener open_backing;        // optional: without it a backing file is an error
+    std::string full_backing_filename; // filled in by the opener's caller for info
+  };
+
+  [[nodiscard]] static Result<std::unique_ptr<Qcow2Image>> open(Parts parts, const OpenOptions& options);
+  ~Qcow2Image() override;
+
+  std::uint64_t size() const override { return size_; }
+  Capabilities capabilities() const override;
+  const char* format() const override { return "qcow2"; }
+
+  Result<void> read(std::span<std::byte> buf, std::uint64_t offset) override;
+  Result<void> write(std::span<const std::byte> buf, std::uint64_t offset, bool fua) override;
+  Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length, ZeroFlags flags) override;
+  Result<void> discard(std::uint64_t offset, std::uint64_t length, bool fua) override;
+  Result<void> flush() override;
+  Result<std::size_t> block_status(std::uint64_t offset, std::uint64_t length, std::span<Extent> out) override;
+  Result<LayerStatus> layer_status(std::uint64_t offset, std::uint64_t max_length) override;
+  BlockDevice* backing() const override { return backing_.get(); }
+  ImageInfo info() const override;
+
+  // The central lookup: the run of guest bytes starting at offset (at most
+  // max_bytes, never crossing an L2 table) that share one subcluster type
+  // and, where they have one, contiguous host offsets.
+  [[nodiscard]] Result<Mapping> get_host_offset(std::uint64_t offset, std::uint64_t max_bytes);
+
+  const Header& header() const { return header_; }
+  const std::vector<BitmapInfo>& bitmaps() const { return bitmaps_; }
+  const std::vector<SnapshotInfo>& snapshots() const { return snapshots_; }
+  TableCache& l2_cache() { return *l2_cache_; }
+  void set_full_backing_filename(std::string name) { full_backing_filename_ = std::move(name); }
+
+ private:
+  Qcow2Image() = default;
+  Result<Mapping> get_host_offset_locked(std::uint64_t offset, std::uint64_t max_bytes);
+  Result<void> read_compressed(std::span<std::byte> buf, std::uint64_t offset, std::uint64_t l2_entry);
+  Result<void> read_unallocated(std::span<std::byte> buf, std::uint64_t offset);
+  File& data_file() { return data_file_ ? *data_file_ : *file_; }
+
+  std::unique_ptr<File> file_;
+  std::unique_ptr<File> data_file_;  // external data file, or null
+  std::string path_;
+  std::string data_file_name_;
+  std::string full_backing_filename_;
+  Header header_;
+  L2Geometry geometry_;
+  std::uint64_t size_ = 0;       // virtual size exposed (rounded down to 512 as QEMU)
+  std::uint64_t file_size_ = 0;  // image file size at open
+  std::unique_ptr<BlockDevice> backing_;
+  std::vector<SnapshotInfo> snapshots_;
+  std::vector<BitmapInfo> bitmaps_;
+
+  std::mutex mutex_;  // metadata: l1_, l2_cache_
+  std::vector<std::uint64_t> l1_;  // active L1 table, host byte order
+  std::unique_ptr<TableCache> l2_cache_;
+};
+
+}  // namespace qnbd::image::qcow2

@@ -1,0 +1,17 @@
+// Internal snapshot table (§11): parsed and validated at open. Snapshots are
+// listed by `info`; the active layer is what the engine reads.
+#pragma once
+
+#include <vector>
+
+#include "common/result.hpp"
+#include "image/info.hpp"
+#include "image/io/file.hpp"
+#include "image/qcow2/header.hpp"
+
+namespace qnbd::image::qcow2 {
+
+[[nodiscard]] Result<std::vector<SnapshotInfo>> read_snapshot_table(File& file, const Header& header,
+                                                                    std::uint64_t file_size);
+
+}  // namespace qnbd::image::qcow2

@@ -1,0 +1,97 @@
+#include "image/raw/raw_device.hpp"
+
+#include <algorithm>
+
+#include "common/checked.hpp"
+
+namespace qnbd::image {
+
+RawDevice::RawDevice(std::unique_ptr<File> file, std::uint64_t size, const OpenOptions& options)
+    : file_(std::move(file)), size_(size), writable_(!options.read_only), discard_unmap_(options.discard_unmap) {}
+
+Result<std::unique_ptr<RawDevice>> RawDevice::open(std::unique_ptr<File> file, const OpenOptions& options) {
+  std::uint64_t size = QNBD_TRY(file->size());
+  return std::make_unique<RawDevice>(std::move(file), size, options);
+}
+
+Capabilities RawDevice::capabilities() const {
+  Capabilities c;
+  c.writable = writable_;
+  c.can_trim = writable_ && discard_unmap_;
+  c.can_write_zeroes = writable_;
+  c.can_fast_zero = writable_;
+  return c;
+}
+
+Result<void> RawDevice::check_range(std::uint64_t offset, std::uint64_t length) const {
+  if (!range_within(offset, length, size_)) {
+    return make_error(EINVAL, "{}: range {:#x}+{} is outside the image ({} bytes)", file_->name(), offset, length,
+                      size_);
+  }
+  return ok();
+}
+
+Result<void> RawDevice::read(std::span<std::byte> buf, std::uint64_t offset) {
+  QNBD_TRY(check_range(offset, buf.size()));
+  // The file may have shrunk underneath us; read what is there as zeroes.
+  return file_->read_zero_fill(buf, offset);
+}
+
+Result<void> RawDevice::write(std::span<const std::byte> buf, std::uint64_t offset, bool fua) {
+  if (!writable_) return make_error(EROFS, "{}: image is read-only", file_->name());
+  QNBD_TRY(check_range(offset, buf.size()));
+  QNBD_TRY(file_->pwrite(buf, offset));
+  if (fua) QNBD_TRY(file_->flush());
+  return ok();
+}
+
+Result<void> RawDevice::write_zeroes(std::uint64_t offset, std::uint64_t length, ZeroFlags flags) {
+  if (!writable_) return make_error(EROFS, "{}: image is read-only", file_->name());
+  QNBD_TRY(check_range(offset, length));
+  // Unmapping is only allowed when the export was set up with discard=unmap.
+  QNBD_TRY(file_->write_zeroes(offset, length, flags.may_unmap && discard_unmap_));
+  if (flags.fua) QNBD_TRY(file_->flush());
+  return ok();
+}
+
+Result<void> RawDevice::discard(std::uint64_t offset, std::uint64_t length, bool fua) {
+  if (!writable_) return make_error(EROFS, "{}: image is read-only", file_->name());
+  QNBD_TRY(check_range(offset, length));
+  if (!discard_unmap_) return ok();  // discard=ignore, as qemu-nbd's default
+  QNBD_TRY(file_->discard(offset, length));
+  if (fua) QNBD_TRY(file_->flush());
+  return ok();
+}
+
+Result<void> RawDevice::flush() { return file_->flush(); }
+
+Result<LayerStatus> RawDevice::layer_status(std::uint64_t offset, std::uint64_t max_length) {
+  QNBD_TRY(check_range(offset, max_length));
+  File::Extent e = QNBD_TRY(file_->probe_extent(offset, max_length));
+  LayerStatus st;
+  st.length = std::max<std::uint64_t>(1, std::min(e.length, max_length));
+  st.data = !e.hole;
+  st.zero = e.hole;
+  st.present = true;
+  st.offset_valid = true;
+  st.host_offset = offset;
+  st.file = file_.get();
+  return st;
+}
+
+Result<std::size_t> RawDevice::block_status(std::uint64_t offset, std::uint64_t length, std::span<Extent> out) {
+  QNBD_TRY(check_range(offset, length));
+  return chain_block_status(*this, offset, length, out);
+}
+
+ImageInfo RawDevice::info() const {
+  ImageInfo i;
+  i.format = "raw";
+  i.filename = file_->name();
+  i.virtual_size = size_;
+  auto allocated = file_->allocated_size();
+  if (allocated) i.actual_size = *allocated;
+  return i;
+}
+
+}  // namespace qnbd::image

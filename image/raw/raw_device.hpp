@@ -1,0 +1,46 @@
+// RawDevice: a BlockDevice whose guest bytes are the file's bytes.
+//
+// Thread-safe: it only forwards to File, which is. Block status asks the
+// host file for holes (SEEK_HOLE/SEEK_DATA): holes read as zero, data is
+// data; both are "present" (depth 1), as QEMU's raw driver over file-posix.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "image/block_device.hpp"
+
+namespace qnbd::image {
+
+class RawDevice final : public BlockDevice {
+ public:
+  // size: the virtual size (the file size at open).
+  RawDevice(std::unique_ptr<File> file, std::uint64_t size, const OpenOptions& options);
+
+  static Result<std::unique_ptr<RawDevice>> open(std::unique_ptr<File> file, const OpenOptions& options);
+
+  std::uint64_t size() const override { return size_; }
+  Capabilities capabilities() const override;
+  const char* format() const override { return "raw"; }
+
+  Result<void> read(std::span<std::byte> buf, std::uint64_t offset) override;
+  Result<void> write(std::span<const std::byte> buf, std::uint64_t offset, bool fua) override;
+  Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length, ZeroFlags flags) override;
+  Result<void> discard(std::uint64_t offset, std::uint64_t length, bool fua) override;
+  Result<void> flush() override;
+  Result<std::size_t> block_status(std::uint64_t offset, std::uint64_t length, std::span<Extent> out) override;
+  Result<LayerStatus> layer_status(std::uint64_t offset, std::uint64_t max_length) override;
+  ImageInfo info() const override;
+
+  File& file() { return *file_; }
+
+ private:
+  Result<void> check_range(std::uint64_t offset, std::uint64_t length) const;
+
+  std::unique_ptr<File> file_;
+  std::uint64_t size_;
+  bool writable_;
+  bool discard_unmap_;
+};
+
+}  // namespace qnbd::image
