@@ -80,6 +80,25 @@ ordered_json info_json(const image::ImageInfo& i) {
   return j;
 }
 
+// QEMU's JSON pretty printer writes an empty array over two lines.
+std::string qemu_style(const ordered_json& j) {
+  std::string in = j.dump(4), out;
+  out.reserve(in.size());
+  std::size_t line_start = 0;
+  for (std::size_t k = 0; k < in.size(); ++k) {
+    if (in[k] == '\n') line_start = k + 1;
+    if (in[k] == '[' && k + 1 < in.size() && in[k + 1] == ']') {
+      std::size_t indent = 0;
+      while (line_start + indent < in.size() && in[line_start + indent] == ' ') ++indent;
+      out += "[\n" + std::string(indent, ' ') + "]";
+      ++k;
+      continue;
+    }
+    out += in[k];
+  }
+  return out;
+}
+
 // qemu's size_to_str: "64 KiB", "1.5 MiB", "3 MiB".
 std::string human_size(std::uint64_t v) {
   static const char* const units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
@@ -179,9 +198,9 @@ void add_info_command(CLI::App& app, int& status) {
       if (backing_chain) {
         ordered_json list = ordered_json::array();
         for (const auto& i : chain) list.push_back(info_json(i));
-        std::printf("%s\n", list.dump(4).c_str());
+        std::printf("%s\n", qemu_style(list).c_str());
       } else {
-        std::printf("%s\n", info_json(chain[0]).dump(4).c_str());
+        std::printf("%s\n", qemu_style(info_json(chain[0])).c_str());
       }
     } else {
       for (std::size_t k = 0; k < chain.size(); ++k) {

@@ -9,6 +9,7 @@
 #include "common/log.hpp"
 #include "image/qcow2/bitmap.hpp"
 #include "image/qcow2/compress.hpp"
+#include "image/qcow2/refcount.hpp"
 #include "image/qcow2/snapshot.hpp"
 
 namespace qnbd::image::qcow2 {
@@ -267,6 +268,32 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t, std::uint64_t, ZeroFlags) {
 Result<void> Qcow2Image::discard(std::uint64_t, std::uint64_t, bool) { return not_writable(); }
 Result<void> Qcow2Image::flush() { return ok(); }
 
+// QEMU's qcow2_detect_metadata_preallocation: an image whose refcounted
+// clusters clearly outnumber the host blocks really allocated was created
+// with preallocation=metadata, so its data clusters may be holes in the
+// host file. QEMU then asks the host file about each data range
+// (BDRV_BLOCK_RECURSE) and reports holes as zero; `map` must do the same.
+Result<bool> Qcow2Image::metadata_preallocated() {
+  std::lock_guard lock(mutex_);
+  if (metadata_prealloc_checked_) return metadata_prealloc_;
+  const std::uint64_t real_allocation = QNBD_TRY(file_->allocated_size());
+  const std::uint64_t real_clusters = real_allocation >> header_.cluster_bits;
+  const std::uint64_t threshold = std::max(real_clusters * 10 / 9, real_clusters + 2);
+  const std::uint64_t end_cluster = div_round_up(file_size_, header_.cluster_size());
+  RefcountGeometry rg{header_.cluster_bits, header_.refcount_order};
+  Refcounts::Options ro;
+  ro.max_cached_blocks = 2;  // a sequential scan
+  Refcounts refcounts = QNBD_TRY(Refcounts::load(*file_, rg, header_.refcount_table_offset,
+                                                 header_.refcount_table_clusters, ro));
+  std::uint64_t count = 0;
+  for (std::uint64_t i = 0; i < end_cluster && count < threshold; ++i) {
+    count += QNBD_TRY(refcounts.get(i)) != 0;
+  }
+  metadata_prealloc_ = count >= threshold;
+  metadata_prealloc_checked_ = true;
+  return metadata_prealloc_;
+}
+
 Result<LayerStatus> Qcow2Image::layer_status(std::uint64_t offset, std::uint64_t max_length) {
   if (offset >= size_ || max_length == 0) {
     return make_error(EINVAL, "{}: block status at {:#x} is outside the image", path_, offset);
@@ -287,6 +314,24 @@ Result<LayerStatus> Qcow2Image::layer_status(std::uint64_t offset, std::uint64_t
     st.data = true;
   }
   st.compressed = m.type == SubclusterType::compressed;
+  if (st.data && st.offset_valid && QNBD_TRY(metadata_preallocated())) {
+    // block/io.c BDRV_BLOCK_RECURSE: ask the host file. A hole that runs to
+    // its end (or a range past it) is zero for the whole run; otherwise the
+    // run is cut where the host file changes between data and hole.
+    File& f = data_file();
+    const std::uint64_t fsize = QNBD_TRY(f.size());
+    if (st.host_offset >= fsize) {
+      st.zero = true;
+    } else {
+      File::Extent e = QNBD_TRY(f.probe_extent(st.host_offset, st.length));
+      if (e.hole && st.host_offset + e.length >= fsize) {
+        st.zero = true;
+      } else {
+        st.length = std::max<std::uint64_t>(1, std::min(st.length, e.length));
+        st.zero = e.hole;
+      }
+    }
+  }
   st.present = st.data || st.zero;
   // block/io.c: nothing below (or past the backing file's end) reads as zero.
   if (!st.present && (!backing_ || offset >= backing_->size())) st.zero = true;

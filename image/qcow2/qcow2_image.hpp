@@ -81,6 +81,7 @@ class Qcow2Image final : public BlockDevice {
   Result<void> read_compressed(std::span<std::byte> buf, std::uint64_t offset, std::uint64_t l2_entry);
   Result<void> read_unallocated(std::span<std::byte> buf, std::uint64_t offset);
   File& data_file() { return data_file_ ? *data_file_ : *file_; }
+  Result<bool> metadata_preallocated();
 
   std::unique_ptr<File> file_;
   std::unique_ptr<File> data_file_;  // external data file, or null
@@ -98,6 +99,8 @@ class Qcow2Image final : public BlockDevice {
   std::mutex mutex_;  // metadata: l1_, l2_cache_
   std::vector<std::uint64_t> l1_;  // active L1 table, host byte order
   std::unique_ptr<TableCache> l2_cache_;
+  bool metadata_prealloc_checked_ = false;
+  bool metadata_prealloc_ = false;
 };
 
 }  // namespace qnbd::image::qcow2
