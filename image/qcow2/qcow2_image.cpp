@@ -18,6 +18,36 @@ namespace {
 // QEMU's default: enough L2 cache to map the whole disk, up to 32 MiB.
 constexpr std::uint64_t kMaxL2CacheBytes = 32ull << 20;
 
+// §13.3 #36: the top-level metadata regions must not overlap each other
+// (cluster granularity, as QEMU's overlap checks).
+Result<void> check_metadata_overlaps(const Header& h) {
+  struct Region {
+    const char* name;
+    std::uint64_t offset, bytes;
+  };
+  const std::uint64_t cs = h.cluster_size();
+  std::vector<Region> regions{{"header", 0, cs},
+                              {"refcount table", h.refcount_table_offset, std::uint64_t{h.refcount_table_clusters} * cs},
+                              {"active L1 table", h.l1_table_offset, std::uint64_t{h.l1_size} * 8}};
+  if (h.nb_snapshots) regions.push_back({"snapshot table", h.snapshots_offset, std::uint64_t{h.nb_snapshots} * 40});
+  if (h.bitmaps) {
+    regions.push_back({"bitmap directory", h.bitmaps->bitmap_directory_offset, h.bitmaps->bitmap_directory_size});
+  }
+  for (std::size_t a = 0; a < regions.size(); ++a) {
+    for (std::size_t b = a + 1; b < regions.size(); ++b) {
+      const Region& x = regions[a];
+      const Region& y = regions[b];
+      if (x.bytes == 0 || y.bytes == 0) continue;
+      // Offsets are validated (aligned, no overflow) before this runs.
+      std::uint64_t x_end = align_up(x.offset + x.bytes, cs), y_end = align_up(y.offset + y.bytes, cs);
+      if (x.offset < y_end && y.offset < x_end) {
+        return make_error(EINVAL, "{} at {:#x} overlaps the {} at {:#x}", y.name, y.offset, x.name, x.offset);
+      }
+    }
+  }
+  return ok();
+}
+
 Error not_writable() { return make_error(EROFS, "writing qcow2 images is not supported yet"); }
 
 }  // namespace
@@ -36,6 +66,7 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
   QNBD_TRY(file.read_exact(c0, 0, "header"));
   img->header_ = QNBD_TRY(parse_header(c0, img->file_size_));
   const Header& h = img->header_;
+  QNBD_TRY(check_metadata_overlaps(h));
 
   if (!options.read_only) {
     if (h.corrupt()) return make_error(EROFS, "image is corrupt; it can only be opened read-only");
