@@ -114,3 +114,47 @@ run_checked() {
     RUN_KIND=error
   fi
 }
+
+# start_server PIDFILE CMD...: start a server in the background that writes
+# PIDFILE once it is listening (qnbd serve --pid-file, qemu-nbd --pid-file),
+# wait for that file (the process dying first is a failure), and register a
+# cleanup that stops it by its own PID. Sets SERVER_PID.
+start_server() {
+  local pidfile=$1
+  shift
+  rm -f "$pidfile"
+  "$@" >>"$TMPDIR_TEST/server.log" 2>&1 &
+  local pid=$!
+  cleanup_fn "kill $pid 2>/dev/null; wait $pid 2>/dev/null"
+  local i
+  # The pid file appears once the socket is bound; poll it, bounded.
+  for ((i = 0; i < 200; i++)); do
+    if [[ -s $pidfile ]]; then
+      SERVER_PID=$pid
+      return 0
+    fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      wait "$pid" 2>/dev/null
+      echo "server exited with status $? before listening: $*" >&2
+      tail -n 5 "$TMPDIR_TEST/server.log" >&2
+      return 1
+    fi
+    sleep 0.05
+  done
+  echo "server did not write $pidfile within 10 s: $*" >&2
+  return 1
+}
+
+# stop_server PID: stop a server started by start_server and reap it. A
+# server killed by anything but our SIGTERM (a crash, a sanitizer abort)
+# makes the status non-zero.
+stop_server() {
+  local pid=$1 status=0
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || status=$?
+  # 143 = terminated by our SIGTERM, the normal outcome for qemu-nbd.
+  if ((status != 0 && status != 143)); then
+    echo "server $pid exited with status $status" >&2
+    return 1
+  fi
+}

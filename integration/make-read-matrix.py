@@ -153,7 +153,9 @@ class Matrix:
         for raw in ("on", "off"):
             name = f"data-file-raw-{raw}"
             path = self.path(name + ".qcow2")
-            create(path, 4 * MiB, data_file=name + ".data", data_file_raw=raw)
+            # Absolute: qemu 7.2 resolves a relative data file name against its
+            # current directory, not the image's, at create and at open.
+            create(path, 4 * MiB, data_file=os.path.abspath(self.path(name + ".data")), data_file_raw=raw)
             qemu_io(path, "qcow2", pattern_commands(4 * MiB, 65536))
             self.add(name, path)
 
