@@ -11,6 +11,7 @@ for tool in qemu-img qemu-io python3; do
 done
 QNBD=${QNBD:?QNBD must point at the qnbd binary}
 [ -x "$QNBD" ] || { echo "SKIP: $QNBD not built"; exit 77; }
+QNBD=$(realpath "$QNBD")
 
 tmp=$(mktemp -d)
 cleanup() { rm -rf "$tmp"; }
