@@ -24,6 +24,7 @@ problems=()
 while IFS=$'\t' read -r name path fmt; do
   total=$((total + 1))
   qemu-img convert -f "$fmt" -O raw "$path" "$TMPDIR_TEST/ref.raw"
+  rm -f "$qnbd_sock" "$qemu_sock"
 
   if ! start_server "$TMPDIR_TEST/qnbd.pid" \
       timeout 300 "$QNBD" serve -r -t -e 8 -A -f "$fmt" -k "$qnbd_sock" --pid-file "$TMPDIR_TEST/qnbd.pid" "$path"; then
