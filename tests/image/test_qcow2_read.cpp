@@ -1,0 +1,355 @@
+// The qcow2 read engine on hand-built MemFile images, and on images made by
+// qemu-img / qemu-io compared byte for byte with `qemu-img convert -O raw`.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstring>
+#include <thread>
+
+#include "image/block_device.hpp"
+#include "image/io/mem_file.hpp"
+#include "image/qcow2/compress.hpp"
+#include "image/qcow2/qcow2_image.hpp"
+#include "image_test_support.hpp"
+
+using namespace qnbd;
+using namespace qnbd::image;
+using namespace qnbd::image::qcow2;
+using qnbd::test::HandImage;
+
+namespace {
+
+Result<std::unique_ptr<Qcow2Image>> open_hand(const HandImage& h) {
+  Qcow2Image::Parts parts;
+  parts.file = h.file();
+  parts.path = "hand.qcow2";
+  return Qcow2Image::open(std::move(parts), OpenOptions{});
+}
+
+std::vector<std::byte> read_all(BlockDevice& dev) {
+  std::vector<std::byte> out(dev.size());
+  auto r = dev.read(out, 0);
+  REQUIRE_MESSAGE(r.has_value(), r.error().message);
+  return out;
+}
+
+bool all_equal(std::span<const std::byte> s, std::uint8_t v) {
+  return std::all_of(s.begin(), s.end(), [v](std::byte b) { return b == std::byte{v}; });
+}
+
+}  // namespace
+
+TEST_CASE("qcow2 on MemFile: normal, zero, unallocated and compressed clusters") {
+  HandImage h;
+  h.build(8);
+  const std::uint64_t cs = h.cs();
+  h.fill_data(0, 0xaa);
+  h.fill_data(1, 0xbb);
+  h.set_l2(0, QCOW_OFLAG_COPIED | h.data_offset(0));
+  h.set_l2(1, QCOW_OFLAG_COPIED | h.data_offset(1));   // contiguous with cluster 0
+  h.set_l2(3, QCOW_OFLAG_ZERO);                         // zero, plain
+  h.set_l2(4, QCOW_OFLAG_COPIED | h.data_offset(2) | QCOW_OFLAG_ZERO);  // zero, preallocated
+  h.fill_data(2, 0xee);                                 // never read: zero flag wins
+  // A deflate-compressed cluster of 0x5c at the start of data cluster 3.
+  std::vector<std::byte> plain(cs, std::byte{0x5c}), packed(2 * cs);
+  std::size_t n = *compress_cluster(COMPRESSION_DEFLATE, plain, packed);
+  REQUIRE(n > 0);
+  std::memcpy(h.bytes.data() + h.data_offset(3), packed.data(), n);
+  const std::uint64_t coffset = h.data_offset(3);
+  const std::uint64_t additional = ((coffset + n - 1) >> 9) - (coffset >> 9);
+  h.set_l2(5, QCOW_OFLAG_COMPRESSED | (additional << (70 - h.cluster_bits)) | coffset);
+
+  auto img = open_hand(h);
+  REQUIRE_MESSAGE(img.has_value(), img.error().message);
+  Qcow2Image& dev = **img;
+  CHECK(dev.size() == h.size);
+  auto all = read_all(dev);
+  CHECK(all_equal(std::span(all).subspan(0, cs), 0xaa));
+  CHECK(all_equal(std::span(all).subspan(cs, cs), 0xbb));
+  CHECK(all_equal(std::span(all).subspan(2 * cs, 3 * cs), 0));
+  CHECK(all_equal(std::span(all).subspan(5 * cs, cs), 0x5c));
+  CHECK(all_equal(std::span(all).subspan(6 * cs), 0));
+
+  // One run for the two contiguous clusters; an unaligned start.
+  auto m = dev.get_host_offset(100, 10 * cs);
+  REQUIRE(m.has_value());
+  CHECK(m->type == SubclusterType::normal);
+  CHECK(m->host_offset == h.data_offset(0) + 100);
+  CHECK(m->bytes == 2 * cs - 100);
+
+  // Block status: data, hole, zero (merged), data (compressed), hole to the end.
+  std::array<Extent, 16> ext;
+  auto count = dev.block_status(0, dev.size(), ext);
+  REQUIRE(count.has_value());
+  REQUIRE(*count == 5);
+  CHECK(ext[0].length == 2 * cs);
+  CHECK((ext[0].allocated && !ext[0].zero && ext[0].depth == 1));
+  // Unallocated cluster 2 (no backing: zero, depth 0) then zero clusters 3-4
+  // (zero, depth 1): different depth, so not merged.
+  CHECK(ext[1].length == cs);
+  CHECK((!ext[1].allocated && ext[1].zero && ext[1].depth == 0));
+  CHECK(ext[2].length == 2 * cs);
+  CHECK((!ext[2].allocated && ext[2].zero && ext[2].depth == 1));
+  CHECK((ext[3].allocated && ext[3].depth == 1 && ext[3].length == cs));
+  CHECK((!ext[4].allocated && ext[4].zero && ext[4].depth == 0));
+  CHECK(ext[4].length == dev.size() - 6 * cs);
+  // A one-entry array stops after the first extent.
+  std::array<Extent, 1> one;
+  CHECK(*dev.block_status(cs / 2, dev.size() - cs / 2, one) == 1);
+  CHECK(one[0].length == 2 * cs - cs / 2);
+
+  // Writes are refused for now.
+  std::vector<std::byte> buf(512);
+  CHECK(dev.write(buf, 0, false).error().code == EROFS);
+}
+
+TEST_CASE("qcow2 on MemFile: corrupt entries fail reads with EIO naming the defect") {
+  HandImage h;
+  h.build(2);
+  h.set_l2(0, QCOW_OFLAG_COPIED | (h.data_offset(0) + 512));  // unaligned
+  h.set_l2(1, QCOW_OFLAG_COPIED | (1ull << 40));              // beyond EOF
+  auto img = open_hand(h);
+  REQUIRE(img.has_value());
+  std::vector<std::byte> buf(512);
+  auto r = (*img)->read(buf, 0);
+  REQUIRE_FALSE(r.has_value());
+  CHECK(r.error().code == EIO);
+  CHECK(r.error().message.find("unaligned") != std::string::npos);
+  r = (*img)->read(buf, h.cs());
+  REQUIRE_FALSE(r.has_value());
+  CHECK(r.error().message.find("beyond the end") != std::string::npos);
+  // Other clusters still read.
+  CHECK((*img)->read(buf, 2 * h.cs()).has_value());
+}
+
+TEST_CASE("qcow2 on MemFile: damaged compressed data is EIO") {
+  HandImage h;
+  h.build(2);
+  std::memset(h.bytes.data() + h.data_offset(0), 0xff, h.cs());
+  h.set_l2(0, QCOW_OFLAG_COMPRESSED | h.data_offset(0));
+  auto img = open_hand(h);
+  REQUIRE(img.has_value());
+  std::vector<std::byte> buf(512);
+  auto r = (*img)->read(buf, 0);
+  REQUIRE_FALSE(r.has_value());
+  CHECK(r.error().code == EIO);
+  CHECK(r.error().message.find("compressed") != std::string::npos);
+}
+
+TEST_CASE("qcow2 on MemFile: extended L2 subclusters") {
+  HandImage h;
+  h.cluster_bits = 14;  // extended L2 needs >= 16 KiB clusters
+  h.extended_l2 = true;
+  h.build(2);
+  const std::uint64_t sc = h.cs() / 32;
+  h.fill_data(0, 0x77);
+  // Subclusters 0-1 allocated, 2 zero, the rest unallocated.
+  h.set_l2(0, QCOW_OFLAG_COPIED | h.data_offset(0), 0x3 | (1ull << 34));
+  auto img = open_hand(h);
+  REQUIRE_MESSAGE(img.has_value(), img.error().message);
+  auto all = read_all(**img);
+  CHECK(all_equal(std::span(all).subspan(0, 2 * sc), 0x77));
+  CHECK(all_equal(std::span(all).subspan(2 * sc), 0));
+  auto m = (*img)->get_host_offset(0, h.cs());
+  REQUIRE(m.has_value());
+  CHECK(m->type == SubclusterType::normal);
+  CHECK(m->bytes == 2 * sc);
+  m = (*img)->get_host_offset(3 * sc, h.cs());
+  CHECK(m->type == SubclusterType::unallocated_alloc);
+  CHECK(m->bytes == h.cs() - 3 * sc);
+  CHECK(m->host_offset == h.data_offset(0) + 3 * sc);
+  auto st = (*img)->layer_status(3 * sc, h.cs());
+  REQUIRE(st.has_value());
+  CHECK((st->zero && !st->present && st->offset_valid));
+}
+
+TEST_CASE("qcow2: the L2 cache stays within its bound") {
+  // 2 MiB per L2 table with 4 KiB clusters: a 64 MiB disk with 32 tables.
+  HandImage h;
+  h.size = 64ull << 20;
+  h.build(0);
+  const std::uint64_t cs = h.cs();
+  const unsigned tables = 32;
+  // The L1 table needs 32 entries; the L2 tables follow the header layout.
+  store_be32(h.bytes.data() + 36, tables);
+  h.bytes.resize((5 + tables) * cs);
+  for (unsigned i = 0; i < tables; ++i) {
+    store_be64(h.bytes.data() + h.l1_offset() + 8 * i, (5 + i) * cs);
+    // Each table maps its first cluster as zero.
+    store_be64(h.bytes.data() + (5 + i) * cs, QCOW_OFLAG_ZERO);
+  }
+  for (unsigned c = 0; c < 5 + tables; ++c) store_be16(h.bytes.data() + 2 * cs + 2 * c, 1);
+  auto img = open_hand(h);
+  REQUIRE_MESSAGE(img.has_value(), img.error().message);
+  TableCache& cache = (*img)->l2_cache();
+  const std::size_t cap = cache.capacity();
+  CHECK(cap == tables);
+  std::vector<std::byte> buf(512);
+  for (int pass = 0; pass < 3; ++pass) {
+    for (unsigned i = 0; i < tables; ++i) REQUIRE((*img)->read(buf, std::uint64_t{i} << 21).has_value());
+  }
+  CHECK(cache.cached_tables() <= cap);
+  CHECK(cache.misses() == tables);  // everything fits: each table read once
+}
+
+TEST_CASE("TableCache: LRU eviction, bounded buffers, pinned entries") {
+  MemFile f("tables");
+  std::vector<std::byte> data(16 * 512);
+  for (std::size_t i = 0; i < data.size(); ++i) data[i] = std::byte(i / 512);
+  REQUIRE(f.pwrite(data, 0).has_value());
+  TableCache cache(f, 512, 3, "test table");
+  for (unsigned round = 0; round < 4; ++round) {
+    for (unsigned t = 0; t < 16; ++t) {
+      auto h = cache.get(t * 512);
+      REQUIRE(h.has_value());
+      CHECK(h->data()[0] == std::byte(t));
+    }
+  }
+  CHECK(cache.cached_tables() == 3);
+  CHECK(cache.allocated_buffers() == 3);
+  CHECK(cache.misses() == 64);
+  // With every slot pinned, a miss fails instead of growing.
+  auto a = cache.get(0), b = cache.get(512), c = cache.get(1024);
+  REQUIRE((a && b && c));
+  auto d = cache.get(2048);
+  REQUIRE_FALSE(d.has_value());
+  CHECK(d.error().code == EAGAIN);
+  // Dirty entries go through the writeback hook before eviction.
+  std::vector<std::uint64_t> written;
+  cache.set_writeback([&](std::uint64_t off, std::span<const std::byte>) -> Result<void> {
+    written.push_back(off);
+    return ok();
+  });
+  cache.mark_dirty(*a);
+  a->reset();
+  b->reset();
+  c->reset();
+  REQUIRE(cache.get(4096).has_value());  // evicts the LRU entry: table 0, dirty
+  CHECK(written == std::vector<std::uint64_t>{0});
+}
+
+TEST_CASE("qcow2: concurrent readers see consistent data") {
+  HandImage h;
+  h.build(8);
+  for (unsigned i = 0; i < 8; ++i) {
+    h.fill_data(i, static_cast<std::uint8_t>(i + 1));
+    h.set_l2(i, QCOW_OFLAG_COPIED | h.data_offset(i));
+  }
+  auto img = open_hand(h);
+  REQUIRE(img.has_value());
+  std::atomic<int> bad{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::vector<std::byte> buf(h.cs());
+      for (int k = 0; k < 500; ++k) {
+        unsigned c = static_cast<unsigned>((k + t) % 8);
+        if (!(*img)->read(buf, c * h.cs()) || !all_equal(buf, static_cast<std::uint8_t>(c + 1))) ++bad;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK(bad == 0);
+}
+
+// ---- qemu-img fixtures ------------------------------------------------------
+
+namespace {
+
+void compare_with_qemu(const std::string& image) {
+  qnbd::test::TempDir tmp;
+  const std::string ref = tmp / "ref.raw";
+  REQUIRE(qnbd::test::run("qemu-img convert -O raw " + image + " " + ref) == 0);
+  OpenOptions o;
+  auto dev = open_image(image, o);
+  REQUIRE_MESSAGE(dev.has_value(), dev.error().message);
+  auto ours = read_all(**dev);
+  auto theirs = qnbd::test::read_whole(ref);
+  REQUIRE(ours.size() == theirs.size());
+  CHECK(ours == theirs);
+}
+
+}  // namespace
+
+TEST_CASE("qemu-img images read exactly like qemu-img convert") {
+  if (!qnbd::test::have_qemu_img()) {
+    MESSAGE("qemu-img not installed: skipped");
+    return;
+  }
+  using qnbd::test::run;
+  qnbd::test::TempDir d;
+  struct Case {
+    std::string name, create, io;
+  };
+  std::vector<Case> cases = {
+      {"v2.qcow2", "-o compat=0.10,cluster_size=512", "-c 'write -P 1 0 3k' -c 'write -P 2 100k 1k'"},
+      {"c4k.qcow2", "-o cluster_size=4096", "-c 'write -P 3 4k 10k' -c 'write -z 20k 8k' -c 'write -c -P 4 64k 4k'"},
+      {"c2m.qcow2", "-o cluster_size=2M", "-c 'write -P 5 1M 3M' -c 'discard 2M 2M'"},
+      {"rb1.qcow2", "-o refcount_bits=1", "-c 'write -P 6 0 200k'"},
+      {"zstd.qcow2", "-o compression_type=zstd", "-c 'write -c -P 7 0 64k' -c 'write -c -P 8 128k 64k'"},
+      {"extl2.qcow2", "-o extended_l2=on,cluster_size=64k", "-c 'write -P 9 1k 3k' -c 'write -z 8k 2k'"},
+  };
+  for (const auto& c : cases) {
+    CAPTURE(c.name);
+    const std::string p = d / c.name;
+    REQUIRE(run("qemu-img create -f qcow2 " + c.create + " " + p + " 5000k") == 0);
+    REQUIRE(run("qemu-io " + c.io + " " + p) == 0);
+    compare_with_qemu(p);
+  }
+  // A chain: short raw base <- qcow2 with a relative backing name.
+  REQUIRE(run("qemu-img create -f raw " + (d / "base.raw") + " 300k") == 0);
+  REQUIRE(run("qemu-io -f raw -c 'write -P 1 0 300k' " + (d / "base.raw")) == 0);
+  REQUIRE(run("cd " + d.path.string() + " && qemu-img create -f qcow2 -b base.raw -F raw top.qcow2 1M") == 0);
+  REQUIRE(run("qemu-io -c 'write -P 2 64k 64k' " + (d / "top.qcow2")) == 0);
+  compare_with_qemu(d / "top.qcow2");
+  // Its allocation depth: 2 for the base's bytes, 1 for the top's, 0 past the base.
+  auto dev = open_image(d / "top.qcow2", OpenOptions{});
+  REQUIRE(dev.has_value());
+  std::array<Extent, 8> ext;
+  auto n = (*dev)->block_status(0, (*dev)->size(), ext);
+  REQUIRE(n.has_value());
+  REQUIRE(*n >= 4);
+  CHECK((ext[0].length == 64 * 1024 && ext[0].depth == 2 && ext[0].allocated));
+  CHECK((ext[1].length == 64 * 1024 && ext[1].depth == 1));
+  CHECK(ext[*n - 1].depth == 0);
+  CHECK(ext[*n - 1].zero);
+}
+
+TEST_CASE("backing chain errors: missing file, loop, depth bound, writable qcow2") {
+  if (!qnbd::test::have_qemu_img()) {
+    MESSAGE("qemu-img not installed: skipped");
+    return;
+  }
+  using qnbd::test::run;
+  qnbd::test::TempDir d;
+  const std::string dir = d.path.string();
+  REQUIRE(run("cd " + dir + " && qemu-img create -f raw b.raw 1M && qemu-img create -f qcow2 -b b.raw -F raw t.qcow2 1M") == 0);
+  REQUIRE(run("cd " + dir + " && rm b.raw") == 0);
+  auto r = open_image(d / "t.qcow2", OpenOptions{});
+  REQUIRE_FALSE(r.has_value());
+  CHECK(r.error().message.find("b.raw") != std::string::npos);
+
+  // a -> b -> a
+  REQUIRE(run("cd " + dir + " && qemu-img create -f qcow2 a.qcow2 1M && qemu-img create -f qcow2 -b a.qcow2 -F qcow2 c.qcow2 1M"
+              " && qemu-img rebase -u -b c.qcow2 -F qcow2 a.qcow2") == 0);
+  r = open_image(d / "c.qcow2", OpenOptions{});
+  REQUIRE_FALSE(r.has_value());
+  CHECK(r.error().message.find("loop") != std::string::npos);
+
+  REQUIRE(run("cd " + dir + " && qemu-img create -f qcow2 l0.qcow2 1M && qemu-img create -f qcow2 -b l0.qcow2 -F qcow2 l1.qcow2 1M"
+              " && qemu-img create -f qcow2 -b l1.qcow2 -F qcow2 l2.qcow2 1M") == 0);
+  OpenOptions shallow;
+  shallow.max_backing_depth = 1;
+  r = open_image(d / "l2.qcow2", shallow);
+  REQUIRE_FALSE(r.has_value());
+  CHECK(r.error().message.find("too deep") != std::string::npos);
+  CHECK(open_image(d / "l2.qcow2", OpenOptions{}).has_value());
+
+  OpenOptions rw;
+  rw.read_only = false;
+  r = open_image(d / "l0.qcow2", rw);
+  REQUIRE_FALSE(r.has_value());
+  CHECK(r.error().message.find("writing qcow2 images is not supported yet") != std::string::npos);
+}
