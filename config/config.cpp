@@ -63,9 +63,28 @@ std::string describe(const json& v) {
   return s;
 }
 
+// Keys and names come from the file and may hold control characters; the
+// message must stay one printable line, so those are shown escaped.
+std::string one_line(std::string_view text) {
+  std::string out;
+  for (char c : text) {
+    const auto u = static_cast<unsigned char>(c);
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (u < 0x20 || u == 0x7f) {
+      out += fmt::format("\\x{:02x}", u);
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 template <typename... Args>
 Error fail(const std::string& pointer, fmt::format_string<Args...> format, Args&&... args) {
-  return Error{EINVAL, shown(pointer) + ": " + fmt::format(format, std::forward<Args>(args)...)};
+  return Error{EINVAL, one_line(shown(pointer) + ": " + fmt::format(format, std::forward<Args>(args)...))};
 }
 
 Result<void> expect_object(const json& v, const std::string& pointer,
@@ -367,9 +386,9 @@ Result<Config> parse_config(std::string_view json_text) {
                         return tracker.on_event(depth, event, parsed);
                       });
   } catch (const json::parse_error& e) {
-    return Error{EINVAL, syntax_message(e.what())};
+    return Error{EINVAL, one_line(syntax_message(e.what()))};
   } catch (const std::exception& e) {
-    return Error{EINVAL, fmt::format("cannot parse JSON: {}", e.what())};
+    return Error{EINVAL, one_line(fmt::format("cannot parse JSON: {}", e.what()))};
   }
   if (tracker.problem()) return *tracker.problem();
   try {
@@ -377,7 +396,7 @@ Result<Config> parse_config(std::string_view json_text) {
   } catch (const std::exception& e) {
     // The readers check every type before converting, so this is a bug in
     // this file; still, a config file must never bring the server down.
-    return Error{EINVAL, fmt::format("invalid configuration: {}", e.what())};
+    return Error{EINVAL, one_line(fmt::format("invalid configuration: {}", e.what()))};
   }
 }
 

@@ -200,6 +200,12 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
       {R"({"exports": [{"name": "", "image": "a", "a/b~c": 1}]})",
        "/exports/0/a~1b~0c: unknown key (allowed: name, image, format, read_only, description, "
        "allocation_depth, bitmaps, cache, discard)"},
+      // control characters from the file are shown escaped: one line
+      {R"({"exports": [{"name": "", "image": "a", "x\ny": 1}]})",
+       "/exports/0/x\\ny: unknown key (allowed: name, image, format, read_only, description, "
+       "allocation_depth, bitmaps, cache, discard)"},
+      {R"({"exports": [{"name": "a\u0001", "image": "a"}, {"name": "a\u0001", "image": "b"}]})",
+       R"(/exports/1/name: duplicate export name "a\x01" (also /exports/0/name))"},
       // repeated keys, which a plain JSON parser would silently merge
       {R"({"exports": [{"name": "a", "image": "a", "read_only": true, "read_only": false}]})",
        "/exports/0/read_only: duplicate key"},
@@ -286,4 +292,45 @@ TEST_CASE("the schema is valid JSON naming every key the loader accepts") {
     CAPTURE(key);
     CHECK(schema.find(std::string("\"") + key + "\"") != std::string::npos);
   }
+}
+
+TEST_CASE("mutated examples never throw or crash, and are accepted or refused with one line") {
+  const auto examples = std::filesystem::path(QNBD_TEST_SOURCE_DIR) / "config" / "examples";
+  const auto text = read_file(examples / "multi.json");
+  // Seeded, so a failure reproduces.
+  std::uint64_t state = 0x9e3779b97f4a7c15ull;
+  auto next = [&state] {
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return state;
+  };
+  const char alphabet[] = "{}[]\",:0123456789-.eE tfnul\\/~x\x00\xff";
+  int accepted = 0, refused = 0;
+  for (int i = 0; i < 3000; ++i) {
+    std::string mutated = text;
+    const int edits = 1 + static_cast<int>(next() % 4);
+    for (int e = 0; e < edits && !mutated.empty(); ++e) {
+      const std::size_t pos = next() % mutated.size();
+      const char c = alphabet[next() % (sizeof alphabet - 1)];
+      switch (next() % 3) {
+        case 0: mutated[pos] = c; break;
+        case 1: mutated.insert(pos, 1, c); break;
+        default: mutated.erase(pos, 1); break;
+      }
+    }
+    CAPTURE(mutated);
+    qnbd::Result<qnbd::config::Config> r = qnbd::Error{};
+    REQUIRE_NOTHROW(r = parse_config(mutated));
+    if (r) {
+      ++accepted;
+    } else {
+      ++refused;
+      CHECK(r.error().message.find('\n') == std::string::npos);
+      CHECK_FALSE(r.error().message.empty());
+    }
+  }
+  // Both outcomes must occur, or the mutation is not exercising anything.
+  CHECK(accepted > 0);
+  CHECK(refused > 0);
 }
