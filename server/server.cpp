@@ -352,9 +352,17 @@ awaitable<void> Session::transmission() {
   std::array<std::byte, kExtendedRequestSize> header;
   const auto& opts = server_.options();
   for (;;) {
-    if (stopping_ || write_failed_) break;
+    if (write_failed_) break;
+    if (stopping_) {
+      // Server shutdown: answer what the client already sent (with
+      // NBD_ESHUTDOWN, §14) so closing does not reset the connection under
+      // unread data, but do not wait for more.
+      boost::system::error_code aec;
+      if (socket_.available(aec) < hsize || aec) break;
+    }
     auto [ec, n] = co_await asio::async_read(socket_, asio::buffer(header.data(), hsize),
                                              asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+    if (ec == asio::error::operation_aborted && n == 0 && stopping_) continue;
     if (ec) break;
     Request req;
     auto st = parse_request_header(std::span(header.data(), hsize), neg_.mode, neg_.max_payload, req);
@@ -451,6 +459,7 @@ awaitable<void> Session::handle(Slot* s) {
   s->meta.clear();
   s->pieces.clear();
   auto v = validate_request(s->req, vctx_);
+  if (stopping_ && !v.error) v = {NBD_ESHUTDOWN, "server is shutting down"};
   if (v.error) {
     log::debug("conn {}: {} cookie {:#x} offset {} length {} refused: {}", id_, command_name(s->req.type),
                s->req.cookie, s->req.offset, s->req.length, v.message);
