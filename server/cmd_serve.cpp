@@ -102,6 +102,13 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
       }
       o.listeners.push_back(ls);
     }
+    // -k on the command line overrides the file's listeners (tests, ad hoc runs).
+    if (!a.socket.empty()) {
+      server::ListenerSpec ls;
+      ls.kind = server::ListenerSpec::Kind::unix_socket;
+      ls.path = a.socket;
+      o.listeners = {ls};
+    }
     o.persistent = true;
     o.max_connections = cfg.limits.max_connections;
     o.handshake_timeout_seconds = cfg.limits.handshake_timeout_seconds;
