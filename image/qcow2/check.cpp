@@ -1,0 +1,605 @@
+// qcow2 check and repair; see check.hpp. Message wording and the counting
+// rules (what is a leak, what a corruption, when the refcount structure must
+// be rebuilt) follow qemu-img check so both tools report the same numbers.
+#include "image/qcow2/check.hpp"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <set>
+#include <unordered_map>
+#include <vector>
+
+#include "common/checked.hpp"
+#include "common/endian.hpp"
+#include "image/qcow2/cluster.hpp"
+#include "image/qcow2/format.hpp"
+#include "image/qcow2/header.hpp"
+#include "image/qcow2/refcount.hpp"
+
+namespace qnbd::image::qcow2 {
+namespace {
+
+// References past the end of the file are counted in a map; this many
+// distinct ones means the metadata is garbage and we stop counting.
+constexpr std::size_t kMaxBeyondEof = 1 << 20;
+
+class Checker {
+ public:
+  Checker(File& file, RepairMode fix, const CheckMessageSink& sink)
+      : file_(file), fix_(fix), sink_(sink) {}
+
+  Result<CheckResult> run() {
+    file_size_ = QNBD_TRY(file_.size());
+    std::vector<std::byte> c0(static_cast<std::size_t>(std::min<std::uint64_t>(file_size_, 2u << 20)));
+    QNBD_TRY(file_.read_exact(c0, 0, "qcow2 header"));
+    h_ = QNBD_TRY(parse_header(c0, file_size_));
+    cb_ = h_.cluster_bits;
+    cs_ = h_.cluster_size();
+    nb_clusters_ = div_round_up(file_size_, cs_);
+    res_.total_clusters = div_round_up(h_.size, cs_);
+    load_refcount_table();
+
+    calculate_refcounts();
+    // A first pass only reports (QEMU's pre-compare); repairs follow.
+    compare_refcounts(RepairMode::none);
+    if (rebuild_ && fix_ == RepairMode::all) {
+      say("Rebuilding refcount structure");
+      if (auto r = rebuild_refcount_structure(); !r) {
+        say(fmt::format("ERROR rebuilding refcount structure: {}", r.error().message));
+        res_.check_errors++;
+        return res_;
+      }
+      res_.corruptions_fixed += res_.corruptions;
+      res_.leaks_fixed += res_.leaks;
+      res_.corruptions = res_.leaks = 0;
+    } else if (fix_ != RepairMode::none) {
+      if (rebuild_) {
+        say("ERROR need to rebuild refcount structures");
+        res_.check_errors++;
+        return res_;
+      }
+      if (res_.leaks || res_.corruptions) {
+        res_.leaks = res_.corruptions = 0;
+        QNBD_TRY(apply_in_place_fixes());
+      }
+    }
+    QNBD_TRY(check_oflag_copied());
+    return res_;
+  }
+
+ private:
+  void say(const std::string& line) {
+    if (sink_) sink_(line);
+  }
+
+  // ---- computed refcounts --------------------------------------------
+  void inc(std::uint64_t offset, std::uint64_t length) {
+    if (length == 0) return;
+    const auto end = checked_add(offset, length);
+    if (!end) {
+      res_.check_errors++;
+      return;
+    }
+    for (std::uint64_t k = offset >> cb_; k <= (*end - 1) >> cb_; k++) {
+      if (k < computed_.size()) {
+        computed_[k]++;
+      } else if (beyond_.size() < kMaxBeyondEof || beyond_.count(k)) {
+        beyond_[k]++;
+      } else {
+        res_.check_errors++;
+        return;
+      }
+    }
+  }
+
+  // ---- stored refcounts ----------------------------------------------
+  void load_refcount_table() {
+    rt_.clear();
+    blocks_.clear();
+    const std::uint64_t bytes = std::uint64_t{h_.refcount_table_clusters} * cs_;
+    std::vector<std::byte> raw(bytes);
+    if (!file_.read_exact(raw, h_.refcount_table_offset, "refcount table")) {
+      res_.check_errors++;
+      return;
+    }
+    rt_.resize(bytes / 8);
+    for (std::size_t i = 0; i < rt_.size(); i++) rt_[i] = load_be64(raw.data() + 8 * i);
+  }
+
+  bool block_usable(std::uint64_t offset) const {
+    return offset != 0 && is_aligned(offset, cs_) && (offset >> cb_) < nb_clusters_;
+  }
+
+  std::uint64_t stored(std::uint64_t k) {
+    const unsigned bits = cb_ + 3 - h_.refcount_order;
+    const std::uint64_t ti = k >> bits;
+    if (ti >= rt_.size()) return 0;
+    const std::uint64_t offset = rt_[ti] & REFT_OFFSET_MASK;
+    if (!block_usable(offset)) return 0;
+    auto it = blocks_.find(ti);
+    if (it == blocks_.end()) {
+      std::vector<std::byte> b(cs_);
+      if (!file_.read_exact(b, offset, "refcount block")) {
+        res_.check_errors++;
+        std::fill(b.begin(), b.end(), std::byte{0});
+      }
+      it = blocks_.emplace(ti, std::move(b)).first;
+    }
+    return get_refcount_entry(it->second, h_.refcount_order, k & ((1ull << bits) - 1));
+  }
+
+  // ---- the metadata walk ---------------------------------------------
+  void calculate_refcounts() {
+    computed_.assign(nb_clusters_, 0);
+    beyond_.clear();
+    inc(0, cs_);  // header cluster
+    check_refcounts_l1(h_.l1_table_offset, h_.l1_size, true);
+
+    if (h_.has_data_file() && h_.nb_snapshots) {
+      say(fmt::format("ERROR {} snapshots in image with data file", h_.nb_snapshots));
+      res_.corruptions++;
+    }
+    check_snapshots();
+    inc(h_.refcount_table_offset, std::uint64_t{h_.refcount_table_clusters} * cs_);
+    if (h_.crypto_header) inc(h_.crypto_header->offset, h_.crypto_header->length);
+    check_bitmaps();
+    check_refblocks();
+  }
+
+  Result<std::vector<std::uint64_t>> read_table(std::uint64_t offset, std::uint64_t entries) {
+    std::vector<std::byte> raw(entries * 8);
+    QNBD_TRY(file_.read_exact(raw, offset, "table"));
+    std::vector<std::uint64_t> t(entries);
+    for (std::size_t i = 0; i < entries; i++) t[i] = load_be64(raw.data() + 8 * i);
+    return t;
+  }
+
+  void check_refcounts_l1(std::uint64_t l1_offset, std::uint32_t l1_size, bool active) {
+    if (l1_size == 0) return;
+    inc(l1_offset, std::uint64_t{l1_size} * 8);
+    auto l1 = read_table(l1_offset, l1_size);
+    if (!l1) {
+      say("ERROR: I/O error in check_refcounts_l1");
+      res_.check_errors++;
+      return;
+    }
+    std::uint64_t next_contiguous = 0;
+    for (std::uint64_t i = 0; i < l1_size; i++) {
+      const std::uint64_t l2_offset = (*l1)[i] & L1E_OFFSET_MASK;
+      if (!l2_offset) continue;
+      inc(l2_offset, cs_);
+      if (!is_aligned(l2_offset, cs_)) {
+        say(fmt::format("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted",
+                        l2_offset));
+        res_.corruptions++;
+      }
+      check_refcounts_l2(l2_offset, active, next_contiguous);
+    }
+  }
+
+  void check_refcounts_l2(std::uint64_t l2_offset, bool active, std::uint64_t& next_contiguous) {
+    std::vector<std::byte> l2(cs_);
+    if (!file_.read_exact(l2, l2_offset, "L2 table")) {
+      say("ERROR: I/O error in check_refcounts_l2");
+      res_.check_errors++;
+      return;
+    }
+    const std::uint32_t esize = h_.l2_entry_size();
+    const bool ext = h_.extended_l2();
+    for (std::uint64_t i = 0; i < cs_ / esize; i++) {
+      const std::uint64_t e = load_be64(l2.data() + i * esize);
+      const std::uint64_t bitmap = ext ? load_be64(l2.data() + i * esize + 8) : 0;
+      if (e & QCOW_OFLAG_COMPRESSED) {
+        const CompressedDescriptor d = parse_compressed_descriptor(e, cb_);
+        if (e & QCOW_OFLAG_COPIED) {
+          say(fmt::format("ERROR: coffset=0x{:x}: copied flag must never be set for compressed "
+                          "clusters", d.host_offset));
+          res_.corruptions++;
+        }
+        if (h_.has_data_file()) {
+          say(fmt::format("ERROR compressed cluster {} with data file, entry=0x{:x}", i, e));
+          res_.corruptions++;
+          continue;
+        }
+        if (bitmap) {
+          say(fmt::format("ERROR compressed cluster {} with non-zero subcluster allocation "
+                          "bitmap, entry=0x{:x}", i, e));
+          res_.corruptions++;
+          continue;
+        }
+        inc(d.host_offset, d.bytes);
+        if (active) {
+          res_.allocated_clusters++;
+          res_.compressed_clusters++;
+          // Compressed clusters count as fragmented, as in QEMU.
+          res_.fragmented_clusters++;
+        }
+        continue;
+      }
+      const std::uint64_t offset = e & L2E_OFFSET_MASK;
+      const bool zero_flag = !ext && (e & QCOW_OFLAG_ZERO);
+      const bool allocated = offset != 0 || (h_.has_data_file() && (e & QCOW_OFLAG_COPIED));
+      if (!allocated) continue;  // unallocated or plain zero
+      if (!is_aligned(offset, cs_)) {
+        res_.corruptions++;
+        const bool contains_data = ext ? (bitmap & QCOW_L2_BITMAP_ALL_ALLOC) != 0 : !zero_flag;
+        if (contains_data) {
+          say(fmt::format("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry "
+                          "corrupted.", offset));
+        } else {
+          say(fmt::format("ERROR offset={:x}: Preallocated cluster is not properly aligned; L2 "
+                          "entry corrupted.", offset));
+        }
+      }
+      if (active) {
+        res_.allocated_clusters++;
+        if (next_contiguous && offset != next_contiguous) res_.fragmented_clusters++;
+        next_contiguous = offset + cs_;
+      }
+      if (!h_.has_data_file()) inc(offset, cs_);
+    }
+  }
+
+  void check_snapshots() {
+    if (h_.nb_snapshots == 0) return;
+    std::uint64_t pos = h_.snapshots_offset;
+    std::uint64_t total = 0;
+    for (std::uint32_t i = 0; i < h_.nb_snapshots; i++) {
+      std::byte fixed[40];
+      if (!file_.read_exact(fixed, pos, "snapshot table entry")) {
+        say("ERROR: could not read the snapshot table");
+        res_.check_errors++;
+        return;
+      }
+      const std::uint64_t l1_offset = load_be64(fixed);
+      const std::uint32_t l1_size = load_be32(fixed + 8);
+      const std::uint16_t id_len = load_be16(fixed + 12);
+      const std::uint16_t name_len = load_be16(fixed + 14);
+      const std::uint32_t extra = load_be32(fixed + 36);
+      if (extra > MAX_SNAPSHOT_EXTRA_DATA) {
+        say("ERROR: too much extra metadata in snapshot table entry");
+        res_.check_errors++;
+        return;
+      }
+      std::string id(id_len, '\0'), name(name_len, '\0');
+      std::vector<std::byte> strings(id_len + name_len);
+      if (!strings.empty() &&
+          !file_.read_exact(strings, pos + 40 + extra, "snapshot id and name")) {
+        res_.check_errors++;
+        return;
+      }
+      std::memcpy(id.data(), strings.data(), id_len);
+      std::memcpy(name.data(), strings.data() + id_len, name_len);
+      const std::uint64_t entry = align_up(40 + extra + id_len + name_len, 8);
+      total += entry;
+      pos += entry;
+      if (total > MAX_SNAPSHOTS_TABLE_BYTES) {
+        say("ERROR: snapshot table is too big");
+        res_.check_errors++;
+        return;
+      }
+      if (!is_aligned(l1_offset, cs_)) {
+        say(fmt::format("ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster "
+                        "aligned; snapshot table entry corrupted", id, name, l1_offset));
+        res_.corruptions++;
+        continue;
+      }
+      if (std::uint64_t{l1_size} * 8 > MAX_L1_BYTES) {
+        say(fmt::format("ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot "
+                        "table entry corrupted", id, name, l1_size));
+        res_.corruptions++;
+        continue;
+      }
+      check_refcounts_l1(l1_offset, l1_size, false);
+    }
+    inc(h_.snapshots_offset, total);
+  }
+
+  void check_bitmaps() {
+    if (!h_.bitmaps || !(h_.autoclear_features & AUTOCLEAR_BITMAPS)) return;
+    const BitmapsExtension& b = *h_.bitmaps;
+    if (b.bitmap_directory_size > MAX_BITMAP_DIRECTORY_SIZE) {
+      res_.check_errors++;
+      return;
+    }
+    inc(b.bitmap_directory_offset, b.bitmap_directory_size);
+    std::vector<std::byte> dir(b.bitmap_directory_size);
+    if (!file_.read_exact(dir, b.bitmap_directory_offset, "bitmap directory")) {
+      say("ERROR: could not read the bitmap directory");
+      res_.check_errors++;
+      return;
+    }
+    std::uint64_t pos = 0;
+    for (std::uint32_t i = 0; i < b.nb_bitmaps; i++) {
+      if (pos + 24 > dir.size()) {
+        res_.check_errors++;
+        return;
+      }
+      const std::uint64_t table_offset = load_be64(dir.data() + pos);
+      const std::uint32_t table_size = load_be32(dir.data() + pos + 8);
+      const std::uint16_t name_size = load_be16(dir.data() + pos + 18);
+      const std::uint32_t extra = load_be32(dir.data() + pos + 20);
+      pos += align_up(std::uint64_t{24} + extra + name_size, 8);
+      if (table_size > MAX_BITMAP_TABLE_SIZE) {
+        res_.check_errors++;
+        continue;
+      }
+      inc(table_offset, std::uint64_t{table_size} * 8);
+      auto table = read_table(table_offset, table_size);
+      if (!table) {
+        res_.check_errors++;
+        continue;
+      }
+      for (std::uint64_t e : *table) {
+        const std::uint64_t off = e & BME_TABLE_ENTRY_OFFSET_MASK;
+        if (off) inc(off, cs_);
+      }
+    }
+  }
+
+  void check_refblocks() {
+    for (std::uint64_t i = 0; i < rt_.size(); i++) {
+      const std::uint64_t offset = rt_[i] & REFT_OFFSET_MASK;
+      if (!offset) continue;
+      refstruct_blocks_.push_back(offset);
+      if (!is_aligned(offset, cs_)) {
+        say(fmt::format("ERROR refcount block {} is not cluster aligned; refcount table entry "
+                        "corrupted", i));
+        res_.corruptions++;
+        rebuild_ = true;
+        continue;
+      }
+      if ((offset >> cb_) >= nb_clusters_) {
+        say(fmt::format("ERROR refcount block {} is outside image", i));
+        res_.corruptions++;
+        rebuild_ = true;
+        continue;
+      }
+      inc(offset, cs_);
+      if (computed_[offset >> cb_] != 1) {
+        say(fmt::format("ERROR refcount block {} refcount={}", i, computed_[offset >> cb_]));
+        res_.corruptions++;
+        rebuild_ = true;
+      }
+    }
+  }
+
+  // ---- comparison ------------------------------------------------------
+  template <typename F>
+  void for_each_cluster(F&& f) {
+    for (std::uint64_t k = 0; k < computed_.size(); k++) f(k, computed_[k]);
+    for (const auto& [k, v] : beyond_) f(k, v);
+  }
+
+  // QEMU's compare_refcounts. With RepairMode::none only counts.
+  void compare_refcounts(RepairMode fix, Refcounts* writer = nullptr) {
+    std::uint64_t highest = 0;
+    bool any = false;
+    for_each_cluster([&](std::uint64_t k, std::uint64_t reference) {
+      const std::uint64_t refcount = stored(k);
+      if (refcount > 0 || reference > 0) {
+        highest = std::max(highest, k);
+        any = true;
+      }
+      if (refcount == reference) return;
+      std::uint64_t* num_fixed = nullptr;
+      if (refcount == 0) {
+        rebuild_ = true;
+      } else if (refcount > reference && fix != RepairMode::none) {
+        num_fixed = &res_.leaks_fixed;
+      } else if (refcount < reference && fix == RepairMode::all) {
+        num_fixed = &res_.corruptions_fixed;
+      }
+      say(fmt::format("{} cluster {} refcount={} reference={}",
+                      num_fixed ? "Repairing" : refcount < reference ? "ERROR" : "Leaked", k,
+                      refcount, reference));
+      if (num_fixed && writer) {
+        if (writer->set(k, reference)) {
+          (*num_fixed)++;
+          return;
+        }
+      }
+      if (refcount < reference) {
+        res_.corruptions++;
+      } else {
+        res_.leaks++;
+      }
+    });
+    res_.image_end_offset = any ? (highest + 1) * cs_ : 0;
+  }
+
+  Result<void> apply_in_place_fixes() {
+    auto r = Refcounts::load(file_, RefcountGeometry{cb_, h_.refcount_order},
+                             h_.refcount_table_offset, h_.refcount_table_clusters);
+    if (!r) {
+      say(fmt::format("ERROR cannot load refcount table: {}", r.error().message));
+      res_.check_errors++;
+      return ok();
+    }
+    compare_refcounts(fix_, &*r);
+    QNBD_TRY(r->flush());
+    blocks_.clear();  // re-read what was just written
+    return ok();
+  }
+
+  // Write a complete new refcount table and blocks after the end of
+  // everything referenced, from the recomputed refcounts, then switch the
+  // header to it (QEMU's rebuild_refcount_structure). The old table and
+  // blocks are simply no longer counted, so they become free space; a crash
+  // before the header switch leaves the old (broken) structure in place.
+  Result<void> rebuild_refcount_structure() {
+    // The recomputed refcounts without the old refcount structure.
+    std::map<std::uint64_t, std::uint64_t> refs;
+    for_each_cluster([&](std::uint64_t k, std::uint64_t v) {
+      if (v) refs[k] = v;
+    });
+    auto drop = [&](std::uint64_t offset, std::uint64_t length) {
+      if (length == 0) return;
+      for (std::uint64_t k = offset >> cb_; k <= (offset + length - 1) >> cb_; k++) {
+        auto it = refs.find(k);
+        if (it != refs.end() && --it->second == 0) refs.erase(it);
+      }
+    };
+    drop(h_.refcount_table_offset, std::uint64_t{h_.refcount_table_clusters} * cs_);
+    for (std::uint64_t off : refstruct_blocks_) {
+      if (is_aligned(off, cs_) && (off >> cb_) < nb_clusters_) drop(off, cs_);
+    }
+    const std::uint64_t max = max_refcount(h_.refcount_order);
+    for (auto& [k, v] : refs) {
+      if (v > max) return make_error(EOVERFLOW, "cluster {} is referenced {} times", k, v);
+    }
+
+    const unsigned eb = cb_ + 3 - h_.refcount_order;
+    const std::uint64_t per_cluster = cs_ / 8;
+    std::uint64_t start = nb_clusters_;
+    if (!refs.empty()) start = std::max(start, refs.rbegin()->first + 1);
+    std::set<std::uint64_t> used_ti;
+    for (const auto& [k, v] : refs) used_ti.insert(k >> eb);
+    std::uint64_t blocks_n = 0, table_n = 1;
+    for (int iter = 0;; iter++) {
+      if (iter > 64) return make_error(EIO, "refcount rebuild does not converge");
+      const std::uint64_t area_end = start + blocks_n + table_n;
+      std::set<std::uint64_t> ti = used_ti;
+      for (std::uint64_t t = start >> eb; t <= (area_end - 1) >> eb; t++) ti.insert(t);
+      const std::uint64_t b = ti.size();
+      const std::uint64_t t = div_round_up(*ti.rbegin() + 1, per_cluster);
+      if (b == blocks_n && t == table_n) break;
+      blocks_n = std::max(b, blocks_n);
+      table_n = std::max(t, table_n);
+    }
+    if (table_n * cs_ > MAX_REFTABLE_BYTES) {
+      return make_error(EFBIG, "rebuilt refcount table would exceed {} bytes", MAX_REFTABLE_BYTES);
+    }
+    const std::uint64_t area_end = start + blocks_n + table_n;
+    for (std::uint64_t k = start; k < area_end; k++) refs[k] = 1;
+
+    std::map<std::uint64_t, std::vector<std::byte>> blocks;
+    for (const auto& [k, v] : refs) {
+      auto& b = blocks[k >> eb];
+      if (b.empty()) b.assign(cs_, std::byte{0});
+      set_refcount_entry(b, h_.refcount_order, k & ((1ull << eb) - 1), v);
+    }
+    if (blocks.size() != blocks_n) return make_error(EIO, "refcount rebuild miscounted blocks");
+    std::vector<std::byte> table(table_n * cs_, std::byte{0});
+    std::uint64_t next = start;
+    for (auto& [ti, data] : blocks) {
+      store_be64(table.data() + ti * 8, next << cb_);
+      QNBD_TRY(file_.pwrite(data, next << cb_));
+      next++;
+    }
+    const std::uint64_t table_offset = next << cb_;
+    QNBD_TRY(file_.pwrite(table, table_offset));
+    QNBD_TRY(file_.flush());
+    // Switch: refcount_table_offset (48) and refcount_table_clusters (56)
+    // in one write, then flush.
+    std::byte hdr[12];
+    store_be64(hdr, table_offset);
+    store_be32(hdr + 8, static_cast<std::uint32_t>(table_n));
+    QNBD_TRY(file_.pwrite(hdr, 48));
+    QNBD_TRY(file_.flush());
+    h_.refcount_table_offset = table_offset;
+    h_.refcount_table_clusters = static_cast<std::uint32_t>(table_n);
+    file_size_ = QNBD_TRY(file_.size());
+    nb_clusters_ = div_round_up(file_size_, cs_);
+    load_refcount_table();
+    rebuild_ = false;
+    return ok();
+  }
+
+  // ---- COPIED flags (QEMU's check_oflag_copied) -------------------------
+  Result<void> check_oflag_copied() {
+    bool repair = fix_ == RepairMode::all ||
+                  (fix_ == RepairMode::leaks && !res_.check_errors && !res_.corruptions &&
+                   !res_.leaks);
+    if (h_.l1_size == 0) return ok();
+    auto l1 = read_table(h_.l1_table_offset, h_.l1_size);
+    if (!l1) {
+      res_.check_errors++;
+      return ok();
+    }
+    const std::uint32_t esize = h_.l2_entry_size();
+    for (std::uint64_t i = 0; i < h_.l1_size; i++) {
+      const std::uint64_t l1e = (*l1)[i];
+      const std::uint64_t l2_offset = l1e & L1E_OFFSET_MASK;
+      if (!l2_offset) continue;
+      const std::uint64_t refcount = stored(l2_offset >> cb_);
+      if ((refcount == 1) != ((l1e & QCOW_OFLAG_COPIED) != 0)) {
+        res_.corruptions++;
+        say(fmt::format("{} OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={}",
+                        repair ? "Repairing" : "ERROR", i, l1e, refcount));
+        if (repair) {
+          std::byte e[8];
+          store_be64(e, refcount == 1 ? l1e | QCOW_OFLAG_COPIED : l1e & ~QCOW_OFLAG_COPIED);
+          if (file_.pwrite(e, h_.l1_table_offset + i * 8)) {
+            res_.corruptions--;
+            res_.corruptions_fixed++;
+          } else {
+            res_.check_errors++;
+          }
+        }
+      }
+      if (!is_aligned(l2_offset, cs_)) continue;  // reported by the walk
+      std::vector<std::byte> l2(cs_);
+      if (!file_.read_exact(l2, l2_offset, "L2 table")) {
+        say("ERROR: Could not read L2 table");
+        res_.check_errors++;
+        return ok();
+      }
+      std::uint64_t dirty = 0;
+      for (std::uint64_t j = 0; j < cs_ / esize; j++) {
+        const std::uint64_t e = load_be64(l2.data() + j * esize);
+        if (e & QCOW_OFLAG_COMPRESSED) continue;
+        const std::uint64_t data_offset = e & L2E_OFFSET_MASK;
+        const bool normal_or_zero_alloc =
+            data_offset != 0 || (h_.has_data_file() && (e & QCOW_OFLAG_COPIED));
+        if (!normal_or_zero_alloc) continue;
+        const std::uint64_t rc = h_.has_data_file() ? 1 : stored(data_offset >> cb_);
+        if ((rc == 1) != ((e & QCOW_OFLAG_COPIED) != 0)) {
+          res_.corruptions++;
+          say(fmt::format("{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
+                          repair ? "Repairing" : "ERROR", e, rc));
+          if (repair) {
+            store_be64(l2.data() + j * esize, rc == 1 ? e | QCOW_OFLAG_COPIED : e & ~QCOW_OFLAG_COPIED);
+            dirty++;
+          }
+        }
+      }
+      if (dirty) {
+        if (file_.pwrite(l2, l2_offset)) {
+          res_.corruptions -= dirty;
+          res_.corruptions_fixed += dirty;
+        } else {
+          res_.check_errors++;
+        }
+      }
+    }
+    if (repair) QNBD_TRY(file_.flush());
+    return ok();
+  }
+
+  File& file_;
+  RepairMode fix_;
+  const CheckMessageSink& sink_;
+  Header h_;
+  CheckResult res_;
+  std::uint64_t file_size_ = 0;
+  std::uint64_t nb_clusters_ = 0;
+  std::uint64_t cs_ = 0;
+  unsigned cb_ = 0;
+  std::vector<std::uint64_t> computed_;
+  std::map<std::uint64_t, std::uint64_t> beyond_;
+  std::vector<std::uint64_t> rt_;
+  std::unordered_map<std::uint64_t, std::vector<std::byte>> blocks_;
+  std::vector<std::uint64_t> refstruct_blocks_;
+  bool rebuild_ = false;
+};
+
+}  // namespace
+
+Result<CheckResult> check_qcow2(File& file, RepairMode repair, const CheckMessageSink& message) {
+  Checker c(file, repair, message);
+  return c.run();
+}
+
+}  // namespace qnbd::image::qcow2
