@@ -120,7 +120,6 @@ struct Slot {
   Buffer data;
   std::vector<std::byte> meta;
   std::vector<Piece> pieces;
-  std::vector<asio::const_buffer> iov;
   std::vector<image::Extent> extents;
   std::vector<ExtentList> lists;
   std::uint64_t charged_bytes = 0;
@@ -132,6 +131,7 @@ class Server;
 // ---------------------------------------------------------------------------
 class Session : public std::enable_shared_from_this<Session> {
  public:
+  static constexpr std::size_t kMaxBatch = 16;
   Session(Server& server, Socket socket, std::uint64_t id)
       : server_(server), socket_(std::move(socket)), id_(id),
         wake_reader_(socket_.get_executor()), wake_writer_(socket_.get_executor()),
@@ -255,13 +255,10 @@ awaitable<void> Session::run() {
 }
 
 void Session::stop() {
+  // Wake the reader (handshake or transmission); it answers whatever the
+  // client already sent (NBD_REP_ERR_SHUTDOWN / NBD_ESHUTDOWN) and then
+  // closes, instead of resetting a connection with unread data.
   stopping_ = true;
-  if (!export_) {
-    // Still negotiating: nothing in flight, just drop it.
-    boost::system::error_code ec;
-    socket_.close(ec);
-    return;
-  }
   read_cancel_.emit(asio::cancellation_type::terminal);
 }
 
@@ -282,7 +279,6 @@ awaitable<bool> Session::handshake() {
   }
   std::array<std::byte, 4096> buf;
   for (;;) {
-    if (stopping_) co_return false;
     auto a = neg.next();
     switch (a.kind) {
       case Action::Kind::send: {
@@ -294,8 +290,17 @@ awaitable<bool> Session::handshake() {
         break;
       }
       case Action::Kind::need_bytes: {
+        if (stopping_) {
+          boost::system::error_code aec;
+          if (socket_.available(aec) == 0 || aec) {
+            deadline_.cancel();
+            co_return false;
+          }
+        }
         auto want = std::min(a.bytes, buf.size());
-        auto [ec, n] = co_await socket_.async_read_some(asio::buffer(buf.data(), want), use_tuple);
+        auto [ec, n] = co_await socket_.async_read_some(
+            asio::buffer(buf.data(), want), asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+        if (ec == asio::error::operation_aborted && n == 0 && stopping_) continue;
         if (ec) {
           deadline_.cancel();
           co_return false;
@@ -321,7 +326,9 @@ awaitable<bool> Session::handshake() {
         vctx_.max_payload = neg_.max_payload;
         log::debug("conn {}: export '{}' mode {} flags {:#x} contexts {}", id_, neg_.export_info->name,
                    static_cast<int>(neg_.mode), neg_.transmission_flags, neg_.contexts.size());
-        co_return !stopping_;
+        // Even when stopping: the client may already have sent requests,
+        // which transmission() answers with NBD_ESHUTDOWN.
+        co_return true;
     }
   }
 }
@@ -339,7 +346,6 @@ Slot* Session::get_slot() {
 void Session::put_slot(Slot* s) {
   s->meta.clear();
   s->pieces.clear();
-  s->iov.clear();
   // Keep small buffers with the slot; give big ones back to the shared pool.
   if (s->data.capacity > (1u << 20)) buffer_pool().put(std::move(s->data));
   free_slots_.push_back(s);
@@ -419,30 +425,42 @@ awaitable<void> Session::transmission() {
 
 awaitable<void> Session::writer() {
   auto self = shared_from_this();
+  // Replies finished while a write was in progress go out together in one
+  // gathered write (fewer syscalls under load); each reply's chunks stay
+  // contiguous, so chunks of different requests never interleave.
+  std::vector<Slot*> batch;
+  std::vector<asio::const_buffer> iov;
+  batch.reserve(kMaxBatch);
   for (;;) {
     if (ready_.empty()) {
       if (stopping_ && inflight_ == 0) break;
       co_await wake_writer_.async_wait(use_tuple);
       continue;
     }
-    Slot* s = ready_.front();
-    ready_.pop_front();
-    if (!write_failed_) {
-      s->iov.clear();
+    batch.clear();
+    iov.clear();
+    while (!ready_.empty() && batch.size() < kMaxBatch) {
+      Slot* s = ready_.front();
+      ready_.pop_front();
+      batch.push_back(s);
       for (const auto& p : s->pieces)
-        s->iov.emplace_back(p.from_data ? static_cast<const void*>(s->data.data.get() + p.offset)
-                                        : static_cast<const void*>(s->meta.data() + p.offset),
-                            p.length);
-      auto [ec, n] = co_await asio::async_write(socket_, s->iov, use_tuple);
+        iov.emplace_back(p.from_data ? static_cast<const void*>(s->data.data.get() + p.offset)
+                                     : static_cast<const void*>(s->meta.data() + p.offset),
+                         p.length);
+    }
+    if (!write_failed_) {
+      auto [ec, n] = co_await asio::async_write(socket_, iov, use_tuple);
       if (ec) {
         log::debug("conn {}: write failed: {}", id_, ec.message());
         write_failed_ = true;
         read_cancel_.emit(asio::cancellation_type::terminal);
       }
     }
-    inflight_--;
-    inflight_bytes_ -= s->charged_bytes;
-    put_slot(s);
+    for (Slot* s : batch) {
+      inflight_--;
+      inflight_bytes_ -= s->charged_bytes;
+      put_slot(s);
+    }
     wake_reader_.cancel();
   }
   writer_done_ = true;
@@ -932,7 +950,8 @@ protocol::ExportInfo describe_export(const image::BlockDevice& device, std::stri
   e.can_fast_zero = true;
   e.can_multi_conn = multi_conn && caps.can_multi_conn;
   e.min_block = std::max<std::uint32_t>(1, caps.min_block);
-  e.preferred_block = std::max<std::uint32_t>(4096, caps.preferred_block);
+  // qemu-nbd advertises max(4096, minimum), not the cluster size.
+  e.preferred_block = std::max<std::uint32_t>(4096, e.min_block);
   e.max_payload = protocol::kMaxPayload;
   e.allocation_depth = allocation_depth;
   return e;
