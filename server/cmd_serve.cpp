@@ -220,7 +220,8 @@ void add_serve_command(CLI::App& app, int& status) {
   cmd->add_option("--cache", args->cache, "Cache mode: writeback, writethrough, none, unsafe");
   cmd->add_option("--discard", args->discard, "Discard mode: ignore (default) or unmap");
   cmd->add_flag("-v,--verbose", args->verbose, "More logging (repeatable)");
-  cmd->add_option("-B,--bitmap", args->bitmaps, "Export a persistent dirty bitmap (not yet supported)");
+  cmd->add_option("-B,--bitmap", args->bitmaps, "Export a persistent dirty bitmap (not yet supported)")
+      ->allow_extra_args(false);
   cmd->add_option("--config", args->config, "Serve the exports and listeners of a JSON config file");
   cmd->add_option("--threads", args->threads, "I/O threads (default: one per core)");
   cmd->add_option("--handshake-timeout", args->handshake_timeout, "Seconds allowed for negotiation (0 = none)");
