@@ -172,6 +172,7 @@ class Session : public std::enable_shared_from_this<Session> {
   Negotiated neg_;
   ValidationContext vctx_;
   bool stopping_ = false;
+  bool reader_done_ = false;
   bool writer_done_ = false;
   bool write_failed_ = false;
   std::uint32_t inflight_ = 0;
@@ -240,8 +241,9 @@ awaitable<void> Session::run() {
   auto self = shared_from_this();
   {
     // TCP peers SHOULD set TCP_NODELAY (§1).
-    auto fam = socket_.local_endpoint().protocol().family();
-    if (fam == AF_INET || fam == AF_INET6) {
+    boost::system::error_code ec;
+    auto ep = socket_.local_endpoint(ec);
+    if (!ec && (ep.protocol().family() == AF_INET || ep.protocol().family() == AF_INET6)) {
       int one = 1;
       ::setsockopt(socket_.native_handle(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }
@@ -418,6 +420,7 @@ awaitable<void> Session::transmission() {
   }
   // Finish in-flight requests, then let the writer drain and exit.
   stopping_ = true;
+  reader_done_ = true;
   while (inflight_ > 0 && !write_failed_) co_await wake_reader_.async_wait(use_tuple);
   wake_writer_.cancel();
   while (!writer_done_) co_await wake_reader_.async_wait(use_tuple);
@@ -433,7 +436,8 @@ awaitable<void> Session::writer() {
   batch.reserve(kMaxBatch);
   for (;;) {
     if (ready_.empty()) {
-      if (stopping_ && inflight_ == 0) break;
+      // Only the reader knows that no more requests can come.
+      if (reader_done_ && inflight_ == 0) break;
       co_await wake_writer_.async_wait(use_tuple);
       continue;
     }
