@@ -16,6 +16,10 @@ Result<void> File::write_zeroes(std::uint64_t offset, std::uint64_t length, bool
   return ok();
 }
 
+Result<void> File::write_zeroes_fast(std::uint64_t, std::uint64_t, bool) {
+  return make_error(ENOTSUP, "{}: fast zeroing is not supported", name());
+}
+
 Result<void> File::discard(std::uint64_t, std::uint64_t) { return ok(); }
 
 Result<bool> File::is_hole(std::uint64_t, std::uint64_t) { return false; }

@@ -31,6 +31,10 @@ class File {
   // Make [offset, offset+length) read as zeroes. may_unmap allows releasing
   // the space (punching a hole). The default writes zero buffers.
   [[nodiscard]] virtual Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length, bool may_unmap);
+  // Zero [offset, offset+length) only if the host can do it without
+  // writing data (fallocate); ENOTSUP otherwise (NBD FAST_ZERO). Default:
+  // ENOTSUP.
+  [[nodiscard]] virtual Result<void> write_zeroes_fast(std::uint64_t offset, std::uint64_t length, bool may_unmap);
   // Release [offset, offset+length); contents afterwards are unspecified
   // (implementations here make them read as zeroes). Default: no-op.
   [[nodiscard]] virtual Result<void> discard(std::uint64_t offset, std::uint64_t length);

@@ -121,6 +121,18 @@ class PosixFile final : public File {
     return File::write_zeroes(offset, length, may_unmap);
   }
 
+  Result<void> write_zeroes_fast(std::uint64_t offset, std::uint64_t length, bool may_unmap) override {
+    if (length == 0) return ok();
+    if (!checked_add(offset, length)) return make_error(EINVAL, "{}: zero range overflows", name_);
+    std::uint64_t file_size = QNBD_TRY(size());
+    if (may_unmap && offset + length <= file_size &&
+        fallocate_ok(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)) {
+      return ok();
+    }
+    if (fallocate_ok(FALLOC_FL_ZERO_RANGE, offset, length)) return ok();
+    return make_error(ENOTSUP, "{}: the file system cannot zero quickly", name_);
+  }
+
   Result<void> discard(std::uint64_t offset, std::uint64_t length) override {
     if (length == 0) return ok();
     // Best effort, like qemu: a filesystem without hole punching keeps the data.

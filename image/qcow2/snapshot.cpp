@@ -3,24 +3,28 @@
 #include "common/checked.hpp"
 #include "common/endian.hpp"
 
+#include <algorithm>
+
 namespace qnbd::image::qcow2 {
 
 Result<std::vector<SnapshotInfo>> read_snapshot_table(File& file, const Header& h, std::uint64_t file_size) {
   std::vector<SnapshotInfo> out;
   if (h.nb_snapshots == 0) return out;
-  // §11.4: the whole table is at most 64 MiB; read it in one bounded buffer.
-  std::uint64_t avail = file_size > h.snapshots_offset ? file_size - h.snapshots_offset : 0;
-  std::uint64_t limit = std::min<std::uint64_t>(avail, MAX_SNAPSHOTS_TABLE_BYTES);
-  std::vector<std::byte> buf(static_cast<std::size_t>(limit));
-  QNBD_TRY(file.read_exact(buf, h.snapshots_offset, "snapshot table"));
+  // §11.4: entries are read one by one (the table is at most 64 MiB and
+  // must lie inside the file); nothing is allocated beyond one entry.
+  const std::uint64_t table_limit =
+      std::min<std::uint64_t>(file_size - std::min(file_size, h.snapshots_offset), MAX_SNAPSHOTS_TABLE_BYTES);
   out.reserve(h.nb_snapshots);
   std::uint64_t pos = 0;
+  std::vector<std::byte> entry;
   for (std::uint32_t i = 0; i < h.nb_snapshots; ++i) {
     pos = align_up(pos, 8);
-    if (pos + 40 > buf.size()) {
+    if (pos + 40 > table_limit) {
       return make_error(EINVAL, "snapshot table entry {} runs past the end of the file or the 64 MiB limit", i);
     }
-    const std::byte* p = buf.data() + pos;
+    std::byte fixed[40];
+    QNBD_TRY(file.read_exact(fixed, h.snapshots_offset + pos, "snapshot table entry"));
+    const std::byte* p = fixed;
     SnapshotInfo s;
     s.l1_table_offset = load_be64(p);
     s.l1_size = load_be32(p + 8);
@@ -35,14 +39,16 @@ Result<std::vector<SnapshotInfo>> read_snapshot_table(File& file, const Header& 
       return make_error(EINVAL, "too much extra metadata in snapshot table entry {} ({} bytes)", i, extra);
     }
     std::uint64_t entry_len = 40ull + extra + id_len + name_len;
-    if (pos + entry_len > buf.size()) {
+    if (pos + entry_len > table_limit) {
       return make_error(EINVAL, "snapshot table entry {} runs past the end of the file or the 64 MiB limit", i);
     }
     if (h.version >= 3 && extra < 16) {
       return make_error(EINVAL, "snapshot table entry {} has only {} bytes of extra data (version 3 needs 16)", i,
                         extra);
     }
-    const std::byte* x = p + 40;
+    entry.resize(entry_len - 40);
+    QNBD_TRY(file.read_exact(entry, h.snapshots_offset + pos + 40, "snapshot table entry"));
+    const std::byte* x = entry.data();
     if (extra >= 8) s.vm_state_size = load_be64(x);
     if (extra >= 16) s.disk_size = load_be64(x + 8);
     if (extra >= 24) {

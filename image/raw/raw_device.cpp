@@ -49,7 +49,12 @@ Result<void> RawDevice::write_zeroes(std::uint64_t offset, std::uint64_t length,
   if (!writable_) return make_error(EROFS, "{}: image is read-only", file_->name());
   QNBD_TRY(check_range(offset, length));
   // Unmapping is only allowed when the export was set up with discard=unmap.
-  QNBD_TRY(file_->write_zeroes(offset, length, flags.may_unmap && discard_unmap_));
+  const bool unmap = flags.may_unmap && discard_unmap_;
+  if (flags.fast_only) {
+    QNBD_TRY(file_->write_zeroes_fast(offset, length, unmap));
+  } else {
+    QNBD_TRY(file_->write_zeroes(offset, length, unmap));
+  }
   if (flags.fua) QNBD_TRY(file_->flush());
   return ok();
 }

@@ -132,4 +132,15 @@ TEST_CASE("RawDevice: holes are zero and present, data is data") {
   REQUIRE((*rw)->read(back, 512 * 1024).has_value());
   CHECK(std::all_of(back.begin(), back.end(), [](std::byte b) { return b == std::byte{0}; }));
   CHECK_FALSE((*rw)->read(back, (1 << 20) - 10).has_value());
+  // Fast zeroing: fallocate on a real file; a MemFile has no fast path.
+  ZeroFlags fast;
+  fast.fast_only = true;
+  auto fz = (*rw)->write_zeroes(0, 8192, fast);
+  if (!fz) CHECK(fz.error().code == ENOTSUP);
+  RawDevice mem(std::make_unique<MemFile>("m", std::vector<std::byte>(8192, std::byte{1})), 8192, o);
+  CHECK(mem.write_zeroes(0, 4096, fast).error().code == ENOTSUP);
+  ZeroFlags slow;
+  REQUIRE(mem.write_zeroes(0, 4096, slow).has_value());
+  REQUIRE(mem.read(std::span(back).first(4096), 0).has_value());
+  CHECK(back[0] == std::byte{0});
 }

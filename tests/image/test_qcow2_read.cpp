@@ -353,3 +353,43 @@ TEST_CASE("backing chain errors: missing file, loop, depth bound, writable qcow2
   REQUIRE_FALSE(r.has_value());
   CHECK(r.error().message.find("writing qcow2 images is not supported yet") != std::string::npos);
 }
+
+TEST_CASE("snapshot table and bitmap directory are parsed and exposed") {
+  if (!qnbd::test::have_qemu_img()) {
+    MESSAGE("qemu-img not installed: skipped");
+    return;
+  }
+  using qnbd::test::run;
+  qnbd::test::TempDir d;
+  const std::string p = d / "s.qcow2";
+  REQUIRE(run("qemu-img create -f qcow2 -o cluster_size=4k " + p + " 3M") == 0);
+  REQUIRE(run("qemu-io -c 'write -P 1 0 64k' " + p) == 0);
+  REQUIRE(run("qemu-img snapshot -c first " + p + " && qemu-img snapshot -c second " + p) == 0);
+  REQUIRE(run("qemu-img bitmap --add -g 64k " + p + " b0 && qemu-img bitmap --add --disable " + p + " b1") == 0);
+  auto dev = open_image(p, OpenOptions{});
+  REQUIRE_MESSAGE(dev.has_value(), dev.error().message);
+  ImageInfo info = (*dev)->info();
+  REQUIRE(info.snapshots.size() == 2);
+  CHECK(info.snapshots[0].name == "first");
+  CHECK(info.snapshots[1].name == "second");
+  CHECK(info.snapshots[0].id == "1");
+  CHECK(info.snapshots[0].disk_size == std::optional<std::uint64_t>(3u << 20));
+  REQUIRE(info.bitmaps.size() == 2);
+  CHECK(info.bitmaps[0].name == "b0");
+  CHECK(info.bitmaps[0].granularity == 65536);
+  CHECK(info.bitmaps[0].auto_enabled);
+  CHECK_FALSE(info.bitmaps[0].in_use);
+  CHECK(info.bitmaps[1].name == "b1");
+  CHECK_FALSE(info.bitmaps[1].auto_enabled);
+  CHECK(info.bitmaps[1].table_size == 1);
+  CHECK(info.compat == "1.1");
+  CHECK(info.cluster_size == 4096);
+
+  // A bitmap left in use by a crashed writer is listed with its flag.
+  REQUIRE(run("qemu-io -c 'write 0 4k' -c abort " + p + " || true") == 0);
+  dev = open_image(p, OpenOptions{});
+  REQUIRE_MESSAGE(dev.has_value(), dev.error().message);
+  info = (*dev)->info();
+  REQUIRE(info.bitmaps.size() == 2);
+  CHECK(info.bitmaps[0].in_use);
+}
