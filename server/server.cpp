@@ -962,9 +962,17 @@ protocol::ExportInfo describe_export(const image::BlockDevice& device, std::stri
 }
 
 Result<int> run_server(ServerOptions options) {
-  Server server(std::move(options));
-  QNBD_TRY(server.listen());
-  return server.run();
+  int status;
+  {
+    Server server(std::move(options));
+    QNBD_TRY(server.listen());
+    status = server.run();
+  }
+  // The signal_set is gone; a signal arriving while the caller finishes up
+  // (pid file removal) still means "exit now", not death by signal.
+  std::signal(SIGINT, [](int) { ::_exit(1); });
+  std::signal(SIGTERM, [](int) { ::_exit(1); });
+  return status;
 }
 
 }  // namespace qnbd::server
