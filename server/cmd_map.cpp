@@ -83,7 +83,8 @@ void add_map_command(CLI::App& app, int& status) {
       if (cur.length > 0 && !dump_entry(json, cur, true)) return;
       cur = *next;
     }
-    if (cur.length > 0 && !dump_entry(json, cur, false)) return;
+    // Unconditional, as qemu-img: an empty image prints one zero-length entry.
+    if (!dump_entry(json, cur, false)) return;
     if (json) std::printf("]\n");
     status = 0;
   });

@@ -10,7 +10,10 @@ RawDevice::RawDevice(std::unique_ptr<File> file, std::uint64_t size, const OpenO
     : file_(std::move(file)), size_(size), writable_(!options.read_only), discard_unmap_(options.discard_unmap) {}
 
 Result<std::unique_ptr<RawDevice>> RawDevice::open(std::unique_ptr<File> file, const OpenOptions& options) {
-  std::uint64_t size = QNBD_TRY(file->size());
+  // QEMU counts sizes in 512-byte sectors and rounds a raw file's size up
+  // (qemu-img info, qemu-nbd's export size); the tail past EOF reads as
+  // zeroes, and a write there extends the file.
+  std::uint64_t size = align_up(QNBD_TRY(file->size()), 512);
   return std::make_unique<RawDevice>(std::move(file), size, options);
 }
 

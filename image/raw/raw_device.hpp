@@ -14,7 +14,7 @@ namespace qnbd::image {
 
 class RawDevice final : public BlockDevice {
  public:
-  // size: the virtual size (the file size at open).
+  // size: the virtual size (open() uses the file size rounded up to 512).
   RawDevice(std::unique_ptr<File> file, std::uint64_t size, const OpenOptions& options);
 
   static Result<std::unique_ptr<RawDevice>> open(std::unique_ptr<File> file, const OpenOptions& options);
