@@ -865,15 +865,26 @@ awaitable<void> Server::shutdown_sequence() {
   }
   // In-flight requests finish; bounded so a stuck client cannot hold us.
   asio::steady_timer t(strand_);
+  bool drained = false;
   for (int i = 0; i < 3000; ++i) {
     {
       std::lock_guard lk(sessions_mu_);
-      if (sessions_.empty()) break;
+      drained = sessions_.empty();
     }
+    if (drained) break;
     t.expires_after(std::chrono::milliseconds(10));
     co_await t.async_wait(use_tuple);
   }
   int status = 0;
+  if (!drained) {
+    // Requests still running on the devices: closing them now would pull
+    // the image from under those threads. Leave them as a crash would.
+    log::error("shutdown: connections did not finish within 30 s; exiting without closing images");
+    exit_status_ = 1;
+    for (const auto& p : unix_paths_) ::unlink(p.c_str());
+    ctx_.stop();
+    co_return;
+  }
   for (auto& e : opts_.exports) {
     auto res = e.device->close();
     if (!res) {
