@@ -1,3 +1,5 @@
+# shellcheck shell=bash
+# shellcheck disable=SC2034 # variables here are used by the sourcing scripts
 # Helpers shared by every integration/test-*.sh script. Source it first:
 #   source "$(dirname "$0")/functions.sh"
 #

@@ -5,6 +5,7 @@
 # make-malformed.py from valid qemu-img images; see its docstring for the
 # scopes ("open" defects must fail `info` and `convert`, "data" defects must
 # fail `convert`, and "valid" controls must succeed).
+# shellcheck source=integration/functions.sh
 source "$(dirname "$0")/functions.sh"
 requires qemu-img qemu-io python3 timeout
 requires_qnbd

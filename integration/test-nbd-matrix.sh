@@ -6,6 +6,7 @@
 #   nbdinfo --map (base:allocation)   qnbd vs qemu-nbd             (semantic required)
 #   nbdinfo --map=qemu:allocation-depth, qnbd -A vs qemu-nbd -A    (semantic required)
 # Exact textual equality of the maps is counted and printed, not required.
+# shellcheck source=integration/functions.sh
 source "$(dirname "$0")/functions.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo nbdcopy python3 cmp timeout
 requires_qnbd

@@ -6,6 +6,7 @@
 #   qnbd convert -O raw   must be byte-identical to   qemu-img convert -O raw
 #   qnbd map --output=json must agree with qemu-img map on which ranges hold
 #   data and which read as zeros (exact JSON equality is counted, not required)
+# shellcheck source=integration/functions.sh
 source "$(dirname "$0")/functions.sh"
 requires qemu-img qemu-io python3 cmp timeout
 requires_qnbd
