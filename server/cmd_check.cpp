@@ -139,6 +139,10 @@ int run_check(const std::string& filename, const std::string& repair_text, const
     std::fprintf(stderr, "qnbd: Check failed: Input/output error\n");
     return 1;
   }
+  if (r.check_errors && output == "human") {
+    // qemu-img reports an incomplete check this way before the summary.
+    std::fprintf(stderr, "qnbd: Check failed\n");
+  }
   if (output == "json") {
     print_json(r, filename);
   } else if (!quiet) {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <optional>
 #include <set>
 #include <unordered_map>
 #include <vector>
@@ -23,6 +24,9 @@ namespace {
 // References past the end of the file are counted in a map; this many
 // distinct ones means the metadata is garbage and we stop counting.
 constexpr std::size_t kMaxBeyondEof = 1 << 20;
+
+// printf's "%#x": like {:#x} but plain "0" for zero, as QEMU's messages.
+std::string c_hex(std::uint64_t v) { return v ? fmt::format("{:#x}", v) : "0"; }
 
 class Checker {
  public:
@@ -42,8 +46,11 @@ class Checker {
 
     calculate_refcounts();
     // A first pass only reports (QEMU's pre-compare); repairs follow.
+    const std::uint64_t errors_before_compare = res_.check_errors;
     compare_refcounts(RepairMode::none);
     if (rebuild_ && fix_ == RepairMode::all) {
+      // Unreadable stored refcounts stop mattering once they are rebuilt.
+      res_.check_errors = errors_before_compare;
       say("Rebuilding refcount structure");
       if (auto r = rebuild_refcount_structure(); !r) {
         say(fmt::format("ERROR rebuilding refcount structure: {}", r.error().message));
@@ -65,6 +72,16 @@ class Checker {
       }
     }
     QNBD_TRY(check_oflag_copied());
+    for (const auto& [where, entry] : compressed_copied_fixes_) {
+      std::byte e[8];
+      store_be64(e, entry);
+      if (file_.pwrite(e, where)) {
+        res_.corruptions_fixed++;
+      } else {
+        res_.check_errors++;
+      }
+    }
+    if (!compressed_copied_fixes_.empty()) QNBD_TRY(file_.flush());
     return res_;
   }
 
@@ -79,6 +96,13 @@ class Checker {
     const auto end = checked_add(offset, length);
     if (!end) {
       res_.check_errors++;
+      return;
+    }
+    if (*end > file_size_ && *end - file_size_ >= cs_) {
+      // QEMU refuses to count these; the reference itself is the defect.
+      say(fmt::format("ERROR: counting reference for region exceeding the end of the file by one "
+                      "cluster or more: offset {} size {}", c_hex(offset), c_hex(length)));
+      res_.corruptions++;
       return;
     }
     for (std::uint64_t k = offset >> cb_; k <= (*end - 1) >> cb_; k++) {
@@ -111,12 +135,23 @@ class Checker {
     return offset != 0 && is_aligned(offset, cs_) && (offset >> cb_) < nb_clusters_;
   }
 
-  std::uint64_t stored(std::uint64_t k) {
+  // The stored refcount, or nullopt if its refcount block is misaligned
+  // (QEMU's qcow2_get_refcount fails with EIO then).
+  std::optional<std::uint64_t> stored(std::uint64_t k) {
     const unsigned bits = cb_ + 3 - h_.refcount_order;
     const std::uint64_t ti = k >> bits;
     if (ti >= rt_.size()) return 0;
     const std::uint64_t offset = rt_[ti] & REFT_OFFSET_MASK;
-    if (!block_usable(offset)) return 0;
+    if (offset != 0 && !is_aligned(offset, cs_)) {
+      if (!reported_bad_refblock_) {
+        reported_bad_refblock_ = true;
+        say(fmt::format("qcow2: Image is corrupt: Refblock offset {} unaligned (reftable "
+                        "index: {}); further non-fatal corruption events will be suppressed",
+                        c_hex(offset), c_hex(ti)));
+      }
+      return std::nullopt;
+    }
+    if (!block_usable(offset)) return 0;  // blocks past EOF read as zeroes
     auto it = blocks_.find(ti);
     if (it == blocks_.end()) {
       std::vector<std::byte> b(cs_);
@@ -164,7 +199,6 @@ class Checker {
       res_.check_errors++;
       return;
     }
-    std::uint64_t next_contiguous = 0;
     for (std::uint64_t i = 0; i < l1_size; i++) {
       const std::uint64_t l2_offset = (*l1)[i] & L1E_OFFSET_MASK;
       if (!l2_offset) continue;
@@ -174,13 +208,16 @@ class Checker {
                         l2_offset));
         res_.corruptions++;
       }
-      check_refcounts_l2(l2_offset, active, next_contiguous);
+      check_refcounts_l2(l2_offset, active);
     }
   }
 
-  void check_refcounts_l2(std::uint64_t l2_offset, bool active, std::uint64_t& next_contiguous) {
+  void check_refcounts_l2(std::uint64_t l2_offset, bool active) {
+    // Fragmentation is judged within one L2 table, as QEMU does.
+    std::uint64_t next_contiguous = 0;
     std::vector<std::byte> l2(cs_);
-    if (!file_.read_exact(l2, l2_offset, "L2 table")) {
+    // Like QEMU's block layer, bytes past the end of the file read as zeroes.
+    if (!file_.read_zero_fill(l2, l2_offset)) {
       say("ERROR: I/O error in check_refcounts_l2");
       res_.check_errors++;
       return;
@@ -196,6 +233,10 @@ class Checker {
           say(fmt::format("ERROR: coffset=0x{:x}: copied flag must never be set for compressed "
                           "clusters", d.host_offset));
           res_.corruptions++;
+          // QEMU only reports this; with -r all we also clear the flag.
+          if (fix_ == RepairMode::all) {
+            compressed_copied_fixes_.emplace_back(l2_offset + i * esize, e & ~QCOW_OFLAG_COPIED);
+          }
         }
         if (h_.has_data_file()) {
           say(fmt::format("ERROR compressed cluster {} with data file, entry=0x{:x}", i, e));
@@ -217,6 +258,10 @@ class Checker {
         }
         continue;
       }
+      if (e & L2E_STD_RESERVED_MASK) {
+        say(fmt::format("ERROR found l2 entry with reserved bits set: {:x}", e));
+        res_.corruptions++;
+      }
       const std::uint64_t offset = e & L2E_OFFSET_MASK;
       const bool zero_flag = !ext && (e & QCOW_OFLAG_ZERO);
       const bool allocated = offset != 0 || (h_.has_data_file() && (e & QCOW_OFLAG_COPIED));
@@ -228,8 +273,25 @@ class Checker {
           say(fmt::format("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry "
                           "corrupted.", offset));
         } else {
-          say(fmt::format("ERROR offset={:x}: Preallocated cluster is not properly aligned; L2 "
-                          "entry corrupted.", offset));
+          const bool repair = fix_ == RepairMode::all;
+          say(fmt::format("{} offset={:x}: Preallocated cluster is not properly aligned; L2 "
+                          "entry corrupted.", repair ? "Repairing" : "ERROR", offset));
+          if (repair) {
+            // Nothing is stored there: turn it into a plain zero cluster.
+            std::byte fixed[16] = {};
+            if (ext) {
+              store_be64(fixed + 8, QCOW_L2_BITMAP_ALL_ZEROES);
+            } else {
+              store_be64(fixed, QCOW_OFLAG_ZERO);
+            }
+            if (file_.pwrite(std::span<const std::byte>(fixed, esize), l2_offset + i * esize) &&
+                file_.flush()) {
+              res_.corruptions--;
+              res_.corruptions_fixed++;
+              continue;  // the cluster is unused now
+            }
+            res_.check_errors++;
+          }
         }
       }
       if (active) {
@@ -280,14 +342,14 @@ class Checker {
         return;
       }
       if (!is_aligned(l1_offset, cs_)) {
-        say(fmt::format("ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster "
-                        "aligned; snapshot table entry corrupted", id, name, l1_offset));
+        say(fmt::format("ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster "
+                        "aligned; snapshot table entry corrupted", id, name, c_hex(l1_offset)));
         res_.corruptions++;
         continue;
       }
       if (std::uint64_t{l1_size} * 8 > MAX_L1_BYTES) {
-        say(fmt::format("ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot "
-                        "table entry corrupted", id, name, l1_size));
+        say(fmt::format("ERROR snapshot {} ({}) l1_size={}: L1 table is too large; snapshot "
+                        "table entry corrupted", id, name, c_hex(l1_size)));
         res_.corruptions++;
         continue;
       }
@@ -375,12 +437,16 @@ class Checker {
   // QEMU's compare_refcounts. With RepairMode::none only counts.
   void compare_refcounts(RepairMode fix, Refcounts* writer = nullptr) {
     std::uint64_t highest = 0;
-    bool any = false;
     for_each_cluster([&](std::uint64_t k, std::uint64_t reference) {
-      const std::uint64_t refcount = stored(k);
+      const std::optional<std::uint64_t> got = stored(k);
+      if (!got) {
+        say(fmt::format("Can't get refcount for cluster {}: Input/output error", k));
+        res_.check_errors++;
+        return;
+      }
+      const std::uint64_t refcount = *got;
       if (refcount > 0 || reference > 0) {
         highest = std::max(highest, k);
-        any = true;
       }
       if (refcount == reference) return;
       std::uint64_t* num_fixed = nullptr;
@@ -406,7 +472,7 @@ class Checker {
         res_.leaks++;
       }
     });
-    res_.image_end_offset = any ? (highest + 1) * cs_ : 0;
+    res_.image_end_offset = (highest + 1) * cs_;  // as QEMU: at least one cluster
   }
 
   Result<void> apply_in_place_fixes() {
@@ -523,8 +589,9 @@ class Checker {
       const std::uint64_t l1e = (*l1)[i];
       const std::uint64_t l2_offset = l1e & L1E_OFFSET_MASK;
       if (!l2_offset) continue;
-      const std::uint64_t refcount = stored(l2_offset >> cb_);
-      if ((refcount == 1) != ((l1e & QCOW_OFLAG_COPIED) != 0)) {
+      const std::optional<std::uint64_t> got = stored(l2_offset >> cb_);
+      const std::uint64_t refcount = got.value_or(0);
+      if (got && (refcount == 1) != ((l1e & QCOW_OFLAG_COPIED) != 0)) {
         res_.corruptions++;
         say(fmt::format("{} OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={}",
                         repair ? "Repairing" : "ERROR", i, l1e, refcount));
@@ -554,7 +621,10 @@ class Checker {
         const bool normal_or_zero_alloc =
             data_offset != 0 || (h_.has_data_file() && (e & QCOW_OFLAG_COPIED));
         if (!normal_or_zero_alloc) continue;
-        const std::uint64_t rc = h_.has_data_file() ? 1 : stored(data_offset >> cb_);
+        const std::optional<std::uint64_t> got_rc =
+            h_.has_data_file() ? std::optional<std::uint64_t>(1) : stored(data_offset >> cb_);
+        if (!got_rc) continue;
+        const std::uint64_t rc = *got_rc;
         if ((rc == 1) != ((e & QCOW_OFLAG_COPIED) != 0)) {
           res_.corruptions++;
           say(fmt::format("{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
@@ -592,7 +662,9 @@ class Checker {
   std::vector<std::uint64_t> rt_;
   std::unordered_map<std::uint64_t, std::vector<std::byte>> blocks_;
   std::vector<std::uint64_t> refstruct_blocks_;
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> compressed_copied_fixes_;  // (file offset, entry)
   bool rebuild_ = false;
+  bool reported_bad_refblock_ = false;
 };
 
 }  // namespace
