@@ -133,7 +133,8 @@ struct OpenOptions {
 
 // block_status() for any device, from layer_status() walked down the
 // backing chain: allocated = data somewhere, zero, depth = 1-based layer that
-// decides the contents (0: none). Merges equal neighbours; no heap use.
+// decides the contents (0: none; past a shorter backing layer's end, that
+// layer, as qemu-nbd). Merges equal neighbours; no heap use.
 [[nodiscard]] Result<std::size_t> chain_block_status(BlockDevice& top, std::uint64_t offset, std::uint64_t length,
                                                      std::span<Extent> out);
 

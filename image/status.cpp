@@ -43,20 +43,66 @@ Result<MapEntry> map_block_status(BlockDevice& top, std::uint64_t offset, std::u
   return e;
 }
 
+// One extent for NBD: base:allocation flags as bdrv_block_status_above
+// (want_zero) and the allocation depth as bdrv_is_allocated_above, which
+// QEMU's NBD server uses for qemu:allocation-depth. They differ from
+// qemu-img map in one case: past the end of a shorter backing layer the
+// synthesized zeroes count as allocated in that short layer.
+static Result<Extent> chain_extent(BlockDevice& top, std::uint64_t offset, std::uint64_t length) {
+  BlockDevice* bs = &top;
+  std::uint32_t depth = 1;
+  Extent x;
+  bool flags_set = false;
+  for (;;) {
+    LayerStatus st = QNBD_TRY(bs->layer_status(offset, length));
+    if (st.length == 0 || st.length > length) {
+      return make_error(EIO, "block status of {:#x} returned a bad length {}", offset, st.length);
+    }
+    length = st.length;
+    if (!flags_set && (st.data || st.zero)) {
+      x.allocated = st.data;
+      x.zero = st.zero;
+      flags_set = true;
+    }
+    if (st.present) {
+      x.depth = depth;
+      break;
+    }
+    BlockDevice* below = bs->backing();
+    if (!below) {
+      x.depth = 0;
+      break;
+    }
+    ++depth;
+    if (offset >= below->size()) {
+      x.depth = depth;  // zeroes past a short layer's end belong to it
+      break;
+    }
+    length = std::min(length, below->size() - offset);
+    bs = below;
+  }
+  if (!flags_set) x.zero = true;  // nothing below: reads as zeroes
+  x.length = length;
+  return x;
+}
+
 Result<std::size_t> chain_block_status(BlockDevice& top, std::uint64_t offset, std::uint64_t length,
                                        std::span<Extent> out) {
+  if (offset >= top.size() || length > top.size() - offset) {
+    return make_error(EINVAL, "block status range {:#x}+{} is outside the image", offset, length);
+  }
   std::size_t n = 0;
   while (length > 0) {
-    MapEntry m = QNBD_TRY(map_block_status(top, offset, length));
-    Extent x{m.length, m.data, m.zero, m.present ? m.depth + 1 : 0};
+    Extent x = QNBD_TRY(chain_extent(top, offset, length));
+    const std::uint64_t len = x.length;
     if (n > 0 && out[n - 1].allocated == x.allocated && out[n - 1].zero == x.zero && out[n - 1].depth == x.depth) {
-      out[n - 1].length += x.length;
+      out[n - 1].length += len;
     } else {
       if (n == out.size()) break;
       out[n++] = x;
     }
-    offset += m.length;
-    length -= m.length;
+    offset += len;
+    length -= len;
   }
   return n;
 }
