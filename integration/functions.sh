@@ -117,6 +117,18 @@ run_checked() {
   fi
 }
 
+# Servers still running at exit are stopped by PID; stop_server forgets a
+# reaped PID so a recycled one is never signalled.
+declare -A _live_servers=()
+_stop_live_servers() {
+  local pid
+  for pid in "${!_live_servers[@]}"; do
+    kill "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+  done
+}
+cleanup_fn _stop_live_servers
+
 # start_server PIDFILE CMD...: start a server in the background that writes
 # PIDFILE once it is listening (qnbd serve --pid-file, qemu-nbd --pid-file),
 # wait for that file (the process dying first is a failure), and register a
@@ -127,7 +139,7 @@ start_server() {
   rm -f "$pidfile"
   "$@" >>"$TMPDIR_TEST/server.log" 2>&1 &
   local pid=$!
-  cleanup_fn "kill $pid 2>/dev/null; wait $pid 2>/dev/null"
+  _live_servers[$pid]=1
   local i
   # The pid file appears once the socket is bound; poll it, bounded.
   for ((i = 0; i < 200; i++)); do
@@ -154,6 +166,7 @@ stop_server() {
   local pid=$1 status=0
   kill -TERM "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || status=$?
+  unset "_live_servers[$pid]"
   # 143 = terminated by our SIGTERM, the normal outcome for qemu-nbd.
   if ((status != 0 && status != 143)); then
     echo "server $pid exited with status $status" >&2

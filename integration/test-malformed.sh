@@ -3,8 +3,9 @@
 # one stderr line naming the defect (a keyword per case), within a time
 # limit; never a crash, a hang or a sanitizer report. Cases are built by
 # make-malformed.py from valid qemu-img images; see its docstring for the
-# scopes ("open" defects must fail `info` and `convert`, "data" defects must
-# fail `convert`, and "valid" controls must succeed).
+# scopes ("open" defects must fail `info`, `convert` and `serve -r`, "data"
+# defects must fail `convert` and a read through `serve` while the server
+# lives on, and "valid" controls must succeed).
 # shellcheck source=integration/functions.sh
 source "$(dirname "$0")/functions.sh"
 requires qemu-img qemu-io python3 timeout
@@ -72,15 +73,50 @@ while IFS=$'\t' read -r name path scope keywords extra; do
   convert=$(verdict "$convert_mode" "$keywords")
   rm -f "$out"
 
-  if [[ $info != ok* || $convert != ok* ]]; then
+  # A defect found at open must also stop `qnbd serve` before it listens.
+  serve=-
+  if [[ $scope == open ]]; then
+    rm -f "$TMPDIR_TEST/serve.sock"
+    run_checked 15 "$QNBD" serve -r -k "$TMPDIR_TEST/serve.sock" "${args[@]}" "$path"
+    serve=$(verdict fail "$keywords")
+  fi
+
+  # A defect inside the cluster mapping is met per request: served, a read
+  # of the damaged range must fail (an NBD error reply), and the server must
+  # survive it and stop cleanly.
+  if [[ $scope == data ]] && command -v nbdcopy >/dev/null && command -v nbdinfo >/dev/null; then
+    sock=$TMPDIR_TEST/serve.sock
+    rm -f "$sock" "$TMPDIR_TEST/serve.pid"
+    if ! start_server "$TMPDIR_TEST/serve.pid" timeout 60 "$QNBD" serve -r -t -e 4 -k "$sock" \
+        --pid-file "$TMPDIR_TEST/serve.pid" "${args[@]}" "$path"; then
+      serve="did not start"
+    elif timeout 30 nbdcopy "nbd+unix:///?socket=$sock" "$out" 2>/dev/null; then
+      serve="read accepted"
+    elif ! timeout 30 nbdinfo --size "nbd+unix:///?socket=$sock" >/dev/null 2>&1; then
+      serve="died on read"
+    elif ! stop_server "$SERVER_PID" 2>/dev/null; then
+      serve="bad exit"
+    else
+      serve="ok (EIO)"
+    fi
+    if grep -qE 'ERROR: (Address|Leak|Undefined)Sanitizer|runtime error:' "$TMPDIR_TEST/server.log" 2>/dev/null; then
+      serve="sanitizer"
+      : >"$TMPDIR_TEST/server.log"
+    fi
+    rm -f "$out"
+  fi
+
+  if [[ $info != ok* || $convert != ok* || ($serve != ok* && $serve != -) ]]; then
     failed=$((failed + 1))
     [[ $info != ok* ]] && problems+=("$name: info: $info")
     [[ $convert != ok* ]] && problems+=("$name: convert: $convert")
+    [[ $serve != ok* && $serve != - ]] && problems+=("$name: serve: $serve")
     result=FAIL
   else
     result=pass
   fi
-  rows+=("$(printf '%-36s %-5s %-4s info: %-28.28s convert: %.40s' "$name" "$scope" "$result" "$info" "$convert")")
+  rows+=("$(printf '%-36s %-5s %-4s info: %-16.16s convert: %-16.16s serve: %.16s' \
+    "$name" "$scope" "$result" "$info" "$convert" "$serve")")
 done <"$images/manifest.tsv"
 
 printf '%s\n' "${rows[@]}"
