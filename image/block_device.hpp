@@ -58,6 +58,12 @@ struct LayerStatus {
   const File* file = nullptr;    // the file host_offset points into
 };
 
+// One run of a dirty bitmap's status (NBD qemu:dirty-bitmap:NAME context).
+struct BitmapExtent {
+  std::uint64_t length = 0;
+  bool dirty = false;  // NBD_STATE_DIRTY
+};
+
 struct ZeroFlags {
   bool may_unmap = true;    // may release allocation (NBD: NO_HOLE not set)
   bool fast_only = false;   // fail with ENOTSUP unless it is cheap (NBD FAST_ZERO)
@@ -110,6 +116,28 @@ class BlockDevice {
     i.format = format();
     i.virtual_size = size();
     return i;
+  }
+
+  // ---- Persistent dirty bitmaps (qcow2 bitmaps extension, §12) ----
+  // The server exports a bitmap as the NBD context qemu:dirty-bitmap:NAME.
+  //
+  // Find bitmap `name` and make it exportable: loads its data on first use.
+  // Refused, with qemu-nbd's reasons, when the name is unknown (ENOENT), the
+  // bitmap is in_use/inconsistent (EINVAL), or it is enabled while the export
+  // is read-only on a writable image (EINVAL). Returns a handle for
+  // bitmap_status(); the same name always gives the same handle.
+  [[nodiscard]] virtual Result<std::size_t> export_bitmap(const std::string& name) {
+    return make_error(ENOENT, "no persistent dirty bitmap named '{}' (format {} has none)", name, format());
+  }
+  // Dirty status of bitmap `handle` from offset: fills `out` with merged
+  // consecutive runs at the bitmap's granularity (the first run starts at
+  // offset, the last is clipped at offset+length and at the device end).
+  // Returns the count; never allocates. Writes through this device mark the
+  // enabled bitmaps before they are acknowledged.
+  [[nodiscard]] virtual Result<std::size_t> bitmap_status(std::size_t /*handle*/, std::uint64_t /*offset*/,
+                                                          std::uint64_t /*length*/,
+                                                          std::span<BitmapExtent> /*out*/) {
+    return make_error(ENOENT, "no such bitmap");
   }
 
   // Flush and release; after close() only the destructor may be called.
