@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -60,9 +61,6 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
                                        const std::string& cache, const std::string& discard, std::string name,
                                        std::string description, bool multi_conn, bool allocation_depth,
                                        const std::vector<std::string>& bitmaps) {
-  if (!bitmaps.empty())
-    return make_error(ENOTSUP, "export '{}': serving dirty bitmaps (--bitmap {}) is not implemented yet", name,
-                      bitmaps.front());
   if (discard != "ignore" && discard != "unmap" && discard != "off" && discard != "on")
     return make_error(EINVAL, "invalid discard mode '{}' (ignore, unmap)", discard);
   image::OpenOptions oo;
@@ -74,6 +72,13 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
   server::ExportSpec spec;
   spec.info = server::describe_export(*dev, std::move(name), std::move(description), read_only, multi_conn,
                                       allocation_depth);
+  for (const auto& b : bitmaps) {
+    if (std::find(spec.info.bitmaps.begin(), spec.info.bitmaps.end(), b) != spec.info.bitmaps.end()) continue;
+    auto h = dev->export_bitmap(b);
+    if (!h) return make_error(h.error().code, "{}: cannot export bitmap: {}", path, h.error().message);
+    spec.info.bitmaps.push_back(b);
+    spec.bitmap_handles.push_back(*h);
+  }
   spec.device = std::shared_ptr<image::BlockDevice>(std::move(dev));
   spec.discard_unmap = oo.discard_unmap;
   return spec;
@@ -220,7 +225,7 @@ void add_serve_command(CLI::App& app, int& status) {
   cmd->add_option("--cache", args->cache, "Cache mode: writeback, writethrough, none, unsafe");
   cmd->add_option("--discard", args->discard, "Discard mode: ignore (default) or unmap");
   cmd->add_flag("-v,--verbose", args->verbose, "More logging (repeatable)");
-  cmd->add_option("-B,--bitmap", args->bitmaps, "Export a persistent dirty bitmap (not yet supported)")
+  cmd->add_option("-B,--bitmap", args->bitmaps, "Export persistent dirty bitmap NAME as qemu:dirty-bitmap:NAME")
       ->allow_extra_args(false);
   cmd->add_option("--config", args->config, "Serve the exports and listeners of a JSON config file");
   cmd->add_option("--threads", args->threads, "I/O threads (default: one per core)");

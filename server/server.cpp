@@ -121,6 +121,7 @@ struct Slot {
   std::vector<std::byte> meta;
   std::vector<Piece> pieces;
   std::vector<image::Extent> extents;
+  std::vector<image::BitmapExtent> bitmap_extents;
   std::vector<ExtentList> lists;
   std::uint64_t charged_bytes = 0;
   void add_meta(std::size_t from) { pieces.push_back({false, from, meta.size() - from}); }
@@ -676,9 +677,14 @@ void Session::do_block_status(Slot& s) {
   for (std::size_t k = 0; k < nctx; ++k)
     s.lists[k].reset(req_one ? 1 : kMaxExtentsPerChunk, max_extent_length(mode));
   std::array<bool, 64> stopped{};
+  bool any_active = false;
+  for (std::size_t k = 0; k < nctx; ++k) {
+    // Bitmaps have their own walk below.
+    if (ctxs[k].kind == ContextKind::dirty_bitmap) stopped[k] = true;
+    else if (want[k]) any_active = true;
+  }
   s.extents.resize(1024);
   std::uint64_t pos = 0;
-  bool any_active = true;
   while (pos < length && any_active) {
     auto bs = dev.block_status(r.offset + pos, length - pos, s.extents);
     if (!bs) {
@@ -706,6 +712,32 @@ void Session::do_block_status(Slot& s) {
         else any_active = true;
       }
       pos += len;
+    }
+  }
+  // qemu:dirty-bitmap:NAME contexts: runs at the bitmap's granularity.
+  for (std::size_t k = 0; k < nctx; ++k) {
+    if (!want[k] || ctxs[k].kind != ContextKind::dirty_bitmap) continue;
+    const auto handle = export_->bitmap_handles.at(ctxs[k].bitmap);
+    s.bitmap_extents.resize(1024);
+    std::uint64_t bpos = 0;
+    bool active = true;
+    while (bpos < length && active) {
+      auto bs = dev.bitmap_status(handle, r.offset + bpos, length - bpos, s.bitmap_extents);
+      if (!bs) {
+        log::warn("conn {}: BLOCK_STATUS {} offset {}: {}", id_, ctxs[k].name, r.offset + bpos, bs.error().message);
+        if (bpos == 0) return reply_error(s, errno_to_nbd(bs.error().code), bs.error().message);
+        break;
+      }
+      if (*bs == 0) break;
+      for (std::size_t i = 0; i < *bs; ++i) {
+        auto len = std::min(s.bitmap_extents[i].length, length - bpos);
+        if (len == 0) break;
+        if (!s.lists[k].add(len, s.bitmap_extents[i].dirty ? NBD_STATE_DIRTY : 0) || req_one) {
+          active = false;
+          break;
+        }
+        bpos += len;
+      }
     }
   }
   std::size_t last = nctx;

@@ -23,6 +23,8 @@ struct ExportSpec {
   protocol::ExportInfo info;                   // as advertised
   std::shared_ptr<image::BlockDevice> device;  // shared by every connection
   bool discard_unmap = false;                  // TRIM releases space (else ignored)
+  // BlockDevice::export_bitmap handles, parallel to info.bitmaps.
+  std::vector<std::size_t> bitmap_handles;
 };
 
 struct ListenerSpec {
