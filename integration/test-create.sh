@@ -51,11 +51,11 @@ check_case() {
   rm -f q.qcow2 r.qcow2 q-data.raw r-data.raw
   local qo=${opts//DATA/q-data.raw} ro=${opts//DATA/r-data.raw}
   local desc="[-o $opts] $size $*"
-  if ! "$QNBD" create -q -f qcow2 ${opts:+-o "$qo"} "$@" q.qcow2 $size; then
+  if ! "$QNBD" create -q -f qcow2 ${opts:+-o "$qo"} "$@" q.qcow2 ${size:+"$size"}; then
     fail "qnbd create failed: $desc"
     return
   fi
-  qemu-img create -q -f qcow2 ${opts:+-o "$ro"} "$@" r.qcow2 $size || {
+  qemu-img create -q -f qcow2 ${opts:+-o "$ro"} "$@" r.qcow2 ${size:+"$size"} || {
     fail "qemu-img create failed (test bug): $desc"
     return
   }
