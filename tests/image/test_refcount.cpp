@@ -236,3 +236,107 @@ TEST_CASE("refcount table load rejects bad entries (§13.3 #33)") {
   CHECK(!Refcounts::load(img.file, RefcountGeometry{16, 4}, 65536 + 1, 1));
   CHECK(!Refcounts::load(img.file, RefcountGeometry{16, 4}, 65536, 0));
 }
+
+namespace {
+
+// Records every write and flush so the crash ordering of §14.3 can be
+// asserted on the sequence.
+class RecordingFile final : public qnbd::image::File {
+ public:
+  struct Event {
+    bool flush;
+    std::uint64_t offset;
+    std::uint64_t length;
+  };
+  explicit RecordingFile(VecFile& inner) : inner_(inner) {}
+  std::vector<Event> events;
+
+  Result<std::size_t> pread(std::span<std::byte> buf, std::uint64_t offset) override {
+    return inner_.pread(buf, offset);
+  }
+  Result<void> pwrite(std::span<const std::byte> buf, std::uint64_t offset) override {
+    events.push_back({false, offset, buf.size()});
+    return inner_.pwrite(buf, offset);
+  }
+  Result<void> flush() override {
+    events.push_back({true, 0, 0});
+    return inner_.flush();
+  }
+  Result<void> truncate(std::uint64_t size) override { return inner_.truncate(size); }
+  Result<std::uint64_t> size() override { return inner_.size(); }
+  const std::string& name() const override { return inner_.name(); }
+
+ private:
+  VecFile& inner_;
+};
+
+// Index of the first write covering [offset, offset+length), or -1.
+long find_write(const std::vector<RecordingFile::Event>& ev, std::uint64_t offset,
+                std::uint64_t length, std::size_t from = 0) {
+  for (std::size_t i = from; i < ev.size(); i++) {
+    if (!ev[i].flush && ev[i].offset <= offset && offset + length <= ev[i].offset + ev[i].length) {
+      return static_cast<long>(i);
+    }
+  }
+  return -1;
+}
+
+bool flush_between(const std::vector<RecordingFile::Event>& ev, long a, long b) {
+  for (long i = a + 1; i < b; i++) {
+    if (ev[static_cast<std::size_t>(i)].flush) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+TEST_CASE("allocator: crash ordering of new blocks and a moved table (§14.1, §14.3)") {
+  Image img = make_image(512, 1, 1 << 20);
+  RecordingFile rec(img.file);
+  const std::uint64_t old_table = load_be64(img.file.data.data() + 48);
+  auto r = Refcounts::load(rec, RefcountGeometry{9, 0}, old_table,
+                           load_be32(img.file.data.data() + 56));
+  REQUIRE(r);
+  // Enough to need new blocks and at least one table move.
+  // (one 512-byte table cluster addresses 64 blocks of 4096 clusters)
+  for (int i = 0; i < 300; i++) REQUIRE(r->allocate(1000));
+  REQUIRE(r->flush());
+  const auto& ev = rec.events;
+
+  // Every table entry written in place points at a block whose contents
+  // were written and flushed before the entry.
+  std::size_t entry_writes = 0;
+  for (std::size_t i = 0; i < ev.size(); i++) {
+    if (ev[i].flush || ev[i].length != 8) continue;
+    const std::uint64_t block = load_be64(img.file.data.data() + ev[i].offset);
+    if (block == 0 || block % 512 != 0) continue;
+    const long w = find_write(ev, block, 512);
+    REQUIRE(w >= 0);
+    CHECK(static_cast<std::size_t>(w) < i);
+    CHECK(flush_between(ev, w, static_cast<long>(i)));
+    entry_writes++;
+  }
+  CHECK(entry_writes > 0);
+
+  // Each header switch (12 bytes at 48) comes after the new table was
+  // written and flushed, and is itself flushed before anything else.
+  std::size_t switches = 0;
+  for (std::size_t i = 0; i < ev.size(); i++) {
+    if (ev[i].flush || ev[i].offset != 48 || ev[i].length != 12) continue;
+    switches++;
+    long last_table_write = -1;
+    for (long j = static_cast<long>(i) - 1; j >= 0; j--) {
+      const auto& e = ev[static_cast<std::size_t>(j)];
+      if (!e.flush && e.length >= 512 && e.length % 512 == 0) {
+        last_table_write = j;
+        break;
+      }
+    }
+    REQUIRE(last_table_write >= 0);
+    CHECK(flush_between(ev, last_table_write, static_cast<long>(i)));
+    REQUIRE(i + 1 < ev.size());
+    CHECK(ev[i + 1].flush);
+  }
+  CHECK(switches >= 1);
+  CHECK(load_be64(img.file.data.data() + 48) == r->table_offset());
+}
