@@ -111,6 +111,8 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
     return make_error(EINVAL, "internal snapshots are not allowed with an external data file");
   }
   img->bitmaps_ = QNBD_TRY(read_bitmap_directory(file, h, img->file_size_));
+  img->bitmap_store_ = std::make_unique<BitmapStore>(file, img->header_, img->bitmaps_, img->file_size_,
+                                                     !options.read_only);
 
   const std::uint64_t cluster_size = h.cluster_size();
   const std::uint64_t l2_coverage = h.l2_entries() * cluster_size;
@@ -374,6 +376,22 @@ Result<std::size_t> Qcow2Image::block_status(std::uint64_t offset, std::uint64_t
     return make_error(EINVAL, "{}: block status {:#x}+{} is outside the image", path_, offset, length);
   }
   return chain_block_status(*this, offset, length, out);
+}
+
+Result<std::size_t> Qcow2Image::export_bitmap(const std::string& name) {
+  return bitmap_store_->export_bitmap(name);
+}
+
+Result<std::size_t> Qcow2Image::bitmap_status(std::size_t handle, std::uint64_t offset, std::uint64_t length,
+                                              std::span<BitmapExtent> out) {
+  if (!range_within(offset, length, size_)) {
+    return make_error(EINVAL, "{}: bitmap status {:#x}+{} is outside the image", path_, offset, length);
+  }
+  return bitmap_store_->status(handle, offset, length, out);
+}
+
+Result<void> Qcow2Image::bitmaps_before_write(std::uint64_t offset, std::uint64_t length) {
+  return bitmap_store_->before_write(offset, length);
 }
 
 ImageInfo Qcow2Image::info() const {

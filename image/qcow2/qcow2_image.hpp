@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "image/block_device.hpp"
+#include "image/qcow2/bitmap_store.hpp"
 #include "image/qcow2/cache.hpp"
 #include "image/qcow2/cluster.hpp"
 #include "image/qcow2/header.hpp"
@@ -64,6 +65,20 @@ class Qcow2Image final : public BlockDevice {
   BlockDevice* backing() const override { return backing_.get(); }
   ImageInfo info() const override;
 
+  // Persistent dirty bitmaps (§12; implemented in bitmap_store.cpp).
+  Result<std::size_t> export_bitmap(const std::string& name) override;
+  Result<std::size_t> bitmap_status(std::size_t handle, std::uint64_t offset, std::uint64_t length,
+                                    std::span<BitmapExtent> out) override;
+  // The write path MUST call this before changing anything for a guest
+  // write, write_zeroes or discard of [offset, offset+length) (before the
+  // data write, before any allocation or L2 update), WITHOUT mutex_ held,
+  // and fail the request if it fails. It marks every touched granule in
+  // every enabled bitmap; the first call also loads those bitmaps and sets
+  // in_use for them on disk (§12.6 in-place update, flushed) — once per
+  // open. Cheap afterwards (one bitmap lock per enabled bitmap).
+  [[nodiscard]] Result<void> bitmaps_before_write(std::uint64_t offset, std::uint64_t length);
+  BitmapStore& bitmap_store() { return *bitmap_store_; }
+
   // The central lookup: the run of guest bytes starting at offset (at most
   // max_bytes, never crossing an L2 table) that share one subcluster type
   // and, where they have one, contiguous host offsets.
@@ -95,6 +110,7 @@ class Qcow2Image final : public BlockDevice {
   std::unique_ptr<BlockDevice> backing_;
   std::vector<SnapshotInfo> snapshots_;
   std::vector<BitmapInfo> bitmaps_;
+  std::unique_ptr<BitmapStore> bitmap_store_;  // always set after open
 
   std::mutex mutex_;  // metadata: l1_, l2_cache_
   std::vector<std::uint64_t> l1_;  // active L1 table, host byte order

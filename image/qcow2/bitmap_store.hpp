@@ -1,0 +1,86 @@
+// BitmapStore: the persistent dirty bitmaps of one open qcow2 image (§12,
+// §15.3 of ../shared/spec/qcow2.md): loads bitmap data on demand, answers
+// qemu:dirty-bitmap:NAME status, records guest writes in the enabled
+// bitmaps and marks them in_use on disk before the first change.
+//
+// Thread-safety: export_bitmap/status/before_write may be called from any
+// thread. load_mutex_ serializes loading and the one-time in_use update (it
+// is held over file I/O, but only until the first write has been prepared);
+// each DirtyBitmap has its own lock for the hot path. The image's metadata
+// mutex must NOT be held when calling before_write (it does file I/O the
+// first time).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/result.hpp"
+#include "image/bitmap/dirty_bitmap.hpp"
+#include "image/block_device.hpp"
+#include "image/info.hpp"
+#include "image/io/file.hpp"
+#include "image/qcow2/header.hpp"
+
+namespace qnbd::image::qcow2 {
+
+// §12.4/§12.5: read bitmap `info`'s table and data clusters into a new
+// DirtyBitmap of `disk_size` bytes. Every table entry is checked again
+// (reserved bits, alignment, inside the file); all-ones entries (bit 0 with
+// no offset) set their whole cluster of data. Unused tail bits are ignored,
+// as QEMU does.
+[[nodiscard]] Result<DirtyBitmap> load_bitmap_data(File& file, std::uint64_t cluster_size,
+                                                   std::uint64_t disk_size, const BitmapInfo& info,
+                                                   std::uint64_t file_size);
+
+class BitmapStore {
+ public:
+  // `header` must outlive the store (the image's own header); `writable`
+  // says whether the image is open read-write.
+  BitmapStore(File& file, const Header& header, std::vector<BitmapInfo> directory, std::uint64_t file_size,
+              bool writable);
+
+  const std::vector<BitmapInfo>& directory() const { return directory_; }
+
+  // BlockDevice::export_bitmap with qemu-nbd's refusals and wording.
+  [[nodiscard]] Result<std::size_t> export_bitmap(const std::string& name);
+  // BlockDevice::bitmap_status for a handle from export_bitmap; `offset` +
+  // `length` must already be clipped to the export size by the caller.
+  [[nodiscard]] Result<std::size_t> status(std::size_t handle, std::uint64_t offset, std::uint64_t length,
+                                           std::span<BitmapExtent> out);
+
+  // Record a guest change of [offset, offset+length) in every enabled,
+  // consistent bitmap. The first call (only) loads those bitmaps and sets
+  // in_use for them on disk (§12.6 in-place update) before returning; a
+  // failure there fails this write and the next call tries again.
+  [[nodiscard]] Result<void> before_write(std::uint64_t offset, std::uint64_t length);
+
+  // True once before_write has set in_use on disk (close must store them).
+  bool marked_in_use() const { return marked_.load(std::memory_order_acquire); }
+
+ private:
+  struct Entry {
+    BitmapInfo info;
+    std::unique_ptr<DirtyBitmap> bits;  // null until loaded
+  };
+  Result<DirtyBitmap*> load_locked(Entry& e);
+  Result<void> mark_in_use_locked();
+
+  File& file_;
+  const Header& header_;
+  std::vector<BitmapInfo> directory_;
+  std::uint64_t file_size_;
+  bool writable_;
+
+  std::mutex load_mutex_;
+  std::vector<Entry> entries_;  // one per directory entry, same order; never resized
+  std::atomic<bool> marked_{false};
+  // Enabled, consistent bitmaps (indexes into entries_), valid once marked_.
+  std::vector<std::size_t> tracking_;
+};
+
+}  // namespace qnbd::image::qcow2
