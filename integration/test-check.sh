@@ -187,6 +187,22 @@ qemu-io -f qcow2 small.qcow2 <cmds >/dev/null
 qemu-img check --output=json small.qcow2 >r.json
 [ "$(json_counts q.json)" = "$(json_counts r.json)" ] || fail "small: counts differ"
 
+# A crashed writer with lazy refcounts: dirty bit set, refcounts missing.
+# Same report as qemu-img; -r all repairs and clears the dirty bit.
+cases=$((cases + 1))
+rm -f dirty.qcow2
+qemu-img create -q -f qcow2 -o lazy_refcounts=on,cluster_size=4k dirty.qcow2 64M
+(qemu-io -f qcow2 -c "write -P 1 0 100k" -c abort dirty.qcow2) >/dev/null 2>&1
+"$QNBD" check --output=json dirty.qcow2 >q.json 2>/dev/null
+qrc=$?
+qemu-img check --output=json dirty.qcow2 >r.json 2>/dev/null
+[ "$qrc" = "$?" ] || fail "dirty: exit status differs"
+[ "$(json_counts q.json)" = "$(json_counts r.json)" ] || fail "dirty: counts differ"
+"$QNBD" check -q -r all dirty.qcow2 >/dev/null 2>&1 || fail "dirty: -r all failed"
+qemu-img check -q dirty.qcow2 || fail "dirty: not clean after -r all"
+qemu-img info --output=json dirty.qcow2 | grep -q '"dirty-flag": false' || fail "dirty: bit still set"
+qemu-io -f qcow2 -c "read -P 1 0 100k" dirty.qcow2 >/dev/null || fail "dirty: data lost"
+
 # Raw images cannot be checked (qemu-img's status 63).
 cases=$((cases + 1))
 qemu-img create -q -f raw r.raw 1M

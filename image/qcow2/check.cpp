@@ -82,6 +82,19 @@ class Checker {
       }
     }
     if (!compressed_copied_fixes_.empty()) QNBD_TRY(file_.flush());
+    // A successful repair makes the image clean and consistent again: clear
+    // the dirty bit (refcounts are now exact) and the corrupt bit, as QEMU
+    // does, in one write of incompatible_features after everything else is
+    // on disk.
+    const std::uint64_t clear = INCOMPAT_DIRTY | INCOMPAT_CORRUPT;
+    if (fix_ != RepairMode::none && res_.check_errors == 0 && res_.corruptions == 0 &&
+        h_.version >= 3 && (h_.incompatible_features & clear)) {
+      std::byte e[8];
+      store_be64(e, h_.incompatible_features & ~clear);
+      QNBD_TRY(file_.flush());
+      QNBD_TRY(file_.pwrite(e, 72));
+      QNBD_TRY(file_.flush());
+    }
     return res_;
   }
 
