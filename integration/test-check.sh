@@ -192,7 +192,8 @@ qemu-img check --output=json small.qcow2 >r.json
 cases=$((cases + 1))
 rm -f dirty.qcow2
 qemu-img create -q -f qcow2 -o lazy_refcounts=on,cluster_size=4k dirty.qcow2 64M
-(qemu-io -f qcow2 -c "write -P 1 0 100k" -c abort dirty.qcow2) >/dev/null 2>&1
+# (inner shell so bash's "Aborted" notice goes to /dev/null too)
+bash -c 'qemu-io -f qcow2 -c "write -P 1 0 100k" -c abort dirty.qcow2; true' >/dev/null 2>&1
 "$QNBD" check --output=json dirty.qcow2 >q.json 2>/dev/null
 qrc=$?
 qemu-img check --output=json dirty.qcow2 >r.json 2>/dev/null
