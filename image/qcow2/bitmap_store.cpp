@@ -1,10 +1,13 @@
 #include "image/qcow2/bitmap_store.hpp"
 
 #include <algorithm>
+#include <bit>
+#include <cstring>
 
 #include "common/checked.hpp"
 #include "common/endian.hpp"
 #include "common/log.hpp"
+#include "image/qcow2/refcount.hpp"
 
 namespace qnbd::image::qcow2 {
 
@@ -48,6 +51,155 @@ Result<DirtyBitmap> load_bitmap_data(File& file, std::uint64_t cluster_size, std
     bits.load_bytes(first, part);
   }
   return bits;
+}
+
+namespace {
+
+// Host clusters a bitmap table points to (data clusters), read from disk.
+Result<std::vector<std::uint64_t>> table_data_clusters(File& file, const BitmapInfo& b, std::uint64_t cluster_size) {
+  std::vector<std::byte> table(std::size_t{b.table_size} * 8);
+  QNBD_TRY(file.read_exact(table, b.table_offset, "bitmap table"));
+  std::vector<std::uint64_t> out;
+  for (std::size_t i = 0; i < b.table_size; ++i) {
+    std::uint64_t host = load_be64(table.data() + i * 8) & BME_TABLE_ENTRY_OFFSET_MASK;
+    if (host != 0 && is_aligned(host, cluster_size)) out.push_back(host);
+  }
+  return out;
+}
+
+// Write `bits` into new clusters and a new table; returns the table offset.
+Result<std::uint64_t> write_bitmap_data(File& file, Refcounts& refcounts, std::uint64_t cluster_size,
+                                        const DirtyBitmap& bits, std::uint32_t& table_size) {
+  const std::uint64_t data_bytes = bits.byte_count();
+  const std::uint64_t entries = std::max<std::uint64_t>(1, div_round_up(data_bytes, cluster_size));
+  if (entries > MAX_BITMAP_TABLE_SIZE || entries * cluster_size > MAX_BITMAP_DATA_BYTES) {
+    return make_error(EFBIG, "bitmap data of {} bytes is too large for qcow2", data_bytes);
+  }
+  table_size = static_cast<std::uint32_t>(entries);
+  std::vector<std::byte> table(static_cast<std::size_t>(align_up(entries * 8, cluster_size)));
+  std::vector<std::byte> cluster(static_cast<std::size_t>(cluster_size));
+  for (std::uint64_t i = 0; i < entries; ++i) {
+    // store_bytes zero-fills past the data, so the unused tail bits and the
+    // rest of the last cluster are zero (§12.5).
+    bits.store_bytes(i * cluster_size, cluster);
+    bool zero = std::all_of(cluster.begin(), cluster.end(), [](std::byte b) { return b == std::byte{0}; });
+    if (zero) continue;  // entry 0: reads as all zeroes
+    const std::uint64_t host = QNBD_TRY(refcounts.allocate(1));
+    QNBD_TRY(file.pwrite(cluster, host));
+    store_be64(table.data() + i * 8, host);
+  }
+  const std::uint64_t table_offset = QNBD_TRY(refcounts.allocate(table.size() / cluster_size));
+  QNBD_TRY(file.pwrite(table, table_offset));
+  return table_offset;
+}
+
+}  // namespace
+
+Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& refcounts,
+                                      const std::vector<BitmapInfo>& old_directory,
+                                      std::vector<BitmapUpdate>& updated) {
+  const std::uint64_t cs = header.cluster_size();
+  if (header.version < 3) return make_error(ENOTSUP, "persistent bitmaps require a version 3 image (compat=1.1)");
+  if (updated.size() > MAX_BITMAPS) return make_error(EFBIG, "too many bitmaps ({})", updated.size());
+
+  // 1. New data and tables, then the directory.
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> to_free;  // (offset, bytes)
+  for (BitmapUpdate& u : updated) {
+    if (!u.data) continue;
+    u.info.granularity = u.data->granularity();
+    u.info.table_offset = QNBD_TRY(write_bitmap_data(file, refcounts, cs, *u.data, u.info.table_size));
+  }
+  std::vector<std::byte> dir;
+  for (const BitmapUpdate& u : updated) {
+    const BitmapInfo& b = u.info;
+    if (b.name.empty() || b.name.size() > MAX_BITMAP_NAME_SIZE) {
+      return make_error(EINVAL, "invalid bitmap name '{}'", b.name);
+    }
+    std::size_t pos = dir.size();
+    dir.resize(pos + static_cast<std::size_t>(align_up(24 + b.name.size(), 8)));
+    std::byte* p = dir.data() + pos;
+    store_be64(p, b.table_offset);
+    store_be32(p + 8, b.table_size);
+    store_be32(p + 12, (b.in_use ? BME_FLAG_IN_USE : 0) | (b.auto_enabled ? BME_FLAG_AUTO : 0));
+    p[16] = std::byte{BT_DIRTY_TRACKING_BITMAP};
+    p[17] = static_cast<std::byte>(std::countr_zero(b.granularity));
+    store_be16(p + 18, static_cast<std::uint16_t>(b.name.size()));
+    store_be32(p + 20, 0);  // extra_data_size
+    std::memcpy(p + 24, b.name.data(), b.name.size());
+  }
+  if (dir.size() > MAX_BITMAP_DIRECTORY_SIZE) return make_error(EFBIG, "bitmap directory too large");
+  std::uint64_t dir_offset = 0;
+  if (!dir.empty()) {
+    std::vector<std::byte> padded(dir);
+    padded.resize(static_cast<std::size_t>(align_up(dir.size(), cs)));
+    dir_offset = QNBD_TRY(refcounts.allocate(padded.size() / cs));
+    QNBD_TRY(file.pwrite(padded, dir_offset));
+  }
+  // 2. Refcounts before any pointer to the new clusters (§14.3).
+  QNBD_TRY(refcounts.flush());
+
+  // 3. Switch the header.
+  Header h = header;
+  h.refcount_table_offset = refcounts.table_offset();
+  h.refcount_table_clusters = refcounts.table_clusters();
+  h.autoclear_features &= AUTOCLEAR_MASK;
+  if (updated.empty()) {
+    h.bitmaps.reset();
+    h.autoclear_features &= ~AUTOCLEAR_BITMAPS;
+  } else {
+    h.bitmaps = BitmapsExtension{static_cast<std::uint32_t>(updated.size()), dir.size(), dir_offset};
+    h.autoclear_features |= AUTOCLEAR_BITMAPS;
+  }
+  std::vector<std::byte> c0 = QNBD_TRY(serialize_header(h));
+  QNBD_TRY(file.pwrite(c0, 0));
+  QNBD_TRY(file.flush());
+  const std::optional<BitmapsExtension> old_ext = header.bitmaps;
+  header = std::move(h);
+
+  // 4. Free what is no longer referenced.
+  if (old_ext) to_free.emplace_back(old_ext->bitmap_directory_offset, old_ext->bitmap_directory_size);
+  for (const BitmapInfo& old : old_directory) {
+    bool kept = std::any_of(updated.begin(), updated.end(), [&](const BitmapUpdate& u) {
+      return !u.data && u.info.table_offset == old.table_offset;
+    });
+    if (kept) continue;
+    auto data = table_data_clusters(file, old, cs);
+    if (data) {
+      for (std::uint64_t c : *data) to_free.emplace_back(c, cs);
+    } else {
+      log::warn("bitmap '{}': cannot read its old table ({}); its clusters leak", old.name, data.error().message);
+    }
+    to_free.emplace_back(old.table_offset, std::uint64_t{old.table_size} * 8);
+  }
+  for (auto [offset, bytes] : to_free) {
+    if (auto r = refcounts.free(offset, bytes); !r) {
+      log::warn("cannot free bitmap clusters at {:#x}: {}; they leak", offset, r.error().message);
+    }
+  }
+  QNBD_TRY(refcounts.flush());
+  return ok();
+}
+
+Result<void> BitmapStore::store(Refcounts& refcounts, Header& header) {
+  std::lock_guard lock(load_mutex_);
+  if (!marked_.load(std::memory_order_relaxed)) return ok();
+  std::vector<BitmapUpdate> updated;
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    BitmapUpdate u{entries_[i].info, nullptr};
+    if (std::find(tracking_.begin(), tracking_.end(), i) != tracking_.end()) {
+      u.data = entries_[i].bits.get();
+      u.info.in_use = false;
+    }
+    updated.push_back(std::move(u));
+  }
+  QNBD_TRY(rewrite_bitmap_directory(file_, header, refcounts, directory_, updated));
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    entries_[i].info = updated[i].info;
+    directory_[i] = updated[i].info;
+  }
+  tracking_.clear();
+  marked_.store(false, std::memory_order_release);
+  return ok();
 }
 
 BitmapStore::BitmapStore(File& file, const Header& header, std::vector<BitmapInfo> directory,

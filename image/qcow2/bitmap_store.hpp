@@ -37,6 +37,34 @@ namespace qnbd::image::qcow2 {
                                                    std::uint64_t disk_size, const BitmapInfo& info,
                                                    std::uint64_t file_size);
 
+class Refcounts;
+
+// One entry of a bitmap directory to write (§12.2): `info` gives name,
+// granularity and flags (in_use, auto). With `data`, its contents are
+// written to newly allocated clusters and a new table replaces the old one;
+// without, the existing table at info.table_offset/table_size is kept.
+struct BitmapUpdate {
+  BitmapInfo info;
+  const DirtyBitmap* data = nullptr;
+};
+
+// Replace the image's bitmap directory by `updated` (any order, may be
+// empty), as QEMU's full directory replacement (§12.6):
+//   1. write new bitmap data (all-zero clusters become table entry 0) and
+//      tables into newly allocated clusters, then the new directory;
+//   2. flush refcounts and the file (the clusters are referenced by nothing
+//      yet: a crash here only leaks them);
+//   3. rewrite the header (bitmaps extension, autoclear bit 0 set; with no
+//      bitmaps left the extension is dropped and the bit cleared; unknown
+//      autoclear bits are cleared as §3.3 requires of a writer) and flush;
+//   4. free the old directory and the tables and data clusters no longer
+//      referenced, and flush the refcounts (a failure here leaks only).
+// `header` is updated in memory (also refcount_table_* if the refcount
+// table moved). `old_directory` is the directory currently on disk.
+[[nodiscard]] Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& refcounts,
+                                                    const std::vector<BitmapInfo>& old_directory,
+                                                    std::vector<BitmapUpdate>& updated);
+
 class BitmapStore {
  public:
   // `header` must outlive the store (the image's own header); `writable`
@@ -61,6 +89,13 @@ class BitmapStore {
 
   // True once before_write has set in_use on disk (close must store them).
   bool marked_in_use() const { return marked_.load(std::memory_order_acquire); }
+
+  // Clean close (§12.6): if before_write marked bitmaps in_use, store their
+  // contents with rewrite_bitmap_directory and clear in_use; otherwise no
+  // I/O. Call with no write in flight, after guest data, L2 tables and
+  // refcounts are flushed, under the image's metadata mutex. `header` is the
+  // image's header (updated in place).
+  [[nodiscard]] Result<void> store(Refcounts& refcounts, Header& header);
 
  private:
   struct Entry {
