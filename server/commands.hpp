@@ -13,5 +13,6 @@ void add_map_command(CLI::App& app, int& status);      // server/cmd_map.cpp
 void add_convert_command(CLI::App& app, int& status);  // server/cmd_convert.cpp
 void add_create_command(CLI::App& app, int& status);   // server/cmd_create.cpp
 void add_check_command(CLI::App& app, int& status);    // server/cmd_check.cpp
+void add_bitmap_command(CLI::App& app, int& status);   // server/cmd_bitmap.cpp
 
 }  // namespace qnbd::cli

@@ -1,0 +1,44 @@
+// Editing the persistent bitmaps of a qcow2 image at rest, as `qemu-img
+// bitmap` does: add, remove, clear, enable, disable, merge, applied in the
+// order given, then written with one crash-safe directory replacement
+// (rewrite_bitmap_directory, §12.6). Error messages use qemu-img's words.
+//
+// Thread-safety: none; the image must not be open elsewhere.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "common/result.hpp"
+#include "image/bitmap/dirty_bitmap.hpp"
+#include "image/io/file.hpp"
+
+namespace qnbd::image::qcow2 {
+
+struct BitmapOp {
+  enum class Kind { add, remove, clear, enable, disable, merge };
+  Kind kind = Kind::add;
+  std::string source;  // merge: the source bitmap's name
+};
+const char* bitmap_op_name(BitmapOp::Kind kind);
+
+struct BitmapEdit {
+  std::string bitmap;             // the bitmap the operations apply to
+  std::vector<BitmapOp> ops;      // in command-line order
+  std::uint64_t granularity = 0;  // add: 0 = cluster size clamped to [4 KiB, 64 KiB]
+  // merge: load the source bitmap from another image instead of this one.
+  std::function<Result<DirtyBitmap>(const std::string& name)> external_source;
+};
+
+// Apply `edit` to the qcow2 image in `file` (opened read-write). Fails with
+// "Operation OP on bitmap NAME failed: REASON" for a refused operation
+// (nothing is written then), or with the I/O or format error.
+[[nodiscard]] Result<void> edit_bitmaps(File& file, const BitmapEdit& edit);
+
+// Load bitmap `name` of the qcow2 image in `file` (read-only use), refusing
+// an in_use (inconsistent) one.
+[[nodiscard]] Result<DirtyBitmap> load_named_bitmap(File& file, const std::string& name);
+
+}  // namespace qnbd::image::qcow2
