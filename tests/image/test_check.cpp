@@ -159,3 +159,33 @@ TEST_CASE("check: refcount table moved by growth is still consistent") {
   CHECK(r->leaks == 0);
   CHECK(r->allocated_clusters == (128 << 20) / 512);
 }
+
+TEST_CASE("check: random metadata damage never crashes, and repair never makes things worse") {
+  // Untrusted input: flip bytes in the metadata clusters (header excluded,
+  // parse_header has its own tests) and run check, -r leaks and -r all.
+  std::uint64_t seed = 12345;
+  auto next = [&seed] {
+    seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+    return seed >> 33;
+  };
+  for (int iter = 0; iter < 300; iter++) {
+    CAPTURE(iter);
+    Img i = make();
+    const std::uint64_t metadata_end = i.l2 + kCs;  // table, block, L1, first L2
+    const int flips = 1 + static_cast<int>(next() % 6);
+    for (int k = 0; k < flips; k++) {
+      const std::uint64_t at = kCs + next() % (metadata_end - kCs);
+      i.f.data[at] = static_cast<std::byte>(next());
+    }
+    VecFile copy = i.f;
+    auto before = check_qcow2(i.f, RepairMode::none, nullptr);
+    if (!before) continue;  // refused outright: fine
+    auto leaks = check_qcow2(copy, RepairMode::leaks, nullptr);
+    auto all = check_qcow2(i.f, RepairMode::all, nullptr);
+    if (!all || all->check_errors) continue;
+    auto after = check_qcow2(i.f, RepairMode::none, nullptr);
+    REQUIRE(after);
+    CHECK(after->corruptions + after->leaks <= before->corruptions + before->leaks);
+    (void)leaks;
+  }
+}
