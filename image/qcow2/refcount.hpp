@@ -81,6 +81,10 @@ class Refcounts {
   }
 
   const RefcountGeometry& geometry() const { return geometry_; }
+  // Where the table is now. A table move rewrites header bytes 48-59 on
+  // disk itself; an owner keeping a Header copy must refresh
+  // refcount_table_offset/refcount_table_clusters from these before its
+  // next serialize_header().
   std::uint64_t table_offset() const { return table_offset_; }
   std::uint32_t table_clusters() const { return table_clusters_; }
   const std::vector<std::uint64_t>& table() const { return table_; }
