@@ -47,6 +47,10 @@ class [[nodiscard]] Result {
   const Error& error() const& { return std::get<1>(v_); }
   Error&& error() && { return std::get<1>(std::move(v_)); }
 
+  // Move the value out as a prvalue (QNBD_TRY relies on this: a reference
+  // into the statement expression's local would dangle).
+  T take() && { return std::get<0>(std::move(v_)); }
+
  private:
   std::variant<T, Error> v_;
 };
@@ -63,6 +67,7 @@ class [[nodiscard]] Result<void> {
 
   const Error& error() const& { return error_; }
   Error&& error() && { return std::move(error_); }
+  void take() && {}
 
  private:
   Error error_;
@@ -74,10 +79,11 @@ inline Result<void> ok() { return {}; }
 }  // namespace qnbd
 
 // Propagate an error to the caller, else yield the value (GNU statement
-// expression; the project builds with g++ and GNU extensions on).
+// expression; the project builds with g++ and GNU extensions on). The value
+// is yielded by value: the Result local dies at the end of the expression.
 #define QNBD_TRY(expr)                                      \
   ({                                                        \
     auto&& qnbd_try_r_ = (expr);                            \
     if (!qnbd_try_r_) return std::move(qnbd_try_r_).error(); \
-    std::move(qnbd_try_r_).value();                         \
+    std::move(qnbd_try_r_).take();                          \
   })
