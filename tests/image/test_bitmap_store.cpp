@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <fstream>
+#include <thread>
 
 #include "common/endian.hpp"
 #include "image/io/mem_file.hpp"
@@ -187,4 +188,30 @@ TEST_CASE("bitmaps: read-only stores refuse writes, in_use bitmaps are not expor
   r = store.export_bitmap("zz");
   REQUIRE(!r);
   CHECK(r.error().message == "Bitmap 'zz' is not found");
+}
+
+TEST_CASE("bitmaps: concurrent first writes mark in_use exactly once and lose no granule") {
+  if (!qnbd::test::have_qemu_img()) return;
+  qnbd::test::TempDir d;
+  const std::string p = d / "c.qcow2";
+  REQUIRE(run("qemu-img create -f qcow2 " + p + " 16M && qemu-img bitmap --add -g 4k " + p + " a") == 0);
+  Loaded l = load(p);
+  BitmapStore store(*l.file, l.header, l.dir, l.file->contents().size(), true);
+  const std::uint64_t flushes0 = l.file->flush_count();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (std::uint64_t k = 0; k < 256; ++k) CHECK(store.before_write((k * 4 + t) * 8192, 1));
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK(l.file->flush_count() - flushes0 == 3);
+  auto h = store.export_bitmap("a");
+  REQUIRE(h);
+  std::vector<BitmapExtent> ext(4096);
+  auto n = store.status(*h, 0, 16 << 20, ext);
+  REQUIRE(n);
+  std::uint64_t dirty = 0;
+  for (std::size_t i = 0; i < *n; ++i) dirty += ext[i].dirty ? ext[i].length : 0;
+  CHECK(dirty == 1024 * 4096);  // every other 4 KiB granule of the first 8 MiB
 }
