@@ -506,17 +506,18 @@ class Checker {
     return ok();
   }
 
-  // Write a complete new refcount table and blocks after the end of
-  // everything referenced, from the recomputed refcounts, then switch the
-  // header to it (QEMU's rebuild_refcount_structure). The old table and
-  // blocks are simply no longer counted, so they become free space; a crash
-  // before the header switch leaves the old (broken) structure in place.
+  // Write a complete new refcount table and blocks from the recomputed
+  // refcounts, then switch the header to it (QEMU's
+  // rebuild_refcount_structure). New clusters go first-fit into space no
+  // metadata or data uses -- the old table and blocks count as used while
+  // placing, so a crash before the header switch leaves the old structure
+  // intact -- but the new blocks already count the old structure as free.
   Result<void> rebuild_refcount_structure() {
-    // The recomputed refcounts without the old refcount structure.
-    std::map<std::uint64_t, std::uint64_t> refs;
+    std::map<std::uint64_t, std::uint64_t> used;  // placement view (old structure kept)
     for_each_cluster([&](std::uint64_t k, std::uint64_t v) {
-      if (v) refs[k] = v;
+      if (v) used[k] = v;
     });
+    std::map<std::uint64_t, std::uint64_t> refs = used;  // what the new blocks say
     auto drop = [&](std::uint64_t offset, std::uint64_t length) {
       if (length == 0) return;
       for (std::uint64_t k = offset >> cb_; k <= (offset + length - 1) >> cb_; k++) {
@@ -535,27 +536,48 @@ class Checker {
 
     const unsigned eb = cb_ + 3 - h_.refcount_order;
     const std::uint64_t per_cluster = cs_ / 8;
-    std::uint64_t start = nb_clusters_;
-    if (!refs.empty()) start = std::max(start, refs.rbegin()->first + 1);
-    std::set<std::uint64_t> used_ti;
-    for (const auto& [k, v] : refs) used_ti.insert(k >> eb);
-    std::uint64_t blocks_n = 0, table_n = 1;
+    auto first_fit = [&](std::uint64_t n) {
+      std::uint64_t run_start = 0, run = 0;
+      for (std::uint64_t k = 0;; k++) {
+        if (used.count(k)) {
+          run = 0;
+          run_start = k + 1;
+        } else if (++run == n) {
+          return run_start;
+        }
+      }
+    };
+    std::map<std::uint64_t, std::uint64_t> block_at;  // table index -> cluster
+    std::uint64_t table_start = 0, table_n = 0;
     for (int iter = 0;; iter++) {
       if (iter > 64) return make_error(EIO, "refcount rebuild does not converge");
-      const std::uint64_t area_end = start + blocks_n + table_n;
-      std::set<std::uint64_t> ti = used_ti;
-      for (std::uint64_t t = start >> eb; t <= (area_end - 1) >> eb; t++) ti.insert(t);
-      const std::uint64_t b = ti.size();
-      const std::uint64_t t = div_round_up(*ti.rbegin() + 1, per_cluster);
-      if (b == blocks_n && t == table_n) break;
-      blocks_n = std::max(b, blocks_n);
-      table_n = std::max(t, table_n);
+      bool changed = false;
+      std::set<std::uint64_t> needed;
+      for (const auto& [k, v] : refs) needed.insert(k >> eb);
+      for (const auto& [ti, c] : block_at) needed.insert(c >> eb);
+      for (std::uint64_t k = table_start; k < table_start + table_n; k++) needed.insert(k >> eb);
+      for (std::uint64_t ti : needed) {
+        if (block_at.count(ti)) continue;
+        const std::uint64_t c = first_fit(1);
+        used[c] = 1;
+        block_at[ti] = c;
+        changed = true;
+      }
+      const std::uint64_t want = div_round_up(*needed.rbegin() + 1, per_cluster);
+      if (want != table_n) {
+        for (std::uint64_t k = table_start; k < table_start + table_n; k++) used.erase(k);
+        table_n = want;
+        table_start = first_fit(table_n);
+        for (std::uint64_t k = table_start; k < table_start + table_n; k++) used[k] = 1;
+        changed = true;
+      }
+      if (!changed) break;
     }
     if (table_n * cs_ > MAX_REFTABLE_BYTES) {
       return make_error(EFBIG, "rebuilt refcount table would exceed {} bytes", MAX_REFTABLE_BYTES);
     }
-    const std::uint64_t area_end = start + blocks_n + table_n;
-    for (std::uint64_t k = start; k < area_end; k++) refs[k] = 1;
+    for (const auto& [ti, c] : block_at) refs[c] = 1;
+    for (std::uint64_t k = table_start; k < table_start + table_n; k++) refs[k] = 1;
 
     std::map<std::uint64_t, std::vector<std::byte>> blocks;
     for (const auto& [k, v] : refs) {
@@ -563,15 +585,22 @@ class Checker {
       if (b.empty()) b.assign(cs_, std::byte{0});
       set_refcount_entry(b, h_.refcount_order, k & ((1ull << eb) - 1), v);
     }
-    if (blocks.size() != blocks_n) return make_error(EIO, "refcount rebuild miscounted blocks");
     std::vector<std::byte> table(table_n * cs_, std::byte{0});
-    std::uint64_t next = start;
     for (auto& [ti, data] : blocks) {
-      store_be64(table.data() + ti * 8, next << cb_);
-      QNBD_TRY(file_.pwrite(data, next << cb_));
-      next++;
+      auto it = block_at.find(ti);
+      if (it == block_at.end()) return make_error(EIO, "refcount rebuild lost block {}", ti);
+      store_be64(table.data() + ti * 8, it->second << cb_);
+      QNBD_TRY(file_.pwrite(data, it->second << cb_));
     }
-    const std::uint64_t table_offset = next << cb_;
+    // Blocks that only describe free clusters are still written (all zero
+    // but their own entry), so every table entry points at real contents.
+    for (const auto& [ti, c] : block_at) {
+      if (blocks.count(ti)) continue;
+      std::vector<std::byte> empty(cs_, std::byte{0});
+      store_be64(table.data() + ti * 8, c << cb_);
+      QNBD_TRY(file_.pwrite(empty, c << cb_));
+    }
+    const std::uint64_t table_offset = table_start << cb_;
     QNBD_TRY(file_.pwrite(table, table_offset));
     QNBD_TRY(file_.flush());
     // Switch: refcount_table_offset (48) and refcount_table_clusters (56)
