@@ -39,6 +39,7 @@ struct ServeArgs {
   std::vector<std::string> bitmaps;
   std::string config;
   std::uint32_t threads = 0;
+  bool no_inline_io = false;
   std::uint32_t handshake_timeout = 10;
 };
 
@@ -81,6 +82,8 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
   }
   spec.device = std::shared_ptr<image::BlockDevice>(std::move(dev));
   spec.discard_unmap = oo.discard_unmap;
+  // With O_DIRECT or a sync per write every call waits for the disk.
+  spec.inline_io = oo.cache == image::CacheMode::writeback || oo.cache == image::CacheMode::unsafe;
   return spec;
 }
 
@@ -88,6 +91,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
   server::ServerOptions o;
   o.handshake_timeout_seconds = a.handshake_timeout;
   o.threads = a.threads;
+  o.inline_io = !a.no_inline_io;
   if (!a.config.empty()) {
     if (!a.image.empty()) return make_error(EINVAL, "give either --config or an IMAGE, not both");
     auto cfg = QNBD_TRY(config::load_config(a.config));
@@ -229,6 +233,8 @@ void add_serve_command(CLI::App& app, int& status) {
       ->allow_extra_args(false);
   cmd->add_option("--config", args->config, "Serve the exports and listeners of a JSON config file");
   cmd->add_option("--threads", args->threads, "I/O threads (default: one per core)");
+  cmd->add_flag("--no-inline-io", args->no_inline_io,
+                "Run every device call on the blocking pool (default: small page-cache I/O runs inline)");
   cmd->add_option("--handshake-timeout", args->handshake_timeout, "Seconds allowed for negotiation (0 = none)");
   cmd->callback([args, &status] { status = serve(*args); });
 }

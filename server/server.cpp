@@ -133,6 +133,7 @@ class Server;
 class Session : public std::enable_shared_from_this<Session> {
  public:
   static constexpr std::size_t kMaxBatch = 16;
+  static constexpr std::uint32_t kInlineMaxLength = 256u << 10;
   Session(Server& server, Socket socket, std::uint64_t id)
       : server_(server), socket_(std::move(socket)), id_(id),
         wake_reader_(socket_.get_executor()), wake_writer_(socket_.get_executor()),
@@ -152,7 +153,9 @@ class Session : public std::enable_shared_from_this<Session> {
   awaitable<void> transmission();
   awaitable<void> writer();
   awaitable<void> handle(Slot* slot);
-  void execute(Slot& s);  // runs on the blocking pool
+  bool answer_without_device(Slot& s);  // refusals and CACHE; true if answered
+  bool runs_inline(const Request& r) const;
+  void execute(Slot& s);  // runs on the blocking pool or inline (runs_inline)
   void do_read(Slot& s);
   void do_block_status(Slot& s);
   void reply_error(Slot& s, std::uint32_t nbd_error, std::string_view message);
@@ -417,7 +420,12 @@ awaitable<void> Session::transmission() {
         break;
       }
     }
-    asio::co_spawn(socket_.get_executor(), handle(s), asio::detached);
+    if (runs_inline(s->req)) {
+      if (!answer_without_device(*s)) execute(*s);
+      queue_reply(s);
+    } else {
+      asio::co_spawn(socket_.get_executor(), handle(s), asio::detached);
+    }
   }
   // Finish in-flight requests, then let the writer drain and exit.
   stopping_ = true;
@@ -477,19 +485,44 @@ void Session::queue_reply(Slot* s) {
   wake_writer_.cancel();
 }
 
-awaitable<void> Session::handle(Slot* s) {
-  auto self = shared_from_this();
-  s->meta.clear();
-  s->pieces.clear();
-  auto v = validate_request(s->req, vctx_);
+bool Session::answer_without_device(Slot& s) {
+  s.meta.clear();
+  s.pieces.clear();
+  auto v = validate_request(s.req, vctx_);
   if (stopping_ && !v.error) v = {NBD_ESHUTDOWN, "server is shutting down"};
   if (v.error) {
-    log::debug("conn {}: {} cookie {:#x} offset {} length {} refused: {}", id_, command_name(s->req.type),
-               s->req.cookie, s->req.offset, s->req.length, v.message);
-    reply_error(*s, v.error, v.message);
-  } else if (s->req.type == NBD_CMD_CACHE) {
-    reply_ok(*s);  // advisory only (§11.6)
-  } else {
+    log::debug("conn {}: {} cookie {:#x} offset {} length {} refused: {}", id_, command_name(s.req.type),
+               s.req.cookie, s.req.offset, s.req.length, v.message);
+    reply_error(s, v.error, v.message);
+    return true;
+  }
+  if (s.req.type == NBD_CMD_CACHE) {
+    reply_ok(s);  // advisory only (§11.6)
+    return true;
+  }
+  return false;
+}
+
+// Page-cache reads and writes take microseconds: handing them to the pool
+// and back costs two thread switches and a coroutine frame, more than the
+// work itself, so they run on the connection's io thread (other connections
+// keep the other io threads). Calls that wait for the disk (FLUSH, FUA,
+// O_DIRECT images) and big transfers go to the pool so one connection's
+// reader is not parked behind them.
+bool Session::runs_inline(const Request& r) const {
+  if (!server_.options().inline_io || !export_->inline_io) return false;
+  if (r.flags & NBD_CMD_FLAG_FUA) return false;
+  switch (r.type) {
+    case NBD_CMD_READ:
+    case NBD_CMD_WRITE: return r.length <= kInlineMaxLength;
+    case NBD_CMD_BLOCK_STATUS: return true;
+    default: return false;
+  }
+}
+
+awaitable<void> Session::handle(Slot* s) {
+  auto self = shared_from_this();
+  if (!answer_without_device(*s)) {
     auto work = [this, s] { execute(*s); };
     co_await run_blocking(server_.pool(), work);
   }

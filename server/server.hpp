@@ -4,7 +4,8 @@
 //
 // Threading: one io_context run by `threads` threads; each connection runs
 // on its own strand (no locks on session state); blocking BlockDevice calls
-// run on a separate bounded thread pool and resume on the session strand.
+// that wait for the disk run on a separate bounded thread pool and resume on
+// the session strand; small page-cache reads/writes run inline.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +26,9 @@ struct ExportSpec {
   bool discard_unmap = false;                  // TRIM releases space (else ignored)
   // BlockDevice::export_bitmap handles, parallel to info.bitmaps.
   std::vector<std::size_t> bitmap_handles;
+  // Cheap requests may run on the io threads (false for O_DIRECT images,
+  // whose every call waits for the disk).
+  bool inline_io = true;
 };
 
 struct ListenerSpec {
@@ -45,6 +49,9 @@ struct ServerOptions {
   std::uint64_t max_inflight_bytes = 64ull << 20;  // per connection
   std::uint32_t max_inflight_requests = 16;        // per connection
   std::uint32_t threads = 0;                       // 0 = one per core
+  // Run small reads/writes/block status on the io threads instead of the
+  // blocking pool (see Session::runs_inline); off = always use the pool.
+  bool inline_io = true;
   // Called once every listener is bound and listening (pid file, --fork).
   std::function<void()> on_listening;
 };
