@@ -536,9 +536,14 @@ class Checker {
 
     const unsigned eb = cb_ + 3 - h_.refcount_order;
     const std::uint64_t per_cluster = cs_ / 8;
+    // Clusters below `hint` are all used (placement only ever adds to
+    // `used`, except when the table is moved, which lowers the hint), so
+    // the scans stay linear overall.
+    std::uint64_t hint = 0;
     auto first_fit = [&](std::uint64_t n) {
-      std::uint64_t run_start = 0, run = 0;
-      for (std::uint64_t k = 0;; k++) {
+      while (used.count(hint)) hint++;
+      std::uint64_t run_start = hint, run = 0;
+      for (std::uint64_t k = hint;; k++) {
         if (used.count(k)) {
           run = 0;
           run_start = k + 1;
@@ -566,6 +571,7 @@ class Checker {
       const std::uint64_t want = div_round_up(*needed.rbegin() + 1, per_cluster);
       if (want != table_n) {
         for (std::uint64_t k = table_start; k < table_start + table_n; k++) used.erase(k);
+        if (table_n) hint = std::min(hint, table_start);
         table_n = want;
         table_start = first_fit(table_n);
         for (std::uint64_t k = table_start; k < table_start + table_n; k++) used[k] = 1;
