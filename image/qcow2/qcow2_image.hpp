@@ -77,6 +77,11 @@ class Qcow2Image final : public BlockDevice {
   // in_use for them on disk (§12.6 in-place update, flushed) — once per
   // open. Cheap afterwards (one bitmap lock per enabled bitmap).
   [[nodiscard]] Result<void> bitmaps_before_write(std::uint64_t offset, std::uint64_t length);
+  // close() of a writable image MUST, once no write is in flight and guest
+  // data, L2 tables and refcounts are flushed, with mutex_ held and before
+  // clearing the dirty bit, call bitmap_store().store(refcounts, header_):
+  // it writes the marked bitmaps to new clusters, switches the header and
+  // clears in_use (no I/O if no write happened). Report its error from close().
   BitmapStore& bitmap_store() { return *bitmap_store_; }
 
   // The central lookup: the run of guest bytes starting at offset (at most
