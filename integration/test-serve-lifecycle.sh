@@ -62,9 +62,15 @@ while True:
     if typ == 1: break
 reqs = b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i, i * 65536, 65536) for i in range(16))
 s.sendall(reqs)
-os.kill(int(sys.argv[2]), signal.SIGTERM)
 got = done = 0
+signalled = False
 while got < 16:
+    if got == 1 and not signalled:
+        # Signal only once the server is provably serving this batch (a
+        # signal that wins the race may refuse all 16, which is legal but
+        # proves nothing about finishing in-flight work).
+        os.kill(int(sys.argv[2]), signal.SIGTERM)
+        signalled = True
     hdr = s.recv(16, socket.MSG_WAITALL)
     assert len(hdr) == 16, "connection closed with %d replies" % got
     magic, err, ck = struct.unpack(">IIQ", hdr)

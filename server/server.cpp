@@ -17,6 +17,7 @@
 #include <atomic>
 #include <csignal>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <mutex>
 #include <set>
@@ -182,6 +183,14 @@ class Session : public std::enable_shared_from_this<Session> {
   std::uint32_t inflight_ = 0;
   std::uint64_t inflight_bytes_ = 0;
   std::deque<Slot*> ready_;
+  // Receive buffer: one recv can bring many pipelined request headers (and
+  // small write payloads), instead of one syscall per 28/32-byte header.
+  static constexpr std::size_t kRecvBufferSize = 64u << 10;
+  std::unique_ptr<std::byte[]> rbuf_;
+  std::size_t rpos_ = 0, rend_ = 0;
+  std::size_t buffered() const { return rend_ - rpos_; }
+  // Until at least `need` (<= kRecvBufferSize) bytes are buffered.
+  awaitable<boost::system::error_code> fill(std::size_t need);
   std::vector<std::unique_ptr<Slot>> slots_;
   std::vector<Slot*> free_slots_;
 };
@@ -357,11 +366,26 @@ void Session::put_slot(Slot* s) {
   free_slots_.push_back(s);
 }
 
+awaitable<boost::system::error_code> Session::fill(std::size_t need) {
+  if (rpos_ > 0 && rend_ - rpos_ < need) {
+    std::memmove(rbuf_.get(), rbuf_.get() + rpos_, rend_ - rpos_);
+    rend_ -= rpos_;
+    rpos_ = 0;
+  }
+  while (rend_ - rpos_ < need) {
+    auto [ec, n] = co_await socket_.async_read_some(asio::buffer(rbuf_.get() + rend_, kRecvBufferSize - rend_),
+                                                    asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+    rend_ += n;
+    if (ec) co_return ec;
+  }
+  co_return boost::system::error_code{};
+}
+
 awaitable<void> Session::transmission() {
   auto self = shared_from_this();
   asio::co_spawn(socket_.get_executor(), writer(), asio::detached);
   const auto hsize = request_header_size(neg_.mode);
-  std::array<std::byte, kExtendedRequestSize> header;
+  rbuf_ = std::make_unique_for_overwrite<std::byte[]>(kRecvBufferSize);
   const auto& opts = server_.options();
   for (;;) {
     if (write_failed_) break;
@@ -370,14 +394,15 @@ awaitable<void> Session::transmission() {
       // NBD_ESHUTDOWN, §14) so closing does not reset the connection under
       // unread data, but do not wait for more.
       boost::system::error_code aec;
-      if (socket_.available(aec) < hsize || aec) break;
+      auto avail = socket_.available(aec);
+      if (aec || buffered() + avail < hsize) break;
     }
-    auto [ec, n] = co_await asio::async_read(socket_, asio::buffer(header.data(), hsize),
-                                             asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
-    if (ec == asio::error::operation_aborted && n == 0 && stopping_) continue;
+    auto ec = co_await fill(hsize);
+    if (ec == asio::error::operation_aborted && stopping_) continue;
     if (ec) break;
     Request req;
-    auto st = parse_request_header(std::span(header.data(), hsize), neg_.mode, neg_.max_payload, req);
+    auto st = parse_request_header(std::span(rbuf_.get() + rpos_, hsize), neg_.mode, neg_.max_payload, req);
+    rpos_ += hsize;
     if (st == ParseStatus::bad_magic) {
       log::warn("conn {}: bad request magic, closing", id_);
       break;
@@ -410,9 +435,18 @@ awaitable<void> Session::transmission() {
         s->data = buffer_pool().get(req.payload_length);
       }
       // Payload is always consumed before replying, even for requests that
-      // will be rejected, so the stream stays in sync (§15.2 #18).
-      auto [ec2, n2] = co_await asio::async_read(socket_, asio::buffer(s->data.data.get(), req.payload_length),
-                                                 asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+      // will be rejected, so the stream stays in sync (§15.2 #18). What the
+      // receive buffer already holds is copied; the rest is read in place.
+      const std::size_t have = std::min<std::size_t>(buffered(), req.payload_length);
+      std::memcpy(s->data.data.get(), rbuf_.get() + rpos_, have);
+      rpos_ += have;
+      boost::system::error_code ec2;
+      if (have < req.payload_length) {
+        auto [e, n2] = co_await asio::async_read(
+            socket_, asio::buffer(s->data.data.get() + have, req.payload_length - have),
+            asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+        ec2 = e;
+      }
       if (ec2) {
         inflight_--;
         inflight_bytes_ -= cost;
