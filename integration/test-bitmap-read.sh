@@ -101,7 +101,8 @@ grep -q clean "$TMPDIR_TEST/ref.frozen" || fail "reference map of frozen is not 
 # --- refusals, in qemu-nbd's words --------------------------------------
 bad=$TMPDIR_TEST/inuse.qcow2
 cp "$small" "$bad"
-(qemu-io -f qcow2 -c "write 0 4k" -c abort "$bad" >/dev/null 2>&1) 2>/dev/null || true
+# (inner shell so bash's "Aborted" notice goes to /dev/null too)
+bash -c 'qemu-io -f qcow2 -c "write 0 4k" -c abort "$1"; true' _ "$bad" >/dev/null 2>&1
 qemu-img info "$bad" | grep -q in-use || fail "qemu-io abort did not leave a bitmap in use"
 for b in g64k nosuch; do
   qmsg=$(timeout 10 qemu-nbd -r -f qcow2 -B "$b" -k "$TMPDIR_TEST/x.sock" "$bad" 2>&1 >/dev/null) && fail "qemu-nbd accepted $b"
