@@ -121,8 +121,10 @@ for cluster in 64k 4k 2M; do
   both --merge b zz
   compare "refusals change nothing"
   # A bitmap left in use by a crash: only removal is allowed.
-  (qemu-io -f qcow2 -c 'write 0 4k' -c abort "$ref" >/dev/null 2>&1) 2>/dev/null || true
-  (qemu-io -f qcow2 -c 'write 0 4k' -c abort "$mine" >/dev/null 2>&1) 2>/dev/null || true
+  # (inner shell so bash's "Aborted" notice goes to /dev/null too)
+  for img in "$ref" "$mine"; do
+    bash -c 'qemu-io -f qcow2 -c "write 0 4k" -c abort "$1"; true' _ "$img" >/dev/null 2>&1
+  done
   both --clear a
   both --enable b
   both --merge b a
