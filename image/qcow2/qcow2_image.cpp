@@ -48,8 +48,6 @@ Result<void> check_metadata_overlaps(const Header& h) {
   return ok();
 }
 
-Error not_writable() { return make_error(EROFS, "writing qcow2 images is not supported yet"); }
-
 }  // namespace
 
 Qcow2Image::~Qcow2Image() = default;
@@ -70,7 +68,16 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
 
   if (!options.read_only) {
     if (h.corrupt()) return make_error(EROFS, "image is corrupt; it can only be opened read-only");
-    return not_writable();
+    if (h.dirty()) {
+      // Stale refcounts (lazy_refcounts): rebuild them, then read the
+      // header again (the rebuild may have moved the refcount table).
+      QNBD_TRY(img->repair_dirty_image(file));
+      img->file_size_ = QNBD_TRY(file.size());
+      c0.assign(static_cast<std::size_t>(std::min<std::uint64_t>(img->file_size_, 1ull << MAX_CLUSTER_BITS)), std::byte{0});
+      QNBD_TRY(file.read_exact(c0, 0, "header"));
+      img->header_ = QNBD_TRY(parse_header(c0, img->file_size_));
+      QNBD_TRY(check_metadata_overlaps(h));
+    }
   }
   if (h.dirty()) log::debug("{}: dirty bit set (refcounts may be stale); reading is safe", parts.path);
 
@@ -89,7 +96,7 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
         auto slash = parts.path.rfind('/');
         if (slash != std::string::npos) path = parts.path.substr(0, slash + 1) + path;
       }
-      auto df = open_posix_file(path, OpenMode::read_only, options.cache);
+      auto df = open_posix_file(path, options.read_only ? OpenMode::read_only : OpenMode::read_write, options.cache);
       if (!df) return make_error(df.error().code, "could not open data file: {}", df.error().message);
       img->data_file_ = std::move(*df);
     }
@@ -125,12 +132,19 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
     img->backing_ = QNBD_TRY(parts.open_backing(h.backing_file, h.backing_format));
   }
   img->full_backing_filename_ = parts.full_backing_filename;
+  if (!options.read_only) QNBD_TRY(img->init_writer());
   return img;
 }
 
 Capabilities Qcow2Image::capabilities() const {
   Capabilities c;
-  c.writable = false;
+  c.writable = writable_;
+  if (writable_) {
+    c.can_trim = true;
+    c.can_write_zeroes = true;
+    // Metadata-only zeroing needs the v3 zero flag and no raw data file.
+    c.can_fast_zero = header_.version >= 3 && !header_.data_file_raw();
+  }
   c.preferred_block = static_cast<std::uint32_t>(std::min<std::uint64_t>(header_.cluster_size(), 65536));
   return c;
 }
@@ -296,10 +310,7 @@ Result<void> Qcow2Image::read(std::span<std::byte> buf, std::uint64_t offset) {
   return ok();
 }
 
-Result<void> Qcow2Image::write(std::span<const std::byte>, std::uint64_t, bool) { return not_writable(); }
-Result<void> Qcow2Image::write_zeroes(std::uint64_t, std::uint64_t, ZeroFlags) { return not_writable(); }
-Result<void> Qcow2Image::discard(std::uint64_t, std::uint64_t, bool) { return not_writable(); }
-Result<void> Qcow2Image::flush() { return ok(); }
+// write, write_zeroes, discard, flush and close: write.cpp.
 
 // QEMU's qcow2_detect_metadata_preallocation: an image whose refcounted
 // clusters clearly outnumber the host blocks really allocated was created

@@ -1,18 +1,24 @@
 // Qcow2Image: the qcow2 BlockDevice (open, read path, block status, info).
 //
 // Thread-safety: one metadata mutex (mutex_) guards the L1 table, the L2
-// table cache and every other piece of metadata state. It is held only while
-// looking up a mapping (get_host_offset) and released around guest data I/O,
-// so reads of different clusters run in parallel. The writer (added later)
-// takes the same mutex for allocation and marks cache entries dirty.
+// table cache, the refcounts and every other piece of metadata state. Reads
+// hold it only while looking up a mapping (get_host_offset) and release it
+// around guest data I/O, so reads of different clusters run in parallel.
 //
-// Read-only for now: writes fail with EROFS and open_image() refuses a
-// writable qcow2 open.
+// Writes (write.cpp): every allocating, copy-on-write, zeroing or discarding
+// step runs under mutex_, including its data copy. An overwrite of an
+// allocated COPIED cluster only looks up the mapping under mutex_, then
+// takes data_lock_ shared, drops mutex_ and writes the data. Applying queued
+// frees (flush) takes data_lock_ exclusive (under mutex_), so no such write
+// can land in a cluster after it was freed and reused.
+// Locking order: mutex_, then data_lock_; bitmap locks are taken by
+// bitmaps_before_write() with neither held.
 #pragma once
 
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -21,6 +27,7 @@
 #include "image/qcow2/cache.hpp"
 #include "image/qcow2/cluster.hpp"
 #include "image/qcow2/header.hpp"
+#include "image/qcow2/refcount.hpp"
 
 namespace qnbd::image::qcow2 {
 
@@ -60,6 +67,7 @@ class Qcow2Image final : public BlockDevice {
   Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length, ZeroFlags flags) override;
   Result<void> discard(std::uint64_t offset, std::uint64_t length, bool fua) override;
   Result<void> flush() override;
+  Result<void> close() override;
   Result<std::size_t> block_status(std::uint64_t offset, std::uint64_t length, std::span<Extent> out) override;
   Result<LayerStatus> layer_status(std::uint64_t offset, std::uint64_t max_length) override;
   BlockDevice* backing() const override { return backing_.get(); }
@@ -103,6 +111,27 @@ class Qcow2Image final : public BlockDevice {
   File& data_file() { return data_file_ ? *data_file_ : *file_; }
   Result<bool> metadata_preallocated();
 
+  // Write path (write.cpp); *_locked need mutex_ held.
+  struct PendingFree {
+    std::uint64_t host_offset, bytes;
+    bool l2_table;
+  };
+  Result<void> init_writer();
+  Result<void> repair_dirty_image(File& file);
+  Result<void> check_writable(std::uint64_t offset, std::uint64_t length, const char* what);
+  Result<void> sync_dependencies_locked();
+  Error set_corrupt_locked(const std::string& why);
+  bool overlaps_metadata(std::uint64_t host, std::uint64_t bytes) const;
+  Result<std::uint64_t> allocate_cluster_locked();
+  void queue_free_locked(std::uint64_t l2_entry);
+  Result<TableCache::Handle> l2_for_write_locked(std::uint64_t l1_index);
+  Result<void> read_guest_locked(std::span<std::byte> buf, std::uint64_t offset);
+  Result<void> write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length);
+  Result<void> zero_cluster_locked(std::uint64_t guest_cluster, bool may_unmap, bool unallocate);
+  Result<void> zero_subclusters_locked(std::uint64_t guest_cluster, unsigned first, unsigned last);
+  Result<void> flush_locked();
+  Result<void> maybe_flush_frees_locked();
+
   std::unique_ptr<File> file_;
   std::unique_ptr<File> data_file_;  // external data file, or null
   std::string path_;
@@ -121,6 +150,13 @@ class Qcow2Image final : public BlockDevice {
   std::vector<std::uint64_t> l1_;  // active L1 table, host byte order
   std::unique_ptr<TableCache> l2_cache_;
   bool metadata_prealloc_checked_ = false;
+  // Writer state (all under mutex_).
+  bool writable_ = false;
+  bool closed_ = false;
+  bool deps_dirty_ = false;  // refcounts/data not yet synced before the next L2 write-back
+  std::unique_ptr<Refcounts> refcounts_;
+  std::vector<PendingFree> pending_free_;  // references dropped, applied after the pointers are on disk
+  std::shared_mutex data_lock_;            // shared: in-place data writes; exclusive: applying frees
   bool metadata_prealloc_ = false;
 };
 

@@ -1,0 +1,523 @@
+// qcow2 write path (§5-§7, §10, §14 of ../shared/spec/qcow2.md): cluster
+// allocation, copy-on-write, zero clusters, discard, flush and the
+// crash-safe ordering of metadata updates. Locking is documented in
+// qcow2_image.hpp.
+//
+// Ordering (§14.3) without a flush per request:
+//  * new clusters get their refcount in Refcounts' cache; new data goes to
+//    the data file; the L2 entry changes only in the L2 cache. Before any
+//    L2 table is written back (cache flush or eviction, writeback hook),
+//    refcount blocks and the data are written and synced (deps_dirty_);
+//  * a new L2 table is written and synced before the L1 entry pointing to
+//    it is written;
+//  * references dropped by COW, zeroing or discard are queued in
+//    pending_free_ and applied only after the L2/L1 updates that removed the
+//    pointers are on disk (flush_locked), with in-place writers excluded.
+// A crash therefore leaks clusters at worst.
+#include <algorithm>
+#include <cstring>
+#include <shared_mutex>
+
+#include "common/checked.hpp"
+#include "common/endian.hpp"
+#include "common/log.hpp"
+#include "image/qcow2/check.hpp"
+#include "image/qcow2/compress.hpp"
+#include "image/qcow2/qcow2_image.hpp"
+#include "image/qcow2/refcount.hpp"
+
+namespace qnbd::image::qcow2 {
+namespace {
+
+// Byte offsets of the v3 feature words in the header (§2).
+constexpr std::uint64_t kIncompatibleFeaturesOffset = 72;
+constexpr std::uint64_t kAutoclearFeaturesOffset = 88;
+// Apply queued frees once this many are pending, so memory stays bounded
+// between guest flushes.
+constexpr std::size_t kMaxPendingFrees = 4096;
+
+Result<void> write_be64_at(File& f, std::uint64_t offset, std::uint64_t value) {
+  std::byte raw[8];
+  store_be64(raw, value);
+  return f.pwrite(raw, offset);
+}
+
+}  // namespace
+
+Result<void> Qcow2Image::init_writer() {
+  RefcountGeometry rg{header_.cluster_bits, header_.refcount_order};
+  refcounts_ = std::make_unique<Refcounts>(QNBD_TRY(
+      Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters)));
+  l2_cache_->set_writeback([this](std::uint64_t offset, std::span<const std::byte> table) -> Result<void> {
+    QNBD_TRY(sync_dependencies_locked());
+    return file_->pwrite(table, offset);
+  });
+  // Unknown autoclear bits mean another writer's structures we do not
+  // maintain: clear them (§2, as QEMU on a writable open).
+  if (header_.version >= 3 && (header_.autoclear_features & ~AUTOCLEAR_MASK)) {
+    header_.autoclear_features &= AUTOCLEAR_MASK;
+    QNBD_TRY(write_be64_at(*file_, kAutoclearFeaturesOffset, header_.autoclear_features));
+    QNBD_TRY(file_->flush());
+  }
+  writable_ = true;
+  return ok();
+}
+
+Result<void> Qcow2Image::repair_dirty_image(File& file) {
+  // §5.7 / QEMU: a dirty lazy-refcounts image has stale refcounts; rebuild
+  // them before trusting the allocator.
+  log::info("{}: dirty bit set, repairing refcounts", path_);
+  CheckResult r = QNBD_TRY(check_qcow2(file, RepairMode::all, [&](const std::string& line) {
+    log::debug("{}: {}", path_, line);
+  }));
+  if (r.corruptions > r.corruptions_fixed || r.check_errors) {
+    return make_error(EIO, "{}: could not repair the dirty image ({} corruptions left)", path_,
+                      r.corruptions - r.corruptions_fixed);
+  }
+  std::byte raw[8];
+  QNBD_TRY(file.read_exact(raw, kIncompatibleFeaturesOffset, "header"));
+  QNBD_TRY(write_be64_at(file, kIncompatibleFeaturesOffset, load_be64(raw) & ~INCOMPAT_DIRTY));
+  return file.flush();
+}
+
+Result<void> Qcow2Image::sync_dependencies_locked() {
+  if (!deps_dirty_) return ok();
+  QNBD_TRY(refcounts_->flush());  // writes refcount blocks, fdatasyncs the image file (holding the data)
+  if (data_file_) QNBD_TRY(data_file_->flush());
+  deps_dirty_ = false;
+  return ok();
+}
+
+Error Qcow2Image::set_corrupt_locked(const std::string& why) {
+  log::error("{}: image is corrupt: {}; further writes are refused", path_, why);
+  if (!header_.corrupt()) {
+    header_.incompatible_features |= INCOMPAT_CORRUPT;
+    if (header_.version >= 3) {
+      (void)write_be64_at(*file_, kIncompatibleFeaturesOffset, header_.incompatible_features);
+      (void)file_->flush();
+    }
+  }
+  return make_error(EIO, "{}: image is corrupt: {}", path_, why);
+}
+
+Result<void> Qcow2Image::check_writable(std::uint64_t offset, std::uint64_t length, const char* what) {
+  if (!writable_) return make_error(EROFS, "{}: image is opened read-only", path_);
+  if (!range_within(offset, length, size_)) {
+    return make_error(EINVAL, "{}: {} {:#x}+{} is outside the image ({} bytes)", path_, what, offset, length, size_);
+  }
+  if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
+  return ok();
+}
+
+bool Qcow2Image::overlaps_metadata(std::uint64_t host, std::uint64_t bytes) const {
+  const std::uint64_t cs = header_.cluster_size();
+  auto hit = [&](std::uint64_t off, std::uint64_t len) {
+    return len && host < align_up(off + len, cs) && off < host + bytes;
+  };
+  return hit(0, cs) || hit(header_.l1_table_offset, std::uint64_t{header_.l1_size} * 8) ||
+         hit(refcounts_->table_offset(), std::uint64_t{refcounts_->table_clusters()} * cs);
+}
+
+Result<std::uint64_t> Qcow2Image::allocate_cluster_locked() {
+  std::uint64_t host = QNBD_TRY(refcounts_->allocate(1));
+  deps_dirty_ = true;
+  file_size_ = std::max(file_size_, host + header_.cluster_size());
+  return host;
+}
+
+void Qcow2Image::queue_free_locked(std::uint64_t l2_entry) {
+  if (data_file_ || l2_entry == 0) return;  // no refcounts for the external data file
+  if (l2_entry & QCOW_OFLAG_COMPRESSED) {
+    CompressedDescriptor d = parse_compressed_descriptor(l2_entry, header_.cluster_bits);
+    pending_free_.push_back({align_down(d.host_offset, 512), d.nb_sectors * 512, false});
+  } else if (std::uint64_t host = l2_entry & L2E_OFFSET_MASK) {
+    pending_free_.push_back({host, header_.cluster_size(), false});
+  }
+}
+
+Result<TableCache::Handle> Qcow2Image::l2_for_write_locked(std::uint64_t l1_index) {
+  const std::uint64_t cs = header_.cluster_size();
+  if (l1_index >= l1_.size()) {
+    return make_error(EIO, "{}: guest offset needs L1 index {} but the L1 table has {} entries", path_, l1_index,
+                      l1_.size());
+  }
+  auto old_r = l1_entry_l2_offset(l1_[l1_index], header_.cluster_bits, file_size_);
+  if (!old_r) return set_corrupt_locked(fmt::format("{} (L1 index {})", old_r.error().message, l1_index));
+  const std::uint64_t old = *old_r;
+  if (old && (l1_[l1_index] & QCOW_OFLAG_COPIED)) {
+    if (overlaps_metadata(old, cs)) {
+      return set_corrupt_locked(fmt::format("L2 table at {:#x} overlaps other metadata", old));
+    }
+    return l2_cache_->get(old);
+  }
+  // A new table, or a copy of one shared with a snapshot (refcount > 1).
+  std::vector<std::byte> table(static_cast<std::size_t>(cs));
+  if (old) {
+    TableCache::Handle h = QNBD_TRY(l2_cache_->get(old));
+    std::memcpy(table.data(), h.data().data(), table.size());
+  }
+  const std::uint64_t host = QNBD_TRY(allocate_cluster_locked());
+  // The table's refcount (and every dirty dependency) first, then the table,
+  // then the L1 entry.
+  QNBD_TRY(sync_dependencies_locked());
+  QNBD_TRY(file_->pwrite(table, host));
+  QNBD_TRY(file_->flush());
+  l1_[l1_index] = host | QCOW_OFLAG_COPIED;
+  QNBD_TRY(write_be64_at(*file_, header_.l1_table_offset + l1_index * 8, l1_[l1_index]));
+  if (old) pending_free_.push_back({old, cs, true});
+  return l2_cache_->get(host);
+}
+
+Result<void> Qcow2Image::read_guest_locked(std::span<std::byte> buf, std::uint64_t offset) {
+  // Bytes past the virtual size (the tail of the last cluster) read as zero.
+  const std::size_t visible = offset >= size_ ? 0 : static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), size_ - offset));
+  std::memset(buf.data() + visible, 0, buf.size() - visible);
+  buf = buf.first(visible);
+  while (!buf.empty()) {
+    Mapping m = QNBD_TRY(get_host_offset_locked(offset, buf.size()));
+    std::span<std::byte> part = buf.first(static_cast<std::size_t>(m.bytes));
+    switch (m.type) {
+      case SubclusterType::normal:
+        QNBD_TRY(data_file().read_zero_fill(part, m.host_offset));
+        break;
+      case SubclusterType::compressed:
+        QNBD_TRY(read_compressed(part, offset, m.l2_entry));
+        break;
+      case SubclusterType::zero_plain:
+      case SubclusterType::zero_alloc:
+        std::memset(part.data(), 0, part.size());
+        break;
+      case SubclusterType::unallocated_plain:
+      case SubclusterType::unallocated_alloc:
+        QNBD_TRY(read_unallocated(part, offset));
+        break;
+    }
+    buf = buf.subspan(part.size());
+    offset += part.size();
+  }
+  return ok();
+}
+
+// Write guest bytes [offset, offset+length) inside one cluster (data null:
+// zeroes), allocating or copying the cluster as needed. mutex_ held.
+Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length) {
+  const L2Geometry& g = geometry_;
+  const std::uint64_t cs = g.cluster_size();
+  const std::uint64_t gc = align_down(offset, cs);
+  const std::uint64_t in = offset - gc;
+  const unsigned l2_bits = header_.l2_bits();
+  TableCache::Handle table = QNBD_TRY(l2_for_write_locked(offset >> (g.cluster_bits + l2_bits)));
+  const std::uint64_t idx = (offset >> g.cluster_bits) & ((1ull << l2_bits) - 1);
+  std::byte* slot = table.mutable_data().data() + idx * g.l2_entry_size();
+  L2Entry e{load_be64(slot), g.extended_l2 ? load_be64(slot + 8) : 0};
+  if (auto t = get_subcluster_type(g, e, 0, gc); !t) return set_corrupt_locked(t.error().message);
+
+  const bool compressed = e.entry & QCOW_OFLAG_COMPRESSED;
+  const std::uint64_t old_host = compressed ? 0 : e.entry & L2E_OFFSET_MASK;
+  const bool in_place = old_host && ((e.entry & QCOW_OFLAG_COPIED) || data_file_);
+  if (old_host && !data_file_ && overlaps_metadata(old_host, cs)) {
+    return set_corrupt_locked(fmt::format("data cluster at {:#x} (guest {:#x}) overlaps metadata", old_host, gc));
+  }
+
+  // The host range [ws, we) of the cluster that must be written.
+  std::uint64_t ws = 0, we = cs;
+  std::uint64_t bitmap = 0;
+  const bool ext = g.extended_l2;
+  if (ext) {
+    const std::uint64_t sc = cs / SUBCLUSTERS_PER_CLUSTER;
+    const unsigned first = static_cast<unsigned>(in / sc), last = static_cast<unsigned>((in + length - 1) / sc);
+    const std::uint64_t touched = ((last == 31 ? 0xffffffffull : (1ull << (last + 1)) - 1) >> first) << first;
+    const std::uint64_t alloc = compressed ? QCOW_L2_BITMAP_ALL_ALLOC : e.bitmap & QCOW_L2_BITMAP_ALL_ALLOC;
+    const std::uint64_t zero = compressed ? 0 : e.bitmap >> 32;
+    bitmap = (alloc | touched) | ((zero & ~touched & 0xffffffffull) << 32);
+    if (in_place && (alloc & touched) == touched && (zero & touched) == 0) {
+      ws = in;
+      we = in + length;
+    } else if (in_place || !(compressed || old_host)) {
+      // Only the touched subclusters: the others keep their state.
+      ws = first * sc;
+      we = (last + 1) * sc;
+    }
+  } else if (in_place && !(e.entry & QCOW_OFLAG_ZERO)) {
+    ws = in;
+    we = in + length;
+  }
+
+  const std::uint64_t host = in_place ? old_host : data_file_ ? gc : QNBD_TRY(allocate_cluster_locked());
+  std::vector<std::byte> buf;
+  std::span<const std::byte> out;
+  if (ws == in && we == in + length && data) {
+    out = std::span(data, static_cast<std::size_t>(length));
+  } else {
+    buf.resize(static_cast<std::size_t>(we - ws));
+    // Copy-on-write: what the guest sees now (backing file, compressed or
+    // zero cluster, old shared cluster), then the new bytes.
+    if (ws < in || we > in + length) QNBD_TRY(read_guest_locked(buf, gc + ws));
+    if (data) {
+      std::memcpy(buf.data() + (in - ws), data, static_cast<std::size_t>(length));
+    } else {
+      std::memset(buf.data() + (in - ws), 0, static_cast<std::size_t>(length));
+    }
+    out = buf;
+  }
+  QNBD_TRY(data_file().pwrite(out, host + ws));
+  file_size_ = std::max(file_size_, data_file_ ? file_size_ : host + cs);
+
+  // The new entry: COPIED (refcount 1, or the external data file).
+  deps_dirty_ = true;
+  if (!in_place) queue_free_locked(e.entry);
+  store_be64(slot, host | QCOW_OFLAG_COPIED);
+  if (ext) store_be64(slot + 8, bitmap);
+  l2_cache_->mark_dirty(table);
+  return ok();
+}
+
+// Make a whole cluster read as zeroes (v3 zero flag, or extended L2 zero
+// bits), keeping its host cluster when !may_unmap. If `unallocate`, the
+// entry becomes unallocated instead (no backing file shows through).
+Result<void> Qcow2Image::zero_cluster_locked(std::uint64_t gc, bool may_unmap, bool unallocate) {
+  const L2Geometry& g = geometry_;
+  const unsigned l2_bits = header_.l2_bits();
+  const std::uint64_t l1_index = gc >> (g.cluster_bits + l2_bits);
+  if (unallocate && l1_index < l1_.size() && l1_[l1_index] == 0) return ok();  // nothing allocated
+  TableCache::Handle table = QNBD_TRY(l2_for_write_locked(l1_index));
+  const std::uint64_t idx = (gc >> g.cluster_bits) & ((1ull << l2_bits) - 1);
+  std::byte* slot = table.mutable_data().data() + idx * g.l2_entry_size();
+  L2Entry e{load_be64(slot), g.extended_l2 ? load_be64(slot + 8) : 0};
+  if (auto t = get_subcluster_type(g, e, 0, gc); !t) return set_corrupt_locked(t.error().message);
+  const bool compressed = e.entry & QCOW_OFLAG_COMPRESSED;
+  const std::uint64_t old_host = compressed ? 0 : e.entry & L2E_OFFSET_MASK;
+  const bool keep = !may_unmap && old_host && ((e.entry & QCOW_OFLAG_COPIED) || data_file_);
+
+  std::uint64_t entry = 0, bitmap = 0;
+  if (keep) {
+    entry = old_host | QCOW_OFLAG_COPIED | (g.extended_l2 ? 0 : QCOW_OFLAG_ZERO);
+    bitmap = g.extended_l2 ? QCOW_L2_BITMAP_ALL_ZEROES : 0;
+  } else if (!unallocate) {
+    entry = g.extended_l2 ? 0 : QCOW_OFLAG_ZERO;
+    bitmap = g.extended_l2 ? QCOW_L2_BITMAP_ALL_ZEROES : 0;
+  }
+  if (header_.data_file_raw()) {
+    // The raw data file must read the same as the image.
+    QNBD_TRY(data_file_->write_zeroes(gc, g.cluster_size(), may_unmap));
+  }
+  if (e.entry == entry && e.bitmap == bitmap) return ok();
+  if (!keep) queue_free_locked(e.entry);
+  store_be64(slot, entry);
+  if (g.extended_l2) store_be64(slot + 8, bitmap);
+  l2_cache_->mark_dirty(table);
+  deps_dirty_ = true;
+  return ok();
+}
+
+// Zero whole subclusters [first, last] of an extended-L2 cluster in place.
+Result<void> Qcow2Image::zero_subclusters_locked(std::uint64_t gc, unsigned first, unsigned last) {
+  const L2Geometry& g = geometry_;
+  const unsigned l2_bits = header_.l2_bits();
+  TableCache::Handle table = QNBD_TRY(l2_for_write_locked(gc >> (g.cluster_bits + l2_bits)));
+  const std::uint64_t idx = (gc >> g.cluster_bits) & ((1ull << l2_bits) - 1);
+  std::byte* slot = table.mutable_data().data() + idx * g.l2_entry_size();
+  L2Entry e{load_be64(slot), load_be64(slot + 8)};
+  if (auto t = get_subcluster_type(g, e, 0, gc); !t) return set_corrupt_locked(t.error().message);
+  const std::uint64_t sc = g.cluster_size() / SUBCLUSTERS_PER_CLUSTER;
+  if (e.entry & QCOW_OFLAG_COMPRESSED) {
+    // Per-subcluster bits do not exist for a compressed cluster: copy it.
+    table.reset();
+    return write_cluster_locked(nullptr, gc + first * sc, (last - first + 1) * sc);
+  }
+  const std::uint64_t touched = ((last == 31 ? 0xffffffffull : (1ull << (last + 1)) - 1) >> first) << first;
+  std::uint64_t bitmap = (e.bitmap & ~touched) | (touched << 32);
+  if (header_.data_file_raw()) QNBD_TRY(data_file_->write_zeroes(gc + first * sc, (last - first + 1) * sc, false));
+  store_be64(slot + 8, bitmap);
+  l2_cache_->mark_dirty(table);
+  deps_dirty_ = true;
+  return ok();
+}
+
+Result<void> Qcow2Image::flush_locked() {
+  if (!writable_) return ok();
+  QNBD_TRY(sync_dependencies_locked());
+  QNBD_TRY(l2_cache_->flush());
+  QNBD_TRY(file_->flush());
+  if (!pending_free_.empty()) {
+    // The pointers are gone on disk; no in-place writer may still target a
+    // cluster about to become free (and reusable).
+    std::unique_lock data(data_lock_);
+    std::vector<PendingFree> frees;
+    frees.swap(pending_free_);
+    for (const PendingFree& f : frees) {
+      if (f.l2_table) l2_cache_->discard(f.host_offset);
+      auto r = refcounts_->free(f.host_offset, f.bytes);
+      if (!r) {
+        if (r.error().code == EIO) {
+          return set_corrupt_locked(fmt::format("freeing {:#x}+{}: {}", f.host_offset, f.bytes, r.error().message));
+        }
+        return r;
+      }
+    }
+    QNBD_TRY(refcounts_->flush());
+  }
+  if (data_file_) QNBD_TRY(data_file_->flush());
+  return ok();
+}
+
+Result<void> Qcow2Image::maybe_flush_frees_locked() {
+  if (pending_free_.size() >= kMaxPendingFrees) return flush_locked();
+  return ok();
+}
+
+Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t offset, bool fua) {
+  QNBD_TRY(check_writable(offset, buf.size(), "write"));
+  if (buf.empty()) return ok();
+  QNBD_TRY(bitmaps_before_write(offset, buf.size()));
+  const L2Geometry& g = geometry_;
+  const std::uint64_t cs = g.cluster_size();
+  const unsigned l2_bits = header_.l2_bits();
+  while (!buf.empty()) {
+    const std::uint64_t gc = align_down(offset, cs);
+    const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), gc + cs - offset));
+    std::unique_lock lock(mutex_);
+    if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
+    // Fast path: an allocated COPIED cluster (all touched subclusters
+    // allocated) is overwritten in place without the metadata mutex.
+    std::uint64_t host = 0;
+    const std::uint64_t l1_index = offset >> (g.cluster_bits + l2_bits);
+    if (l1_index < l1_.size() && (l1_[l1_index] & QCOW_OFLAG_COPIED)) {
+      auto l2 = l1_entry_l2_offset(l1_[l1_index], g.cluster_bits, file_size_);
+      if (l2 && *l2) {
+        TableCache::Handle table = QNBD_TRY(l2_cache_->get(*l2));
+        const std::uint64_t idx = (offset >> g.cluster_bits) & ((1ull << l2_bits) - 1);
+        const std::byte* slot = table.data().data() + idx * g.l2_entry_size();
+        L2Entry e{load_be64(slot), g.extended_l2 ? load_be64(slot + 8) : 0};
+        auto t = get_subcluster_type(g, e, 0, gc);
+        const std::uint64_t h = e.entry & L2E_OFFSET_MASK;
+        if (t && (e.entry & QCOW_OFLAG_COPIED) && !(e.entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)) && h &&
+            (data_file_ || !overlaps_metadata(h, cs))) {
+          bool all = true;
+          if (g.extended_l2) {
+            const std::uint64_t sc = cs / SUBCLUSTERS_PER_CLUSTER;
+            for (std::uint64_t s = (offset - gc) / sc; s <= (offset - gc + n - 1) / sc; ++s) {
+              if (!((e.bitmap >> s) & 1) || ((e.bitmap >> (32 + s)) & 1)) all = false;
+            }
+          }
+          if (all) host = h + (offset - gc);
+        }
+      }
+    }
+    if (host) {
+      std::shared_lock data(data_lock_);
+      lock.unlock();
+      QNBD_TRY(data_file().pwrite(buf.first(n), host));
+    } else {
+      QNBD_TRY(write_cluster_locked(buf.data(), offset, n));
+      QNBD_TRY(maybe_flush_frees_locked());
+    }
+    buf = buf.subspan(n);
+    offset += n;
+  }
+  if (fua) QNBD_TRY(flush());
+  return ok();
+}
+
+Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length, ZeroFlags flags) {
+  QNBD_TRY(check_writable(offset, length, "write zeroes"));
+  if (length == 0) return ok();
+  const L2Geometry& g = geometry_;
+  const std::uint64_t cs = g.cluster_size();
+  const std::uint64_t sc = cs / g.subclusters_per_cluster();
+  const std::uint64_t end = offset + length;
+  // A unit is whole if it is covered, or covered up to the end of the image.
+  auto whole = [&](std::uint64_t start, std::uint64_t unit) {
+    return offset <= start && (start + unit <= end || end == size_);
+  };
+  if (flags.fast_only) {
+    // Metadata only: v3 zero flags on whole clusters/subclusters.
+    if (header_.version < 3 || header_.data_file_raw()) return make_error(ENOTSUP, "fast zeroing is not possible");
+    if (!whole(align_down(offset, sc), sc) || !whole(align_down(end - 1, sc), sc)) {
+      return make_error(ENOTSUP, "fast zeroing needs whole clusters");
+    }
+  }
+  QNBD_TRY(bitmaps_before_write(offset, length));
+  std::uint64_t pos = offset;
+  while (pos < end) {
+    const std::uint64_t gc = align_down(pos, cs);
+    const std::uint64_t n = std::min(end, gc + cs) - pos;
+    std::lock_guard lock(mutex_);
+    if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
+    const bool backing_visible = backing_ && gc < backing_->size();
+    if (pos == gc && whole(gc, cs)) {
+      if (header_.version >= 3) {
+        QNBD_TRY(zero_cluster_locked(gc, flags.may_unmap, false));
+      } else if (!backing_visible) {
+        QNBD_TRY(zero_cluster_locked(gc, true, true));
+      } else {
+        QNBD_TRY(write_cluster_locked(nullptr, pos, n));
+      }
+    } else if (g.extended_l2) {
+      // Partial subclusters as data, whole ones as zero bits.
+      const std::uint64_t a = std::min(align_up(pos, sc), pos + n);
+      std::uint64_t b = align_down(pos + n, sc);
+      if (pos + n == size_) b = pos + n;  // the tail subcluster past the end is whole
+      if (a > pos) QNBD_TRY(write_cluster_locked(nullptr, pos, a - pos));
+      if (b > a) {
+        QNBD_TRY(zero_subclusters_locked(gc, static_cast<unsigned>((a - gc) / sc),
+                                         static_cast<unsigned>((b - 1 - gc) / sc)));
+      }
+      if (pos + n > std::max(a, b)) QNBD_TRY(write_cluster_locked(nullptr, std::max(a, b), pos + n - std::max(a, b)));
+    } else {
+      QNBD_TRY(write_cluster_locked(nullptr, pos, n));
+    }
+    QNBD_TRY(maybe_flush_frees_locked());
+    pos += n;
+  }
+  if (flags.fua) QNBD_TRY(flush());
+  return ok();
+}
+
+Result<void> Qcow2Image::discard(std::uint64_t offset, std::uint64_t length, bool fua) {
+  QNBD_TRY(check_writable(offset, length, "discard"));
+  if (length == 0) return ok();
+  const std::uint64_t cs = header_.cluster_size();
+  const std::uint64_t end = offset + length;
+  QNBD_TRY(bitmaps_before_write(offset, length));
+  // Only whole clusters are discarded (NBD allows ignoring the rest); a
+  // raw external data file keeps its data so it stays the guest view.
+  if (!header_.data_file_raw()) {
+    for (std::uint64_t gc = align_up(offset, cs); gc < end && (gc + cs <= end || end == size_); gc += cs) {
+      std::lock_guard lock(mutex_);
+      if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
+      const bool backing_visible = backing_ && gc < backing_->size();
+      if (!backing_visible) {
+        QNBD_TRY(zero_cluster_locked(gc, true, true));
+      } else if (header_.version >= 3) {
+        // Unallocating would expose the backing file: zero instead.
+        QNBD_TRY(zero_cluster_locked(gc, true, false));
+      }
+      QNBD_TRY(maybe_flush_frees_locked());
+    }
+  }
+  if (fua) QNBD_TRY(flush());
+  return ok();
+}
+
+Result<void> Qcow2Image::flush() {
+  std::lock_guard lock(mutex_);
+  if (!writable_) return ok();
+  return flush_locked();
+}
+
+Result<void> Qcow2Image::close() {
+  std::lock_guard lock(mutex_);
+  if (!writable_ || closed_) return ok();
+  closed_ = true;
+  QNBD_TRY(flush_locked());
+  // The bitmap store writes through a Header copy: refresh what a refcount
+  // table move may have changed on disk.
+  header_.refcount_table_offset = refcounts_->table_offset();
+  header_.refcount_table_clusters = refcounts_->table_clusters();
+  if (bitmaps_.empty()) return ok();  // nothing to store (and no directory to rewrite)
+  QNBD_TRY(bitmap_store_->store(*refcounts_, header_));
+  return flush_locked();
+}
+
+}  // namespace qnbd::image::qcow2
