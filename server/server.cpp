@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
@@ -135,6 +136,8 @@ class Session : public std::enable_shared_from_this<Session> {
  public:
   static constexpr std::size_t kMaxBatch = 16;
   static constexpr std::uint32_t kInlineMaxLength = 256u << 10;
+  static constexpr auto kSlowInline = std::chrono::microseconds(200);
+  static constexpr std::uint32_t kPoolCredit = 256;
   Session(Server& server, Socket socket, std::uint64_t id)
       : server_(server), socket_(std::move(socket)), id_(id),
         wake_reader_(socket_.get_executor()), wake_writer_(socket_.get_executor()),
@@ -155,7 +158,8 @@ class Session : public std::enable_shared_from_this<Session> {
   awaitable<void> writer();
   awaitable<void> handle(Slot* slot);
   bool answer_without_device(Slot& s);  // refusals and CACHE; true if answered
-  bool runs_inline(const Request& r) const;
+  bool runs_inline(const Request& r);
+  void execute_inline(Slot& s);
   void execute(Slot& s);  // runs on the blocking pool or inline (runs_inline)
   void do_read(Slot& s);
   void do_block_status(Slot& s);
@@ -182,6 +186,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool write_failed_ = false;
   std::uint32_t inflight_ = 0;
   std::uint64_t inflight_bytes_ = 0;
+  std::uint32_t pool_credit_ = 0;  // requests still to send to the pool (runs_inline)
   std::deque<Slot*> ready_;
   // Receive buffer: one recv can bring many pipelined request headers (and
   // small write payloads), instead of one syscall per 28/32-byte header.
@@ -455,7 +460,7 @@ awaitable<void> Session::transmission() {
       }
     }
     if (runs_inline(s->req)) {
-      if (!answer_without_device(*s)) execute(*s);
+      if (!answer_without_device(*s)) execute_inline(*s);
       queue_reply(s);
     } else {
       asio::co_spawn(socket_.get_executor(), handle(s), asio::detached);
@@ -542,9 +547,16 @@ bool Session::answer_without_device(Slot& s) {
 // work itself, so they run on the connection's io thread (other connections
 // keep the other io threads). Calls that wait for the disk (FLUSH, FUA,
 // O_DIRECT images) and big transfers go to the pool so one connection's
-// reader is not parked behind them.
-bool Session::runs_inline(const Request& r) const {
+// reader is not parked behind them. An inline call that turns out slow
+// (page-cache miss, dirty-page throttling, a busy CPU) sends the next
+// kPoolCredit requests of this connection to the pool, then inline is tried
+// again: the connection adapts to whether its device is cache- or disk-bound.
+bool Session::runs_inline(const Request& r) {
   if (!server_.options().inline_io || !export_->inline_io) return false;
+  if (pool_credit_ > 0) {
+    --pool_credit_;
+    return false;
+  }
   if (r.flags & NBD_CMD_FLAG_FUA) return false;
   switch (r.type) {
     case NBD_CMD_READ:
@@ -552,6 +564,12 @@ bool Session::runs_inline(const Request& r) const {
     case NBD_CMD_BLOCK_STATUS: return true;
     default: return false;
   }
+}
+
+void Session::execute_inline(Slot& s) {
+  const auto t0 = std::chrono::steady_clock::now();
+  execute(s);
+  if (std::chrono::steady_clock::now() - t0 > kSlowInline) pool_credit_ = kPoolCredit;
 }
 
 awaitable<void> Session::handle(Slot* s) {
