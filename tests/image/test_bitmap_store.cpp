@@ -20,6 +20,7 @@ using namespace qnbd::image::qcow2;
 using qnbd::test::run;
 using qnbd::load_be64;
 using qnbd::store_be64;
+using qnbd::Result;
 
 namespace {
 
@@ -214,4 +215,80 @@ TEST_CASE("bitmaps: concurrent first writes mark in_use exactly once and lose no
   std::uint64_t dirty = 0;
   for (std::size_t i = 0; i < *n; ++i) dirty += ext[i].dirty ? ext[i].length : 0;
   CHECK(dirty == 1024 * 4096);  // every other 4 KiB granule of the first 8 MiB
+}
+
+namespace {
+
+// Forwards to a MemFile and records writes and flushes in order.
+class RecordingFile final : public File {
+ public:
+  explicit RecordingFile(MemFile& inner) : inner_(inner) {}
+  Result<std::size_t> pread(std::span<std::byte> buf, std::uint64_t offset) override { return inner_.pread(buf, offset); }
+  Result<void> pwrite(std::span<const std::byte> buf, std::uint64_t offset) override {
+    log.push_back({'w', offset, buf.size()});
+    return inner_.pwrite(buf, offset);
+  }
+  Result<void> flush() override {
+    log.push_back({'f', 0, 0});
+    return inner_.flush();
+  }
+  Result<void> truncate(std::uint64_t size) override { return inner_.truncate(size); }
+  Result<std::uint64_t> size() override { return inner_.size(); }
+  const std::string& name() const override { return inner_.name(); }
+  struct Event {
+    char kind;
+    std::uint64_t offset, length;
+  };
+  std::vector<Event> log;
+
+ private:
+  MemFile& inner_;
+};
+
+}  // namespace
+
+TEST_CASE("bitmaps: crash ordering of the in_use update and of the store on close") {
+  if (!qnbd::test::have_qemu_img()) return;
+  qnbd::test::TempDir d;
+  const std::string p = d / "o.qcow2";
+  REQUIRE(run("qemu-img create -f qcow2 " + p + " 16M && qemu-img bitmap --add " + p + " a") == 0);
+  Loaded l = load(p);
+  RecordingFile rec(*l.file);
+  const std::uint64_t dir_offset = l.header.bitmaps->bitmap_directory_offset;
+  BitmapStore store(rec, l.header, l.dir, l.file->contents().size(), true);
+  REQUIRE(store.before_write(4096, 1));
+  REQUIRE(store.before_write(8192, 1));
+  // §12.6 in-place: autoclear off + flush, directory + flush, autoclear on + flush.
+  REQUIRE(rec.log.size() == 6);
+  CHECK((rec.log[0].kind == 'w' && rec.log[0].offset == 88));
+  CHECK(rec.log[1].kind == 'f');
+  CHECK((rec.log[2].kind == 'w' && rec.log[2].offset == dir_offset));
+  CHECK(rec.log[3].kind == 'f');
+  CHECK((rec.log[4].kind == 'w' && rec.log[4].offset == 88));
+  CHECK(rec.log[5].kind == 'f');
+
+  rec.log.clear();
+  auto rc = Refcounts::load(rec, RefcountGeometry{l.header.cluster_bits, l.header.refcount_order},
+                            l.header.refcount_table_offset, l.header.refcount_table_clusters);
+  REQUIRE(rc);
+  REQUIRE(store.store(*rc, l.header));
+  // Exactly one header write; everything written before it is flushed
+  // before it, and it is flushed before anything else is written.
+  std::size_t header_at = rec.log.size();
+  for (std::size_t i = 0; i < rec.log.size(); ++i) {
+    if (rec.log[i].kind == 'w' && rec.log[i].offset == 0) {
+      CHECK(header_at == rec.log.size());
+      header_at = i;
+    }
+  }
+  REQUIRE(header_at < rec.log.size());
+  REQUIRE(header_at > 0);
+  CHECK(rec.log[header_at - 1].kind == 'f');
+  REQUIRE(header_at + 1 < rec.log.size());
+  CHECK(rec.log[header_at + 1].kind == 'f');
+  CHECK(l.header.bitmaps->bitmap_directory_offset != dir_offset);  // a new directory
+  // The old directory cluster is free again.
+  auto refcount = rc->get(dir_offset >> l.header.cluster_bits);
+  REQUIRE(refcount);
+  CHECK(*refcount == 0);
 }
