@@ -87,8 +87,23 @@ Result<std::uint64_t> CrashFile::size() {
 Result<void> CrashFile::flush() {
   std::lock_guard lock(mutex_);
   if (crashed_) return make_error(EIO, "{}: device lost power", name_);
-  // A flush only makes durable what completed before it.
-  durable_ = current_;
+  // A flush makes durable what completed before it: replay the log rather
+  // than copy the whole file, so a flush costs what was written since.
+  for (const Logged& op : log_) {
+    switch (op.kind) {
+      case Kind::truncate:
+        durable_.resize(static_cast<std::size_t>(op.offset));
+        break;
+      case Kind::zero:
+        if (op.offset + op.length > durable_.size()) durable_.resize(static_cast<std::size_t>(op.offset + op.length));
+        std::fill_n(durable_.begin() + static_cast<std::ptrdiff_t>(op.offset), op.length, std::byte{0});
+        break;
+      case Kind::write:
+        if (op.offset + op.length > durable_.size()) durable_.resize(static_cast<std::size_t>(op.offset + op.length));
+        std::memcpy(durable_.data() + op.offset, op.data.data(), op.data.size());
+        break;
+    }
+  }
   log_.clear();
   ++flushes_;
   return ok();

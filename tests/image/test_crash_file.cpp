@@ -127,7 +127,14 @@ TEST_CASE("CrashFile: flushed data always survives; unflushed writes are applied
 
   // After a flush there is nothing left to lose.
   REQUIRE(f.flush());
+  CHECK(f.durable() == f.current());
   for (std::uint64_t seed = 0; seed < 20; ++seed) CHECK(f.crash(seed) == f.current());
+  // Zeroing and shrinking are made durable by a flush too.
+  REQUIRE(f.write_zeroes(0, 100, false));
+  REQUIRE(f.truncate(6000));
+  REQUIRE(f.flush());
+  CHECK(f.durable() == f.current());
+  CHECK(f.durable().size() == 6000);
 }
 
 TEST_CASE("CrashFile: zeroing and truncation since the flush may or may not survive") {
