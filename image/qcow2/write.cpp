@@ -233,8 +233,17 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
     if (in_place && (alloc & touched) == touched && (zero & touched) == 0) {
       ws = in;
       we = in + length;
-    } else if (in_place || !(compressed || old_host)) {
-      // Only the touched subclusters: the others keep their state.
+    } else if (in_place) {
+      // Only unallocated/zero edge subclusters are filled from the old view;
+      // allocated ones get just the request's bytes, so a concurrent
+      // in-place write elsewhere in the same subcluster is not overwritten
+      // with stale data.
+      auto data_sc = [&](unsigned s) { return ((alloc >> s) & 1) && !((zero >> s) & 1); };
+      ws = data_sc(first) ? in : first * sc;
+      we = data_sc(last) ? in + length : (last + 1) * sc;
+    } else if (!(compressed || old_host)) {
+      // A new cluster: only the touched subclusters; the others stay
+      // unallocated or zero.
       ws = first * sc;
       we = (last + 1) * sc;
     }
