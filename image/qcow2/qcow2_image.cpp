@@ -50,7 +50,11 @@ Result<void> check_metadata_overlaps(const Header& h) {
 
 }  // namespace
 
-Qcow2Image::~Qcow2Image() = default;
+Qcow2Image::~Qcow2Image() {
+  // Best effort for an owner that never called close(): cached L2 tables
+  // and queued frees would otherwise be lost (close() reports errors).
+  if (writable_ && !closed_) (void)flush();
+}
 
 Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOptions& options) {
   std::unique_ptr<Qcow2Image> img(new Qcow2Image());
