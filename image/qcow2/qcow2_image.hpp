@@ -13,6 +13,11 @@
 // can land in a cluster after it was freed and reused.
 // Locking order: mutex_, then data_lock_; bitmap locks are taken by
 // bitmaps_before_write() with neither held.
+//
+// lazy_refcounts: refcounts are always written back before the L2 entries
+// that need them (the ordered path), so the dirty bit is never set by this
+// writer; a writable open of an image left dirty by another writer rebuilds
+// its refcounts (check_qcow2 repair all) and clears the bit first.
 #pragma once
 
 #include <functional>
