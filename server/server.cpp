@@ -55,6 +55,18 @@ namespace {
 struct Buffer {
   std::unique_ptr<std::byte[]> data;
   std::size_t capacity = 0;
+
+  Buffer() = default;
+  Buffer(std::unique_ptr<std::byte[]> d, std::size_t cap) : data(std::move(d)), capacity(cap) {}
+  // A moved-from buffer must read as empty: callers test capacity before
+  // reusing a slot's buffer, and a stale capacity over a null pointer sent
+  // a READ into pread(NULL) after a big request had given its buffer back.
+  Buffer(Buffer&& o) noexcept : data(std::move(o.data)), capacity(std::exchange(o.capacity, 0)) {}
+  Buffer& operator=(Buffer&& o) noexcept {
+    data = std::move(o.data);
+    capacity = std::exchange(o.capacity, 0);
+    return *this;
+  }
 };
 
 class BufferPool {
