@@ -10,8 +10,8 @@ image after a SIGKILL:
            new or torn data after the kill.
 
 Usage: kill_writer.py URI SEED EXPECT PENDING
-Exit status 0 when the connection broke (the expected end), 1 on a data
-mismatch seen while the server was alive.
+Exit status 0 when the connection broke (the expected end), 1 on a failed
+request or a data mismatch while the server was alive.
 """
 import os
 import random
@@ -70,8 +70,13 @@ def main():
             if rng.randrange(4) == 0 and h.pread(length, off) != model[off:off + length]:
                 print(f"kill_writer: read-back mismatch at {off}+{length}", file=sys.stderr)
                 return 1
-    except nbd.Error:
-        return 0  # the server was killed
+    except nbd.Error as e:
+        if h.aio_is_dead() or h.aio_is_closed():
+            print(f"kill_writer: connection ended: {e}", file=sys.stderr)
+            return 0  # the server was killed: the expected end
+        # The server lives but refused a request: that is a bug.
+        print(f"kill_writer: request failed while the server lives: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

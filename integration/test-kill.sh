@@ -56,13 +56,18 @@ for ((round = 1; round <= rounds; round++)); do
   writer=$!
   # A random moment: 50 ms .. 1 s into the workload.
   sleep "$(python3 -c "import random; random.seed($round); print(random.uniform(0.05, 1.0))")"
+  if ! serve_alive; then
+    wait "$SERVE_PID" 2>/dev/null || sstatus=$?
+    cat "$SERVE_LOG" >&2
+    fail "round $round: qnbd serve died under the writer (status ${sstatus:-0}) before the kill"
+  fi
   kill -KILL "$SERVE_PID"
   wait "$SERVE_PID" 2>/dev/null || true
   SERVE_PID=
   wstatus=0
   timeout 60 tail --pid="$writer" -f /dev/null || fail "round $round: writer did not stop"
   wait "$writer" || wstatus=$?
-  [[ $wstatus == 0 ]] || { cat "$TMPDIR_TEST/writer.log" >&2; fail "round $round: writer failed ($wstatus)"; }
+  [[ $wstatus == 0 ]] || { cat "$TMPDIR_TEST/writer.log" "$SERVE_LOG" >&2; fail "round $round: writer failed ($wstatus)"; }
 
   status=0
   if [[ $fmt == qcow2 ]]; then
