@@ -105,7 +105,7 @@ Result<void> Qcow2Image::check_writable(std::uint64_t offset, std::uint64_t leng
   if (!range_within(offset, length, size_)) {
     return make_error(EINVAL, "{}: {} {:#x}+{} is outside the image ({} bytes)", path_, what, offset, length, size_);
   }
-  if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
+  // The corrupt bit is checked under mutex_ by each step.
   return ok();
 }
 
@@ -492,6 +492,10 @@ Result<void> Qcow2Image::discard(std::uint64_t offset, std::uint64_t length, boo
   // Only whole clusters are discarded (NBD allows ignoring the rest); a
   // raw external data file keeps its data so it stays the guest view.
   if (!header_.data_file_raw()) {
+    {
+      std::lock_guard lock(mutex_);
+      if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
+    }
     for (std::uint64_t gc = align_up(offset, cs); gc < end && (gc + cs <= end || end == size_); gc += cs) {
       std::lock_guard lock(mutex_);
       if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
@@ -526,6 +530,7 @@ Result<void> Qcow2Image::close() {
   header_.refcount_table_clusters = refcounts_->table_clusters();
   if (bitmaps_.empty()) return ok();  // nothing to store (and no directory to rewrite)
   QNBD_TRY(bitmap_store_->store(*refcounts_, header_));
+  deps_dirty_ = true;  // the store may have changed refcounts: write them back too
   return flush_locked();
 }
 
