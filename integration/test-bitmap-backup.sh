@@ -104,7 +104,7 @@ done
 
 # Disabled bitmaps are frozen: each still equals what was pulled from it.
 args=()
-for ((k = 0; k < rounds; k++)); do args+=(-B b$k); done
+for ((k = 0; k < rounds; k++)); do args+=(-B "b$k"); done
 start_serve -r "${args[@]}" -f qcow2 "$img"
 for ((k = 0; k < rounds; k++)); do
   nbdinfo --json --map=qemu:dirty-bitmap:b$k "$SERVE_URI" >"$T/final.b$k.json"
