@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Random reads/writes/zeroes/trims through libnbd (python) against qnbd,
+# Random reads/writes/zeroes/trims through libnbd (python) against qnbd
+# serving raw and then qcow2,
 # mirrored into a reference file; reads, block status (base:allocation and
 # qemu:allocation-depth, REQ_ONE) and strict-mode-off error replies checked,
 # with several requests in flight on several connections.
@@ -11,13 +12,14 @@ for cand in python3 /usr/bin/python3; do
 done
 [[ -n $PY ]] || { echo "SKIP: $0: python3 module 'nbd' not found"; exit 77; }
 
-img=$TMPDIR_TEST/disk.img
+for fmt in raw qcow2; do
+img=$TMPDIR_TEST/disk.$fmt
 ref=$TMPDIR_TEST/ref.img
-truncate -s 8M "$img"
+qemu-img create -q -f "$fmt" "$img" 8M
 truncate -s 8M "$ref"
-start_serve -f raw -e 4 -A --discard=unmap "$img"
+start_serve -f "$fmt" -e 4 -A --discard=unmap "$img"
 
-"$PY" - "$SERVE_URI" "$ref" <<'PY' || fail "nbdsh random test failed"
+"$PY" - "$SERVE_URI" "$ref" <<'PY' || fail "$fmt: nbdsh random test failed"
 import nbd, os, random, sys
 uri, refpath = sys.argv[1], sys.argv[2]
 SIZE = 8 << 20
@@ -110,5 +112,9 @@ open(refpath, "wb").write(ref)
 print("ok")
 PY
 stop_serve
-cmp "$img" "$ref" || fail "image differs from reference after shutdown"
+if [[ $fmt == qcow2 ]]; then
+  qemu-img check -q -f qcow2 "$img" || fail "qcow2: qemu-img check after the random workload"
+fi
+qemu-img compare -q -f "$fmt" -F raw "$img" "$ref" || fail "$fmt: image differs from reference after shutdown"
+done
 echo PASS
