@@ -27,6 +27,7 @@ T=$TMPDIR_TEST
 img=$T/disk.qcow2
 backup=$T/backup.raw
 rounds=5
+seed=${QNBD_BACKUP_SEED:-1000} # the writer of round k uses seed+k
 cycle() { timeout 120 "$PY" "$INTEGRATION_DIR/backup_cycle.py" "$@"; }
 
 # "NAME GRANULARITY FLAGS" per bitmap, as qemu-img reads the image.
@@ -65,7 +66,7 @@ for ((k = 0; k < rounds; k++)); do
   # (a) writes through a writable qnbd serve.
   if ((k % 2 == 0)); then discard=(--discard=unmap); trim_dirties=1; else discard=(); trim_dirties=0; fi
   start_serve "${discard[@]}" -f qcow2 "$img"
-  wrote=$(cycle write "$SERVE_URI" $((1000 + k)) "$gran" $trim_dirties "$T/granules.$k.json") ||
+  wrote=$(cycle write "$SERVE_URI" $((seed + k)) "$gran" $trim_dirties "$T/granules.$k.json") ||
     { cat "$SERVE_LOG" >&2; fail "round $k: writer failed"; }
   # qnbd sets in_use before the first write (qemu at open): after writes,
   # while the server still runs, the tracking bitmap must be in-use on disk.
