@@ -21,33 +21,6 @@
 
 namespace qnbd::test {
 
-// Whether the engine opens qcow2 images for writing. While it does not, the
-// qcow2 write tests are skipped with a message instead of failing; the
-// probe opens a freshly created image, so it turns true by itself the
-// moment writes land.
-inline bool qcow2_writes_available() {
-  static const bool available = [] {
-    auto file = std::make_unique<image::MemFile>("probe.qcow2");
-    image::qcow2::CreateOptions co;
-    co.size = 1 << 20;
-    if (!image::qcow2::create_qcow2(*file, co)) return false;
-    image::qcow2::Qcow2Image::Parts parts;
-    parts.file = std::move(file);
-    parts.path = "probe.qcow2";
-    image::OpenOptions options;
-    options.read_only = false;
-    auto img = image::qcow2::Qcow2Image::open(std::move(parts), options);
-    if (!img) {
-      std::fprintf(stderr, "qcow2 writes not available (%s): skipping the qcow2 write tests\n",
-                   img.error().message.c_str());
-      return false;
-    }
-    (void)(*img)->close();
-    return true;
-  }();
-  return available;
-}
-
 // Run a shell command, returning its exit status and combined output.
 inline std::pair<int, std::string> run_capture(const std::string& cmd) {
   std::string out;
