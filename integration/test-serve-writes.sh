@@ -24,9 +24,10 @@ PY
 # fio_verify URI: 4 jobs (4 connections), 4k-64k random read/write, every
 # block written is read back and checked (crc32c + header).
 fio_verify() {
-  fio --name=v --ioengine=nbd --uri="$1" --rw=randrw --bsrange=4k-64k --iodepth=8 --numjobs=4 \
+  # fio writes its verify state files into the working directory.
+  (cd "$TMPDIR_TEST" && fio --name=v --ioengine=nbd --uri="$1" --rw=randrw --bsrange=4k-64k --iodepth=8 --numjobs=4 \
     --size=16M --offset_increment=16M --verify=crc32c --do_verify=1 --verify_fatal=1 \
-    --group_reporting --output="$TMPDIR_TEST/fio.out" ||
+    --group_reporting --output="$TMPDIR_TEST/fio.out") ||
     { cat "$TMPDIR_TEST/fio.out"; fail "fio verify on $1"; }
   grep -q "err= 0" "$TMPDIR_TEST/fio.out" || { cat "$TMPDIR_TEST/fio.out"; fail "fio reported errors"; }
 }
