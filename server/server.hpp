@@ -2,8 +2,9 @@
 // shutdown. This header is Asio-free so cmd_serve.cpp (and tests) stay cheap
 // to compile; everything Asio lives in server.cpp.
 //
-// Threading: one io_context run by `threads` threads; each connection runs
-// on its own strand (no locks on session state); blocking BlockDevice calls
+// Threading: `threads` io_contexts, each run by one thread; a connection is
+// placed on one of them (round robin) and runs on its own strand there (no
+// locks on session state, no thread hops per request); blocking BlockDevice calls
 // that wait for the disk run on a separate bounded thread pool and resume on
 // the session strand; small page-cache reads/writes run inline.
 #pragma once
