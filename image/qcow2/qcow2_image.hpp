@@ -132,6 +132,10 @@ class Qcow2Image final : public BlockDevice {
   Result<TableCache::Handle> l2_for_write_locked(std::uint64_t l1_index);
   Result<void> read_guest_locked(std::span<std::byte> buf, std::uint64_t offset);
   Result<void> write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length);
+  // Whole clusters from `offset` (cluster aligned) that need a new host
+  // cluster, allocated as one contiguous run and written with one pwrite.
+  // Returns the bytes written (0: no run of two or more clusters here).
+  Result<std::size_t> write_new_clusters_locked(std::span<const std::byte> buf, std::uint64_t offset);
   Result<void> zero_cluster_locked(std::uint64_t guest_cluster, bool may_unmap, bool unallocate);
   Result<void> zero_subclusters_locked(std::uint64_t guest_cluster, unsigned first, unsigned last);
   Result<void> flush_locked();

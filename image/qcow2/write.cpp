@@ -281,6 +281,55 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
   return ok();
 }
 
+Result<std::size_t> Qcow2Image::write_new_clusters_locked(std::span<const std::byte> buf, std::uint64_t offset) {
+  // Sequential writes into fresh space are the common case (installing a
+  // guest, restoring a backup): one allocation and one data write for the
+  // whole run instead of one per cluster. Extended L2 (per-subcluster
+  // state) and external data files (no allocation) keep the cluster path.
+  const L2Geometry& g = geometry_;
+  if (g.extended_l2 || data_file_) return std::size_t{0};
+  const std::uint64_t cs = g.cluster_size();
+  const unsigned l2_bits = header_.l2_bits();
+  constexpr std::uint64_t kMaxRun = 1024;  // bounds the time mutex_ is held
+  const std::uint64_t max = std::min<std::uint64_t>(buf.size() / cs, kMaxRun);
+  // The run: clusters whose current entry is not overwritten in place
+  // (unallocated, zero without a host cluster, compressed, or shared).
+  std::uint64_t run = 0;
+  for (; run < max; ++run) {
+    const std::uint64_t gc = offset + run * cs;
+    const std::uint64_t l1_index = gc >> (g.cluster_bits + l2_bits);
+    if (l1_index >= l1_.size()) break;
+    auto l2 = l1_entry_l2_offset(l1_[l1_index], g.cluster_bits, file_size_);
+    if (!l2) break;  // the cluster path reports it (and sets the corrupt bit)
+    if (*l2 == 0) continue;  // no L2 table yet: unallocated
+    TableCache::Handle table = QNBD_TRY(l2_cache_->get(*l2));
+    const std::uint64_t idx = (gc >> g.cluster_bits) & ((1ull << l2_bits) - 1);
+    const std::byte* slot = table.data().data() + idx * g.l2_entry_size();
+    L2Entry e{load_be64(slot), 0};
+    if (!get_subcluster_type(g, e, 0, gc)) break;
+    const bool compressed = e.entry & QCOW_OFLAG_COMPRESSED;
+    if (!compressed && (e.entry & L2E_OFFSET_MASK) && (e.entry & QCOW_OFLAG_COPIED)) break;  // in place
+  }
+  if (run < 2) return std::size_t{0};
+  const std::uint64_t host = QNBD_TRY(refcounts_->allocate(run));
+  deps_dirty_ = true;
+  file_size_ = std::max(file_size_, host + run * cs);
+  const std::size_t bytes = static_cast<std::size_t>(run * cs);
+  // Data first; the L2 entries reach the disk only after the refcounts and
+  // this data are synced (sync_dependencies_locked before any L2 write-back).
+  QNBD_TRY(data_file().pwrite(buf.first(bytes), host));
+  for (std::uint64_t i = 0; i < run; ++i) {
+    const std::uint64_t gc = offset + i * cs;
+    TableCache::Handle table = QNBD_TRY(l2_for_write_locked(gc >> (g.cluster_bits + l2_bits)));
+    const std::uint64_t idx = (gc >> g.cluster_bits) & ((1ull << l2_bits) - 1);
+    std::byte* slot = table.mutable_data().data() + idx * g.l2_entry_size();
+    queue_free_locked(load_be64(slot));
+    store_be64(slot, (host + i * cs) | QCOW_OFLAG_COPIED);
+    l2_cache_->mark_dirty(table);
+  }
+  return bytes;
+}
+
 // Make a whole cluster read as zeroes (v3 zero flag, or extended L2 zero
 // bits), keeping its host cluster when !may_unmap. If `unallocate`, the
 // entry becomes unallocated instead (no backing file shows through).
@@ -412,6 +461,16 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
           if (all) host = h + (offset - gc);
         }
       }
+    }
+    std::size_t batched = 0;
+    if (!host && offset == gc && buf.size() >= 2 * cs) {
+      batched = QNBD_TRY(write_new_clusters_locked(buf, offset));
+    }
+    if (batched) {
+      QNBD_TRY(maybe_flush_frees_locked());
+      buf = buf.subspan(batched);
+      offset += batched;
+      continue;
     }
     if (host) {
       std::shared_lock data(data_lock_);

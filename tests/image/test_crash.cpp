@@ -73,9 +73,15 @@ bool crash_op(image::BlockDevice& dev, Expect& e, std::mt19937_64& rng) {
   std::uint64_t max_len = rng() % 6 == 0 ? 300000 : 40000;
   std::uint64_t len = 1 + rng() % max_len;
   std::uint64_t off = rng() % (kSize - len + 1);
-  if (rng() % 2 == 0) {
+  const unsigned align = static_cast<unsigned>(rng() % 8);
+  if (align < 4) {
     off = off / 512 * 512;
     len = std::max<std::uint64_t>(512, len / 512 * 512);
+  } else if (align == 4 && kSize >= 2 * 65536) {
+    // Whole 64 KiB-aligned runs: fresh clusters take the batched allocation.
+    len = std::max<std::uint64_t>(2 * 65536, len / 65536 * 65536);
+    off = off / 65536 * 65536;
+    if (off + len > kSize) off = kSize - len;
   }
   unsigned kind = static_cast<unsigned>(rng() % 100);
   if (kind < 15) {

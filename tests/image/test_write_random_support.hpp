@@ -67,6 +67,14 @@ inline void random_op(image::BlockDevice& dev, Model& m, std::mt19937_64& rng, s
     len = std::max<std::uint64_t>(512, len / 512 * 512);
     if (off + len > hi) len = (hi - off) / 512 * 512;
     if (len == 0) return;
+    // Sometimes 64 KiB aligned: whole clusters of every cluster size up to
+    // 64 KiB, so runs of fresh clusters take the batched allocation path.
+    if (pick(4) == 0 && hi - lo >= 65536) {
+      off = lo + (off - lo) / 65536 * 65536;
+      len = std::max<std::uint64_t>(65536, len / 65536 * 65536);
+      if (off + len > hi) len = (hi - off) / 65536 * 65536;
+      if (len == 0) return;
+    }
   }
   if (kind < 50) {
     std::vector<std::byte> buf(len);
