@@ -53,6 +53,20 @@ def get_rc(cluster):
     blk = be64(rt + 8*(cluster // per)) & ~0x1ff
     return struct.unpack('>H', d[blk + 2*(cluster % per): blk + 2*(cluster % per) + 2])[0]
 def grow(clusters): d.extend(b'\0' * (clusters * cs))
+def bmdir():
+    # Bitmaps extension (0x23852875): its bitmap_directory_offset.
+    o = be32(100) if be32(4) == 3 else 72
+    while be32(o) != 0:
+        t, n = be32(o), be32(o + 4)
+        if t == 0x23852875: return be64(o + 8 + 16)
+        o += 8 + (n + 7) // 8 * 8
+    raise SystemExit("no bitmaps extension")
+def bmtab(): return be64(bmdir())
+def bmdata():
+    for i in range(be32(bmdir() + 8)):
+        e = be64(bmtab() + 8*i) & MASK
+        if e: return e
+    raise SystemExit("no bitmap data cluster")
 exec(code)
 open(path, 'wb').write(d)
 EOF
@@ -85,7 +99,10 @@ compare() {
   local name=$1 code=$2 fixable=${3:-fixable}
   cases=$((cases + 1))
   cp base.qcow2 "$name.qcow2"
-  [ -n "$code" ] && patch "$name.qcow2" "$code"
+  if [ -n "$code" ] && ! patch "$name.qcow2" "$code"; then
+    fail "$name: the damage could not be applied"
+    return
+  fi
   "$QNBD" check --output=json "$name.qcow2" >q.json 2>q.err
   local qrc=$?
   qemu-img check --output=json "$name.qcow2" >r.json 2>r.err
@@ -161,6 +178,11 @@ compare copied-cleared "put_l2e(20, l2e(20) & ~(1 << 63))"
 compare copied-shared "put_l2e(0, l2e(0) | (1 << 63))"
 # COPIED flag of the L2 table in the L1 table.
 compare l1-copied "put64(l1, be64(l1) ^ (1 << 63))"
+# Persistent bitmap structures: refcounts of the bitmap directory, the
+# bitmap table and a bitmap data cluster.
+compare bitmap-dir-unrefd "set_rc(bmdir()//cs, 0)"
+compare bitmap-table-rc2 "set_rc(bmtab()//cs, 2)"
+compare bitmap-data-unrefd "set_rc(bmdata()//cs, 0)"
 # Misaligned data cluster offset.
 compare misaligned-data "put_l2e(21, l2e(21) + 512)" unfixable
 # Misaligned L2 table offset in L1.
