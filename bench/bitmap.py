@@ -27,7 +27,7 @@ both `-t -e 16` on a Unix socket, read-only with `-B NAME` for rows 1-2.
 
 Usage: bench/bitmap.py [--qnbd build/qnbd] [--reps 3] [--runtime 5] [--iodepth 32] [--map-runs 5]
                        [--only map,pull,track] [--no-pin] [--workdir DIR] [--json out.json]
-                       [--extents 20000] [--seed 5]
+                       [--extents 20000] [--seed 5] [--qnbd-arg=--no-inline-io ...]
 
 The 1 TiB image (qemu-img create + qemu-img bitmap --add + one qemu-io run of
 20,000 seeded writes of 4 KiB..256 KiB so qemu itself records them) and the
@@ -83,9 +83,10 @@ def nbd_python():
 class Server:
     """One NBD server process on a Unix socket, stopped by its own PID."""
 
-    def __init__(self, kind, image, sock, qnbd, pin, writable, bitmap=None):
+    def __init__(self, kind, image, sock, qnbd, pin, writable, bitmap=None, extra=()):
         self.kind, self.image, self.sock = kind, image, sock
         self.qnbd, self.pin, self.writable, self.bitmap = qnbd, pin, writable, bitmap
+        self.extra = list(extra)  # more `qnbd serve` options (--qnbd-arg)
         self.proc = None
 
     def argv(self):
@@ -96,7 +97,7 @@ class Server:
             opts += ["-B", self.bitmap]
         opts += ["-k", self.sock]
         if self.kind == "qnbd":
-            return [self.qnbd, "serve", *opts, self.image]
+            return [self.qnbd, "serve", *opts, *self.extra, self.image]
         if self.kind == "qemu-nbd":
             return ["qemu-nbd", *opts, self.image]
         raise ValueError(self.kind)
@@ -398,7 +399,8 @@ def row_map(args, image, writes, sockdir):
             if kind in errors:
                 continue
             warm(image)
-            srv = Server(kind, image, os.path.join(sockdir, f"{kind}.sock"), args.qnbd, args.pin, False, BITMAP)
+            srv = Server(kind, image, os.path.join(sockdir, f"{kind}.sock"), args.qnbd, args.pin, False, BITMAP,
+                         args.qnbd_arg)
             try:
                 srv.start()
                 # One nbdinfo takes tens of ms: the median of several per
@@ -441,7 +443,8 @@ def row_pull(args, image, sockdir, py):
             if kind in errors:
                 continue
             warm(image)
-            srv = Server(kind, image, os.path.join(sockdir, f"{kind}.sock"), args.qnbd, args.pin, False, BITMAP)
+            srv = Server(kind, image, os.path.join(sockdir, f"{kind}.sock"), args.qnbd, args.pin, False, BITMAP,
+                         args.qnbd_arg)
             try:
                 srv.start()
                 r = pull(srv.uri(), BITMAP, py, args.pin)
@@ -487,7 +490,8 @@ def row_track(args, images, sockdir):
             image = os.path.join(args.workdir, f"bitmap-rw-{kind}.qcow2")
             shutil.copyfile(images[bm], image)
             warm(image)
-            srv = Server(kind, image, os.path.join(sockdir, f"{kind}.sock"), args.qnbd, args.pin, True)
+            srv = Server(kind, image, os.path.join(sockdir, f"{kind}.sock"), args.qnbd, args.pin, True,
+                         extra=args.qnbd_arg)
             try:
                 srv.start()
                 iops = fio_randwrite(srv.uri(), args.runtime, args.iodepth, args.pin)
@@ -539,6 +543,8 @@ def main():
     p.add_argument("--iodepth", type=int, default=32, help="fio queue depth (row 3)")
     p.add_argument("--map-runs", type=int, default=5, help="nbdinfo runs per server start (row 1; median)")
     p.add_argument("--only", default="", help="comma list of map, pull, track")
+    p.add_argument("--qnbd-arg", action="append", default=[],
+                   help="extra `qnbd serve` option, repeatable (e.g. --qnbd-arg=--no-inline-io)")
     p.add_argument("--no-pin", dest="pin", action="store_false")
     p.add_argument("--workdir", default=os.environ.get("QNBD_BENCH_DIR", "/var/tmp/qnbd-bench-bitmap"))
     p.add_argument("--extents", type=int, default=20000, help="dirty extents written in the 1 TiB image")
