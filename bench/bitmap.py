@@ -3,10 +3,11 @@
 
 Rows (each server in turn, alternating the order every repetition, medians):
   1. map    `nbdinfo --map=qemu:dirty-bitmap:NAME` of a 1 TiB qcow2 whose bitmap
-            holds ~20,000 scattered dirty extents; wall time (median of
-            --map-runs invocations per server start). Both servers' outputs
-            must be byte-equal (and equal to the extents the setup wrote,
-            rounded to the granularity): a mismatch fails the row.
+            holds ~20,000 scattered dirty extents; wall time (both servers
+            up at once, --map-runs nbdinfo runs each, alternating; median).
+            Both servers' outputs must be byte-equal (and equal to the
+            extents the setup wrote, rounded to the granularity): a mismatch
+            fails the row.
   2. pull   incremental backup pull: one libnbd client asks block status of the
             bitmap context for the whole disk, then reads every dirty extent
             with 16 requests in flight (aio_pread + poll), dropping the data;
@@ -28,7 +29,7 @@ Rows (each server in turn, alternating the order every repetition, medians):
 Servers: `qnbd serve` (default cache mode) and `qemu-nbd` (default cache mode),
 both `-t -e 16` on a Unix socket, read-only with `-B NAME` for rows 1-2.
 
-Usage: bench/bitmap.py [--qnbd build/qnbd] [--reps 3] [--runtime 5] [--iodepth 32] [--map-runs 5]
+Usage: bench/bitmap.py [--qnbd build/qnbd] [--reps 3] [--runtime 5] [--iodepth 32] [--map-runs 9]
                        [--only map,pull,track] [--no-pin] [--workdir DIR] [--json out.json]
                        [--extents 20000] [--seed 5] [--qnbd-arg=--no-inline-io ...]
 
@@ -416,28 +417,43 @@ def row_map(args, image, writes, sockdir):
     want = expected_dirty(writes, bitmap_granularity(image, BITMAP))
     for rep in range(args.reps):
         outputs = {}
+        warm(image)
+        # Both read-only servers run at once and the nbdinfo runs alternate
+        # between them: one nbdinfo takes tens of ms, so drift on the shared
+        # machine would otherwise land on one server only. Each server's
+        # sample is the median of its runs in this repetition.
+        servers = {}
+        times = {k: [] for k in KINDS}
         for kind in rotate(KINDS, rep):
             if kind in errors:
                 continue
-            warm(image)
             srv = Server(kind, image, os.path.join(sockdir, f"{kind}.sock"), args.qnbd, args.pin, False, BITMAP,
                          args.qnbd_arg)
             try:
-                srv.start()
-                # One nbdinfo takes tens of ms: the median of several per
-                # server start keeps a single scheduling hiccup out.
-                times = []
-                for _ in range(args.map_runs):
-                    dt, out = nbdinfo_map(srv.uri(), BITMAP, args.pin)
-                    times.append(dt)
-                    if outputs.setdefault(kind, out) != out:
-                        raise RuntimeError("nbdinfo --map output changed between runs on one server")
-                srv.stop()
-                samples[kind].append(statistics.median(times))
+                servers[kind] = srv.start()
             except Exception as e:
                 errors[kind] = short(e)
-            finally:
-                srv.stop()
+        try:
+            for i in range(args.map_runs):
+                for kind in rotate(KINDS, rep + i):
+                    if kind not in servers or kind in errors:
+                        continue
+                    try:
+                        dt, out = nbdinfo_map(servers[kind].uri(), BITMAP, args.pin)
+                        times[kind].append(dt)
+                        if outputs.setdefault(kind, out) != out:
+                            raise RuntimeError("nbdinfo --map output changed between runs on one server")
+                    except Exception as e:
+                        errors[kind] = short(e)
+        finally:
+            for kind, srv in servers.items():
+                try:
+                    srv.stop()
+                except Exception as e:
+                    errors.setdefault(kind, short(e))
+        for kind, v in times.items():
+            if v and kind not in errors:
+                samples[kind].append(statistics.median(v))
         if "qnbd" in outputs and "qemu-nbd" in outputs and outputs["qnbd"] != outputs["qemu-nbd"]:
             a, b = outputs["qnbd"].splitlines(), outputs["qemu-nbd"].splitlines()
             first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
@@ -570,7 +586,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--runtime", type=int, default=5, help="seconds per fio run (row 3)")
     p.add_argument("--iodepth", type=int, default=32, help="fio queue depth (row 3)")
-    p.add_argument("--map-runs", type=int, default=5, help="nbdinfo runs per server start (row 1; median)")
+    p.add_argument("--map-runs", type=int, default=9, help="nbdinfo runs per server start (row 1; median)")
     p.add_argument("--only", default="", help="comma list of map, pull, track")
     p.add_argument("--qnbd-arg", action="append", default=[],
                    help="extra `qnbd serve` option, repeatable (e.g. --qnbd-arg=--no-inline-io)")
