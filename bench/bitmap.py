@@ -21,8 +21,9 @@ Rows (each server in turn, alternating the order every repetition, medians):
             the per-rep costs spread over more than 10 points the verdict is
             "noisy" (use more --reps / --runtime on a quiet machine).
             Before fio, one 4 KiB rewrite through the server is timed on its
-            own ("first write" rows): qnbd marks the bitmaps in_use (with
+            own ("first write" rows): qnbd marks the bitmaps in_use (three
             flushes) at the first write, qemu-nbd at open, before listening.
+            The copy is fsynced first so no server's flush pays for it.
             Each run gets a fresh copy of the image; after a run with bitmaps
             both bitmaps must hold dirty bits (else tracking did not happen and
             the sample is rejected).
@@ -527,6 +528,10 @@ def row_track(args, images, sockdir, py):
                 continue
             image = os.path.join(args.workdir, f"bitmap-rw-{kind}.qcow2")
             shutil.copyfile(images[bm], image)
+            # Written back before the server opens it: otherwise the first
+            # flush a server makes pays for the copy (~1 GiB of dirty pages).
+            with open(image, "rb+") as f:
+                os.fsync(f.fileno())
             warm(image)
             srv = Server(kind, image, os.path.join(sockdir, f"{kind}.sock"), args.qnbd, args.pin, True,
                          extra=args.qnbd_arg)
