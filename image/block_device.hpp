@@ -129,6 +129,11 @@ class BlockDevice {
   [[nodiscard]] virtual Result<std::size_t> export_bitmap(const std::string& name) {
     return make_error(ENOENT, "no persistent dirty bitmap named '{}' (format {} has none)", name, format());
   }
+  // A server about to accept writes: enabled bitmaps are marked in_use on
+  // disk now (as qemu does when it opens an image for writing), so the
+  // first write does not wait for that header update. Without this call
+  // the first write does it. No-op for formats without bitmaps.
+  [[nodiscard]] virtual Result<void> start_tracking() { return ok(); }
   // Dirty status of bitmap `handle` from offset: fills `out` with merged
   // consecutive runs at the bitmap's granularity (the first run starts at
   // offset, the last is clipped at offset+length and at the device end).

@@ -26,6 +26,19 @@ for mode in ignore unmap; do
   start_server "$T/m.pid" "$QNBD" serve -t --discard=$mode -B fine -f qcow2 -k "$T/m.sock" --pid-file "$T/m.pid" \
     "$T/m.qcow2" || fail "qnbd serve (writable) did not start"
   mpid=$SERVER_PID
+  # Before any write the enabled bitmaps are in use on disk for both
+  # servers (qemu marks them when it opens the image for writing). qemu
+  # marks the disabled one too; qnbd never changes a disabled bitmap while
+  # serving, so it stays consistent on disk (and usable after a crash).
+  for s in q m; do
+    qemu-img info -U --output=json "$T/$s.qcow2" 2>/dev/null | python3 -c '
+import json, sys
+flags = {b["name"]: b["flags"] for b in json.load(sys.stdin)["format-specific"]["data"]["bitmaps"]}
+ok = "in-use" in flags["en"] and "in-use" in flags["fine"]
+if sys.argv[1] == "m": ok = ok and "in-use" not in flags["off"]
+sys.exit(0 if ok else 1)' "$s" ||
+      fail "$s: enabled bitmaps not in use (or qnbd marked the disabled one) before the first write"
+  done
   for s in q m; do
     qemu-io -f raw "${writes[@]}" "nbd+unix:///?socket=$T/$s.sock" >/dev/null || fail "qemu-io over NBD ($s) failed"
   done

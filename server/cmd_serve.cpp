@@ -80,6 +80,9 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
     spec.info.bitmaps.push_back(b);
     spec.bitmap_handles.push_back(*h);
   }
+  if (!read_only) {
+    if (auto r = dev->start_tracking(); !r) return make_error(r.error().code, "{}: {}", path, r.error().message);
+  }
   spec.device = std::shared_ptr<image::BlockDevice>(std::move(dev));
   spec.discard_unmap = oo.discard_unmap;
   // With O_DIRECT or a sync per write every call waits for the disk.

@@ -405,6 +405,11 @@ Result<std::size_t> Qcow2Image::bitmap_status(std::size_t handle, std::uint64_t 
   return bitmap_store_->status(handle, offset, length, out);
 }
 
+Result<void> Qcow2Image::start_tracking() {
+  if (!writable_) return ok();
+  return bitmap_store_->before_write(0, 0);  // marks in_use; an empty range sets no bit
+}
+
 Result<void> Qcow2Image::bitmaps_before_write(std::uint64_t offset, std::uint64_t length) {
   return bitmap_store_->before_write(offset, length);
 }

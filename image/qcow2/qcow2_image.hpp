@@ -80,6 +80,7 @@ class Qcow2Image final : public BlockDevice {
 
   // Persistent dirty bitmaps (§12; implemented in bitmap_store.cpp).
   Result<std::size_t> export_bitmap(const std::string& name) override;
+  Result<void> start_tracking() override;
   Result<std::size_t> bitmap_status(std::size_t handle, std::uint64_t offset, std::uint64_t length,
                                     std::span<BitmapExtent> out) override;
   // The write path MUST call this before changing anything for a guest
