@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -213,13 +214,27 @@ class Session : public std::enable_shared_from_this<Session> {
   std::vector<Slot*> free_slots_;
 };
 
+// The blocking pool waits for the disk (O_DIRECT, FLUSH, FUA, page-cache
+// misses): its threads mostly sleep, so it is sized for the device's
+// queue depth rather than the CPU count.
+constexpr unsigned kMinBlockingThreads = 16;
+
+// CPUs this process may run on (taskset, cgroup cpusets): more io threads
+// than that only adds context switches.
+unsigned usable_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (::sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
 // ---------------------------------------------------------------------------
 class Server : public ExportCatalog {
  public:
   explicit Server(ServerOptions opts)
       : opts_(std::move(opts)),
-        threads_(opts_.threads ? opts_.threads : std::max(1u, std::thread::hardware_concurrency())),
-        ctx_(1), pool_(threads_), strand_(asio::make_strand(ctx_)),
+        threads_(opts_.threads ? opts_.threads : usable_cpus()),
+        ctx_(1), pool_(std::max(kMinBlockingThreads, threads_)), strand_(asio::make_strand(ctx_)),
         signals_(ctx_, SIGINT, SIGTERM), slot_timer_(strand_) {
     for (const auto& e : opts_.exports) infos_.push_back(e.info);
     // One io_context per io thread, each run by that thread alone: a
@@ -260,8 +275,10 @@ class Server : public ExportCatalog {
   ServerOptions opts_;
   std::vector<ExportInfo> infos_;
   unsigned threads_;
-  asio::io_context ctx_;  // listeners, signals, shutdown, and connections too
+  // Destroyed after ctx_: operations still queued in ctx_ at exit (an
+  // accept cancelled by the shutdown) hold strands of these contexts.
   std::vector<std::unique_ptr<asio::io_context>> workers_;  // threads_ - 1 more io threads
+  asio::io_context ctx_;  // listeners, signals, shutdown, and connections too
   std::vector<asio::executor_work_guard<asio::io_context::executor_type>> worker_guards_;
   std::atomic<std::size_t> next_ctx_{0};
   asio::thread_pool pool_;
