@@ -76,6 +76,19 @@ requires_qnbd() {
   fi
 }
 
+# requires_python_nbd: set PY to a python3 that imports libnbd's binding
+# (it lives in the system python; a pyenv python3 first on PATH may not see
+# it), or skip.
+requires_python_nbd() {
+  PY=
+  local cand
+  for cand in python3 /usr/bin/python3; do
+    if command -v "$cand" >/dev/null && "$cand" -c 'import nbd' 2>/dev/null; then PY=$cand; return; fi
+  done
+  echo "SKIP: $0: python3 module 'nbd' not found"
+  exit 77
+}
+
 fail() {
   echo "FAIL: $0: $*" >&2
   exit 1

@@ -17,11 +17,7 @@
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo nbdcopy timeout
 requires_qnbd
-PY=
-for cand in /usr/bin/python3 python3; do
-  if command -v "$cand" >/dev/null && "$cand" -c 'import nbd' 2>/dev/null; then PY=$cand; break; fi
-done
-[[ -n $PY ]] || { echo "SKIP: $0: python3 module 'nbd' not found"; exit 77; }
+requires_python_nbd
 
 T=$TMPDIR_TEST
 img=$T/disk.qcow2

@@ -7,15 +7,10 @@
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io timeout
 requires_qnbd
-# libnbd's python binding lives in the system python (pyenv shims may hide it).
-PY=
-for cand in python3 /usr/bin/python3; do
-  if command -v "$cand" >/dev/null && "$cand" -c 'import nbd' 2>/dev/null; then PY=$cand; break; fi
-done
-[[ -n $PY ]] || { echo "SKIP: $0: python3 module 'nbd' not found"; exit 77; }
+requires_python_nbd
 
 # QNBD_KILL_FORMAT=raw runs the same harness on a raw image (data check
-# only), which is how the harness itself is checked while qcow2 cannot write.
+# only): a check of the harness itself.
 rounds=${QNBD_KILL_ROUNDS:-50}
 fmt=${QNBD_KILL_FORMAT:-qcow2}
 img=$TMPDIR_TEST/disk.$fmt

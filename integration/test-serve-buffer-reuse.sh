@@ -5,11 +5,7 @@
 # one connection (so the same slot is reused), with structured and simple
 # replies, and every byte is checked against a reference copy.
 source "$(dirname "$0")/lib-serve.sh"
-PY=
-for cand in python3 /usr/bin/python3; do
-  if command -v "$cand" >/dev/null && "$cand" -c 'import nbd' 2>/dev/null; then PY=$cand; break; fi
-done
-[[ -n $PY ]] || { echo "SKIP: $0: python3 module 'nbd' not found"; exit 77; }
+requires_python_nbd
 
 for fmt in raw qcow2; do
   img=$TMPDIR_TEST/disk.$fmt

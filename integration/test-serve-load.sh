@@ -4,13 +4,7 @@
 # connect/disconnect cycles do not grow the server's open descriptors or
 # RSS (measured after 100 and after 1000 cycles).
 source "$(dirname "$0")/lib-serve.sh"
-# libnbd's Python binding lives in the system Python; a pyenv python3 first
-# on PATH may not see it.
-PY=
-for p in python3 /usr/bin/python3; do
-  if "$p" -c 'import nbd' 2>/dev/null; then PY=$p; break; fi
-done
-[[ -n $PY ]] || { echo "SKIP: $0: python3 module 'nbd' not found"; exit 77; }
+requires_python_nbd
 
 qemu-img create -q -f raw "$TMPDIR_TEST/disk.raw" 200M
 # Under ASan, freed memory sits in a quarantine (256 MiB by default) and

@@ -5,12 +5,7 @@
 # qemu:allocation-depth, REQ_ONE) and strict-mode-off error replies checked,
 # with several requests in flight on several connections.
 source "$(dirname "$0")/lib-serve.sh"
-# libnbd's python binding lives in the system python (pyenv shims may hide it).
-PY=
-for cand in python3 /usr/bin/python3; do
-  if command -v "$cand" >/dev/null && "$cand" -c 'import nbd' 2>/dev/null; then PY=$cand; break; fi
-done
-[[ -n $PY ]] || { echo "SKIP: $0: python3 module 'nbd' not found"; exit 77; }
+requires_python_nbd
 
 for fmt in raw qcow2; do
 img=$TMPDIR_TEST/disk.$fmt
