@@ -53,6 +53,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+
+import bench  # the sibling bench/bench.py: its Server starts and waits for the socket
 import time
 
 GiB = 1 << 30
@@ -85,8 +87,8 @@ def nbd_python():
     return None
 
 
-class Server:
-    """One NBD server process on a Unix socket, stopped by its own PID."""
+class Server(bench.Server):
+    """bench.py's server (start, uri), always qcow2, optionally exporting a bitmap."""
 
     def __init__(self, kind, image, sock, qnbd, pin, writable, bitmap=None, extra=()):
         self.kind, self.image, self.sock = kind, image, sock
@@ -106,25 +108,6 @@ class Server:
         if self.kind == "qemu-nbd":
             return ["qemu-nbd", *opts, self.image]
         raise ValueError(self.kind)
-
-    def start(self):
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        argv = self.argv()
-        if self.pin:
-            argv = ["taskset", "-c", "1"] + argv
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 30
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.kind} exited: {self.proc.stderr.read().decode(errors='replace')}")
-            if time.time() > deadline:
-                raise RuntimeError(f"{self.kind} did not create {self.sock}")
-            time.sleep(0.002)
-        return self
-
-    def uri(self):
-        return f"nbd+unix:///?socket={self.sock}"
 
     def stop(self):
         """SIGTERM (a writable server stores its bitmaps then); error if it failed."""
