@@ -846,7 +846,9 @@ void Session::do_block_status(Slot& s) {
           case ContextKind::allocation_depth: flags = e.depth; break;
           case ContextKind::dirty_bitmap: flags = 0; break;
         }
-        if (!s.lists[k].add(len, flags) || req_one) stopped[k] = true;
+        // REQ_ONE keeps one extent, but as long as equal neighbours make it
+        // (what qemu-nbd answers); add() refuses the first different one.
+        if (!s.lists[k].add(len, flags)) stopped[k] = true;
         else any_active = true;
       }
       pos += len;
@@ -870,7 +872,7 @@ void Session::do_block_status(Slot& s) {
       for (std::size_t i = 0; i < *bs; ++i) {
         auto len = std::min(s.bitmap_extents[i].length, length - bpos);
         if (len == 0) break;
-        if (!s.lists[k].add(len, s.bitmap_extents[i].dirty ? NBD_STATE_DIRTY : 0) || req_one) {
+        if (!s.lists[k].add(len, s.bitmap_extents[i].dirty ? NBD_STATE_DIRTY : 0)) {
           active = false;
           break;
         }
