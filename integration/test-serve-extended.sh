@@ -11,59 +11,18 @@ truncate -s 8M "$img"
 printf 'A%.0s' $(seq 65536) | dd of="$img" bs=64k seek=16 conv=notrunc status=none   # data at 1 MiB
 start_serve -f raw -A "$img"
 
-python3 - "$SERVE_SOCK" <<'PY' || fail "extended-header script failed"
-import socket, struct, sys
+PYTHONPATH=$INTEGRATION_DIR python3 - "$SERVE_SOCK" <<'PY' || fail "extended-header script failed"
+import struct, sys
+from nbdwire import chunks, recvall, send
+import nbdwire
 SOCK = sys.argv[1]
-IHAVEOPT = 0x49484156454F5054
 SIZE = 8 << 20
 
-def recvall(s, n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        if not c: raise EOFError("closed")
-        b += c
-    return b
-
-def option(s, code, data=b""):
-    s.sendall(struct.pack(">QII", IHAVEOPT, code, len(data)) + data)
-    out = []
-    while True:
-        magic, opt, typ, ln = struct.unpack(">QIII", recvall(s, 20))
-        assert magic == 0x0003e889045565a9 and opt == code
-        out.append((typ, recvall(s, ln)))
-        if typ == 1 or typ & 0x80000000: return out
-
-def meta(name, qs):
-    return struct.pack(">I", len(name)) + name + struct.pack(">I", len(qs)) + b"".join(struct.pack(">I", len(q)) + q for q in qs)
-
 def connect(extended):
-    s = socket.socket(socket.AF_UNIX); s.connect(SOCK); recvall(s, 18); s.sendall(struct.pack(">I", 3))
-    r = option(s, 11 if extended else 8); assert r[-1][0] == 1, r
-    r = option(s, 10, meta(b"", [b"base:allocation", b"qemu:allocation-depth"]))
-    ids = {data[4:].decode(): struct.unpack(">I", data[:4])[0] for typ, data in r if typ == 4}
+    s, ids, flags, size = nbdwire.connect(SOCK, extended, [b"base:allocation", b"qemu:allocation-depth"])
     assert ids == {"base:allocation": 0, "qemu:allocation-depth": 1}, ids
-    r = option(s, 7, struct.pack(">IH", 0, 0))
-    assert r[-1][0] == 1
-    flags = [struct.unpack(">QH", d[2:12])[1] for t, d in r if t == 3 and d[:2] == b"\0\0"][0]
+    assert size == SIZE, size
     return s, flags
-
-def send(s, ext, typ, off, ln, flags=0, cookie=77, payload=b""):
-    if ext: s.sendall(struct.pack(">IHHQQQ", 0x21e41c71, flags, typ, cookie, off, ln) + payload)
-    else: s.sendall(struct.pack(">IHHQQI", 0x25609513, flags, typ, cookie, off, ln) + payload)
-
-def chunks(s, ext, cookie=77, off=None):
-    out = []
-    while True:
-        if ext:
-            magic, fl, typ, ck, o, ln = struct.unpack(">IHHQQQ", recvall(s, 32))
-            assert magic == 0x6e8a278c and (off is None or o == off), (hex(magic), o, off)
-        else:
-            magic, fl, typ, ck, ln = struct.unpack(">IHHQI", recvall(s, 20))
-            assert magic == 0x668e33ef, hex(magic)
-        assert ck == cookie
-        out.append((typ, recvall(s, ln)))
-        if fl & 1: return out
 
 for ext in (False, True):
     s, tflags = connect(ext)
