@@ -109,15 +109,8 @@ class PosixFile final : public File {
   }
 
   Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length, bool may_unmap) override {
-    if (length == 0) return ok();
-    if (!checked_add(offset, length)) return make_error(EINVAL, "{}: zero range overflows", name_);
-    std::uint64_t file_size = QNBD_TRY(size());
-    // Punching a hole never changes the size, so only use it inside the file.
-    if (may_unmap && offset + length <= file_size &&
-        fallocate_ok(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)) {
-      return ok();
-    }
-    if (fallocate_ok(FALLOC_FL_ZERO_RANGE, offset, length)) return ok();
+    auto fast = write_zeroes_fast(offset, length, may_unmap);
+    if (fast || fast.error().code != ENOTSUP) return fast;
     return File::write_zeroes(offset, length, may_unmap);
   }
 
@@ -125,6 +118,7 @@ class PosixFile final : public File {
     if (length == 0) return ok();
     if (!checked_add(offset, length)) return make_error(EINVAL, "{}: zero range overflows", name_);
     std::uint64_t file_size = QNBD_TRY(size());
+    // Punching a hole never changes the size, so only use it inside the file.
     if (may_unmap && offset + length <= file_size &&
         fallocate_ok(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)) {
       return ok();

@@ -292,24 +292,26 @@ Result<void> Qcow2Image::read(std::span<std::byte> buf, std::uint64_t offset) {
   while (!buf.empty()) {
     Mapping m = QNBD_TRY(get_host_offset(offset, buf.size()));
     std::span<std::byte> part = buf.first(static_cast<std::size_t>(m.bytes));
-    switch (m.type) {
-      case SubclusterType::normal:
-        QNBD_TRY(data_file().read_zero_fill(part, m.host_offset));
-        break;
-      case SubclusterType::compressed:
-        QNBD_TRY(read_compressed(part, offset, m.l2_entry));
-        break;
-      case SubclusterType::zero_plain:
-      case SubclusterType::zero_alloc:
-        std::memset(part.data(), 0, part.size());
-        break;
-      case SubclusterType::unallocated_plain:
-      case SubclusterType::unallocated_alloc:
-        QNBD_TRY(read_unallocated(part, offset));
-        break;
-    }
+    QNBD_TRY(read_mapped(part, offset, m));
     buf = buf.subspan(part.size());
     offset += part.size();
+  }
+  return ok();
+}
+
+Result<void> Qcow2Image::read_mapped(std::span<std::byte> part, std::uint64_t offset, const Mapping& m) {
+  switch (m.type) {
+    case SubclusterType::normal:
+      return data_file().read_zero_fill(part, m.host_offset);
+    case SubclusterType::compressed:
+      return read_compressed(part, offset, m.l2_entry);
+    case SubclusterType::zero_plain:
+    case SubclusterType::zero_alloc:
+      std::memset(part.data(), 0, part.size());
+      return ok();
+    case SubclusterType::unallocated_plain:
+    case SubclusterType::unallocated_alloc:
+      return read_unallocated(part, offset);
   }
   return ok();
 }

@@ -114,6 +114,9 @@ class Qcow2Image final : public BlockDevice {
   Result<Mapping> get_host_offset_locked(std::uint64_t offset, std::uint64_t max_bytes);
   Result<void> read_compressed(std::span<std::byte> buf, std::uint64_t offset, std::uint64_t l2_entry);
   Result<void> read_unallocated(std::span<std::byte> buf, std::uint64_t offset);
+  // Read `part` (guest bytes at offset) as mapping `m` says: data, compressed,
+  // zero or whatever the backing chain shows.
+  Result<void> read_mapped(std::span<std::byte> part, std::uint64_t offset, const Mapping& m);
   File& data_file() { return data_file_ ? *data_file_ : *file_; }
   Result<bool> metadata_preallocated();
 
