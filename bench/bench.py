@@ -1,20 +1,28 @@
 #!/usr/bin/env python3
-"""Side-by-side NBD server benchmark: qnbd vs qemu-nbd vs the nbdkit null ceiling.
+"""Side-by-side NBD server benchmark: qnbd vs qemu-nbd vs nbdkit (file and null).
 
 Every workload runs against each server in turn, alternating servers within
-each repetition, so drift on the machine hits all of them alike. Prints the
-median per server, the qnbd/qemu-nbd ratio and qnbd's share of the ceiling
-(nbdkit's null plugin with the noextents filter: the NBD transport with no
-disk work at all).
+each repetition, so drift on the machine hits all of them alike. Servers:
+qnbd and qemu-nbd on the row's image (qcow2, or raw for the raw rows),
+nbdkit's file plugin on the same bytes as a raw file (the peer that does no
+format work), and nbdkit's null plugin with the noextents filter (the NBD
+transport with no disk work at all: the ceiling). Prints the median per
+server and qnbd / qemu-nbd, qnbd / nbdkit file, qnbd / nbdkit null from the
+same run (above 1 = qnbd faster; for times, the other's time / qnbd's). A
+peer that does not apply to a row (nbdkit cannot serve a qcow2 map, a null
+device has no holes) shows "-".
 
 Usage: bench/bench.py [--qnbd build/qnbd] [--reps 3] [--runtime 5] [--only ROW,...]
-                      [--no-pin] [--workdir DIR] [--json out.json]
+                      [--no-pin] [--workdir DIR] [--shmdir DIR] [--json out.json]
 
-Servers and clients are pinned to separate CPUs (taskset) unless --no-pin:
-on a 2-core machine that keeps the client from stealing the server's core.
-Never gates anything: it reports.
+Rows with "tmpfs" in their name keep their images in --shmdir (default
+/dev/shm/qnbd-bench; up to 4.3 GiB of memory, removed at exit); the others in
+--workdir. Servers and clients are pinned to separate CPUs (taskset: server
+on CPU 1, clients on CPU 0) unless --no-pin: on a 2-core machine that keeps
+the client from stealing the server's core. Never gates anything: it reports.
 """
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -51,6 +59,8 @@ class Server:
             return [self.qnbd, "serve", "-t", "-e", "16", "-f", self.fmt, "-k", self.sock, *ro, self.image]
         if self.kind == "qemu-nbd":
             return ["qemu-nbd", "-t", "-e", "16", "-f", self.fmt, "-k", self.sock, *ro, self.image]
+        if self.kind == "nbdkit-file":
+            return ["nbdkit", "-f", "-U", self.sock, *ro, "file", f"file={self.image}"]
         if self.kind == "nbdkit-null":
             return ["nbdkit", "-f", "-U", self.sock, "--filter=noextents", "null", f"size={self.size}"]
         raise ValueError(self.kind)
@@ -90,10 +100,28 @@ def client(argv, pin):
 
 
 def warm(path):
-    # Re-read the image so every server starts from the same page-cache state.
-    with open(path, "rb") as f:
-        while f.read(8 * MiB):
-            pass
+    # Re-read the image so every server starts from the same page-cache state
+    # (only its data: a sparse 1 TiB raw file is mostly holes).
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, pos = os.fstat(fd).st_size, 0
+        while pos < size:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+                end = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos
+                    break
+                end = size  # no SEEK_DATA here: read everything
+
+            while pos < end:
+                n = len(os.pread(fd, min(8 * MiB, end - pos), pos))
+                if n == 0:
+                    break
+                pos += n
+            pos = max(pos, end)
+    finally:
+        os.close(fd)
 
 
 def fio_iops(uri, rw, bs, iodepth, jobs, runtime, pin, size):
@@ -124,52 +152,205 @@ def map_time(uri, pin):
     return time.perf_counter() - t0, "s"
 
 
-def make_images(work, qnbd_ok):
-    """The images the rows need, made with qemu-img/qemu-io (the reference tools)."""
-    imgs = {}
-    full = os.path.join(work, "full-2g.qcow2")
-    if not os.path.exists(full):
-        raw = os.path.join(work, "full-2g.raw")
-        with open(raw, "wb") as f:
-            block = os.urandom(MiB)
-            for _ in range(2 * 1024):
-                f.write(block)
-        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, full])
-        os.unlink(raw)
-    imgs["full"] = full
-    sparse = os.path.join(work, "scattered-1t.qcow2")
-    if not os.path.exists(sparse):
-        run(["qemu-img", "create", "-f", "qcow2", sparse, "1T"])
+def qemu_img_map_time(uri, pin):
+    # QEMU's NBD client asks BLOCK_STATUS with REQ_ONE, one extent per request.
+    t0 = time.perf_counter()
+    run(client(["qemu-img", "map", "--output=json", "-f", "raw", uri], pin))
+    return time.perf_counter() - t0, "s"
+
+
+def nbdcopy_write_rate(src, uri, conns, size, pin):
+    t0 = time.perf_counter()
+    run(client(["nbdcopy", f"--connections={conns}", "--requests=16", "--flush", src, uri], pin))
+    dt = time.perf_counter() - t0
+    return size / MiB / dt, "MiB/s"
+
+
+def write_pattern(path, size):
+    """A file of `size` bytes, every MiB different, written from one buffer."""
+    buf = bytearray(os.urandom(MiB))
+    with open(path, "wb") as f:
+        for i in range(size // MiB):
+            buf[0:8] = i.to_bytes(8, "little")
+            f.write(buf)
+
+
+class Images:
+    """Images made on first use with qemu-img/qemu-io (the reference tools).
+
+    Each key gives {"qcow2": path or None, "raw": path (the same guest bytes
+    as a raw file, for nbdkit file), "size": bytes}. Images in workdir are
+    kept between runs; those in shmdir are removed at exit.
+    """
+
+    def __init__(self, work, shm):
+        self.work, self.shm, self.made = work, shm, {}
+
+    def get(self, key):
+        if key not in self.made:
+            self.made[key] = getattr(self, "make_" + key.replace("-", "_"))()
+        return self.made[key]
+
+    def make_full(self):
+        raw = os.path.join(self.work, "full-2g.raw")
+        full = os.path.join(self.work, "full-2g.qcow2")
+        if not os.path.exists(raw):
+            write_pattern(raw + ".tmp", 2 * GiB)
+            os.rename(raw + ".tmp", raw)
+            if os.path.exists(full):  # made from other bytes by an older bench.py
+                os.unlink(full)
+        if not os.path.exists(full):
+            run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, full + ".tmp"])
+            os.rename(full + ".tmp", full)
+        return {"qcow2": full, "raw": raw, "size": 2 * GiB}
+
+    def make_sparse(self):
+        sparse = os.path.join(self.work, "scattered-1t.qcow2")
+        raw = os.path.join(self.work, "scattered-1t.raw")
         import random
         rng = random.Random(20000)
-        slots = rng.sample(range((1 << 40) // (1 << 20)), 20000)
-        cmds = "".join(f"write -q {s << 20} 4k\n" for s in sorted(slots))
-        subprocess.run(["qemu-io", "-f", "qcow2", sparse], input=cmds, text=True, check=True,
-                       stdout=subprocess.DEVNULL)
-    imgs["sparse"] = sparse
-    return imgs
+        slots = sorted(rng.sample(range((1 << 40) // (1 << 20)), 20000))
+        if not os.path.exists(sparse):
+            run(["qemu-img", "create", "-f", "qcow2", sparse + ".tmp", "1T"])
+            cmds = "".join(f"write -q {s << 20} 4k\n" for s in slots)
+            subprocess.run(["qemu-io", "-f", "qcow2", sparse + ".tmp"], input=cmds, text=True, check=True,
+                           stdout=subprocess.DEVNULL)
+            os.rename(sparse + ".tmp", sparse)
+        if not os.path.exists(raw):
+            # The same 20,000 4 KiB extents in a sparse raw file (qemu-io
+            # writes 0xcd; the bytes do not matter for a map).
+            with open(raw + ".tmp", "wb") as f:
+                f.truncate(1 << 40)
+                block = b"\xcd" * 4096
+                for s in slots:
+                    f.seek(s << 20)
+                    f.write(block)
+            os.rename(raw + ".tmp", raw)
+        return {"qcow2": sparse, "raw": raw, "size": 1 << 40}
+
+    def make_frag(self):
+        # 64 MiB, 512-byte clusters, every other one allocated: every extent
+        # is one cluster. No raw equivalent: file systems map 4 KiB blocks.
+        frag = os.path.join(self.work, "frag-64m-512.qcow2")
+        if not os.path.exists(frag):
+            raw = frag + ".raw"
+            block = os.urandom(512)
+            with open(raw, "wb") as f:
+                f.write((block + bytes(512)) * (64 * MiB // 1024))
+            run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", "-S", "512",
+                 raw, frag + ".tmp"])
+            os.unlink(raw)
+            os.rename(frag + ".tmp", frag)
+        return {"qcow2": frag, "raw": None, "size": 64 * MiB}
+
+    def _raw(self, where, size):
+        d = self.shm if where == "tmpfs" else self.work
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, f"raw-{size // MiB}m.raw")
+        if not os.path.exists(path) or os.path.getsize(path) != size:
+            write_pattern(path + ".tmp", size)
+            os.rename(path + ".tmp", path)
+        return {"qcow2": None, "raw": path, "size": size}
+
+    def make_raw_256m_tmpfs(self):
+        return self._raw("tmpfs", 256 * MiB)
+
+    def make_raw_4g_tmpfs(self):
+        return self._raw("tmpfs", 4 * GiB)
+
+    def make_raw_256m_disk(self):
+        return self._raw("disk", 256 * MiB)
+
+    def make_raw_4g_disk(self):
+        return self._raw("disk", 4 * GiB)
+
+    def make_src_1g(self):
+        # Source of the nbdcopy write rows: a local raw file.
+        return self._raw("disk", GiB)
+
+    def cleanup(self):
+        shutil.rmtree(self.shm, ignore_errors=True)
+
+
+class Row:
+    """One workload. image: an Images key. fmt "qcow2": qnbd and qemu-nbd
+    serve the qcow2, nbdkit file the raw equivalent; "raw": all serve the raw
+    file. fresh: each server gets a new empty image of that size. peers: the
+    servers beside qnbd this row runs (nbdkit null needs no image)."""
+
+    def __init__(self, name, measure, image=None, fmt="qcow2", writable=False, fresh=None,
+                 peers=("qemu-nbd", "nbdkit-file", "nbdkit-null")):
+        self.name, self.measure, self.image, self.fmt = name, measure, image, fmt
+        self.writable, self.fresh, self.peers = writable, fresh, peers
+
+
+def fio_row(name, image, rw, bs, qd, jobs, size, fmt="qcow2"):
+    return Row(name, lambda s, a: fio_iops(s.uri(), rw, bs, qd, jobs, a.runtime, a.pin, size),
+               image=image, fmt=fmt, writable=rw in ("randwrite", "write"))
+
+
+def raw_randread_row(key):
+    size = key.split("-")[1].upper()
+    return Row(f"fio 4k randread qd32, {key}", lambda s, a: fio_iops(s.uri(), "randread", "4k", 32, 1, a.runtime,
+                                                                      a.pin, size),
+               image=key, fmt="raw")
 
 
 ROWS = [
-    # name, image, writable, fresh-empty-image, measure
-    ("nbdcopy seq read, 1 conn", "full", False, False, lambda s, a: nbdcopy_rate(s.uri(), 1, 2 * GiB, a.pin)),
-    ("nbdcopy seq read, 4 conns", "full", False, False, lambda s, a: nbdcopy_rate(s.uri(), 4, 2 * GiB, a.pin)),
-    ("fio 4k randread qd1", "full", False, False,
-     lambda s, a: fio_iops(s.uri(), "randread", "4k", 1, 1, a.runtime, a.pin, "2G")),
-    ("fio 4k randread qd32", "full", False, False,
-     lambda s, a: fio_iops(s.uri(), "randread", "4k", 32, 1, a.runtime, a.pin, "2G")),
-    ("fio 4k randread 4 jobs qd32", "full", False, False,
-     lambda s, a: fio_iops(s.uri(), "randread", "4k", 32, 4, a.runtime, a.pin, "2G")),
-    ("fio 4k randwrite qd1", "full", True, False,
-     lambda s, a: fio_iops(s.uri(), "randwrite", "4k", 1, 1, a.runtime, a.pin, "2G")),
-    ("fio 4k randwrite qd32", "full", True, False,
-     lambda s, a: fio_iops(s.uri(), "randwrite", "4k", 32, 1, a.runtime, a.pin, "2G")),
-    ("fio 4k randwrite 4 jobs qd32", "full", True, False,
-     lambda s, a: fio_iops(s.uri(), "randwrite", "4k", 32, 4, a.runtime, a.pin, "2G")),
-    ("fio 1M seq write, empty qcow2", None, True, True,
-     lambda s, a: fio_iops(s.uri(), "write", "1M", 8, 1, a.runtime, a.pin, "1G")),
-    ("nbdinfo --map, 1 TiB, 20k extents", "sparse", False, False, lambda s, a: map_time(s.uri(), a.pin)),
+    Row("nbdcopy seq read, 1 conn", lambda s, a: nbdcopy_rate(s.uri(), 1, 2 * GiB, a.pin), image="full"),
+    Row("nbdcopy seq read, 4 conns", lambda s, a: nbdcopy_rate(s.uri(), 4, 2 * GiB, a.pin), image="full"),
+    fio_row("fio 1M seq read qd8", "full", "read", "1M", 8, 1, "2G"),
+    fio_row("fio 4k randread qd1", "full", "randread", "4k", 1, 1, "2G"),
+    fio_row("fio 4k randread qd32", "full", "randread", "4k", 32, 1, "2G"),
+    fio_row("fio 4k randread 4 jobs qd32", "full", "randread", "4k", 32, 4, "2G"),
+    fio_row("fio 4k randwrite qd1", "full", "randwrite", "4k", 1, 1, "2G"),
+    fio_row("fio 4k randwrite qd32", "full", "randwrite", "4k", 32, 1, "2G"),
+    fio_row("fio 4k randwrite 4 jobs qd32", "full", "randwrite", "4k", 32, 4, "2G"),
+    Row("fio 1M seq write, empty qcow2", lambda s, a: fio_iops(s.uri(), "write", "1M", 8, 1, a.runtime, a.pin, "1G"),
+        writable=True, fresh=GiB),
+    Row("nbdcopy 1 GiB into empty qcow2, 1 conn",
+        lambda s, a: nbdcopy_write_rate(a.images.get("src-1g")["raw"], s.uri(), 1, GiB, a.pin),
+        writable=True, fresh=GiB),
+    Row("nbdcopy 1 GiB into empty qcow2, 4 conns",
+        lambda s, a: nbdcopy_write_rate(a.images.get("src-1g")["raw"], s.uri(), 4, GiB, a.pin),
+        writable=True, fresh=GiB),
+    # No per-request cost may grow with the image: 4 GiB within 10 % of 256 MiB.
+    raw_randread_row("raw-256m-tmpfs"),
+    raw_randread_row("raw-4g-tmpfs"),
+    raw_randread_row("raw-256m-disk"),
+    raw_randread_row("raw-4g-disk"),
+    Row("nbdinfo --map, 1 TiB, 20k extents", lambda s, a: map_time(s.uri(), a.pin), image="sparse",
+        peers=("qemu-nbd", "nbdkit-file")),
+    Row("qemu-img map (REQ_ONE), 64M 512B clusters", lambda s, a: qemu_img_map_time(s.uri(), a.pin),
+        image="frag", peers=("qemu-nbd",)),
 ]
+
+KINDS = ["qnbd", "qemu-nbd", "nbdkit-file", "nbdkit-null"]
+
+
+def server_image(row, kind, imgs, workdir):
+    """(path, format) the server `kind` serves for `row`; made fresh if asked."""
+    if kind == "nbdkit-null":
+        return None, None
+    if row.fresh:
+        if kind == "nbdkit-file":
+            path = os.path.join(workdir, "empty-nbdkit-file.raw")
+            if os.path.exists(path):
+                os.unlink(path)
+            with open(path, "wb") as f:
+                f.truncate(row.fresh)
+            return path, "raw"
+        path = os.path.join(workdir, f"empty-{kind}.qcow2")
+        run(["qemu-img", "create", "-f", "qcow2", path, str(row.fresh)])
+        return path, "qcow2"
+    img = imgs.get(row.image)
+    fmt = "raw" if (row.fmt == "raw" or kind == "nbdkit-file") else "qcow2"
+    path = img[fmt]
+    if row.writable:
+        copy = os.path.join(workdir, f"rw-{kind}.{fmt}")
+        shutil.copyfile(path, copy)
+        path = copy
+    return path, fmt
 
 
 def main():
@@ -180,6 +361,7 @@ def main():
     p.add_argument("--only", default="")
     p.add_argument("--no-pin", dest="pin", action="store_false")
     p.add_argument("--workdir", default=os.environ.get("QNBD_BENCH_DIR", "/var/tmp/qnbd-bench"))
+    p.add_argument("--shmdir", default="/dev/shm/qnbd-bench")
     p.add_argument("--json", default="")
     args = p.parse_args()
     for tool in ("qemu-img", "qemu-io", "qemu-nbd", "nbdcopy", "nbdinfo", "fio", "nbdkit", "taskset"):
@@ -188,89 +370,79 @@ def main():
     if args.pin and os.cpu_count() < 2:
         args.pin = False
     os.makedirs(args.workdir, exist_ok=True)
-    imgs = make_images(args.workdir, True)
+    args.images = imgs = Images(args.workdir, args.shmdir)
     sockdir = tempfile.mkdtemp(prefix="qnbd-bench-")
-    kinds = ["qnbd", "qemu-nbd", "nbdkit-null"]
     only = [o.strip() for o in args.only.split(",") if o.strip()]
     results = []
-    for name, img_key, writable, fresh, measure in ROWS:
-        if only and not any(o in name for o in only):
-            continue
-        samples = {k: [] for k in kinds}
-        unit = ""
-        errors = {}
-        for rep in range(args.reps):
-            order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
-            for kind in order:
-                if kind in errors:
-                    continue
-                if fresh:
-                    image = os.path.join(args.workdir, f"empty-{kind}.qcow2")
-                    run(["qemu-img", "create", "-f", "qcow2", image, "1G"])
-                elif writable:
-                    image = os.path.join(args.workdir, f"rw-{kind}.qcow2")
-                    if kind != "nbdkit-null":
-                        shutil.copyfile(imgs[img_key], image)
-                else:
-                    image = imgs[img_key]
-                if kind != "nbdkit-null":
-                    warm(image)
-                size = "1G" if fresh else ("1T" if img_key == "sparse" else "2G")
-                srv = Server(kind, image, "qcow2", os.path.join(sockdir, f"{kind}.sock"),
-                             args.qnbd, args.pin, writable, size)
-                try:
-                    srv.start()
-                    value, unit = measure(srv, args)
-                    samples[kind].append(value)
-                except Exception as e:  # a server that cannot do the row is reported, not fatal
-                    errors[kind] = str(e).strip().splitlines()[-1][:120] if str(e).strip() else repr(e)
-                finally:
-                    srv.stop()
-        med = {k: (statistics.median(v) if v else None) for k, v in samples.items()}
-        results.append({"row": name, "unit": unit, "median": med, "samples": samples, "errors": errors})
-        print_row(results[-1])
+    try:
+        for row in ROWS:
+            if only and not any(o in row.name for o in only):
+                continue
+            kinds = ["qnbd", *row.peers]
+            samples = {k: [] for k in KINDS}
+            unit = ""
+            errors = {}
+            for rep in range(args.reps):
+                order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+                for kind in order:
+                    if kind in errors:
+                        continue
+                    try:
+                        image, fmt = server_image(row, kind, imgs, args.workdir)
+                        if image and not row.fresh:
+                            warm(image)
+                        size = row.fresh or imgs.get(row.image)["size"]
+                        srv = Server(kind, image, fmt, os.path.join(sockdir, f"{kind}.sock"),
+                                     args.qnbd, args.pin, row.writable, size)
+                        try:
+                            srv.start()
+                            value, unit = row.measure(srv, args)
+                            samples[kind].append(value)
+                        finally:
+                            srv.stop()
+                    except Exception as e:  # a server that cannot do the row is reported, not fatal
+                        errors[kind] = str(e).strip().splitlines()[-1][:120] if str(e).strip() else repr(e)
+            med = {k: (statistics.median(v) if v else None) for k, v in samples.items()}
+            results.append({"row": row.name, "unit": unit, "median": med, "samples": samples, "errors": errors})
+            print_row(results[-1])
+    finally:
+        imgs.cleanup()
+        shutil.rmtree(sockdir, ignore_errors=True)
     print_table(results)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    shutil.rmtree(sockdir, ignore_errors=True)
 
 
 def fmt(v):
     return "-" if v is None else (f"{v:.3f}" if v < 10 else f"{v:,.0f}")
 
 
-def ratios(r):
-    q, m, c = r["median"]["qnbd"], r["median"]["qemu-nbd"], r["median"]["nbdkit-null"]
-    lower_is_better = r["unit"] == "s"
-    vs_qemu = vs_ceiling = None
-    if q and m:
-        vs_qemu = (m / q) if lower_is_better else (q / m)
-    if q and c and not lower_is_better:
-        vs_ceiling = q / c
-    return vs_qemu, vs_ceiling
+def ratio(r, peer):
+    """qnbd vs peer, above 1 = qnbd better (for times: peer time / qnbd time)."""
+    q, o = r["median"]["qnbd"], r["median"][peer]
+    if not q or not o:
+        return None
+    return (o / q) if r["unit"] == "s" else (q / o)
 
 
 def print_row(r):
-    vs_qemu, vs_ceiling = ratios(r)
     extra = "".join(f"  [{k}: {e}]" for k, e in r["errors"].items())
     print(f"# {r['row']}: " + ", ".join(f"{k}={fmt(v)}" for k, v in r["median"].items()) + f" {r['unit']}{extra}",
           file=sys.stderr, flush=True)
 
 
 def print_table(results):
+    cols = ["qnbd", "qemu-nbd", "nbdkit file", "nbdkit null", "÷ qemu-nbd", "÷ nbdkit file", "÷ nbdkit null"]
     print()
-    print(f"| {'workload':36} | {'unit':5} | {'qnbd':>10} | {'qemu-nbd':>10} | {'nbdkit null':>11} | "
-          f"{'qnbd/qemu-nbd':>13} | {'qnbd/ceiling':>12} |")
-    print("|" + "-" * 38 + "|" + "-" * 7 + "|" + "-" * 12 + "|" + "-" * 12 + "|" + "-" * 13 + "|" + "-" * 15 + "|"
-          + "-" * 14 + "|")
+    print(f"| {'workload':42} | {'unit':5} | " + " | ".join(f"{c:>13}" for c in cols) + " |")
+    print("|" + "-" * 44 + "|" + "-" * 7 + "|" + "|".join("-" * 15 for _ in cols) + "|")
     for r in results:
-        vs_qemu, vs_ceiling = ratios(r)
         m = r["median"]
-        print(f"| {r['row']:36} | {r['unit']:5} | {fmt(m['qnbd']):>10} | {fmt(m['qemu-nbd']):>10} | "
-              f"{fmt(m['nbdkit-null']):>11} | {(f'{vs_qemu:.2f}x' if vs_qemu else '-'):>13} | "
-              f"{(f'{vs_ceiling:.0%}' if vs_ceiling else '-'):>12} |")
-    print("\nqnbd/qemu-nbd > 1 means qnbd is faster (for times: qemu-nbd time / qnbd time).")
+        vals = [fmt(m[k]) for k in KINDS]
+        vals += [(f"{x:.2f}" if x else "-") for x in (ratio(r, k) for k in KINDS[1:])]
+        print(f"| {r['row']:42} | {r['unit']:5} | " + " | ".join(f"{v:>13}" for v in vals) + " |")
+    print("\nqnbd ÷ peer above 1 means qnbd is faster (for times: the peer's time / qnbd's time).")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 // PosixFile: File over a host file descriptor.
 //
 // Thread-safety: pread/pwrite/fallocate on one descriptor are safe from
-// several threads; nothing here keeps mutable state after open.
+// several threads; the only mutable state is the DataRunCache of what
+// SEEK_HOLE reported, which is thread-safe itself.
 //
 // Cache modes (as qemu's cache= option): writeback = page cache + fdatasync
 // on flush; writethrough = O_DSYNC; unsafe = flush is a no-op; none =
@@ -23,6 +24,7 @@
 
 #include "common/checked.hpp"
 #include "common/log.hpp"
+#include "image/io/data_run_cache.hpp"
 #include "image/io/file.hpp"
 
 namespace qnbd::image {
@@ -88,6 +90,7 @@ class PosixFile final : public File {
     while (::ftruncate(fd_, static_cast<off_t>(size)) < 0) {
       if (errno != EINTR) return errno_error(errno, name_, "truncate", size);
     }
+    data_runs_.forget(size, UINT64_MAX);
     return ok();
   }
 
@@ -119,18 +122,26 @@ class PosixFile final : public File {
     if (!checked_add(offset, length)) return make_error(EINVAL, "{}: zero range overflows", name_);
     std::uint64_t file_size = QNBD_TRY(size());
     // Punching a hole never changes the size, so only use it inside the file.
+    // Both leave holes (ZERO_RANGE: unwritten extents, which SEEK_HOLE
+    // reports as holes), so the cached data runs there are forgotten.
     if (may_unmap && offset + length <= file_size &&
         fallocate_ok(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)) {
+      data_runs_.forget(offset, offset + length);
       return ok();
     }
-    if (fallocate_ok(FALLOC_FL_ZERO_RANGE, offset, length)) return ok();
+    if (fallocate_ok(FALLOC_FL_ZERO_RANGE, offset, length)) {
+      data_runs_.forget(offset, offset + length);
+      return ok();
+    }
     return make_error(ENOTSUP, "{}: the file system cannot zero quickly", name_);
   }
 
   Result<void> discard(std::uint64_t offset, std::uint64_t length) override {
     if (length == 0) return ok();
     // Best effort, like qemu: a filesystem without hole punching keeps the data.
-    (void)fallocate_ok(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+    if (fallocate_ok(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)) {
+      data_runs_.forget(offset, offset + length);
+    }
     return ok();
   }
 
@@ -141,11 +152,23 @@ class PosixFile final : public File {
   }
 
   Result<Extent> probe_extent(std::uint64_t offset, std::uint64_t max_length) override {
-    std::uint64_t file_size = QNBD_TRY(size());
     if (max_length == 0) return Extent{0, false};
+    // Inside a data run SEEK_HOLE already reported: no system call at all
+    // (not even fstat; the run ended at or before EOF when it was learned).
+    const auto known = data_runs_.lookup(offset);
+    if (known.run_end > offset) return Extent{std::min(max_length, known.run_end - offset), false};
+    std::uint64_t file_size = QNBD_TRY(size());
     if (offset >= file_size) return Extent{max_length, true};
-    std::uint64_t limit = std::min(max_length, file_size - offset);
-    off_t data = ::lseek(fd_, static_cast<off_t>(offset), SEEK_DATA);
+    const std::uint64_t limit = std::min(max_length, file_size - offset);
+    const std::uint64_t epoch = data_runs_.epoch();
+    // SEEK_HOLE runs to the end of the data run, however far that is (on
+    // tmpfs a page-cache walk under the inode lock, to EOF for a fully
+    // written file). So learn whole runs, each once: search from the end of
+    // the known run before offset (or 0), which finds where offset's run
+    // begins, rather than from offset, which would learn only its tail and
+    // walk the rest again for every READ before it.
+    const std::uint64_t from = known.prev_end;
+    off_t data = ::lseek(fd_, static_cast<off_t>(from), SEEK_DATA);
     if (data < 0) {
       if (errno == ENXIO) return Extent{limit, true};  // only a hole up to EOF
       // No SEEK_DATA support (or another error): assume data, as qemu does.
@@ -154,8 +177,22 @@ class PosixFile final : public File {
     if (static_cast<std::uint64_t>(data) > offset) {
       return Extent{std::min<std::uint64_t>(limit, static_cast<std::uint64_t>(data) - offset), true};
     }
-    off_t hole = ::lseek(fd_, static_cast<off_t>(offset), SEEK_HOLE);
+    off_t hole = ::lseek(fd_, data, SEEK_HOLE);
+    if (hole < 0 || hole <= data) return Extent{limit, false};
+    data_runs_.add(static_cast<std::uint64_t>(data), static_cast<std::uint64_t>(hole), epoch);
+    if (static_cast<std::uint64_t>(hole) > offset) {
+      return Extent{std::min<std::uint64_t>(limit, static_cast<std::uint64_t>(hole) - offset), false};
+    }
+    // That run ended before offset: ask about offset itself (at most four
+    // probes in all).
+    data = ::lseek(fd_, static_cast<off_t>(offset), SEEK_DATA);
+    if (data < 0) return Extent{limit, errno == ENXIO};
+    if (static_cast<std::uint64_t>(data) > offset) {
+      return Extent{std::min<std::uint64_t>(limit, static_cast<std::uint64_t>(data) - offset), true};
+    }
+    hole = ::lseek(fd_, static_cast<off_t>(offset), SEEK_HOLE);
     if (hole < 0 || static_cast<std::uint64_t>(hole) <= offset) return Extent{limit, false};
+    data_runs_.add(offset, static_cast<std::uint64_t>(hole), epoch);
     return Extent{std::min<std::uint64_t>(limit, static_cast<std::uint64_t>(hole) - offset), false};
   }
 
@@ -183,6 +220,7 @@ class PosixFile final : public File {
   int fd_;
   int buffered_fd_;
   CacheMode cache_;
+  DataRunCache data_runs_;
 };
 
 Result<int> open_fd(const std::string& path, int flags) {
