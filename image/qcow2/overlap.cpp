@@ -69,7 +69,7 @@ std::optional<MetadataHit> MetadataMap::find(std::uint64_t offset, std::uint64_t
 Result<void> MetadataMap::check(std::uint64_t offset, std::uint64_t bytes, KindMask ignore) const {
   auto hit = find(offset, bytes, ignore);
   if (!hit) return ok();
-  std::string why = fmt::format("Preventing invalid write on metadata (overlaps with {} at {:#x}): write {:#x}+{}",
+  std::string why = fmt::format("Preventing invalid write on metadata (overlaps with the {} at {:#x}): host range {:#x}+{}",
                                 metadata_kind_name(hit->kind), hit->cluster_offset, offset, bytes);
   if (on_overlap_) return on_overlap_(why);
   return make_error(EIO, "{}", why);

@@ -133,15 +133,13 @@ Result<void> Qcow2Image::build_metadata_map() {
   if (header_.bitmaps && header_.bitmaps->bitmap_directory_size) {
     const BitmapsExtension& b = *header_.bitmaps;
     if (auto hit = m.find(b.bitmap_directory_offset, b.bitmap_directory_size, kind_bit(MetadataKind::bitmap_directory))) {
-      return make_error(EINVAL, "{}: bitmap directory at {:#x} overlaps the {} at {:#x}", path_,
-                        b.bitmap_directory_offset, metadata_kind_name(hit->kind), hit->cluster_offset);
+      return make_error(EINVAL, "bitmap directory at {:#x} overlaps the {} at {:#x}", b.bitmap_directory_offset,
+                        metadata_kind_name(hit->kind), hit->cluster_offset);
     }
   }
   // Refcount blocks overlapping anything above are refused (they would be
   // rewritten as refcounts); from here on the allocator checks every run.
-  if (auto r = refcounts_->attach_metadata_map(&m); !r) {
-    return make_error(r.error().code, "{}: {}", path_, r.error().message);
-  }
+  QNBD_TRY(refcounts_->attach_metadata_map(&m));
   m.set_on_overlap([this](const std::string& why) { return set_corrupt_locked(why); });
   return ok();
 }
