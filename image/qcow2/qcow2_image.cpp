@@ -117,7 +117,7 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
     for (std::size_t i = 0; i < h.l1_size; ++i) img->l1_[i] = load_be64(raw.data() + i * 8);
   }
 
-  img->snapshots_ = QNBD_TRY(read_snapshot_table(file, h, img->file_size_));
+  img->snapshots_ = QNBD_TRY(read_snapshot_table(file, h, img->file_size_, &img->snapshots_size_));
   if (h.has_data_file() && !img->snapshots_.empty()) {
     return make_error(EINVAL, "internal snapshots are not allowed with an external data file");
   }

@@ -32,6 +32,7 @@
 #include "image/qcow2/cache.hpp"
 #include "image/qcow2/cluster.hpp"
 #include "image/qcow2/header.hpp"
+#include "image/qcow2/overlap.hpp"
 #include "image/qcow2/refcount.hpp"
 
 namespace qnbd::image::qcow2 {
@@ -109,6 +110,21 @@ class Qcow2Image final : public BlockDevice {
   TableCache& l2_cache() { return *l2_cache_; }
   void set_full_backing_filename(std::string name) { full_backing_filename_ = std::move(name); }
 
+  // Metadata overlap protection (overlap.hpp), writable opens only (null
+  // read-only). Every guest data write to the image file, every metadata
+  // write and every allocation is checked against it first; a hit fails
+  // with EIO and sets the corrupt bit. For tests and fuzzers, with no
+  // request in flight: metadata_map()->find(host, bytes) says whether a host
+  // range holds metadata now.
+  const MetadataMap* metadata_map() const { return metadata_.get(); }
+  // For tests and fuzzers: called (under the metadata mutex) with the host
+  // range of every guest data write to the image file, after the overlap
+  // check passed and before the write is issued. A fuzzer asserts there
+  // that metadata_map()->find(host, bytes) is empty: no guest data ever
+  // lands on a metadata cluster. Set it before the first write.
+  using GuestWriteObserver = std::function<void(std::uint64_t host, std::uint64_t bytes)>;
+  void set_guest_write_observer(GuestWriteObserver f) { guest_write_observer_ = std::move(f); }
+
  private:
   Qcow2Image() = default;
   Result<Mapping> get_host_offset_locked(std::uint64_t offset, std::uint64_t max_bytes);
@@ -130,7 +146,14 @@ class Qcow2Image final : public BlockDevice {
   Result<void> check_writable(std::uint64_t offset, std::uint64_t length, const char* what);
   Result<void> sync_dependencies_locked();
   Error set_corrupt_locked(const std::string& why);
-  bool overlaps_metadata(std::uint64_t host, std::uint64_t bytes) const;
+  // Build metadata_ from the header, tables and directories, and refuse
+  // (one line) refcount blocks or a bitmap directory that overlap other
+  // metadata (refcounts_ must be loaded).
+  Result<void> build_metadata_map();
+  // The pre-write check for guest data at host range [host, host + bytes)
+  // of the image file (no-op for an external data file); calls the observer.
+  Result<void> check_guest_write_locked(std::uint64_t host, std::uint64_t bytes);
+  void register_bitmaps();
   Result<std::uint64_t> allocate_cluster_locked();
   void queue_free_locked(std::uint64_t l2_entry);
   Result<TableCache::Handle> l2_for_write_locked(std::uint64_t l1_index);
@@ -156,6 +179,7 @@ class Qcow2Image final : public BlockDevice {
   std::uint64_t file_size_ = 0;  // image file size at open
   std::unique_ptr<BlockDevice> backing_;
   std::vector<SnapshotInfo> snapshots_;
+  std::uint64_t snapshots_size_ = 0;  // snapshot table bytes
   std::vector<BitmapInfo> bitmaps_;
   std::unique_ptr<BitmapStore> bitmap_store_;  // always set after open
 
@@ -171,6 +195,8 @@ class Qcow2Image final : public BlockDevice {
   std::vector<PendingFree> pending_free_;  // references dropped, applied after the pointers are on disk
   std::shared_mutex data_lock_;            // shared: in-place data writes; exclusive: applying frees
   bool metadata_prealloc_ = false;
+  std::unique_ptr<MetadataMap> metadata_;  // writable only
+  GuestWriteObserver guest_write_observer_;
 };
 
 }  // namespace qnbd::image::qcow2

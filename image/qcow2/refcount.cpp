@@ -111,7 +111,31 @@ Result<void> Refcounts::sync_if_ordered() {
   return ok();
 }
 
+Result<void> Refcounts::attach_metadata_map(MetadataMap* map) {
+  const std::uint64_t cs = geometry_.cluster_size();
+  if (auto hit = map->find(table_offset_, std::uint64_t{table_clusters_} * cs)) {
+    return make_error(EINVAL, "refcount table at {:#x} overlaps the {} at {:#x}", table_offset_,
+                      metadata_kind_name(hit->kind), hit->cluster_offset);
+  }
+  map->add(MetadataKind::refcount_table, table_offset_, std::uint64_t{table_clusters_} * cs);
+  for (std::size_t i = 0; i < table_.size(); i++) {
+    if (table_[i] == 0) continue;
+    if (auto hit = map->find(table_[i], cs)) {
+      map->remove(MetadataKind::refcount_table, table_offset_, std::uint64_t{table_clusters_} * cs);
+      for (std::size_t j = 0; j < i; j++) {
+        if (table_[j] != 0) map->remove(MetadataKind::refcount_block, table_[j], cs);
+      }
+      return make_error(EINVAL, "refcount block {} at {:#x} overlaps the {} at {:#x}", i, table_[i],
+                        metadata_kind_name(hit->kind), hit->cluster_offset);
+    }
+    map->add(MetadataKind::refcount_block, table_[i], cs);
+  }
+  map_ = map;
+  return ok();
+}
+
 Result<void> Refcounts::write_block(Block& b) {
+  if (map_) QNBD_TRY(map_->check(b.offset, b.data.size(), kind_bit(MetadataKind::refcount_block)));
   QNBD_TRY(file_->pwrite(b.data, b.offset));
   b.dirty = false;
   return ok();
@@ -240,6 +264,9 @@ Result<std::uint64_t> Refcounts::find_free(std::uint64_t n) {
 Result<std::uint64_t> Refcounts::allocate(std::uint64_t n) {
   if (n == 0) return make_error(EINVAL, "cannot allocate 0 clusters");
   const std::uint64_t first = QNBD_TRY(find_free(n));
+  // A cluster that holds metadata but counts 0 (a corrupt image) must not
+  // be handed out: the caller would write guest data or a new table there.
+  if (map_) QNBD_TRY(map_->check(first << geometry_.cluster_bits, n << geometry_.cluster_bits));
   // While the run's refcounts are being raised, new refcount blocks or a
   // moved table must not land inside it.
   pending_.emplace_back(first, n);
@@ -253,12 +280,14 @@ Result<std::uint64_t> Refcounts::allocate(std::uint64_t n) {
 Result<void> Refcounts::write_table_entry(std::uint64_t ti) {
   std::byte e[8];
   store_be64(e, table_[ti]);
+  if (map_) QNBD_TRY(map_->check(table_offset_ + ti * 8, 8, kind_bit(MetadataKind::refcount_table)));
   return file_->pwrite(e, table_offset_ + ti * 8);
 }
 
 Result<void> Refcounts::create_block(std::uint64_t ti, unsigned depth) {
   if (depth > 8) return make_error(EIO, "refcount block allocation does not converge");
   const std::uint64_t c = QNBD_TRY(find_free(1));
+  if (map_) QNBD_TRY(map_->check(c << geometry_.cluster_bits, geometry_.cluster_size()));
   const std::uint64_t c_ti = c >> geometry_.block_entries_bits();
   Block b;
   b.offset = c << geometry_.cluster_bits;
@@ -284,6 +313,7 @@ Result<void> Refcounts::create_block(std::uint64_t ti, unsigned depth) {
   QNBD_TRY(file_->pwrite(b.data, b.offset));
   QNBD_TRY(sync_if_ordered());
   table_[ti] = b.offset;
+  if (map_) map_->add(MetadataKind::refcount_block, b.offset, b.data.size());
   QNBD_TRY(write_table_entry(ti));
   if (c >= end_cluster_) end_cluster_ = c + 1;
   QNBD_TRY(make_room());
@@ -334,6 +364,7 @@ Result<void> Refcounts::grow_table(std::uint64_t min_entries) {
   }
 
   const std::uint64_t area_end = start + blocks_n + table_n;
+  if (map_) QNBD_TRY(map_->check(start << geometry_.cluster_bits, (area_end - start) << geometry_.cluster_bits));
   std::vector<std::uint64_t> new_table(table_n * per_cluster, 0);
   std::copy(table_.begin(), table_.end(), new_table.begin());
   std::unordered_map<std::uint64_t, std::vector<std::byte>> new_blocks;
@@ -370,6 +401,11 @@ Result<void> Refcounts::grow_table(std::uint64_t min_entries) {
   store_be32(hdr + 8, static_cast<std::uint32_t>(table_n));
   QNBD_TRY(file_->pwrite(hdr, 48));
   QNBD_TRY(sync_if_ordered());
+  if (map_) {
+    for (const auto& [ti, data] : new_blocks) map_->add(MetadataKind::refcount_block, new_table[ti], cluster_size);
+    map_->add(MetadataKind::refcount_table, new_offset, table_n * cluster_size);
+    map_->remove(MetadataKind::refcount_table, old_offset, std::uint64_t{old_clusters} * cluster_size);
+  }
   table_ = std::move(new_table);
   table_offset_ = new_offset;
   table_clusters_ = static_cast<std::uint32_t>(table_n);

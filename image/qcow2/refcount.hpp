@@ -17,6 +17,7 @@
 
 #include "common/result.hpp"
 #include "image/io/file.hpp"
+#include "image/qcow2/overlap.hpp"
 
 namespace qnbd::image::qcow2 {
 
@@ -116,6 +117,15 @@ class Refcounts {
     reserved_ = std::move(reserved);
   }
 
+  // Protect metadata (overlap.hpp): check the refcount table and every
+  // refcount block against what `map` already holds (fails, changing
+  // nothing, with one line naming the overlap: a refcount block that is also
+  // another structure would be rewritten as refcounts), then register them.
+  // From then on every run allocate() hands out, every new block or table
+  // and every refcount write is checked against `map` (a hit fails with the
+  // map's on_overlap error), and blocks and table moves are registered.
+  [[nodiscard]] Result<void> attach_metadata_map(MetadataMap* map);
+
   // Write every dirty refcount block, then fdatasync.
   [[nodiscard]] Result<void> flush();
 
@@ -158,6 +168,7 @@ class Refcounts {
   std::uint64_t free_hint_ = 0;   // no free cluster below this index
   std::uint64_t end_cluster_ = 0;
   std::function<bool(std::uint64_t)> reserved_;
+  MetadataMap* map_ = nullptr;  // optional (see attach_metadata_map)
   // Cluster runs (first index, count) being allocated right now: their
   // refcounts are not raised yet, so nested allocations must skip them.
   std::vector<std::pair<std::uint64_t, std::uint64_t>> pending_;

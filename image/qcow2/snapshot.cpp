@@ -7,8 +7,10 @@
 
 namespace qnbd::image::qcow2 {
 
-Result<std::vector<SnapshotInfo>> read_snapshot_table(File& file, const Header& h, std::uint64_t file_size) {
+Result<std::vector<SnapshotInfo>> read_snapshot_table(File& file, const Header& h, std::uint64_t file_size,
+                                                      std::uint64_t* table_bytes) {
   std::vector<SnapshotInfo> out;
+  if (table_bytes) *table_bytes = 0;
   if (h.nb_snapshots == 0) return out;
   // §11.4: entries are read one by one (the table is at most 64 MiB and
   // must lie inside the file); nothing is allocated beyond one entry.
@@ -68,6 +70,7 @@ Result<std::vector<SnapshotInfo>> read_snapshot_table(File& file, const Header& 
     out.push_back(std::move(s));
     pos += entry_len;
   }
+  if (table_bytes) *table_bytes = pos;
   return out;
 }
 

@@ -11,7 +11,10 @@
 
 namespace qnbd::image::qcow2 {
 
+// `table_bytes`, if given, receives the table's length in bytes (the end of
+// its last entry).
 [[nodiscard]] Result<std::vector<SnapshotInfo>> read_snapshot_table(File& file, const Header& header,
-                                                                    std::uint64_t file_size);
+                                                                    std::uint64_t file_size,
+                                                                    std::uint64_t* table_bytes = nullptr);
 
 }  // namespace qnbd::image::qcow2

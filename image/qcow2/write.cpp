@@ -48,7 +48,9 @@ Result<void> Qcow2Image::init_writer() {
   RefcountGeometry rg{header_.cluster_bits, header_.refcount_order};
   refcounts_ = std::make_unique<Refcounts>(QNBD_TRY(
       Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters)));
+  QNBD_TRY(build_metadata_map());
   l2_cache_->set_writeback([this](std::uint64_t offset, std::span<const std::byte> table) -> Result<void> {
+    QNBD_TRY(metadata_->check(offset, table.size(), kind_bit(MetadataKind::active_l2)));
     QNBD_TRY(sync_dependencies_locked());
     return file_->pwrite(table, offset);
   });
@@ -109,13 +111,56 @@ Result<void> Qcow2Image::check_writable(std::uint64_t offset, std::uint64_t leng
   return ok();
 }
 
-bool Qcow2Image::overlaps_metadata(std::uint64_t host, std::uint64_t bytes) const {
+Result<void> Qcow2Image::build_metadata_map() {
   const std::uint64_t cs = header_.cluster_size();
-  auto hit = [&](std::uint64_t off, std::uint64_t len) {
-    return len && host < align_up(off + len, cs) && off < host + bytes;
-  };
-  return hit(0, cs) || hit(header_.l1_table_offset, std::uint64_t{header_.l1_size} * 8) ||
-         hit(refcounts_->table_offset(), std::uint64_t{refcounts_->table_clusters()} * cs);
+  metadata_ = std::make_unique<MetadataMap>(header_.cluster_bits);
+  MetadataMap& m = *metadata_;
+  m.add(MetadataKind::header, 0, cs);
+  m.add(MetadataKind::active_l1, header_.l1_table_offset, std::uint64_t{header_.l1_size} * 8);
+  m.add(MetadataKind::snapshot_table, header_.snapshots_offset, snapshots_size_);
+  for (const SnapshotInfo& s : snapshots_) {
+    m.add(MetadataKind::inactive_l1, s.l1_table_offset, std::uint64_t{s.l1_size} * 8);
+  }
+  // Every valid L2 table of the active L1 (an invalid entry is reported,
+  // and the image marked corrupt, when a request reaches it).
+  for (std::uint64_t e : l1_) {
+    auto l2 = l1_entry_l2_offset(e, header_.cluster_bits, file_size_);
+    if (l2 && *l2) m.add(MetadataKind::active_l2, *l2, cs);
+  }
+  register_bitmaps();
+  // The bitmap directory is updated in place (in_use) outside the metadata
+  // mutex, so it is checked here once rather than on that write.
+  if (header_.bitmaps && header_.bitmaps->bitmap_directory_size) {
+    const BitmapsExtension& b = *header_.bitmaps;
+    if (auto hit = m.find(b.bitmap_directory_offset, b.bitmap_directory_size, kind_bit(MetadataKind::bitmap_directory))) {
+      return make_error(EINVAL, "bitmap directory at {:#x} overlaps the {} at {:#x}", b.bitmap_directory_offset,
+                        metadata_kind_name(hit->kind), hit->cluster_offset);
+    }
+  }
+  // Refcount blocks overlapping anything above are refused (they would be
+  // rewritten as refcounts); from here on the allocator checks every run.
+  QNBD_TRY(refcounts_->attach_metadata_map(&m));
+  m.set_on_overlap([this](const std::string& why) { return set_corrupt_locked(why); });
+  return ok();
+}
+
+void Qcow2Image::register_bitmaps() {
+  MetadataMap& m = *metadata_;
+  m.remove_all(MetadataKind::bitmap_directory);
+  m.remove_all(MetadataKind::bitmap_table);
+  if (!header_.bitmaps) return;
+  m.add(MetadataKind::bitmap_directory, header_.bitmaps->bitmap_directory_offset,
+        header_.bitmaps->bitmap_directory_size);
+  for (const BitmapInfo& b : bitmap_store_->directory()) {
+    m.add(MetadataKind::bitmap_table, b.table_offset, std::uint64_t{b.table_size} * 8);
+  }
+}
+
+Result<void> Qcow2Image::check_guest_write_locked(std::uint64_t host, std::uint64_t bytes) {
+  if (data_file_) return ok();  // guest data lives in another file
+  QNBD_TRY(metadata_->check(host, bytes));
+  if (guest_write_observer_) guest_write_observer_(host, bytes);
+  return ok();
 }
 
 Result<std::uint64_t> Qcow2Image::allocate_cluster_locked() {
@@ -145,9 +190,9 @@ Result<TableCache::Handle> Qcow2Image::l2_for_write_locked(std::uint64_t l1_inde
   if (!old_r) return set_corrupt_locked(fmt::format("{} (L1 index {})", old_r.error().message, l1_index));
   const std::uint64_t old = *old_r;
   if (old && (l1_[l1_index] & QCOW_OFLAG_COPIED)) {
-    if (overlaps_metadata(old, cs)) {
-      return set_corrupt_locked(fmt::format("L2 table at {:#x} overlaps other metadata", old));
-    }
+    // It will be changed and written back: refuse before touching it if it
+    // is also another structure.
+    QNBD_TRY(metadata_->check(old, cs, kind_bit(MetadataKind::active_l2)));
     return l2_cache_->get(old);
   }
   // A new table, or a copy of one shared with a snapshot (refcount > 1).
@@ -160,8 +205,11 @@ Result<TableCache::Handle> Qcow2Image::l2_for_write_locked(std::uint64_t l1_inde
   // The table's refcount (and every dirty dependency) first, then the table,
   // then the L1 entry.
   QNBD_TRY(sync_dependencies_locked());
+  metadata_->add(MetadataKind::active_l2, host, cs);
+  QNBD_TRY(metadata_->check(host, cs, kind_bit(MetadataKind::active_l2)));
   QNBD_TRY(file_->pwrite(table, host));
   QNBD_TRY(file_->flush());
+  QNBD_TRY(metadata_->check(header_.l1_table_offset + l1_index * 8, 8, kind_bit(MetadataKind::active_l1)));
   l1_[l1_index] = host | QCOW_OFLAG_COPIED;
   QNBD_TRY(write_be64_at(*file_, header_.l1_table_offset + l1_index * 8, l1_[l1_index]));
   if (old) pending_free_.push_back({old, cs, true});
@@ -200,9 +248,6 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
   const bool compressed = e.entry & QCOW_OFLAG_COMPRESSED;
   const std::uint64_t old_host = compressed ? 0 : e.entry & L2E_OFFSET_MASK;
   const bool in_place = old_host && ((e.entry & QCOW_OFLAG_COPIED) || data_file_);
-  if (old_host && !data_file_ && overlaps_metadata(old_host, cs)) {
-    return set_corrupt_locked(fmt::format("data cluster at {:#x} (guest {:#x}) overlaps metadata", old_host, gc));
-  }
 
   // The host range [ws, we) of the cluster that must be written.
   std::uint64_t ws = 0, we = cs;
@@ -254,6 +299,9 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
     }
     out = buf;
   }
+  // In place: the L2 entry may name a metadata cluster (a corrupt image);
+  // new: the allocator checked it, the observer still sees the write.
+  QNBD_TRY(check_guest_write_locked(host + ws, we - ws));
   QNBD_TRY(data_file().pwrite(out, host + ws));
   file_size_ = std::max(file_size_, data_file_ ? file_size_ : host + cs);
 
@@ -302,6 +350,7 @@ Result<std::size_t> Qcow2Image::write_new_clusters_locked(std::span<const std::b
   const std::size_t bytes = static_cast<std::size_t>(run * cs);
   // Data first; the L2 entries reach the disk only after the refcounts and
   // this data are synced (sync_dependencies_locked before any L2 write-back).
+  QNBD_TRY(check_guest_write_locked(host, bytes));
   QNBD_TRY(data_file().pwrite(buf.first(bytes), host));
   for (std::uint64_t i = 0; i < run; ++i) {
     const std::uint64_t gc = offset + i * cs;
@@ -389,7 +438,10 @@ Result<void> Qcow2Image::flush_locked() {
     std::vector<PendingFree> frees;
     frees.swap(pending_free_);
     for (const PendingFree& f : frees) {
-      if (f.l2_table) l2_cache_->discard(f.host_offset);
+      if (f.l2_table) {
+        l2_cache_->discard(f.host_offset);
+        metadata_->remove(MetadataKind::active_l2, f.host_offset, f.bytes);
+      }
       auto r = refcounts_->free(f.host_offset, f.bytes);
       if (!r) {
         if (r.error().code == EIO) {
@@ -434,8 +486,7 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
         L2Entry e{load_be64(slot), g.extended_l2 ? load_be64(slot + 8) : 0};
         auto t = get_subcluster_type(g, e, 0, gc);
         const std::uint64_t h = e.entry & L2E_OFFSET_MASK;
-        if (t && (e.entry & QCOW_OFLAG_COPIED) && !(e.entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)) && h &&
-            (data_file_ || !overlaps_metadata(h, cs))) {
+        if (t && (e.entry & QCOW_OFLAG_COPIED) && !(e.entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)) && h) {
           bool all = true;
           if (g.extended_l2) {
             const std::uint64_t sc = cs / SUBCLUSTERS_PER_CLUSTER;
@@ -458,6 +509,9 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
       continue;
     }
     if (host) {
+      // A COPIED entry naming a metadata cluster (a corrupt image) fails
+      // here with EIO and sets the corrupt bit.
+      QNBD_TRY(check_guest_write_locked(host, n));
       std::shared_lock data(data_lock_);
       lock.unlock();
       QNBD_TRY(data_file().pwrite(buf.first(n), host));
@@ -574,6 +628,7 @@ Result<void> Qcow2Image::close() {
   header_.refcount_table_clusters = refcounts_->table_clusters();
   if (bitmaps_.empty()) return ok();  // nothing to store (and no directory to rewrite)
   QNBD_TRY(bitmap_store_->store(*refcounts_, header_));
+  register_bitmaps();  // the store wrote a new directory and tables
   deps_dirty_ = true;  // the store may have changed refcounts: write them back too
   return flush_locked();
 }

@@ -1,0 +1,265 @@
+// Metadata overlap protection (issue 8 item 2): the MetadataMap index, the
+// writable-open refusal of refcount blocks overlapping other metadata, and
+// the EIO + corrupt bit on allocations and in-place writes that would land
+// on metadata, over hand-built images in memory.
+#include <doctest/doctest.h>
+
+#include <cstring>
+#include <set>
+
+#include "common/endian.hpp"
+#include "image/io/mem_file.hpp"
+#include "image/qcow2/create.hpp"
+#include "image/qcow2/overlap.hpp"
+#include "image/qcow2/qcow2_image.hpp"
+#include "image_test_support.hpp"
+
+namespace {
+
+using namespace qnbd;
+using image::qcow2::kind_bit;
+using image::qcow2::MetadataKind;
+using image::qcow2::MetadataMap;
+using image::qcow2::Qcow2Image;
+
+Result<std::unique_ptr<Qcow2Image>> open_mem(std::unique_ptr<image::MemFile> file, bool writable) {
+  Qcow2Image::Parts parts;
+  parts.file = std::move(file);
+  parts.path = "hand.qcow2";
+  image::OpenOptions o;
+  o.read_only = !writable;
+  return Qcow2Image::open(std::move(parts), o);
+}
+
+// Every byte equal except the incompatible features field (72-79), which
+// gains exactly the corrupt bit.
+void check_only_corrupt_bit_added(const std::vector<std::byte>& before, image::MemFile& file) {
+  std::vector<std::byte> now(static_cast<std::size_t>(*file.size()));
+  REQUIRE(file.pread(now, 0));
+  REQUIRE(now.size() == before.size());
+  CHECK(load_be64(now.data() + 72) == (load_be64(before.data() + 72) | image::qcow2::INCOMPAT_CORRUPT));
+  CHECK(std::memcmp(now.data(), before.data(), 72) == 0);
+  CHECK(std::memcmp(now.data() + 80, before.data() + 80, now.size() - 80) == 0);
+}
+
+}  // namespace
+
+TEST_CASE("overlap: MetadataMap finds, ignores and removes registrations by cluster") {
+  MetadataMap m(16);  // 64 KiB clusters
+  CHECK_FALSE(m.find(0, 1 << 30));
+  m.add(MetadataKind::header, 0, 65536);
+  m.add(MetadataKind::active_l1, 0x30000, 8);            // one cluster, from 8 bytes
+  m.add(MetadataKind::refcount_table, 0x100000, 0x20000);  // two clusters
+  CHECK(m.registered_clusters() == 4);
+
+  auto hit = m.find(0x1000, 1);
+  REQUIRE(hit);
+  CHECK(hit->kind == MetadataKind::header);
+  CHECK(hit->cluster_offset == 0);
+  CHECK_FALSE(m.find(0x10000, 0x20000));  // clusters 1-2: free
+  hit = m.find(0x2ffff, 2);               // straddles into cluster 3
+  REQUIRE(hit);
+  CHECK(hit->kind == MetadataKind::active_l1);
+  hit = m.find(0x11ff00, 0x100);  // last bytes of the table's second cluster
+  REQUIRE(hit);
+  CHECK(hit->kind == MetadataKind::refcount_table);
+  CHECK(hit->cluster_offset == 0x110000);
+  CHECK_FALSE(m.find(0x120000, 65536));
+  CHECK_FALSE(m.find(0x30000, 8, kind_bit(MetadataKind::active_l1)));  // the L1's own write
+  // A range reaching the end of the 64-bit space does not wrap around.
+  CHECK_FALSE(m.find(0x200000, UINT64_MAX - 0x200000 + 1));
+  CHECK(m.find(0x100000, UINT64_MAX - 0x100000 + 1));
+
+  // The same cluster under two kinds (a corrupt image): ignoring one still
+  // finds the other; removal drops one registration at a time.
+  m.add(MetadataKind::active_l2, 0x30000, 65536);
+  hit = m.find(0x30000, 4096, kind_bit(MetadataKind::active_l2));
+  REQUIRE(hit);
+  CHECK(hit->kind == MetadataKind::active_l1);
+  m.add(MetadataKind::active_l2, 0x30000, 65536);
+  m.remove(MetadataKind::active_l2, 0x30000, 65536);
+  m.remove(MetadataKind::active_l1, 0x30000, 8);
+  hit = m.find(0x30000, 1);
+  REQUIRE(hit);
+  CHECK(hit->kind == MetadataKind::active_l2);
+  m.remove(MetadataKind::active_l2, 0x30000, 65536);
+  CHECK_FALSE(m.find(0x30000, 1));
+  m.remove_all(MetadataKind::refcount_table);
+  CHECK(m.registered_clusters() == 1);
+
+  // check(): the hook gets QEMU's wording and decides the error.
+  std::string seen;
+  m.set_on_overlap([&](const std::string& why) {
+    seen = why;
+    return make_error(EIO, "hooked");
+  });
+  CHECK(m.check(0x10000, 65536));
+  auto r = m.check(100, 10);
+  REQUIRE_FALSE(r);
+  CHECK(r.error().message == "hooked");
+  CHECK(seen.find("Preventing invalid write on metadata (overlaps with the qcow2 header") == 0);
+}
+
+TEST_CASE("overlap: MetadataMap agrees with a plain set through growth, removals and rebuilds") {
+  // The Bloom filter in front of the binary search must never hide a
+  // registered cluster, whatever the history.
+  MetadataMap m(9);
+  std::multiset<std::uint64_t> ref;  // registered cluster indexes
+  std::uint64_t seed = 1;
+  auto next = [&] { return seed = seed * 6364136223846793005ull + 1442695040888963407ull; };
+  for (int round = 0; round < 6; ++round) {
+    for (int i = 0; i < 3000; ++i) {
+      const std::uint64_t c = (next() >> 33) % 200000;
+      m.add(MetadataKind::active_l2, c << 9, 512);
+      ref.insert(c);
+    }
+    for (int i = 0; i < 2000 && !ref.empty(); ++i) {
+      auto it = ref.lower_bound((next() >> 33) % 200000);
+      if (it == ref.end()) continue;
+      m.remove(MetadataKind::active_l2, *it << 9, 512);
+      ref.erase(it);
+    }
+    REQUIRE(m.registered_clusters() == ref.size());
+    for (std::uint64_t c = 0; c < 200000; ++c) {
+      if (m.find(c << 9, 512).has_value() != (ref.count(c) != 0)) FAIL("cluster ", c, " round ", round);
+    }
+    // Ranges of 2 and 8 clusters (the filter and the search paths).
+    for (std::uint64_t c = 0; c + 8 < 200000; c += 7) {
+      const bool two = ref.count(c) || ref.count(c + 1);
+      auto it = ref.lower_bound(c);
+      const bool eight = it != ref.end() && *it < c + 8;
+      if (m.find(c << 9, 1024).has_value() != two || m.find(c << 9, 4096).has_value() != eight) FAIL("range at ", c);
+    }
+  }
+}
+
+TEST_CASE("overlap: a refcount block overlapping other metadata is refused at a writable open") {
+  struct Case {
+    const char* what;
+    std::uint64_t block_cluster;
+    const char* message;
+  } cases[] = {{"L1", 3, "refcount block 0 at 0x3000 overlaps the active L1 table at 0x3000"},
+               {"L2", 4, "refcount block 0 at 0x4000 overlaps the active L2 table at 0x4000"}};
+  for (const Case& c : cases) {
+    CAPTURE(c.what);
+    test::HandImage h;
+    h.build();
+    store_be64(h.bytes.data() + h.cs(), c.block_cluster * h.cs());
+    auto rw = open_mem(h.file(), true);
+    REQUIRE_FALSE(rw);
+    CHECK(rw.error().message == c.message);
+    // Reading needs no refcounts: a read-only open still works.
+    CHECK(open_mem(h.file(), false));
+  }
+  // The refcount table itself on an L2 table, and two table entries naming
+  // one block, are refused the same way.
+  test::HandImage h;
+  h.build();
+  store_be64(h.bytes.data() + 48, h.l2_offset());
+  auto rw = open_mem(h.file(), true);
+  REQUIRE_FALSE(rw);
+  CHECK(rw.error().message.find("overlaps") != std::string::npos);
+  test::HandImage twice;
+  twice.build();
+  store_be64(twice.bytes.data() + twice.cs() + 8, 2 * twice.cs());
+  rw = open_mem(twice.file(), true);
+  REQUIRE_FALSE(rw);
+  CHECK(rw.error().message == "refcount block 1 at 0x2000 overlaps the refcount block at 0x2000");
+}
+
+TEST_CASE("overlap: an allocation that would hand out the header fails with EIO and sets the corrupt bit") {
+  for (bool with_l2 : {false, true}) {
+    CAPTURE(with_l2);
+    test::HandImage h;
+    h.build();
+    store_be16(h.bytes.data() + 2 * h.cs(), 0);  // refcount(cluster 0) = 0
+    if (!with_l2) store_be64(h.bytes.data() + h.l1_offset(), 0);  // no L2 table yet
+    h.set_l2(1, h.data_offset(0) | image::qcow2::QCOW_OFLAG_COPIED);
+    h.fill_data(0, 0x42);
+    auto file = h.file();
+    image::MemFile* mem = file.get();
+    auto img = open_mem(std::move(file), true);
+    REQUIRE(img);
+    std::vector<std::byte> data(4096, std::byte{0x5a});
+    auto r = (*img)->write(data, 0, false);  // guest cluster 0 is unallocated
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == EIO);
+    CHECK(r.error().message.find("Preventing invalid write on metadata (overlaps with the qcow2 header") !=
+          std::string::npos);
+    CHECK((*img)->header().corrupt());
+    check_only_corrupt_bit_added(h.bytes, *mem);
+    // Reads still work; writes are refused from now on.
+    std::vector<std::byte> got(4096);
+    REQUIRE((*img)->read(got, 4096));
+    CHECK(got == std::vector<std::byte>(4096, static_cast<std::byte>(with_l2 ? 0x42 : 0)));
+    CHECK_FALSE((*img)->write(data, 8192, false));
+    CHECK((*img)->close());
+    check_only_corrupt_bit_added(h.bytes, *mem);
+  }
+}
+
+TEST_CASE("overlap: in-place writes through an L2 entry naming metadata fail with EIO") {
+  struct Case {
+    const char* what;
+    std::uint64_t cluster;
+    const char* kind;
+  } cases[] = {{"refcount block", 2, "refcount block"},
+               {"refcount table", 1, "refcount table"},
+               {"L1 table", 3, "active L1 table"},
+               {"its own L2 table", 4, "active L2 table"}};
+  for (const Case& c : cases) {
+    CAPTURE(c.what);
+    test::HandImage h;
+    h.build();
+    h.set_l2(0, c.cluster * h.cs() | image::qcow2::QCOW_OFLAG_COPIED);
+    auto file = h.file();
+    image::MemFile* mem = file.get();
+    auto img = open_mem(std::move(file), true);
+    REQUIRE(img);
+    std::vector<std::byte> data(512, std::byte{0x5a});
+    auto r = (*img)->write(data, 512, false);
+    REQUIRE_FALSE(r);
+    CHECK(r.error().code == EIO);
+    CHECK(r.error().message.find(std::string("overlaps with the ") + c.kind) != std::string::npos);
+    check_only_corrupt_bit_added(h.bytes, *mem);
+  }
+}
+
+TEST_CASE("overlap: valid images never trip the check; every guest write misses the metadata map") {
+  auto file = std::make_unique<image::MemFile>("v.qcow2");
+  image::qcow2::CreateOptions co;
+  co.size = 64 << 20;
+  co.cluster_size = 4096;  // many L2 tables (2 MiB each) and refcount blocks (2 MiB each)
+  co.refcount_bits = 64;
+  REQUIRE(image::qcow2::create_qcow2(*file, co));
+  auto img = open_mem(std::move(file), true);
+  REQUIRE(img);
+  const MetadataMap* map = (*img)->metadata_map();
+  REQUIRE(map);
+  const std::size_t at_open = map->registered_clusters();
+  std::uint64_t writes = 0;
+  (*img)->set_guest_write_observer([&](std::uint64_t host, std::uint64_t bytes) {
+    ++writes;
+    auto hit = map->find(host, bytes);
+    if (hit) FAIL("guest data at ", host, "+", bytes, " over the ", metadata_kind_name(hit->kind));
+  });
+  std::uint64_t seed = 7;
+  auto next = [&] { return seed = seed * 6364136223846793005ull + 1442695040888963407ull; };
+  std::vector<std::byte> buf(64 << 10);
+  for (int i = 0; i < 400; ++i) {
+    const std::uint64_t len = 512 * (1 + next() % 128);
+    const std::uint64_t off = (next() % ((64 << 20) / 512)) * 512;
+    const std::uint64_t n = std::min<std::uint64_t>(len, (64 << 20) - off);
+    std::memset(buf.data(), static_cast<int>(i), n);
+    switch (next() % 4) {
+      case 0: REQUIRE((*img)->write_zeroes(off, n, {})); break;
+      case 1: REQUIRE((*img)->discard(off, n, false)); break;
+      default: REQUIRE((*img)->write(std::span(buf).first(n), off, false)); break;
+    }
+    if (i % 50 == 0) REQUIRE((*img)->flush());
+  }
+  CHECK(writes > 100);
+  CHECK(map->registered_clusters() > at_open + 20);  // new L2 tables and refcount blocks were registered
+  CHECK_FALSE((*img)->header().corrupt());
+  REQUIRE((*img)->close());
+}
