@@ -152,6 +152,7 @@ for req in "6 write-zeroes" "4 trim"; do
   SERVE_PID=
   wait "$client" || true
   echo "1 PiB $name + SIGTERM: status $st after $ms ms, reply $(cat "$name.reply")"
+  # 108: NBD_ESHUTDOWN, the request was stopped at a step boundary.
   expect_eq "$st" 0 "exit status after SIGTERM during a 1 PiB $name"
   case $(cat "$name.reply") in 0 | 108) ;; *) fail "1 PiB $name: reply $(cat "$name.reply")" ;; esac
   qemu-img check -q "p-$name.qcow2" || fail "p-$name.qcow2 does not pass qemu-img check"
