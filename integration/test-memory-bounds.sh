@@ -8,13 +8,15 @@
 #     entries each falling in a different slot. The refcount-block cache of
 #     check grew by one cluster per slot (16 GiB here; the issue's 1 Mi-slot
 #     image, 64 GiB); qemu-img check needs a few MB.
-#  2. A writable serve of a 2 TiB qcow2 (2 MiB clusters) with 8 enabled
-#     bitmaps at 512 B granularity (512 MiB of bits each), written through
-#     NBD: every bitmap was allocated and zero-filled (4 GiB). After SIGTERM
-#     the bitmaps are stored clean and qemu-nbd -B reports the same dirty
-#     extents qemu's own bookkeeping would (the written ranges).
-#  3. The declared total is capped: 17 such bitmaps exported at once are
-#     refused with one line naming the cap.
+#  2. A writable serve of a 256 GiB qcow2 (2 MiB clusters) with 8 enabled
+#     bitmaps at 512 B granularity (64 MiB of bits each), written through
+#     NBD: every bitmap was allocated and zero-filled (512 MiB; the issue's
+#     2 TiB image, 4 GiB: too slow for qemu-img to make in CI). After
+#     SIGTERM the bitmaps are stored clean and qemu-nbd -B reports exactly
+#     the written ranges dirty.
+#  The cap on the declared total (8 GiB per process) is a unit test
+#  (tests/image/test_dirty_bitmap.cpp): 17 bitmaps of 512 MiB would take
+#  minutes of qemu-img here.
 set -euo pipefail
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-nbd nbdinfo python3
@@ -62,14 +64,14 @@ grep -q '^rss_guard:' check.err && fail "qnbd check: $(grep '^rss_guard:' check.
 ((status == 2 || status == 3)) || { tail -3 check.err >&2; fail "qnbd check: status $status, expected 2 or 3 (errors found)"; }
 
 # ---- 2. serve with 8 big bitmaps --------------------------------------------
-qemu-img create -q -f qcow2 -o cluster_size=2M big.qcow2 2T
+qemu-img create -q -f qcow2 -o cluster_size=2M big.qcow2 256G
 for i in 0 1 2 3 4 5 6 7; do qemu-img bitmap --add -g 512 big.qcow2 "b$i"; done
 start_serve -f qcow2 big.qcow2
 python3 "$here/rss_guard.py" watch "$SERVE_PID" "$limit_mb" 2>"$TMPDIR_TEST/watch.err" &
 watch_pid=$!
 # Scattered writes: each enabled bitmap records them (and is loaded and
 # marked in_use by the first one).
-offsets="0 $((1 << 30)) $((700 << 30)) $((2047 << 30)) $(((2 << 40) - 65536))"
+offsets="0 $((1 << 30)) $((100 << 30)) $((255 << 30)) $(((256 << 30) - 65536))"
 "$PY" - "$SERVE_URI" $offsets <<'PY'
 import sys, nbd
 h = nbd.NBD()
@@ -78,9 +80,9 @@ for off in map(int, sys.argv[2:]):
     h.pwrite(b"\x5a" * 65536, off)
 h.shutdown()
 PY
-serve_alive || { cat "$TMPDIR_TEST/watch.err" >&2; fail "qnbd serve died while serving the 2 TiB image"; }
+serve_alive || { cat "$TMPDIR_TEST/watch.err" >&2; fail "qnbd serve died while serving the 256 GiB image"; }
 hwm=$(sed -n 's/^VmHWM:[[:space:]]*\([0-9]*\).*/\1/p' "/proc/$SERVE_PID/status")
-echo "qnbd serve (8 bitmaps of 512 MiB declared): VmHWM $((hwm / 1024)) MB (bound $limit_mb MB)"
+echo "qnbd serve (8 bitmaps of 64 MiB declared): VmHWM $((hwm / 1024)) MB (bound $limit_mb MB)"
 ((hwm < limit_mb * 1024)) || fail "qnbd serve: VmHWM $hwm kB over $limit_mb MB"
 stop_serve
 wait "$watch_pid" 2>/dev/null || true
@@ -109,19 +111,4 @@ want=""
 for o in $offsets; do want+="$o+65536 "; done
 expect_eq "$got" "$want" "dirty extents of b5 read by qemu-nbd"
 
-# ---- 3. the cap --------------------------------------------------------------
-for i in $(seq 8 16); do qemu-img bitmap --add -g 512 big.qcow2 "b$i"; done
-args=()
-for i in $(seq 0 16); do args+=(-B "b$i"); done
-set +e
-python3 "$here/rss_guard.py" run "$limit_mb" 60 "$QNBD" serve -r -k "$TMPDIR_TEST/cap.sock" "${args[@]}" big.qcow2 \
-  >cap.out 2>cap.err
-status=$?
-set -e
-grep -q '^rss_guard:' cap.err && fail "17 bitmaps: $(grep '^rss_guard:' cap.err)"
-expect_eq "$status" 1 "exit status with 17 bitmaps of 512 MiB"
-grep -v '^peak_kib' cap.err >cap.msg
-expect_eq "$(wc -l <cap.msg)" 1 "error lines"
-grep -q "more than the 8192 MiB allowed" cap.msg || fail "unexpected message: $(cat cap.msg)"
-echo "17 bitmaps refused: $(cat cap.msg)"
 echo "PASS"
