@@ -164,6 +164,11 @@ class Session : public std::enable_shared_from_this<Session> {
   // Called on the session's executor: stop reading requests, let in-flight
   // ones finish (server shutdown).
   void stop();
+  // Called on the session's executor when the client did not take its
+  // replies within the shutdown grace: cancel the socket's operations and
+  // drop unsent replies; the session still ends only once its in-flight
+  // disk work is done (the images are closed after that).
+  void abort();
   auto get_executor() { return socket_.get_executor(); }
 
  private:
@@ -175,6 +180,8 @@ class Session : public std::enable_shared_from_this<Session> {
   bool runs_inline(const Request& r);
   void execute_inline(Slot& s);
   void execute(Slot& s);  // runs on the blocking pool or inline (runs_inline)
+  template <typename Step>
+  bool in_steps(Slot& s, Step&& step, Result<void>& res);
   void do_read(Slot& s);
   void do_block_status(Slot& s);
   void reply_error(Slot& s, std::uint32_t nbd_error, std::string_view message);
@@ -235,7 +242,7 @@ class Server : public ExportCatalog {
       : opts_(std::move(opts)),
         threads_(opts_.threads ? opts_.threads : usable_cpus()),
         ctx_(1), pool_(std::max(kMinBlockingThreads, threads_)), strand_(asio::make_strand(ctx_)),
-        signals_(ctx_, SIGINT, SIGTERM), slot_timer_(strand_) {
+        signals_(ctx_, SIGINT, SIGTERM), slot_timer_(strand_), drained_(strand_) {
     for (const auto& e : opts_.exports) infos_.push_back(e.info);
     // One io_context per io thread, each run by that thread alone: a
     // connection lives on one of them (round robin), so its reads, inline
@@ -250,6 +257,17 @@ class Server : public ExportCatalog {
 
   const std::vector<ExportInfo>& exports() const override { return infos_; }
   bool shutting_down() const override { return shutting_down_.load(); }
+
+  // Long requests run in steps of at most this many bytes, at multiples of
+  // it (so cluster-aligned), checking shutting_down() between steps.
+  static constexpr std::uint64_t kLongRequestStep = 1ull << 30;
+  // After SIGTERM/SIGINT, clients get this long to take the replies to what
+  // they sent; then their connections are closed (qemu-nbd closes them at
+  // once), so a client that stops reading cannot keep the images open.
+  static constexpr auto kShutdownGrace = std::chrono::seconds(2);
+  // Closed connections end once their disk work does (a step at most); a
+  // device that hangs this long is given up on.
+  static constexpr auto kAbortedDrainLimit = std::chrono::seconds(60);
 
   const ExportSpec* spec_for(const ExportInfo* info) const {
     for (std::size_t i = 0; i < infos_.size(); ++i)
@@ -268,6 +286,9 @@ class Server : public ExportCatalog {
   awaitable<void> accept_loop(Acceptor& acc);
   void begin_shutdown(const char* why);
   awaitable<void> shutdown_sequence();
+  // True once no session is left; false if `limit` passed first.
+  awaitable<bool> wait_drained(std::chrono::steady_clock::duration limit);
+  std::vector<std::shared_ptr<Session>> live_sessions();
   void handle_signal(int sig);
   asio::io_context& next_io_context();
   void stop_io();
@@ -285,6 +306,7 @@ class Server : public ExportCatalog {
   Strand strand_;  // listeners and shutdown
   asio::signal_set signals_;
   asio::steady_timer slot_timer_;
+  asio::steady_timer drained_;  // on strand_; cancelled when the last session ends in shutdown
   std::vector<std::unique_ptr<Acceptor>> acceptors_;
   std::vector<std::string> unix_paths_;
   std::atomic<bool> shutting_down_{false};
@@ -316,6 +338,16 @@ awaitable<void> Session::run() {
   socket_.shutdown(Socket::shutdown_both, ec);
   socket_.close(ec);
   log::debug("conn {}: closed", id_);
+}
+
+void Session::abort() {
+  write_failed_ = true;  // the writer drops what is left; the reader stops
+  boost::system::error_code ec;
+  socket_.cancel(ec);
+  socket_.shutdown(Socket::shutdown_both, ec);
+  read_cancel_.emit(asio::cancellation_type::terminal);
+  wake_reader_.cancel();
+  wake_writer_.cancel();
 }
 
 void Session::stop() {
@@ -673,15 +705,24 @@ void Session::execute(Slot& s) {
     case NBD_CMD_FLUSH: res = dev.flush(); break;
     case NBD_CMD_TRIM:
       // --discard=ignore (qemu-nbd's default): TRIM is a successful no-op.
-      if (export_->discard_unmap && r.length) res = dev.discard(r.offset, r.length, fua);
-      else if (fua) res = dev.flush();
+      if (export_->discard_unmap && r.length) {
+        if (!in_steps(s, [&](std::uint64_t off, std::uint64_t len, bool last) {
+              return dev.discard(off, len, fua && last);
+            }, res))
+          return;
+      } else if (fua) {
+        res = dev.flush();
+      }
       break;
     case NBD_CMD_WRITE_ZEROES: {
       image::ZeroFlags zf;
       zf.may_unmap = !(r.flags & NBD_CMD_FLAG_NO_HOLE) && export_->discard_unmap;
       zf.fast_only = r.flags & NBD_CMD_FLAG_FAST_ZERO;
-      zf.fua = fua;
-      if (r.length) res = dev.write_zeroes(r.offset, r.length, zf);
+      if (r.length && !in_steps(s, [&](std::uint64_t off, std::uint64_t len, bool last) {
+            zf.fua = fua && last;
+            return dev.write_zeroes(off, len, zf);
+          }, res))
+        return;
       break;
     }
     default: break;
@@ -694,6 +735,31 @@ void Session::execute(Slot& s) {
     return reply_error(s, errno_to_nbd(res.error().code, fast), res.error().message);
   }
   reply_ok(s);
+}
+
+// A WRITE_ZEROES or TRIM may cover a whole export (64-bit lengths with
+// extended headers: 1 PiB in one request), which can take hours: run it in
+// steps at multiples of kLongRequestStep and stop between steps when the
+// server shuts down, answering NBD_ESHUTDOWN (NBD proto.md section "Error
+// values": the server is shutting down) for the part not done. Returns
+// false when it answered the request itself.
+template <typename Step>
+bool Session::in_steps(Slot& s, Step&& step, Result<void>& res) {
+  const auto& r = s.req;
+  const std::uint64_t end = r.offset + r.length;
+  for (std::uint64_t pos = r.offset; pos < end;) {
+    if (server_.shutting_down()) {
+      log::info("conn {}: {} offset {} length {} cut short at {}: server is shutting down", id_,
+                command_name(r.type), r.offset, r.length, pos);
+      reply_error(s, NBD_ESHUTDOWN, "server is shutting down");
+      return false;
+    }
+    const std::uint64_t next = std::min(end, (pos / Server::kLongRequestStep + 1) * Server::kLongRequestStep);
+    res = step(pos, next - pos, next == end);
+    if (!res) return true;
+    pos = next;
+  }
+  return true;
 }
 
 void Session::do_read(Slot& s) {
@@ -1023,8 +1089,29 @@ void Server::session_ended(const std::shared_ptr<Session>& s) {
     sessions_.erase(s);
     last = sessions_.empty();
   }
+  if (last && shutting_down_) asio::post(strand_, [this] { drained_.cancel(); });
   if (last && !opts_.persistent)
     asio::post(strand_, [this] { begin_shutdown("last client disconnected"); });
+}
+
+std::vector<std::shared_ptr<Session>> Server::live_sessions() {
+  std::lock_guard lk(sessions_mu_);
+  return {sessions_.begin(), sessions_.end()};
+}
+
+awaitable<bool> Server::wait_drained(std::chrono::steady_clock::duration limit) {
+  // session_ended cancels drained_ (posted to strand_, where this runs) once
+  // the set is empty; a wake-up from an earlier cancel just re-checks.
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    {
+      std::lock_guard lk(sessions_mu_);
+      if (sessions_.empty()) co_return true;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) co_return false;
+    drained_.expires_at(deadline);
+    co_await drained_.async_wait(use_tuple);
+  }
 }
 
 void Server::begin_shutdown(const char* why) {
@@ -1037,32 +1124,26 @@ awaitable<void> Server::shutdown_sequence() {
   boost::system::error_code ec;
   for (auto& a : acceptors_) a->close(ec);
   slot_timer_.cancel();
-  {
-    std::lock_guard lk(sessions_mu_);
-    for (const auto& s : sessions_) asio::post(s->get_executor(), [s] { s->stop(); });
-  }
-  // In-flight requests finish; bounded so a stuck client cannot hold us.
-  asio::steady_timer t(strand_);
-  bool drained = false;
-  for (int i = 0; i < 3000; ++i) {
-    {
-      std::lock_guard lk(sessions_mu_);
-      drained = sessions_.empty();
+  for (const auto& s : live_sessions()) asio::post(s->get_executor(), [s] { s->stop(); });
+  // In-flight requests finish (long ones at their next step) and clients
+  // take their replies; one that does not read them within the grace is
+  // cut off, so the images are always closed (bitmaps stored clean). This
+  // coroutine waits on ctx_, so a second signal still acts meanwhile.
+  if (!co_await wait_drained(kShutdownGrace)) {
+    auto left = live_sessions();
+    log::info("shutdown: closing {} connection(s) still open after {} s", left.size(), kShutdownGrace.count());
+    for (const auto& s : left) asio::post(s->get_executor(), [s] { s->abort(); });
+    if (!co_await wait_drained(kAbortedDrainLimit)) {
+      // Requests still running on the devices: closing them now would pull
+      // the images from under those threads, and the pool cannot be joined.
+      // Leave them as a crash would (bitmaps stay in_use, by design).
+      log::error("shutdown: disk requests did not finish within {} s; exiting without closing images",
+                 std::chrono::duration_cast<std::chrono::seconds>(kShutdownGrace + kAbortedDrainLimit).count());
+      for (const auto& p : unix_paths_) ::unlink(p.c_str());
+      ::_exit(1);
     }
-    if (drained) break;
-    t.expires_after(std::chrono::milliseconds(10));
-    co_await t.async_wait(use_tuple);
   }
   int status = 0;
-  if (!drained) {
-    // Requests still running on the devices: closing them now would pull
-    // the image from under those threads. Leave them as a crash would.
-    log::error("shutdown: connections did not finish within 30 s; exiting without closing images");
-    exit_status_ = 1;
-    for (const auto& p : unix_paths_) ::unlink(p.c_str());
-    stop_io();
-    co_return;
-  }
   for (auto& e : opts_.exports) {
     auto res = e.device->close();
     if (!res) {

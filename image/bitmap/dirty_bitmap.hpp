@@ -5,8 +5,17 @@
 // Thread-safety: every method takes the bitmap's own mutex, which is never
 // held over file I/O (callers copy bytes in/out with load_bytes/store_bytes
 // and do the I/O themselves). Queries see a consistent snapshot per call.
+//
+// Memory follows what is dirty, not what the image declares (QEMU's HBitmap
+// gets the same from lazily touched zero pages): the bits live in 4 KiB
+// leaves of 32768 bits each; a leaf that is all clean is not allocated and a
+// leaf that is all dirty points at one shared all-ones leaf, so a 512 MiB
+// bitmap (2 TiB at 512 B granularity) costs 1 MiB of leaf pointers until
+// it is written. Declared sizes are capped per process (create() fails past
+// kMaxTotalBytes), which bounds what a hostile image can make us hold.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
@@ -19,13 +28,28 @@ namespace qnbd::image {
 
 class DirtyBitmap {
  public:
+  // The serialized sizes (byte_count()) of all live bitmaps of the process
+  // together may not pass this: 16 bitmaps of the qcow2 maximum (512 MiB,
+  // 2 TiB at 512 B granularity). Fully dirty, that is what they would hold.
+  static constexpr std::uint64_t kMaxTotalBytes = 8ull << 30;
+
   // `granularity` must be a power of two; size may be 0. Fails with EINVAL
-  // otherwise, and with EFBIG above 4 Gi bits (512 MiB of bits, the qcow2
-  // limit), so a hostile size cannot make us allocate without bound.
+  // otherwise, with EFBIG above 4 Gi bits (512 MiB of bits, the qcow2
+  // limit), and with ENOMEM when the process's bitmaps would together pass
+  // kMaxTotalBytes, so a hostile image cannot make us allocate without bound.
   [[nodiscard]] static Result<DirtyBitmap> create(std::uint64_t size, std::uint64_t granularity);
 
   DirtyBitmap(DirtyBitmap&& o) noexcept;
   DirtyBitmap& operator=(DirtyBitmap&& o) noexcept;
+  ~DirtyBitmap();
+  DirtyBitmap(const DirtyBitmap&) = delete;
+  DirtyBitmap& operator=(const DirtyBitmap&) = delete;
+
+  // Bytes of leaves allocated (not counting the leaf pointers): what this
+  // bitmap's contents cost in memory now.
+  std::uint64_t resident_bytes() const;
+  // Sum of byte_count() over the live bitmaps of the process.
+  static std::uint64_t total_declared_bytes() { return total_bytes_.load(std::memory_order_relaxed); }
 
   std::uint64_t size() const { return size_; }
   std::uint64_t granularity() const { return granularity_; }
@@ -85,25 +109,48 @@ class DirtyBitmap {
   // Sets bytes [first, first+n) to all ones (0xff) or all zeroes.
   void fill_bytes(std::uint64_t first_byte, std::uint64_t n, bool ones);
   void store_bytes(std::uint64_t first_byte, std::span<std::byte> data) const;
+  // True if any bit of serialized bytes [first, first+n) is set (the store
+  // skips clean clusters without serializing them).
+  bool any_dirty_bytes(std::uint64_t first_byte, std::uint64_t n) const;
   // True if the unused bits after bit_count() in the serialized byte range
   // [first, first+n) of `data` are zero (the loader checks on-disk tails).
   bool tail_bits_clear(std::uint64_t first_byte, std::span<const std::byte> data) const;
 
  private:
+  static constexpr unsigned kLeafShift = 15;  // bits per leaf: 32768 (4 KiB)
+  static constexpr std::uint64_t kLeafBits = 1ull << kLeafShift;
+  static constexpr std::size_t kLeafWords = kLeafBits / 64;
+  static constexpr std::size_t kLeafBytes = kLeafBits / 8;
+  using Leaf = std::uint64_t;  // leaves_[i] points at kLeafWords words
+  static Leaf* ones_leaf();     // the shared all-dirty leaf, never written
+
   DirtyBitmap() = default;
+  void release_all();
+  // Make leaves_[l] a private leaf (copy of the clean or all-dirty state).
+  Leaf* own_leaf(std::size_t l);
+  void drop_leaf(std::size_t l, Leaf* to);
   Run run_locked(std::uint64_t offset, std::uint64_t max_length) const;
   void set_bits_locked(std::uint64_t first_bit, std::uint64_t end_bit, bool value);
   // First bit in [from, end) whose value equals `value`, or end.
   std::uint64_t find_locked(std::uint64_t from, std::uint64_t end, bool value) const;
-  bool test_locked(std::uint64_t bit) const { return (words_[bit >> 6] >> (bit & 63)) & 1; }
+  bool test_locked(std::uint64_t bit) const {
+    const Leaf* p = leaves_[bit >> kLeafShift];
+    return p && ((p[(bit >> 6) & (kLeafWords - 1)] >> (bit & 63)) & 1);
+  }
   void clear_tail_locked();
+
+  static std::atomic<std::uint64_t> total_bytes_;
 
   mutable std::mutex mutex_;
   std::uint64_t size_ = 0;
   std::uint64_t granularity_ = 1;
   unsigned granularity_bits_ = 0;
   std::uint64_t bits_ = 0;
-  std::vector<std::uint64_t> words_;
+  std::uint64_t charged_ = 0;    // this bitmap's share of total_bytes_
+  std::uint64_t resident_ = 0;   // private leaves * kLeafBytes
+  // nullptr: all clean; ones_leaf(): all dirty (only for leaves wholly
+  // below bits_); else a private leaf. Bits at or past bits_ are always 0.
+  std::vector<Leaf*> leaves_;
 };
 
 }  // namespace qnbd::image

@@ -27,6 +27,18 @@ Result<DirtyBitmap> load_bitmap_data(File& file, std::uint64_t cluster_size, std
   std::vector<std::byte> table(std::size_t{info.table_size} * 8);
   QNBD_TRY(file.read_exact(table, info.table_offset, "bitmap table"));
   std::vector<std::byte> cluster(static_cast<std::size_t>(cluster_size));
+  // A data cluster named by two entries would let a small file fill a big
+  // bitmap with private leaves (memory grows with the declared size, not
+  // with the file); QEMU's check counts it as a refcount error, we refuse.
+  std::vector<std::uint64_t> hosts;
+  for (std::uint64_t i = 0; i < info.table_size; ++i) {
+    const std::uint64_t host = load_be64(table.data() + i * 8) & BME_TABLE_ENTRY_OFFSET_MASK;
+    if (host != 0) hosts.push_back(host);
+  }
+  std::sort(hosts.begin(), hosts.end());
+  if (std::adjacent_find(hosts.begin(), hosts.end()) != hosts.end()) {
+    return make_error(EINVAL, "bitmap '{}': a bitmap data cluster is referenced twice", info.name);
+  }
   for (std::uint64_t i = 0; i < info.table_size; ++i) {
     const std::uint64_t e = load_be64(table.data() + i * 8);
     const std::uint64_t host = e & BME_TABLE_ENTRY_OFFSET_MASK;
@@ -39,7 +51,8 @@ Result<DirtyBitmap> load_bitmap_data(File& file, std::uint64_t cluster_size, std
       return make_error(EINVAL, "bitmap '{}': invalid bitmap table entry {:#018x}", info.name, e);
     }
     if (host == 0) {
-      // Freshly created bitmaps are all zeroes already.
+      // Freshly created bitmaps are all zeroes already (and hold no memory
+      // for clean ranges: DirtyBitmap allocates only dirty leaves).
       if (e & BME_TABLE_ENTRY_FLAG_ALL_ONES) bits.fill_bytes(first, n, true);
       continue;
     }
@@ -79,11 +92,12 @@ Result<std::uint64_t> write_bitmap_data(File& file, Refcounts& refcounts, std::u
   std::vector<std::byte> table(static_cast<std::size_t>(align_up(entries * 8, cluster_size)));
   std::vector<std::byte> cluster(static_cast<std::size_t>(cluster_size));
   for (std::uint64_t i = 0; i < entries; ++i) {
-    // store_bytes zero-fills past the data, so the unused tail bits and the
-    // rest of the last cluster are zero (§12.5).
+    // Clean clusters become entry 0 (reads as all zeroes) without being
+    // serialized: a sparse bitmap is stored in time proportional to its
+    // dirty part. store_bytes zero-fills past the data, so the unused tail
+    // bits and the rest of the last cluster are zero (§12.5).
+    if (!bits.any_dirty_bytes(i * cluster_size, cluster_size)) continue;
     bits.store_bytes(i * cluster_size, cluster);
-    bool zero = std::all_of(cluster.begin(), cluster.end(), [](std::byte b) { return b == std::byte{0}; });
-    if (zero) continue;  // entry 0: reads as all zeroes
     const std::uint64_t host = QNBD_TRY(refcounts.allocate(1));
     QNBD_TRY(file.pwrite(cluster, host));
     store_be64(table.data() + i * 8, host);

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <optional>
 #include <set>
@@ -133,7 +134,7 @@ class Checker {
   // ---- stored refcounts ----------------------------------------------
   void load_refcount_table() {
     rt_.clear();
-    blocks_.clear();
+    drop_cached_blocks();
     const std::uint64_t bytes = std::uint64_t{h_.refcount_table_clusters} * cs_;
     std::vector<std::byte> raw(bytes);
     if (!file_.read_exact(raw, h_.refcount_table_offset, "refcount table")) {
@@ -165,16 +166,35 @@ class Checker {
       return std::nullopt;
     }
     if (!block_usable(offset)) return 0;  // blocks past EOF read as zeroes
-    auto it = blocks_.find(ti);
-    if (it == blocks_.end()) {
-      std::vector<std::byte> b(cs_);
-      if (!file_.read_exact(b, offset, "refcount block")) {
-        res_.check_errors++;
-        std::fill(b.begin(), b.end(), std::byte{0});
-      }
-      it = blocks_.emplace(ti, std::move(b)).first;
+    return get_refcount_entry(cached_block(offset), h_.refcount_order, k & ((1ull << bits) - 1));
+  }
+
+  // Refcount blocks by host offset, at most kBlockCacheBytes of them (the
+  // oldest read is dropped first): a crafted table can name one block from
+  // every slot, or far more blocks than fit in memory, and check must still
+  // run in bounded memory, as qemu-img check does with its small cache.
+  const std::vector<std::byte>& cached_block(std::uint64_t offset) {
+    auto it = blocks_.find(offset);
+    if (it != blocks_.end()) return it->second;
+    const std::size_t max_blocks = std::max<std::size_t>(4, kBlockCacheBytes / cs_);
+    std::vector<std::byte> b;
+    if (blocks_.size() >= max_blocks) {
+      auto old = blocks_.find(block_order_.front());
+      b = std::move(old->second);  // reuse the buffer
+      blocks_.erase(old);
+      block_order_.pop_front();
     }
-    return get_refcount_entry(it->second, h_.refcount_order, k & ((1ull << bits) - 1));
+    b.resize(cs_);
+    if (!file_.read_exact(b, offset, "refcount block")) {
+      res_.check_errors++;
+      std::fill(b.begin(), b.end(), std::byte{0});
+    }
+    block_order_.push_back(offset);
+    return blocks_.emplace(offset, std::move(b)).first->second;
+  }
+  void drop_cached_blocks() {
+    blocks_.clear();
+    block_order_.clear();
   }
 
   // ---- the metadata walk ---------------------------------------------
@@ -502,7 +522,7 @@ class Checker {
     }
     compare_refcounts(fix_, &*r);
     QNBD_TRY(r->flush());
-    blocks_.clear();  // re-read what was just written
+    drop_cached_blocks();  // re-read what was just written
     return ok();
   }
 
@@ -712,7 +732,9 @@ class Checker {
   std::vector<std::uint64_t> computed_;
   std::map<std::uint64_t, std::uint64_t> beyond_;
   std::vector<std::uint64_t> rt_;
-  std::unordered_map<std::uint64_t, std::vector<std::byte>> blocks_;
+  static constexpr std::size_t kBlockCacheBytes = 16u << 20;
+  std::unordered_map<std::uint64_t, std::vector<std::byte>> blocks_;  // by host offset
+  std::deque<std::uint64_t> block_order_;                             // oldest first
   std::vector<std::uint64_t> refstruct_blocks_;
   std::vector<std::pair<std::uint64_t, std::uint64_t>> compressed_copied_fixes_;  // (file offset, entry)
   bool rebuild_ = false;

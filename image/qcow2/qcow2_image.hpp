@@ -183,6 +183,9 @@ class Qcow2Image final : public BlockDevice {
   std::vector<BitmapInfo> bitmaps_;
   std::unique_ptr<BitmapStore> bitmap_store_;  // always set after open
 
+  // Long zeroing/discard: skip L2 spans that hold nothing (write.cpp).
+  std::uint64_t next_l2_span(std::uint64_t gc) const;
+  bool skips_unallocated_span_locked(std::uint64_t gc, std::uint64_t end) const;
   std::mutex mutex_;  // metadata: l1_, l2_cache_
   std::vector<std::uint64_t> l1_;  // active L1 table, host byte order
   std::unique_ptr<TableCache> l2_cache_;

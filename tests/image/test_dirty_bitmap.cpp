@@ -179,3 +179,90 @@ TEST_CASE("DirtyBitmap: serialized bytes are LSB first and the tail stays clear"
   CHECK(w.is_dirty(65 * 512));
   CHECK(w.count_dirty() == 1);
 }
+
+TEST_CASE("DirtyBitmap: random operations across leaves match the model") {
+  // 32768 bits per leaf: sizes of a few leaves, with and without a partial
+  // last leaf, so whole-leaf (shared all-dirty / unallocated) states, their
+  // private copies and the tail all get exercised.
+  std::mt19937_64 rng(777);
+  const std::uint64_t g = 512, leaf = 32768 * g;
+  for (std::uint64_t size : {3 * leaf, 3 * leaf + 1000 * g + 100, leaf - g}) {
+    auto b = DirtyBitmap::create(size, g).value();
+    Model m(size, g);
+    for (int op = 0; op < 400; ++op) {
+      std::uint64_t off = rng() % size;
+      std::uint64_t len = rng() % (rng() % 3 == 0 ? size : g * 100);
+      bool v = rng() % 2 != 0;
+      if (v) b.set_range(off, len);
+      else b.clear_range(off, len);
+      m.set(off, len, v);
+      if (op % 25 == 0) check_runs(b, m, rng() % size, size);
+      if (op % 50 == 0) {
+        // Round trip through the serialized form, at an odd byte offset.
+        const std::uint64_t bytes = b.byte_count();
+        std::vector<std::byte> ser(bytes);
+        b.store_bytes(0, ser);
+        auto c = DirtyBitmap::create(size, g).value();
+        c.load_bytes(0, std::span(ser).first(bytes / 3));
+        c.load_bytes(bytes / 3, std::span(ser).subspan(bytes / 3));
+        check_runs(c, m, 0, size);
+        CHECK(c.count_dirty() == b.count_dirty());
+      }
+    }
+    check_runs(b, m, 0, size);
+    std::uint64_t count = 0;
+    for (bool x : m.bits) count += x;
+    CHECK(b.count_dirty() == count);
+    auto other = DirtyBitmap::create(size, g).value();
+    other.set_range(leaf, leaf);  // one whole leaf, shared all-dirty
+    other.set_range(10 * g, 3 * g);
+    REQUIRE(b.merge(other));
+    m.set(leaf, leaf, true);
+    m.set(10 * g, 3 * g, true);
+    check_runs(b, m, 0, size);
+  }
+}
+
+TEST_CASE("DirtyBitmap: memory follows the dirty part, not the declared size") {
+  // 2 TiB at 512 B granularity: 2^32 bits, the qcow2 maximum (512 MiB).
+  auto b = DirtyBitmap::create(2ull << 40, 512).value();
+  CHECK(b.resident_bytes() == 0);
+  b.set_range(1ull << 40, 4096);
+  b.set_range(5ull << 30, 64 * 1024);
+  CHECK(b.resident_bytes() == 2 * 4096);
+  CHECK(b.count_dirty() == 8 + 128);
+  b.set_all();  // every leaf shares the one all-dirty leaf
+  CHECK(b.resident_bytes() == 0);
+  CHECK(b.count_dirty() == 1ull << 32);
+  b.clear_range(0, 512);  // one private copy
+  CHECK(b.resident_bytes() == 4096);
+  CHECK(!b.is_dirty(0));
+  CHECK(b.is_dirty(512));
+  CHECK(b.any_dirty_bytes(0, 1));
+  b.reset();
+  CHECK(b.resident_bytes() == 0);
+  CHECK(!b.any_dirty_bytes(0, b.byte_count()));
+  // Serialized clean and all-dirty leaves allocate nothing.
+  std::vector<std::byte> zeros(1 << 20), ones(1 << 20, std::byte{0xff});
+  b.load_bytes(0, zeros);
+  b.load_bytes(64 << 20, ones);
+  CHECK(b.resident_bytes() == 0);
+  CHECK(b.count_dirty() == 8ull << 20);
+  CHECK(b.run(0, ~0ull).length == (64ull << 20) * 8 * 512);
+}
+
+TEST_CASE("DirtyBitmap: the declared total of the process is capped") {
+  const std::uint64_t before = DirtyBitmap::total_declared_bytes();
+  std::vector<DirtyBitmap> held;
+  // 512 MiB each: the cap admits kMaxTotalBytes / 512 MiB of them, no more.
+  const std::uint64_t fit = (DirtyBitmap::kMaxTotalBytes - before) / (512ull << 20);
+  for (std::uint64_t i = 0; i < fit; ++i) held.push_back(DirtyBitmap::create(2ull << 40, 512).value());
+  auto over = DirtyBitmap::create(2ull << 40, 512);
+  REQUIRE(!over);
+  CHECK(over.error().code == ENOMEM);
+  CHECK(over.error().message.find("more than the 8192 MiB allowed") != std::string::npos);
+  held.pop_back();  // released bitmaps give their share back
+  CHECK(DirtyBitmap::create(2ull << 40, 512));
+  held.clear();
+  CHECK(DirtyBitmap::total_declared_bytes() == before);
+}
