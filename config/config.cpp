@@ -401,7 +401,8 @@ Result<Config> parse_config(std::string_view json_text) {
 }
 
 Result<Config> load_config(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  // O_NONBLOCK: a FIFO must not block the open; fstat below refuses it.
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) {
     int err = errno;
     return Error{err, fmt::format("{}: cannot open: {}", path, std::strerror(err))};

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/endian.hpp"
+#include "common/log.hpp"
 #include "image/block_device.hpp"
 #include "image/qcow2/format.hpp"
 #include "image/qcow2/qcow2_image.hpp"
@@ -46,13 +47,18 @@ Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const Ope
   auto mode = options.read_only ? OpenMode::read_only : OpenMode::read_write;
   std::unique_ptr<File> file = QNBD_TRY(open_posix_file(path, mode, options.cache));
 
-  if (format == ImageFormat::detect) {
+  const bool probed = format == ImageFormat::detect;
+  if (probed) {
     std::byte magic[4] = {};
     std::size_t n = QNBD_TRY(file->pread(magic, 0));
     format = (n == 4 && load_be32(magic) == qcow2::QCOW2_MAGIC) ? ImageFormat::qcow2 : ImageFormat::raw;
   }
   if (format == ImageFormat::raw) {
-    auto dev = RawDevice::open(std::move(file), options);
+    if (probed && !options.read_only) {
+      log::warn("{}: format not given and probed as raw: writes that would make the first sector probe as "
+                "another format are refused; give the format (-f raw) to lift that", path);
+    }
+    auto dev = RawDevice::open(std::move(file), options, probed);
     if (!dev) return make_error(dev.error().code, "{}: {}", path, dev.error().message);
     return std::unique_ptr<BlockDevice>(std::move(*dev));
   }

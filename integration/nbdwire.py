@@ -84,3 +84,26 @@ def extents(extended, data):
         n = struct.unpack(">I", data[4:8])[0]
         return cid, [struct.unpack(">QQ", data[8 + 16 * i:24 + 16 * i]) for i in range(n)]
     return cid, [struct.unpack(">II", data[4 + 8 * i:12 + 8 * i]) for i in range((len(data) - 4) // 8)]
+
+
+
+def status(s, extended, cookie=77):
+    """The NBD error of a reply that carries no data (0 on success), simple
+    or structured/extended (an error chunk's error field)."""
+    magic = struct.unpack(">I", recvall(s, 4))[0]
+    if magic == 0x67446698:  # simple reply
+        err, ck = struct.unpack(">IQ", recvall(s, 12))
+        assert ck == cookie
+        return err
+    if extended:
+        assert magic == 0x6E8A278C, hex(magic)
+        fl, typ, ck, _, ln = struct.unpack(">HHQQQ", recvall(s, 28))
+    else:
+        assert magic == 0x668E33EF, hex(magic)
+        fl, typ, ck, ln = struct.unpack(">HHQI", recvall(s, 16))
+    assert ck == cookie
+    got = [(typ, recvall(s, ln))]
+    if not fl & 1:
+        got += chunks(s, extended, cookie)
+    errs = [struct.unpack(">I", d[:4])[0] for t, d in got if t & 0x8000]
+    return errs[0] if errs else 0

@@ -75,12 +75,18 @@ Action Negotiator::next() {
   switch (stage_) {
     case Stage::transmission: return {Action::Kind::start_transmission, {}, 0};
     case Stage::closed: return {Action::Kind::close, {}, 0};
+    case Stage::option_skip: return {Action::Kind::need_bytes, {}, skip_left_};
     default: return {Action::Kind::need_bytes, {}, need_ - in_.size()};
   }
 }
 
 void Negotiator::feed(std::span<const std::byte> bytes) {
   if (stage_ == Stage::transmission || stage_ == Stage::closed || close_after_send_) return;
+  if (stage_ == Stage::option_skip) {
+    skip_left_ -= std::min(bytes.size(), skip_left_);
+    if (skip_left_ == 0) skipped_option();
+    return;
+  }
   auto take = std::min(bytes.size(), need_ - in_.size());
   in_.insert(in_.end(), bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(take));
   if (in_.size() == need_) process();
@@ -126,7 +132,12 @@ void Negotiator::process() {
       auto len = load_be32(in_.data() + 12);
       in_.clear();
       if (magic != IHAVEOPT) return fail("bad option magic");
-      if (len > kMaxOptionLength) return fail("option length above limit");
+      if (len > kMaxOptionDrain) return fail("option length above limit");
+      if (len > kMaxOptionLength) {
+        stage_ = Stage::option_skip;
+        skip_left_ = len;
+        return;
+      }
       stage_ = Stage::option_data;
       need_ = len;
       if (len == 0) process();
@@ -141,6 +152,20 @@ void Negotiator::process() {
       }
       return;
     default: return;
+  }
+}
+
+// The data of an option above kMaxOptionLength has been dropped unread.
+void Negotiator::skipped_option() {
+  stage_ = Stage::option_header;
+  need_ = kOptionHeaderSize;
+  switch (opt_) {
+    case NBD_OPT_EXPORT_NAME: return fail("EXPORT_NAME data above limit");
+    case NBD_OPT_ABORT:
+      reply(NBD_REP_ACK);  // §4.2: data ignored
+      close_after_send_ = true;
+      return;
+    default: return reply_error(NBD_REP_ERR_TOO_BIG, "option data above 1 MiB");
   }
 }
 

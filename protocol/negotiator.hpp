@@ -62,10 +62,12 @@ class Negotiator {
   static std::uint16_t transmission_flags(const ExportInfo& exp, ReplyMode mode, bool has_contexts);
 
  private:
-  enum class Stage : std::uint8_t { client_flags, option_header, option_data, transmission, closed };
+  // option_skip: dropping the data of an option above kMaxOptionLength.
+  enum class Stage : std::uint8_t { client_flags, option_header, option_data, option_skip, transmission, closed };
 
   void process();
   void process_option();
+  void skipped_option();
   void fail(std::string reason);
   void reply(std::uint32_t type, std::span<const std::byte> data = {});
   void reply_error(std::uint32_t type, std::string_view message);
@@ -79,6 +81,7 @@ class Negotiator {
   Stage stage_ = Stage::client_flags;
   std::vector<std::byte> in_;
   std::size_t need_ = 4;
+  std::size_t skip_left_ = 0;  // option_skip: bytes still to drop
   std::vector<std::byte> out_;
   bool out_pending_ = false;
   bool close_after_send_ = false;

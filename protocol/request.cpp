@@ -78,6 +78,9 @@ Validation validate_request(const Request& r, const ValidationContext& c) {
   if (writes && (tf & NBD_FLAG_READ_ONLY)) return {NBD_EPERM, "export is read-only"};
   // #26: commands that need an advertised feature.
   if (r.type == NBD_CMD_FLUSH && !(tf & NBD_FLAG_SEND_FLUSH)) return inval("flush not supported");
+  // NBD proto.md "NBD_CMD_FLUSH": offset and length are reserved and MUST
+  // be zero. (qemu 7.2 refuses them only past the end of the export.)
+  if (r.type == NBD_CMD_FLUSH && (r.offset || r.length)) return inval("flush offset and length must be 0");
   if (r.type == NBD_CMD_TRIM && !(tf & NBD_FLAG_SEND_TRIM)) return inval("trim not supported");
   if (r.type == NBD_CMD_WRITE_ZEROES && !(tf & NBD_FLAG_SEND_WRITE_ZEROES))
     return inval("write zeroes not supported");

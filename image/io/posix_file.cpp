@@ -232,20 +232,42 @@ Result<int> open_fd(const std::string& path, int flags) {
   }
 }
 
+// Opens path for an image: only a regular file or a block device. Opened
+// with O_NONBLOCK (then cleared), so a FIFO or a device named by an image
+// (a backing or data file) cannot block the open; its type is checked on
+// the open descriptor, so the file cannot be swapped after the check.
+Result<int> open_image_fd(const std::string& path, int flags) {
+  int fd = QNBD_TRY(open_fd(path, flags | O_NONBLOCK | O_NOCTTY));
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    int err = errno;
+    ::close(fd);
+    return make_error(err, "{}: {}", path, std::strerror(err));
+  }
+  if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+    ::close(fd);
+    if (S_ISDIR(st.st_mode)) return make_error(EISDIR, "{}: is a directory", path);
+    const char* kind = S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISCHR(st.st_mode) ? "a character device"
+                                                      : S_ISSOCK(st.st_mode) ? "a socket" : "not a plain file";
+    return make_error(EINVAL, "{}: is {}, not a regular file or block device", path, kind);
+  }
+  if (::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0) {
+    int err = errno;
+    ::close(fd);
+    return make_error(err, "{}: {}", path, std::strerror(err));
+  }
+  return fd;
+}
+
 }  // namespace
 
 Result<std::unique_ptr<File>> open_posix_file(const std::string& path, OpenMode mode, CacheMode cache) {
   int flags = mode == OpenMode::read_write ? O_RDWR : O_RDONLY;
   if (cache == CacheMode::writethrough && mode == OpenMode::read_write) flags |= O_DSYNC;
-  int fd = QNBD_TRY(open_fd(path, flags));
-  struct stat st;
-  if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
-    ::close(fd);
-    return make_error(EISDIR, "{}: is a directory", path);
-  }
+  int fd = QNBD_TRY(open_image_fd(path, flags));
   int buffered_fd = fd;
   if (cache == CacheMode::none) {
-    auto direct = open_fd(path, flags | O_DIRECT);
+    auto direct = open_image_fd(path, flags | O_DIRECT);
     if (direct) {
       fd = *direct;
     } else {

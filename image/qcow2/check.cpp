@@ -364,8 +364,9 @@ class Checker {
         res_.check_errors++;
         return;
       }
-      std::memcpy(id.data(), strings.data(), id_len);
-      std::memcpy(name.data(), strings.data() + id_len, name_len);
+      // Both may be empty (then strings.data() is null, not a memcpy source).
+      if (id_len) std::memcpy(id.data(), strings.data(), id_len);
+      if (name_len) std::memcpy(name.data(), strings.data() + id_len, name_len);
       const std::uint64_t entry = align_up(40 + extra + id_len + name_len, 8);
       total += entry;
       pos += entry;

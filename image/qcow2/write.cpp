@@ -15,6 +15,7 @@
 //    pointers are on disk (flush_locked), with in-place writers excluded.
 // A crash therefore leaks clusters at worst.
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <shared_mutex>
 
@@ -558,11 +559,63 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
   auto whole = [&](std::uint64_t start, std::uint64_t unit) {
     return offset <= start && (start + unit <= end || end == size_);
   };
+  // A unit (a cluster, or a subcluster with extended L2) only partly
+  // covered needs no data when the rest of it already reads as zeroes and
+  // this layer stores nothing there: zeroing it whole changes no guest
+  // byte, so it stays sparse, as QEMU's qcow2_co_pwrite_zeroes decides
+  // (is_zero() on the head and tail, then the subcluster type under its
+  // lock). The rest is looked at through the whole chain, without mutex_
+  // (block status takes it).
+  auto rest_reads_zero = [&](std::uint64_t u) -> Result<bool> {
+    const std::uint64_t ue = std::min(u + sc, size_);
+    for (auto [a, b] : {std::pair{u, std::max(u, offset)}, std::pair{std::min(end, ue), ue}}) {
+      std::array<Extent, 8> ext;
+      while (a < b) {
+        const std::size_t k = QNBD_TRY(chain_block_status(*this, a, b - a, ext));
+        for (std::size_t i = 0; i < k && a < b; ++i) {
+          if (!ext[i].zero) return false;
+          a += ext[i].length;
+        }
+      }
+    }
+    return true;
+  };
+  // Under mutex_: does this layer store nothing in unit u? Without zero
+  // flags (v2) only an image without a backing file can leave it alone.
+  auto unit_empty_locked = [&](std::uint64_t u) -> Result<bool> {
+    if (header_.version < 3 && backing_) return false;
+    const Mapping m = QNBD_TRY(get_host_offset_locked(u, sc));
+    return m.type == SubclusterType::unallocated_plain || m.type == SubclusterType::unallocated_alloc ||
+           m.type == SubclusterType::zero_plain || m.type == SubclusterType::zero_alloc;
+  };
+  // Under mutex_: zero the partial unit u whole if that is allowed (see
+  // above; rest_zero from rest_reads_zero), else refuse a fast zero.
+  auto zero_partial_locked = [&](std::uint64_t u, bool rest_zero) -> Result<bool> {
+    if (rest_zero && QNBD_TRY(unit_empty_locked(u))) {
+      if (header_.version < 3) return true;  // unallocated, no backing: zeroes already (qemu discards)
+      const std::uint64_t gc = align_down(u, cs);
+      if (g.extended_l2) {
+        const auto i = static_cast<unsigned>((u - gc) / sc);
+        QNBD_TRY(zero_subclusters_locked(gc, i, i));
+      } else {
+        QNBD_TRY(zero_cluster_locked(gc, flags.may_unmap, false));
+      }
+      return true;
+    }
+    if (flags.fast_only) return make_error(ENOTSUP, "fast zeroing needs whole clusters or ones reading as zeroes");
+    return false;
+  };
   if (flags.fast_only) {
     // Metadata only: v3 zero flags on whole clusters/subclusters.
     if (header_.version < 3 || header_.data_file_raw()) return make_error(ENOTSUP, "fast zeroing is not possible");
-    if (!whole(align_down(offset, sc), sc) || !whole(align_down(end - 1, sc), sc)) {
-      return make_error(ENOTSUP, "fast zeroing needs whole clusters");
+    for (std::uint64_t u : {align_down(offset, sc), align_down(end - 1, sc)}) {
+      if (whole(u, sc)) continue;
+      bool empty = QNBD_TRY(rest_reads_zero(u));
+      if (empty) {
+        std::lock_guard lock(mutex_);
+        empty = QNBD_TRY(unit_empty_locked(u));
+      }
+      if (!empty) return make_error(ENOTSUP, "fast zeroing needs whole clusters or ones reading as zeroes");
     }
   }
   QNBD_TRY(bitmaps_before_write(offset, length));
@@ -570,33 +623,44 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
   while (pos < end) {
     const std::uint64_t gc = align_down(pos, cs);
     const std::uint64_t n = std::min(end, gc + cs) - pos;
+    const std::uint64_t head = align_down(pos, sc), tail = align_down(pos + n - 1, sc);
+    const bool head_zero = !whole(head, sc) && QNBD_TRY(rest_reads_zero(head));
+    const bool tail_zero = tail == head ? head_zero : !whole(tail, sc) && QNBD_TRY(rest_reads_zero(tail));
     std::lock_guard lock(mutex_);
     if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
-    const bool backing_visible = backing_ && gc < backing_->size();
-    if (pos == gc && skips_unallocated_span_locked(gc, end)) {
+    // A whole L2 span that stores nothing and shows no backing data already
+    // reads as zeroes: skip it in one step. Not for v2 with a backing file,
+    // where qemu writes zeroes as data even past the backing file's end.
+    if (pos == gc && !(header_.version < 3 && backing_) && skips_unallocated_span_locked(gc, end)) {
       pos = std::min(end, next_l2_span(gc));
       continue;
     }
     if (pos == gc && whole(gc, cs)) {
       if (header_.version >= 3) {
         QNBD_TRY(zero_cluster_locked(gc, flags.may_unmap, false));
-      } else if (!backing_visible) {
+      } else if (!backing_) {
+        // v2 has no zero flag: without a backing file unallocated reads as
+        // zeroes; with one (even past its end) qemu writes zeroes as data.
         QNBD_TRY(zero_cluster_locked(gc, true, true));
       } else {
         QNBD_TRY(write_cluster_locked(nullptr, pos, n));
       }
     } else if (g.extended_l2) {
-      // Partial subclusters as data, whole ones as zero bits.
+      // Partial subclusters as data (unless already empty), whole ones as zero bits.
       const std::uint64_t a = std::min(align_up(pos, sc), pos + n);
       std::uint64_t b = align_down(pos + n, sc);
       if (pos + n == size_) b = pos + n;  // the tail subcluster past the end is whole
-      if (a > pos) QNBD_TRY(write_cluster_locked(nullptr, pos, a - pos));
+      if (a > pos && !QNBD_TRY(zero_partial_locked(head, head_zero))) {
+        QNBD_TRY(write_cluster_locked(nullptr, pos, a - pos));
+      }
       if (b > a) {
         QNBD_TRY(zero_subclusters_locked(gc, static_cast<unsigned>((a - gc) / sc),
                                          static_cast<unsigned>((b - 1 - gc) / sc)));
       }
-      if (pos + n > std::max(a, b)) QNBD_TRY(write_cluster_locked(nullptr, std::max(a, b), pos + n - std::max(a, b)));
-    } else {
+      if (pos + n > std::max(a, b) && !QNBD_TRY(zero_partial_locked(tail, tail_zero))) {
+        QNBD_TRY(write_cluster_locked(nullptr, std::max(a, b), pos + n - std::max(a, b)));
+      }
+    } else if (!QNBD_TRY(zero_partial_locked(gc, head_zero))) {
       QNBD_TRY(write_cluster_locked(nullptr, pos, n));
     }
     QNBD_TRY(maybe_flush_frees_locked());

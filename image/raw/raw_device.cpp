@@ -1,20 +1,33 @@
 #include "image/raw/raw_device.hpp"
 
 #include <algorithm>
+#include <cstring>
 
 #include "common/checked.hpp"
+#include "common/endian.hpp"
+#include "image/qcow2/format.hpp"
 
 namespace qnbd::image {
 
-RawDevice::RawDevice(std::unique_ptr<File> file, std::uint64_t size, const OpenOptions& options)
-    : file_(std::move(file)), size_(size), writable_(!options.read_only), discard_unmap_(options.discard_unmap) {}
+namespace {
+// open_image() probes the first 4 bytes: the qcow2 magic means qcow2.
+constexpr std::uint64_t kProbeBytes = 4;
+}  // namespace
 
-Result<std::unique_ptr<RawDevice>> RawDevice::open(std::unique_ptr<File> file, const OpenOptions& options) {
+RawDevice::RawDevice(std::unique_ptr<File> file, std::uint64_t size, const OpenOptions& options, bool probed)
+    : file_(std::move(file)),
+      size_(size),
+      writable_(!options.read_only),
+      discard_unmap_(options.discard_unmap),
+      probed_(probed) {}
+
+Result<std::unique_ptr<RawDevice>> RawDevice::open(std::unique_ptr<File> file, const OpenOptions& options,
+                                                   bool probed) {
   // QEMU counts sizes in 512-byte sectors and rounds a raw file's size up
   // (qemu-img info, qemu-nbd's export size); the tail past EOF reads as
   // zeroes, and a write there extends the file.
   std::uint64_t size = align_up(QNBD_TRY(file->size()), 512);
-  return std::make_unique<RawDevice>(std::move(file), size, options);
+  return std::make_unique<RawDevice>(std::move(file), size, options, probed);
 }
 
 Capabilities RawDevice::capabilities() const {
@@ -23,6 +36,9 @@ Capabilities RawDevice::capabilities() const {
   c.can_trim = writable_ && discard_unmap_;
   c.can_write_zeroes = writable_;
   c.can_fast_zero = writable_;
+  // QEMU's raw driver checks whole first sectors of a probed image, so its
+  // request_alignment is 512 and qemu-nbd advertises that minimum block.
+  if (probed_) c.min_block = 512;
   return c;
 }
 
@@ -40,10 +56,31 @@ Result<void> RawDevice::read(std::span<std::byte> buf, std::uint64_t offset) {
   return file_->read_zero_fill(buf, offset);
 }
 
+Result<void> RawDevice::check_probe_bytes(std::span<const std::byte> buf, std::uint64_t offset) {
+  // The bytes the probe will see after this write: the file's, overlaid
+  // with the part of buf that lands on them. Zeroing and trimming cannot
+  // form the magic (it has no zero byte), so only writes are checked.
+  std::byte head[kProbeBytes] = {};
+  QNBD_TRY(file_->read_zero_fill(head, 0));
+  const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), kProbeBytes - offset));
+  std::memcpy(head + offset, buf.data(), n);
+  if (load_be32(head) == qcow2::QCOW2_MAGIC) {
+    return make_error(EPERM, "{}: write to the first sector refused: it would make this probed raw image "
+                      "open as qcow2 (give the format explicitly to allow it)", file_->name());
+  }
+  return ok();
+}
+
 Result<void> RawDevice::write(std::span<const std::byte> buf, std::uint64_t offset, bool fua) {
   if (!writable_) return make_error(EROFS, "{}: image is read-only", file_->name());
   QNBD_TRY(check_range(offset, buf.size()));
-  QNBD_TRY(file_->pwrite(buf, offset));
+  if (probed_ && offset < kProbeBytes && !buf.empty()) {
+    std::lock_guard lock(probe_mutex_);
+    QNBD_TRY(check_probe_bytes(buf, offset));
+    QNBD_TRY(file_->pwrite(buf, offset));
+  } else {
+    QNBD_TRY(file_->pwrite(buf, offset));
+  }
   if (fua) QNBD_TRY(file_->flush());
   return ok();
 }

@@ -15,9 +15,11 @@ namespace qnbd::image {
 class RawDevice final : public BlockDevice {
  public:
   // size: the virtual size (open() uses the file size rounded up to 512).
-  RawDevice(std::unique_ptr<File> file, std::uint64_t size, const OpenOptions& options);
+  // probed: the format was detected, not given (see above).
+  RawDevice(std::unique_ptr<File> file, std::uint64_t size, const OpenOptions& options, bool probed = false);
 
-  static Result<std::unique_ptr<RawDevice>> open(std::unique_ptr<File> file, const OpenOptions& options);
+  static Result<std::unique_ptr<RawDevice>> open(std::unique_ptr<File> file, const OpenOptions& options,
+                                                 bool probed = false);
 
   std::uint64_t size() const override { return size_; }
   Capabilities capabilities() const override;
@@ -36,11 +38,17 @@ class RawDevice final : public BlockDevice {
 
  private:
   Result<void> check_range(std::uint64_t offset, std::uint64_t length) const;
+  // EPERM if writing buf at offset would make the image probe as another format.
+  Result<void> check_probe_bytes(std::span<const std::byte> buf, std::uint64_t offset);
 
   std::unique_ptr<File> file_;
   std::uint64_t size_;
   bool writable_;
   bool discard_unmap_;
+  bool probed_;
+  // Serializes writes that touch the probed bytes, so two writes each
+  // supplying part of a magic cannot both pass the check.
+  std::mutex probe_mutex_;
 };
 
 }  // namespace qnbd::image

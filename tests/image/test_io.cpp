@@ -144,3 +144,31 @@ TEST_CASE("RawDevice: holes are zero and present, data is data") {
   REQUIRE(mem.read(std::span(back).first(4096), 0).has_value());
   CHECK(back[0] == std::byte{0});
 }
+
+TEST_CASE("RawDevice probed: no write may make the first bytes the qcow2 magic") {
+  OpenOptions o;
+  o.read_only = false;
+  auto bytes = [](std::string_view s) {
+    return std::vector<std::byte>(reinterpret_cast<const std::byte*>(s.data()),
+                                  reinterpret_cast<const std::byte*>(s.data()) + s.size());
+  };
+  RawDevice probed(std::make_unique<MemFile>("p", std::vector<std::byte>(4096)), 4096, o, true);
+  RawDevice given(std::make_unique<MemFile>("g", std::vector<std::byte>(4096)), 4096, o, false);
+  CHECK(probed.capabilities().min_block == 512);
+  CHECK(given.capabilities().min_block == 1);
+  auto header = bytes(std::string("QFI\xfb\0\0\0\3", 8));
+  header.resize(512);
+  CHECK(probed.write(header, 0, false).error().code == EPERM);
+  REQUIRE(given.write(header, 0, false).has_value());
+  // In pieces: the second piece would complete the magic.
+  REQUIRE(probed.write(bytes("QF"), 0, false).has_value());
+  CHECK(probed.write(bytes("I\xfb"), 2, false).error().code == EPERM);
+  REQUIRE(probed.write(bytes("I!"), 2, false).has_value());
+  CHECK(probed.write(bytes("\xfb"), 3, false).error().code == EPERM);
+  // Past the probed bytes anything goes; an ordinary sector 0 write works.
+  REQUIRE(probed.write(bytes("QFI\xfb"), 4, false).has_value());
+  REQUIRE(probed.write(bytes("boot"), 0, false).has_value());
+  std::vector<std::byte> back(8);
+  REQUIRE(probed.read(back, 0).has_value());
+  CHECK(back == bytes("bootQFI\xfb"));
+}

@@ -167,8 +167,64 @@ TEST_CASE("bad option magic and oversize option length close") {
   auto cat = make_catalog();
   auto o = run_all_splits(cat, Bytes().u32(3).u64(0x1122334455667788ULL).u32(3).u32(0));
   CHECK(o.end == Action::Kind::close);
-  auto o2 = drive(cat, Bytes().u32(3).u64(IHAVEOPT).u32(99).u32(kMaxOptionLength + 1).v, {});
+  auto o2 = drive(cat, Bytes().u32(3).u64(IHAVEOPT).u32(99).u32(kMaxOptionDrain + 1).v, {});
   CHECK(o2.end == Action::Kind::close);
+}
+
+TEST_CASE("option data: 1 MiB is processed; above, up to 32 MiB, dropped unread with TOO_BIG") {
+  auto cat = make_catalog();
+  // 3,000 queries (about 72 KB, as a client asking for many bitmaps sends):
+  // unknown namespaces are ignored, the known ones selected once each.
+  std::vector<std::string> names;
+  for (int i = 0; i < 2998; ++i) names.push_back("x-vendor:context-" + std::to_string(i));
+  names.push_back("base:allocation");
+  names.push_back("qemu:dirty-bitmap:b1");
+  std::vector<std::string_view> queries(names.begin(), names.end());
+  auto set = option(NBD_OPT_SET_META_CONTEXT, meta_data("ro", queries));
+  REQUIRE(set.v.size() > (64u << 10));
+  auto script = Bytes().u32(3).add(option(NBD_OPT_STRUCTURED_REPLY)).add(set).add(option(NBD_OPT_GO, info_go_data("ro", {})));
+  auto o = drive(cat, script.v, {100, 5000, 40000, 70000});
+  REQUIRE(o.end == Action::Kind::start_transmission);
+  auto reps = parse_replies(o.sent, 18);
+  REQUIRE(reps.size() >= 4);
+  CHECK(reps[1].data == Bytes().u32(kContextIdBaseAllocation).str("base:allocation").v);
+  CHECK(reps[2].data == Bytes().u32(kContextIdFirstBitmap + 1).str("qemu:dirty-bitmap:b1").v);
+  CHECK(reps[3].type == NBD_REP_ACK);
+  CHECK(o.result.contexts.size() == 2);
+
+  // Exactly at the cap: processed (an unknown option: UNSUP).
+  auto at_cap = Bytes().u64(IHAVEOPT).u32(99).u32(kMaxOptionLength).zeros(kMaxOptionLength);
+  auto o2 = drive(cat, Bytes().u32(3).add(at_cap).add(option(NBD_OPT_ABORT)).v, {});
+  auto reps2 = parse_replies(o2.sent, 18);
+  REQUIRE(reps2.size() == 2);
+  CHECK(reps2[0].type == NBD_REP_ERR_UNSUP);
+
+  // Above it: the data is dropped however it arrives, the option gets
+  // TOO_BIG and the next option is parsed as usual.
+  for (std::uint32_t len : {kMaxOptionLength + 1, kMaxOptionDrain}) {
+    CAPTURE(len);
+    for (std::uint32_t code : {NBD_OPT_SET_META_CONTEXT, NBD_OPT_GO, 99u}) {
+      auto big = Bytes().u64(IHAVEOPT).u32(code).u32(len).zeros(len);
+      auto tail = Bytes().add(option(NBD_OPT_GO, info_go_data("", {})));
+      auto in = Bytes().u32(3).add(big).add(tail);
+      auto o3 = drive(cat, in.v, {30, 4096, 1u << 20, len / 2 + 7});
+      REQUIRE(o3.end == Action::Kind::start_transmission);
+      auto reps3 = parse_replies(o3.sent, 18);
+      REQUIRE(reps3.size() >= 2);
+      CHECK(reps3[0].opt == code);
+      CHECK(reps3[0].type == NBD_REP_ERR_TOO_BIG);
+      CHECK(reps3[1].opt == NBD_OPT_GO);
+    }
+  }
+  // ABORT above the cap is still an ABORT; EXPORT_NAME (no error reply) closes.
+  auto ab = Bytes().u32(3).u64(IHAVEOPT).u32(NBD_OPT_ABORT).u32(kMaxOptionLength + 1).zeros(kMaxOptionLength + 1);
+  auto o4 = drive(cat, ab.v, {});
+  CHECK(o4.end == Action::Kind::close);
+  CHECK(o4.sent == greeting().add(rep(NBD_OPT_ABORT, NBD_REP_ACK)).v);
+  auto en = Bytes().u32(3).u64(IHAVEOPT).u32(NBD_OPT_EXPORT_NAME).u32(kMaxOptionLength + 1).zeros(kMaxOptionLength + 1);
+  auto o5 = drive(cat, en.v, {});
+  CHECK(o5.end == Action::Kind::close);
+  CHECK(o5.sent == greeting().v);
 }
 
 TEST_CASE("unknown option: UNSUP, data drained, next option parsed") {

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Zeroing that needs no allocation, beside qemu-nbd: on fresh qcow2 images
+# (with and without a backing file, extended L2, v2) the same seeded nbdsh
+# workload of unaligned WRITE_ZEROES (plain, NO_HOLE, FAST_ZERO), TRIMs and
+# WRITEs runs against qnbd and qemu-nbd on identical copies. Every request
+# must get the same answer (FAST_ZERO: success or ENOTSUP), the
+# base:allocation maps (nbdinfo --map) must agree and the images must hold
+# the same data (qemu-img compare). First the issue's reproduction: a 32 KiB
+# zero, plain and FAST_ZERO, on an unallocated cluster stays sparse.
+# A FAST_ZERO refused with ENOTSUP is followed by a plain zero, as copying
+# clients do: qemu-nbd may have zeroed the leading part of the range before
+# refusing (its block layer splits the request); qnbd decides before it
+# changes anything (NBD proto.md: SHOULD NOT modify the export when failing).
+source "$(dirname "$0")/lib-serve.sh"
+requires qemu-img qemu-io qemu-nbd nbdinfo python3
+requires_qnbd
+requires_python_nbd
+
+T=$TMPDIR_TEST
+cmp_map=$INTEGRATION_DIR/compare-nbdinfo-map.py
+
+# serve_both IMG_QEMU IMG_QNBD ARGS...: qemu-nbd and qnbd, writable.
+serve_both() {
+  local a=$1 b=$2
+  shift 2
+  start_server "$T/q.pid" qemu-nbd -t -f qcow2 "$@" -k "$T/q.sock" --pid-file "$T/q.pid" "$a" ||
+    fail "qemu-nbd did not start"
+  QPID=$SERVER_PID
+  QURI="nbd+unix:///?socket=$T/q.sock"
+  start_serve -f qcow2 "$@" "$b"
+}
+stop_both() {
+  stop_server "$QPID" || fail "qemu-nbd did not stop cleanly"
+  stop_serve
+}
+
+# The issue's reproduction, through qemu-io over NBD.
+qemu-img create -q -f qcow2 "$T/r1.qcow2" 8M
+cp "$T/r1.qcow2" "$T/r2.qcow2"
+serve_both "$T/r1.qcow2" "$T/r2.qcow2"
+for uri in "$QURI" "$SERVE_URI"; do
+  qemu-io -f raw -c 'write -z 1M 32k' -c 'write -z -n 2M 32k' "$uri" >"$T/io.out" 2>&1 ||
+    { cat "$T/io.out" >&2; fail "qemu-io zeroes failed on $uri"; }
+  grep -q 'failed' "$T/io.out" && { cat "$T/io.out" >&2; fail "a zero failed on $uri"; }
+  nbdinfo --map "$uri" >"$T/map.$([[ $uri == "$QURI" ]] && echo qemu || echo qnbd)"
+done
+stop_both
+expect_eq "$(cat "$T/map.qnbd")" "$(cat "$T/map.qemu")" "map after the 32 KiB zeroes"
+qemu-img map --output=json "$T/r2.qcow2" | grep -q '"data": true' && fail "the 32 KiB zeroes allocated data"
+
+# workload URI SEED OUT: the seeded requests; one answer per line to OUT.
+workload() {
+  "$PY" - "$@" <<'PY' || fail "workload on $1 failed"
+import errno, nbd, random, sys
+uri, seed, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+rnd = random.Random(seed)
+h = nbd.NBD()
+h.connect_uri(uri)
+size = h.get_size()
+cs = 64 << 10
+answers = []
+for step in range(300):
+    # Offsets near cluster edges as often as anywhere.
+    off = rnd.choice([rnd.randrange(size), rnd.randrange(size // cs) * cs + rnd.choice([0, 512, cs - 512, 4096])])
+    off = min(off, size - 1)
+    ln = min(size - off, rnd.choice([512, 4096, 32 << 10, cs - 512, cs, cs + 4096, 3 * cs, rnd.randrange(1, 256 << 10)]))
+    op = rnd.random()
+    what = ("write" if op < 0.35 else "zero" if op < 0.55 else "zero-nohole" if op < 0.65
+            else "zero-fast" if op < 0.85 else "trim")
+    try:
+        if what == "write":
+            h.pwrite(random.Random(step).randbytes(ln), off)
+        elif what == "zero":
+            h.zero(ln, off)
+        elif what == "zero-nohole":
+            h.zero(ln, off, nbd.CMD_FLAG_NO_HOLE)
+        elif what == "zero-fast":
+            h.zero(ln, off, nbd.CMD_FLAG_FAST_ZERO)
+        else:
+            h.trim(ln, off)
+        res = "ok"
+    except nbd.Error as e:
+        res = errno.errorcode.get(e.errnum, str(e.errnum))
+        if what == "zero-fast" and e.errnum == errno.ENOTSUP:
+            # What a copying client does next (nbdcopy, qemu-img convert).
+            h.zero(ln, off)
+            res += "+zero"
+    answers.append(f"{step} {what} {off} {ln} {res}")
+h.flush()
+open(out, "w").write("\n".join(answers) + "\n")
+PY
+}
+
+# run_case NAME SEED CREATE_ARGS [serve args...]: two identical fresh images,
+# the workload on each, then compare answers, maps and data.
+run_case() {
+  local name=$1 seed=$2 create=$3
+  shift 3
+  # shellcheck disable=SC2086 # CREATE_ARGS is a word list
+  qemu-img create -q -f qcow2 $create "$T/$name.a.qcow2" 8M
+  cp "$T/$name.a.qcow2" "$T/$name.b.qcow2"
+  serve_both "$T/$name.a.qcow2" "$T/$name.b.qcow2" "$@"
+  workload "$QURI" "$seed" "$T/$name.qemu.txt" &
+  local wq=$!
+  workload "$SERVE_URI" "$seed" "$T/$name.qnbd.txt"
+  wait "$wq" || fail "$name: workload on qemu-nbd failed"
+  nbdinfo --map "$QURI" >"$T/$name.qemu.map"
+  nbdinfo --map "$SERVE_URI" >"$T/$name.qnbd.map"
+  stop_both
+  diff -u "$T/$name.qemu.txt" "$T/$name.qnbd.txt" >"$T/$name.diff" ||
+    { head -n 20 "$T/$name.diff" >&2; fail "$name: answers differ from qemu-nbd's"; }
+  # v2 has no zero flag: every FAST_ZERO is refused there, as by qemu-nbd.
+  [[ $name == v2* ]] || grep -q 'zero-fast .* ok$' "$T/$name.qnbd.txt" ||
+    fail "$name: no FAST_ZERO succeeded (nothing compared)"
+  python3 "$cmp_map" "$T/$name.qemu.map" "$T/$name.qnbd.map" >"$T/$name.cmp" ||
+    { cat "$T/$name.cmp" >&2; fail "$name: base:allocation map differs from qemu-nbd's"; }
+  qemu-img compare -q -f qcow2 -F qcow2 "$T/$name.a.qcow2" "$T/$name.b.qcow2" || fail "$name: data differs"
+  qemu-img check -q "$T/$name.b.qcow2" || fail "$name: qemu-img check finds errors"
+  echo "$name: $(wc -l <"$T/$name.qnbd.txt") requests, $(grep -c 'zero-fast .* ok$' "$T/$name.qnbd.txt") fast zeroes ok, $(head -n 1 "$T/$name.cmp")"
+}
+
+# Backing file: data in some clusters, holes elsewhere, shorter than the top.
+truncate -s 6M "$T/base.raw"
+qemu-io -f raw -c 'write -P 0x5a 0 1M' -c 'write -P 0x11 2M 100k' -c 'write -z 3M 64k' \
+  -c 'write -P 0x22 5M 300k' "$T/base.raw" >/dev/null
+
+run_case plain 11 ""
+run_case plain-unmap 12 "" --discard=unmap
+run_case backing 13 "-b $T/base.raw -F raw"
+run_case backing-unmap 14 "-b $T/base.raw -F raw" --discard=unmap
+run_case extl2 15 "-o extended_l2=on,cluster_size=64k" --discard=unmap
+run_case extl2-backing 16 "-o extended_l2=on -b $T/base.raw -F raw"
+run_case v2 17 "-o compat=0.10" --discard=unmap
+run_case v2-backing 18 "-o compat=0.10 -b $T/base.raw -F raw"
+echo PASS
