@@ -164,7 +164,7 @@ Result<std::string> as_enum(const json& v, const std::string& pointer,
 Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   QNBD_TRY(expect_object(v, pointer,
                          {"name", "image", "format", "read_only", "description", "allocation_depth",
-                          "bitmaps", "cache", "discard"}));
+                          "bitmaps", "cache", "discard", "locking"}));
   ExportConfig e;
   const json* name = find(v, "name");
   if (name == nullptr) return fail(child(pointer, "name"), "required key is missing");
@@ -204,6 +204,9 @@ Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   }
   if (const json* x = find(v, "discard")) {
     e.discard = QNBD_TRY(as_enum(*x, child(pointer, "discard"), {"ignore", "unmap"}));
+  }
+  if (const json* x = find(v, "locking")) {
+    e.locking = QNBD_TRY(as_enum(*x, child(pointer, "locking"), {"auto", "on", "off"}));
   }
   return e;
 }

@@ -27,6 +27,7 @@ struct ExportConfig {
   std::vector<std::string> bitmaps;  // qcow2 bitmaps offered as qemu:dirty-bitmap:NAME
   std::string cache = "writeback";   // "writeback" | "writethrough" | "none" | "unsafe"
   std::string discard = "ignore";    // "ignore" | "unmap"
+  std::string locking = "auto";      // "auto" | "on" | "off": QEMU-compatible image locks
 };
 
 struct ListenerConfig {

@@ -159,6 +159,7 @@ struct OpenOptions {
   CacheMode cache = CacheMode::writeback;
   bool discard_unmap = false;     // --discard=unmap: trims release space
   std::string data_file;          // overrides the qcow2 external data file name
+  LockOptions lock;               // QEMU-compatible image locks (image/io/lock.hpp)
   // Backing files opened for a writable top image are read-only; the chain
   // is bounded so a loop or a hostile chain cannot recurse forever.
   unsigned max_backing_depth = 64;

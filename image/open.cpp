@@ -53,6 +53,10 @@ Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const Ope
     std::size_t n = QNBD_TRY(file->pread(magic, 0));
     format = (n == 4 && load_be32(magic) == qcow2::QCOW2_MAGIC) ? ImageFormat::qcow2 : ImageFormat::raw;
   }
+  // Lock before the engine touches the file (a writable qcow2 open may
+  // rewrite the header); backing files are read-only and shared.
+  QNBD_TRY(file->set_lock(lock_request(options.lock, depth == 0 ? LockRole::image : LockRole::backing,
+                                       format == ImageFormat::qcow2, !options.read_only)));
   if (format == ImageFormat::raw) {
     if (probed && !options.read_only) {
       log::warn("{}: format not given and probed as raw: writes that would make the first sector probe as "
@@ -94,6 +98,9 @@ Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const Ope
 }  // namespace
 
 Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, const OpenOptions& options) {
+  if (options.lock.force_share && !options.read_only) {
+    return make_error(EINVAL, "{}: force-share can only be used with read-only images", path);
+  }
   Visited visited;
   return open_one(path, options, options.format, 0, visited);
 }

@@ -54,6 +54,7 @@ struct BenchArgs {
   std::string count = "75000", depth = "64", offset = "0", buffer_size = "4096", step_size;
   int pattern = 0;
   bool write = false, quiet = false, native_aio = false;
+  LockArgs lock;
 };
 
 int run_bench(const BenchArgs& a) {
@@ -92,11 +93,13 @@ int run_bench(const BenchArgs& a) {
     return 1;
   }
   options.read_only = !a.write;
+  options.lock = lock_options(a.lock, image::LockUse::tool);
   auto opened = image::open_image(a.filename, options);
   if (!opened) {
     print_image_error(a.filename, opened.error());
     return 1;
   }
+  if (a.lock.force_share) warn_force_share(a.filename);
   auto& dev = **opened;
   const std::uint64_t image_size = dev.size();
   if (!a.quiet) {
@@ -188,6 +191,7 @@ void add_bench_command(CLI::App& app, int& status) {
   cmd->add_flag("-n", args->native_aio, "accepted for qemu-img compatibility; ignored");
   cmd->add_flag("-q", args->quiet, "quiet");
   cmd->add_option("FILENAME", args->filename, "image")->required();
+  add_lock_options(cmd, args->lock, true);
   cmd->callback([args, &status] { status = run_bench(*args); });
 }
 

@@ -57,6 +57,7 @@ Result<bool> is_qcow2(image::File& file) {
 struct Args {
   std::vector<BitmapOp> ops;
   std::string granularity, source_file, source_format, format, path, bitmap;
+  LockArgs lock;
 };
 
 }  // namespace
@@ -82,10 +83,12 @@ void add_bitmap_command(CLI::App& app, int& status) {
   cmd->add_option("-b", a.source_file, "Image holding the --merge SOURCE bitmap");
   cmd->add_option("-F", a.source_format, "Format of the -b image (qcow2)");
   cmd->add_option("-f", a.format, "Image format (qcow2); detected if omitted");
+  add_lock_options(cmd, a.lock, false);
   cmd->add_option("FILE", a.path, "Image file")->required();
   cmd->add_option("BITMAP", a.bitmap, "Bitmap name")->required();
   cmd->callback([&status] {
     status = 1;
+    log::init(0);
     auto has = [](BitmapOp::Kind k) {
       return std::any_of(a.ops.begin(), a.ops.end(), [k](const BitmapOp& o) { return o.kind == k; });
     };
@@ -134,6 +137,12 @@ void add_bitmap_command(CLI::App& app, int& status) {
                    image::qcow2::bitmap_op_name(a.ops[0].kind), a.bitmap.c_str(), a.path.c_str());
       return;
     }
+    // qemu-img bitmap opens the image for writing (no backing file).
+    const image::LockOptions lock = lock_options(a.lock, image::LockUse::tool);
+    if (auto locked = (*file)->set_lock(image::lock_request(lock, image::LockRole::image, true, true)); !locked) {
+      print_image_error(a.path, locked.error());
+      return;
+    }
     if (!a.source_file.empty()) {
       if (!a.source_format.empty() && a.source_format != "qcow2") {
         std::fprintf(stderr, "qnbd: %s: only qcow2 images hold persistent bitmaps\n", a.source_file.c_str());
@@ -145,6 +154,8 @@ void add_bitmap_command(CLI::App& app, int& status) {
         if (!QNBD_TRY(is_qcow2(**src))) {
           return make_error(EINVAL, "{}: only qcow2 images hold persistent bitmaps", a.source_file);
         }
+        QNBD_TRY((*src)->set_lock(image::lock_request(lock_options(a.lock, image::LockUse::tool),
+                                                      image::LockRole::image, true, false)));
         return image::qcow2::load_named_bitmap(**src, name);
       };
     }

@@ -12,6 +12,7 @@
 #include "image/qcow2/check.hpp"
 #include "image/qcow2/format.hpp"
 #include "server/commands.hpp"
+#include "server/image_cli.hpp"
 
 namespace qnbd::cli {
 namespace {
@@ -70,7 +71,7 @@ void print_json(const qc::CheckResult& r, const std::string& filename) {
 }
 
 int run_check(const std::string& filename, const std::string& repair_text, const std::string& output,
-              const std::string& format, bool quiet) {
+              const std::string& format, bool quiet, const LockArgs& lock) {
   qc::RepairMode repair = qc::RepairMode::none;
   if (repair_text == "leaks") {
     repair = qc::RepairMode::leaks;
@@ -83,6 +84,11 @@ int run_check(const std::string& filename, const std::string& repair_text, const
   }
   if (output != "human" && output != "json") {
     std::fprintf(stderr, "qnbd: --output must be used with human or json as argument.\n");
+    return 1;
+  }
+  if (lock.force_share && repair != qc::RepairMode::none) {
+    std::fprintf(stderr, "qnbd: Could not open '%s': force-share=on can only be used with read-only images\n",
+                 filename.c_str());
     return 1;
   }
   auto file = image::open_posix_file(filename, repair == qc::RepairMode::none
@@ -108,6 +114,15 @@ int run_check(const std::string& filename, const std::string& repair_text, const
     std::fprintf(stderr, "qnbd: This image format does not support checks\n");
     return 63;
   }
+  // qemu-img check holds what qemu-io would: reads, or writes with -r.
+  if (auto locked = (*file)->set_lock(image::lock_request(lock_options(lock, image::LockUse::tool),
+                                                          image::LockRole::image, true,
+                                                          repair != qc::RepairMode::none));
+      !locked) {
+    print_image_error(filename, locked.error());
+    return 1;
+  }
+  if (lock.force_share) warn_force_share(filename);
   const qc::CheckMessageSink sink = [quiet](const std::string& line) {
     if (!quiet) std::fprintf(stderr, "%s\n", line.c_str());
   };
@@ -161,15 +176,18 @@ void add_check_command(CLI::App& app, int& status) {
   struct Args {
     std::string filename, repair, output = "human", format;
     bool quiet = false;
+    LockArgs lock;
   };
   auto args = std::make_shared<Args>();
   cmd->add_option("-r", args->repair, "repair: leaks or all");
   cmd->add_option("--output", args->output, "human or json");
   cmd->add_option("-f", args->format, "image format (qcow2; detected if omitted)");
   cmd->add_flag("-q", args->quiet, "quiet");
+  add_lock_options(cmd, args->lock, true);
   cmd->add_option("IMAGE", args->filename, "image to check")->required();
   cmd->callback([args, &status] {
-    status = run_check(args->filename, args->repair, args->output, args->format, args->quiet);
+    log::init(0);
+    status = run_check(args->filename, args->repair, args->output, args->format, args->quiet, args->lock);
   });
 }
 

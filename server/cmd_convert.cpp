@@ -69,18 +69,21 @@ Result<void> convert_to_raw(image::BlockDevice& src, image::File& out) {
 void add_convert_command(CLI::App& app, int& status) {
   auto* cmd = app.add_subcommand("convert", "Convert an image to a raw file (like qemu-img convert -O raw)");
   static std::string format, out_format, path, output;
+  static LockArgs lock;
   cmd->add_option("-f", format, "Source image format (raw or qcow2); detected if omitted");
   cmd->add_option("-O", out_format, "Output format (only raw)")->required();
   cmd->add_option("IMAGE", path, "Source image")->required();
   cmd->add_option("OUTPUT", output, "Output file")->required();
+  add_lock_options(cmd, lock, true);
   cmd->callback([&status] {
     status = 1;
+    log::init(0);
     if (out_format != "raw") {
       std::fprintf(stderr, "qnbd: %s: output format '%s' is not supported (only raw)\n", output.c_str(),
                    out_format.c_str());
       return;
     }
-    auto dev = open_for_reading(path, format);
+    auto dev = open_for_reading(path, format, lock_options(lock, image::LockUse::tool));
     if (!dev) return;
     auto out = image::create_posix_file(output);
     if (!out) {

@@ -179,12 +179,16 @@ void add_info_command(CLI::App& app, int& status) {
   auto* cmd = app.add_subcommand("info", "Show information about an image (like qemu-img info)");
   static std::string output = "human", format, path;
   static bool backing_chain = false;
+  static LockArgs lock;
   cmd->add_option("--output", output, "Output format: human or json")->check(CLI::IsMember({"human", "json"}));
   cmd->add_option("-f", format, "Image format (raw or qcow2); detected if omitted");
   cmd->add_flag("--backing-chain", backing_chain, "Describe every image of the backing chain");
+  add_lock_options(cmd, lock, true);
   cmd->add_option("IMAGE", path, "Image file")->required();
   cmd->callback([&status] {
-    auto dev = open_for_reading(path, format);
+    log::init(0);
+    // qemu-img info holds no permission, it only keeps writers out.
+    auto dev = open_for_reading(path, format, lock_options(lock, image::LockUse::info));
     if (!dev) {
       status = 1;
       return;

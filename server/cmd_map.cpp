@@ -102,13 +102,16 @@ bool dump_bitmap(image::BlockDevice& dev, const std::string& path, const std::st
 void add_map_command(CLI::App& app, int& status) {
   auto* cmd = app.add_subcommand("map", "Print the allocation map of an image (like qemu-img map)");
   static std::string output = "human", format, path, bitmap;
+  static LockArgs lock;
   cmd->add_option("--output", output, "Output format: human or json")->check(CLI::IsMember({"human", "json"}));
   cmd->add_option("-f", format, "Image format (raw or qcow2); detected if omitted");
   cmd->add_option("--bitmap", bitmap, "Print the dirty runs of persistent bitmap NAME instead");
+  add_lock_options(cmd, lock, true);
   cmd->add_option("IMAGE", path, "Image file")->required();
   cmd->callback([&status] {
     status = 1;
-    auto dev = open_for_reading(path, format);
+    log::init(0);
+    auto dev = open_for_reading(path, format, lock_options(lock, image::LockUse::tool));
     if (!dev) return;
     const bool json = output == "json";
     if (!bitmap.empty()) {

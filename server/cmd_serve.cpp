@@ -13,6 +13,7 @@
 #include "config/config.hpp"
 #include "image/block_device.hpp"
 #include "server/commands.hpp"
+#include "server/image_cli.hpp"
 #include "server/server.hpp"
 
 namespace qnbd::cli {
@@ -41,6 +42,7 @@ struct ServeArgs {
   std::uint32_t threads = 0;
   bool no_inline_io = false;
   std::uint32_t handshake_timeout = 10;
+  LockArgs lock;
 };
 
 Result<image::CacheMode> parse_cache(const std::string& s) {
@@ -61,7 +63,7 @@ Result<image::ImageFormat> parse_format(const std::string& s) {
 Result<server::ExportSpec> open_export(const std::string& path, const std::string& format, bool read_only,
                                        const std::string& cache, const std::string& discard, std::string name,
                                        std::string description, bool multi_conn, bool allocation_depth,
-                                       const std::vector<std::string>& bitmaps) {
+                                       const std::vector<std::string>& bitmaps, image::LockOptions lock) {
   if (discard != "ignore" && discard != "unmap" && discard != "off" && discard != "on")
     return make_error(EINVAL, "invalid discard mode '{}' (ignore, unmap)", discard);
   image::OpenOptions oo;
@@ -69,7 +71,12 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
   oo.read_only = read_only;
   oo.cache = QNBD_TRY(parse_cache(cache));
   oo.discard_unmap = discard == "unmap" || discard == "on";
+  // qemu-nbd's permissions: a writable export holds write and shares it
+  // with nobody (qcow2), a read-only one lets readers in.
+  lock.use = image::LockUse::export_;
+  oo.lock = lock;
   auto dev = QNBD_TRY(image::open_image(path, oo));
+  if (lock.force_share) warn_force_share(path);
   server::ExportSpec spec;
   spec.info = server::describe_export(*dev, std::move(name), std::move(description), read_only, multi_conn,
                                       allocation_depth);
@@ -99,8 +106,10 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     if (!a.image.empty()) return make_error(EINVAL, "give either --config or an IMAGE, not both");
     auto cfg = QNBD_TRY(config::load_config(a.config));
     for (const auto& e : cfg.exports) {
+      image::LockOptions lock;
+      if (!image::parse_locking(e.locking, lock.locking)) return make_error(EINVAL, "bad locking '{}'", e.locking);
       auto spec = QNBD_TRY(open_export(e.image, e.format, e.read_only, e.cache, e.discard, e.name, e.description,
-                                       true, e.allocation_depth, e.bitmaps));
+                                       true, e.allocation_depth, e.bitmaps, lock));
       o.exports.push_back(std::move(spec));
     }
     for (const auto& l : cfg.listeners) {
@@ -129,7 +138,8 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
   } else {
     if (a.image.empty()) return make_error(EINVAL, "an IMAGE (or --config FILE) is required");
     auto spec = QNBD_TRY(open_export(a.image, a.format, a.read_only, a.cache, a.discard, a.export_name,
-                                     a.description, a.shared != 1, a.allocation_depth, a.bitmaps));
+                                     a.description, a.shared != 1, a.allocation_depth, a.bitmaps,
+                                     lock_options(a.lock, image::LockUse::export_)));
     o.exports.push_back(std::move(spec));
     server::ListenerSpec ls;
     if (!a.socket.empty()) {
@@ -239,6 +249,7 @@ void add_serve_command(CLI::App& app, int& status) {
   cmd->add_flag("--no-inline-io", args->no_inline_io,
                 "Run every device call on the blocking pool (default: small page-cache I/O runs inline)");
   cmd->add_option("--handshake-timeout", args->handshake_timeout, "Seconds allowed for negotiation (0 = none)");
+  add_lock_options(cmd, args->lock, true);
   cmd->callback([args, &status] { status = serve(*args); });
 }
 

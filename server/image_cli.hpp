@@ -1,11 +1,15 @@
 // Helpers shared by the image commands (info, map, convert): option parsing
-// for -f and the one-line error format "qnbd: IMAGE: <defect>".
+// for -f and the image-lock options, and the one-line error format
+// "qnbd: IMAGE: <defect>".
 #pragma once
 
 #include <cstdio>
 #include <memory>
 #include <string>
 
+#include <CLI/CLI.hpp>
+
+#include "common/log.hpp"
 #include "common/result.hpp"
 #include "image/block_device.hpp"
 
@@ -25,6 +29,39 @@ inline bool parse_image_format(const std::string& name, image::ImageFormat& out)
   return true;
 }
 
+// Image locking options in qemu-img's spelling: -U/--force-share (read-only
+// commands), and --locking for QEMU's file.locking=on|off|auto (which
+// qemu-img only takes through --image-opts).
+struct LockArgs {
+  std::string locking = "auto";
+  bool force_share = false;
+};
+
+inline void add_lock_options(CLI::App* cmd, LockArgs& a, bool with_force_share) {
+  cmd->add_option("--locking", a.locking,
+                  "Image locking, as QEMU's file.locking: auto (default: lock, warn if the file system cannot), "
+                  "on, off")
+      ->check(CLI::IsMember({"auto", "on", "off"}));
+  if (with_force_share) {
+    cmd->add_flag("-U,--force-share", a.force_share,
+                  "Open even if another process has the image open for writing (read-only; no lock refuses others)");
+  }
+}
+
+inline image::LockOptions lock_options(const LockArgs& a, image::LockUse use) {
+  image::LockOptions o;
+  (void)image::parse_locking(a.locking, o.locking);  // validated by the CLI check
+  o.force_share = a.force_share;
+  o.use = use;
+  return o;
+}
+
+// After a successful open with -U: what was read may be changing under us.
+inline void warn_force_share(const std::string& path) {
+  log::warn("{}: opened with --force-share: another process may be writing it, what is read may be inconsistent",
+            path);
+}
+
 // Print an error as one line on stderr. Messages from open_image already
 // start with the path; others get it prepended.
 inline void print_image_error(const std::string& path, const Error& e) {
@@ -35,8 +72,10 @@ inline void print_image_error(const std::string& path, const Error& e) {
   }
 }
 
-// Open read-only with an optional -f format; prints the error itself.
-inline std::unique_ptr<image::BlockDevice> open_for_reading(const std::string& path, const std::string& format) {
+// Open read-only with an optional -f format, locking as qemu-img does for
+// `use`; prints the error itself.
+inline std::unique_ptr<image::BlockDevice> open_for_reading(const std::string& path, const std::string& format,
+                                                            const image::LockOptions& lock = {}) {
   image::OpenOptions options;
   if (!parse_image_format(format, options.format)) {
     std::fprintf(stderr, "qnbd: %s: unknown image format '%s' (expected raw or qcow2)\n", path.c_str(),
@@ -44,11 +83,13 @@ inline std::unique_ptr<image::BlockDevice> open_for_reading(const std::string& p
     return nullptr;
   }
   options.read_only = true;
+  options.lock = lock;
   auto dev = image::open_image(path, options);
   if (!dev) {
     print_image_error(path, dev.error());
     return nullptr;
   }
+  if (lock.force_share) warn_force_share(path);
   return std::move(*dev);
 }
 

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "common/result.hpp"
+#include "image/io/lock.hpp"
 
 namespace qnbd::image {
 
@@ -53,6 +54,12 @@ class File {
   // Bytes of storage the host file occupies (st_blocks * 512), for `info`.
   // Default: size().
   [[nodiscard]] virtual Result<std::uint64_t> allocated_size();
+  // Hold the QEMU-compatible image lock `request` (image/io/lock.hpp) on
+  // this file, or move an already held one to the new permissions.
+  // Conflicts with other openers are errors naming the file. Not to be
+  // called concurrently with itself (I/O may run meanwhile). The default
+  // (files that are not host files) has nothing to lock.
+  [[nodiscard]] virtual Result<void> set_lock(const LockRequest& /*request*/) { return ok(); }
   // Name for messages (the path for real files).
   virtual const std::string& name() const = 0;
 

@@ -26,6 +26,7 @@
 #include "common/log.hpp"
 #include "image/io/data_run_cache.hpp"
 #include "image/io/file.hpp"
+#include "image/io/lock.hpp"
 
 namespace qnbd::image {
 namespace {
@@ -196,6 +197,16 @@ class PosixFile final : public File {
     return Extent{std::min<std::uint64_t>(limit, static_cast<std::uint64_t>(hole) - offset), false};
   }
 
+  Result<void> set_lock(const LockRequest& request) override {
+    if (lock_.active()) return lock_.change(request.perm, request.shared);
+    if (lock_attempted_) return ok();  // locking is off (or unsupported) for this file
+    // The locks live on the first descriptor; the O_DIRECT one is a second
+    // open file description of this process and holds none.
+    lock_ = QNBD_TRY(ImageLock::acquire(buffered_fd_, name_, request));
+    lock_attempted_ = true;
+    return ok();
+  }
+
   const std::string& name() const override { return name_; }
 
  private:
@@ -221,6 +232,9 @@ class PosixFile final : public File {
   int buffered_fd_;
   CacheMode cache_;
   DataRunCache data_runs_;
+  // Closing the descriptors releases the locks; ImageLock needs no cleanup.
+  ImageLock lock_;
+  bool lock_attempted_ = false;
 };
 
 Result<int> open_fd(const std::string& path, int flags) {

@@ -102,6 +102,7 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
       }
       auto df = open_posix_file(path, options.read_only ? OpenMode::read_only : OpenMode::read_write, options.cache);
       if (!df) return make_error(df.error().code, "could not open data file: {}", df.error().message);
+      QNBD_TRY((*df)->set_lock(lock_request(options.lock, LockRole::data_file, false, !options.read_only)));
       img->data_file_ = std::move(*df);
     }
   } else if (!options.data_file.empty() || parts.data_file) {

@@ -63,7 +63,7 @@ TEST_CASE("every field is read") {
     "exports": [
       {"name": "a", "image": "/srv/a.qcow2", "format": "qcow2", "read_only": true,
        "description": "disk A", "allocation_depth": true, "bitmaps": ["b0", "b1"],
-       "cache": "none", "discard": "unmap"},
+       "cache": "none", "discard": "unmap", "locking": "off"},
       {"name": "b", "image": "b.img", "format": "raw", "cache": "unsafe"}
     ],
     "listeners": [
@@ -87,6 +87,8 @@ TEST_CASE("every field is read") {
   CHECK(c.exports[0].discard == "unmap");
   CHECK(c.exports[1].format == "raw");
   CHECK(c.exports[1].cache == "unsafe");
+  CHECK(c.exports[0].locking == "off");
+  CHECK(c.exports[1].locking == "auto");
   REQUIRE(c.listeners.size() == 2);
   CHECK(c.listeners[0].host == "::1");
   CHECK(c.listeners[0].port == 10810);
@@ -121,7 +123,7 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
        R"(/exports/1/read_only: expected a boolean, got "yes")"},
       {R"({"exports": [{"name": "a", "image": "a", "readonly": true}]})",
        "/exports/0/readonly: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard)"},
+       "allocation_depth, bitmaps, cache, discard, locking)"},
       {R"({"exports": [{"name": "a", "image": "a"}, {"name": "a", "image": "b"}]})",
        R"(/exports/1/name: duplicate export name "a" (also /exports/0/name))"},
       {R"({"exports": [{"name": "a", "image": "a", "format": "vmdk"}]})",
@@ -132,6 +134,10 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
        R"(/exports/0/cache: expected one of "writeback", "writethrough", "none", "unsafe", got "directsync")"},
       {R"({"exports": [{"name": "a", "image": "a", "discard": true}]})",
        R"(/exports/0/discard: expected one of "ignore", "unmap", got true)"},
+      {R"({"exports": [{"name": "a", "image": "a", "locking": false}]})",
+       R"(/exports/0/locking: expected one of "auto", "on", "off", got false)"},
+      {R"({"exports": [{"name": "a", "image": "a", "locking": "yes"}]})",
+       R"(/exports/0/locking: expected one of "auto", "on", "off", got "yes")"},
       {R"({"exports": [{"name": "a", "image": "a", "allocation_depth": 1}]})",
        "/exports/0/allocation_depth: expected a boolean, got 1"},
       {R"({"exports": [{"name": "a", "image": "a", "description": ["x"]}]})",
@@ -199,11 +205,11 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
       // keys needing RFC 6901 escapes
       {R"({"exports": [{"name": "", "image": "a", "a/b~c": 1}]})",
        "/exports/0/a~1b~0c: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard)"},
+       "allocation_depth, bitmaps, cache, discard, locking)"},
       // control characters from the file are shown escaped: one line
       {R"({"exports": [{"name": "", "image": "a", "x\ny": 1}]})",
        "/exports/0/x\\ny: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard)"},
+       "allocation_depth, bitmaps, cache, discard, locking)"},
       {R"({"exports": [{"name": "a\u0001", "image": "a"}, {"name": "a\u0001", "image": "b"}]})",
        R"(/exports/1/name: duplicate export name "a\x01" (also /exports/0/name))"},
       // repeated keys, which a plain JSON parser would silently merge
@@ -286,7 +292,7 @@ TEST_CASE("the schema is valid JSON naming every key the loader accepts") {
   REQUIRE(!r);
   CHECK_FALSE(r.error().message.starts_with("JSON syntax error"));
   for (const char* key : {"exports", "listeners", "limits", "name", "image", "format", "read_only",
-                          "description", "allocation_depth", "bitmaps", "cache", "discard", "type", "host",
+                          "description", "allocation_depth", "bitmaps", "cache", "discard", "locking", "type", "host",
                           "port", "path", "max_connections", "handshake_timeout_seconds",
                           "max_inflight_bytes_per_connection", "threads"}) {
     CAPTURE(key);

@@ -391,6 +391,8 @@ TEST_CASE("snapshot table and bitmap directory are parsed and exposed") {
   CHECK(info.cluster_size == 4096);
 
   // A bitmap left in use by a crashed writer is listed with its flag.
+  // (Closed first: our open holds the image lock qemu-io would refuse.)
+  dev->reset();
   REQUIRE(run("qemu-io -c 'write 0 4k' -c abort " + p + " || true") == 0);
   dev = open_image(p, OpenOptions{});
   REQUIRE_MESSAGE(dev.has_value(), dev.error().message);

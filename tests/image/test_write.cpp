@@ -78,6 +78,9 @@ TEST_CASE("write: capabilities of a writable qcow2") {
   CHECK(std::all_of(got.begin() + 65536, got.end(), [](std::byte b) { return b == std::byte{0}; }));
   REQUIRE(v3->close());
   REQUIRE(v2->close());
+  // Destroyed, so their image locks no longer keep qemu-img out.
+  v3.reset();
+  v2.reset();
   CHECK(qemu_check(d / "v3.qcow2") == 0);
   CHECK(qemu_check(d / "v2.qcow2") == 0);
 }
