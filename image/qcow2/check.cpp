@@ -57,9 +57,12 @@ class Checker {
         res_.check_errors++;
         return res_;
       }
-      res_.corruptions_fixed += res_.corruptions;
+      // A reference past the end of the file is not a refcount defect: no
+      // repair removes it, and qemu-img check -r reports it again.
+      res_.corruptions_fixed += res_.corruptions - unrepairable_;
       res_.leaks_fixed += res_.leaks;
-      res_.corruptions = res_.leaks = 0;
+      res_.corruptions = unrepairable_;
+      res_.leaks = 0;
     } else if (fix_ != RepairMode::none) {
       if (rebuild_) {
         say("ERROR need to rebuild refcount structures");
@@ -67,7 +70,8 @@ class Checker {
         return res_;
       }
       if (res_.leaks || res_.corruptions) {
-        res_.leaks = res_.corruptions = 0;
+        res_.leaks = 0;
+        res_.corruptions = unrepairable_;
         QNBD_TRY(apply_in_place_fixes());
       }
     }
@@ -116,6 +120,7 @@ class Checker {
       say(fmt::format("ERROR: counting reference for region exceeding the end of the file by one "
                       "cluster or more: offset {} size {}", c_hex(offset), c_hex(length)));
       res_.corruptions++;
+      unrepairable_++;
       return;
     }
     for (std::uint64_t k = offset >> cb_; k <= (*end - 1) >> cb_; k++) {
@@ -716,6 +721,7 @@ class Checker {
   std::vector<std::uint64_t> refstruct_blocks_;
   std::vector<std::pair<std::uint64_t, std::uint64_t>> compressed_copied_fixes_;  // (file offset, entry)
   bool rebuild_ = false;
+  std::uint64_t unrepairable_ = 0;  // references past the end of the file (counted in corruptions)
   bool reported_bad_refblock_ = false;
 };
 
