@@ -57,8 +57,6 @@ class Checker {
         res_.check_errors++;
         return res_;
       }
-      // A reference past the end of the file is not a refcount defect: no
-      // repair removes it, and qemu-img check -r reports it again.
       res_.corruptions_fixed += res_.corruptions - unrepairable_;
       res_.leaks_fixed += res_.leaks;
       res_.corruptions = unrepairable_;
@@ -120,7 +118,6 @@ class Checker {
       say(fmt::format("ERROR: counting reference for region exceeding the end of the file by one "
                       "cluster or more: offset {} size {}", c_hex(offset), c_hex(length)));
       res_.corruptions++;
-      unrepairable_++;
       return;
     }
     for (std::uint64_t k = offset >> cb_; k <= (*end - 1) >> cb_; k++) {
@@ -197,6 +194,10 @@ class Checker {
     inc(h_.refcount_table_offset, std::uint64_t{h_.refcount_table_clusters} * cs_);
     if (h_.crypto_header) inc(h_.crypto_header->offset, h_.crypto_header->length);
     check_bitmaps();
+    // Defects of the references themselves (past the end of the file,
+    // reserved bits, misaligned clusters, ...): no refcount repair removes
+    // them, and qemu-img check -r reports them again.
+    unrepairable_ = res_.corruptions;
     check_refblocks();
   }
 
@@ -721,7 +722,7 @@ class Checker {
   std::vector<std::uint64_t> refstruct_blocks_;
   std::vector<std::pair<std::uint64_t, std::uint64_t>> compressed_copied_fixes_;  // (file offset, entry)
   bool rebuild_ = false;
-  std::uint64_t unrepairable_ = 0;  // references past the end of the file (counted in corruptions)
+  std::uint64_t unrepairable_ = 0;  // corruptions of the reference walk, which repair leaves
   bool reported_bad_refblock_ = false;
 };
 

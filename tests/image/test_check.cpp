@@ -177,6 +177,19 @@ TEST_CASE("check -r: references past the end of the file stay reported (fuzz_che
   }
 }
 
+TEST_CASE("check -r: an L2 entry with reserved bits stays reported (fuzz_check crash-repair-count-reserved-bits)") {
+  for (RepairMode mode : {RepairMode::leaks, RepairMode::all}) {
+    Img i = make();
+    set_l2e(i, 3, l2e(i, 3) | (1ull << 57));  // reserved bits 56-61
+    CheckResult before = run(i, RepairMode::none);
+    REQUIRE(before.corruptions >= 1);
+    CheckResult repaired = run(i, mode);
+    CheckResult after = run(i, RepairMode::none);
+    CHECK(after.corruptions >= 1);
+    CHECK(repaired.corruptions == after.corruptions);
+  }
+}
+
 TEST_CASE("check: random metadata damage never crashes, and repair never makes things worse") {
   // Untrusted input: flip bytes in the metadata clusters (header excluded,
   // parse_header has its own tests) and run check, -r leaks and -r all.
