@@ -8,6 +8,7 @@
 //   reported as left (what `qnbd check -r all` prints).
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 
 #include "fuzz_input.hpp"
 #include "image/io/mem_file.hpp"
@@ -31,6 +32,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   auto second = qcow2::check_qcow2(rw, qcow2::RepairMode::none, quiet);
   QNBD_FUZZ_CHECK(second.has_value());
   if (second->check_errors) return 0;
+  if (second->leaks || (mode == qcow2::RepairMode::all && second->corruptions != repaired->corruptions))
+    std::fprintf(stderr, "check: %llu corruptions, %llu leaks; repair: %llu left, %llu fixed, %llu leaks fixed; "
+                 "again: %llu corruptions, %llu leaks\n",
+                 (unsigned long long)first->corruptions, (unsigned long long)first->leaks,
+                 (unsigned long long)repaired->corruptions, (unsigned long long)repaired->corruptions_fixed,
+                 (unsigned long long)repaired->leaks_fixed, (unsigned long long)second->corruptions,
+                 (unsigned long long)second->leaks);
   QNBD_FUZZ_CHECK(second->leaks == 0);
   // -r all leaves only what no repair can fix (references past the end of
   // the file), and says so: the second check finds exactly those.

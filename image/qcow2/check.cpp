@@ -78,7 +78,10 @@ class Checker {
       std::byte e[8];
       store_be64(e, entry);
       if (file_.pwrite(e, where)) {
+        // Counted as a corruption by the walk (and so kept by the repair
+        // paths above): it is fixed now.
         res_.corruptions_fixed++;
+        if (res_.corruptions) res_.corruptions--;
       } else {
         res_.check_errors++;
       }

@@ -177,6 +177,17 @@ TEST_CASE("check -r: references past the end of the file stay reported (fuzz_che
   }
 }
 
+TEST_CASE("check -r all: a fixed COPIED flag on a compressed cluster is not reported as left (found by the check fuzz target)") {
+  Img i = make();
+  const std::uint64_t host = l2e(i, 4) & L2E_OFFSET_MASK;
+  set_l2e(i, 4, QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | host);
+  CheckResult before = run(i, RepairMode::none);
+  REQUIRE(before.corruptions >= 1);
+  CheckResult repaired = run(i, RepairMode::all);
+  CheckResult after = run(i, RepairMode::none);
+  CHECK(repaired.corruptions == after.corruptions);
+}
+
 TEST_CASE("check -r: an L2 entry with reserved bits stays reported (fuzz_check crash-repair-count-reserved-bits)") {
   for (RepairMode mode : {RepairMode::leaks, RepairMode::all}) {
     Img i = make();
