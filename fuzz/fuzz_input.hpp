@@ -92,6 +92,7 @@ inline ImageInput decode_image_input(const std::uint8_t* data, std::size_t size)
   const std::size_t file_size = std::max(records_end, std::min({size_field, records_end + kSlackBytes, kMaxImageBytes}));
   in.image.resize(file_size);
   for (const auto& rec : records) {
+    if (rec.length == 0) continue;
     if (rec.bytes.empty()) std::memset(in.image.data() + rec.offset, rec.fill, rec.length);
     else std::memcpy(in.image.data() + rec.offset, rec.bytes.data(), rec.length);
   }

@@ -32,6 +32,7 @@ namespace {
 
 constexpr std::uint64_t kWindow = 8u << 20;  // guest bytes tracked (and written)
 constexpr std::uint64_t kMaxOp = 1u << 20;
+constexpr std::uint64_t kMaxHostFile = 64u << 20;
 // Guest data is this marker every 16 bytes, then the op number and the
 // guest position, so guest data is recognisable in any host write.
 constexpr std::array<std::uint8_t, 8> kMarker{0xe7, 'Q', 'N', 'B', 'D', 'F', 'Z', 0x9c};
@@ -60,13 +61,22 @@ class RecordingFile final : public File {
   explicit RecordingFile(std::vector<std::byte> bytes) : mem_("<fuzz.qcow2>", std::move(bytes)) {}
   Result<std::size_t> pread(std::span<std::byte> b, std::uint64_t o) override { return mem_.pread(b, o); }
   Result<void> pwrite(std::span<const std::byte> b, std::uint64_t o) override {
+    // A host file is sparse; this one is not: refuse to grow it past what a
+    // run may allocate (an L2 entry may point anywhere below 2^56).
+    if (o > kMaxHostFile || b.size() > kMaxHostFile - o) return make_error(ENOSPC, "fuzz file limit");
     if (has_marker(b)) guest_writes.push_back({o, b.size()});
     return mem_.pwrite(b, o);
   }
   Result<void> flush() override { return mem_.flush(); }
-  Result<void> truncate(std::uint64_t s) override { return mem_.truncate(s); }
   Result<std::uint64_t> size() override { return mem_.size(); }
-  Result<void> write_zeroes(std::uint64_t o, std::uint64_t l, bool u) override { return mem_.write_zeroes(o, l, u); }
+  Result<void> write_zeroes(std::uint64_t o, std::uint64_t l, bool u) override {
+    if (o > kMaxHostFile || l > kMaxHostFile - o) return make_error(ENOSPC, "fuzz file limit");
+    return mem_.write_zeroes(o, l, u);
+  }
+  Result<void> truncate(std::uint64_t s) override {
+    if (s > kMaxHostFile) return make_error(ENOSPC, "fuzz file limit");
+    return mem_.truncate(s);
+  }
   Result<void> discard(std::uint64_t o, std::uint64_t l) override { return mem_.discard(o, l); }
   const std::string& name() const override { return mem_.name(); }
   std::vector<std::byte> contents() const { return mem_.contents(); }
@@ -213,9 +223,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   };
   auto rec_owned = std::make_unique<RecordingFile>(in.image);
   RecordingFile* rec = rec_owned.get();
-  std::unique_ptr<MemFile> data_owned;
-  if (probe->has_data_file()) data_owned = std::make_unique<MemFile>("<data file>", in.image);
-  MemFile* data_file = data_owned.get();
+  std::unique_ptr<RecordingFile> data_owned;
+  if (probe->has_data_file()) data_owned = std::make_unique<RecordingFile>(in.image);
+  RecordingFile* data_file = data_owned.get();
   auto opened = open(std::move(rec_owned), std::move(data_owned), true);
   if (!opened) return 0;
   auto& img = **opened;
