@@ -19,6 +19,9 @@ int main(int argc, char** argv) {
   };
   for (int i = 1; i < argc; ++i) {
     std::filesystem::path p(argv[i]);
+    // A target's own folder exists once it holds a reproducer; until then
+    // only its shared seeds do.
+    if (!std::filesystem::exists(p)) continue;
     if (std::filesystem::is_directory(p)) {
       for (const auto& e : std::filesystem::recursive_directory_iterator(p))
         if (e.is_regular_file()) run(e.path());

@@ -14,7 +14,8 @@ Result<std::size_t> MemFile::pread(std::span<std::byte> buf, std::uint64_t offse
   std::lock_guard lock(mutex_);
   if (offset >= data_.size()) return std::size_t{0};
   std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), data_.size() - offset));
-  std::memcpy(buf.data(), data_.data() + offset, n);
+  // An empty span may carry a null pointer, which memcpy must not get.
+  if (n) std::memcpy(buf.data(), data_.data() + offset, n);
   return n;
 }
 

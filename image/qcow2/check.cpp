@@ -58,9 +58,10 @@ class Checker {
         res_.check_errors++;
         return res_;
       }
-      res_.corruptions_fixed += res_.corruptions;
+      res_.corruptions_fixed += res_.corruptions - unrepairable_;
       res_.leaks_fixed += res_.leaks;
-      res_.corruptions = res_.leaks = 0;
+      res_.corruptions = unrepairable_;
+      res_.leaks = 0;
     } else if (fix_ != RepairMode::none) {
       if (rebuild_) {
         say("ERROR need to rebuild refcount structures");
@@ -68,7 +69,8 @@ class Checker {
         return res_;
       }
       if (res_.leaks || res_.corruptions) {
-        res_.leaks = res_.corruptions = 0;
+        res_.leaks = 0;
+        res_.corruptions = unrepairable_;
         QNBD_TRY(apply_in_place_fixes());
       }
     }
@@ -77,7 +79,10 @@ class Checker {
       std::byte e[8];
       store_be64(e, entry);
       if (file_.pwrite(e, where)) {
+        // Counted as a corruption by the walk (and so kept by the repair
+        // paths above): it is fixed now.
         res_.corruptions_fixed++;
+        if (res_.corruptions) res_.corruptions--;
       } else {
         res_.check_errors++;
       }
@@ -212,6 +217,10 @@ class Checker {
     inc(h_.refcount_table_offset, std::uint64_t{h_.refcount_table_clusters} * cs_);
     if (h_.crypto_header) inc(h_.crypto_header->offset, h_.crypto_header->length);
     check_bitmaps();
+    // Defects of the references themselves (past the end of the file,
+    // reserved bits, misaligned clusters, ...): no refcount repair removes
+    // them, and qemu-img check -r reports them again.
+    unrepairable_ = res_.corruptions;
     check_refblocks();
   }
 
@@ -739,6 +748,7 @@ class Checker {
   std::vector<std::uint64_t> refstruct_blocks_;
   std::vector<std::pair<std::uint64_t, std::uint64_t>> compressed_copied_fixes_;  // (file offset, entry)
   bool rebuild_ = false;
+  std::uint64_t unrepairable_ = 0;  // corruptions of the reference walk, which repair leaves
   bool reported_bad_refblock_ = false;
 };
 

@@ -160,6 +160,47 @@ TEST_CASE("check: refcount table moved by growth is still consistent") {
   CHECK(r->allocated_clusters == (128 << 20) / 512);
 }
 
+TEST_CASE("check -r: references past the end of the file stay reported (fuzz_check seed v3-c2097152)") {
+  // A truncated image: the last data clusters lie a cluster or more past the
+  // end of the file. No refcount repair can fix that reference, so -r
+  // leaks and -r all must report what a following check finds again, as
+  // qemu-img check -r does (it used to report "no errors" after -r all).
+  for (RepairMode mode : {RepairMode::leaks, RepairMode::all}) {
+    Img i = make();
+    i.f.data.resize(i.f.data.size() - 3 * kCs);
+    CheckResult before = run(i, RepairMode::none);
+    REQUIRE(before.corruptions >= 2);
+    CheckResult repaired = run(i, mode);
+    CheckResult after = run(i, RepairMode::none);
+    CHECK(after.corruptions >= 2);
+    CHECK(repaired.corruptions == after.corruptions);
+  }
+}
+
+TEST_CASE("check -r all: a fixed COPIED flag on a compressed cluster is not reported as left (found by the check fuzz target)") {
+  Img i = make();
+  const std::uint64_t host = l2e(i, 4) & L2E_OFFSET_MASK;
+  set_l2e(i, 4, QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | host);
+  CheckResult before = run(i, RepairMode::none);
+  REQUIRE(before.corruptions >= 1);
+  CheckResult repaired = run(i, RepairMode::all);
+  CheckResult after = run(i, RepairMode::none);
+  CHECK(repaired.corruptions == after.corruptions);
+}
+
+TEST_CASE("check -r: an L2 entry with reserved bits stays reported (fuzz_check crash-repair-count-reserved-bits)") {
+  for (RepairMode mode : {RepairMode::leaks, RepairMode::all}) {
+    Img i = make();
+    set_l2e(i, 3, l2e(i, 3) | (1ull << 57));  // reserved bits 56-61
+    CheckResult before = run(i, RepairMode::none);
+    REQUIRE(before.corruptions >= 1);
+    CheckResult repaired = run(i, mode);
+    CheckResult after = run(i, RepairMode::none);
+    CHECK(after.corruptions >= 1);
+    CHECK(repaired.corruptions == after.corruptions);
+  }
+}
+
 TEST_CASE("check: random metadata damage never crashes, and repair never makes things worse") {
   // Untrusted input: flip bytes in the metadata clusters (header excluded,
   // parse_header has its own tests) and run check, -r leaks and -r all.

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Write the fuzz seed corpora from real qemu-img images.
+
+usage: make-corpus.py [FUZZ_DIR]    (default: the directory of this script)
+       make-corpus.py --decode INPUT IMAGE   (write the image an input describes,
+                                              to look at a reproducer with qemu-img)
+
+- corpus/images: every image of the read matrix (integration/
+  make-read-matrix.py builds them with qemu-img and qemu-io), plus images
+  with persistent dirty bitmaps, in the sparse layout of fuzz_input.hpp:
+  zero runs dropped, runs of one byte value stored as fills, so a seed
+  describing a several-MiB image is a few KiB. Shared by the qcow2_read,
+  qcow2_write and check targets.
+- corpus/transmission: connection facts plus one request of every command
+  in every reply mode (the layout fuzz_transmission.cpp reads).
+- corpus/config: the example configurations and a few edge cases.
+
+Crash reproducers are added by hand to corpus/TARGET (see docs/testing.md);
+this script leaves those alone and rewrites only the files it owns.
+"""
+import importlib.util
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+
+MAX_IMAGE = 16 << 20   # fuzz_input.hpp kMaxImageBytes
+SLACK = 1 << 20        # fuzz_input.hpp kSlackBytes
+MAX_SEED = 64 << 10    # keep every committed seed small
+
+
+def sparse_encode(data, ops=b""):
+    """fuzz_input.hpp layout: u16 ops length, ops, u32 file size, records."""
+    data = data[:MAX_IMAGE]
+    out = bytearray(struct.pack("<H", len(ops)) + ops + struct.pack("<I", len(data)))
+
+    def literal(start, end):
+        # Drop zero runs inside the literal range (the file starts zeroed).
+        for m in re.finditer(rb"[^\x00](?:[^\x00]|\x00{1,31}(?=[^\x00]))*", data[start:end], re.S):
+            s, e = start + m.start(), start + m.end()
+            while s < e:
+                n = min(e - s, 0x7FFF)
+                out.extend(struct.pack("<IH", s, n) + data[s:s + n])
+                s += n
+
+    pos = 0
+    # Runs of one nonzero byte value, 64-byte multiples (fill records).
+    for m in re.finditer(rb"([^\x00])\1{127,}", data, re.S):
+        start, length = m.start(), (m.end() - m.start()) // 64 * 64
+        literal(pos, start)
+        value = data[start]
+        done = 0
+        while done < length:
+            n = min(length - done, 0x7FFF * 64)
+            out.extend(struct.pack("<IHB", start + done, 0x8000 + n // 64, value))
+            done += n
+        pos = start + length
+    literal(pos, len(data))
+    return bytes(out)
+
+
+def sparse_decode(blob):
+    """The image of a fuzz_input.hpp input (as decode_image_input builds it)."""
+    pos = 0
+
+    def take(n):
+        nonlocal pos
+        b = blob[pos:pos + n]
+        pos += n
+        return b + bytes(n - len(b))
+
+    (ops_len,) = struct.unpack("<H", take(2))
+    pos += ops_len
+    (size_field,) = struct.unpack("<I", take(4))
+    image = bytearray()
+    while pos < len(blob):
+        off, n = struct.unpack("<IH", take(6))
+        if n >= 0x8000:
+            data = take(1) * ((n - 0x8000) * 64)
+        else:
+            data = blob[pos:pos + n]
+            pos += n
+        if off >= MAX_IMAGE:
+            continue
+        data = data[:MAX_IMAGE - off]
+        if off + len(data) > len(image):
+            image.extend(bytes(off + len(data) - len(image)))
+        image[off:off + len(data)] = data
+    end = len(image)
+    size = max(end, min(size_field, end + SLACK, MAX_IMAGE))
+    return bytes(image) + bytes(size - end)
+
+
+def run(*args, **kw):
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, **kw)
+
+
+def bitmap_images(tmp):
+    """qcow2 images with persistent dirty bitmaps (bitmaps extension)."""
+    out = []
+    for name, cluster in (("bitmaps-c64k", 65536), ("bitmaps-c4k", 4096)):
+        path = os.path.join(tmp, name + ".qcow2")
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster}", path, "4M")
+        run("qemu-img", "bitmap", "--add", "-g", "65536", path, "enabled")
+        run("qemu-img", "bitmap", "--add", "--disable", "-g", "512", path, "disabled")
+        run("qemu-io", "-f", "qcow2", "-c", "write -q -P 0x11 0 128k", "-c", "write -q -P 0x22 1M 4k", path)
+        run("qemu-img", "bitmap", "--add", "-g", "4096", path, "after")
+        out.append((name, path))
+    return out
+
+
+def image_seeds(fuzz_dir, tmp):
+    spec = importlib.util.spec_from_file_location(
+        "make_read_matrix", os.path.join(fuzz_dir, "..", "integration", "make-read-matrix.py"))
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    mdir = os.path.join(tmp, "matrix")
+    run(sys.executable, spec.origin, mdir)
+    images = []
+    with open(os.path.join(mdir, "manifest.tsv")) as f:
+        for line in f:
+            name, path, fmt = line.rstrip("\n").split("\t")
+            if fmt == "qcow2":
+                images.append((name, path))
+    images += bitmap_images(tmp)
+    seeds = {}
+    for name, path in images:
+        with open(path, "rb") as f:
+            seeds[name] = sparse_encode(f.read())
+    return seeds
+
+
+def transmission_seeds():
+    """fuzz_transmission.cpp: facts, then request headers (28 or 32 bytes)."""
+    NBD_REQUEST_MAGIC, NBD_EXTENDED_REQUEST_MAGIC = 0x25609513, 0x21E41C71
+    seeds = {}
+    # HAS_FLAGS, FLUSH, FUA, TRIM, WRITE_ZEROES, DF, CACHE, FAST_ZERO, BLOCK_STATUS_PAYLOAD
+    tflags = 0x0001 | 0x0004 | 0x0008 | 0x0020 | 0x0040 | 0x0080 | 0x0400 | 0x0800 | 0x1000
+    for mode, mname in ((0, "simple"), (1, "structured"), (2, "extended")):
+        facts = struct.pack("<BIHBBBI", 0, 1 << 20, tflags, mode, 3, 9, 32 << 20)
+        ext = mode == 2
+        for cmd in range(9):
+            for flags, fname in ((0, ""), (0x01, "-fua"), (0x08, "-req-one"), (0x20, "-payload"), (0x04, "-df")):
+                length = 4096
+                if ext:
+                    hdr = struct.pack(">IHHQQQ", NBD_EXTENDED_REQUEST_MAGIC, flags, cmd, 7, 4096, length)
+                else:
+                    hdr = struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, flags, cmd, 7, 4096, length)
+                # Reply-encoder bytes after the header: flags, extents.
+                tail = bytes([1, 8, 4]) + b"".join(struct.pack("<BQB", 12, 4096, i % 2) for i in range(4))
+                seeds[f"{mname}-cmd{cmd}{fname}"] = facts + hdr + tail
+    return seeds
+
+
+def config_seeds(fuzz_dir):
+    seeds = {}
+    examples = os.path.join(fuzz_dir, "..", "config", "examples")
+    for name in sorted(os.listdir(examples)):
+        with open(os.path.join(examples, name), "rb") as f:
+            seeds["example-" + name] = f.read()
+    cases = {
+        "unix-listener": {"exports": [{"name": "a", "image": "a.qcow2", "format": "qcow2",
+                                       "bitmaps": ["b0"], "allocation_depth": True}],
+                          "listeners": [{"type": "unix", "path": "/tmp/q.sock"}],
+                          "limits": {"max_connections": 0, "threads": 4,
+                                     "max_inflight_bytes_per_connection": 65536}},
+        "duplicate-names": {"exports": [{"name": "x", "image": "a"}, {"name": "x", "image": "b"}]},
+        "bad-types": {"exports": [{"name": 1, "image": True, "read_only": "yes"}]},
+    }
+    for name, value in cases.items():
+        seeds[name + ".json"] = json.dumps(value).encode()
+    seeds["syntax-error.json"] = b'{"exports": [ {"image": "a", } ]'
+    seeds["deep.json"] = b"[" * 200 + b"]" * 200
+    return seeds
+
+
+def write(dirpath, seeds, prefix):
+    os.makedirs(dirpath, exist_ok=True)
+    for old in os.listdir(dirpath):
+        if old.startswith(prefix):
+            os.unlink(os.path.join(dirpath, old))
+    for name, data in sorted(seeds.items()):
+        if len(data) > MAX_SEED:
+            print(f"skip {name}: {len(data)} bytes", file=sys.stderr)
+            continue
+        with open(os.path.join(dirpath, prefix + name), "wb") as f:
+            f.write(data)
+
+
+def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--decode":
+        with open(sys.argv[2], "rb") as f, open(sys.argv[3], "wb") as out:
+            out.write(sparse_decode(f.read()))
+        return
+    fuzz_dir = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(__file__))
+    corpus = os.path.join(fuzz_dir, "corpus")
+    tmp = tempfile.mkdtemp(prefix="qnbd-corpus-")
+    try:
+        write(os.path.join(corpus, "images"), image_seeds(fuzz_dir, tmp), "seed-")
+    finally:
+        shutil.rmtree(tmp)
+    write(os.path.join(corpus, "transmission"), transmission_seeds(), "seed-")
+    write(os.path.join(corpus, "config"), config_seeds(fuzz_dir), "seed-")
+
+
+if __name__ == "__main__":
+    main()
