@@ -58,10 +58,24 @@ class Checker {
         res_.check_errors++;
         return res_;
       }
-      res_.corruptions_fixed += res_.corruptions - unrepairable_;
-      res_.leaks_fixed += res_.leaks;
-      res_.corruptions = unrepairable_;
-      res_.leaks = 0;
+      // As QEMU, recount against the new structure: what is left is what
+      // a following check finds, not a guess from the first walk (growing
+      // the file can turn a reference past its end into a valid one).
+      const CheckResult old = res_;
+      res_ = CheckResult{};
+      recounting_ = true;
+      calculate_refcounts();
+      compare_refcounts(RepairMode::none);
+      recounting_ = false;
+      if (rebuild_) say("ERROR rebuilt refcount structure is still broken");
+      const std::uint64_t left = res_.corruptions, leaks_left = res_.leaks;
+      const std::uint64_t errors = res_.check_errors;
+      res_ = old;
+      res_.check_errors += errors;
+      if (left < res_.corruptions) res_.corruptions_fixed += res_.corruptions - left;
+      if (leaks_left < res_.leaks) res_.leaks_fixed += res_.leaks - leaks_left;
+      res_.corruptions = left;
+      res_.leaks = leaks_left;
     } else if (fix_ != RepairMode::none) {
       if (rebuild_) {
         say("ERROR need to rebuild refcount structures");
@@ -122,6 +136,14 @@ class Checker {
       say(fmt::format("ERROR: counting reference for region exceeding the end of the file by one "
                       "cluster or more: offset {} size {}", c_hex(offset), c_hex(length)));
       res_.corruptions++;
+      // The rebuild must not place refcount structures there: growing the
+      // file would make that reference valid and the cluster doubly used.
+      if (refused_.size() < kMaxBeyondEof || refused_.count(offset >> cb_)) {
+        auto& last = refused_[offset >> cb_];
+        last = std::max(last, ((*end - 1) >> cb_) + 1);
+      } else {
+        res_.check_errors++;
+      }
       return;
     }
     for (std::uint64_t k = offset >> cb_; k <= (*end - 1) >> cb_; k++) {
@@ -206,6 +228,8 @@ class Checker {
   void calculate_refcounts() {
     computed_.assign(nb_clusters_, 0);
     beyond_.clear();
+    refused_.clear();
+    refstruct_blocks_.clear();
     inc(0, cs_);  // header cluster
     check_refcounts_l1(h_.l1_table_offset, h_.l1_size, true);
 
@@ -276,7 +300,7 @@ class Checker {
                           "clusters", d.host_offset));
           res_.corruptions++;
           // QEMU only reports this; with -r all we also clear the flag.
-          if (fix_ == RepairMode::all) {
+          if (fix_ == RepairMode::all && !recounting_) {
             compressed_copied_fixes_.emplace_back(l2_offset + i * esize, e & ~QCOW_OFLAG_COPIED);
           }
         }
@@ -542,6 +566,9 @@ class Checker {
   // metadata or data uses -- the old table and blocks count as used while
   // placing, so a crash before the header switch leaves the old structure
   // intact -- but the new blocks already count the old structure as free.
+  // Unlike QEMU, placement also skips clusters that references a cluster or
+  // more past the end of the file name (QEMU puts a block there, and once
+  // the file has grown that data cluster doubles as a refcount block).
   Result<void> rebuild_refcount_structure() {
     std::map<std::uint64_t, std::uint64_t> used;  // placement view (old structure kept)
     for_each_cluster([&](std::uint64_t k, std::uint64_t v) {
@@ -570,11 +597,37 @@ class Checker {
     // `used`, except when the table is moved, which lowers the hint), so
     // the scans stay linear overall.
     std::uint64_t hint = 0;
-    auto first_fit = [&](std::uint64_t n) {
+    // Regions named by references a cluster or more past the end of the
+    // file, merged; placement skips them, but only so far: a crafted image
+    // must not make the rebuild grow the file without bound.
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> refused;
+    for (const auto& [a, b] : refused_) {
+      if (!refused.empty() && a <= refused.back().second) {
+        refused.back().second = std::max(refused.back().second, b);
+      } else {
+        refused.emplace_back(a, b);
+      }
+    }
+    const std::uint64_t skip_limit = nb_clusters_ + std::max<std::uint64_t>(kMaxRebuildSkipBytes >> cb_, 1);
+    auto refused_end = [&](std::uint64_t k) -> std::uint64_t {
+      auto it = std::upper_bound(refused.begin(), refused.end(), std::make_pair(k, UINT64_MAX));
+      if (it == refused.begin()) return 0;
+      --it;
+      return k < it->second ? it->second : 0;
+    };
+    auto first_fit = [&](std::uint64_t n) -> Result<std::uint64_t> {
       while (used.count(hint)) hint++;
       std::uint64_t run_start = hint, run = 0;
       for (std::uint64_t k = hint;; k++) {
-        if (used.count(k)) {
+        if (const std::uint64_t end = refused_end(k)) {
+          if (end > skip_limit) {
+            return make_error(EFBIG, "references past the end of the file leave no room for the "
+                              "refcount structure");
+          }
+          run = 0;
+          run_start = end;
+          k = end - 1;
+        } else if (used.count(k)) {
           run = 0;
           run_start = k + 1;
         } else if (++run == n) {
@@ -593,7 +646,7 @@ class Checker {
       for (std::uint64_t k = table_start; k < table_start + table_n; k++) needed.insert(k >> eb);
       for (std::uint64_t ti : needed) {
         if (block_at.count(ti)) continue;
-        const std::uint64_t c = first_fit(1);
+        const std::uint64_t c = QNBD_TRY(first_fit(1));
         used[c] = 1;
         block_at[ti] = c;
         changed = true;
@@ -603,7 +656,7 @@ class Checker {
         for (std::uint64_t k = table_start; k < table_start + table_n; k++) used.erase(k);
         if (table_n) hint = std::min(hint, table_start);
         table_n = want;
-        table_start = first_fit(table_n);
+        table_start = QNBD_TRY(first_fit(table_n));
         for (std::uint64_t k = table_start; k < table_start + table_n; k++) used[k] = 1;
         changed = true;
       }
@@ -748,6 +801,10 @@ class Checker {
   std::vector<std::uint64_t> refstruct_blocks_;
   std::vector<std::pair<std::uint64_t, std::uint64_t>> compressed_copied_fixes_;  // (file offset, entry)
   bool rebuild_ = false;
+  bool recounting_ = false;  // the walk again after a rebuild: count only
+  // Refused references (see inc), first cluster -> one past the last.
+  std::map<std::uint64_t, std::uint64_t> refused_;
+  static constexpr std::uint64_t kMaxRebuildSkipBytes = 64ull << 20;
   std::uint64_t unrepairable_ = 0;  // corruptions of the reference walk, which repair leaves
   bool reported_bad_refblock_ = false;
 };

@@ -3,6 +3,8 @@
 // damaged byte by byte.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -228,5 +230,34 @@ TEST_CASE("check: random metadata damage never crashes, and repair never makes t
     REQUIRE(after);
     CHECK(after->corruptions + after->leaks <= before->corruptions + before->leaks);
     (void)leaks;
+  }
+}
+
+TEST_CASE("check -r all: a rebuild puts no refcount structure on a cluster an L2 entry names past the end of the file (fuzz_check repair-rebuild-over-data-past-eof)") {
+  // The last data clusters lie past the end of the file (refused, counted
+  // as corruptions) and a zero refcount forces a rebuild. The rebuild used
+  // to place its new refcount block right at the end of the file, i.e. on
+  // the first of those data clusters: the next check found that cluster
+  // referenced twice and more corruptions than the repair reported left.
+  Img i = make();
+  i.f.data.resize(i.f.data.size() - 3 * kCs);
+  set_rc(i, (l2e(i, 5) & L2E_OFFSET_MASK) / kCs, 0);
+  CheckResult before = run(i, RepairMode::none);
+  REQUIRE(before.corruptions >= 4);
+  std::vector<std::string> lines;
+  CheckResult repaired = run(i, RepairMode::all, &lines);
+  REQUIRE(std::find(lines.begin(), lines.end(), "Rebuilding refcount structure") != lines.end());
+  CheckResult after = run(i, RepairMode::none);
+  CHECK(repaired.check_errors == 0);
+  CHECK(repaired.corruptions == after.corruptions);
+
+  std::set<std::uint64_t> data;
+  for (int n = 0; n < int(kCs / 8); n++) data.insert(l2e(i, n) & L2E_OFFSET_MASK);
+  const std::uint64_t table = load_be64(i.f.data.data() + 48);
+  const std::uint32_t table_clusters = load_be32(i.f.data.data() + 56);
+  for (std::uint64_t c = 0; c < table_clusters; c++) CHECK(data.count(table + c * kCs) == 0);
+  for (std::uint64_t e = 0; e < table_clusters * kCs / 8; e++) {
+    const std::uint64_t block = load_be64(i.f.data.data() + table + 8 * e);
+    if (block) CHECK(data.count(block) == 0);
   }
 }
