@@ -1,6 +1,20 @@
 # Helpers for the image-lock tests (test-lock.sh, test-lock-qemu.sh).
 # Source after functions.sh.
 
+# lock_test_setup: skip without /proc/locks (the tests read the lock bytes
+# there), then, in $TMPDIR_TEST, base.qcow2 (64 KiB of 0x11) and
+# top.qcow2 on it, which both tests start from.
+lock_test_setup() {
+  [[ -r /proc/locks ]] || {
+    echo "SKIP: no /proc/locks"
+    exit 77
+  }
+  cd "$TMPDIR_TEST" || fail "no test directory"
+  qemu-img create -q -f qcow2 base.qcow2 8M
+  qemu-io -c 'write -P 0x11 0 64k' base.qcow2 >/dev/null
+  qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2
+}
+
 # locks_of FILE: the bytes of FILE under an OFD lock, by anyone, as
 # "100 101 103 201 203" (from /proc/locks, which names the file by
 # major:minor:inode in hex:hex:decimal).

@@ -9,15 +9,7 @@ source "$(dirname "$0")/functions.sh"
 source "$(dirname "$0")/lib-lock.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo cc
 requires_qnbd
-[[ -r /proc/locks ]] || {
-  echo "SKIP: no /proc/locks"
-  exit 77
-}
-cd "$TMPDIR_TEST"
-
-qemu-img create -q -f qcow2 base.qcow2 8M
-qemu-io -c 'write -P 0x11 0 64k' base.qcow2 >/dev/null
-qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2
+lock_test_setup
 qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top2.qcow2
 qemu-img bitmap --add top.qcow2 b0
 

@@ -8,15 +8,7 @@ source "$(dirname "$0")/functions.sh"
 source "$(dirname "$0")/lib-lock.sh"
 requires qemu-img qemu-io qemu-nbd
 requires_qnbd
-[[ -r /proc/locks ]] || {
-  echo "SKIP: no /proc/locks"
-  exit 77
-}
-cd "$TMPDIR_TEST"
-
-qemu-img create -q -f qcow2 base.qcow2 8M
-qemu-io -c 'write -P 0x11 0 64k' base.qcow2 >/dev/null
-qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2
+lock_test_setup
 qemu-img create -q -f raw r.raw 8M
 qemu-img create -q -f qcow2 -b r.raw -F raw rtop.qcow2
 qemu-img create -q -f qcow2 -o data_file=data.raw dtop.qcow2 8M
