@@ -29,7 +29,26 @@ inline std::unique_ptr<image::File> raw_backing_file() {
 }
 
 inline Result<std::unique_ptr<image::qcow2::Qcow2Image>> open_fuzz_qcow2(const std::vector<std::byte>& bytes,
-                                                                         bool writable, int depth = 0) {
+                                                                         bool writable, int depth = 0);
+
+// The backing opener of a fuzzed image at `depth`: the same bytes once more
+// as a qcow2 backing file (one level, so a chain cannot recurse), else the
+// fixed raw backing file.
+inline image::qcow2::BackingOpener fuzz_backing_opener(const std::vector<std::byte>& bytes, int depth) {
+  using namespace image;
+  return [&bytes, depth](const std::string&, const std::string& format) -> Result<std::unique_ptr<BlockDevice>> {
+    if (depth == 0 && format != "raw") {
+      auto q = open_fuzz_qcow2(bytes, false, depth + 1);
+      if (q) return std::unique_ptr<BlockDevice>(std::move(*q));
+    }
+    auto raw = RawDevice::open(raw_backing_file(), OpenOptions{});
+    if (!raw) return raw.error();
+    return std::unique_ptr<BlockDevice>(std::move(*raw));
+  };
+}
+
+inline Result<std::unique_ptr<image::qcow2::Qcow2Image>> open_fuzz_qcow2(const std::vector<std::byte>& bytes,
+                                                                         bool writable, int depth) {
   using namespace image;
   qcow2::Qcow2Image::Parts parts;
   parts.file = std::make_unique<MemFile>(depth ? "<backing.qcow2>" : "<fuzz.qcow2>", bytes);
@@ -37,17 +56,7 @@ inline Result<std::unique_ptr<image::qcow2::Qcow2Image>> open_fuzz_qcow2(const s
   auto h = qcow2::parse_header(std::span(bytes).first(std::min<std::size_t>(bytes.size(), 2u << 20)),
                                bytes.size());
   if (h && h->has_data_file()) parts.data_file = std::make_unique<MemFile>("<data file>", bytes);
-  parts.open_backing = [&bytes, depth](const std::string&, const std::string& format)
-      -> Result<std::unique_ptr<BlockDevice>> {
-    OpenOptions ro;
-    if (depth == 0 && format != "raw") {
-      auto q = open_fuzz_qcow2(bytes, false, depth + 1);
-      if (q) return std::unique_ptr<BlockDevice>(std::move(*q));
-    }
-    auto raw = RawDevice::open(raw_backing_file(), ro);
-    if (!raw) return raw.error();
-    return std::unique_ptr<BlockDevice>(std::move(*raw));
-  };
+  parts.open_backing = fuzz_backing_opener(bytes, depth);
   OpenOptions o;
   o.format = ImageFormat::qcow2;
   o.read_only = !writable;

@@ -207,15 +207,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     parts.file = std::move(file);
     parts.path = "fuzz.qcow2";
     parts.data_file = std::move(data_file);
-    parts.open_backing = [&in](const std::string&, const std::string& format) -> Result<std::unique_ptr<BlockDevice>> {
-      if (format != "raw") {
-        auto q = fuzz::open_fuzz_qcow2(in.image, false, 1);
-        if (q) return std::unique_ptr<BlockDevice>(std::move(*q));
-      }
-      auto raw = RawDevice::open(fuzz::raw_backing_file(), OpenOptions{});
-      if (!raw) return raw.error();
-      return std::unique_ptr<BlockDevice>(std::move(*raw));
-    };
+    parts.open_backing = fuzz::fuzz_backing_opener(in.image, 0);
     OpenOptions o;
     o.format = ImageFormat::qcow2;
     o.read_only = !writable;
