@@ -1,6 +1,7 @@
 #include "image/raw/raw_device.hpp"
 
 #include <algorithm>
+#include <mutex>
 #include <cstring>
 
 #include "common/checked.hpp"
@@ -74,13 +75,14 @@ Result<void> RawDevice::check_probe_bytes(std::span<const std::byte> buf, std::u
 Result<void> RawDevice::write(std::span<const std::byte> buf, std::uint64_t offset, bool fua) {
   if (!writable_) return make_error(EROFS, "{}: image is read-only", file_->name());
   QNBD_TRY(check_range(offset, buf.size()));
+  // Writes that reach the probed bytes are checked and written under one
+  // lock, so two of them cannot assemble the magic between them.
+  std::unique_lock<std::mutex> probe_lock;
   if (probed_ && offset < kProbeBytes && !buf.empty()) {
-    std::lock_guard lock(probe_mutex_);
+    probe_lock = std::unique_lock(probe_mutex_);
     QNBD_TRY(check_probe_bytes(buf, offset));
-    QNBD_TRY(file_->pwrite(buf, offset));
-  } else {
-    QNBD_TRY(file_->pwrite(buf, offset));
   }
+  QNBD_TRY(file_->pwrite(buf, offset));
   if (fua) QNBD_TRY(file_->flush());
   return ok();
 }
