@@ -12,8 +12,8 @@
 #include "common/log.hpp"
 #include "config/config.hpp"
 #include "image/block_device.hpp"
-#include "server/commands.hpp"
-#include "server/image_cli.hpp"
+#include "cli/commands.hpp"
+#include "cli/image_cli.hpp"
 #include "server/server.hpp"
 
 namespace qnbd::cli {
