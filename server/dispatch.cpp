@@ -44,7 +44,7 @@ bool Session::answer_without_device(Slot& s) {
 // kPoolCredit requests of this connection to the pool, then inline is tried
 // again: the connection adapts to whether its device is cache- or disk-bound.
 bool Session::runs_inline(const Request& r) {
-  if (!server_.options().inline_io || !export_->inline_io) return false;
+  if (!server_.options().inline_io || !export_->inline_io()) return false;
   if (pool_credit_ > 0) {
     --pool_credit_;
     return false;
@@ -73,6 +73,21 @@ void Session::execute_inline(Slot& s) {
   }
 }
 
+void Session::spawn_handle(Slot* s) {
+  // handle() failing (it cannot, short of bad_alloc) would leave the slot
+  // in flight forever and the reader waiting for it: log it, account the
+  // slot as done and end the connection.
+  auto self = shared_from_this();
+  asio::co_spawn(socket_.get_executor(), handle(s), log_failure(fmt::format("conn {}: request", id_), [this, self, s] {
+    abort();
+    inflight_--;
+    inflight_bytes_ -= s->charged_bytes;
+    put_slot(s);
+    wake_reader_.cancel();
+    wake_writer_.cancel();
+  }));
+}
+
 awaitable<void> Session::handle(Slot* s) {
   auto self = shared_from_this();
   if (!answer_without_device(*s)) {
@@ -85,7 +100,7 @@ awaitable<void> Session::handle(Slot* s) {
 
 // Runs on the blocking pool; touches only the slot and the (thread-safe) device.
 void Session::execute(Slot& s) {
-  auto& dev = *export_->device;
+  auto& dev = export_->device();
   const auto& r = s.req;
   const bool fua = r.flags & NBD_CMD_FLAG_FUA;
   Result<void> res;
@@ -98,7 +113,7 @@ void Session::execute(Slot& s) {
     case NBD_CMD_FLUSH: res = dev.flush(); break;
     case NBD_CMD_TRIM:
       // --discard=ignore (qemu-nbd's default): TRIM is a successful no-op.
-      if (export_->discard_unmap && r.length) {
+      if (export_->discard_unmap() && r.length) {
         if (!in_steps(s, [&](std::uint64_t off, std::uint64_t len, bool last) {
               return dev.discard(off, len, fua && last);
             }, res))
@@ -109,7 +124,7 @@ void Session::execute(Slot& s) {
       break;
     case NBD_CMD_WRITE_ZEROES: {
       image::ZeroFlags zf;
-      zf.may_unmap = !(r.flags & NBD_CMD_FLAG_NO_HOLE) && export_->discard_unmap;
+      zf.may_unmap = !(r.flags & NBD_CMD_FLAG_NO_HOLE) && export_->discard_unmap();
       zf.fast_only = r.flags & NBD_CMD_FLAG_FAST_ZERO;
       if (r.length && !in_steps(s, [&](std::uint64_t off, std::uint64_t len, bool last) {
             zf.fua = fua && last;
@@ -156,7 +171,7 @@ bool Session::in_steps(Slot& s, Step&& step, Result<void>& res) {
 }
 
 void Session::do_read(Slot& s) {
-  auto& dev = *export_->device;
+  auto& dev = export_->device();
   const auto& r = s.req;
   const auto mode = neg_.mode;
   if (s.data.capacity < r.length) {
@@ -242,14 +257,15 @@ void Session::do_read(Slot& s) {
 }
 
 void Session::do_block_status(Slot& s) {
-  auto& dev = *export_->device;
+  auto& dev = export_->device();
   const auto& r = s.req;
   const auto mode = neg_.mode;
   std::uint64_t length = r.length;
   // Which contexts to report: all selected, or the payload's filter (§11.8).
-  std::array<bool, 64> want{};
-  const auto& ctxs = neg_.contexts;
-  const std::size_t nctx = std::min<std::size_t>(ctxs.size(), want.size());
+  // contexts_ holds at most kMaxContexts (Export::resolve_contexts).
+  std::array<bool, kMaxContexts> want{};
+  const auto& ctxs = contexts_;
+  const std::size_t nctx = ctxs.size();
   if (r.flags & NBD_CMD_FLAG_PAYLOAD_LEN) {
     const std::byte* p = s.data.data.get();
     const auto plen = r.payload_length;
@@ -273,7 +289,7 @@ void Session::do_block_status(Slot& s) {
   s.lists.resize(nctx);
   for (std::size_t k = 0; k < nctx; ++k)
     s.lists[k].reset(req_one ? 1 : kMaxExtentsPerChunk, max_extent_length(mode));
-  std::array<bool, 64> stopped{};
+  std::array<bool, kMaxContexts> stopped{};
   bool any_active = false;
   for (std::size_t k = 0; k < nctx; ++k) {
     // Bitmaps have their own walk below.
@@ -322,7 +338,7 @@ void Session::do_block_status(Slot& s) {
   // qemu:dirty-bitmap:NAME contexts: runs at the bitmap's granularity.
   for (std::size_t k = 0; k < nctx; ++k) {
     if (!want[k] || ctxs[k].kind != ContextKind::dirty_bitmap) continue;
-    const auto handle = export_->bitmap_handles.at(ctxs[k].bitmap);
+    const auto handle = ctxs[k].bitmap_handle;
     s.bitmap_extents.resize(batch);
     std::uint64_t bpos = 0;
     bool active = true;

@@ -1,11 +1,68 @@
-// The exports as served: what the handshake advertises for a device.
-#include "server/internal.hpp"
+// The export registry (see export_registry.hpp) and describe_export, what
+// the handshake advertises for a device.
+#include "server/export_registry.hpp"
 
 #include <algorithm>
+#include <cerrno>
 
 #include "protocol/constants.hpp"
 
 namespace qnbd::server {
+
+Result<std::shared_ptr<const Export>> Export::make(ExportSpec spec) {
+  if (!spec.device) return make_error(EINVAL, "export '{}': no device", spec.info.name);
+  if (spec.bitmaps.size() > kMaxBitmapsPerExport)
+    return make_error(EINVAL, "export '{}': {} bitmaps, at most {} can be exported", spec.info.name,
+                      spec.bitmaps.size(), kMaxBitmapsPerExport);
+  std::shared_ptr<Export> e(new Export());
+  e->info_ = std::move(spec.info);
+  e->info_.bitmaps.clear();
+  for (const auto& b : spec.bitmaps) e->info_.bitmaps.push_back(b.name);
+  e->device_ = std::move(spec.device);
+  e->bitmaps_ = std::move(spec.bitmaps);
+  e->discard_unmap_ = spec.discard_unmap;
+  e->inline_io_ = spec.inline_io;
+  return std::shared_ptr<const Export>(std::move(e));
+}
+
+Result<std::vector<ServedContext>> Export::resolve_contexts(const std::vector<protocol::MetaContext>& selected) const {
+  if (selected.size() > kMaxContexts)
+    return make_error(EINVAL, "{} metadata contexts selected, at most {}", selected.size(), kMaxContexts);
+  std::vector<ServedContext> out;
+  out.reserve(selected.size());
+  for (const auto& c : selected) {
+    ServedContext s{c.kind, c.id, c.name, 0};
+    if (c.kind == protocol::ContextKind::dirty_bitmap) {
+      if (c.bitmap >= bitmaps_.size())
+        return make_error(EINVAL, "context {} names bitmap {} of {}", c.name, c.bitmap, bitmaps_.size());
+      s.bitmap_handle = bitmaps_[c.bitmap].handle;
+    }
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+Result<void> ExportRegistry::add(ExportSpec spec) {
+  auto e = QNBD_TRY(Export::make(std::move(spec)));
+  std::lock_guard lk(mu_);
+  for (const auto& x : exports_)
+    if (x->name() == e->name()) return make_error(EEXIST, "export '{}' given twice", e->name());
+  infos_.push_back(e->info());
+  exports_.push_back(std::move(e));
+  return ok();
+}
+
+std::shared_ptr<const Export> ExportRegistry::find(std::string_view name) const {
+  std::lock_guard lk(mu_);
+  for (const auto& e : exports_)
+    if (e->name() == name) return e;
+  return nullptr;
+}
+
+std::vector<std::shared_ptr<const Export>> ExportRegistry::all() const {
+  std::lock_guard lk(mu_);
+  return exports_;
+}
 
 protocol::ExportInfo describe_export(const image::BlockDevice& device, std::string name, std::string description,
                                      bool read_only, bool multi_conn, bool allocation_depth) {

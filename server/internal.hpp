@@ -12,7 +12,8 @@
 //                       execute, structured READ, BLOCK_STATUS
 //   reply_writer.cpp    reply encoding and the writer coroutine (one
 //                       gathered write per batch of replies)
-//   export_registry.cpp the exports as served (describe_export)
+//   export_registry.cpp one Export per export (info, device, bitmaps and
+//                       their handles), the registry, describe_export
 //   shutdown.cpp        the shutdown sequence and the signals
 //   buffer_pool.cpp     the process-wide pool of large buffers
 //
@@ -21,14 +22,19 @@
 //     the session's strand, on one io thread; no lock. Dispatch work sent to
 //     the blocking pool touches only its Slot and the (thread-safe) device,
 //     and resumes on the session strand before the slot is queued.
-//   - Server::strand_ (on ctx_): acceptors, accept loops, slot_timer_,
-//     drained_, the shutdown sequence, signals.
+//   - Server::strand_ (on ctx_): acceptors, accept loops, slot_freed_ and
+//     drained_ (timers used as signals, cancelled by session_ended), the
+//     shutdown sequence, signals.
+//   - ExportRegistry::mu_: the list of exports (see export_registry.hpp);
+//     an Export is immutable and shared by the connections on it.
 //   - Server::sessions_mu_: the set of live sessions (accept loop, session
 //     end, shutdown). Never held while calling into a session or a device.
 //   - BufferPool::mu_: the free list; a leaf lock.
-// Lock order: sessions_mu_ and BufferPool::mu_ are leaves: neither is held
-// while taking any other lock (and never while calling an image/ function,
-// whose locks docs/architecture.md lists).
+// No coroutine is spawned with asio::detached: log_failure logs what
+// escapes and ends what it belonged to.
+// Lock order: sessions_mu_, ExportRegistry::mu_ and BufferPool::mu_ are
+// leaves: none is held while taking another lock or calling into image/
+// (whose locks docs/architecture.md lists).
 #pragma once
 
 #include <sys/resource.h>
@@ -37,6 +43,7 @@
 #include <chrono>
 #include <cstdint>
 #include <deque>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -46,11 +53,13 @@
 #include <boost/asio.hpp>
 #include <boost/asio/experimental/as_tuple.hpp>
 
+#include "common/log.hpp"
 #include "common/result.hpp"
 #include "protocol/negotiator.hpp"
 #include "protocol/reply.hpp"
 #include "protocol/request.hpp"
 #include "server/buffer_pool.hpp"
+#include "server/export_registry.hpp"
 #include "server/server.hpp"
 
 namespace qnbd::server {
@@ -123,13 +132,18 @@ class Session : public std::enable_shared_from_this<Session> {
   // drop unsent replies; the session still ends only once its in-flight
   // disk work is done (the images are closed after that).
   void abort();
+  // Called on the session's executor after run() threw: close the socket
+  // (the client sees the connection end, not a hang).
+  void close();
   auto get_executor() { return socket_.get_executor(); }
+  std::uint64_t id() const { return id_; }
 
  private:
   awaitable<bool> handshake();
   awaitable<void> transmission();
   awaitable<void> writer();
   awaitable<void> handle(Slot* slot);
+  void spawn_handle(Slot* slot);  // handle() on the session's executor, failures logged
   bool answer_without_device(Slot& s);  // refusals and CACHE; true if answered
   bool runs_inline(const Request& r);
   void execute_inline(Slot& s);
@@ -152,7 +166,11 @@ class Session : public std::enable_shared_from_this<Session> {
   asio::steady_timer deadline_;
   asio::cancellation_signal read_cancel_;
 
-  const ExportSpec* export_ = nullptr;
+  // Set by the handshake: the export (shared with the registry and the
+  // other connections on it) and the selected contexts with their bitmap
+  // handles, resolved once (Export::resolve_contexts), at most kMaxContexts.
+  std::shared_ptr<const Export> export_;
+  std::vector<ServedContext> contexts_;
   Negotiated neg_;
   ValidationContext vctx_;
   bool stopping_ = false;
@@ -175,6 +193,19 @@ class Session : public std::enable_shared_from_this<Session> {
   std::vector<Slot*> free_slots_;
 };
 
+// Completion handler for co_spawn: an exception that escaped the coroutine
+// is logged with `what` (never dropped, as asio::detached would), then
+// on_error() runs on the coroutine's executor.
+std::string describe_exception(std::exception_ptr e);
+template <typename F>
+auto log_failure(std::string what, F on_error) {
+  return [what = std::move(what), on_error = std::move(on_error)](std::exception_ptr e) mutable {
+    if (!e) return;
+    log::error("{}: {}", what, describe_exception(e));
+    on_error();
+  };
+}
+
 // The blocking pool waits for the disk (O_DIRECT, FLUSH, FUA, page-cache
 // misses): its threads mostly sleep, so it is sized for the device's
 // queue depth rather than the CPU count.
@@ -192,8 +223,8 @@ class Server : public ExportCatalog {
       : opts_(std::move(opts)),
         threads_(opts_.threads ? opts_.threads : usable_cpus()),
         ctx_(1), pool_(std::max(kMinBlockingThreads, threads_)), strand_(asio::make_strand(ctx_)),
-        signals_(ctx_, SIGINT, SIGTERM), slot_timer_(strand_), drained_(strand_) {
-    for (const auto& e : opts_.exports) infos_.push_back(e.info);
+        signals_(ctx_, SIGINT, SIGTERM), slot_freed_(strand_), drained_(strand_) {
+    slot_freed_.expires_at(asio::steady_timer::time_point::max());
     // One io_context per io thread, each run by that thread alone: a
     // connection lives on one of them (round robin), so its reads, inline
     // I/O and replies never hop threads. One context run by many threads
@@ -205,7 +236,7 @@ class Server : public ExportCatalog {
     }
   }
 
-  const std::vector<ExportInfo>& exports() const override { return infos_; }
+  const std::vector<ExportInfo>& exports() const override { return registry_.infos(); }
   bool shutting_down() const override { return shutting_down_.load(); }
 
   // Long requests run in steps of at most this many bytes, at multiples of
@@ -219,14 +250,12 @@ class Server : public ExportCatalog {
   // device that hangs this long is given up on.
   static constexpr auto kAbortedDrainLimit = std::chrono::seconds(60);
 
-  const ExportSpec* spec_for(const ExportInfo* info) const {
-    for (std::size_t i = 0; i < infos_.size(); ++i)
-      if (&infos_[i] == info) return &opts_.exports[i];
-    return nullptr;
-  }
+  const ExportRegistry& registry() const { return registry_; }
   const ServerOptions& options() const { return opts_; }
   asio::thread_pool& pool() { return pool_; }
 
+  // Moves options().exports into the registry; before listen().
+  Result<void> add_exports();
   Result<void> listen();
   int run();
   void session_ended(const std::shared_ptr<Session>& s);
@@ -239,12 +268,13 @@ class Server : public ExportCatalog {
   // True once no session is left; false if `limit` passed first.
   awaitable<bool> wait_drained(std::chrono::steady_clock::duration limit);
   std::vector<std::shared_ptr<Session>> live_sessions();
+  std::size_t session_count();
   void handle_signal(int sig);
   asio::io_context& next_io_context();
   void stop_io();
 
-  ServerOptions opts_;
-  std::vector<ExportInfo> infos_;
+  ServerOptions opts_;  // exports moved to registry_ by add_exports()
+  ExportRegistry registry_;
   unsigned threads_;
   // Destroyed after ctx_: operations still queued in ctx_ at exit (an
   // accept cancelled by the shutdown) hold strands of these contexts.
@@ -255,8 +285,13 @@ class Server : public ExportCatalog {
   asio::thread_pool pool_;
   Strand strand_;  // listeners and shutdown
   asio::signal_set signals_;
-  asio::steady_timer slot_timer_;
-  asio::steady_timer drained_;  // on strand_; cancelled when the last session ends in shutdown
+  // On strand_, used as signals: session_ended cancels slot_freed_ (never
+  // expires; a connection slot is free, when max_connections is set) and
+  // drained_ (expires at the shutdown wait's deadline; the last session
+  // ended). A waiter re-checks its condition on every wake-up, and checks
+  // and waits within one strand handler, so no wake-up is lost.
+  asio::steady_timer slot_freed_;
+  asio::steady_timer drained_;
   std::vector<std::unique_ptr<Acceptor>> acceptors_;
   std::vector<std::string> unix_paths_;
   std::atomic<bool> shutting_down_{false};

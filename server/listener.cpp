@@ -86,16 +86,8 @@ awaitable<void> Server::accept_loop(Acceptor& acc) {
   for (;;) {
     // Connection cap: stop accepting while full; clients wait in the backlog
     // (what qemu-nbd does with --shared).
-    while (opts_.max_connections && !shutting_down_) {
-      std::size_t n;
-      {
-        std::lock_guard lk(sessions_mu_);
-        n = sessions_.size();
-      }
-      if (n < opts_.max_connections) break;
-      slot_timer_.expires_after(std::chrono::milliseconds(20));
-      co_await slot_timer_.async_wait(use_tuple);
-    }
+    while (opts_.max_connections && !shutting_down_ && session_count() >= opts_.max_connections)
+      co_await slot_freed_.async_wait(use_tuple);
     if (shutting_down_) co_return;
     auto strand = asio::make_strand(next_io_context());
     auto [ec, sock] = co_await acc.async_accept(strand, use_tuple);
@@ -103,8 +95,8 @@ awaitable<void> Server::accept_loop(Acceptor& acc) {
       if (ec == asio::error::operation_aborted || shutting_down_) co_return;
       log::warn("accept: {}", ec.message());
       if (ec == asio::error::no_descriptors || ec == asio::error::no_buffer_space) {
-        slot_timer_.expires_after(std::chrono::milliseconds(100));
-        co_await slot_timer_.async_wait(use_tuple);
+        asio::steady_timer backoff(strand_, std::chrono::milliseconds(100));
+        co_await backoff.async_wait(use_tuple);
       }
       continue;
     }
@@ -116,13 +108,13 @@ awaitable<void> Server::accept_loop(Acceptor& acc) {
       had_client_ = true;
     }
     log::debug("conn {}: accepted", id);
+    // Runs on the session's executor. An exception that escaped the
+    // session is logged and its socket closed before the session is
+    // forgotten.
     asio::co_spawn(session->get_executor(), session->run(), [this, session](std::exception_ptr e) {
       if (e) {
-        try {
-          std::rethrow_exception(e);
-        } catch (const std::exception& ex) {
-          log::error("session error: {}", ex.what());
-        }
+        log::error("conn {}: session failed: {}", session->id(), describe_exception(e));
+        session->close();
       }
       session_ended(session);
     });
@@ -136,9 +128,15 @@ void Server::session_ended(const std::shared_ptr<Session>& s) {
     sessions_.erase(s);
     last = sessions_.empty();
   }
+  if (opts_.max_connections) asio::post(strand_, [this] { slot_freed_.cancel(); });
   if (last && shutting_down_) asio::post(strand_, [this] { drained_.cancel(); });
   if (last && !opts_.persistent)
     asio::post(strand_, [this] { begin_shutdown("last client disconnected"); });
+}
+
+std::size_t Server::session_count() {
+  std::lock_guard lk(sessions_mu_);
+  return sessions_.size();
 }
 
 std::vector<std::shared_ptr<Session>> Server::live_sessions() {

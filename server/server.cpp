@@ -17,12 +17,31 @@ unsigned usable_cpus() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+std::string describe_exception(std::exception_ptr e) {
+  try {
+    std::rethrow_exception(e);
+  } catch (const std::exception& ex) {
+    return ex.what();
+  } catch (...) {
+    return "unknown exception";
+  }
+}
+
+Result<void> Server::add_exports() {
+  for (auto& e : opts_.exports) QNBD_TRY(registry_.add(std::move(e)));
+  opts_.exports.clear();
+  return ok();
+}
+
 int Server::run() {
   signals_.async_wait([this](boost::system::error_code ec, int sig) {
     if (ec) return;
     handle_signal(sig);
   });
-  for (auto& a : acceptors_) asio::co_spawn(strand_, accept_loop(*a), asio::detached);
+  // An accept loop that failed would leave its listener deaf: log it and
+  // shut down rather than serve on without it.
+  for (auto& a : acceptors_)
+    asio::co_spawn(strand_, accept_loop(*a), log_failure("accept loop", [this] { begin_shutdown("accept loop failed"); }));
   if (opts_.on_listening) opts_.on_listening();
   std::vector<std::thread> threads;
   for (auto& w : workers_) threads.emplace_back([&w] { w->run(); });
@@ -37,6 +56,7 @@ Result<int> run_server(ServerOptions options) {
   int status;
   {
     Server server(std::move(options));
+    QNBD_TRY(server.add_exports());
     QNBD_TRY(server.listen());
     status = server.run();
   }

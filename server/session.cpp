@@ -45,6 +45,12 @@ void Session::abort() {
   wake_writer_.cancel();
 }
 
+void Session::close() {
+  abort();
+  boost::system::error_code ec;
+  socket_.close(ec);
+}
+
 void Session::stop() {
   // Wake the reader (handshake or transmission); it answers whatever the
   // client already sent (NBD_REP_ERR_SHUTDOWN / NBD_ESHUTDOWN) and then
@@ -106,8 +112,16 @@ awaitable<bool> Session::handshake() {
       case Action::Kind::start_transmission:
         deadline_.cancel();
         neg_ = neg.result();
-        export_ = server_.spec_for(neg_.export_info);
+        // The one lookup of the export and of the selected contexts' bitmap
+        // handles; nothing later can fail to find them.
+        export_ = server_.registry().find(neg_.export_info->name);
         if (!export_) co_return false;
+        if (auto c = export_->resolve_contexts(neg_.contexts); c) {
+          contexts_ = std::move(*c);
+        } else {
+          log::error("conn {}: export '{}': {}", id_, export_->name(), c.error().message);
+          co_return false;
+        }
         vctx_.export_size = neg_.export_info->size;
         vctx_.transmission_flags = neg_.transmission_flags;
         vctx_.mode = neg_.mode;
@@ -116,7 +130,7 @@ awaitable<bool> Session::handshake() {
         vctx_.min_block = neg_.min_block;
         vctx_.max_payload = neg_.max_payload;
         log::debug("conn {}: export '{}' mode {} flags {:#x} contexts {}", id_, neg_.export_info->name,
-                   static_cast<int>(neg_.mode), neg_.transmission_flags, neg_.contexts.size());
+                   static_cast<int>(neg_.mode), neg_.transmission_flags, contexts_.size());
         // Even when stopping: the client may already have sent requests,
         // which transmission() answers with NBD_ESHUTDOWN.
         co_return true;
@@ -159,7 +173,13 @@ awaitable<boost::system::error_code> Session::fill(std::size_t need) {
 
 awaitable<void> Session::transmission() {
   auto self = shared_from_this();
-  asio::co_spawn(socket_.get_executor(), writer(), asio::detached);
+  // A writer that failed would leave the reader waiting for it: log it,
+  // end the connection and let the reader finish.
+  asio::co_spawn(socket_.get_executor(), writer(), log_failure(fmt::format("conn {}: writer", id_), [this, self] {
+    abort();
+    writer_done_ = true;
+    wake_reader_.cancel();
+  }));
   const auto hsize = request_header_size(neg_.mode);
   rbuf_ = std::make_unique_for_overwrite<std::byte[]>(kRecvBufferSize);
   const auto& opts = server_.options();
@@ -234,7 +254,7 @@ awaitable<void> Session::transmission() {
       if (!answer_without_device(*s)) execute_inline(*s);
       queue_reply(s);
     } else {
-      asio::co_spawn(socket_.get_executor(), handle(s), asio::detached);
+      spawn_handle(s);
     }
   }
   // Finish in-flight requests, then let the writer drain and exit.

@@ -32,13 +32,18 @@ awaitable<bool> Server::wait_drained(std::chrono::steady_clock::duration limit) 
 void Server::begin_shutdown(const char* why) {
   if (shutting_down_.exchange(true)) return;
   log::info("shutting down: {}", why);
-  asio::co_spawn(strand_, shutdown_sequence(), asio::detached);
+  // A shutdown sequence that failed would leave the server running with
+  // its listeners closed: log it and stop, with exit status 1.
+  asio::co_spawn(strand_, shutdown_sequence(), log_failure("shutdown", [this] {
+    exit_status_ = 1;
+    stop_io();
+  }));
 }
 
 awaitable<void> Server::shutdown_sequence() {
   boost::system::error_code ec;
   for (auto& a : acceptors_) a->close(ec);
-  slot_timer_.cancel();
+  slot_freed_.cancel();
   for (const auto& s : live_sessions()) asio::post(s->get_executor(), [s] { s->stop(); });
   // In-flight requests finish (long ones at their next step) and clients
   // take their replies; one that does not read them within the grace is
@@ -59,10 +64,10 @@ awaitable<void> Server::shutdown_sequence() {
     }
   }
   int status = 0;
-  for (auto& e : opts_.exports) {
-    auto res = e.device->close();
+  for (const auto& e : registry_.all()) {
+    auto res = e->device().close();
     if (!res) {
-      log::error("closing export '{}': {}", e.info.name, res.error().message);
+      log::error("closing export '{}': {}", e->name(), res.error().message);
       status = 1;
     }
   }
