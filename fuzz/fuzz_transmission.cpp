@@ -1,10 +1,21 @@
 // Fuzz entry for the transmission phase of protocol/ without a handshake:
 // the input picks the connection facts (export size, transmission flags,
-// reply mode, block-size commitment, limits), then a stream of request
-// headers that are parsed, validated and answered with every reply encoder,
-// and extent lists built from fuzzed (length, flags) pairs.
+// reply mode, block-size commitment, limits, the selected metadata
+// contexts), then a stream of request headers, each followed by its
+// payload, that go through parse_request_header and decode(); a decoded
+// READ drives ReadPlan and a decoded BLOCK_STATUS drives BlockStatusPlan
+// with fuzzed device extents, a refusal goes through append_error_reply;
+// then every reply encoder and extent lists from fuzzed (length, flags).
 //
 // Properties checked (each can fail):
+// - decode accepts only what validate_request accepts; a decoded
+//   BLOCK_STATUS has a non-zero length inside the export and reports only
+//   selected contexts (the payload form included);
+// - ReadPlan's parts cover the request exactly, in order, holes and data
+//   alternating, at most kMaxExtents + 1, the last chunk DONE;
+// - BlockStatusPlan reports only the contexts asked for, REQ_ONE gives one
+//   extent, no list covers more than the request, the chunks are the sizes
+//   the spec gives;
 // - a request validate_request accepts has its range inside the export,
 //   aligned when the client committed to block sizes, flags allowed;
 // - encoders write exactly the sizes NBD proto.md section "Structured
@@ -24,6 +35,7 @@
 #include "protocol/constants.hpp"
 #include "protocol/reply.hpp"
 #include "protocol/request.hpp"
+#include "protocol/transmission.hpp"
 
 using namespace qnbd;
 using namespace qnbd::protocol;
@@ -113,6 +125,85 @@ void encode_replies(Reader& in, const Request& q, ReplyMode mode, std::vector<st
   }
 }
 
+// A decoded READ answered from fuzzed device extents.
+void drive_read_plan(Reader& in, const Command& c, ReplyMode mode) {
+  ReadPlan plan;
+  plan.reset(c, mode);
+  QNBD_FUZZ_CHECK(plan.sparse() == (mode != ReplyMode::simple && !c.df() && c.length > 0));
+  for (unsigned n = in.u8() % 80; n > 0 && !in.empty(); --n) {
+    const std::uint64_t len = in.u8() & 1 ? in.u64() : in.u16();
+    if (!plan.add(len, in.u8() & 1)) break;
+  }
+  plan.finish();
+  const auto parts = plan.parts();
+  QNBD_FUZZ_CHECK(parts.size() <= ReadPlan::kMaxExtents + 1);
+  QNBD_FUZZ_CHECK(plan.chunk_count() == std::max<std::size_t>(parts.size(), 1));
+  std::uint64_t pos = 0;
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    QNBD_FUZZ_CHECK(parts[i].offset == pos && parts[i].length > 0);
+    if (i) QNBD_FUZZ_CHECK(parts[i].hole != parts[i - 1].hole);
+    if (!plan.sparse()) QNBD_FUZZ_CHECK(!parts[i].hole);
+    pos += parts[i].length;
+  }
+  QNBD_FUZZ_CHECK(pos == c.length);
+  const std::size_t header = mode == ReplyMode::extended ? 32 : 20;
+  ChunkPrefix buf{};
+  for (std::size_t i = 0; i < plan.chunk_count(); ++i) {
+    const auto n = plan.encode_chunk(i, buf);
+    if (mode == ReplyMode::simple) {
+      QNBD_FUZZ_CHECK(n == kSimpleReplySize && load_be32(buf.data()) == NBD_SIMPLE_REPLY_MAGIC);
+      continue;
+    }
+    const bool last = i + 1 == plan.chunk_count();
+    QNBD_FUZZ_CHECK(load_be16(buf.data() + 4) == (last ? NBD_REPLY_FLAG_DONE : 0));
+    const auto type = load_be16(buf.data() + 6);
+    if (parts.empty()) QNBD_FUZZ_CHECK(type == NBD_REPLY_TYPE_NONE && n == header);
+    else if (parts[i].hole) QNBD_FUZZ_CHECK(type == NBD_REPLY_TYPE_OFFSET_HOLE && n == header + 12);
+    else QNBD_FUZZ_CHECK(type == NBD_REPLY_TYPE_OFFSET_DATA && n == header + 8);
+  }
+}
+
+// A decoded BLOCK_STATUS answered from fuzzed device and bitmap extents.
+void drive_status_plan(Reader& in, const Command& c, ReplyMode mode, std::span<const ContextSlot> ctxs,
+                       BlockStatusPlan& plan, std::vector<std::byte>& out) {
+  plan.reset(c, mode, ctxs);
+  for (unsigned n = in.u8() % 64; n > 0 && plan.allocation_open() && !in.empty(); --n) {
+    const auto before = plan.allocation_pos();
+    const std::uint64_t len = in.u8() & 1 ? in.u64() : in.u16();
+    const std::uint8_t b = in.u8();
+    const bool more = plan.add_allocation(len, b & 1, b & 2, b >> 2);
+    QNBD_FUZZ_CHECK(plan.allocation_pos() >= before && plan.allocation_pos() <= c.length);
+    if (!more) break;
+  }
+  for (std::size_t k = 0; k < ctxs.size(); ++k) {
+    if (ctxs[k].kind != ContextKind::dirty_bitmap) QNBD_FUZZ_CHECK(!plan.bitmap_open(k));
+    for (unsigned n = in.u8() % 16; n > 0 && plan.bitmap_open(k) && !in.empty(); --n) {
+      const std::uint64_t len = in.u8() & 1 ? in.u64() : in.u16();
+      if (!plan.add_bitmap(k, len, in.u8() & 1)) break;
+    }
+  }
+  const bool ext = mode == ReplyMode::extended;
+  std::size_t expect = 0;
+  for (std::size_t k = 0; k < ctxs.size(); ++k) {
+    const auto e = plan.extents(k);
+    if (!((c.context_mask >> k) & 1)) QNBD_FUZZ_CHECK(e.empty());
+    if (c.req_one()) QNBD_FUZZ_CHECK(e.size() <= 1);
+    std::uint64_t sum = 0;
+    for (const auto& x : e) {
+      QNBD_FUZZ_CHECK(x.length > 0 && x.length <= max_extent_length(mode));
+      if (ctxs[k].kind == ContextKind::base_allocation) QNBD_FUZZ_CHECK(x.flags <= 3);
+      if (ctxs[k].kind == ContextKind::dirty_bitmap) QNBD_FUZZ_CHECK(x.flags <= NBD_STATE_DIRTY);
+      sum += x.length;
+    }
+    QNBD_FUZZ_CHECK(sum <= c.length);
+    if (!e.empty()) expect += (ext ? 32 + 8 + 16 * e.size() : 20 + 4 + 8 * e.size());
+  }
+  out.clear();
+  auto done = plan.append_chunks(out);
+  QNBD_FUZZ_CHECK(done.has_value() == (expect > 0));
+  QNBD_FUZZ_CHECK(out.size() == expect);
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -128,15 +219,51 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   v.block_size_committed = bits & 2;
   v.min_block = 1u << (in.u8() % 13);
   v.max_payload = std::max<std::uint32_t>(in.u32() % (64u << 20), 512);
+  // Selected contexts, in the fixed order match_meta_contexts gives:
+  // base:allocation, qemu:allocation-depth, then bitmaps.
+  std::vector<ContextSlot> ctxs;
+  if (v.has_contexts) {
+    if (bits & 4 || !(bits & 0x78)) ctxs.push_back({ContextKind::base_allocation, kContextIdBaseAllocation});
+    if (bits & 8) ctxs.push_back({ContextKind::allocation_depth, kContextIdAllocationDepth});
+    for (unsigned i = 0; i < ((bits >> 4) & 7u); ++i)
+      ctxs.push_back({ContextKind::dirty_bitmap, kContextIdFirstBitmap + i * 3});
+  }
   const auto hsize = request_header_size(v.mode);
   std::vector<std::byte> out;
+  BlockStatusPlan plan;
   while (in.left() >= hsize) {
     auto raw = in.take(hsize);
     Request q;
     auto st = parse_request_header(std::as_bytes(raw), v.mode, v.max_payload, q);
     if (st != ParseStatus::ok) continue;
     QNBD_FUZZ_CHECK(q.payload_length <= v.max_payload);
+    // The payload follows the header (what the input has of it).
+    const auto payload = std::as_bytes(in.take(std::min<std::uint64_t>(q.payload_length, in.left())));
     const auto val = validate_request(q, v);
+    if (q.type != NBD_CMD_DISC) {
+      const auto cmd = decode(q, payload, v, ctxs);
+      if (val.error) QNBD_FUZZ_CHECK(!cmd);
+      out.clear();
+      if (cmd) {
+        QNBD_FUZZ_CHECK(cmd->type == q.type && cmd->flags == q.flags && cmd->cookie == q.cookie);
+        if (q.type == NBD_CMD_BLOCK_STATUS) {
+          QNBD_FUZZ_CHECK(cmd->length > 0 && cmd->offset <= v.export_size &&
+                          cmd->length <= v.export_size - cmd->offset);
+          QNBD_FUZZ_CHECK(cmd->context_mask != 0);
+          QNBD_FUZZ_CHECK(ctxs.size() >= 64 || (cmd->context_mask >> ctxs.size()) == 0);
+          drive_status_plan(in, *cmd, v.mode, ctxs, plan, out);
+        } else {
+          QNBD_FUZZ_CHECK(cmd->length == q.length);
+          if (q.type == NBD_CMD_READ) drive_read_plan(in, *cmd, v.mode);
+        }
+      } else {
+        QNBD_FUZZ_CHECK(!cmd.error().message.empty());
+        append_error_reply(out, v.mode, q, cmd.error());
+        const std::size_t header = v.mode == ReplyMode::extended ? 32 : 20;
+        if (v.mode == ReplyMode::simple) QNBD_FUZZ_CHECK(out.size() == kSimpleReplySize);
+        else QNBD_FUZZ_CHECK(out.size() == header + 6 + cmd.error().message.size());
+      }
+    }
     if (!val.error && q.type != NBD_CMD_DISC) {
       const bool bs_payload = q.type == NBD_CMD_BLOCK_STATUS && (q.flags & NBD_CMD_FLAG_PAYLOAD_LEN);
       if (q.type != NBD_CMD_FLUSH && !bs_payload) {

@@ -153,6 +153,30 @@ def transmission_seeds():
                 # Reply-encoder bytes after the header: flags, extents.
                 tail = bytes([1, 8, 4]) + b"".join(struct.pack("<BQB", 12, 4096, i % 2) for i in range(4))
                 seeds[f"{mname}-cmd{cmd}{fname}"] = facts + hdr + tail
+    # decode() and the reply plans: each header is followed by its payload,
+    # then the fuzzed device extents the plan is fed (fuzz_transmission.cpp).
+    def ext_hdr(flags, cmd, offset, length):
+        return struct.pack(">IHHQQQ", NBD_EXTENDED_REQUEST_MAGIC, flags, cmd, 9, offset, length)
+
+    def extents(runs):  # (u8 selector 0: u16 length, u8 flags or hole bit)
+        return bytes([len(runs)]) + b"".join(struct.pack("<BHB", 0, n, f) for n, f in runs)
+    # has contexts, base:allocation, allocation-depth, two bitmaps (ids 2, 5)
+    facts = struct.pack("<BIHBBBI", 0, 1 << 20, tflags, 2, 0x2D, 9, 32 << 20)
+    bitmaps = bytes([0, 0]) + extents([(4096, 1), (8192, 0)]) + extents([(65535, 0)])
+    seeds["status-payload-filter"] = (
+        facts + ext_hdr(0x20, 7, 4096, 16) + struct.pack(">QII", 65536, 0, 5)
+        + extents([(4096, 1), (4096, 1), (8192, 2), (65535, 0)]) + bitmaps)
+    seeds["status-req-one"] = (
+        facts + ext_hdr(0x08, 7, 0, 65536)
+        + extents([(4096, 5), (4096, 5), (4096, 0)]) + bitmaps)
+    seeds["status-payload-bad"] = (
+        facts + ext_hdr(0x20, 7, 0, 16) + struct.pack(">QII", 4096, 5, 5)
+        + ext_hdr(0x20, 7, 0, 12) + struct.pack(">QI", 4096, 4)
+        + ext_hdr(0x20, 7, 0, 12) + struct.pack(">QI", 0, 0)
+        + ext_hdr(0x20, 7, 0, 6) + b"\0" * 6)
+    facts = struct.pack("<BIHBBBI", 0, 1 << 20, tflags, 1, 0, 9, 32 << 20)
+    hdr = struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, 0, 9, 8192, 65536)
+    seeds["read-holes"] = facts + hdr + extents([(4096, 0), (4096, 1), (512, 1), (8192, 0), (65535, 1)])
     return seeds
 
 

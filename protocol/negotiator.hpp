@@ -16,11 +16,9 @@
 
 #include "protocol/catalog.hpp"
 #include "protocol/meta_context.hpp"
+#include "protocol/mode.hpp"
 
 namespace qnbd::protocol {
-
-// Which request/reply headers the connection uses (§10.1).
-enum class ReplyMode : std::uint8_t { simple, structured, extended };
 
 struct Action {
   enum class Kind : std::uint8_t {

@@ -13,7 +13,7 @@
 #include <string_view>
 #include <vector>
 
-#include "protocol/negotiator.hpp"
+#include "protocol/mode.hpp"
 
 namespace qnbd::protocol {
 

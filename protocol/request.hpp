@@ -8,7 +8,7 @@
 #include <span>
 #include <string_view>
 
-#include "protocol/negotiator.hpp"
+#include "protocol/mode.hpp"
 
 namespace qnbd::protocol {
 

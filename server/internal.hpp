@@ -8,8 +8,10 @@
 //                       connection cap, placing a connection on an io thread
 //   session.cpp         one connection: handshake (Negotiator under a
 //                       deadline), the reader, back-pressure
-//   dispatch.cpp        request -> BlockDevice: refusals, inline-or-pool,
-//                       execute, structured READ, BLOCK_STATUS
+//   dispatch.cpp        protocol::decode, then Command -> BlockDevice:
+//                       inline-or-pool, execute, the device I/O of READ and
+//                       BLOCK_STATUS (what their replies say is protocol/'s
+//                       ReadPlan and BlockStatusPlan)
 //   reply_writer.cpp    reply encoding and the writer coroutine (one
 //                       gathered write per batch of replies)
 //   export_registry.cpp one Export per export (info, device, bitmaps and
@@ -58,6 +60,7 @@
 #include "protocol/negotiator.hpp"
 #include "protocol/reply.hpp"
 #include "protocol/request.hpp"
+#include "protocol/transmission.hpp"
 #include "server/buffer_pool.hpp"
 #include "server/export_registry.hpp"
 #include "server/server.hpp"
@@ -95,13 +98,14 @@ struct Piece {
 
 // Per-request state, reused across requests of a connection.
 struct Slot {
-  Request req;
+  Request req;   // as parsed: cookie and offset of the reply, even when refused
+  Command cmd;   // as decoded (answer_without_device), what execute() runs
   Buffer data;
   std::vector<std::byte> meta;
   std::vector<Piece> pieces;
   std::vector<image::Extent> extents;
   std::vector<image::BitmapExtent> bitmap_extents;
-  std::vector<ExtentList> lists;
+  BlockStatusPlan status;  // reused: its extent lists keep their capacity
   std::uint64_t charged_bytes = 0;
   void add_meta(std::size_t from) { pieces.push_back({false, from, meta.size() - from}); }
 };
@@ -152,7 +156,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool in_steps(Slot& s, Step&& step, Result<void>& res);
   void do_read(Slot& s);
   void do_block_status(Slot& s);
-  void reply_error(Slot& s, std::uint32_t nbd_error, std::string_view message);
+  void reply_error(Slot& s, const Error& e);  // protocol::append_error_reply
   void reply_ok(Slot& s);
   void queue_reply(Slot* s);
   Slot* get_slot();
@@ -171,6 +175,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // handles, resolved once (Export::resolve_contexts), at most kMaxContexts.
   std::shared_ptr<const Export> export_;
   std::vector<ServedContext> contexts_;
+  std::vector<ContextSlot> wire_contexts_;  // contexts_ as decode() and the plans see them
   Negotiated neg_;
   ValidationContext vctx_;
   bool stopping_ = false;

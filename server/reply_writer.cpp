@@ -64,26 +64,16 @@ void Session::queue_reply(Slot* s) {
 void Session::reply_ok(Slot& s) {
   auto from = s.meta.size();
   s.meta.resize(from + kMaxChunkPrefix);
-  std::size_t n;
-  if (neg_.mode == ReplyMode::extended)
-    n = encode_none(std::span(s.meta).subspan(from), neg_.mode, s.req.cookie, s.req.offset);
-  else
-    n = encode_simple_reply(std::span(s.meta).subspan(from), 0, s.req.cookie);
-  s.meta.resize(from + n);
+  s.meta.resize(from + encode_ok_reply(std::span(s.meta).subspan(from), neg_.mode, s.req.cookie, s.req.offset));
   s.add_meta(from);
 }
 
-void Session::reply_error(Slot& s, std::uint32_t nbd_error, std::string_view message) {
+// Every failure, refused or from the device, leaves through here.
+void Session::reply_error(Slot& s, const Error& e) {
   s.pieces.clear();
   s.meta.clear();
-  if (neg_.mode == ReplyMode::simple) {
-    s.meta.resize(kSimpleReplySize);
-    encode_simple_reply(s.meta, nbd_error, s.req.cookie);
-  } else {
-    append_error_chunk(s.meta, neg_.mode, NBD_REPLY_FLAG_DONE, s.req.cookie, s.req.offset, nbd_error, message);
-  }
+  append_error_reply(s.meta, neg_.mode, s.req, e);
   s.add_meta(0);
 }
-
 
 }  // namespace qnbd::server

@@ -118,6 +118,7 @@ awaitable<bool> Session::handshake() {
         if (!export_) co_return false;
         if (auto c = export_->resolve_contexts(neg_.contexts); c) {
           contexts_ = std::move(*c);
+          for (const auto& sc : contexts_) wire_contexts_.push_back({sc.kind, sc.id});
         } else {
           log::error("conn {}: export '{}': {}", id_, export_->name(), c.error().message);
           co_return false;

@@ -1,5 +1,7 @@
 #include <doctest/doctest.h>
 
+#include <string>
+
 #include "protocol/constants.hpp"
 #include "protocol/reply.hpp"
 #include "test_helpers.hpp"

@@ -1,6 +1,7 @@
 #include <doctest/doctest.h>
 
 #include <cerrno>
+#include <string>
 
 #include "protocol/constants.hpp"
 #include "protocol/request.hpp"
