@@ -26,6 +26,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <string.h>  // memmem
 #include <iterator>
@@ -59,6 +60,22 @@ bool has_marker(std::span<const std::byte> b) {
   // memmem, not an instrumented loop: metadata writes of 2 MiB tables pass
   // here too.
   return memmem(b.data(), b.size(), kMarker.data(), kMarker.size()) != nullptr;
+}
+
+// Whether writing `b` puts a guest marker where the file had none: a
+// fuzzed image may hold marker bytes itself (libFuzzer learns the constant),
+// and writing back a refcount block or L2 table that carried them is no
+// guest write.
+bool adds_marker(std::span<const std::byte> b, std::span<const std::byte> old) {
+  const std::byte* p = b.data();
+  const std::byte* end = b.data() + b.size();
+  while (const void* hit = memmem(p, end - p, kMarker.data(), kMarker.size())) {
+    const std::size_t i = static_cast<const std::byte*>(hit) - b.data();
+    if (i + kMarker.size() > old.size() || std::memcmp(old.data() + i, kMarker.data(), kMarker.size()) != 0)
+      return true;
+    p = static_cast<const std::byte*>(hit) + 1;
+  }
+  return false;
 }
 
 struct HostWrite {
@@ -104,8 +121,12 @@ void check_layout_untouched(const std::vector<std::pair<std::uint64_t, std::uint
                             const std::vector<HostWrite>& writes) {
   for (const auto& w : writes)
     for (const auto& [off, len] : meta)
-      if (len && w.offset < off + len && off < w.offset + w.length)
+      if (len && w.offset < off + len && off < w.offset + w.length) {
+        std::fprintf(stderr, "guest data at host %#llx+%#llx, metadata at %#llx+%#llx\n",
+                     (unsigned long long)w.offset, (unsigned long long)w.length, (unsigned long long)off,
+                     (unsigned long long)len);
         qnbd::fuzz::fail("guest data written over a metadata cluster the image named at open");
+      }
 }
 
 // What the guest must read back: bytes of `data` inside the `known`
@@ -191,8 +212,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::vector<HostWrite> guest_writes;
   auto file_owned = std::make_unique<fuzz::SparseFile>(in.image, "<fuzz.qcow2>");
   fuzz::SparseFile* file = file_owned.get();
-  file->on_write = [&guest_writes](std::span<const std::byte> b, std::uint64_t o) {
-    if (has_marker(b)) guest_writes.push_back({o, b.size()});
+  file->on_write = [&guest_writes, file](std::span<const std::byte> b, std::uint64_t o) {
+    if (!has_marker(b)) return;
+    static std::vector<std::byte> old;
+    old.assign(b.size(), std::byte{0});
+    (void)file->pread(old, o);
+    if (adds_marker(b, old)) guest_writes.push_back({o, b.size()});
   };
   std::unique_ptr<fuzz::SparseFile> data_owned;
   if (fuzz::wants_data_file(in.image)) data_owned = std::make_unique<fuzz::SparseFile>(in.image, "<data file>");
