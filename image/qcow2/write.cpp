@@ -122,11 +122,13 @@ Result<void> Qcow2Image::build_metadata_map() {
   for (const SnapshotInfo& s : snapshots_) {
     m.add(MetadataKind::inactive_l1, s.l1_table_offset, std::uint64_t{s.l1_size} * 8);
   }
-  // Every valid L2 table of the active L1 (an invalid entry is reported,
-  // and the image marked corrupt, when a request reaches it).
+  // The L2 table of every active L1 entry, valid or not (an invalid entry
+  // is reported, and the image marked corrupt, when a request reaches it).
+  // As QEMU's overlap check, one past the end of the file counts too: once
+  // the file grows there, guest data in that cluster would be read as the
+  // L2 table.
   for (std::uint64_t e : l1_) {
-    auto l2 = l1_entry_l2_offset(e, header_.cluster_bits, file_size_);
-    if (l2 && *l2) m.add(MetadataKind::active_l2, *l2, cs);
+    if (std::uint64_t l2 = e & L1E_OFFSET_MASK) m.add(MetadataKind::active_l2, l2, cs);
   }
   register_bitmaps();
   // The bitmap directory is updated in place (in_use) outside the metadata
