@@ -64,7 +64,7 @@ def sparse_encode(data, ops=b""):
 
 
 def sparse_decode(blob):
-    """The image of a fuzz_input.hpp input (as decode_image_input builds it)."""
+    """The image of a fuzz_image.hpp input (as decode_image_input builds it)."""
     pos = 0
 
     def take(n):
