@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "fuzz_image.hpp"
+#include "image/io/forwarding_file.hpp"
 
 using namespace qnbd;
 using namespace qnbd::image;
@@ -53,38 +54,31 @@ bool has_marker(std::span<const std::byte> b) {
 
 // Forwards to a MemFile and records every host write that carries guest
 // data (for the metadata hook).
-class RecordingFile final : public File {
+class RecordingFile final : public ForwardingFile {
  public:
   struct Write {
     std::uint64_t offset, length;
   };
-  explicit RecordingFile(std::vector<std::byte> bytes) : mem_("<fuzz.qcow2>", std::move(bytes)) {}
-  Result<std::size_t> pread(std::span<std::byte> b, std::uint64_t o) override { return mem_.pread(b, o); }
+  explicit RecordingFile(std::vector<std::byte> bytes)
+      : ForwardingFile(std::make_unique<MemFile>("<fuzz.qcow2>", std::move(bytes))) {}
   Result<void> pwrite(std::span<const std::byte> b, std::uint64_t o) override {
     // A host file is sparse; this one is not: refuse to grow it past what a
     // run may allocate (an L2 entry may point anywhere below 2^56).
     if (o > kMaxHostFile || b.size() > kMaxHostFile - o) return make_error(ENOSPC, "fuzz file limit");
     if (has_marker(b)) guest_writes.push_back({o, b.size()});
-    return mem_.pwrite(b, o);
+    return ForwardingFile::pwrite(b, o);
   }
-  Result<void> flush() override { return mem_.flush(); }
-  Result<std::uint64_t> size() override { return mem_.size(); }
   Result<void> write_zeroes(std::uint64_t o, std::uint64_t l, bool u) override {
     if (o > kMaxHostFile || l > kMaxHostFile - o) return make_error(ENOSPC, "fuzz file limit");
-    return mem_.write_zeroes(o, l, u);
+    return ForwardingFile::write_zeroes(o, l, u);
   }
   Result<void> truncate(std::uint64_t s) override {
     if (s > kMaxHostFile) return make_error(ENOSPC, "fuzz file limit");
-    return mem_.truncate(s);
+    return ForwardingFile::truncate(s);
   }
-  Result<void> discard(std::uint64_t o, std::uint64_t l) override { return mem_.discard(o, l); }
-  const std::string& name() const override { return mem_.name(); }
-  std::vector<std::byte> contents() const { return mem_.contents(); }
+  std::vector<std::byte> contents() const { return static_cast<const MemFile&>(inner()).contents(); }
 
   std::vector<Write> guest_writes;
-
- private:
-  MemFile mem_;
 };
 
 // HOOK(overlap) — issue 8 item 2: "no metadata cluster is ever written with
