@@ -43,14 +43,6 @@ namespace qnbd::image::qcow2 {
 using BackingOpener =
     std::function<Result<std::unique_ptr<BlockDevice>>(const std::string& name, const std::string& format)>;
 
-// Where a guest range lives (QEMU's qcow2_get_host_offset result).
-struct Mapping {
-  std::uint64_t bytes = 0;        // length of the run from the queried offset
-  SubclusterType type = SubclusterType::unallocated_plain;
-  std::uint64_t host_offset = 0;  // normal/zero_alloc/unallocated_alloc: host byte of the queried offset
-  std::uint64_t l2_entry = 0;     // compressed: the raw descriptor
-};
-
 class Qcow2Image final : public BlockDevice {
  public:
   struct Parts {
@@ -99,9 +91,9 @@ class Qcow2Image final : public BlockDevice {
   // clears in_use (no I/O if no write happened). Report its error from close().
   BitmapStore& bitmap_store() { return *bitmap_store_; }
 
-  // The central lookup: the run of guest bytes starting at offset (at most
-  // max_bytes, never crossing an L2 table) that share one subcluster type
-  // and, where they have one, contiguous host offsets.
+  // The central lookup (cluster.cpp): the run of guest bytes starting at
+  // offset (at most max_bytes, never crossing an L2 table) that share one
+  // subcluster type and, where they have one, contiguous host offsets.
   [[nodiscard]] Result<Mapping> get_host_offset(std::uint64_t offset, std::uint64_t max_bytes);
 
   const Header& header() const { return header_; }
@@ -136,7 +128,8 @@ class Qcow2Image final : public BlockDevice {
   File& data_file() { return data_file_ ? *data_file_ : *file_; }
   Result<bool> metadata_preallocated();
 
-  // Write path (write.cpp); *_locked need mutex_ held.
+  // Write path (write.cpp: setup, request loops, flush; cluster.cpp: the
+  // cluster layer, see cluster.hpp); *_locked need mutex_ held.
   struct PendingFree {
     std::uint64_t host_offset, bytes;
     bool l2_table;
@@ -157,6 +150,17 @@ class Qcow2Image final : public BlockDevice {
   Result<std::uint64_t> allocate_cluster_locked();
   void queue_free_locked(std::uint64_t l2_entry);
   Result<TableCache::Handle> l2_for_write_locked(std::uint64_t l1_index);
+  // The L2 entry of guest cluster gc, in a table the writer may change
+  // (l2_for_write_locked), validated (a corrupt entry sets the corrupt bit).
+  struct L2Slot {
+    TableCache::Handle table;
+    std::byte* slot = nullptr;
+    L2Entry entry;
+  };
+  Result<L2Slot> l2_slot_for_write_locked(std::uint64_t gc);
+  // Store entry (and, with extended L2, bitmap) in the slot, mark the table
+  // dirty and its dependencies (refcounts, data) as to be synced first.
+  void set_l2_entry_locked(L2Slot& s, std::uint64_t entry, std::uint64_t bitmap);
   Result<void> read_guest_locked(std::span<std::byte> buf, std::uint64_t offset);
   Result<void> write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length);
   // Whole clusters from `offset` (cluster aligned) that need a new host
