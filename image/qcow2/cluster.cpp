@@ -142,10 +142,10 @@ Result<std::uint64_t> l1_entry_l2_offset(std::uint64_t l1_entry, std::uint32_t c
 // Crash ordering (§14.3) of the steps here, without a flush per request:
 //  * a new cluster gets its refcount in Refcounts' cache
 //    (allocate_cluster_locked); the guest data goes to the data file; the
-//    L2 entry changes only in the L2 cache (set_l2_entry_locked) and sets
-//    deps_dirty_, so the refcount blocks and the data are written and
-//    synced before any L2 table is written back (the L2 cache's writeback
-//    hook, write.cpp's sync_dependencies_locked);
+//    L2 entry changes only in the L2 cache (set_l2_entry_locked), which
+//    is told it depends on a flush. The L2 cache depends on the refcount
+//    block cache (cache.hpp), so the refcount blocks are written and the
+//    files synced before any L2 table is written back;
 //  * a new L2 table (or a copy of a shared one) is written and synced
 //    before the L1 entry pointing to it is written (l2_for_write_locked);
 //  * a reference an update drops (copy-on-write, zeroing, discard, a copied
@@ -270,7 +270,7 @@ Result<Mapping> Qcow2Image::get_host_offset_locked(std::uint64_t offset, std::ui
 
 Result<std::uint64_t> Qcow2Image::allocate_cluster_locked() {
   std::uint64_t host = QNBD_TRY(refcounts_->allocate(1));
-  deps_dirty_ = true;
+  l2_cache_->depends_on_flush();
   file_size_ = std::max(file_size_, host + header_.cluster_size());
   return host;
 }
@@ -342,7 +342,7 @@ void Qcow2Image::set_l2_entry_locked(L2Slot& s, std::uint64_t entry, std::uint64
   l2_cache_->mark_dirty(s.table);
   // The new entry may point at a cluster whose refcount or data is still
   // only cached: they go to disk before this table does.
-  deps_dirty_ = true;
+  l2_cache_->depends_on_flush();
 }
 
 Result<void> Qcow2Image::read_guest_locked(std::span<std::byte> buf, std::uint64_t offset) {
@@ -462,11 +462,11 @@ Result<std::size_t> Qcow2Image::write_new_clusters_locked(std::span<const std::b
   }
   if (run < 2) return std::size_t{0};
   const std::uint64_t host = QNBD_TRY(refcounts_->allocate(run));
-  deps_dirty_ = true;
+  l2_cache_->depends_on_flush();
   file_size_ = std::max(file_size_, host + run * cs);
   const std::size_t bytes = static_cast<std::size_t>(run * cs);
   // Data first; the L2 entries reach the disk only after the refcounts and
-  // this data are synced (sync_dependencies_locked before any L2 write-back).
+  // this data are synced (the L2 cache's dependency, before any write-back).
   QNBD_TRY(check_guest_write_locked(host, bytes));
   QNBD_TRY(data_file().pwrite(buf.first(bytes), host));
   for (std::uint64_t i = 0; i < run; ++i) {

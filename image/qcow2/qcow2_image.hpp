@@ -15,7 +15,8 @@
 // bitmaps_before_write() with neither held.
 //
 // lazy_refcounts: refcounts are always written back before the L2 entries
-// that need them (the ordered path), so the dirty bit is never set by this
+// that need them (the ordered path: the L2 cache depends on the refcount
+// block cache), so the dirty bit is never set by this
 // writer; a writable open of an image left dirty by another writer rebuilds
 // its refcounts (check_qcow2 repair all) and clears the bit first.
 #pragma once
@@ -192,12 +193,12 @@ class Qcow2Image final : public BlockDevice {
   bool skips_unallocated_span_locked(std::uint64_t gc, std::uint64_t end) const;
   std::mutex mutex_;  // metadata: l1_, l2_cache_
   std::vector<std::uint64_t> l1_;  // active L1 table, host byte order
+  // L2 tables; writable: depends on refcounts_'s block cache (cache.hpp).
   std::unique_ptr<TableCache> l2_cache_;
   bool metadata_prealloc_checked_ = false;
   // Writer state (all under mutex_).
   bool writable_ = false;
   bool closed_ = false;
-  bool deps_dirty_ = false;  // refcounts/data not yet synced before the next L2 write-back
   std::unique_ptr<Refcounts> refcounts_;
   std::vector<PendingFree> pending_free_;  // references dropped, applied after the pointers are on disk
   std::shared_mutex data_lock_;            // shared: in-place data writes; exclusive: applying frees

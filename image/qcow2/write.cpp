@@ -8,9 +8,10 @@
 // where it is enforced):
 //  * new clusters get their refcount in Refcounts' cache; new data goes to
 //    the data file; the L2 entry changes only in the L2 cache (cluster.cpp).
-//    Before any L2 table is written back (cache flush or eviction, the
-//    writeback hook set in init_writer), refcount blocks and the data are
-//    written and synced (deps_dirty_, sync_dependencies_locked);
+//    Before any L2 table is written back (cache flush or eviction), the
+//    L2 cache writes back its dependency, the refcount block cache, and
+//    syncs the image and data files (TableCache::set_dependency and
+//    depends_on_flush, set up in init_writer; sync_dependencies_locked);
 //  * a new L2 table is written and synced before the L1 entry pointing to
 //    it is written (cluster.cpp, l2_for_write_locked);
 //  * references dropped by COW, zeroing or discard are queued in
@@ -54,9 +55,18 @@ Result<void> Qcow2Image::init_writer() {
   refcounts_ = std::make_unique<Refcounts>(QNBD_TRY(
       Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters)));
   QNBD_TRY(build_metadata_map());
+  // §14.3 through the caches (cache.hpp): an L2 table is written back only
+  // after the refcount blocks (the dependency) and then the image file and
+  // the data file are synced, so every cluster a written-back entry points
+  // at has its refcount and its data on disk.
+  l2_cache_->set_dependency(&refcounts_->block_cache());
+  l2_cache_->set_sync([this]() -> Result<void> {
+    QNBD_TRY(file_->flush());  // refcount blocks and guest data in the image file
+    if (data_file_) QNBD_TRY(data_file_->flush());
+    return ok();
+  });
   l2_cache_->set_writeback([this](std::uint64_t offset, std::span<const std::byte> table) -> Result<void> {
     QNBD_TRY(metadata_->check(offset, table.size(), kind_bit(MetadataKind::active_l2)));
-    QNBD_TRY(sync_dependencies_locked());
     return file_->pwrite(table, offset);
   });
   // Unknown autoclear bits mean another writer's structures we do not
@@ -88,11 +98,9 @@ Result<void> Qcow2Image::repair_dirty_image(File& file) {
 }
 
 Result<void> Qcow2Image::sync_dependencies_locked() {
-  if (!deps_dirty_) return ok();
-  QNBD_TRY(refcounts_->flush());  // writes refcount blocks, fdatasyncs the image file (holding the data)
-  if (data_file_) QNBD_TRY(data_file_->flush());
-  deps_dirty_ = false;
-  return ok();
+  // Dirty refcount blocks written, then the image file (holding them and
+  // the guest data) and the data file synced, if anything is pending.
+  return l2_cache_->flush_dependency();
 }
 
 Error Qcow2Image::set_corrupt_locked(const std::string& why) {
@@ -445,7 +453,7 @@ Result<void> Qcow2Image::close() {
   if (bitmaps_.empty()) return ok();  // nothing to store (and no directory to rewrite)
   QNBD_TRY(bitmap_store_->store(*refcounts_, header_));
   register_bitmaps();  // the store wrote a new directory and tables
-  deps_dirty_ = true;  // the store may have changed refcounts: write them back too
+  l2_cache_->depends_on_flush();  // the store may have changed refcounts: write them back too
   return flush_locked();
 }
 
