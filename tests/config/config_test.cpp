@@ -182,7 +182,7 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
       {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "unix", "path": "/s", "port": 1}]})",
        "/listeners/0/port: not allowed for a unix listener"},
       {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "unix", "path": "/s", "mode": 1}]})",
-       "/listeners/0/mode: unknown key (allowed: type, path)"},
+       "/listeners/0/mode: unknown key (allowed: type, path, tls)"},
       {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "tcp"}, {"type": "tcp", "port": 10809}]})",
        "/listeners/1: duplicate listener (tcp 127.0.0.1:10809, also /listeners/0)"},
       {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "unix", "path": "/s"}, {"type": "unix", "path": "/s"}]})",
@@ -191,7 +191,7 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
       {R"({"exports": [{"name": "", "image": "a"}], "limits": []})", "/limits: expected an object, got []"},
       {R"({"exports": [{"name": "", "image": "a"}], "limits": {"max_conn": 1}})",
        "/limits/max_conn: unknown key (allowed: max_connections, handshake_timeout_seconds, "
-       "max_inflight_bytes_per_connection, threads)"},
+       "max_inflight_bytes_per_connection, threads, max_connections_per_address)"},
       {R"({"exports": [{"name": "", "image": "a"}], "limits": {"max_connections": 1000001}})",
        "/limits/max_connections: expected an integer in [0, 1000000], got 1000001"},
       {R"({"exports": [{"name": "", "image": "a"}], "limits": {"handshake_timeout_seconds": 0}})",
