@@ -17,8 +17,8 @@
 #   psk-wrong/keys.psk  user alice with another key
 # ECDSA P-256 keys: generating them takes milliseconds, RSA would take seconds.
 
-TLS_DN1="CN=client1,O=qnbd test,C=GB"
-TLS_DN2="CN=client2,O=qnbd test,C=GB"
+TLS_DN1="C=GB,O=qnbd test,CN=client1"
+TLS_DN2="C=GB,O=qnbd test,CN=client2"
 
 _tls_cert() {  # _tls_cert OUTCERT KEY TEMPLATE [CACERT CAKEY]
   local out=$1 key=$2 tmpl=$3
@@ -52,7 +52,7 @@ make_tls_material() {
   printf 'organization = "qnbd test"\ncn = "localhost"\ndns_name = "localhost"\nip_address = "127.0.0.1"\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n' \
     >"$w/server.info"
   _tls_cert "$d/server/server-cert.pem" "$d/server/server-key.pem" "$w/server.info" "$w/ca-cert.pem" "$w/ca-key.pem"
-  # Clients. The DN, as GnuTLS (and so qemu and qnbd) prints it: CN=NAME,O=qnbd test,C=GB.
+  # Clients. The DN as qemu and qnbd print it (gnutls_x509_crt_get_dn): C=GB,O=qnbd test,CN=NAME.
   local name issuer dates
   for c in client1 client2 expired otherca; do
     name=$c issuer=ca dates='expiration_days = 2'
@@ -70,4 +70,15 @@ make_tls_material() {
   cmp -s "$d/psk/keys.psk" "$d/psk-wrong/keys.psk" && fail "psktool made the same key twice"
   # Keys must not be world-readable, like real deployments (and qemu warns).
   chmod 600 "$d"/*/*key.pem "$d"/psk*/keys.psk
+}
+
+# wait_log FILE PATTERN: true once FILE has a line matching PATTERN (the
+# server logs a refusal just after the client has already gone), at most 5 s.
+wait_log() {
+  local i
+  for ((i = 0; i < 100; i++)); do
+    grep -q -- "$2" "$1" && return 0
+    sleep 0.05
+  done
+  return 1
 }

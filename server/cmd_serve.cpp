@@ -15,6 +15,7 @@
 #include "server/commands.hpp"
 #include "server/image_cli.hpp"
 #include "server/server.hpp"
+#include "server/tls.hpp"
 
 namespace qnbd::cli {
 
@@ -42,6 +43,10 @@ struct ServeArgs {
   std::uint32_t threads = 0;
   bool no_inline_io = false;
   std::uint32_t handshake_timeout = 10;
+  std::vector<std::string> objects;  // --object, qemu-nbd's spelling
+  std::string tls_creds;             // --tls-creds ID
+  std::string tls_authz;             // --tls-authz ID
+  std::uint32_t max_per_address = 0;
   LockArgs lock;
 };
 
@@ -97,8 +102,32 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
   return spec;
 }
 
+// Load the credentials a listener's TlsConfig names (checks the files now).
+Result<std::shared_ptr<const server::TlsCredentials>> load_tls(const config::TlsConfig& t) {
+  server::TlsCredsSpec spec;
+  spec.kind = t.creds == "psk" ? server::TlsCredsSpec::Kind::psk : server::TlsCredsSpec::Kind::x509;
+  spec.id = t.id;
+  spec.dir = t.dir;
+  spec.verify_peer = t.verify_peer;
+  std::optional<server::TlsAuthzSpec> authz;
+  if (!t.authz.empty()) authz = server::TlsAuthzSpec{t.authz_id, t.authz};
+  auto creds = QNBD_TRY(server::TlsCredentials::load(spec, std::move(authz)));
+  log::info("TLS required: {}", creds->describe());
+  return creds;
+}
+
 Result<server::ServerOptions> build_options(const ServeArgs& a) {
   server::ServerOptions o;
+  // --object / --tls-creds / --tls-authz: TLS for the command line's listener.
+  std::shared_ptr<const server::TlsCredentials> cli_tls;
+  if (!a.tls_creds.empty() || !a.tls_authz.empty()) {
+    auto t = QNBD_TRY(config::tls_from_objects(a.objects, a.tls_creds, a.tls_authz));
+    cli_tls = QNBD_TRY(load_tls(t));
+  } else if (!a.objects.empty()) {
+    // Still check the objects, so a typo is not silently ignored.
+    (void)QNBD_TRY(config::tls_from_objects(a.objects, "", ""));
+  }
+  o.max_connections_per_address = a.max_per_address;
   o.handshake_timeout_seconds = a.handshake_timeout;
   o.threads = a.threads;
   o.inline_io = !a.no_inline_io;
@@ -121,6 +150,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
         ls.host = l.host;
         ls.port = l.port;
       }
+      if (l.has_tls) ls.tls = QNBD_TRY(load_tls(l.tls));
       o.listeners.push_back(ls);
     }
     // -k on the command line overrides the file's listeners (tests, ad hoc runs).
@@ -128,8 +158,10 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
       server::ListenerSpec ls;
       ls.kind = server::ListenerSpec::Kind::unix_socket;
       ls.path = a.socket;
+      ls.tls = cli_tls;
       o.listeners = {ls};
     }
+    if (!a.max_per_address) o.max_connections_per_address = cfg.limits.max_connections_per_address;
     o.persistent = true;
     o.max_connections = cfg.limits.max_connections;
     o.handshake_timeout_seconds = cfg.limits.handshake_timeout_seconds;
@@ -149,12 +181,16 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
       ls.host = a.bind;
       ls.port = a.port;
     }
+    ls.tls = cli_tls;
     o.listeners.push_back(ls);
     o.persistent = a.persistent;
     o.max_connections = a.shared;
   }
   // systemd socket activation replaces the configured listeners.
-  if (auto sd = server::systemd_listeners(); !sd.empty()) o.listeners = std::move(sd);
+  if (auto sd = server::systemd_listeners(); !sd.empty()) {
+    for (auto& l : sd) l.tls = cli_tls;
+    o.listeners = std::move(sd);
+  }
   return o;
 }
 
@@ -249,6 +285,14 @@ void add_serve_command(CLI::App& app, int& status) {
   cmd->add_flag("--no-inline-io", args->no_inline_io,
                 "Run every device call on the blocking pool (default: small page-cache I/O runs inline)");
   cmd->add_option("--handshake-timeout", args->handshake_timeout, "Seconds allowed for negotiation (0 = none)");
+  cmd->add_option("--object", args->objects,
+                  "tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off] | "
+                  "tls-creds-psk,id=ID,endpoint=server,dir=DIR | authz-simple,id=ID,identity=DN (repeatable)")
+      ->allow_extra_args(false);
+  cmd->add_option("--tls-creds", args->tls_creds, "Require TLS with the credentials of --object ID");
+  cmd->add_option("--tls-authz", args->tls_authz, "Allow only the client identity of --object authz-simple ID");
+  cmd->add_option("--max-connections-per-address", args->max_per_address,
+                  "Connections one client IP address may hold at once (0 = unlimited)");
   add_lock_options(cmd, args->lock, true);
   cmd->callback([args, &status] { status = serve(*args); });
 }

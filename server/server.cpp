@@ -8,6 +8,7 @@
 #include "server/server.hpp"
 
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sched.h>
@@ -36,6 +37,8 @@
 #include "protocol/negotiator.hpp"
 #include "protocol/reply.hpp"
 #include "protocol/request.hpp"
+#include "server/stream.hpp"
+#include "server/tls.hpp"
 
 namespace qnbd::server {
 
@@ -152,8 +155,10 @@ class Session : public std::enable_shared_from_this<Session> {
   static constexpr std::uint32_t kInlineMaxLength = 256u << 10;
   static constexpr auto kSlowInline = std::chrono::microseconds(200);
   static constexpr std::uint32_t kPoolCredit = 256;
-  Session(Server& server, Socket socket, std::uint64_t id)
-      : server_(server), socket_(std::move(socket)), id_(id),
+  Session(Server& server, Socket socket, std::uint64_t id, std::shared_ptr<const TlsCredentials> tls,
+          std::string peer_address)
+      : server_(server), socket_(std::move(socket)), id_(id), tls_creds_(std::move(tls)),
+        peer_address_(std::move(peer_address)),
         wake_reader_(socket_.get_executor()), wake_writer_(socket_.get_executor()),
         deadline_(socket_.get_executor()) {
     wake_reader_.expires_at(asio::steady_timer::time_point::max());
@@ -170,6 +175,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // disk work is done (the images are closed after that).
   void abort();
   auto get_executor() { return socket_.get_executor(); }
+  // The client's IP address ("" for Unix sockets): the per-address cap.
+  const std::string& peer_address() const { return peer_address_; }
 
  private:
   awaitable<bool> handshake();
@@ -193,6 +200,9 @@ class Session : public std::enable_shared_from_this<Session> {
   Server& server_;
   Socket socket_;
   std::uint64_t id_;
+  std::shared_ptr<const TlsCredentials> tls_creds_;  // set: TLS required
+  std::string peer_address_;
+  Stream stream_{socket_};  // the socket, or TLS over it after STARTTLS
   asio::steady_timer wake_reader_;
   asio::steady_timer wake_writer_;
   asio::steady_timer deadline_;
@@ -282,8 +292,11 @@ class Server : public ExportCatalog {
   void session_ended(const std::shared_ptr<Session>& s);
 
  private:
-  Result<void> add_acceptor(const asio::generic::stream_protocol::endpoint& ep, bool v6only);
-  awaitable<void> accept_loop(Acceptor& acc);
+  Result<void> add_acceptor(const asio::generic::stream_protocol::endpoint& ep, bool v6only,
+                            std::shared_ptr<const TlsCredentials> tls);
+  awaitable<void> accept_loop(Acceptor& acc, std::shared_ptr<const TlsCredentials> tls);
+  // False (and logged) when `addr` already holds max_connections_per_address.
+  bool admit_address(const std::string& addr, std::uint64_t id);
   void begin_shutdown(const char* why);
   awaitable<void> shutdown_sequence();
   // True once no session is left; false if `limit` passed first.
@@ -308,6 +321,7 @@ class Server : public ExportCatalog {
   asio::steady_timer slot_timer_;
   asio::steady_timer drained_;  // on strand_; cancelled when the last session ends in shutdown
   std::vector<std::unique_ptr<Acceptor>> acceptors_;
+  std::vector<std::shared_ptr<const TlsCredentials>> acceptor_tls_;  // parallel to acceptors_
   std::vector<std::string> unix_paths_;
   std::atomic<bool> shutting_down_{false};
   std::mutex sessions_mu_;
@@ -333,7 +347,12 @@ awaitable<void> Session::run() {
     }
   }
   bool go = co_await handshake();
+  // Refused TLS handshakes log their own reason; this is the client that
+  // never sent STARTTLS (every option got NBD_REP_ERR_TLS_REQD).
+  if (!go && tls_creds_ && !stream_.tls())
+    log::warn("conn {}: ended without TLS (a plaintext client on a TLS listener)", id_);
   if (go) co_await transmission();
+  stream_.bye();
   boost::system::error_code ec;
   socket_.shutdown(Socket::shutdown_both, ec);
   socket_.close(ec);
@@ -359,7 +378,7 @@ void Session::stop() {
 }
 
 awaitable<bool> Session::handshake() {
-  Negotiator neg(server_);
+  Negotiator neg(server_, tls_creds_ ? TlsMode::required : TlsMode::none);
   auto timeout = server_.options().handshake_timeout_seconds;
   std::weak_ptr<Session> weak = shared_from_this();
   if (timeout) {
@@ -378,7 +397,7 @@ awaitable<bool> Session::handshake() {
     auto a = neg.next();
     switch (a.kind) {
       case Action::Kind::send: {
-        auto [ec, n] = co_await asio::async_write(socket_, asio::buffer(a.data.data(), a.data.size()), use_tuple);
+        auto [ec, n] = co_await stream_.write(asio::buffer(a.data.data(), a.data.size()));
         if (ec) {
           deadline_.cancel();
           co_return false;
@@ -388,20 +407,32 @@ awaitable<bool> Session::handshake() {
       case Action::Kind::need_bytes: {
         if (stopping_) {
           boost::system::error_code aec;
-          if (socket_.available(aec) == 0 || aec) {
+          if ((socket_.available(aec) == 0 && !stream_.pending()) || aec) {
             deadline_.cancel();
             co_return false;
           }
         }
         auto want = std::min(a.bytes, buf.size());
-        auto [ec, n] = co_await socket_.async_read_some(
-            asio::buffer(buf.data(), want), asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+        auto [ec, n] = co_await stream_.read_some(asio::buffer(buf.data(), want), read_cancel_.slot());
         if (ec == asio::error::operation_aborted && n == 0 && stopping_) continue;
         if (ec) {
           deadline_.cancel();
           co_return false;
         }
         neg.feed(std::span<const std::byte>(buf.data(), n));
+        break;
+      }
+      case Action::Kind::start_tls: {
+        // The deadline armed above keeps running: it bounds the TLS
+        // handshake too (a client stalling in it is cut off).
+        std::string why;
+        if (!co_await stream_.start_tls(tls_creds_, read_cancel_.slot(), why)) {
+          deadline_.cancel();
+          log::warn("conn {}: TLS refused: {}", id_, why);
+          co_return false;
+        }
+        log::info("conn {}: TLS up, peer {}", id_, stream_.tls_session()->peer());
+        neg.tls_started();
         break;
       }
       case Action::Kind::close:
@@ -454,8 +485,8 @@ awaitable<boost::system::error_code> Session::fill(std::size_t need) {
     rpos_ = 0;
   }
   while (rend_ - rpos_ < need) {
-    auto [ec, n] = co_await socket_.async_read_some(asio::buffer(rbuf_.get() + rend_, kRecvBufferSize - rend_),
-                                                    asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+    auto [ec, n] = co_await stream_.read_some(asio::buffer(rbuf_.get() + rend_, kRecvBufferSize - rend_),
+                                              read_cancel_.slot());
     rend_ += n;
     if (ec) co_return ec;
   }
@@ -475,7 +506,7 @@ awaitable<void> Session::transmission() {
       // NBD_ESHUTDOWN, §14) so closing does not reset the connection under
       // unread data, but do not wait for more.
       boost::system::error_code aec;
-      auto avail = socket_.available(aec);
+      auto avail = socket_.available(aec) + stream_.pending();
       if (aec || buffered() + avail < hsize) break;
     }
     auto ec = co_await fill(hsize);
@@ -523,9 +554,8 @@ awaitable<void> Session::transmission() {
       rpos_ += have;
       boost::system::error_code ec2;
       if (have < req.payload_length) {
-        auto [e, n2] = co_await asio::async_read(
-            socket_, asio::buffer(s->data.data.get() + have, req.payload_length - have),
-            asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+        auto [e, n2] = co_await stream_.read_exact(
+            asio::buffer(s->data.data.get() + have, req.payload_length - have), read_cancel_.slot());
         ec2 = e;
       }
       if (ec2) {
@@ -577,7 +607,7 @@ awaitable<void> Session::writer() {
                          p.length);
     }
     if (!write_failed_) {
-      auto [ec, n] = co_await asio::async_write(socket_, iov, use_tuple);
+      auto [ec, n] = co_await stream_.write(iov);
       if (ec) {
         log::debug("conn {}: write failed: {}", id_, ec.message());
         write_failed_ = true;
@@ -968,7 +998,8 @@ void Session::do_block_status(Slot& s) {
 // ---------------------------------------------------------------------------
 // Server
 
-Result<void> Server::add_acceptor(const asio::generic::stream_protocol::endpoint& ep, bool v6only) {
+Result<void> Server::add_acceptor(const asio::generic::stream_protocol::endpoint& ep, bool v6only,
+                                  std::shared_ptr<const TlsCredentials> tls) {
   auto acc = std::make_unique<Acceptor>(strand_);
   boost::system::error_code ec;
   acc->open(ep.protocol(), ec);
@@ -983,6 +1014,7 @@ Result<void> Server::add_acceptor(const asio::generic::stream_protocol::endpoint
   if (!ec) acc->listen(asio::socket_base::max_listen_connections, ec);
   if (ec) return make_error(ec.value(), "{}", ec.message());
   acceptors_.push_back(std::move(acc));
+  acceptor_tls_.push_back(std::move(tls));
   return ok();
 }
 
@@ -999,7 +1031,7 @@ Result<void> Server::listen() {
         bool any = false;
         for (const auto& r : results) {
           auto ep = r.endpoint();
-          auto res = add_acceptor(asio::generic::stream_protocol::endpoint(ep), ep.address().is_v6());
+          auto res = add_acceptor(asio::generic::stream_protocol::endpoint(ep), ep.address().is_v6(), l.tls);
           if (!res) return make_error(res.error().code, "cannot listen on {}:{}: {}", l.host, l.port, res.error().message);
           any = true;
         }
@@ -1011,7 +1043,7 @@ Result<void> Server::listen() {
         // Replace a stale socket from an earlier run, never another file type.
         if (::lstat(l.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(l.path.c_str());
         asio::local::stream_protocol::endpoint uep(l.path);
-        auto res = add_acceptor(asio::generic::stream_protocol::endpoint(uep), false);
+        auto res = add_acceptor(asio::generic::stream_protocol::endpoint(uep), false, l.tls);
         if (!res) return make_error(res.error().code, "cannot listen on {}: {}", l.path, res.error().message);
         unix_paths_.push_back(l.path);
         break;
@@ -1027,6 +1059,7 @@ Result<void> Server::listen() {
         acc->assign(asio::generic::stream_protocol(ss.ss_family, proto), l.fd, ec);
         if (ec) return make_error(ec.value(), "cannot use inherited fd {}: {}", l.fd, ec.message());
         acceptors_.push_back(std::move(acc));
+        acceptor_tls_.push_back(l.tls);
         break;
       }
     }
@@ -1035,7 +1068,19 @@ Result<void> Server::listen() {
   return ok();
 }
 
-awaitable<void> Server::accept_loop(Acceptor& acc) {
+bool Server::admit_address(const std::string& addr, std::uint64_t id) {
+  if (!opts_.max_connections_per_address || addr.empty()) return true;
+  std::size_t n = 0;
+  {
+    std::lock_guard lk(sessions_mu_);
+    for (const auto& s : sessions_) n += s->peer_address() == addr;
+  }
+  if (n < opts_.max_connections_per_address) return true;
+  log::warn("conn {}: refused: {} already holds {} connections (max_connections_per_address)", id, addr, n);
+  return false;
+}
+
+awaitable<void> Server::accept_loop(Acceptor& acc, std::shared_ptr<const TlsCredentials> tls) {
   for (;;) {
     // Connection cap: stop accepting while full; clients wait in the backlog
     // (what qemu-nbd does with --shared).
@@ -1062,7 +1107,27 @@ awaitable<void> Server::accept_loop(Acceptor& acc) {
       continue;
     }
     auto id = next_id_++;
-    auto session = std::make_shared<Session>(*this, std::move(sock), id);
+    std::string peer;
+    {
+      sockaddr_storage ss{};
+      socklen_t len = sizeof ss;
+      char host[INET6_ADDRSTRLEN] = "";
+      if (::getpeername(sock.native_handle(), reinterpret_cast<sockaddr*>(&ss), &len) == 0) {
+        if (ss.ss_family == AF_INET)
+          ::inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&ss)->sin_addr, host, sizeof host);
+        else if (ss.ss_family == AF_INET6)
+          ::inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(&ss)->sin6_addr, host, sizeof host);
+      }
+      peer = host;
+    }
+    // Per-address cap, counted over every session (negotiating ones too):
+    // one address cannot take all of max_connections.
+    if (!admit_address(peer, id)) {
+      boost::system::error_code cec;
+      sock.close(cec);
+      continue;
+    }
+    auto session = std::make_shared<Session>(*this, std::move(sock), id, tls, std::move(peer));
     {
       std::lock_guard lk(sessions_mu_);
       sessions_.insert(session);
@@ -1185,7 +1250,8 @@ int Server::run() {
     if (ec) return;
     handle_signal(sig);
   });
-  for (auto& a : acceptors_) asio::co_spawn(strand_, accept_loop(*a), asio::detached);
+  for (std::size_t i = 0; i < acceptors_.size(); ++i)
+    asio::co_spawn(strand_, accept_loop(*acceptors_[i], acceptor_tls_[i]), asio::detached);
   if (opts_.on_listening) opts_.on_listening();
   std::vector<std::thread> threads;
   for (auto& w : workers_) threads.emplace_back([&w] { w->run(); });

@@ -21,6 +21,8 @@
 
 namespace qnbd::server {
 
+class TlsCredentials;  // server/tls.hpp
+
 struct ExportSpec {
   protocol::ExportInfo info;                   // as advertised
   std::shared_ptr<image::BlockDevice> device;  // shared by every connection
@@ -39,6 +41,8 @@ struct ListenerSpec {
   std::uint16_t port = 10809;
   std::string path;  // unix_socket
   int fd = -1;       // inherited_fd (systemd socket activation)
+  // Set: TLS is required on this listener (NBD proto.md "FORCEDTLS mode").
+  std::shared_ptr<const TlsCredentials> tls;
 };
 
 struct ServerOptions {
@@ -46,6 +50,9 @@ struct ServerOptions {
   std::vector<ListenerSpec> listeners;
   bool persistent = true;            // false: exit after the last client leaves
   std::uint32_t max_connections = 0; // 0 = unlimited
+  // Connections one client IP address may hold, negotiating ones included
+  // (0 = unlimited; Unix-socket clients are not counted).
+  std::uint32_t max_connections_per_address = 0;
   std::uint32_t handshake_timeout_seconds = 10;
   std::uint64_t max_inflight_bytes = 64ull << 20;  // per connection
   std::uint32_t max_inflight_requests = 16;        // per connection

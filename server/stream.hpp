@@ -25,6 +25,8 @@ class Stream {
 
   bool tls() const { return tls_ != nullptr; }
   const TlsSession* tls_session() const { return tls_.get(); }
+  // Decrypted bytes waiting inside TLS (socket readiness does not show them).
+  std::size_t pending() const { return tls_ ? tls_->pending() : 0; }
 
   // TLS handshake as the server; false with `why` set if it failed (the
   // caller closes). The session's handshake deadline closes the socket,

@@ -291,11 +291,12 @@ TlsSession::Io TlsSession::handshake() {
         why.assign(reinterpret_cast<char*>(out.data), out.size);
         gnutls_free(out.data);
       }
+      while (!why.empty() && why.back() == ' ') why.pop_back();
       error_ = "client certificate rejected: " + why;
       return {Status::error};
     }
     if (rc == GNUTLS_E_NO_CERTIFICATE_FOUND || rc == GNUTLS_E_CERTIFICATE_REQUIRED) {
-      error_ = "client sent no certificate (verify-peer is on)";
+      error_ = "client sent no certificate issued by ca-cert.pem (verify-peer is on)";
       return {Status::error};
     }
     if (rc == GNUTLS_E_UNEXPECTED_PACKET_LENGTH || rc == GNUTLS_E_UNSUPPORTED_VERSION_PACKET ||
@@ -303,8 +304,12 @@ TlsSession::Io TlsSession::handshake() {
       return fail(rc, "not a TLS ClientHello");
     if (rc == GNUTLS_E_PREMATURE_TERMINATION || rc == GNUTLS_E_PUSH_ERROR || rc == GNUTLS_E_PULL_ERROR)
       return fail(rc, "client left during the TLS handshake");
-    if (creds_->impl().psk && (rc == GNUTLS_E_DECRYPTION_FAILED || rc == GNUTLS_E_INSUFFICIENT_CREDENTIALS))
-      return fail(rc, "TLS handshake failed (wrong PSK?)");
+    if (creds_->impl().psk) {
+      // A key that does not match shows up as a failed binder (TLS 1.3) or
+      // a failed Finished check (TLS 1.2).
+      const char* u = gnutls_psk_server_get_username(s);
+      return fail(rc, std::string("TLS handshake failed (wrong key for PSK user '") + (u ? u : "?") + "'?)");
+    }
     return fail(rc, "TLS handshake failed");
   }
 }
@@ -312,7 +317,7 @@ TlsSession::Io TlsSession::handshake() {
 bool TlsSession::authorise() {
   auto s = h_->s;
   const auto& im = creds_->impl();
-  std::string identity;
+  std::string identity, rfc4514;
   bool have_identity = false;
   if (im.psk) {
     const char* u = gnutls_psk_server_get_username(s);
@@ -334,6 +339,13 @@ bool TlsSession::authorise() {
             identity.resize(len);
             have_identity = true;
           }
+          // The RFC 4514 spelling (last RDN first, as `certtool -i` and
+          // openssl print it) names the same identity; accept it too.
+          gnutls_datum_t d{};
+          if (gnutls_x509_crt_get_dn3(crt, &d, 0) == 0) {
+            rfc4514.assign(reinterpret_cast<char*>(d.data), d.size);
+            gnutls_free(d.data);
+          }
         }
         gnutls_x509_crt_deinit(crt);
       }
@@ -347,6 +359,7 @@ bool TlsSession::authorise() {
   }
   const auto& ids = im.authz->identities;
   if (std::find(ids.begin(), ids.end(), identity) != ids.end()) return true;
+  if (!rfc4514.empty() && std::find(ids.begin(), ids.end(), rfc4514) != ids.end()) return true;
   error_ = "identity '" + identity + "' not allowed by authz '" + im.authz->id + "'";
   return false;
 }
