@@ -386,7 +386,7 @@ awaitable<bool> Session::handshake() {
     deadline_.async_wait([weak](boost::system::error_code ec) {
       if (ec) return;
       if (auto s = weak.lock()) {
-        log::info("conn {}: handshake timed out", s->id_);
+        log::warn("conn {}: handshake timed out", s->id_);
         boost::system::error_code ignored;
         s->socket_.close(ignored);
       }

@@ -208,7 +208,9 @@ Result<std::shared_ptr<const TlsCredentials>> TlsCredentials::load(const TlsCred
 
 struct TlsSession::Handle {
   gnutls_session_t s = nullptr;
-  std::string unknown_user;  // set by psk_lookup
+  const TlsCredentials::Impl* creds = nullptr;
+  std::string psk_user;       // the username psk_lookup was asked for
+  bool unknown_user = false;  // ... and it has no key
   bool bye_sent = false;
   ~Handle() {
     if (s) gnutls_deinit(s);
@@ -218,10 +220,11 @@ struct TlsSession::Handle {
 namespace {
 
 int psk_lookup(gnutls_session_t s, const char* username, gnutls_datum_t* key) {
-  auto* self = static_cast<std::pair<const TlsCredentials::Impl*, std::string*>*>(gnutls_session_get_ptr(s));
-  auto it = self->first->psk_keys.find(std::string_view(username));
-  if (it == self->first->psk_keys.end()) {
-    *self->second = username;
+  auto* h = static_cast<TlsSession::Handle*>(gnutls_session_get_ptr(s));
+  h->psk_user = username;
+  auto it = h->creds->psk_keys.find(std::string_view(username));
+  if (it == h->creds->psk_keys.end()) {
+    h->unknown_user = true;
     return -1;
   }
   key->data = static_cast<unsigned char*>(gnutls_malloc(it->second.size()));
@@ -253,8 +256,8 @@ Result<std::unique_ptr<TlsSession>> TlsSession::create(std::shared_ptr<const Tls
     rc = gnutls_credentials_set(s, GNUTLS_CRD_PSK, im.psk);
   }
   if (rc < 0) return make_error(EINVAL, "credentials: {}", gnutls_strerror(rc));
-  t->lookup_ctx_ = {&im, &t->h_->unknown_user};
-  gnutls_session_set_ptr(s, &t->lookup_ctx_);
+  t->h_->creds = &im;
+  gnutls_session_set_ptr(s, t->h_.get());
   gnutls_transport_set_int(s, fd);
   // The session's handshake deadline bounds the handshake, not GnuTLS.
   gnutls_handshake_set_timeout(s, 0);
@@ -279,8 +282,8 @@ TlsSession::Io TlsSession::handshake() {
     if (rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED)
       return {gnutls_record_get_direction(s) ? Status::want_write : Status::want_read};
     if (!gnutls_error_is_fatal(rc)) continue;  // a warning alert
-    if (!h_->unknown_user.empty()) {
-      error_ = "unknown PSK username '" + h_->unknown_user + "'";
+    if (h_->unknown_user) {
+      error_ = "unknown PSK username '" + h_->psk_user + "'";
       return {Status::error};
     }
     if (rc == GNUTLS_E_CERTIFICATE_VERIFICATION_ERROR) {
@@ -307,8 +310,7 @@ TlsSession::Io TlsSession::handshake() {
     if (creds_->impl().psk) {
       // A key that does not match shows up as a failed binder (TLS 1.3) or
       // a failed Finished check (TLS 1.2).
-      const char* u = gnutls_psk_server_get_username(s);
-      return fail(rc, std::string("TLS handshake failed (wrong key for PSK user '") + (u ? u : "?") + "'?)");
+      return fail(rc, "TLS handshake failed (wrong key for PSK user '" + h_->psk_user + "'?)");
     }
     return fail(rc, "TLS handshake failed");
   }

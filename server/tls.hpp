@@ -105,15 +105,14 @@ class TlsSession {
   // "x509 DN" or "psk username" once the handshake is done.
   const std::string& peer() const { return peer_; }
 
+  struct Handle;  // GnuTLS state, defined in tls.cpp
+
  private:
   TlsSession() = default;
   Io fail(int gnutls_error, std::string_view what);
   bool authorise();
 
   std::shared_ptr<const TlsCredentials> creds_;
-  // What the PSK key lookup callback needs (keys, where to note an unknown user).
-  std::pair<const TlsCredentials::Impl*, std::string*> lookup_ctx_{};
-  struct Handle;
   std::unique_ptr<Handle> h_;
   std::string error_;
   std::string peer_;
