@@ -143,4 +143,11 @@ bad_creds "key not matching the certificate" "server-key.pem does not match" "$b
 bad_creds "expired server certificate" "certificate expired on 2020-01-01" "$b/expired"
 bad_creds "unreadable key" "server-key.pem" "$b/notpem"
 bad_creds "malformed keys.psk" "keys.psk line 1" "$b/psknone" tls-creds-psk
+# Unused credentials objects are accepted (as qemu-nbd does); a bad one is not.
+NOPERSIST=1 start_serve -f raw --object "tls-creds-psk,id=unused,endpoint=server,dir=$T/psk" "$img"
+expect_eq "$(nbdinfo --size "$SERVE_URI")" 1048576 "plaintext with an unused --object"
+stop_serve
+if "$QNBD" serve -k "$TMPDIR_TEST/never.sock" -f raw --object "tls-creds-x509,id=x,dir=$T/server,bogus=1" "$img" \
+  2>"$TMPDIR_TEST/start.err"; then fail "an --object with an unknown property was accepted"; fi
+grep -q "unsupported property 'bogus'" "$TMPDIR_TEST/start.err" || fail "unknown --object property: wrong message"
 echo "ok"

@@ -124,8 +124,10 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     auto t = QNBD_TRY(config::tls_from_objects(a.objects, a.tls_creds, a.tls_authz));
     cli_tls = QNBD_TRY(load_tls(t));
   } else if (!a.objects.empty()) {
-    // Still check the objects, so a typo is not silently ignored.
-    (void)QNBD_TRY(config::tls_from_objects(a.objects, "", ""));
+    // Still check the objects, so a typo is not silently ignored; unused
+    // credentials are fine (qemu-nbd accepts them too).
+    auto t = config::tls_from_objects(a.objects, "", "");
+    if (!t && t.error().code != ENOENT) return std::move(t).error();
   }
   o.max_connections_per_address = a.max_per_address;
   o.handshake_timeout_seconds = a.handshake_timeout;
