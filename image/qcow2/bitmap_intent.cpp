@@ -53,7 +53,7 @@ IntentAccess intent_access(const std::string& image_path, std::uint64_t chunk_si
       QNBD_TRY(sync_parent(name));
       return f;
     }
-    auto f = open_posix_file(name, OpenMode::read_write);
+    auto f = open_posix_file(name, OpenMode::read_only);
     if (!f && f.error().code == ENOENT) return std::unique_ptr<File>();
     return f;
   };

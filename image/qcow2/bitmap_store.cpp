@@ -360,7 +360,7 @@ Result<void> BitmapStore::mark_in_use_locked() {
   return ok();
 }
 
-Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts& refcounts, std::uint64_t file_size,
+Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts* refcounts, std::uint64_t file_size,
                                            const IntentAccess& intent) {
   IntentRecovery out;
   if (!(header.autoclear_features & AUTOCLEAR_QNBD_INTENT)) {
@@ -432,9 +432,15 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
     }
     updated.push_back(std::move(u));
   }
+  if (!refcounts) {
+    out.state = "pending";
+    out.detail = fmt::format("{} is valid: {} chunk(s) of {} bytes marked; the next writable open recovers {} bitmap(s)",
+                             intent.name, rec->chunks.size(), rec->chunk_size, n);
+    return out;
+  }
   // One header switch stores them consistent, sets AUTOCLEAR_BITMAPS and
   // clears AUTOCLEAR_QNBD_INTENT; a crash before it leaves the record valid.
-  QNBD_TRY(rewrite_bitmap_directory(file, h, refcounts, *directory, updated));
+  QNBD_TRY(rewrite_bitmap_directory(file, h, *refcounts, *directory, updated));
   header = std::move(h);
   out.state = "recovered";
   out.detail = fmt::format("{} bitmap(s) recovered from {} ({} chunk(s) of {} bytes marked)", n, intent.name,

@@ -75,11 +75,13 @@ struct BitmapUpdate {
 // found in_use stay inconsistent, as without the feature). Returns a line
 // for logs and `info`: what was found and done ("" if the bit was clear).
 struct IntentRecovery {
-  std::string state;       // "none", "recovered", "stale", "missing"
+  std::string state;       // "none", "recovered", "pending", "stale", "missing"
   std::string detail;      // why stale, or what was recovered
   bool rewrote = false;    // the directory was rewritten
 };
-[[nodiscard]] Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts& refcounts,
+// With refcounts null (a read-only open) nothing is written: a trusted
+// record is reported as "pending".
+[[nodiscard]] Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts* refcounts,
                                                          std::uint64_t file_size, const IntentAccess& intent);
 
 class BitmapStore {

@@ -127,9 +127,12 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
   img->bitmap_store_ = std::make_unique<BitmapStore>(file, img->header_, img->bitmaps_, img->file_size_,
                                                      !options.read_only, img->intent_);
   if (options.read_only && (h.autoclear_features & AUTOCLEAR_QNBD_INTENT)) {
-    // Left by a writer that crashed: the next writable open recovers.
-    img->intent_state_ = "pending";
-    img->intent_detail_ = "a write-intent record is armed; the next writable open recovers the bitmaps";
+    // Left by a writer that crashed: say whether the next writable open
+    // can recover (nothing is written here).
+    Header copy = img->header_;
+    auto r = recover_from_intent(file, copy, nullptr, img->file_size_, img->intent_);
+    img->intent_state_ = r ? r->state : "stale";
+    img->intent_detail_ = r ? r->detail : r.error().message;
   }
 
   const std::uint64_t cluster_size = h.cluster_size();

@@ -54,7 +54,7 @@ Result<void> Qcow2Image::init_writer() {
   // A crashed writer's write-intent record (docs/crash-safe-bitmaps.md,
   // recovery): before the unknown autoclear bits are cleared below, since
   // that bit is what says the record can be trusted.
-  IntentRecovery rec = QNBD_TRY(recover_from_intent(*file_, header_, *refcounts_, file_size_, intent_));
+  IntentRecovery rec = QNBD_TRY(recover_from_intent(*file_, header_, refcounts_.get(), file_size_, intent_));
   if (rec.state != "none") {
     intent_state_ = rec.state;
     intent_detail_ = rec.detail;
