@@ -374,7 +374,11 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
     out.detail = std::move(why);
     return out;
   };
-  if (!intent) return stale("recovery is turned off");
+  if (!intent) {
+    out.state = "off";
+    out.detail = "recovery is turned off";
+    return out;
+  }
   // A crash inside the arming sequence (between its steps 1 and 3) leaves
   // AUTOCLEAR_BITMAPS clear with our bit set: only we did that, and the
   // record says which directory to expect, so read the extension anyway.

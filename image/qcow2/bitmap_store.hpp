@@ -75,7 +75,7 @@ struct BitmapUpdate {
 // found in_use stay inconsistent, as without the feature). Returns a line
 // for logs and `info`: what was found and done ("" if the bit was clear).
 struct IntentRecovery {
-  std::string state;       // "none", "recovered", "pending", "stale", "missing"
+  std::string state;       // "none", "off", "recovered", "pending", "stale", "missing"
   std::string detail;      // why stale, or what was recovered
   bool rewrote = false;    // the directory was rewritten
 };

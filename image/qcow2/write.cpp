@@ -64,6 +64,8 @@ Result<void> Qcow2Image::init_writer() {
       bitmaps_ = QNBD_TRY(read_bitmap_directory(*file_, header_, file_size_));
       bitmap_store_ = std::make_unique<BitmapStore>(*file_, header_, bitmaps_, file_size_, true, intent_);
       register_bitmaps();
+    } else if (rec.state == "off") {
+      log::info("{}: write-intent record not used ({}); bitmaps in use stay inconsistent", path_, rec.detail);
     } else {
       log::warn("{}: write-intent record not used ({}); bitmaps in use stay inconsistent", path_, rec.detail);
     }
