@@ -50,6 +50,13 @@ def fio(uri, rw, bs, runtime, pin, size="1G"):
     return w["iops"] if bs == "4k" else w["bw_bytes"] / MiB
 
 
+def server(kind, image, sock, args, extra):
+    srv = bitmap.Server(kind, image, sock, args.qnbd, args.pin, True, extra=extra)
+    # bench.Server.start reads its pinning from .args (bench.py's options).
+    srv.args = argparse.Namespace(pin=args.pin, server_cpus="1")
+    return srv
+
+
 def configs(chunk):
     extra = ["--recovery-chunk-size", str(chunk)] if chunk else []
     return [
@@ -86,8 +93,7 @@ def main():
                 shutil.copyfile(images["2 bitmaps" if bms else "none"], image)
                 with open(image, "rb+") as f:
                     os.fsync(f.fileno())
-                srv = bitmap.Server(kind, image, os.path.join(sockdir, "s.sock"), args.qnbd, args.pin, True,
-                                    extra=extra)
+                srv = server(kind, image, os.path.join(sockdir, "s.sock"), args, extra)
                 try:
                     srv.start()
                     rows["4k randwrite qd32, fresh (IOPS)"].setdefault(name, []).append(
@@ -102,8 +108,7 @@ def main():
                 if bms:
                     for b in bitmap.TRACK_BITMAPS:
                         bitmap.run(["qemu-img", "bitmap", "--add", image, b])
-                srv = bitmap.Server(kind, image, os.path.join(sockdir, "s.sock"), args.qnbd, args.pin, True,
-                                    extra=extra)
+                srv = server(kind, image, os.path.join(sockdir, "s.sock"), args, extra)
                 try:
                     srv.start()
                     rows["1M seq write, empty qcow2 (MiB/s)"].setdefault(name, []).append(
