@@ -48,6 +48,14 @@ struct ServeArgs {
   std::string tls_authz;             // --tls-authz ID
   std::uint32_t max_per_address = 0;
   LockArgs lock;
+  std::string recover_bitmaps = "yes";
+  std::uint64_t recovery_chunk = 0;
+};
+
+// --recover-bitmaps / recover_bitmaps (docs/crash-safe-bitmaps.md).
+struct BitmapRecovery {
+  bool enabled = true;
+  std::uint64_t chunk_size = 0;  // 0 = default
 };
 
 Result<image::CacheMode> parse_cache(const std::string& s) {
@@ -68,14 +76,21 @@ Result<image::ImageFormat> parse_format(const std::string& s) {
 Result<server::ExportSpec> open_export(const std::string& path, const std::string& format, bool read_only,
                                        const std::string& cache, const std::string& discard, std::string name,
                                        std::string description, bool multi_conn, bool allocation_depth,
-                                       const std::vector<std::string>& bitmaps, image::LockOptions lock) {
+                                       const std::vector<std::string>& bitmaps, image::LockOptions lock,
+                                       BitmapRecovery recovery = {}) {
   if (discard != "ignore" && discard != "unmap" && discard != "off" && discard != "on")
     return make_error(EINVAL, "invalid discard mode '{}' (ignore, unmap)", discard);
+  const std::uint64_t c = recovery.chunk_size;
+  if (c && ((c & (c - 1)) || c < (64u << 10) || c > (1ull << 40))) {
+    return make_error(EINVAL, "invalid recovery chunk size {} (a power of two from 65536 to 1 TiB)", c);
+  }
   image::OpenOptions oo;
   oo.format = QNBD_TRY(parse_format(format));
   oo.read_only = read_only;
   oo.cache = QNBD_TRY(parse_cache(cache));
   oo.discard_unmap = discard == "unmap" || discard == "on";
+  oo.recover_bitmaps = recovery.enabled;
+  oo.recovery_chunk = recovery.chunk_size;
   // qemu-nbd's permissions: a writable export holds write and shares it
   // with nobody (qcow2), a read-only one lets readers in.
   lock.use = image::LockUse::export_;
@@ -139,7 +154,8 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
       image::LockOptions lock;
       if (!image::parse_locking(e.locking, lock.locking)) return make_error(EINVAL, "bad locking '{}'", e.locking);
       auto spec = QNBD_TRY(open_export(e.image, e.format, e.read_only, e.cache, e.discard, e.name, e.description,
-                                       true, e.allocation_depth, e.bitmaps, lock));
+                                       true, e.allocation_depth, e.bitmaps, lock,
+                                       BitmapRecovery{e.recover_bitmaps, e.recovery_chunk_size}));
       o.exports.push_back(std::move(spec));
     }
     for (const auto& l : cfg.listeners) {
@@ -172,7 +188,8 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     if (a.image.empty()) return make_error(EINVAL, "an IMAGE (or --config FILE) is required");
     auto spec = QNBD_TRY(open_export(a.image, a.format, a.read_only, a.cache, a.discard, a.export_name,
                                      a.description, a.shared != 1, a.allocation_depth, a.bitmaps,
-                                     lock_options(a.lock, image::LockUse::export_)));
+                                     lock_options(a.lock, image::LockUse::export_),
+                                     BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}));
     o.exports.push_back(std::move(spec));
     server::ListenerSpec ls;
     if (!a.socket.empty()) {
@@ -278,6 +295,12 @@ void add_serve_command(CLI::App& app, int& status) {
   cmd->add_option("--pid-file", args->pid_file, "Write the server PID here once listening");
   cmd->add_option("--cache", args->cache, "Cache mode: writeback, writethrough, none, unsafe");
   cmd->add_option("--discard", args->discard, "Discard mode: ignore (default) or unmap");
+  cmd->add_option("--recover-bitmaps", args->recover_bitmaps,
+                  "Keep enabled bitmaps crash-safe with a write-intent record beside the image and recover "
+                  "them after a crash: yes (default) or no")
+      ->check(CLI::IsMember({"yes", "no"}));
+  cmd->add_option("--recovery-chunk-size", args->recovery_chunk,
+                  "Bytes of disk per write-intent record bit (power of two, 64 KiB..1 TiB; default 64 MiB)");
   cmd->add_flag("-v,--verbose", args->verbose, "More logging (repeatable)");
   cmd->add_option("-B,--bitmap", args->bitmaps, "Export persistent dirty bitmap NAME as qemu:dirty-bitmap:NAME")
       ->allow_extra_args(false);

@@ -164,7 +164,7 @@ Result<std::string> as_enum(const json& v, const std::string& pointer,
 Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   QNBD_TRY(expect_object(v, pointer,
                          {"name", "image", "format", "read_only", "description", "allocation_depth",
-                          "bitmaps", "cache", "discard", "locking"}));
+                          "bitmaps", "cache", "discard", "locking", "recover_bitmaps", "recovery_chunk_size"}));
   ExportConfig e;
   const json* name = find(v, "name");
   if (name == nullptr) return fail(child(pointer, "name"), "required key is missing");
@@ -207,6 +207,15 @@ Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   }
   if (const json* x = find(v, "locking")) {
     e.locking = QNBD_TRY(as_enum(*x, child(pointer, "locking"), {"auto", "on", "off"}));
+  }
+  if (const json* x = find(v, "recover_bitmaps")) {
+    e.recover_bitmaps = QNBD_TRY(as_bool(*x, child(pointer, "recover_bitmaps")));
+  }
+  if (const json* x = find(v, "recovery_chunk_size")) {
+    const std::string p = child(pointer, "recovery_chunk_size");
+    auto n = static_cast<std::uint64_t>(QNBD_TRY(as_integer(*x, p, 65536, 1ull << 40)));
+    if (n & (n - 1)) return fail(p, "expected a power of two, got {}", n);
+    e.recovery_chunk_size = n;
   }
   return e;
 }

@@ -29,6 +29,8 @@ struct ExportConfig {
   std::string cache = "writeback";   // "writeback" | "writethrough" | "none" | "unsafe"
   std::string discard = "ignore";    // "ignore" | "unmap"
   std::string locking = "auto";      // "auto" | "on" | "off": QEMU-compatible image locks
+  bool recover_bitmaps = true;       // crash-safe bitmaps (docs/crash-safe-bitmaps.md)
+  std::uint64_t recovery_chunk_size = 0;  // bytes per record bit, power of two; 0 = default
 };
 
 // TLS on one listener (docs/tls.md): with it the listener requires

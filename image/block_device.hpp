@@ -163,6 +163,14 @@ struct OpenOptions {
   // Backing files opened for a writable top image are read-only; the chain
   // is bounded so a loop or a hostile chain cannot recurse forever.
   unsigned max_backing_depth = 64;
+  // Persistent bitmaps that survive a crash (docs/crash-safe-bitmaps.md):
+  // a writable qcow2 open keeps a write-intent record beside the image
+  // (IMAGE.qnbd-intent) and recovers from one left by a crash. Off: the
+  // record is neither written nor trusted (bitmaps of a crashed writer stay
+  // inconsistent). recovery_chunk: bytes of guest disk per record bit (a
+  // power of two, 64 KiB to 1 TiB; 0 = the default, 64 MiB).
+  bool recover_bitmaps = true;
+  std::uint64_t recovery_chunk = 0;
 };
 
 // block_status() for any device, from layer_status() walked down the

@@ -24,6 +24,7 @@
 #include "image/block_device.hpp"
 #include "image/info.hpp"
 #include "image/io/file.hpp"
+#include "image/qcow2/bitmap_intent.hpp"
 #include "image/qcow2/header.hpp"
 
 namespace qnbd::image::qcow2 {
@@ -65,12 +66,34 @@ struct BitmapUpdate {
                                                     const std::vector<BitmapInfo>& old_directory,
                                                     std::vector<BitmapUpdate>& updated);
 
+// Crash recovery at a writable open (docs/crash-safe-bitmaps.md): if the
+// header has AUTOCLEAR_QNBD_INTENT and `intent` finds a record that matches
+// the image, every bitmap the record tracked gets its stored contents OR
+// the record's chunks and is stored consistent (in_use cleared) with
+// rewrite_bitmap_directory, which also clears the autoclear bit. Without a
+// trusted record nothing is written (the caller clears the bit; bitmaps
+// found in_use stay inconsistent, as without the feature). Returns a line
+// for logs and `info`: what was found and done ("" if the bit was clear).
+struct IntentRecovery {
+  std::string state;       // "none", "off", "recovered", "pending", "stale", "missing"
+  std::string detail;      // why stale, or what was recovered
+  bool rewrote = false;    // the directory was rewritten
+};
+// With refcounts null (a read-only open) nothing is written: a trusted
+// record is reported as "pending".
+[[nodiscard]] Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts* refcounts,
+                                                         std::uint64_t file_size, const IntentAccess& intent);
+
 class BitmapStore {
  public:
   // `header` must outlive the store (the image's own header); `writable`
-  // says whether the image is open read-write.
+  // says whether the image is open read-write. With `intent`, the first
+  // write arms a write-intent record and every write marks it first.
   BitmapStore(File& file, const Header& header, std::vector<BitmapInfo> directory, std::uint64_t file_size,
-              bool writable);
+              bool writable, IntentAccess intent = {});
+
+  // The armed record, if any (for info and tests).
+  const IntentRecord* intent_record() const { return record_.get(); }
 
   const std::vector<BitmapInfo>& directory() const { return directory_; }
 
@@ -116,6 +139,8 @@ class BitmapStore {
   std::atomic<bool> marked_{false};
   // Enabled, consistent bitmaps (indexes into entries_), valid once marked_.
   std::vector<std::size_t> tracking_;
+  IntentAccess intent_;
+  std::unique_ptr<IntentRecord> record_;  // armed with marked_, under load_mutex_
 };
 
 }  // namespace qnbd::image::qcow2

@@ -27,6 +27,7 @@
 #include "common/checked.hpp"
 #include "common/endian.hpp"
 #include "common/log.hpp"
+#include "image/qcow2/bitmap.hpp"
 #include "image/qcow2/check.hpp"
 #include "image/qcow2/compress.hpp"
 #include "image/qcow2/qcow2_image.hpp"
@@ -65,6 +66,25 @@ Result<void> Qcow2Image::init_writer() {
     if (data_file_) QNBD_TRY(data_file_->flush());
     return ok();
   });
+  // A crashed writer's write-intent record (docs/crash-safe-bitmaps.md,
+  // recovery): before the unknown autoclear bits are cleared below, since
+  // that bit is what says the record can be trusted.
+  IntentRecovery rec = QNBD_TRY(recover_from_intent(*file_, header_, refcounts_.get(), file_size_, intent_));
+  if (rec.state != "none") {
+    intent_state_ = rec.state;
+    intent_detail_ = rec.detail;
+    if (rec.rewrote) {
+      log::info("{}: {}", path_, rec.detail);
+      file_size_ = QNBD_TRY(file_->size());
+      bitmaps_ = QNBD_TRY(read_bitmap_directory(*file_, header_, file_size_));
+      bitmap_store_ = std::make_unique<BitmapStore>(*file_, header_, bitmaps_, file_size_, true, intent_);
+      register_bitmaps();
+    } else if (rec.state == "off") {
+      log::info("{}: write-intent record not used ({}); bitmaps in use stay inconsistent", path_, rec.detail);
+    } else {
+      log::warn("{}: write-intent record not used ({}); bitmaps in use stay inconsistent", path_, rec.detail);
+    }
+  }
   l2_cache_->set_writeback([this](std::uint64_t offset, std::span<const std::byte> table) -> Result<void> {
     QNBD_TRY(metadata_->check(offset, table.size(), kind_bit(MetadataKind::active_l2)));
     return file_->pwrite(table, offset);
