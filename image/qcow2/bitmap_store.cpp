@@ -195,25 +195,7 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
 }
 
 Result<void> BitmapStore::store(Refcounts& refcounts, Header& header) {
-  std::lock_guard lock(load_mutex_);
-  if (!marked_.load(std::memory_order_relaxed)) return ok();
-  std::vector<BitmapUpdate> updated;
-  for (std::size_t i = 0; i < entries_.size(); ++i) {
-    BitmapUpdate u{entries_[i].info, nullptr};
-    if (std::find(tracking_.begin(), tracking_.end(), i) != tracking_.end()) {
-      u.data = entries_[i].bits.get();
-      u.info.in_use = false;
-    }
-    updated.push_back(std::move(u));
-  }
-  QNBD_TRY(rewrite_bitmap_directory(file_, header, refcounts, directory_, updated));
-  for (std::size_t i = 0; i < entries_.size(); ++i) {
-    entries_[i].info = updated[i].info;
-    directory_[i] = updated[i].info;
-  }
-  tracking_.clear();
-  marked_.store(false, std::memory_order_release);
-  return ok();
+  return write_directory(refcounts, header, /*closing=*/true);
 }
 
 BitmapStore::BitmapStore(File& file, const Header& header, std::vector<BitmapInfo> directory,
@@ -235,7 +217,7 @@ Result<std::size_t> BitmapStore::export_bitmap(const std::string& name) {
   std::lock_guard lock(load_mutex_);
   for (std::size_t i = 0; i < entries_.size(); ++i) {
     Entry& e = entries_[i];
-    if (e.info.name != name) continue;
+    if (e.removed || e.info.name != name) continue;
     // qemu-nbd (nbd_export_create -> bdrv_dirty_bitmap_check): a bitmap
     // found in_use at open is inconsistent. The other refusal, an enabled
     // bitmap on a read-only export of a writable node, cannot happen here:
@@ -249,6 +231,7 @@ Result<std::size_t> BitmapStore::export_bitmap(const std::string& name) {
 
 Result<std::size_t> BitmapStore::status(std::size_t handle, std::uint64_t offset, std::uint64_t length,
                                         std::span<BitmapExtent> out) {
+  std::shared_lock lock(live_mu_);
   if (handle >= entries_.size() || !entries_[handle].bits) {
     return make_error(ENOENT, "bitmap handle {} was not exported", handle);
   }
@@ -266,6 +249,7 @@ Result<void> BitmapStore::before_write(std::uint64_t offset, std::uint64_t lengt
   }
   // Set before the write is issued (STYLE: a spurious bit costs a copy, a
   // missing one breaks the next incremental backup).
+  std::shared_lock lock(live_mu_);
   for (std::size_t i : tracking_) entries_[i].bits->set_range(offset, length);
   return ok();
 }

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "image/block_device.hpp"
+#include "image/write_gate.hpp"
 #include "image/qcow2/bitmap_store.hpp"
 #include "image/qcow2/cache.hpp"
 #include "image/qcow2/cluster.hpp"
@@ -84,6 +85,12 @@ class Qcow2Image final : public BlockDevice {
   Result<void> start_tracking() override;
   Result<std::size_t> bitmap_status(std::size_t handle, std::uint64_t offset, std::uint64_t length,
                                     std::span<BitmapExtent> out) override;
+  // Live bitmap edits (bitmap_live.cpp): see BlockDevice. Every write,
+  // write_zeroes and discard holds a pass of gate_ from before it marks
+  // the bitmaps until its data is written.
+  Result<std::vector<BitmapState>> bitmap_states() override;
+  Result<std::unique_ptr<BitmapTransaction>> begin_bitmap_edit(const std::vector<LiveBitmapOp>& ops) override;
+  WriteGate* write_gate() override { return &gate_; }
   // The write path MUST call this before changing anything for a guest
   // write, write_zeroes or discard of [offset, offset+length) (before the
   // data write, before any allocation or L2 update), WITHOUT mutex_ held,
@@ -182,6 +189,10 @@ class Qcow2Image final : public BlockDevice {
   std::uint64_t snapshots_size_ = 0;  // snapshot table bytes
   std::vector<BitmapInfo> bitmaps_;
   std::unique_ptr<BitmapStore> bitmap_store_;  // always set after open
+  WriteGate gate_;
+  class LiveBitmapEdit;
+  // Write the bitmap directory after a live edit (under mutex_).
+  Result<void> persist_bitmaps();
 
   // Long zeroing/discard: skip L2 spans that hold nothing (write.cpp).
   std::uint64_t next_l2_span(std::uint64_t gc) const;
