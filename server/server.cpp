@@ -36,6 +36,7 @@
 #include "protocol/negotiator.hpp"
 #include "protocol/reply.hpp"
 #include "protocol/request.hpp"
+#include "server/control.hpp"
 
 namespace qnbd::server {
 
@@ -170,6 +171,9 @@ class Session : public std::enable_shared_from_this<Session> {
   // disk work is done (the images are closed after that).
   void abort();
   auto get_executor() { return socket_.get_executor(); }
+  // The export chosen in the handshake (null before), readable from any
+  // thread (the control socket counts connections per export).
+  const ExportSpec* export_spec() const { return export_seen_.load(std::memory_order_acquire); }
 
  private:
   awaitable<bool> handshake();
@@ -199,6 +203,7 @@ class Session : public std::enable_shared_from_this<Session> {
   asio::cancellation_signal read_cancel_;
 
   const ExportSpec* export_ = nullptr;
+  std::atomic<const ExportSpec*> export_seen_{nullptr};
   Negotiated neg_;
   ValidationContext vctx_;
   bool stopping_ = false;
@@ -236,7 +241,7 @@ unsigned usable_cpus() {
 }
 
 // ---------------------------------------------------------------------------
-class Server : public ExportCatalog {
+class Server : public ExportCatalog, public ControlTarget {
  public:
   explicit Server(ServerOptions opts)
       : opts_(std::move(opts)),
@@ -257,6 +262,7 @@ class Server : public ExportCatalog {
 
   const std::vector<ExportInfo>& exports() const override { return infos_; }
   bool shutting_down() const override { return shutting_down_.load(); }
+  std::vector<ControlExport> control_exports() override;
 
   // Long requests run in steps of at most this many bytes, at multiples of
   // it (so cluster-aligned), checking shutting_down() between steps.
@@ -316,6 +322,7 @@ class Server : public ExportCatalog {
   bool had_client_ = false;
   std::atomic<int> signals_seen_{0};
   int exit_status_ = 0;
+  std::unique_ptr<ControlServer> control_;  // stopped before the exports are closed
 };
 
 // ---------------------------------------------------------------------------
@@ -413,6 +420,7 @@ awaitable<bool> Session::handshake() {
         neg_ = neg.result();
         export_ = server_.spec_for(neg_.export_info);
         if (!export_) co_return false;
+        export_seen_.store(export_, std::memory_order_release);
         vctx_.export_size = neg_.export_info->size;
         vctx_.transmission_flags = neg_.transmission_flags;
         vctx_.mode = neg_.mode;
@@ -1032,6 +1040,7 @@ Result<void> Server::listen() {
     }
   }
   if (acceptors_.empty()) return make_error(EINVAL, "no listeners");
+  if (!opts_.control_path.empty()) control_ = QNBD_TRY(ControlServer::start(opts_.control_path, *this));
   return ok();
 }
 
@@ -1094,6 +1103,27 @@ void Server::session_ended(const std::shared_ptr<Session>& s) {
     asio::post(strand_, [this] { begin_shutdown("last client disconnected"); });
 }
 
+std::vector<ControlExport> Server::control_exports() {
+  std::vector<ControlExport> out;
+  for (const ExportSpec& e : opts_.exports) {
+    ControlExport c;
+    c.name = e.info.name;
+    c.image = e.image;
+    c.format = e.device->format();
+    c.size = e.info.size;
+    c.read_only = e.info.read_only;
+    c.device = e.device;
+    out.push_back(std::move(c));
+  }
+  std::lock_guard lk(sessions_mu_);
+  for (const auto& s : sessions_) {
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      if (s->export_spec() == &opts_.exports[i]) ++out[i].connections;
+    }
+  }
+  return out;
+}
+
 std::vector<std::shared_ptr<Session>> Server::live_sessions() {
   std::lock_guard lk(sessions_mu_);
   return {sessions_.begin(), sessions_.end()};
@@ -1124,6 +1154,9 @@ awaitable<void> Server::shutdown_sequence() {
   boost::system::error_code ec;
   for (auto& a : acceptors_) a->close(ec);
   slot_timer_.cancel();
+  // No bitmap edit may run while the images are closed: stop the control
+  // socket first (waits for a command in progress).
+  control_.reset();
   for (const auto& s : live_sessions()) asio::post(s->get_executor(), [s] { s->stop(); });
   // In-flight requests finish (long ones at their next step) and clients
   // take their replies; one that does not read them within the grace is
