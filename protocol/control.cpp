@@ -44,12 +44,14 @@ class Args {
  public:
   explicit Args(const json& a) : a_(a) {}
 
-  std::string str(const char* key, bool required, std::size_t max_bytes) {
+  // Export names may be empty ("" is the default export, proto.md
+  // "Option types"); bitmap names and paths may not.
+  std::string str(const char* key, bool required, std::size_t max_bytes, bool allow_empty = false) {
     const json* v = get(key, required);
     if (!v) return {};
     if (!v->is_string()) throw Bad{ErrorCode::invalid_argument, msg("'{}' must be a string", key)};
     std::string s = v->get<std::string>();
-    if (s.empty()) throw Bad{ErrorCode::invalid_argument, msg("'{}' must not be empty", key)};
+    if (s.empty() && !allow_empty) throw Bad{ErrorCode::invalid_argument, msg("'{}' must not be empty", key)};
     if (s.size() > max_bytes) throw Bad{ErrorCode::invalid_argument, msg("'{}' is longer than {} bytes", key, max_bytes)};
     if (s.find('\0') != std::string::npos) throw Bad{ErrorCode::invalid_argument, msg("'{}' contains a NUL byte", key)};
     return s;
@@ -72,7 +74,7 @@ class Args {
     }
     return g;
   }
-  std::vector<std::string> strings(const char* key, bool required, std::size_t max_bytes) {
+  std::vector<std::string> strings(const char* key, bool required, std::size_t max_bytes, bool allow_empty = false) {
     const json* v = get(key, required);
     if (!v) return {};
     if (!v->is_array()) throw Bad{ErrorCode::invalid_argument, msg("'{}' must be an array of strings", key)};
@@ -81,7 +83,7 @@ class Args {
     std::vector<std::string> out;
     std::set<std::string> seen;
     for (const json& e : *v) {
-      if (!e.is_string() || e.get_ref<const std::string&>().empty() ||
+      if (!e.is_string() || (!allow_empty && e.get_ref<const std::string&>().empty()) ||
           e.get_ref<const std::string&>().size() > max_bytes) {
         throw Bad{ErrorCode::invalid_argument, msg("'{}' must hold non-empty strings of at most {} bytes", key, max_bytes)};
       }
@@ -123,7 +125,7 @@ Command parse_command(const std::string& name, const json& arguments) {
   auto simple = [&](BitmapSimple::Kind k) {
     BitmapSimple c;
     c.kind = k;
-    c.export_name = a.str("export", true, max_name_bytes);
+    c.export_name = a.str("export", true, max_name_bytes, true);
     c.name = a.str("name", true, max_bitmap_name_bytes);
     return c;
   };
@@ -131,7 +133,7 @@ Command parse_command(const std::string& name, const json& arguments) {
     cmd = Status{};
   } else if (name == "bitmap-add") {
     BitmapAdd c;
-    c.export_name = a.str("export", true, max_name_bytes);
+    c.export_name = a.str("export", true, max_name_bytes, true);
     c.name = a.str("name", true, max_bitmap_name_bytes);
     c.granularity = a.granularity("granularity");
     c.disabled = a.flag("disabled");
@@ -146,13 +148,13 @@ Command parse_command(const std::string& name, const json& arguments) {
     cmd = simple(BitmapSimple::Kind::disable);
   } else if (name == "bitmap-merge") {
     BitmapMerge c;
-    c.export_name = a.str("export", true, max_name_bytes);
+    c.export_name = a.str("export", true, max_name_bytes, true);
     c.target = a.str("target", true, max_bitmap_name_bytes);
     c.sources = a.strings("sources", true, max_bitmap_name_bytes);
     cmd = c;
   } else if (name == "export-add") {
     ExportAdd c;
-    c.name = a.str("name", true, max_name_bytes);
+    c.name = a.str("name", true, max_name_bytes, true);
     c.image = a.str("image", true, 4096);
     c.format = a.str("format", false, 16);
     if (!c.format.empty() && c.format != "raw" && c.format != "qcow2") {
@@ -164,14 +166,14 @@ Command parse_command(const std::string& name, const json& arguments) {
     cmd = c;
   } else if (name == "export-remove") {
     ExportRemove c;
-    c.name = a.str("name", true, max_name_bytes);
+    c.name = a.str("name", true, max_name_bytes, true);
     c.force = a.flag("force");
     cmd = c;
   } else if (name == "checkpoint") {
     Checkpoint c;
     c.name = a.str("name", true, max_bitmap_name_bytes);
     c.disable = a.str("disable", false, max_bitmap_name_bytes);
-    c.exports = a.strings("exports", true, max_name_bytes);
+    c.exports = a.strings("exports", true, max_name_bytes, true);
     c.granularity = a.granularity("granularity");
     if (c.disable == c.name) throw Bad{ErrorCode::invalid_argument, "'disable' must differ from 'name'"};
     cmd = c;

@@ -69,6 +69,11 @@ TEST_CASE("control: every command parses into its typed form") {
   CHECK(cp.disable == "c1");
   CHECK(cp.exports.size() == 2);
   CHECK(ok_request(R"({"command":"checkpoint","arguments":{"name":"c","exports":["a"]}})").cmd.index() == 6);
+  // "" is the default export: a valid export name, never a valid bitmap name.
+  CHECK(std::get<Checkpoint>(ok_request(R"({"command":"checkpoint","arguments":{"name":"c","exports":[""]}})").cmd)
+            .exports[0].empty());
+  CHECK(std::get<BitmapSimple>(ok_request(R"({"command":"bitmap-clear","arguments":{"export":"","name":"b"}})").cmd)
+            .export_name.empty());
 }
 
 TEST_CASE("control: malformed requests get stable error codes and keep their id") {
