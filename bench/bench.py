@@ -12,14 +12,23 @@ same run (above 1 = qnbd faster; for times, the other's time / qnbd's). A
 peer that does not apply to a row (nbdkit cannot serve a qcow2 map, a null
 device has no holes) shows "-".
 
-Usage: bench/bench.py [--qnbd build/qnbd] [--reps 3] [--runtime 5] [--only ROW,...]
-                      [--no-pin] [--workdir DIR] [--shmdir DIR] [--json out.json]
+Usage: bench/bench.py [--qnbd build/qnbd] [--qnbd-before OLD/qnbd] [--reps 3] [--runtime 5]
+                      [--only ROW,...] [--scale] [--no-pin] [--server-cpus LIST] [--client-cpus LIST]
+                      [--workdir DIR] [--shmdir DIR] [--json out.json]
+
+--qnbd-before runs a second qnbd binary (an older build) as one more server
+in the same alternating rounds, and prints qnbd ÷ before: a change's
+before/after from one run. --scale runs only the scaling rows: fio 4 KiB
+random read and random write at qd32 over 1, 2, 4, 8 and 16 connections
+(fio jobs, one NBD connection each) for qnbd, qemu-nbd and nbdkit file.
 
 Rows with "tmpfs" in their name keep their images in --shmdir (default
 /dev/shm/qnbd-bench; up to 4.3 GiB of memory, removed at exit); the others in
 --workdir. Servers and clients are pinned to separate CPUs (taskset: server
 on CPU 1, clients on CPU 0) unless --no-pin: on a 2-core machine that keeps
-the client from stealing the server's core. Never gates anything: it reports.
+the client from stealing the server's core. With 4 or more CPUs the servers
+get the first half and the clients the second (--server-cpus and
+--client-cpus override, taskset lists). Never gates anything: it reports.
 """
 import argparse
 import errno
@@ -48,15 +57,16 @@ def have(tool):
 class Server:
     """One NBD server process on a Unix socket, stopped by its own PID."""
 
-    def __init__(self, kind, image, fmt, sock, qnbd, pin, writable, size):
+    def __init__(self, kind, image, fmt, sock, args, writable, size):
         self.kind, self.image, self.fmt, self.sock = kind, image, fmt, sock
-        self.qnbd, self.pin, self.writable, self.size = qnbd, pin, writable, size
+        self.args, self.writable, self.size = args, writable, size
         self.proc = None
 
     def argv(self):
         ro = [] if self.writable else ["-r"]
-        if self.kind == "qnbd":
-            return [self.qnbd, "serve", "-t", "-e", "16", "-f", self.fmt, "-k", self.sock, *ro, self.image]
+        if self.kind in ("qnbd", "qnbd-before"):
+            binary = self.args.qnbd if self.kind == "qnbd" else self.args.qnbd_before
+            return [binary, "serve", "-t", "-e", "16", "-f", self.fmt, "-k", self.sock, *ro, self.image]
         if self.kind == "qemu-nbd":
             return ["qemu-nbd", "-t", "-e", "16", "-f", self.fmt, "-k", self.sock, *ro, self.image]
         if self.kind == "nbdkit-file":
@@ -69,8 +79,8 @@ class Server:
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         argv = self.argv()
-        if self.pin:
-            argv = ["taskset", "-c", "1"] + argv
+        if self.args.pin:
+            argv = ["taskset", "-c", self.args.server_cpus] + argv
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.time() + 20
         while not os.path.exists(self.sock):
@@ -95,8 +105,11 @@ class Server:
         self.proc = None
 
 
+CLIENT_CPUS = "0"  # set from --client-cpus in main()
+
+
 def client(argv, pin):
-    return (["taskset", "-c", "0"] + argv) if pin else argv
+    return (["taskset", "-c", CLIENT_CPUS] + argv) if pin else argv
 
 
 def warm(path):
@@ -325,7 +338,18 @@ ROWS = [
         image="frag", peers=("qemu-nbd",)),
 ]
 
-KINDS = ["qnbd", "qemu-nbd", "nbdkit-file", "nbdkit-null"]
+def scale_rows():
+    rows = []
+    for rw in ("randread", "randwrite"):
+        for conns in (1, 2, 4, 8, 16):
+            rows.append(Row(f"scale: fio 4k {rw} qd32, {conns} conn{'s' if conns > 1 else ''}",
+                            (lambda rw, conns: lambda s, a: fio_iops(s.uri(), rw, "4k", 32, conns, a.runtime, a.pin,
+                                                                      "2G"))(rw, conns),
+                            image="full", writable=rw == "randwrite", peers=("qemu-nbd", "nbdkit-file")))
+    return rows
+
+
+KINDS = ["qnbd", "qnbd-before", "qemu-nbd", "nbdkit-file", "nbdkit-null"]
 
 
 def server_image(row, kind, imgs, workdir):
@@ -356,6 +380,10 @@ def server_image(row, kind, imgs, workdir):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--qnbd", default=os.path.join(os.path.dirname(__file__), "..", "build", "qnbd"))
+    p.add_argument("--qnbd-before", default="", help="an older qnbd binary to run beside --qnbd")
+    p.add_argument("--scale", action="store_true", help="only the connection-scaling rows")
+    p.add_argument("--server-cpus", default="")
+    p.add_argument("--client-cpus", default="")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--runtime", type=int, default=5)
     p.add_argument("--only", default="")
@@ -367,18 +395,27 @@ def main():
     for tool in ("qemu-img", "qemu-io", "qemu-nbd", "nbdcopy", "nbdinfo", "fio", "nbdkit", "taskset"):
         if not have(tool):
             sys.exit(f"bench: {tool} is required")
-    if args.pin and os.cpu_count() < 2:
+    ncpu = os.cpu_count() or 1
+    if args.pin and ncpu < 2:
         args.pin = False
+    if not args.server_cpus:
+        args.server_cpus = "1" if ncpu < 4 else f"0-{ncpu // 2 - 1}"
+    if not args.client_cpus:
+        args.client_cpus = "0" if ncpu < 4 else f"{ncpu // 2}-{ncpu - 1}"
+    global CLIENT_CPUS
+    CLIENT_CPUS = args.client_cpus
+    if args.qnbd_before and not os.access(args.qnbd_before, os.X_OK):
+        sys.exit(f"bench: --qnbd-before {args.qnbd_before} is not an executable")
     os.makedirs(args.workdir, exist_ok=True)
     args.images = imgs = Images(args.workdir, args.shmdir)
     sockdir = tempfile.mkdtemp(prefix="qnbd-bench-")
     only = [o.strip() for o in args.only.split(",") if o.strip()]
     results = []
     try:
-        for row in ROWS:
+        for row in (scale_rows() if args.scale else ROWS):
             if only and not any(o in row.name for o in only):
                 continue
-            kinds = ["qnbd", *row.peers]
+            kinds = ["qnbd", *(["qnbd-before"] if args.qnbd_before else []), *row.peers]
             samples = {k: [] for k in KINDS}
             unit = ""
             errors = {}
@@ -392,8 +429,8 @@ def main():
                         if image and not row.fresh:
                             warm(image)
                         size = row.fresh or imgs.get(row.image)["size"]
-                        srv = Server(kind, image, fmt, os.path.join(sockdir, f"{kind}.sock"),
-                                     args.qnbd, args.pin, row.writable, size)
+                        srv = Server(kind, image, fmt, os.path.join(sockdir, f"{kind}.sock"), args,
+                                     row.writable, size)
                         try:
                             srv.start()
                             value, unit = row.measure(srv, args)
@@ -408,7 +445,7 @@ def main():
     finally:
         imgs.cleanup()
         shutil.rmtree(sockdir, ignore_errors=True)
-    print_table(results)
+    print_table(results, bool(args.qnbd_before))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -432,15 +469,17 @@ def print_row(r):
           file=sys.stderr, flush=True)
 
 
-def print_table(results):
-    cols = ["qnbd", "qemu-nbd", "nbdkit file", "nbdkit null", "÷ qemu-nbd", "÷ nbdkit file", "÷ nbdkit null"]
+def print_table(results, before):
+    kinds = [k for k in KINDS if before or k != "qnbd-before"]
+    names = {"qnbd-before": "before", "nbdkit-file": "nbdkit file", "nbdkit-null": "nbdkit null"}
+    cols = [names.get(k, k) for k in kinds] + ["÷ " + names.get(k, k) for k in kinds[1:]]
     print()
     print(f"| {'workload':42} | {'unit':5} | " + " | ".join(f"{c:>13}" for c in cols) + " |")
     print("|" + "-" * 44 + "|" + "-" * 7 + "|" + "|".join("-" * 15 for _ in cols) + "|")
     for r in results:
         m = r["median"]
-        vals = [fmt(m[k]) for k in KINDS]
-        vals += [(f"{x:.2f}" if x else "-") for x in (ratio(r, k) for k in KINDS[1:])]
+        vals = [fmt(m[k]) for k in kinds]
+        vals += [(f"{x:.2f}" if x else "-") for x in (ratio(r, k) for k in kinds[1:])]
         print(f"| {r['row']:42} | {r['unit']:5} | " + " | ".join(f"{v:>13}" for v in vals) + " |")
     print("\nqnbd ÷ peer above 1 means qnbd is faster (for times: the peer's time / qnbd's time).")
 

@@ -2,6 +2,7 @@
 """Normalise a bitmap map to merged runs, one "START LENGTH DIRTY" per line.
 
 usage: norm-bitmap-map.py FILE.json
+       norm-bitmap-map.py --named NAME=FILE.json...   (each map after a "NAME:" line)
 Accepts `nbdinfo --map=qemu:dirty-bitmap:NAME --json` output (offset, type)
 and `qnbd map --bitmap NAME --output=json` output (start, dirty). Runs must
 be consecutive from 0; neighbours with the same state are merged, since how
@@ -11,8 +12,8 @@ import json
 import sys
 
 
-def main():
-    with open(sys.argv[1]) as f:
+def normalise(path):
+    with open(path) as f:
         entries = json.load(f)
     runs = []
     pos = 0
@@ -20,9 +21,9 @@ def main():
         start = e["offset"] if "offset" in e else e["start"]
         dirty = bool(e["type"] & 1) if "type" in e else bool(e["dirty"])
         if start != pos:
-            sys.exit(f"{sys.argv[1]}: run at {start} does not follow the previous one (expected {pos})")
+            sys.exit(f"{path}: run at {start} does not follow the previous one (expected {pos})")
         if e["length"] <= 0:
-            sys.exit(f"{sys.argv[1]}: empty run at {start}")
+            sys.exit(f"{path}: empty run at {start}")
         if runs and runs[-1][2] == dirty:
             runs[-1][1] += e["length"]
         else:
@@ -30,6 +31,18 @@ def main():
         pos = start + e["length"]
     for start, length, dirty in runs:
         print(start, length, "dirty" if dirty else "clean")
+
+
+def main():
+    # --named: several maps in one run (a test comparing many bitmaps pays
+    # one interpreter start, not one per bitmap).
+    if sys.argv[1] == "--named":
+        for arg in sys.argv[2:]:
+            name, path = arg.split("=", 1)
+            print(f"{name}:")
+            normalise(path)
+    else:
+        normalise(sys.argv[1])
 
 
 main()

@@ -151,7 +151,10 @@ struct ControlServer::Impl {
       }
       auto s = std::make_shared<Socket>(std::move(sock));
       clients.insert(s);
-      asio::co_spawn(ctx, client(s), [this, s](std::exception_ptr) { clients.erase(s); });
+      asio::co_spawn(ctx, client(s), [this, s](std::exception_ptr e) {
+        if (e) log::warn("control: a client's connection failed; closed");
+        clients.erase(s);
+      });
     }
   }
 
@@ -212,7 +215,9 @@ Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& p
   if (!ec) impl->acceptor.listen(asio::socket_base::max_listen_connections, ec);
   if (ec) return make_error(ec.value(), "control socket {}: {}", path, ec.message());
   Impl* p = impl.get();
-  asio::co_spawn(p->ctx, p->accept_loop(), asio::detached);
+  asio::co_spawn(p->ctx, p->accept_loop(), [](std::exception_ptr e) {
+    if (e) log::error("control: accept loop failed; the control socket is deaf");
+  });
   p->thread = std::thread([p] { p->ctx.run(); });
   return std::unique_ptr<ControlServer>(new ControlServer(std::move(impl)));
 }

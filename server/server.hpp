@@ -1,6 +1,7 @@
 // The NBD server: listeners, per-connection sessions, exports and graceful
-// shutdown. This header is Asio-free so cmd_serve.cpp (and tests) stay cheap
-// to compile; everything Asio lives in server.cpp.
+// shutdown. This header is Asio-free so cli/cmd_serve.cpp (and tests) stay
+// cheap to compile; everything Asio lives behind it (server/internal.hpp
+// lists the files and what each does).
 //
 // Threading: `threads` io_contexts, each run by one thread; a connection is
 // placed on one of them (round robin) and runs on its own strand there (no
@@ -21,12 +22,19 @@
 
 namespace qnbd::server {
 
+// A dirty bitmap served as qemu:dirty-bitmap:NAME: its name and the handle
+// BlockDevice::export_bitmap returned for it.
+struct ExportedBitmap {
+  std::string name;
+  std::size_t handle = 0;
+};
+
 struct ExportSpec {
-  protocol::ExportInfo info;                   // as advertised
+  protocol::ExportInfo info;                   // as advertised (info.bitmaps is filled from `bitmaps`)
   std::shared_ptr<image::BlockDevice> device;  // shared by every connection
   bool discard_unmap = false;                  // TRIM releases space (else ignored)
-  // BlockDevice::export_bitmap handles, parallel to info.bitmaps.
-  std::vector<std::size_t> bitmap_handles;
+  // At most kMaxBitmapsPerExport (export_registry.hpp); run_server refuses more.
+  std::vector<ExportedBitmap> bitmaps;
   // Cheap requests may run on the io threads (false for O_DIRECT images,
   // whose every call waits for the disk).
   bool inline_io = true;
@@ -66,8 +74,8 @@ struct ServerOptions {
 std::vector<ListenerSpec> systemd_listeners();
 
 // Run until shutdown (signal, or last client gone when not persistent).
-// Returns the process exit status; errors setting up listeners are returned
-// before anything is served.
+// Returns the process exit status; errors setting up exports or listeners
+// are returned before anything is served.
 [[nodiscard]] Result<int> run_server(ServerOptions options);
 
 // ExportInfo for a device, with qemu-nbd's flag choices (§13.3 of the spec).

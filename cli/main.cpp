@@ -3,7 +3,7 @@
 
 #include <CLI/CLI.hpp>
 
-#include "server/commands.hpp"
+#include "cli/commands.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"qnbd: serve qcow2 and raw disk images over NBD, with persistent dirty bitmaps", "qnbd"};

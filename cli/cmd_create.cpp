@@ -13,7 +13,7 @@
 #include "common/endian.hpp"
 #include "image/io/file.hpp"
 #include "image/qcow2/create.hpp"
-#include "server/commands.hpp"
+#include "cli/commands.hpp"
 
 namespace qnbd::cli {
 namespace {

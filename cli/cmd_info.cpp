@@ -8,8 +8,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "server/commands.hpp"
-#include "server/image_cli.hpp"
+#include "cli/commands.hpp"
+#include "cli/image_cli.hpp"
 
 namespace qnbd::cli {
 namespace {

@@ -16,7 +16,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
-#include "server/commands.hpp"
+#include "cli/commands.hpp"
 
 namespace qnbd::cli {
 namespace {

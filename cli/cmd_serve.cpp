@@ -12,8 +12,8 @@
 #include "common/log.hpp"
 #include "config/config.hpp"
 #include "image/block_device.hpp"
-#include "server/commands.hpp"
-#include "server/image_cli.hpp"
+#include "cli/commands.hpp"
+#include "cli/image_cli.hpp"
 #include "server/server.hpp"
 
 namespace qnbd::cli {
@@ -82,11 +82,10 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
   spec.info = server::describe_export(*dev, std::move(name), std::move(description), read_only, multi_conn,
                                       allocation_depth);
   for (const auto& b : bitmaps) {
-    if (std::find(spec.info.bitmaps.begin(), spec.info.bitmaps.end(), b) != spec.info.bitmaps.end()) continue;
+    if (std::any_of(spec.bitmaps.begin(), spec.bitmaps.end(), [&](const auto& e) { return e.name == b; })) continue;
     auto h = dev->export_bitmap(b);
     if (!h) return make_error(h.error().code, "{}: cannot export bitmap: {}", path, h.error().message);
-    spec.info.bitmaps.push_back(b);
-    spec.bitmap_handles.push_back(*h);
+    spec.bitmaps.push_back({b, *h});
   }
   if (!read_only) {
     if (auto r = dev->start_tracking(); !r) return make_error(r.error().code, "{}: {}", path, r.error().message);

@@ -12,8 +12,8 @@
 #include "image/io/file.hpp"
 #include "image/qcow2/bitmap_edit.hpp"
 #include "image/qcow2/format.hpp"
-#include "server/commands.hpp"
-#include "server/image_cli.hpp"
+#include "cli/commands.hpp"
+#include "cli/image_cli.hpp"
 
 namespace qnbd::cli {
 namespace {

@@ -19,8 +19,8 @@
 #include <thread>
 #include <vector>
 
-#include "server/commands.hpp"
-#include "server/image_cli.hpp"
+#include "cli/commands.hpp"
+#include "cli/image_cli.hpp"
 
 namespace qnbd::cli {
 namespace {

@@ -1,0 +1,20 @@
+// The qnbd subcommands. Each add_*_command registers one subcommand on the
+// top-level CLI11 app; its callback runs the command and stores the process
+// exit status in `status`.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace qnbd::cli {
+
+void add_serve_command(CLI::App& app, int& status);    // cli/cmd_serve.cpp
+void add_info_command(CLI::App& app, int& status);     // cli/cmd_info.cpp
+void add_map_command(CLI::App& app, int& status);      // cli/cmd_map.cpp
+void add_convert_command(CLI::App& app, int& status);  // cli/cmd_convert.cpp
+void add_create_command(CLI::App& app, int& status);   // cli/cmd_create.cpp
+void add_check_command(CLI::App& app, int& status);    // cli/cmd_check.cpp
+void add_bitmap_command(CLI::App& app, int& status);   // cli/cmd_bitmap.cpp
+void add_bench_command(CLI::App& app, int& status);    // cli/cmd_bench.cpp
+void add_ctl_command(CLI::App& app, int& status);      // cli/cmd_ctl.cpp
+
+}  // namespace qnbd::cli

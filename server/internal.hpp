@@ -1,0 +1,316 @@
+// Declarations shared by the rooms of server/ (not part of its interface:
+// that is server.hpp). Start here.
+//
+// Rooms (one duty each):
+//   server.cpp          Server: io threads (one io_context each), the
+//                       blocking pool, run_server()
+//   listener.cpp        TCP, Unix and systemd sockets, the accept loop, the
+//                       connection cap, placing a connection on an io thread
+//   session.cpp         one connection: handshake (Negotiator under a
+//                       deadline), the reader, back-pressure
+//   dispatch.cpp        request -> BlockDevice: refusals, inline-or-pool,
+//                       execute, structured READ, BLOCK_STATUS
+//   reply_writer.cpp    reply encoding and the writer coroutine (one
+//                       gathered write per batch of replies)
+//   export_registry.cpp one Export per export (info, device, bitmaps and
+//                       their handles), the registry, describe_export
+//   shutdown.cpp        the shutdown sequence and the signals
+//   buffer_pool.cpp     the process-wide pool of large buffers
+//
+// Who guards what:
+//   - Session state (slots, counters, ready_ queue, timers, socket) lives on
+//     the session's strand, on one io thread; no lock. Dispatch work sent to
+//     the blocking pool touches only its Slot and the (thread-safe) device,
+//     and resumes on the session strand before the slot is queued.
+//   - Server::strand_ (on ctx_): acceptors, accept loops, slot_freed_ and
+//     drained_ (timers used as signals, cancelled by session_ended), the
+//     shutdown sequence, signals.
+//   - ExportRegistry::mu_: the list of exports (see export_registry.hpp);
+//     an Export is immutable and shared by the connections on it.
+//   - Server::sessions_mu_: the set of live sessions (accept loop, session
+//     end, shutdown). Never held while calling into a session or a device.
+//   - BufferPool::mu_: the free list; a leaf lock.
+// No coroutine is spawned with asio::detached: log_failure logs what
+// escapes and ends what it belonged to.
+// Lock order: sessions_mu_, ExportRegistry::mu_ and BufferPool::mu_ are
+// leaves: none is held while taking another lock or calling into image/
+// (whose locks docs/architecture.md lists).
+#pragma once
+
+#include <sys/resource.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <boost/asio.hpp>
+#include <boost/asio/experimental/as_tuple.hpp>
+
+#include "common/log.hpp"
+#include "common/result.hpp"
+#include "protocol/negotiator.hpp"
+#include "protocol/reply.hpp"
+#include "protocol/request.hpp"
+#include "server/buffer_pool.hpp"
+#include "server/control.hpp"
+#include "server/export_registry.hpp"
+#include "server/server.hpp"
+
+namespace qnbd::server {
+
+namespace asio = boost::asio;
+using asio::awaitable;
+using asio::use_awaitable;
+using Socket = asio::generic::stream_protocol::socket;
+using Acceptor = asio::basic_socket_acceptor<asio::generic::stream_protocol>;
+using Strand = asio::strand<asio::io_context::executor_type>;
+using namespace qnbd::protocol;
+constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
+
+// Run f() on the blocking pool and resume on the caller's executor (strand).
+template <typename F>
+awaitable<void> run_blocking(asio::thread_pool& pool, F& f) {
+  co_await asio::async_initiate<decltype(use_awaitable), void()>(
+      [&pool, &f](auto handler) {
+        asio::post(pool, [&f, h = std::move(handler)]() mutable {
+          f();
+          asio::post(std::move(h));  // to the handler's associated executor
+        });
+      },
+      use_awaitable);
+}
+
+// One scatter/gather piece of a reply: bytes from `meta` or from `data`.
+struct Piece {
+  bool from_data = false;
+  std::size_t offset = 0;
+  std::size_t length = 0;
+};
+
+// Per-request state, reused across requests of a connection.
+struct Slot {
+  Request req;
+  Buffer data;
+  std::vector<std::byte> meta;
+  std::vector<Piece> pieces;
+  std::vector<image::Extent> extents;
+  std::vector<image::BitmapExtent> bitmap_extents;
+  std::vector<ExtentList> lists;
+  std::uint64_t charged_bytes = 0;
+  void add_meta(std::size_t from) { pieces.push_back({false, from, meta.size() - from}); }
+};
+
+class Server;
+
+// ---------------------------------------------------------------------------
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  static constexpr std::size_t kMaxBatch = 16;
+  static constexpr std::uint32_t kInlineMaxLength = 256u << 10;
+  static constexpr auto kSlowInline = std::chrono::microseconds(200);
+  static constexpr std::uint32_t kPoolCredit = 256;
+  Session(Server& server, Socket socket, std::uint64_t id)
+      : server_(server), socket_(std::move(socket)), id_(id),
+        wake_reader_(socket_.get_executor()), wake_writer_(socket_.get_executor()),
+        deadline_(socket_.get_executor()) {
+    wake_reader_.expires_at(asio::steady_timer::time_point::max());
+    wake_writer_.expires_at(asio::steady_timer::time_point::max());
+  }
+
+  awaitable<void> run();
+  // Called on the session's executor: stop reading requests, let in-flight
+  // ones finish (server shutdown).
+  void stop();
+  // Called on the session's executor when the client did not take its
+  // replies within the shutdown grace: cancel the socket's operations and
+  // drop unsent replies; the session still ends only once its in-flight
+  // disk work is done (the images are closed after that).
+  void abort();
+  // Called on the session's executor after run() threw: close the socket
+  // (the client sees the connection end, not a hang).
+  void close();
+  auto get_executor() { return socket_.get_executor(); }
+  std::uint64_t id() const { return id_; }
+  // The export chosen in the handshake (null before), readable from any
+  // thread (the control socket counts connections per export).
+  const Export* export_seen() const { return export_seen_.load(std::memory_order_acquire); }
+
+ private:
+  awaitable<bool> handshake();
+  awaitable<void> transmission();
+  awaitable<void> writer();
+  awaitable<void> handle(Slot* slot);
+  void spawn_handle(Slot* slot);  // handle() on the session's executor, failures logged
+  bool answer_without_device(Slot& s);  // refusals and CACHE; true if answered
+  bool runs_inline(const Request& r);
+  void execute_inline(Slot& s);
+  void execute(Slot& s);  // runs on the blocking pool or inline (runs_inline)
+  template <typename Step>
+  bool in_steps(Slot& s, Step&& step, Result<void>& res);
+  void do_read(Slot& s);
+  void do_block_status(Slot& s);
+  void reply_error(Slot& s, std::uint32_t nbd_error, std::string_view message);
+  void reply_ok(Slot& s);
+  void queue_reply(Slot* s);
+  Slot* get_slot();
+  void put_slot(Slot* s);
+
+  Server& server_;
+  Socket socket_;
+  std::uint64_t id_;
+  asio::steady_timer wake_reader_;
+  asio::steady_timer wake_writer_;
+  asio::steady_timer deadline_;
+  asio::cancellation_signal read_cancel_;
+
+  // Set by the handshake: the export (shared with the registry and the
+  // other connections on it) and the selected contexts with their bitmap
+  // handles, resolved once (Export::resolve_contexts), at most kMaxContexts.
+  std::shared_ptr<const Export> export_;
+  std::atomic<const Export*> export_seen_{nullptr};
+  std::vector<ServedContext> contexts_;
+  Negotiated neg_;
+  ValidationContext vctx_;
+  bool stopping_ = false;
+  bool reader_done_ = false;
+  bool writer_done_ = false;
+  bool write_failed_ = false;
+  std::uint32_t inflight_ = 0;
+  std::uint64_t inflight_bytes_ = 0;
+  std::uint32_t pool_credit_ = 0;  // requests still to send to the pool (runs_inline)
+  std::deque<Slot*> ready_;
+  // Receive buffer: one recv can bring many pipelined request headers (and
+  // small write payloads), instead of one syscall per 28/32-byte header.
+  static constexpr std::size_t kRecvBufferSize = 64u << 10;
+  std::unique_ptr<std::byte[]> rbuf_;
+  std::size_t rpos_ = 0, rend_ = 0;
+  std::size_t buffered() const { return rend_ - rpos_; }
+  // Until at least `need` (<= kRecvBufferSize) bytes are buffered.
+  awaitable<boost::system::error_code> fill(std::size_t need);
+  std::vector<std::unique_ptr<Slot>> slots_;
+  std::vector<Slot*> free_slots_;
+};
+
+// Completion handler for co_spawn: an exception that escaped the coroutine
+// is logged with `what` (never dropped, as asio::detached would), then
+// on_error() runs on the coroutine's executor.
+std::string describe_exception(std::exception_ptr e);
+template <typename F>
+auto log_failure(std::string what, F on_error) {
+  return [what = std::move(what), on_error = std::move(on_error)](std::exception_ptr e) mutable {
+    if (!e) return;
+    log::error("{}: {}", what, describe_exception(e));
+    on_error();
+  };
+}
+
+// The blocking pool waits for the disk (O_DIRECT, FLUSH, FUA, page-cache
+// misses): its threads mostly sleep, so it is sized for the device's
+// queue depth rather than the CPU count.
+constexpr unsigned kMinBlockingThreads = 16;
+
+// CPUs this process may run on (taskset, cgroup cpusets): more io threads
+// than that only adds context switches.
+unsigned usable_cpus();
+
+
+// ---------------------------------------------------------------------------
+class Server : public ExportCatalog, public ControlTarget {
+ public:
+  explicit Server(ServerOptions opts)
+      : opts_(std::move(opts)),
+        threads_(opts_.threads ? opts_.threads : usable_cpus()),
+        ctx_(1), pool_(std::max(kMinBlockingThreads, threads_)), strand_(asio::make_strand(ctx_)),
+        signals_(ctx_, SIGINT, SIGTERM), slot_freed_(strand_), drained_(strand_) {
+    slot_freed_.expires_at(asio::steady_timer::time_point::max());
+    // One io_context per io thread, each run by that thread alone: a
+    // connection lives on one of them (round robin), so its reads, inline
+    // I/O and replies never hop threads. One context run by many threads
+    // woke a second thread for nearly every completion (a futex round trip
+    // per request: qd1 latency 2-3x qemu-nbd's single thread).
+    for (unsigned i = 1; i < threads_; ++i) {
+      workers_.push_back(std::make_unique<asio::io_context>(1));
+      worker_guards_.push_back(asio::make_work_guard(*workers_.back()));
+    }
+  }
+
+  const std::vector<ExportInfo>& exports() const override { return registry_.infos(); }
+  bool shutting_down() const override { return shutting_down_.load(); }
+  // The control socket's view of the exports (server.cpp).
+  std::vector<ControlExport> control_exports() override;
+
+  // Long requests run in steps of at most this many bytes, at multiples of
+  // it (so cluster-aligned), checking shutting_down() between steps.
+  static constexpr std::uint64_t kLongRequestStep = 1ull << 30;
+  // After SIGTERM/SIGINT, clients get this long to take the replies to what
+  // they sent; then their connections are closed (qemu-nbd closes them at
+  // once), so a client that stops reading cannot keep the images open.
+  static constexpr auto kShutdownGrace = std::chrono::seconds(2);
+  // Closed connections end once their disk work does (a step at most); a
+  // device that hangs this long is given up on.
+  static constexpr auto kAbortedDrainLimit = std::chrono::seconds(60);
+
+  const ExportRegistry& registry() const { return registry_; }
+  const ServerOptions& options() const { return opts_; }
+  asio::thread_pool& pool() { return pool_; }
+
+  // Moves options().exports into the registry; before listen().
+  Result<void> add_exports();
+  Result<void> listen();
+  int run();
+  void session_ended(const std::shared_ptr<Session>& s);
+
+ private:
+  Result<void> add_acceptor(const asio::generic::stream_protocol::endpoint& ep, bool v6only);
+  awaitable<void> accept_loop(Acceptor& acc);
+  void begin_shutdown(const char* why);
+  awaitable<void> shutdown_sequence();
+  // True once no session is left; false if `limit` passed first.
+  awaitable<bool> wait_drained(std::chrono::steady_clock::duration limit);
+  std::vector<std::shared_ptr<Session>> live_sessions();
+  std::size_t session_count();
+  void handle_signal(int sig);
+  asio::io_context& next_io_context();
+  void stop_io();
+
+  ServerOptions opts_;  // exports moved to registry_ by add_exports()
+  ExportRegistry registry_;
+  unsigned threads_;
+  // Destroyed after ctx_: operations still queued in ctx_ at exit (an
+  // accept cancelled by the shutdown) hold strands of these contexts.
+  std::vector<std::unique_ptr<asio::io_context>> workers_;  // threads_ - 1 more io threads
+  asio::io_context ctx_;  // listeners, signals, shutdown, and connections too
+  std::vector<asio::executor_work_guard<asio::io_context::executor_type>> worker_guards_;
+  std::atomic<std::size_t> next_ctx_{0};
+  asio::thread_pool pool_;
+  Strand strand_;  // listeners and shutdown
+  asio::signal_set signals_;
+  // On strand_, used as signals: session_ended cancels slot_freed_ (never
+  // expires; a connection slot is free, when max_connections is set) and
+  // drained_ (expires at the shutdown wait's deadline; the last session
+  // ended). A waiter re-checks its condition on every wake-up, and checks
+  // and waits within one strand handler, so no wake-up is lost.
+  asio::steady_timer slot_freed_;
+  asio::steady_timer drained_;
+  std::vector<std::unique_ptr<Acceptor>> acceptors_;
+  std::vector<std::string> unix_paths_;
+  std::atomic<bool> shutting_down_{false};
+  std::mutex sessions_mu_;
+  std::set<std::shared_ptr<Session>> sessions_;
+  std::atomic<std::uint64_t> next_id_{1};
+  bool had_client_ = false;
+  std::atomic<int> signals_seen_{0};
+  int exit_status_ = 0;
+  // The control socket (control.hpp), if asked for; stopped before the
+  // exports are closed, so no bitmap edit runs on a closed image.
+  std::unique_ptr<ControlServer> control_;
+};
+
+}  // namespace qnbd::server

@@ -1,0 +1,270 @@
+// Session: one client connection from accept to close. The handshake
+// (Negotiator under a deadline), the reader (receive buffer, request
+// headers, payloads into pooled slots) and its back-pressure (requests and
+// bytes in flight). What a request does is dispatch.cpp's; how its reply
+// leaves is reply_writer.cpp's.
+#include "server/internal.hpp"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+
+#include <cstring>
+
+#include "common/log.hpp"
+#include "protocol/constants.hpp"
+
+namespace qnbd::server {
+
+awaitable<void> Session::run() {
+  auto self = shared_from_this();
+  {
+    // TCP peers SHOULD set TCP_NODELAY (§1).
+    boost::system::error_code ec;
+    auto ep = socket_.local_endpoint(ec);
+    if (!ec && (ep.protocol().family() == AF_INET || ep.protocol().family() == AF_INET6)) {
+      int one = 1;
+      ::setsockopt(socket_.native_handle(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+  }
+  bool go = co_await handshake();
+  if (go) co_await transmission();
+  boost::system::error_code ec;
+  socket_.shutdown(Socket::shutdown_both, ec);
+  socket_.close(ec);
+  log::debug("conn {}: closed", id_);
+}
+
+void Session::abort() {
+  write_failed_ = true;  // the writer drops what is left; the reader stops
+  boost::system::error_code ec;
+  socket_.cancel(ec);
+  socket_.shutdown(Socket::shutdown_both, ec);
+  read_cancel_.emit(asio::cancellation_type::terminal);
+  wake_reader_.cancel();
+  wake_writer_.cancel();
+}
+
+void Session::close() {
+  abort();
+  boost::system::error_code ec;
+  socket_.close(ec);
+}
+
+void Session::stop() {
+  // Wake the reader (handshake or transmission); it answers whatever the
+  // client already sent (NBD_REP_ERR_SHUTDOWN / NBD_ESHUTDOWN) and then
+  // closes, instead of resetting a connection with unread data.
+  stopping_ = true;
+  read_cancel_.emit(asio::cancellation_type::terminal);
+}
+
+awaitable<bool> Session::handshake() {
+  Negotiator neg(server_);
+  auto timeout = server_.options().handshake_timeout_seconds;
+  std::weak_ptr<Session> weak = shared_from_this();
+  if (timeout) {
+    deadline_.expires_after(std::chrono::seconds(timeout));
+    deadline_.async_wait([weak](boost::system::error_code ec) {
+      if (ec) return;
+      if (auto s = weak.lock()) {
+        log::info("conn {}: handshake timed out", s->id_);
+        boost::system::error_code ignored;
+        s->socket_.close(ignored);
+      }
+    });
+  }
+  std::array<std::byte, 4096> buf;
+  for (;;) {
+    auto a = neg.next();
+    switch (a.kind) {
+      case Action::Kind::send: {
+        auto [ec, n] = co_await asio::async_write(socket_, asio::buffer(a.data.data(), a.data.size()), use_tuple);
+        if (ec) {
+          deadline_.cancel();
+          co_return false;
+        }
+        break;
+      }
+      case Action::Kind::need_bytes: {
+        if (stopping_) {
+          boost::system::error_code aec;
+          if (socket_.available(aec) == 0 || aec) {
+            deadline_.cancel();
+            co_return false;
+          }
+        }
+        auto want = std::min(a.bytes, buf.size());
+        auto [ec, n] = co_await socket_.async_read_some(
+            asio::buffer(buf.data(), want), asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+        if (ec == asio::error::operation_aborted && n == 0 && stopping_) continue;
+        if (ec) {
+          deadline_.cancel();
+          co_return false;
+        }
+        neg.feed(std::span<const std::byte>(buf.data(), n));
+        break;
+      }
+      case Action::Kind::close:
+        deadline_.cancel();
+        if (!neg.close_reason().empty()) log::info("conn {}: handshake ended: {}", id_, neg.close_reason());
+        co_return false;
+      case Action::Kind::start_transmission:
+        deadline_.cancel();
+        neg_ = neg.result();
+        // The one lookup of the export and of the selected contexts' bitmap
+        // handles; nothing later can fail to find them.
+        export_ = server_.registry().find(neg_.export_info->name);
+        if (!export_) co_return false;
+        export_seen_.store(export_.get(), std::memory_order_release);
+        if (auto c = export_->resolve_contexts(neg_.contexts); c) {
+          contexts_ = std::move(*c);
+        } else {
+          log::error("conn {}: export '{}': {}", id_, export_->name(), c.error().message);
+          co_return false;
+        }
+        vctx_.export_size = neg_.export_info->size;
+        vctx_.transmission_flags = neg_.transmission_flags;
+        vctx_.mode = neg_.mode;
+        vctx_.has_contexts = !neg_.contexts.empty();
+        vctx_.block_size_committed = neg_.block_size_committed;
+        vctx_.min_block = neg_.min_block;
+        vctx_.max_payload = neg_.max_payload;
+        log::debug("conn {}: export '{}' mode {} flags {:#x} contexts {}", id_, neg_.export_info->name,
+                   static_cast<int>(neg_.mode), neg_.transmission_flags, contexts_.size());
+        // Even when stopping: the client may already have sent requests,
+        // which transmission() answers with NBD_ESHUTDOWN.
+        co_return true;
+    }
+  }
+}
+
+Slot* Session::get_slot() {
+  if (free_slots_.empty()) {
+    slots_.push_back(std::make_unique<Slot>());
+    return slots_.back().get();
+  }
+  auto* s = free_slots_.back();
+  free_slots_.pop_back();
+  return s;
+}
+
+void Session::put_slot(Slot* s) {
+  s->meta.clear();
+  s->pieces.clear();
+  // Keep small buffers with the slot; give big ones back to the shared pool.
+  if (s->data.capacity > (1u << 20)) buffer_pool().put(std::move(s->data));
+  free_slots_.push_back(s);
+}
+
+awaitable<boost::system::error_code> Session::fill(std::size_t need) {
+  if (rpos_ > 0 && rend_ - rpos_ < need) {
+    std::memmove(rbuf_.get(), rbuf_.get() + rpos_, rend_ - rpos_);
+    rend_ -= rpos_;
+    rpos_ = 0;
+  }
+  while (rend_ - rpos_ < need) {
+    auto [ec, n] = co_await socket_.async_read_some(asio::buffer(rbuf_.get() + rend_, kRecvBufferSize - rend_),
+                                                    asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+    rend_ += n;
+    if (ec) co_return ec;
+  }
+  co_return boost::system::error_code{};
+}
+
+awaitable<void> Session::transmission() {
+  auto self = shared_from_this();
+  // A writer that failed would leave the reader waiting for it: log it,
+  // end the connection and let the reader finish.
+  asio::co_spawn(socket_.get_executor(), writer(), log_failure(fmt::format("conn {}: writer", id_), [this, self] {
+    abort();
+    writer_done_ = true;
+    wake_reader_.cancel();
+  }));
+  const auto hsize = request_header_size(neg_.mode);
+  rbuf_ = std::make_unique_for_overwrite<std::byte[]>(kRecvBufferSize);
+  const auto& opts = server_.options();
+  for (;;) {
+    if (write_failed_) break;
+    if (stopping_) {
+      // Server shutdown: answer what the client already sent (with
+      // NBD_ESHUTDOWN, §14) so closing does not reset the connection under
+      // unread data, but do not wait for more.
+      boost::system::error_code aec;
+      auto avail = socket_.available(aec);
+      if (aec || buffered() + avail < hsize) break;
+    }
+    auto ec = co_await fill(hsize);
+    if (ec == asio::error::operation_aborted && stopping_) continue;
+    if (ec) break;
+    Request req;
+    auto st = parse_request_header(std::span(rbuf_.get() + rpos_, hsize), neg_.mode, neg_.max_payload, req);
+    rpos_ += hsize;
+    if (st == ParseStatus::bad_magic) {
+      log::warn("conn {}: bad request magic, closing", id_);
+      break;
+    }
+    if (st == ParseStatus::payload_too_large) {
+      log::warn("conn {}: {} payload of {} bytes above maximum, closing", id_, command_name(req.type),
+                req.payload_length);
+      break;
+    }
+    if (req.type == NBD_CMD_DISC) {
+      log::debug("conn {}: disconnect requested", id_);
+      break;
+    }
+    // Backpressure: cap requests and bytes in flight (a lone big request is
+    // always admitted when nothing else is in flight).
+    std::uint64_t cost = req.payload_length + (req.type == NBD_CMD_READ ? std::min<std::uint64_t>(req.length, kMaxPayload) : 0);
+    while (inflight_ > 0 && (inflight_ >= opts.max_inflight_requests ||
+                             inflight_bytes_ + cost > opts.max_inflight_bytes) && !write_failed_) {
+      co_await wake_reader_.async_wait(use_tuple);
+    }
+    if (write_failed_) break;
+    Slot* s = get_slot();
+    s->req = req;
+    s->charged_bytes = cost;
+    inflight_++;
+    inflight_bytes_ += cost;
+    if (req.payload_length) {
+      if (s->data.capacity < req.payload_length) {
+        buffer_pool().put(std::move(s->data));
+        s->data = buffer_pool().get(req.payload_length);
+      }
+      // Payload is always consumed before replying, even for requests that
+      // will be rejected, so the stream stays in sync (§15.2 #18). What the
+      // receive buffer already holds is copied; the rest is read in place.
+      const std::size_t have = std::min<std::size_t>(buffered(), req.payload_length);
+      std::memcpy(s->data.data.get(), rbuf_.get() + rpos_, have);
+      rpos_ += have;
+      boost::system::error_code ec2;
+      if (have < req.payload_length) {
+        auto [e, n2] = co_await asio::async_read(
+            socket_, asio::buffer(s->data.data.get() + have, req.payload_length - have),
+            asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+        ec2 = e;
+      }
+      if (ec2) {
+        inflight_--;
+        inflight_bytes_ -= cost;
+        put_slot(s);
+        break;
+      }
+    }
+    if (runs_inline(s->req)) {
+      if (!answer_without_device(*s)) execute_inline(*s);
+      queue_reply(s);
+    } else {
+      spawn_handle(s);
+    }
+  }
+  // Finish in-flight requests, then let the writer drain and exit.
+  stopping_ = true;
+  reader_done_ = true;
+  while (inflight_ > 0 && !write_failed_) co_await wake_reader_.async_wait(use_tuple);
+  wake_writer_.cancel();
+  while (!writer_done_) co_await wake_reader_.async_wait(use_tuple);
+}
+
+
+}  // namespace qnbd::server
