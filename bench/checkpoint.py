@@ -63,7 +63,7 @@ def run(args, mode, work):
         t.join()
     srv.terminate()
     srv.wait()
-    w = json.loads(fio.stdout)["jobs"][0]["write"]
+    w = json.loads(fio.stdout[fio.stdout.index("{"):])["jobs"][0]["write"]  # fio may print notes first
     return {"iops": w["iops"], "max_lat_ms": w["clat_ns"]["max"] / 1e6,
             "pause_us": max(pauses) if pauses else 0.0, "checkpoints": len(pauses)}
 
