@@ -220,7 +220,7 @@ Result<void> Qcow2Image::persist_bitmaps() {
   QNBD_TRY(bitmap_store_->write_directory(*refcounts_, header_, /*closing=*/false));
   register_bitmaps();
   bitmaps_ = bitmap_store_->directory();
-  deps_dirty_ = true;
+  l2_cache_->depends_on_flush();  // as close(): the store may have changed refcounts
   return ok();
 }
 
