@@ -40,6 +40,7 @@ struct ServeArgs {
   int verbose = 0;
   std::vector<std::string> bitmaps;
   std::string config;
+  std::string control;
   std::uint32_t threads = 0;
   bool no_inline_io = false;
   std::uint32_t handshake_timeout = 10;
@@ -110,6 +111,7 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
     if (auto r = dev->start_tracking(); !r) return make_error(r.error().code, "{}: {}", path, r.error().message);
   }
   spec.device = std::shared_ptr<image::BlockDevice>(std::move(dev));
+  spec.image = path;
   spec.discard_unmap = oo.discard_unmap;
   // With O_DIRECT or a sync per write every call waits for the disk.
   spec.inline_io = oo.cache == image::CacheMode::writeback || oo.cache == image::CacheMode::unsafe;
@@ -184,6 +186,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     o.handshake_timeout_seconds = cfg.limits.handshake_timeout_seconds;
     o.max_inflight_bytes = cfg.limits.max_inflight_bytes_per_connection;
     if (!a.threads) o.threads = cfg.limits.threads;
+    o.control_path = cfg.control;
   } else {
     if (a.image.empty()) return make_error(EINVAL, "an IMAGE (or --config FILE) is required");
     auto spec = QNBD_TRY(open_export(a.image, a.format, a.read_only, a.cache, a.discard, a.export_name,
@@ -204,6 +207,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     o.persistent = a.persistent;
     o.max_connections = a.shared;
   }
+  if (!a.control.empty()) o.control_path = a.control;
   // systemd socket activation replaces the configured listeners.
   if (auto sd = server::systemd_listeners(); !sd.empty()) {
     for (auto& l : sd) l.tls = cli_tls;
@@ -305,6 +309,8 @@ void add_serve_command(CLI::App& app, int& status) {
   cmd->add_option("-B,--bitmap", args->bitmaps, "Export persistent dirty bitmap NAME as qemu:dirty-bitmap:NAME")
       ->allow_extra_args(false);
   cmd->add_option("--config", args->config, "Serve the exports and listeners of a JSON config file");
+  cmd->add_option("--control", args->control,
+                  "Open a control socket here (mode 0600) for qnbd ctl: live bitmaps, checkpoints (docs/control.md)");
   cmd->add_option("--threads", args->threads, "I/O threads (default: one per core)");
   cmd->add_flag("--no-inline-io", args->no_inline_io,
                 "Run every device call on the blocking pool (default: small page-cache I/O runs inline)");

@@ -307,7 +307,7 @@ Result<Limits> read_limits(const json& v, const std::string& pointer) {
 }
 
 Result<Config> read_config(const json& doc) {
-  QNBD_TRY(expect_object(doc, "", {"$schema", "exports", "listeners", "limits"}));
+  QNBD_TRY(expect_object(doc, "", {"$schema", "exports", "listeners", "limits", "control"}));
   if (const json* x = find(doc, "$schema")) QNBD_TRY(as_string(*x, "/$schema", PATH_MAX, true));
 
   Config config;
@@ -347,6 +347,7 @@ Result<Config> read_config(const json& doc) {
   }
 
   if (const json* limits = find(doc, "limits")) config.limits = QNBD_TRY(read_limits(*limits, "/limits"));
+  if (const json* c = find(doc, "control")) config.control = QNBD_TRY(as_string(*c, "/control", max_unix_path_bytes, false));
   return config;
 }
 

@@ -68,6 +68,7 @@ struct Config {
   std::vector<ExportConfig> exports;     // at least one, names unique
   std::vector<ListenerConfig> listeners; // defaults to one tcp 127.0.0.1:10809
   Limits limits;
+  std::string control;  // control socket path (docs/control.md); "" = none
 };
 
 // Bounds enforced by the loader, exported so the docs, the schema and the

@@ -59,6 +59,7 @@
 #include "protocol/reply.hpp"
 #include "protocol/request.hpp"
 #include "server/buffer_pool.hpp"
+#include "server/control.hpp"
 #include "server/export_registry.hpp"
 #include "server/server.hpp"
 #include "server/stream.hpp"
@@ -143,6 +144,9 @@ class Session : public std::enable_shared_from_this<Session> {
   // The client's IP address ("" for Unix sockets): the per-address cap.
   const std::string& peer_address() const { return peer_address_; }
   std::uint64_t id() const { return id_; }
+  // The export chosen in the handshake (null before), readable from any
+  // thread (the control socket counts connections per export).
+  const Export* export_seen() const { return export_seen_.load(std::memory_order_acquire); }
 
  private:
   awaitable<bool> handshake();
@@ -179,6 +183,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // other connections on it) and the selected contexts with their bitmap
   // handles, resolved once (Export::resolve_contexts), at most kMaxContexts.
   std::shared_ptr<const Export> export_;
+  std::atomic<const Export*> export_seen_{nullptr};
   std::vector<ServedContext> contexts_;
   Negotiated neg_;
   ValidationContext vctx_;
@@ -226,7 +231,7 @@ unsigned usable_cpus();
 
 
 // ---------------------------------------------------------------------------
-class Server : public ExportCatalog {
+class Server : public ExportCatalog, public ControlTarget {
  public:
   explicit Server(ServerOptions opts)
       : opts_(std::move(opts)),
@@ -247,6 +252,8 @@ class Server : public ExportCatalog {
 
   const std::vector<ExportInfo>& exports() const override { return registry_.infos(); }
   bool shutting_down() const override { return shutting_down_.load(); }
+  // The control socket's view of the exports (server.cpp).
+  std::vector<ControlExport> control_exports() override;
 
   // Long requests run in steps of at most this many bytes, at multiples of
   // it (so cluster-aligned), checking shutting_down() between steps.
@@ -314,6 +321,9 @@ class Server : public ExportCatalog {
   bool had_client_ = false;
   std::atomic<int> signals_seen_{0};
   int exit_status_ = 0;
+  // The control socket (control.hpp), if asked for; stopped before the
+  // exports are closed, so no bitmap edit runs on a closed image.
+  std::unique_ptr<ControlServer> control_;
 };
 
 }  // namespace qnbd::server

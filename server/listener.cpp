@@ -83,6 +83,7 @@ Result<void> Server::listen() {
     }
   }
   if (acceptors_.empty()) return make_error(EINVAL, "no listeners");
+  if (!opts_.control_path.empty()) control_ = QNBD_TRY(ControlServer::start(opts_.control_path, *this));
   return ok();
 }
 

@@ -27,6 +27,28 @@ std::string describe_exception(std::exception_ptr e) {
   }
 }
 
+std::vector<ControlExport> Server::control_exports() {
+  std::vector<ControlExport> out;
+  const auto all = registry_.all();
+  for (const auto& e : all) {
+    ControlExport c;
+    c.name = e->name();
+    c.image = e->image();
+    c.format = e->device().format();
+    c.size = e->info().size;
+    c.read_only = e->info().read_only;
+    c.device = e->device_ptr();
+    out.push_back(std::move(c));
+  }
+  std::lock_guard lk(sessions_mu_);
+  for (const auto& s : sessions_) {
+    for (std::size_t i = 0; i < all.size(); ++i) {
+      if (s->export_seen() == all[i].get()) ++out[i].connections;
+    }
+  }
+  return out;
+}
+
 Result<void> Server::add_exports() {
   for (auto& e : opts_.exports) QNBD_TRY(registry_.add(std::move(e)));
   opts_.exports.clear();

@@ -40,6 +40,7 @@ struct ExportSpec {
   // Cheap requests may run on the io threads (false for O_DIRECT images,
   // whose every call waits for the disk).
   bool inline_io = true;
+  std::string image;   // the image path (control socket status)
 };
 
 struct ListenerSpec {
@@ -68,6 +69,8 @@ struct ServerOptions {
   // Run small reads/writes/block status on the io threads instead of the
   // blocking pool (see Session::runs_inline); off = always use the pool.
   bool inline_io = true;
+  // The control socket's path (docs/control.md); "" = none.
+  std::string control_path;
   // Called once every listener is bound and listening (pid file, --fork).
   std::function<void()> on_listening;
 };

@@ -133,6 +133,7 @@ awaitable<bool> Session::handshake() {
         // handles; nothing later can fail to find them.
         export_ = server_.registry().find(neg_.export_info->name);
         if (!export_) co_return false;
+        export_seen_.store(export_.get(), std::memory_order_release);
         if (auto c = export_->resolve_contexts(neg_.contexts); c) {
           contexts_ = std::move(*c);
         } else {

@@ -196,32 +196,7 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
 }
 
 Result<void> BitmapStore::store(Refcounts& refcounts, Header& header) {
-  std::lock_guard lock(load_mutex_);
-  if (!marked_.load(std::memory_order_relaxed)) return ok();
-  std::vector<BitmapUpdate> updated;
-  for (std::size_t i = 0; i < entries_.size(); ++i) {
-    BitmapUpdate u{entries_[i].info, nullptr};
-    if (std::find(tracking_.begin(), tracking_.end(), i) != tracking_.end()) {
-      u.data = entries_[i].bits.get();
-      u.info.in_use = false;
-    }
-    updated.push_back(std::move(u));
-  }
-  // The header switch also clears AUTOCLEAR_QNBD_INTENT (not in
-  // AUTOCLEAR_MASK): from then on the stored bitmaps are consistent and the
-  // record is no longer trusted, so it can go.
-  QNBD_TRY(rewrite_bitmap_directory(file_, header, refcounts, directory_, updated));
-  for (std::size_t i = 0; i < entries_.size(); ++i) {
-    entries_[i].info = updated[i].info;
-    directory_[i] = updated[i].info;
-  }
-  tracking_.clear();
-  if (record_) {
-    record_.reset();
-    if (intent_.remove) intent_.remove();
-  }
-  marked_.store(false, std::memory_order_release);
-  return ok();
+  return write_directory(refcounts, header, /*closing=*/true);
 }
 
 BitmapStore::BitmapStore(File& file, const Header& header, std::vector<BitmapInfo> directory,
@@ -248,7 +223,7 @@ Result<std::size_t> BitmapStore::export_bitmap(const std::string& name) {
   std::lock_guard lock(load_mutex_);
   for (std::size_t i = 0; i < entries_.size(); ++i) {
     Entry& e = entries_[i];
-    if (e.info.name != name) continue;
+    if (e.removed || e.info.name != name) continue;
     // qemu-nbd (nbd_export_create -> bdrv_dirty_bitmap_check): a bitmap
     // found in_use at open is inconsistent. The other refusal, an enabled
     // bitmap on a read-only export of a writable node, cannot happen here:
@@ -262,6 +237,7 @@ Result<std::size_t> BitmapStore::export_bitmap(const std::string& name) {
 
 Result<std::size_t> BitmapStore::status(std::size_t handle, std::uint64_t offset, std::uint64_t length,
                                         std::span<BitmapExtent> out) {
+  std::shared_lock lock(live_mu_);
   if (handle >= entries_.size() || !entries_[handle].bits) {
     return make_error(ENOENT, "bitmap handle {} was not exported", handle);
   }
@@ -279,6 +255,7 @@ Result<void> BitmapStore::before_write(std::uint64_t offset, std::uint64_t lengt
   }
   // Set before the write is issued (STYLE: a spurious bit costs a copy, a
   // missing one breaks the next incremental backup).
+  std::shared_lock lock(live_mu_);
   for (std::size_t i : tracking_) entries_[i].bits->set_range(offset, length);
   // Crash safety: the chunk is durable in the record before the caller
   // issues anything for this request (docs/crash-safe-bitmaps.md, step 3).

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -120,10 +121,36 @@ class BitmapStore {
   // image's header (updated in place).
   [[nodiscard]] Result<void> store(Refcounts& refcounts, Header& header);
 
+  // ---- Live edits (bitmap_live.cpp) ----
+  // A validated edit; holds edit_mutex_ so live edits of one image run one
+  // at a time from prepare to the end of write_directory.
+  struct LiveEdit {
+    std::unique_lock<std::mutex> lock;
+    std::vector<LiveBitmapOp> ops;
+    std::vector<BitmapInfo> added;                      // one per add, in order
+    std::vector<std::unique_ptr<DirtyBitmap>> created;  // their (clean) contents
+  };
+  // Check `ops` with check_bitmap_op (the at-rest rules and words), load
+  // the bitmaps they read or enable, create the added ones, and mark the
+  // enabled bitmaps in_use on disk if no write did yet. Writable only.
+  [[nodiscard]] Result<LiveEdit> prepare_live(const std::vector<LiveBitmapOp>& ops);
+  // Apply a prepared edit in memory. Call with no write in flight (the
+  // device's write gate closed): writes that follow mark the new set of
+  // enabled bitmaps. Cannot fail.
+  void commit_live(LiveEdit& edit) noexcept;
+  // Write the directory as the bitmaps are now (rewrite_bitmap_directory):
+  // enabled bitmaps in_use (their data is written at close), the others
+  // with their contents where they changed. `closing`: store() instead.
+  // Under the image's metadata mutex.
+  [[nodiscard]] Result<void> write_directory(Refcounts& refcounts, Header& header, bool closing);
+  [[nodiscard]] Result<std::vector<BitmapState>> states();
+
  private:
   struct Entry {
     BitmapInfo info;
     std::unique_ptr<DirtyBitmap> bits;  // null until loaded
+    bool removed = false;  // removed live: kept so exported handles stay valid
+    bool changed = false;  // contents differ from the table on disk
   };
   Result<DirtyBitmap*> load_locked(Entry& e);
   Result<void> mark_in_use_locked();
@@ -134,8 +161,14 @@ class BitmapStore {
   std::uint64_t file_size_;
   bool writable_;
 
+  std::mutex edit_mutex_;  // one live edit at a time (outermost)
   std::mutex load_mutex_;
-  std::vector<Entry> entries_;  // one per directory entry, same order; never resized
+  // entries_ and tracking_ change only in commit_live, which holds
+  // load_mutex_ and live_mu_ exclusively; readers hold either.
+  std::shared_mutex live_mu_;
+  // One per directory entry at open, same order, then live additions;
+  // entries are never erased (handles are indexes).
+  std::vector<Entry> entries_;
   std::atomic<bool> marked_{false};
   // Enabled, consistent bitmaps (indexes into entries_), valid once marked_.
   std::vector<std::size_t> tracking_;

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "image/block_device.hpp"
+#include "image/write_gate.hpp"
 #include "image/qcow2/bitmap_store.hpp"
 #include "image/qcow2/cache.hpp"
 #include "image/qcow2/cluster.hpp"
@@ -80,6 +81,12 @@ class Qcow2Image final : public BlockDevice {
   Result<void> start_tracking() override;
   Result<std::size_t> bitmap_status(std::size_t handle, std::uint64_t offset, std::uint64_t length,
                                     std::span<BitmapExtent> out) override;
+  // Live bitmap edits (bitmap_live.cpp): see BlockDevice. Every write,
+  // write_zeroes and discard holds a pass of gate_ from before it marks
+  // the bitmaps until its data is written.
+  Result<std::vector<BitmapState>> bitmap_states() override;
+  Result<std::unique_ptr<BitmapTransaction>> begin_bitmap_edit(const std::vector<LiveBitmapOp>& ops) override;
+  WriteGate* write_gate() override { return &gate_; }
   // The write path MUST call this before changing anything for a guest
   // write, write_zeroes or discard of [offset, offset+length) (before the
   // data write, before any allocation or L2 update), WITHOUT mutex_ held,
@@ -199,6 +206,10 @@ class Qcow2Image final : public BlockDevice {
   // (read-only open of a crashed image), "recovered", "stale", "missing".
   std::string intent_state_ = "none";
   std::string intent_detail_;
+  WriteGate gate_;
+  class LiveBitmapEdit;
+  // Write the bitmap directory after a live edit (under mutex_).
+  Result<void> persist_bitmaps();
 
   // Long zeroing/discard: skip L2 spans that hold nothing (write.cpp).
   std::uint64_t next_l2_span(std::uint64_t gc) const;

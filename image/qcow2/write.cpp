@@ -236,6 +236,7 @@ Result<void> Qcow2Image::maybe_flush_frees_locked() {
 Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t offset, bool fua) {
   QNBD_TRY(check_writable(offset, buf.size(), "write"));
   if (buf.empty()) return ok();
+  const WriteGate::Pass pass = gate_.enter();  // held until the data is written
   QNBD_TRY(bitmaps_before_write(offset, buf.size()));
   const std::uint64_t cs = geometry_.cluster_size();
   while (!buf.empty()) {
@@ -371,6 +372,7 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
       if (!empty) return make_error(ENOTSUP, "fast zeroing needs whole clusters or ones reading as zeroes");
     }
   }
+  const WriteGate::Pass pass = gate_.enter();  // held until the data is written
   QNBD_TRY(bitmaps_before_write(offset, length));
   std::uint64_t pos = offset;
   while (pos < end) {
@@ -428,6 +430,7 @@ Result<void> Qcow2Image::discard(std::uint64_t offset, std::uint64_t length, boo
   if (length == 0) return ok();
   const std::uint64_t cs = header_.cluster_size();
   const std::uint64_t end = offset + length;
+  const WriteGate::Pass pass = gate_.enter();  // held until the data is written
   QNBD_TRY(bitmaps_before_write(offset, length));
   // Only whole clusters are discarded (NBD allows ignoring the rest); a
   // raw external data file keeps its data so it stays the guest view.
