@@ -9,6 +9,8 @@
 
 #include "common/endian.hpp"
 #include "image/io/file.hpp"
+#include "image/block_device.hpp"
+#include "image/qcow2/bitmap_intent.hpp"
 #include "image/qcow2/check.hpp"
 #include "image/qcow2/format.hpp"
 #include "cli/commands.hpp"
@@ -68,6 +70,30 @@ void print_json(const qc::CheckResult& r, const std::string& filename) {
   j["format"] = "qcow2";
   if (r.fragmented_clusters) j["fragmented-clusters"] = r.fragmented_clusters;
   std::printf("%s\n", j.dump(4).c_str());
+}
+
+// A crashed writer's write-intent record (docs/crash-safe-bitmaps.md):
+// say what it holds (on stderr, so the report stays qemu-img's). -r all may
+// change guest-visible metadata the record does not cover, so it retires
+// the record as any other writer would (the bitmaps then stay
+// inconsistent); -r leaks only frees unreferenced clusters and keeps it.
+void report_intent_record(const std::string& filename, image::File& file, qc::RepairMode repair, bool quiet) {
+  std::byte raw[8];
+  auto n = file.pread(raw, 88);
+  if (!n || *n != 8 || !(load_be64(raw) & qc::AUTOCLEAR_QNBD_INTENT)) return;
+  image::OpenOptions oo;
+  oo.lock.locking = image::Locking::off;
+  auto dev = image::open_image(filename, oo);
+  const std::string state = dev ? (*dev)->info().intent_record : "unreadable";
+  const std::string detail = dev ? (*dev)->info().intent_record_detail : dev.error().message;
+  if (repair == qc::RepairMode::all) {
+    store_be64(raw, load_be64(raw) & ~qc::AUTOCLEAR_QNBD_INTENT);
+    if (file.pwrite(raw, 88) && file.flush()) {
+      if (!quiet) std::fprintf(stderr, "write-intent record: %s (%s); retired by -r all\n", state.c_str(), detail.c_str());
+      return;
+    }
+  }
+  if (!quiet) std::fprintf(stderr, "write-intent record: %s (%s)\n", state.c_str(), detail.c_str());
 }
 
 int run_check(const std::string& filename, const std::string& repair_text, const std::string& output,
@@ -163,6 +189,7 @@ int run_check(const std::string& filename, const std::string& repair_text, const
   } else if (!quiet) {
     print_human(r);
   }
+  report_intent_record(filename, **file, repair, quiet);
   if (r.check_errors) return 1;
   if (r.corruptions) return 2;
   if (r.leaks) return 3;

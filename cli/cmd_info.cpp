@@ -63,6 +63,11 @@ ordered_json info_json(const image::ImageInfo& i) {
       }
       d["bitmaps"] = std::move(list);
     }
+    // qnbd only (docs/crash-safe-bitmaps.md): shown when a crashed
+    // writer's record is found, so qemu-img's fields stay as they are.
+    if (!i.intent_record.empty() && i.intent_record != "none") {
+      d["qnbd-intent-record"] = {{"state", i.intent_record}, {"detail", i.intent_record_detail}};
+    }
     d["refcount-bits"] = i.refcount_bits;
     if (!i.data_file.empty()) d["data-file"] = i.data_file;
     if (!i.data_file.empty() || i.data_file_raw) d["data-file-raw"] = i.data_file_raw;
@@ -160,6 +165,9 @@ void print_human(const image::ImageInfo& i) {
         if (b.auto_enabled) std::printf("                [%d]: auto\n", f++);
         std::printf("            name: %s\n            granularity: %" PRIu64 "\n", b.name.c_str(), b.granularity);
       }
+    }
+    if (!i.intent_record.empty() && i.intent_record != "none") {
+      std::printf("    write-intent record: %s (%s)\n", i.intent_record.c_str(), i.intent_record_detail.c_str());
     }
     std::printf("    refcount bits: %u\n", i.refcount_bits);
     if (!i.data_file.empty()) std::printf("    data file: %s\n", i.data_file.c_str());

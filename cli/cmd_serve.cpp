@@ -15,6 +15,7 @@
 #include "cli/commands.hpp"
 #include "cli/image_cli.hpp"
 #include "server/server.hpp"
+#include "server/tls.hpp"
 
 namespace qnbd::cli {
 
@@ -39,10 +40,23 @@ struct ServeArgs {
   int verbose = 0;
   std::vector<std::string> bitmaps;
   std::string config;
+  std::string control;
   std::uint32_t threads = 0;
   bool no_inline_io = false;
   std::uint32_t handshake_timeout = 10;
+  std::vector<std::string> objects;  // --object, qemu-nbd's spelling
+  std::string tls_creds;             // --tls-creds ID
+  std::string tls_authz;             // --tls-authz ID
+  std::uint32_t max_per_address = 0;
   LockArgs lock;
+  std::string recover_bitmaps = "yes";
+  std::uint64_t recovery_chunk = 0;
+};
+
+// --recover-bitmaps / recover_bitmaps (docs/crash-safe-bitmaps.md).
+struct BitmapRecovery {
+  bool enabled = true;
+  std::uint64_t chunk_size = 0;  // 0 = default
 };
 
 Result<image::CacheMode> parse_cache(const std::string& s) {
@@ -63,14 +77,21 @@ Result<image::ImageFormat> parse_format(const std::string& s) {
 Result<server::ExportSpec> open_export(const std::string& path, const std::string& format, bool read_only,
                                        const std::string& cache, const std::string& discard, std::string name,
                                        std::string description, bool multi_conn, bool allocation_depth,
-                                       const std::vector<std::string>& bitmaps, image::LockOptions lock) {
+                                       const std::vector<std::string>& bitmaps, image::LockOptions lock,
+                                       BitmapRecovery recovery = {}) {
   if (discard != "ignore" && discard != "unmap" && discard != "off" && discard != "on")
     return make_error(EINVAL, "invalid discard mode '{}' (ignore, unmap)", discard);
+  const std::uint64_t c = recovery.chunk_size;
+  if (c && ((c & (c - 1)) || c < (64u << 10) || c > (1ull << 40))) {
+    return make_error(EINVAL, "invalid recovery chunk size {} (a power of two from 65536 to 1 TiB)", c);
+  }
   image::OpenOptions oo;
   oo.format = QNBD_TRY(parse_format(format));
   oo.read_only = read_only;
   oo.cache = QNBD_TRY(parse_cache(cache));
   oo.discard_unmap = discard == "unmap" || discard == "on";
+  oo.recover_bitmaps = recovery.enabled;
+  oo.recovery_chunk = recovery.chunk_size;
   // qemu-nbd's permissions: a writable export holds write and shares it
   // with nobody (qcow2), a read-only one lets readers in.
   lock.use = image::LockUse::export_;
@@ -90,14 +111,41 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
     if (auto r = dev->start_tracking(); !r) return make_error(r.error().code, "{}: {}", path, r.error().message);
   }
   spec.device = std::shared_ptr<image::BlockDevice>(std::move(dev));
+  spec.image = path;
   spec.discard_unmap = oo.discard_unmap;
   // With O_DIRECT or a sync per write every call waits for the disk.
   spec.inline_io = oo.cache == image::CacheMode::writeback || oo.cache == image::CacheMode::unsafe;
   return spec;
 }
 
+// Load the credentials a listener's TlsConfig names (checks the files now).
+Result<std::shared_ptr<const server::TlsCredentials>> load_tls(const config::TlsConfig& t) {
+  server::TlsCredsSpec spec;
+  spec.kind = t.creds == "psk" ? server::TlsCredsSpec::Kind::psk : server::TlsCredsSpec::Kind::x509;
+  spec.id = t.id;
+  spec.dir = t.dir;
+  spec.verify_peer = t.verify_peer;
+  std::optional<server::TlsAuthzSpec> authz;
+  if (!t.authz.empty()) authz = server::TlsAuthzSpec{t.authz_id, t.authz};
+  auto creds = QNBD_TRY(server::TlsCredentials::load(spec, std::move(authz)));
+  log::info("TLS required: {}", creds->describe());
+  return creds;
+}
+
 Result<server::ServerOptions> build_options(const ServeArgs& a) {
   server::ServerOptions o;
+  // --object / --tls-creds / --tls-authz: TLS for the command line's listener.
+  std::shared_ptr<const server::TlsCredentials> cli_tls;
+  if (!a.tls_creds.empty() || !a.tls_authz.empty()) {
+    auto t = QNBD_TRY(config::tls_from_objects(a.objects, a.tls_creds, a.tls_authz));
+    cli_tls = QNBD_TRY(load_tls(t));
+  } else if (!a.objects.empty()) {
+    // Still check the objects, so a typo is not silently ignored; unused
+    // credentials are fine (qemu-nbd accepts them too).
+    auto t = config::tls_from_objects(a.objects, "", "");
+    if (!t && t.error().code != ENOENT) return std::move(t).error();
+  }
+  o.max_connections_per_address = a.max_per_address;
   o.handshake_timeout_seconds = a.handshake_timeout;
   o.threads = a.threads;
   o.inline_io = !a.no_inline_io;
@@ -108,7 +156,8 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
       image::LockOptions lock;
       if (!image::parse_locking(e.locking, lock.locking)) return make_error(EINVAL, "bad locking '{}'", e.locking);
       auto spec = QNBD_TRY(open_export(e.image, e.format, e.read_only, e.cache, e.discard, e.name, e.description,
-                                       true, e.allocation_depth, e.bitmaps, lock));
+                                       true, e.allocation_depth, e.bitmaps, lock,
+                                       BitmapRecovery{e.recover_bitmaps, e.recovery_chunk_size}));
       o.exports.push_back(std::move(spec));
     }
     for (const auto& l : cfg.listeners) {
@@ -120,6 +169,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
         ls.host = l.host;
         ls.port = l.port;
       }
+      if (l.has_tls) ls.tls = QNBD_TRY(load_tls(l.tls));
       o.listeners.push_back(ls);
     }
     // -k on the command line overrides the file's listeners (tests, ad hoc runs).
@@ -127,18 +177,22 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
       server::ListenerSpec ls;
       ls.kind = server::ListenerSpec::Kind::unix_socket;
       ls.path = a.socket;
+      ls.tls = cli_tls;
       o.listeners = {ls};
     }
+    if (!a.max_per_address) o.max_connections_per_address = cfg.limits.max_connections_per_address;
     o.persistent = true;
     o.max_connections = cfg.limits.max_connections;
     o.handshake_timeout_seconds = cfg.limits.handshake_timeout_seconds;
     o.max_inflight_bytes = cfg.limits.max_inflight_bytes_per_connection;
     if (!a.threads) o.threads = cfg.limits.threads;
+    o.control_path = cfg.control;
   } else {
     if (a.image.empty()) return make_error(EINVAL, "an IMAGE (or --config FILE) is required");
     auto spec = QNBD_TRY(open_export(a.image, a.format, a.read_only, a.cache, a.discard, a.export_name,
                                      a.description, a.shared != 1, a.allocation_depth, a.bitmaps,
-                                     lock_options(a.lock, image::LockUse::export_)));
+                                     lock_options(a.lock, image::LockUse::export_),
+                                     BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}));
     o.exports.push_back(std::move(spec));
     server::ListenerSpec ls;
     if (!a.socket.empty()) {
@@ -148,12 +202,17 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
       ls.host = a.bind;
       ls.port = a.port;
     }
+    ls.tls = cli_tls;
     o.listeners.push_back(ls);
     o.persistent = a.persistent;
     o.max_connections = a.shared;
   }
+  if (!a.control.empty()) o.control_path = a.control;
   // systemd socket activation replaces the configured listeners.
-  if (auto sd = server::systemd_listeners(); !sd.empty()) o.listeners = std::move(sd);
+  if (auto sd = server::systemd_listeners(); !sd.empty()) {
+    for (auto& l : sd) l.tls = cli_tls;
+    o.listeners = std::move(sd);
+  }
   return o;
 }
 
@@ -240,14 +299,30 @@ void add_serve_command(CLI::App& app, int& status) {
   cmd->add_option("--pid-file", args->pid_file, "Write the server PID here once listening");
   cmd->add_option("--cache", args->cache, "Cache mode: writeback, writethrough, none, unsafe");
   cmd->add_option("--discard", args->discard, "Discard mode: ignore (default) or unmap");
+  cmd->add_option("--recover-bitmaps", args->recover_bitmaps,
+                  "Keep enabled bitmaps crash-safe with a write-intent record beside the image and recover "
+                  "them after a crash: yes (default) or no")
+      ->check(CLI::IsMember({"yes", "no"}));
+  cmd->add_option("--recovery-chunk-size", args->recovery_chunk,
+                  "Bytes of disk per write-intent record bit (power of two, 64 KiB..1 TiB; default 64 MiB)");
   cmd->add_flag("-v,--verbose", args->verbose, "More logging (repeatable)");
   cmd->add_option("-B,--bitmap", args->bitmaps, "Export persistent dirty bitmap NAME as qemu:dirty-bitmap:NAME")
       ->allow_extra_args(false);
   cmd->add_option("--config", args->config, "Serve the exports and listeners of a JSON config file");
+  cmd->add_option("--control", args->control,
+                  "Open a control socket here (mode 0600) for qnbd ctl: live bitmaps, checkpoints (docs/control.md)");
   cmd->add_option("--threads", args->threads, "I/O threads (default: one per core)");
   cmd->add_flag("--no-inline-io", args->no_inline_io,
                 "Run every device call on the blocking pool (default: small page-cache I/O runs inline)");
   cmd->add_option("--handshake-timeout", args->handshake_timeout, "Seconds allowed for negotiation (0 = none)");
+  cmd->add_option("--object", args->objects,
+                  "tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off] | "
+                  "tls-creds-psk,id=ID,endpoint=server,dir=DIR | authz-simple,id=ID,identity=DN (repeatable)")
+      ->allow_extra_args(false);
+  cmd->add_option("--tls-creds", args->tls_creds, "Require TLS with the credentials of --object ID");
+  cmd->add_option("--tls-authz", args->tls_authz, "Allow only the client identity of --object authz-simple ID");
+  cmd->add_option("--max-connections-per-address", args->max_per_address,
+                  "Connections one client IP address may hold at once (0 = unlimited)");
   add_lock_options(cmd, args->lock, true);
   cmd->callback([args, &status] { status = serve(*args); });
 }

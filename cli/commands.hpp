@@ -15,5 +15,6 @@ void add_create_command(CLI::App& app, int& status);   // cli/cmd_create.cpp
 void add_check_command(CLI::App& app, int& status);    // cli/cmd_check.cpp
 void add_bitmap_command(CLI::App& app, int& status);   // cli/cmd_bitmap.cpp
 void add_bench_command(CLI::App& app, int& status);    // cli/cmd_bench.cpp
+void add_ctl_command(CLI::App& app, int& status);      // cli/cmd_ctl.cpp
 
 }  // namespace qnbd::cli

@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   qnbd::cli::add_check_command(app, status);
   qnbd::cli::add_bitmap_command(app, status);
   qnbd::cli::add_bench_command(app, status);
+  qnbd::cli::add_ctl_command(app, status);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

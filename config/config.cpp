@@ -164,7 +164,7 @@ Result<std::string> as_enum(const json& v, const std::string& pointer,
 Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   QNBD_TRY(expect_object(v, pointer,
                          {"name", "image", "format", "read_only", "description", "allocation_depth",
-                          "bitmaps", "cache", "discard", "locking"}));
+                          "bitmaps", "cache", "discard", "locking", "recover_bitmaps", "recovery_chunk_size"}));
   ExportConfig e;
   const json* name = find(v, "name");
   if (name == nullptr) return fail(child(pointer, "name"), "required key is missing");
@@ -208,7 +208,43 @@ Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   if (const json* x = find(v, "locking")) {
     e.locking = QNBD_TRY(as_enum(*x, child(pointer, "locking"), {"auto", "on", "off"}));
   }
+  if (const json* x = find(v, "recover_bitmaps")) {
+    e.recover_bitmaps = QNBD_TRY(as_bool(*x, child(pointer, "recover_bitmaps")));
+  }
+  if (const json* x = find(v, "recovery_chunk_size")) {
+    const std::string p = child(pointer, "recovery_chunk_size");
+    auto n = static_cast<std::uint64_t>(QNBD_TRY(as_integer(*x, p, 65536, 1ull << 40)));
+    if (n & (n - 1)) return fail(p, "expected a power of two, got {}", n);
+    e.recovery_chunk_size = n;
+  }
   return e;
+}
+
+Result<TlsConfig> read_tls(const json& v, const std::string& pointer) {
+  QNBD_TRY(expect_object(v, pointer, {"creds", "dir", "verify_peer", "authz"}));
+  TlsConfig t;
+  t.id = "listener " + pointer;
+  const json* creds = find(v, "creds");
+  if (creds == nullptr) return fail(child(pointer, "creds"), "required key is missing");
+  t.creds = QNBD_TRY(as_enum(*creds, child(pointer, "creds"), {"x509", "psk"}));
+  const json* dir = find(v, "dir");
+  if (dir == nullptr) return fail(child(pointer, "dir"), "required key is missing");
+  t.dir = QNBD_TRY(as_string(*dir, child(pointer, "dir"), PATH_MAX, false));
+  if (const json* x = find(v, "verify_peer")) {
+    if (t.creds == "psk") return fail(child(pointer, "verify_peer"), "only for x509 credentials");
+    t.verify_peer = QNBD_TRY(as_bool(*x, child(pointer, "verify_peer")));
+  }
+  if (const json* x = find(v, "authz")) {
+    const std::string ap = child(pointer, "authz");
+    if (!x->is_array() || x->empty())
+      return fail(ap, "expected a non-empty array of client DNs or PSK usernames, got {}", describe(*x));
+    if (t.creds == "x509" && !t.verify_peer)
+      return fail(ap, "needs verify_peer (an unverified certificate proves no identity)");
+    for (std::size_t i = 0; i < x->size(); ++i)
+      t.authz.push_back(QNBD_TRY(as_string((*x)[i], child(ap, i), max_name_bytes, false)));
+    t.authz_id = "authz " + ap;
+  }
+  return t;
 }
 
 Result<ListenerConfig> read_listener(const json& v, const std::string& pointer) {
@@ -219,7 +255,7 @@ Result<ListenerConfig> read_listener(const json& v, const std::string& pointer) 
   l.type = QNBD_TRY(as_enum(*type, child(pointer, "type"), {"tcp", "unix"}));
   if (l.type == "tcp") {
     if (find(v, "path") != nullptr) return fail(child(pointer, "path"), "not allowed for a tcp listener");
-    QNBD_TRY(expect_object(v, pointer, {"type", "host", "port"}));
+    QNBD_TRY(expect_object(v, pointer, {"type", "host", "port", "tls"}));
     if (const json* x = find(v, "host")) l.host = QNBD_TRY(as_string(*x, child(pointer, "host"), 255, false));
     if (const json* x = find(v, "port")) {
       l.port = static_cast<std::uint16_t>(QNBD_TRY(as_integer(*x, child(pointer, "port"), 1, 65535)));
@@ -228,12 +264,16 @@ Result<ListenerConfig> read_listener(const json& v, const std::string& pointer) 
     for (std::string_view key : {"host", "port"}) {
       if (find(v, key) != nullptr) return fail(child(pointer, key), "not allowed for a unix listener");
     }
-    QNBD_TRY(expect_object(v, pointer, {"type", "path"}));
+    QNBD_TRY(expect_object(v, pointer, {"type", "path", "tls"}));
     const json* path = find(v, "path");
     if (path == nullptr) return fail(child(pointer, "path"), "required key is missing for a unix listener");
     l.path = QNBD_TRY(as_string(*path, child(pointer, "path"), max_unix_path_bytes, false));
     l.host.clear();
     l.port = 0;
+  }
+  if (const json* x = find(v, "tls")) {
+    l.tls = QNBD_TRY(read_tls(*x, child(pointer, "tls")));
+    l.has_tls = true;
   }
   return l;
 }
@@ -241,7 +281,7 @@ Result<ListenerConfig> read_listener(const json& v, const std::string& pointer) 
 Result<Limits> read_limits(const json& v, const std::string& pointer) {
   QNBD_TRY(expect_object(v, pointer,
                          {"max_connections", "handshake_timeout_seconds",
-                          "max_inflight_bytes_per_connection", "threads"}));
+                          "max_inflight_bytes_per_connection", "threads", "max_connections_per_address"}));
   Limits limits;
   if (const json* x = find(v, "max_connections")) {
     limits.max_connections = static_cast<std::uint32_t>(
@@ -255,6 +295,10 @@ Result<Limits> read_limits(const json& v, const std::string& pointer) {
     limits.max_inflight_bytes_per_connection = QNBD_TRY(as_integer(
         *x, child(pointer, "max_inflight_bytes_per_connection"), min_inflight_bytes, max_inflight_bytes));
   }
+  if (const json* x = find(v, "max_connections_per_address")) {
+    limits.max_connections_per_address = static_cast<std::uint32_t>(
+        QNBD_TRY(as_integer(*x, child(pointer, "max_connections_per_address"), 0, max_connections_limit)));
+  }
   if (const json* x = find(v, "threads")) {
     limits.threads =
         static_cast<std::uint32_t>(QNBD_TRY(as_integer(*x, child(pointer, "threads"), 0, max_threads)));
@@ -263,7 +307,7 @@ Result<Limits> read_limits(const json& v, const std::string& pointer) {
 }
 
 Result<Config> read_config(const json& doc) {
-  QNBD_TRY(expect_object(doc, "", {"$schema", "exports", "listeners", "limits"}));
+  QNBD_TRY(expect_object(doc, "", {"$schema", "exports", "listeners", "limits", "control"}));
   if (const json* x = find(doc, "$schema")) QNBD_TRY(as_string(*x, "/$schema", PATH_MAX, true));
 
   Config config;
@@ -303,6 +347,7 @@ Result<Config> read_config(const json& doc) {
   }
 
   if (const json* limits = find(doc, "limits")) config.limits = QNBD_TRY(read_limits(*limits, "/limits"));
+  if (const json* c = find(doc, "control")) config.control = QNBD_TRY(as_string(*c, "/control", max_unix_path_bytes, false));
   return config;
 }
 
@@ -454,6 +499,10 @@ Result<Config> load_config(const std::string& path) {
   for (auto& e : config.exports) {
     std::filesystem::path image(e.image);
     if (image.is_relative() && !base.empty()) e.image = (base / image).string();
+  }
+  for (auto& l : config.listeners) {
+    std::filesystem::path dir(l.tls.dir);
+    if (l.has_tls && dir.is_relative() && !base.empty()) l.tls.dir = (base / dir).string();
   }
   return config;
 }

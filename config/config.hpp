@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "common/result.hpp"
@@ -28,6 +29,20 @@ struct ExportConfig {
   std::string cache = "writeback";   // "writeback" | "writethrough" | "none" | "unsafe"
   std::string discard = "ignore";    // "ignore" | "unmap"
   std::string locking = "auto";      // "auto" | "on" | "off": QEMU-compatible image locks
+  bool recover_bitmaps = true;       // crash-safe bitmaps (docs/crash-safe-bitmaps.md)
+  std::uint64_t recovery_chunk_size = 0;  // bytes per record bit, power of two; 0 = default
+};
+
+// TLS on one listener (docs/tls.md): with it the listener requires
+// NBD_OPT_STARTTLS before anything else (NBD proto.md "FORCEDTLS mode").
+struct TlsConfig {
+  std::string id = "tls0";          // name in log lines (the --object id)
+  std::string creds = "x509";       // "x509" (qemu's tls-creds-x509) | "psk" (tls-creds-psk)
+  std::string dir;                  // x509: ca-cert.pem, server-cert.pem, server-key.pem;
+                                    // psk: keys.psk (load_config resolves it)
+  bool verify_peer = true;          // x509: require a client certificate signed by ca-cert.pem
+  std::string authz_id;             // "" = no authz; else the --object authz-simple id
+  std::vector<std::string> authz;   // client DNs (x509) or PSK usernames allowed
 };
 
 struct ListenerConfig {
@@ -35,6 +50,8 @@ struct ListenerConfig {
   std::string host = "127.0.0.1";   // tcp only
   std::uint16_t port = 10809;       // tcp only, 1..65535
   std::string path;                 // unix only: socket path
+  bool has_tls = false;             // `tls` below is set
+  TlsConfig tls;
 };
 
 struct Limits {
@@ -42,12 +59,16 @@ struct Limits {
   std::uint32_t handshake_timeout_seconds = 10;
   std::uint64_t max_inflight_bytes_per_connection = 64ull << 20;
   std::uint32_t threads = 0;  // 0 = one per core
+  // Connections one client address may hold at once, counting those still
+  // negotiating (TCP only; 0 = unlimited).
+  std::uint32_t max_connections_per_address = 0;
 };
 
 struct Config {
   std::vector<ExportConfig> exports;     // at least one, names unique
   std::vector<ListenerConfig> listeners; // defaults to one tcp 127.0.0.1:10809
   Limits limits;
+  std::string control;  // control socket path (docs/control.md); "" = none
 };
 
 // Bounds enforced by the loader, exported so the docs, the schema and the
@@ -61,6 +82,22 @@ inline constexpr std::uint64_t min_inflight_bytes = 64ull << 10;  // 64 KiB
 inline constexpr std::uint64_t max_inflight_bytes = 4ull << 30;         // 4 GiB
 inline constexpr std::uint32_t max_threads = 1024;
 inline constexpr std::size_t max_config_file_bytes = 16u << 20;
+
+// The qemu-style objects of `qnbd serve --object ...` (qemu-nbd's spelling,
+// docs/tls.md): tls-creds-x509, tls-creds-psk and authz-simple, then
+// --tls-creds ID / --tls-authz ID pick the ones to use. Values may contain
+// commas written as ",," (qemu's escaping, needed for DNs).
+struct QemuObject {
+  std::string qom_type;
+  std::vector<std::pair<std::string, std::string>> props;  // in order, id included
+  const std::string* get(std::string_view key) const;
+};
+[[nodiscard]] Result<QemuObject> parse_qemu_object(std::string_view text);
+// Build the TlsConfig from all --object arguments and the two ids. Errors
+// (EINVAL) name the option: unknown object type or property, duplicate id,
+// endpoint=client, missing dir, --tls-creds naming no credentials, ...
+[[nodiscard]] Result<TlsConfig> tls_from_objects(const std::vector<std::string>& objects,
+                                                 std::string_view creds_id, std::string_view authz_id);
 
 // Parse and validate a configuration held in memory. Image paths are kept as
 // written. Errors: EINVAL, message "POINTER: what is wrong" (or "line L,

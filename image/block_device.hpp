@@ -64,6 +64,42 @@ struct BitmapExtent {
   bool dirty = false;  // NBD_STATE_DIRTY
 };
 
+// ---- Live bitmap changes (the control socket's bitmap commands and
+// checkpoints; image/checkpoint.hpp runs them) ----
+
+// One operation of a live bitmap edit: the meaning of `qnbd bitmap` at rest
+// (image/qcow2/bitmap_edit.hpp), on an image open for writing.
+struct LiveBitmapOp {
+  enum class Kind { add, remove, clear, enable, disable, merge };
+  Kind kind = Kind::add;
+  std::string name;               // the bitmap the operation applies to
+  std::string source;             // merge: the bitmap merged into `name`
+  std::uint64_t granularity = 0;  // add: 0 = the at-rest default
+  bool disabled = false;          // add: create it disabled
+};
+
+// A bitmap as the control socket's status shows it.
+struct BitmapState {
+  std::string name;
+  std::uint64_t granularity = 0;
+  bool enabled = false;      // recording writes
+  bool in_use = false;       // found in_use (inconsistent) at open: only remove works
+  std::uint64_t dirty_bytes = 0;
+};
+
+// A validated live edit of one device, holding the device's edit lock until
+// destroyed. checkpoint.cpp drives it: commit() with the device's write
+// gate closed (in memory only, cannot fail), then persist() with writes
+// running again.
+class BitmapTransaction {
+ public:
+  virtual ~BitmapTransaction() = default;
+  virtual void commit() noexcept = 0;
+  [[nodiscard]] virtual Result<void> persist() = 0;
+};
+
+class WriteGate;
+
 struct ZeroFlags {
   bool may_unmap = true;    // may release allocation (NBD: NO_HOLE not set)
   bool fast_only = false;   // fail with ENOTSUP unless it is cheap (NBD FAST_ZERO)
@@ -145,6 +181,20 @@ class BlockDevice {
     return make_error(ENOENT, "no such bitmap");
   }
 
+  // The persistent bitmaps now (may load a bitmap's data to count it).
+  [[nodiscard]] virtual Result<std::vector<BitmapState>> bitmap_states() { return std::vector<BitmapState>{}; }
+  // Validate `ops` against the bitmaps now and load what they need; the
+  // edit is applied by the returned transaction (see BitmapTransaction).
+  // Errors use qemu-img's words (ENOENT not found, EEXIST exists, EINVAL
+  // inconsistent or bad argument, ENOTSUP no bitmaps in this format).
+  [[nodiscard]] virtual Result<std::unique_ptr<BitmapTransaction>> begin_bitmap_edit(
+      const std::vector<LiveBitmapOp>& /*ops*/) {
+    return make_error(ENOTSUP, "format {} has no persistent dirty bitmaps", format());
+  }
+  // The gate every guest write of this device passes (null: the device has
+  // no bitmaps to switch).
+  virtual WriteGate* write_gate() { return nullptr; }
+
   // Flush and release; after close() only the destructor may be called.
   // Called on clean shutdown so a writer can store state (bitmaps, the dirty
   // bit) and report errors; the destructor must not throw.
@@ -163,6 +213,14 @@ struct OpenOptions {
   // Backing files opened for a writable top image are read-only; the chain
   // is bounded so a loop or a hostile chain cannot recurse forever.
   unsigned max_backing_depth = 64;
+  // Persistent bitmaps that survive a crash (docs/crash-safe-bitmaps.md):
+  // a writable qcow2 open keeps a write-intent record beside the image
+  // (IMAGE.qnbd-intent) and recovers from one left by a crash. Off: the
+  // record is neither written nor trusted (bitmaps of a crashed writer stay
+  // inconsistent). recovery_chunk: bytes of guest disk per record bit (a
+  // power of two, 64 KiB to 1 TiB; 0 = the default, 64 MiB).
+  bool recover_bitmaps = true;
+  std::uint64_t recovery_chunk = 0;
 };
 
 // block_status() for any device, from layer_status() walked down the

@@ -56,6 +56,10 @@ struct ImageInfo {
   std::string backing_format;         // from the extension (empty if absent)
   std::vector<BitmapInfo> bitmaps;
   bool has_bitmaps_extension = false;
+  // The bitmaps' write-intent record (docs/crash-safe-bitmaps.md): "none",
+  // "armed", "pending", "recovered", "stale" or "missing", and a line why.
+  std::string intent_record;
+  std::string intent_record_detail;
   std::vector<SnapshotInfo> snapshots;
 };
 

@@ -89,6 +89,7 @@ Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const Ope
     if (!b) return make_error(b.error().code, "could not open backing file: {}", b.error().message);
     return std::move(*b);
   };
+  if (options.recover_bitmaps) parts.intent = qcow2::intent_access(path, options.recovery_chunk);
   auto img = qcow2::Qcow2Image::open(std::move(parts), options);
   if (!img) return make_error(img.error().code, "{}: {}", path, img.error().message);
   (*img)->set_full_backing_filename(full_backing);

@@ -12,8 +12,12 @@
 #       granules must be exactly the ones the round's requests touched, the
 #       map must equal qemu-nbd -B's, and qemu-img check must be clean.
 # Rounds alternate --discard=unmap (a trim dirties its granules) and the
-# default ignore (a trim is a no-op that dirties nothing). At the end every
-# disabled bitmap must still hold what it held when it was pulled.
+# default ignore (a trim is a no-op that dirties nothing). Then 2 crash
+# rounds: the writable serve is SIGKILLed mid-workload,
+# restarted (which recovers the bitmap, docs/crash-safe-bitmaps.md), then
+# checkpointed and pulled as above; the backup must still equal the image.
+# At the end every disabled bitmap must still hold what it held when it was
+# pulled.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo nbdcopy timeout
 requires_qnbd
@@ -98,6 +102,42 @@ for ((k = 0; k < rounds; k++)); do
   qemu-img check -q "$img" || fail "round $k: qemu-img check not clean"
   echo "round $((k + 1)): discard=${discard[*]:-ignore} $wrote; pulled $b: $pulled"
 done
+
+# Crash rounds: kill -9 mid-round, restart, pull the recovered bitmap.
+crash_rounds=2
+for ((k = rounds; k < rounds + crash_rounds; k++)); do
+  b=b$k
+  next=b$((k + 1))
+  start_serve --recovery-chunk-size 1048576 -f qcow2 "$img"
+  # The round's writer, cut by the kill (its exit status then says nothing).
+  cycle write "$SERVE_URI" $((seed + k)) "$gran0" 0 "$T/granules.$k.json" >/dev/null 2>"$T/writer.log" &
+  writer=$!
+  sleep 0.5
+  serve_alive || { cat "$SERVE_LOG" >&2; fail "crash round $k: qnbd serve died before the kill"; }
+  kill -KILL "$SERVE_PID"
+  wait "$SERVE_PID" 2>/dev/null || true
+  SERVE_PID=
+  timeout 30 tail --pid="$writer" -f /dev/null || fail "crash round $k: writer did not stop"
+  wait "$writer" || true
+  [[ $(qemu-img info "$img") == *in-use* ]] || fail "crash round $k: $b not in-use after the kill"
+  # The restart recovers: -B of the tracking bitmap is accepted, and the
+  # clean stop stores it consistent.
+  start_serve -B "$b" -f qcow2 "$img"
+  stop_serve
+  if [[ $(qemu-img info "$img") == *in-use* ]]; then fail "crash round $k: in-use left after recovery"; fi
+  qemu-img check -q "$img" || [[ $? == 3 ]] || fail "crash round $k: qemu-img check found corruption"
+  "$QNBD" bitmap --add "$img" "$next" || fail "crash round $k: qnbd bitmap --add $next failed"
+  "$QNBD" bitmap --disable "$img" "$b" || fail "crash round $k: qnbd bitmap --disable $b failed"
+  start_serve -r -B "$b" -f qcow2 "$img"
+  pulled=$(cycle pull "$SERVE_URI" "$b" "$backup" - "$gran0") ||
+    { cat "$SERVE_LOG" >&2; fail "crash round $k: pull of the recovered $b failed"; }
+  nbdinfo --json --map=qemu:dirty-bitmap:$b "$SERVE_URI" >"$T/qnbd.$b.json"
+  stop_serve
+  qemu-img compare -q -f raw -F qcow2 "$backup" "$img" ||
+    fail "crash round $k: backup.raw differs from the image after pulling the recovered $b"
+  echo "crash round $((k + 1)): killed mid-workload; pulled the recovered $b: $pulled"
+done
+rounds=$((rounds + crash_rounds))
 
 # Disabled bitmaps are frozen: each still equals what was pulled from it.
 args=()

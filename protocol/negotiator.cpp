@@ -57,7 +57,7 @@ struct Cursor {
 
 }  // namespace
 
-Negotiator::Negotiator(const ExportCatalog& catalog) : catalog_(catalog) {
+Negotiator::Negotiator(const ExportCatalog& catalog, TlsMode tls) : catalog_(catalog), tls_mode_(tls) {
   // §3.2 greeting: fixed newstyle, and we can omit the zeroes.
   put64(out_, NBDMAGIC);
   put64(out_, IHAVEOPT);
@@ -72,6 +72,10 @@ Action Negotiator::next() {
   }
   out_.clear();
   if (close_after_send_) stage_ = Stage::closed;
+  if (tls_after_send_ && stage_ != Stage::closed) {
+    // Stays set until tls_started(): nothing may be read in clear meanwhile.
+    return {Action::Kind::start_tls, {}, 0};
+  }
   switch (stage_) {
     case Stage::transmission: return {Action::Kind::start_transmission, {}, 0};
     case Stage::closed: return {Action::Kind::close, {}, 0};
@@ -80,8 +84,20 @@ Action Negotiator::next() {
   }
 }
 
+void Negotiator::tls_started() {
+  if (!tls_after_send_) return;
+  tls_after_send_ = false;
+  tls_active_ = true;
+  // NBD proto.md "NBD_OPT_STARTTLS": after the upgrade the client must
+  // renegotiate structured replies, extended headers and meta contexts.
+  mode_ = ReplyMode::simple;
+  selected_.clear();
+  selected_export_.clear();
+  has_selection_ = false;
+}
+
 void Negotiator::feed(std::span<const std::byte> bytes) {
-  if (stage_ == Stage::transmission || stage_ == Stage::closed || close_after_send_) return;
+  if (stage_ == Stage::transmission || stage_ == Stage::closed || close_after_send_ || tls_after_send_) return;
   if (stage_ == Stage::option_skip) {
     skip_left_ -= std::min(bytes.size(), skip_left_);
     if (skip_left_ == 0) skipped_option();
@@ -165,7 +181,9 @@ void Negotiator::skipped_option() {
       reply(NBD_REP_ACK);  // §4.2: data ignored
       close_after_send_ = true;
       return;
-    default: return reply_error(NBD_REP_ERR_TOO_BIG, "option data above 1 MiB");
+    default:
+      if (tls_refused()) return;
+      return reply_error(NBD_REP_ERR_TOO_BIG, "option data above 1 MiB");
   }
 }
 
@@ -197,7 +215,31 @@ std::uint16_t Negotiator::flags_for(const ExportInfo& exp) const {
   return transmission_flags(exp, mode_, has);
 }
 
+// FORCEDTLS before the upgrade (NBD proto.md "FORCEDTLS mode"): every option
+// but STARTTLS and ABORT, unknown ones included, gets NBD_REP_ERR_TLS_REQD and
+// EXPORT_NAME, which cannot carry an error, ends the session. Nothing about
+// the exports is revealed. True when the option was answered here.
+bool Negotiator::tls_refused() {
+  if (tls_mode_ != TlsMode::required || tls_active_) return false;
+  if (opt_ == NBD_OPT_STARTTLS || opt_ == NBD_OPT_ABORT) return false;
+  if (opt_ == NBD_OPT_EXPORT_NAME) {
+    fail("NBD_OPT_EXPORT_NAME before STARTTLS on a TLS listener");
+    return true;
+  }
+  reply_error(NBD_REP_ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS first");
+  return true;
+}
+
+void Negotiator::opt_starttls(bool has_data) {
+  if (has_data) return reply_error(NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+  if (tls_mode_ == TlsMode::none) return reply_error(NBD_REP_ERR_POLICY, "TLS not configured");
+  if (tls_active_) return reply_error(NBD_REP_ERR_INVALID, "TLS is already active");
+  reply(NBD_REP_ACK);
+  tls_after_send_ = true;
+}
+
 void Negotiator::process_option() {
+  if (tls_refused()) return;
   if (catalog_.shutting_down() && opt_ != NBD_OPT_ABORT) {
     if (opt_ == NBD_OPT_EXPORT_NAME) return fail("server shutting down");
     return reply_error(NBD_REP_ERR_SHUTDOWN, "server is shutting down");
@@ -213,9 +255,7 @@ void Negotiator::process_option() {
     case NBD_OPT_LIST:
       if (has_data) return reply_error(NBD_REP_ERR_INVALID, "NBD_OPT_LIST takes no data");
       return opt_list();
-    case NBD_OPT_STARTTLS:
-      if (has_data) return reply_error(NBD_REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
-      return reply_error(NBD_REP_ERR_POLICY, "TLS not configured");
+    case NBD_OPT_STARTTLS: return opt_starttls(has_data);
     case NBD_OPT_INFO: return opt_info_go(false);
     case NBD_OPT_GO: return opt_info_go(true);
     case NBD_OPT_STRUCTURED_REPLY:

@@ -25,6 +25,8 @@ struct Action {
     send,                // write `data` to the peer, then call next() again
     need_bytes,          // read exactly `bytes` more bytes and feed() them
     start_transmission,  // handshake done: see Negotiator::result()
+    start_tls,           // run the TLS handshake on the socket, then call
+                         // tls_started() (or close if it fails)
     close,               // drop the connection (after sending nothing more)
   };
   Kind kind = Kind::close;
@@ -43,9 +45,18 @@ struct Negotiated {
   std::uint32_t max_payload = 32u << 20;
 };
 
+// The listener's TLS mode (NBD proto.md section "TLS support"): without
+// credentials NOTLS (STARTTLS gets NBD_REP_ERR_POLICY); with them FORCEDTLS.
+enum class TlsMode : std::uint8_t { none, required };
+
 class Negotiator {
  public:
-  explicit Negotiator(const ExportCatalog& catalog);
+  explicit Negotiator(const ExportCatalog& catalog, TlsMode tls = TlsMode::none);
+
+  // The TLS handshake that start_tls asked for succeeded: TLS is now active
+  // and every state negotiated before it is discarded (section "NBD_OPT_STARTTLS").
+  void tls_started();
+  bool tls_active() const { return tls_active_; }
 
   Action next();
   // Feed bytes read from the peer; at most the count last asked for.
@@ -69,6 +80,8 @@ class Negotiator {
   void fail(std::string reason);
   void reply(std::uint32_t type, std::span<const std::byte> data = {});
   void reply_error(std::uint32_t type, std::string_view message);
+  bool tls_refused();
+  void opt_starttls(bool has_data);
   void opt_export_name();
   void opt_list();
   void opt_info_go(bool go);
@@ -83,6 +96,9 @@ class Negotiator {
   std::vector<std::byte> out_;
   bool out_pending_ = false;
   bool close_after_send_ = false;
+  bool tls_after_send_ = false;  // STARTTLS acknowledged: next is start_tls
+  TlsMode tls_mode_ = TlsMode::none;
+  bool tls_active_ = false;
 
   bool no_zeroes_ = false;
   std::uint32_t opt_ = 0;

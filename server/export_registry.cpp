@@ -22,6 +22,7 @@ Result<std::shared_ptr<const Export>> Export::make(ExportSpec spec) {
   e->bitmaps_ = std::move(spec.bitmaps);
   e->discard_unmap_ = spec.discard_unmap;
   e->inline_io_ = spec.inline_io;
+  e->image_ = std::move(spec.image);
   return std::shared_ptr<const Export>(std::move(e));
 }
 

@@ -58,6 +58,9 @@ class Export {
   const protocol::ExportInfo& info() const { return info_; }
   const std::string& name() const { return info_.name; }
   image::BlockDevice& device() const { return *device_; }
+  // The device, shared (the control socket keeps it alive while a command runs).
+  const std::shared_ptr<image::BlockDevice>& device_ptr() const { return device_; }
+  const std::string& image() const { return image_; }
   bool discard_unmap() const { return discard_unmap_; }
   bool inline_io() const { return inline_io_; }
 
@@ -75,6 +78,7 @@ class Export {
   std::vector<ExportedBitmap> bitmaps_;  // info_.bitmaps[i] == bitmaps_[i].name
   bool discard_unmap_ = false;
   bool inline_io_ = true;
+  std::string image_;
 };
 
 class ExportRegistry {

@@ -62,8 +62,11 @@
 #include "protocol/request.hpp"
 #include "protocol/transmission.hpp"
 #include "server/buffer_pool.hpp"
+#include "server/control.hpp"
 #include "server/export_registry.hpp"
 #include "server/server.hpp"
+#include "server/stream.hpp"
+#include "server/tls.hpp"
 
 namespace qnbd::server {
 
@@ -119,8 +122,10 @@ class Session : public std::enable_shared_from_this<Session> {
   static constexpr std::uint32_t kInlineMaxLength = 256u << 10;
   static constexpr auto kSlowInline = std::chrono::microseconds(200);
   static constexpr std::uint32_t kPoolCredit = 256;
-  Session(Server& server, Socket socket, std::uint64_t id)
-      : server_(server), socket_(std::move(socket)), id_(id),
+  Session(Server& server, Socket socket, std::uint64_t id, std::shared_ptr<const TlsCredentials> tls,
+          std::string peer_address)
+      : server_(server), socket_(std::move(socket)), id_(id), tls_creds_(std::move(tls)),
+        peer_address_(std::move(peer_address)),
         wake_reader_(socket_.get_executor()), wake_writer_(socket_.get_executor()),
         deadline_(socket_.get_executor()) {
     wake_reader_.expires_at(asio::steady_timer::time_point::max());
@@ -140,7 +145,12 @@ class Session : public std::enable_shared_from_this<Session> {
   // (the client sees the connection end, not a hang).
   void close();
   auto get_executor() { return socket_.get_executor(); }
+  // The client's IP address ("" for Unix sockets): the per-address cap.
+  const std::string& peer_address() const { return peer_address_; }
   std::uint64_t id() const { return id_; }
+  // The export chosen in the handshake (null before), readable from any
+  // thread (the control socket counts connections per export).
+  const Export* export_seen() const { return export_seen_.load(std::memory_order_acquire); }
 
  private:
   awaitable<bool> handshake();
@@ -165,6 +175,9 @@ class Session : public std::enable_shared_from_this<Session> {
   Server& server_;
   Socket socket_;
   std::uint64_t id_;
+  std::shared_ptr<const TlsCredentials> tls_creds_;  // set: TLS required
+  std::string peer_address_;
+  Stream stream_{socket_};  // the socket, or TLS over it after STARTTLS
   asio::steady_timer wake_reader_;
   asio::steady_timer wake_writer_;
   asio::steady_timer deadline_;
@@ -174,6 +187,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // other connections on it) and the selected contexts with their bitmap
   // handles, resolved once (Export::resolve_contexts), at most kMaxContexts.
   std::shared_ptr<const Export> export_;
+  std::atomic<const Export*> export_seen_{nullptr};
   std::vector<ServedContext> contexts_;
   std::vector<ContextSlot> wire_contexts_;  // contexts_ as decode() and the plans see them
   Negotiated neg_;
@@ -222,7 +236,7 @@ unsigned usable_cpus();
 
 
 // ---------------------------------------------------------------------------
-class Server : public ExportCatalog {
+class Server : public ExportCatalog, public ControlTarget {
  public:
   explicit Server(ServerOptions opts)
       : opts_(std::move(opts)),
@@ -243,6 +257,8 @@ class Server : public ExportCatalog {
 
   const std::vector<ExportInfo>& exports() const override { return registry_.infos(); }
   bool shutting_down() const override { return shutting_down_.load(); }
+  // The control socket's view of the exports (server.cpp).
+  std::vector<ControlExport> control_exports() override;
 
   // Long requests run in steps of at most this many bytes, at multiples of
   // it (so cluster-aligned), checking shutting_down() between steps.
@@ -266,8 +282,11 @@ class Server : public ExportCatalog {
   void session_ended(const std::shared_ptr<Session>& s);
 
  private:
-  Result<void> add_acceptor(const asio::generic::stream_protocol::endpoint& ep, bool v6only);
-  awaitable<void> accept_loop(Acceptor& acc);
+  Result<void> add_acceptor(const asio::generic::stream_protocol::endpoint& ep, bool v6only,
+                            std::shared_ptr<const TlsCredentials> tls);
+  awaitable<void> accept_loop(Acceptor& acc, std::shared_ptr<const TlsCredentials> tls);
+  // False (and logged) when `addr` already holds max_connections_per_address.
+  bool admit_address(const std::string& addr, std::uint64_t id);
   void begin_shutdown(const char* why);
   awaitable<void> shutdown_sequence();
   // True once no session is left; false if `limit` passed first.
@@ -298,6 +317,7 @@ class Server : public ExportCatalog {
   asio::steady_timer slot_freed_;
   asio::steady_timer drained_;
   std::vector<std::unique_ptr<Acceptor>> acceptors_;
+  std::vector<std::shared_ptr<const TlsCredentials>> acceptor_tls_;  // parallel to acceptors_
   std::vector<std::string> unix_paths_;
   std::atomic<bool> shutting_down_{false};
   std::mutex sessions_mu_;
@@ -306,6 +326,9 @@ class Server : public ExportCatalog {
   bool had_client_ = false;
   std::atomic<int> signals_seen_{0};
   int exit_status_ = 0;
+  // The control socket (control.hpp), if asked for; stopped before the
+  // exports are closed, so no bitmap edit runs on a closed image.
+  std::unique_ptr<ControlServer> control_;
 };
 
 }  // namespace qnbd::server

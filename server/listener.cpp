@@ -4,6 +4,7 @@
 #include "server/internal.hpp"
 
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -15,7 +16,8 @@
 
 namespace qnbd::server {
 
-Result<void> Server::add_acceptor(const asio::generic::stream_protocol::endpoint& ep, bool v6only) {
+Result<void> Server::add_acceptor(const asio::generic::stream_protocol::endpoint& ep, bool v6only,
+                                  std::shared_ptr<const TlsCredentials> tls) {
   auto acc = std::make_unique<Acceptor>(strand_);
   boost::system::error_code ec;
   acc->open(ep.protocol(), ec);
@@ -30,6 +32,7 @@ Result<void> Server::add_acceptor(const asio::generic::stream_protocol::endpoint
   if (!ec) acc->listen(asio::socket_base::max_listen_connections, ec);
   if (ec) return make_error(ec.value(), "{}", ec.message());
   acceptors_.push_back(std::move(acc));
+  acceptor_tls_.push_back(std::move(tls));
   return ok();
 }
 
@@ -46,7 +49,7 @@ Result<void> Server::listen() {
         bool any = false;
         for (const auto& r : results) {
           auto ep = r.endpoint();
-          auto res = add_acceptor(asio::generic::stream_protocol::endpoint(ep), ep.address().is_v6());
+          auto res = add_acceptor(asio::generic::stream_protocol::endpoint(ep), ep.address().is_v6(), l.tls);
           if (!res) return make_error(res.error().code, "cannot listen on {}:{}: {}", l.host, l.port, res.error().message);
           any = true;
         }
@@ -58,7 +61,7 @@ Result<void> Server::listen() {
         // Replace a stale socket from an earlier run, never another file type.
         if (::lstat(l.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(l.path.c_str());
         asio::local::stream_protocol::endpoint uep(l.path);
-        auto res = add_acceptor(asio::generic::stream_protocol::endpoint(uep), false);
+        auto res = add_acceptor(asio::generic::stream_protocol::endpoint(uep), false, l.tls);
         if (!res) return make_error(res.error().code, "cannot listen on {}: {}", l.path, res.error().message);
         unix_paths_.push_back(l.path);
         break;
@@ -74,15 +77,29 @@ Result<void> Server::listen() {
         acc->assign(asio::generic::stream_protocol(ss.ss_family, proto), l.fd, ec);
         if (ec) return make_error(ec.value(), "cannot use inherited fd {}: {}", l.fd, ec.message());
         acceptors_.push_back(std::move(acc));
+        acceptor_tls_.push_back(l.tls);
         break;
       }
     }
   }
   if (acceptors_.empty()) return make_error(EINVAL, "no listeners");
+  if (!opts_.control_path.empty()) control_ = QNBD_TRY(ControlServer::start(opts_.control_path, *this));
   return ok();
 }
 
-awaitable<void> Server::accept_loop(Acceptor& acc) {
+bool Server::admit_address(const std::string& addr, std::uint64_t id) {
+  if (!opts_.max_connections_per_address || addr.empty()) return true;
+  std::size_t n = 0;
+  {
+    std::lock_guard lk(sessions_mu_);
+    for (const auto& s : sessions_) n += s->peer_address() == addr;
+  }
+  if (n < opts_.max_connections_per_address) return true;
+  log::warn("conn {}: refused: {} already holds {} connections (max_connections_per_address)", id, addr, n);
+  return false;
+}
+
+awaitable<void> Server::accept_loop(Acceptor& acc, std::shared_ptr<const TlsCredentials> tls) {
   for (;;) {
     // Connection cap: stop accepting while full; clients wait in the backlog
     // (what qemu-nbd does with --shared).
@@ -101,7 +118,27 @@ awaitable<void> Server::accept_loop(Acceptor& acc) {
       continue;
     }
     auto id = next_id_++;
-    auto session = std::make_shared<Session>(*this, std::move(sock), id);
+    std::string peer;
+    {
+      sockaddr_storage ss{};
+      socklen_t len = sizeof ss;
+      char host[INET6_ADDRSTRLEN] = "";
+      if (::getpeername(sock.native_handle(), reinterpret_cast<sockaddr*>(&ss), &len) == 0) {
+        if (ss.ss_family == AF_INET)
+          ::inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&ss)->sin_addr, host, sizeof host);
+        else if (ss.ss_family == AF_INET6)
+          ::inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(&ss)->sin6_addr, host, sizeof host);
+      }
+      peer = host;
+    }
+    // Per-address cap, counted over every session (negotiating ones too):
+    // one address cannot take all of max_connections.
+    if (!admit_address(peer, id)) {
+      boost::system::error_code cec;
+      sock.close(cec);
+      continue;
+    }
+    auto session = std::make_shared<Session>(*this, std::move(sock), id, tls, std::move(peer));
     {
       std::lock_guard lk(sessions_mu_);
       sessions_.insert(session);

@@ -37,7 +37,7 @@ awaitable<void> Session::writer() {
                          p.length);
     }
     if (!write_failed_) {
-      auto [ec, n] = co_await asio::async_write(socket_, iov, use_tuple);
+      auto [ec, n] = co_await stream_.write(iov);
       if (ec) {
         log::debug("conn {}: write failed: {}", id_, ec.message());
         write_failed_ = true;

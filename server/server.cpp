@@ -27,6 +27,28 @@ std::string describe_exception(std::exception_ptr e) {
   }
 }
 
+std::vector<ControlExport> Server::control_exports() {
+  std::vector<ControlExport> out;
+  const auto all = registry_.all();
+  for (const auto& e : all) {
+    ControlExport c;
+    c.name = e->name();
+    c.image = e->image();
+    c.format = e->device().format();
+    c.size = e->info().size;
+    c.read_only = e->info().read_only;
+    c.device = e->device_ptr();
+    out.push_back(std::move(c));
+  }
+  std::lock_guard lk(sessions_mu_);
+  for (const auto& s : sessions_) {
+    for (std::size_t i = 0; i < all.size(); ++i) {
+      if (s->export_seen() == all[i].get()) ++out[i].connections;
+    }
+  }
+  return out;
+}
+
 Result<void> Server::add_exports() {
   for (auto& e : opts_.exports) QNBD_TRY(registry_.add(std::move(e)));
   opts_.exports.clear();
@@ -40,8 +62,8 @@ int Server::run() {
   });
   // An accept loop that failed would leave its listener deaf: log it and
   // shut down rather than serve on without it.
-  for (auto& a : acceptors_)
-    asio::co_spawn(strand_, accept_loop(*a), log_failure("accept loop", [this] { begin_shutdown("accept loop failed"); }));
+  for (std::size_t i = 0; i < acceptors_.size(); ++i)
+    asio::co_spawn(strand_, accept_loop(*acceptors_[i], acceptor_tls_[i]), log_failure("accept loop", [this] { begin_shutdown("accept loop failed"); }));
   if (opts_.on_listening) opts_.on_listening();
   std::vector<std::thread> threads;
   for (auto& w : workers_) threads.emplace_back([&w] { w->run(); });

@@ -22,6 +22,8 @@
 
 namespace qnbd::server {
 
+class TlsCredentials;  // server/tls.hpp
+
 // A dirty bitmap served as qemu:dirty-bitmap:NAME: its name and the handle
 // BlockDevice::export_bitmap returned for it.
 struct ExportedBitmap {
@@ -38,6 +40,7 @@ struct ExportSpec {
   // Cheap requests may run on the io threads (false for O_DIRECT images,
   // whose every call waits for the disk).
   bool inline_io = true;
+  std::string image;   // the image path (control socket status)
 };
 
 struct ListenerSpec {
@@ -47,6 +50,8 @@ struct ListenerSpec {
   std::uint16_t port = 10809;
   std::string path;  // unix_socket
   int fd = -1;       // inherited_fd (systemd socket activation)
+  // Set: TLS is required on this listener (NBD proto.md "FORCEDTLS mode").
+  std::shared_ptr<const TlsCredentials> tls;
 };
 
 struct ServerOptions {
@@ -54,6 +59,9 @@ struct ServerOptions {
   std::vector<ListenerSpec> listeners;
   bool persistent = true;            // false: exit after the last client leaves
   std::uint32_t max_connections = 0; // 0 = unlimited
+  // Connections one client IP address may hold, negotiating ones included
+  // (0 = unlimited; Unix-socket clients are not counted).
+  std::uint32_t max_connections_per_address = 0;
   std::uint32_t handshake_timeout_seconds = 10;
   std::uint64_t max_inflight_bytes = 64ull << 20;  // per connection
   std::uint32_t max_inflight_requests = 16;        // per connection
@@ -61,6 +69,8 @@ struct ServerOptions {
   // Run small reads/writes/block status on the io threads instead of the
   // blocking pool (see Session::runs_inline); off = always use the pool.
   bool inline_io = true;
+  // The control socket's path (docs/control.md); "" = none.
+  std::string control_path;
   // Called once every listener is bound and listening (pid file, --fork).
   std::function<void()> on_listening;
 };

@@ -28,7 +28,12 @@ awaitable<void> Session::run() {
     }
   }
   bool go = co_await handshake();
+  // Refused TLS handshakes log their own reason; this is the client that
+  // never sent STARTTLS (every option got NBD_REP_ERR_TLS_REQD).
+  if (!go && tls_creds_ && !stream_.tls())
+    log::warn("conn {}: ended without TLS (a plaintext client on a TLS listener)", id_);
   if (go) co_await transmission();
+  stream_.bye();
   boost::system::error_code ec;
   socket_.shutdown(Socket::shutdown_both, ec);
   socket_.close(ec);
@@ -60,7 +65,7 @@ void Session::stop() {
 }
 
 awaitable<bool> Session::handshake() {
-  Negotiator neg(server_);
+  Negotiator neg(server_, tls_creds_ ? TlsMode::required : TlsMode::none);
   auto timeout = server_.options().handshake_timeout_seconds;
   std::weak_ptr<Session> weak = shared_from_this();
   if (timeout) {
@@ -68,7 +73,7 @@ awaitable<bool> Session::handshake() {
     deadline_.async_wait([weak](boost::system::error_code ec) {
       if (ec) return;
       if (auto s = weak.lock()) {
-        log::info("conn {}: handshake timed out", s->id_);
+        log::warn("conn {}: handshake timed out", s->id_);
         boost::system::error_code ignored;
         s->socket_.close(ignored);
       }
@@ -79,7 +84,7 @@ awaitable<bool> Session::handshake() {
     auto a = neg.next();
     switch (a.kind) {
       case Action::Kind::send: {
-        auto [ec, n] = co_await asio::async_write(socket_, asio::buffer(a.data.data(), a.data.size()), use_tuple);
+        auto [ec, n] = co_await stream_.write(asio::buffer(a.data.data(), a.data.size()));
         if (ec) {
           deadline_.cancel();
           co_return false;
@@ -89,20 +94,32 @@ awaitable<bool> Session::handshake() {
       case Action::Kind::need_bytes: {
         if (stopping_) {
           boost::system::error_code aec;
-          if (socket_.available(aec) == 0 || aec) {
+          if ((socket_.available(aec) == 0 && !stream_.pending()) || aec) {
             deadline_.cancel();
             co_return false;
           }
         }
         auto want = std::min(a.bytes, buf.size());
-        auto [ec, n] = co_await socket_.async_read_some(
-            asio::buffer(buf.data(), want), asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+        auto [ec, n] = co_await stream_.read_some(asio::buffer(buf.data(), want), read_cancel_.slot());
         if (ec == asio::error::operation_aborted && n == 0 && stopping_) continue;
         if (ec) {
           deadline_.cancel();
           co_return false;
         }
         neg.feed(std::span<const std::byte>(buf.data(), n));
+        break;
+      }
+      case Action::Kind::start_tls: {
+        // The deadline armed above keeps running: it bounds the TLS
+        // handshake too (a client stalling in it is cut off).
+        std::string why;
+        if (!co_await stream_.start_tls(tls_creds_, read_cancel_.slot(), why)) {
+          deadline_.cancel();
+          log::warn("conn {}: TLS refused: {}", id_, why);
+          co_return false;
+        }
+        log::info("conn {}: TLS up, peer {}", id_, stream_.tls_session()->peer());
+        neg.tls_started();
         break;
       }
       case Action::Kind::close:
@@ -116,6 +133,7 @@ awaitable<bool> Session::handshake() {
         // handles; nothing later can fail to find them.
         export_ = server_.registry().find(neg_.export_info->name);
         if (!export_) co_return false;
+        export_seen_.store(export_.get(), std::memory_order_release);
         if (auto c = export_->resolve_contexts(neg_.contexts); c) {
           contexts_ = std::move(*c);
           for (const auto& sc : contexts_) wire_contexts_.push_back({sc.kind, sc.id});
@@ -164,8 +182,8 @@ awaitable<boost::system::error_code> Session::fill(std::size_t need) {
     rpos_ = 0;
   }
   while (rend_ - rpos_ < need) {
-    auto [ec, n] = co_await socket_.async_read_some(asio::buffer(rbuf_.get() + rend_, kRecvBufferSize - rend_),
-                                                    asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+    auto [ec, n] = co_await stream_.read_some(asio::buffer(rbuf_.get() + rend_, kRecvBufferSize - rend_),
+                                              read_cancel_.slot());
     rend_ += n;
     if (ec) co_return ec;
   }
@@ -191,7 +209,7 @@ awaitable<void> Session::transmission() {
       // NBD_ESHUTDOWN, §14) so closing does not reset the connection under
       // unread data, but do not wait for more.
       boost::system::error_code aec;
-      auto avail = socket_.available(aec);
+      auto avail = socket_.available(aec) + stream_.pending();
       if (aec || buffered() + avail < hsize) break;
     }
     auto ec = co_await fill(hsize);
@@ -239,9 +257,8 @@ awaitable<void> Session::transmission() {
       rpos_ += have;
       boost::system::error_code ec2;
       if (have < req.payload_length) {
-        auto [e, n2] = co_await asio::async_read(
-            socket_, asio::buffer(s->data.data.get() + have, req.payload_length - have),
-            asio::bind_cancellation_slot(read_cancel_.slot(), use_tuple));
+        auto [e, n2] = co_await stream_.read_exact(
+            asio::buffer(s->data.data.get() + have, req.payload_length - have), read_cancel_.slot());
         ec2 = e;
       }
       if (ec2) {

@@ -44,6 +44,9 @@ awaitable<void> Server::shutdown_sequence() {
   boost::system::error_code ec;
   for (auto& a : acceptors_) a->close(ec);
   slot_freed_.cancel();
+  // No bitmap edit may run while the images are closed: stop the control
+  // socket first (waits for a command in progress).
+  control_.reset();
   for (const auto& s : live_sessions()) asio::post(s->get_executor(), [s] { s->stop(); });
   // In-flight requests finish (long ones at their next step) and clients
   // take their replies; one that does not read them within the grace is

@@ -44,6 +44,61 @@ const char* bitmap_op_name(BitmapOp::Kind kind) {
   return "?";
 }
 
+Error op_failed(BitmapOp::Kind kind, const std::string& name, const Error& reason) {
+  return make_error(reason.code, "Operation {} on bitmap {} failed: {}", bitmap_op_name(kind), name, reason.message);
+}
+
+Result<void> check_bitmap_op(std::vector<BitmapInfo>& dir, const std::string& name, const BitmapOp& op,
+                             std::uint64_t granularity, bool add_disabled, const BitmapLimits& limits,
+                             bool external_source) {
+  auto find = [&](const std::string& n) {
+    return std::find_if(dir.begin(), dir.end(), [&](const BitmapInfo& b) { return b.name == n; });
+  };
+  auto w = find(name);
+  if (op.kind == BitmapOp::Kind::add) {
+    if (w != dir.end()) return make_error(EEXIST, "Bitmap already exists: {}", name);
+    if (limits.version < 3) return make_error(ENOTSUP, "Cannot store dirty bitmaps in qcow2 v2 files");
+    const std::uint64_t g = granularity ? granularity : std::clamp<std::uint64_t>(limits.cluster_size, 4096, 65536);
+    if (!is_power_of_2(g) || g < (1ull << MIN_GRANULARITY_BITS) || g > (1ull << MAX_GRANULARITY_BITS)) {
+      return make_error(EINVAL, "Granularity must be power of 2 and at least 512");
+    }
+    if (name.empty() || name.size() > MAX_BITMAP_NAME_SIZE) return make_error(EINVAL, "Bitmap name is too long or empty");
+    if (dir.size() >= MAX_BITMAPS) return make_error(EFBIG, "Too many bitmaps");
+    const std::uint64_t data_bytes = div_round_up(div_round_up(limits.disk_size, g), 8);
+    if (div_round_up(data_bytes, limits.cluster_size) * limits.cluster_size > MAX_BITMAP_DATA_BYTES) {
+      return make_error(EFBIG, "Too large bitmap for this image (granularity {})", g);
+    }
+    BitmapInfo n;
+    n.name = name;
+    n.granularity = g;
+    n.auto_enabled = !add_disabled;
+    dir.push_back(std::move(n));
+    return ok();
+  }
+  if (w == dir.end()) return not_found(name);
+  switch (op.kind) {
+    case BitmapOp::Kind::remove:
+      dir.erase(w);
+      return ok();
+    case BitmapOp::Kind::enable:
+    case BitmapOp::Kind::disable:
+      if (w->in_use) return inconsistent(name);
+      w->auto_enabled = op.kind == BitmapOp::Kind::enable;
+      return ok();
+    case BitmapOp::Kind::merge:
+      if (w->in_use) return inconsistent(name);
+      if (!external_source) {
+        auto s = find(op.source);
+        if (s == dir.end()) return not_found(op.source);
+        if (s->in_use) return inconsistent(op.source);
+      }
+      return ok();
+    default:  // clear
+      if (w->in_use) return inconsistent(name);
+      return ok();
+  }
+}
+
 Result<DirtyBitmap> load_named_bitmap(File& file, const std::string& name) {
   const std::uint64_t file_size = QNBD_TRY(file.size());
   Header h = QNBD_TRY(read_header(file, file_size));
@@ -85,40 +140,26 @@ Result<void> edit_bitmaps(File& file, const BitmapEdit& edit) {
   };
 
   const std::string& name = edit.bitmap;
+  const BitmapLimits limits{h.version, h.cluster_size(), h.size};
+  std::vector<BitmapInfo> dir;
+  for (const Work& w : work) dir.push_back(w.info);
   for (const BitmapOp& op : edit.ops) {
     auto apply = [&]() -> Result<void> {
+      QNBD_TRY(check_bitmap_op(dir, name, op, edit.granularity, false, limits, bool(edit.external_source)));
       Work* w = find(name);
       switch (op.kind) {
         case BitmapOp::Kind::add: {
-          if (w) return make_error(EEXIST, "Bitmap already exists: {}", name);
-          if (h.version < 3) return make_error(ENOTSUP, "Cannot store dirty bitmaps in qcow2 v2 files");
-          std::uint64_t g = edit.granularity ? edit.granularity
-                                             : std::clamp<std::uint64_t>(h.cluster_size(), 4096, 65536);
-          if (!is_power_of_2(g) || g < (1ull << MIN_GRANULARITY_BITS) || g > (1ull << MAX_GRANULARITY_BITS)) {
-            return make_error(EINVAL, "Granularity must be power of 2 and at least 512");
-          }
-          if (name.empty() || name.size() > MAX_BITMAP_NAME_SIZE) {
-            return make_error(EINVAL, "Bitmap name is too long or empty");
-          }
-          if (work.size() >= MAX_BITMAPS) return make_error(EFBIG, "Too many bitmaps");
           Work n;
-          n.info.name = name;
-          n.info.granularity = g;
-          n.info.auto_enabled = true;
-          n.data = std::make_unique<DirtyBitmap>(QNBD_TRY(DirtyBitmap::create(h.size, g)));
-          if (div_round_up(n.data->byte_count(), h.cluster_size()) * h.cluster_size() > MAX_BITMAP_DATA_BYTES) {
-            return make_error(EFBIG, "Too large bitmap for this image (granularity {})", g);
-          }
+          n.info = dir.back();
+          n.data = std::make_unique<DirtyBitmap>(QNBD_TRY(DirtyBitmap::create(h.size, n.info.granularity)));
           n.modified = true;
           work.push_back(std::move(n));
           return ok();
         }
         case BitmapOp::Kind::remove:
-          if (!w) return not_found(name);
           work.erase(work.begin() + (w - work.data()));
           return ok();
         case BitmapOp::Kind::clear: {
-          if (!w) return not_found(name);
           DirtyBitmap* d = QNBD_TRY(contents(*w));
           d->reset();
           w->modified = true;
@@ -126,20 +167,15 @@ Result<void> edit_bitmaps(File& file, const BitmapEdit& edit) {
         }
         case BitmapOp::Kind::enable:
         case BitmapOp::Kind::disable:
-          if (!w) return not_found(name);
-          if (w->info.in_use) return inconsistent(name);
           w->info.auto_enabled = op.kind == BitmapOp::Kind::enable;
           return ok();
         case BitmapOp::Kind::merge: {
-          if (!w) return not_found(name);
           DirtyBitmap* d = QNBD_TRY(contents(*w));
           if (edit.external_source) {
             DirtyBitmap src = QNBD_TRY(edit.external_source(op.source));
             QNBD_TRY(d->merge(src));
           } else {
-            Work* s = find(op.source);
-            if (!s) return not_found(op.source);
-            DirtyBitmap* src = QNBD_TRY(contents(*s));
+            DirtyBitmap* src = QNBD_TRY(contents(*find(op.source)));
             QNBD_TRY(d->merge(*src));
           }
           w->modified = true;
@@ -148,10 +184,7 @@ Result<void> edit_bitmaps(File& file, const BitmapEdit& edit) {
       }
       return ok();
     };
-    if (auto r = apply(); !r) {
-      return make_error(r.error().code, "Operation {} on bitmap {} failed: {}", bitmap_op_name(op.kind), name,
-                        r.error().message);
-    }
+    if (auto r = apply(); !r) return op_failed(op.kind, name, r.error());
   }
 
   RefcountGeometry geometry{h.cluster_bits, h.refcount_order};

@@ -13,6 +13,7 @@
 
 #include "common/result.hpp"
 #include "image/bitmap/dirty_bitmap.hpp"
+#include "image/info.hpp"
 #include "image/io/file.hpp"
 
 namespace qnbd::image::qcow2 {
@@ -31,6 +32,24 @@ struct BitmapEdit {
   // merge: load the source bitmap from another image instead of this one.
   std::function<Result<DirtyBitmap>(const std::string& name)> external_source;
 };
+
+// The checks of one operation and its effect on the directory, shared by
+// the at-rest edit (edit_bitmaps) and the live one (Qcow2Image's
+// begin_bitmap_edit), so both refuse the same things in the same words.
+// `dir` is the directory as the earlier operations left it; on success add
+// appends the new entry (granularity resolved; auto unless `add_disabled`),
+// remove erases, enable/disable set auto; clear and merge only check. The
+// error is the bare reason; op_failed() adds qemu-img's prefix.
+struct BitmapLimits {
+  std::uint32_t version = 3;
+  std::uint64_t cluster_size = 0;
+  std::uint64_t disk_size = 0;
+};
+[[nodiscard]] Result<void> check_bitmap_op(std::vector<BitmapInfo>& dir, const std::string& name, const BitmapOp& op,
+                                           std::uint64_t granularity, bool add_disabled, const BitmapLimits& limits,
+                                           bool external_source);
+// "Operation OP on bitmap NAME failed: REASON", keeping the errno.
+Error op_failed(BitmapOp::Kind kind, const std::string& name, const Error& reason);
 
 // Apply `edit` to the qcow2 image in `file` (opened read-write). Fails with
 // "Operation OP on bitmap NAME failed: REASON" for a refused operation

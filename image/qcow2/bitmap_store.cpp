@@ -7,6 +7,7 @@
 #include "common/checked.hpp"
 #include "common/endian.hpp"
 #include "common/log.hpp"
+#include "image/qcow2/bitmap.hpp"
 #include "image/qcow2/refcount.hpp"
 
 namespace qnbd::image::qcow2 {
@@ -195,30 +196,17 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
 }
 
 Result<void> BitmapStore::store(Refcounts& refcounts, Header& header) {
-  std::lock_guard lock(load_mutex_);
-  if (!marked_.load(std::memory_order_relaxed)) return ok();
-  std::vector<BitmapUpdate> updated;
-  for (std::size_t i = 0; i < entries_.size(); ++i) {
-    BitmapUpdate u{entries_[i].info, nullptr};
-    if (std::find(tracking_.begin(), tracking_.end(), i) != tracking_.end()) {
-      u.data = entries_[i].bits.get();
-      u.info.in_use = false;
-    }
-    updated.push_back(std::move(u));
-  }
-  QNBD_TRY(rewrite_bitmap_directory(file_, header, refcounts, directory_, updated));
-  for (std::size_t i = 0; i < entries_.size(); ++i) {
-    entries_[i].info = updated[i].info;
-    directory_[i] = updated[i].info;
-  }
-  tracking_.clear();
-  marked_.store(false, std::memory_order_release);
-  return ok();
+  return write_directory(refcounts, header, /*closing=*/true);
 }
 
 BitmapStore::BitmapStore(File& file, const Header& header, std::vector<BitmapInfo> directory,
-                         std::uint64_t file_size, bool writable)
-    : file_(file), header_(header), directory_(std::move(directory)), file_size_(file_size), writable_(writable) {
+                         std::uint64_t file_size, bool writable, IntentAccess intent)
+    : file_(file),
+      header_(header),
+      directory_(std::move(directory)),
+      file_size_(file_size),
+      writable_(writable),
+      intent_(std::move(intent)) {
   entries_.resize(directory_.size());
   for (std::size_t i = 0; i < directory_.size(); ++i) entries_[i].info = directory_[i];
 }
@@ -235,7 +223,7 @@ Result<std::size_t> BitmapStore::export_bitmap(const std::string& name) {
   std::lock_guard lock(load_mutex_);
   for (std::size_t i = 0; i < entries_.size(); ++i) {
     Entry& e = entries_[i];
-    if (e.info.name != name) continue;
+    if (e.removed || e.info.name != name) continue;
     // qemu-nbd (nbd_export_create -> bdrv_dirty_bitmap_check): a bitmap
     // found in_use at open is inconsistent. The other refusal, an enabled
     // bitmap on a read-only export of a writable node, cannot happen here:
@@ -249,6 +237,7 @@ Result<std::size_t> BitmapStore::export_bitmap(const std::string& name) {
 
 Result<std::size_t> BitmapStore::status(std::size_t handle, std::uint64_t offset, std::uint64_t length,
                                         std::span<BitmapExtent> out) {
+  std::shared_lock lock(live_mu_);
   if (handle >= entries_.size() || !entries_[handle].bits) {
     return make_error(ENOENT, "bitmap handle {} was not exported", handle);
   }
@@ -266,7 +255,11 @@ Result<void> BitmapStore::before_write(std::uint64_t offset, std::uint64_t lengt
   }
   // Set before the write is issued (STYLE: a spurious bit costs a copy, a
   // missing one breaks the next incremental backup).
+  std::shared_lock lock(live_mu_);
   for (std::size_t i : tracking_) entries_[i].bits->set_range(offset, length);
+  // Crash safety: the chunk is durable in the record before the caller
+  // issues anything for this request (docs/crash-safe-bitmaps.md, step 3).
+  if (record_) QNBD_TRY(record_->mark(offset, length));
   return ok();
 }
 
@@ -285,6 +278,7 @@ Result<void> BitmapStore::mark_in_use_locked() {
     const BitmapsExtension& ext = *header_.bitmaps;  // entries exist only with the extension
     std::vector<std::byte> dir(static_cast<std::size_t>(ext.bitmap_directory_size));
     QNBD_TRY(file_.read_exact(dir, ext.bitmap_directory_offset, "bitmap directory"));
+    const std::uint64_t checksum_before = fnv1a64(dir);
     // The directory was validated at open and only we write it; walk the
     // entries again to find each one's flags field.
     std::uint64_t pos = 0;
@@ -297,22 +291,144 @@ Result<void> BitmapStore::mark_in_use_locked() {
       }
       pos += len;
     }
-    // Crash outcomes: after step 1 the extension is ignored (all bitmaps
-    // lost as inconsistent, clusters leak); after step 2 the same; after
-    // step 3 the tracked bitmaps read as in_use (inconsistent). Never a
-    // consistent-looking bitmap that missed a write.
+    // Crash outcomes without a record: after step 1 the extension is
+    // ignored (all bitmaps lost as inconsistent, clusters leak); after step
+    // 2 the same; after step 3 the tracked bitmaps read as in_use
+    // (inconsistent). Never a consistent-looking bitmap that missed a write.
+    //
+    // With the write-intent record (docs/crash-safe-bitmaps.md, arming): it
+    // is written and synced first, naming this directory both as it is now
+    // and as it is about to be; step 1 then sets AUTOCLEAR_QNBD_INTENT with
+    // clearing AUTOCLEAR_BITMAPS, and step 3 keeps it. From step 1 on, a
+    // crash leaves the bit set and a directory the record matches (old or
+    // new: one sector, written whole), so recovery restores consistent
+    // bitmaps; no guest write has been issued before step 3 returns. A
+    // failure to arm only loses the feature for this open.
+    std::unique_ptr<IntentRecord> record;
+    if (intent_) {
+      IntentIdentity id{header_.size, ext.bitmap_directory_offset, ext.bitmap_directory_size, fnv1a64(dir),
+                        checksum_before, static_cast<std::uint32_t>(entries_.size())};
+      std::vector<bool> tracked(entries_.size());
+      for (std::size_t i : tracking) tracked[i] = true;
+      auto armed = [&]() -> Result<std::unique_ptr<IntentRecord>> {
+        std::unique_ptr<File> f = QNBD_TRY(intent_.open(true));
+        return IntentRecord::arm(std::move(f), id, intent_.chunk_size, tracked);
+      }();
+      if (armed) {
+        record = std::move(*armed);
+      } else {
+        log::warn("{}: cannot write the write-intent record {} ({}); after a crash the bitmaps will be "
+                  "inconsistent", file_.name(), intent_.name, armed.error().message);
+      }
+    }
     std::byte ac[8];
-    store_be64(ac, header_.autoclear_features & ~AUTOCLEAR_BITMAPS);
+    const std::uint64_t intent_bit = record ? AUTOCLEAR_QNBD_INTENT : 0;
+    store_be64(ac, (header_.autoclear_features & ~(AUTOCLEAR_BITMAPS | AUTOCLEAR_QNBD_INTENT)) | intent_bit);
     QNBD_TRY(file_.pwrite(ac, 88));
     QNBD_TRY(file_.flush());
     QNBD_TRY(file_.pwrite(dir, ext.bitmap_directory_offset));
     QNBD_TRY(file_.flush());
-    store_be64(ac, header_.autoclear_features | AUTOCLEAR_BITMAPS);
+    store_be64(ac, (header_.autoclear_features & ~AUTOCLEAR_QNBD_INTENT) | AUTOCLEAR_BITMAPS | intent_bit);
     QNBD_TRY(file_.pwrite(ac, 88));
     QNBD_TRY(file_.flush());
+    record_ = std::move(record);
   }
   tracking_ = std::move(tracking);
   return ok();
+}
+
+Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts* refcounts, std::uint64_t file_size,
+                                           const IntentAccess& intent) {
+  IntentRecovery out;
+  if (!(header.autoclear_features & AUTOCLEAR_QNBD_INTENT)) {
+    out.state = "none";
+    return out;
+  }
+  // Each refusal below leaves the bitmaps as they are: in_use ones stay
+  // inconsistent, exactly as if there had been no record.
+  auto stale = [&](std::string why) {
+    out.state = "stale";
+    out.detail = std::move(why);
+    return out;
+  };
+  if (!intent) {
+    out.state = "off";
+    out.detail = "recovery is turned off";
+    return out;
+  }
+  // A crash inside the arming sequence (between its steps 1 and 3) leaves
+  // AUTOCLEAR_BITMAPS clear with our bit set: only we did that, and the
+  // record says which directory to expect, so read the extension anyway.
+  Header h = header;
+  if (!(h.autoclear_features & AUTOCLEAR_BITMAPS) && h.version >= 3) {
+    std::vector<std::byte> c0(static_cast<std::size_t>(std::min<std::uint64_t>(file_size, 1ull << MAX_CLUSTER_BITS)));
+    QNBD_TRY(file.read_exact(c0, 0, "header"));
+    store_be64(c0.data() + 88, load_be64(c0.data() + 88) | AUTOCLEAR_BITMAPS);
+    auto parsed = parse_header(c0, file_size);
+    if (!parsed) return stale(fmt::format("bitmaps extension: {}", parsed.error().message));
+    h = std::move(*parsed);
+  }
+  if (!h.bitmaps) return stale("the image has no bitmaps extension");
+  auto directory = read_bitmap_directory(file, h, file_size);
+  if (!directory) return stale(directory.error().message);
+  auto f = intent.open(false);
+  if (!f) return stale(fmt::format("cannot open {}: {}", intent.name, f.error().message));
+  if (!*f) {
+    out.state = "missing";
+    out.detail = fmt::format("{} does not exist", intent.name);
+    return out;
+  }
+  const BitmapsExtension& ext = *h.bitmaps;
+  std::vector<std::byte> dir(static_cast<std::size_t>(ext.bitmap_directory_size));
+  QNBD_TRY(file.read_exact(dir, ext.bitmap_directory_offset, "bitmap directory"));
+  IntentIdentity id{h.size, ext.bitmap_directory_offset, ext.bitmap_directory_size, fnv1a64(dir), 0,
+                    static_cast<std::uint32_t>(directory->size())};
+  auto rec = read_intent(**f, id);
+  if (!rec) return stale(rec.error().message);
+  for (std::size_t i = 0; i < directory->size(); ++i) {
+    // Tracked bitmaps were enabled and consistent when armed, and in_use
+    // once the directory was switched; anything else means this is not the
+    // directory the record was armed for.
+    const BitmapInfo& b = (*directory)[i];
+    if (rec->tracked[i] && (!b.auto_enabled || b.in_use == rec->before_marking)) {
+      return stale(fmt::format("bitmap '{}' is not in the state the record was armed for", b.name));
+    }
+  }
+  // The tables still hold each bitmap's contents as last stored consistent
+  // (in_use is set in place; contents only ever go to new clusters).
+  std::vector<std::unique_ptr<DirtyBitmap>> data;
+  std::vector<BitmapUpdate> updated;
+  unsigned n = 0;
+  for (std::size_t i = 0; i < directory->size(); ++i) {
+    const BitmapInfo& b = (*directory)[i];
+    BitmapUpdate u{b, nullptr};
+    if (rec->tracked[i]) {
+      auto bits = load_bitmap_data(file, h.cluster_size(), h.size, b, file_size);
+      if (!bits) return stale(fmt::format("bitmap '{}': {}", b.name, bits.error().message));
+      for (std::uint64_t c : rec->chunks) bits->set_range(c * rec->chunk_size, rec->chunk_size);
+      data.push_back(std::make_unique<DirtyBitmap>(std::move(*bits)));
+      u.data = data.back().get();
+      u.info.in_use = false;
+      ++n;
+    }
+    updated.push_back(std::move(u));
+  }
+  if (!refcounts) {
+    out.state = "pending";
+    out.detail = fmt::format("{} is valid: {} chunk(s) of {} bytes marked; the next writable open recovers {} bitmap(s)",
+                             intent.name, rec->chunks.size(), rec->chunk_size, n);
+    return out;
+  }
+  // One header switch stores them consistent, sets AUTOCLEAR_BITMAPS and
+  // clears AUTOCLEAR_QNBD_INTENT; a crash before it leaves the record valid.
+  QNBD_TRY(rewrite_bitmap_directory(file, h, *refcounts, *directory, updated));
+  header = std::move(h);
+  out.state = "recovered";
+  out.detail = fmt::format("{} bitmap(s) recovered from {} ({} chunk(s) of {} bytes marked)", n, intent.name,
+                           rec->chunks.size(), rec->chunk_size);
+  out.rewrote = true;
+  if (intent.remove) intent.remove();
+  return out;
 }
 
 }  // namespace qnbd::image::qcow2

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -24,6 +25,7 @@
 #include "image/block_device.hpp"
 #include "image/info.hpp"
 #include "image/io/file.hpp"
+#include "image/qcow2/bitmap_intent.hpp"
 #include "image/qcow2/header.hpp"
 
 namespace qnbd::image::qcow2 {
@@ -65,12 +67,34 @@ struct BitmapUpdate {
                                                     const std::vector<BitmapInfo>& old_directory,
                                                     std::vector<BitmapUpdate>& updated);
 
+// Crash recovery at a writable open (docs/crash-safe-bitmaps.md): if the
+// header has AUTOCLEAR_QNBD_INTENT and `intent` finds a record that matches
+// the image, every bitmap the record tracked gets its stored contents OR
+// the record's chunks and is stored consistent (in_use cleared) with
+// rewrite_bitmap_directory, which also clears the autoclear bit. Without a
+// trusted record nothing is written (the caller clears the bit; bitmaps
+// found in_use stay inconsistent, as without the feature). Returns a line
+// for logs and `info`: what was found and done ("" if the bit was clear).
+struct IntentRecovery {
+  std::string state;       // "none", "off", "recovered", "pending", "stale", "missing"
+  std::string detail;      // why stale, or what was recovered
+  bool rewrote = false;    // the directory was rewritten
+};
+// With refcounts null (a read-only open) nothing is written: a trusted
+// record is reported as "pending".
+[[nodiscard]] Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts* refcounts,
+                                                         std::uint64_t file_size, const IntentAccess& intent);
+
 class BitmapStore {
  public:
   // `header` must outlive the store (the image's own header); `writable`
-  // says whether the image is open read-write.
+  // says whether the image is open read-write. With `intent`, the first
+  // write arms a write-intent record and every write marks it first.
   BitmapStore(File& file, const Header& header, std::vector<BitmapInfo> directory, std::uint64_t file_size,
-              bool writable);
+              bool writable, IntentAccess intent = {});
+
+  // The armed record, if any (for info and tests).
+  const IntentRecord* intent_record() const { return record_.get(); }
 
   const std::vector<BitmapInfo>& directory() const { return directory_; }
 
@@ -97,10 +121,36 @@ class BitmapStore {
   // image's header (updated in place).
   [[nodiscard]] Result<void> store(Refcounts& refcounts, Header& header);
 
+  // ---- Live edits (bitmap_live.cpp) ----
+  // A validated edit; holds edit_mutex_ so live edits of one image run one
+  // at a time from prepare to the end of write_directory.
+  struct LiveEdit {
+    std::unique_lock<std::mutex> lock;
+    std::vector<LiveBitmapOp> ops;
+    std::vector<BitmapInfo> added;                      // one per add, in order
+    std::vector<std::unique_ptr<DirtyBitmap>> created;  // their (clean) contents
+  };
+  // Check `ops` with check_bitmap_op (the at-rest rules and words), load
+  // the bitmaps they read or enable, create the added ones, and mark the
+  // enabled bitmaps in_use on disk if no write did yet. Writable only.
+  [[nodiscard]] Result<LiveEdit> prepare_live(const std::vector<LiveBitmapOp>& ops);
+  // Apply a prepared edit in memory. Call with no write in flight (the
+  // device's write gate closed): writes that follow mark the new set of
+  // enabled bitmaps. Cannot fail.
+  void commit_live(LiveEdit& edit) noexcept;
+  // Write the directory as the bitmaps are now (rewrite_bitmap_directory):
+  // enabled bitmaps in_use (their data is written at close), the others
+  // with their contents where they changed. `closing`: store() instead.
+  // Under the image's metadata mutex.
+  [[nodiscard]] Result<void> write_directory(Refcounts& refcounts, Header& header, bool closing);
+  [[nodiscard]] Result<std::vector<BitmapState>> states();
+
  private:
   struct Entry {
     BitmapInfo info;
     std::unique_ptr<DirtyBitmap> bits;  // null until loaded
+    bool removed = false;  // removed live: kept so exported handles stay valid
+    bool changed = false;  // contents differ from the table on disk
   };
   Result<DirtyBitmap*> load_locked(Entry& e);
   Result<void> mark_in_use_locked();
@@ -111,11 +161,19 @@ class BitmapStore {
   std::uint64_t file_size_;
   bool writable_;
 
+  std::mutex edit_mutex_;  // one live edit at a time (outermost)
   std::mutex load_mutex_;
-  std::vector<Entry> entries_;  // one per directory entry, same order; never resized
+  // entries_ and tracking_ change only in commit_live, which holds
+  // load_mutex_ and live_mu_ exclusively; readers hold either.
+  std::shared_mutex live_mu_;
+  // One per directory entry at open, same order, then live additions;
+  // entries are never erased (handles are indexes).
+  std::vector<Entry> entries_;
   std::atomic<bool> marked_{false};
   // Enabled, consistent bitmaps (indexes into entries_), valid once marked_.
   std::vector<std::size_t> tracking_;
+  IntentAccess intent_;
+  std::unique_ptr<IntentRecord> record_;  // armed with marked_, under load_mutex_
 };
 
 }  // namespace qnbd::image::qcow2

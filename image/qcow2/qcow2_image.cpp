@@ -123,8 +123,17 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
     return make_error(EINVAL, "internal snapshots are not allowed with an external data file");
   }
   img->bitmaps_ = QNBD_TRY(read_bitmap_directory(file, h, img->file_size_));
+  img->intent_ = std::move(parts.intent);
   img->bitmap_store_ = std::make_unique<BitmapStore>(file, img->header_, img->bitmaps_, img->file_size_,
-                                                     !options.read_only);
+                                                     !options.read_only, img->intent_);
+  if (options.read_only && (h.autoclear_features & AUTOCLEAR_QNBD_INTENT)) {
+    // Left by a writer that crashed: say whether the next writable open
+    // can recover (nothing is written here).
+    Header copy = img->header_;
+    auto r = recover_from_intent(file, copy, nullptr, img->file_size_, img->intent_);
+    img->intent_state_ = r ? r->state : "stale";
+    img->intent_detail_ = r ? r->detail : r.error().message;
+  }
 
   const std::uint64_t cluster_size = h.cluster_size();
   const std::uint64_t l2_coverage = h.l2_entries() * cluster_size;
@@ -340,6 +349,12 @@ ImageInfo Qcow2Image::info() const {
   i.backing_format = h.backing_format;
   i.bitmaps = bitmaps_;
   i.has_bitmaps_extension = h.bitmaps.has_value();
+  i.intent_record = intent_state_;
+  i.intent_record_detail = intent_detail_;
+  if (const IntentRecord* r = bitmap_store_->intent_record()) {
+    i.intent_record = "armed";
+    i.intent_record_detail = fmt::format("{} chunk(s) of {} bytes marked", r->marked_chunks(), r->chunk_size());
+  }
   i.snapshots = snapshots_;
   return i;
 }

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "image/block_device.hpp"
+#include "image/write_gate.hpp"
 #include "image/qcow2/bitmap_store.hpp"
 #include "image/qcow2/cache.hpp"
 #include "image/qcow2/cluster.hpp"
@@ -52,6 +53,9 @@ class Qcow2Image final : public BlockDevice {
     std::unique_ptr<File> data_file;   // optional: overrides the external data file name
     BackingOpener open_backing;        // optional: without it a backing file is an error
     std::string full_backing_filename; // filled in by the opener's caller for info
+    // The write-intent record beside the image (bitmap_intent.hpp): empty
+    // turns crash recovery of bitmaps off (writes then track as before).
+    IntentAccess intent;
   };
 
   [[nodiscard]] static Result<std::unique_ptr<Qcow2Image>> open(Parts parts, const OpenOptions& options);
@@ -77,6 +81,12 @@ class Qcow2Image final : public BlockDevice {
   Result<void> start_tracking() override;
   Result<std::size_t> bitmap_status(std::size_t handle, std::uint64_t offset, std::uint64_t length,
                                     std::span<BitmapExtent> out) override;
+  // Live bitmap edits (bitmap_live.cpp): see BlockDevice. Every write,
+  // write_zeroes and discard holds a pass of gate_ from before it marks
+  // the bitmaps until its data is written.
+  Result<std::vector<BitmapState>> bitmap_states() override;
+  Result<std::unique_ptr<BitmapTransaction>> begin_bitmap_edit(const std::vector<LiveBitmapOp>& ops) override;
+  WriteGate* write_gate() override { return &gate_; }
   // The write path MUST call this before changing anything for a guest
   // write, write_zeroes or discard of [offset, offset+length) (before the
   // data write, before any allocation or L2 update), WITHOUT mutex_ held,
@@ -99,6 +109,10 @@ class Qcow2Image final : public BlockDevice {
 
   const Header& header() const { return header_; }
   const std::vector<BitmapInfo>& bitmaps() const { return bitmaps_; }
+  // The write-intent record as found at open ("none", "pending",
+  // "recovered", "stale", "missing") and why.
+  const std::string& intent_state() const { return intent_state_; }
+  const std::string& intent_detail() const { return intent_detail_; }
   const std::vector<SnapshotInfo>& snapshots() const { return snapshots_; }
   TableCache& l2_cache() { return *l2_cache_; }
   void set_full_backing_filename(std::string name) { full_backing_filename_ = std::move(name); }
@@ -187,6 +201,15 @@ class Qcow2Image final : public BlockDevice {
   std::uint64_t snapshots_size_ = 0;  // snapshot table bytes
   std::vector<BitmapInfo> bitmaps_;
   std::unique_ptr<BitmapStore> bitmap_store_;  // always set after open
+  IntentAccess intent_;
+  // What the open found about the write-intent record: "none", "pending"
+  // (read-only open of a crashed image), "recovered", "stale", "missing".
+  std::string intent_state_ = "none";
+  std::string intent_detail_;
+  WriteGate gate_;
+  class LiveBitmapEdit;
+  // Write the bitmap directory after a live edit (under mutex_).
+  Result<void> persist_bitmaps();
 
   // Long zeroing/discard: skip L2 spans that hold nothing (write.cpp).
   std::uint64_t next_l2_span(std::uint64_t gc) const;

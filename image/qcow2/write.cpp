@@ -27,6 +27,7 @@
 #include "common/checked.hpp"
 #include "common/endian.hpp"
 #include "common/log.hpp"
+#include "image/qcow2/bitmap.hpp"
 #include "image/qcow2/check.hpp"
 #include "image/qcow2/compress.hpp"
 #include "image/qcow2/qcow2_image.hpp"
@@ -65,6 +66,25 @@ Result<void> Qcow2Image::init_writer() {
     if (data_file_) QNBD_TRY(data_file_->flush());
     return ok();
   });
+  // A crashed writer's write-intent record (docs/crash-safe-bitmaps.md,
+  // recovery): before the unknown autoclear bits are cleared below, since
+  // that bit is what says the record can be trusted.
+  IntentRecovery rec = QNBD_TRY(recover_from_intent(*file_, header_, refcounts_.get(), file_size_, intent_));
+  if (rec.state != "none") {
+    intent_state_ = rec.state;
+    intent_detail_ = rec.detail;
+    if (rec.rewrote) {
+      log::info("{}: {}", path_, rec.detail);
+      file_size_ = QNBD_TRY(file_->size());
+      bitmaps_ = QNBD_TRY(read_bitmap_directory(*file_, header_, file_size_));
+      bitmap_store_ = std::make_unique<BitmapStore>(*file_, header_, bitmaps_, file_size_, true, intent_);
+      register_bitmaps();
+    } else if (rec.state == "off") {
+      log::info("{}: write-intent record not used ({}); bitmaps in use stay inconsistent", path_, rec.detail);
+    } else {
+      log::warn("{}: write-intent record not used ({}); bitmaps in use stay inconsistent", path_, rec.detail);
+    }
+  }
   l2_cache_->set_writeback([this](std::uint64_t offset, std::span<const std::byte> table) -> Result<void> {
     QNBD_TRY(metadata_->check(offset, table.size(), kind_bit(MetadataKind::active_l2)));
     return file_->pwrite(table, offset);
@@ -216,6 +236,7 @@ Result<void> Qcow2Image::maybe_flush_frees_locked() {
 Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t offset, bool fua) {
   QNBD_TRY(check_writable(offset, buf.size(), "write"));
   if (buf.empty()) return ok();
+  const WriteGate::Pass pass = gate_.enter();  // held until the data is written
   QNBD_TRY(bitmaps_before_write(offset, buf.size()));
   const std::uint64_t cs = geometry_.cluster_size();
   while (!buf.empty()) {
@@ -351,6 +372,7 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
       if (!empty) return make_error(ENOTSUP, "fast zeroing needs whole clusters or ones reading as zeroes");
     }
   }
+  const WriteGate::Pass pass = gate_.enter();  // held until the data is written
   QNBD_TRY(bitmaps_before_write(offset, length));
   std::uint64_t pos = offset;
   while (pos < end) {
@@ -408,6 +430,7 @@ Result<void> Qcow2Image::discard(std::uint64_t offset, std::uint64_t length, boo
   if (length == 0) return ok();
   const std::uint64_t cs = header_.cluster_size();
   const std::uint64_t end = offset + length;
+  const WriteGate::Pass pass = gate_.enter();  // held until the data is written
   QNBD_TRY(bitmaps_before_write(offset, length));
   // Only whole clusters are discarded (NBD allows ignoring the rest); a
   // raw external data file keeps its data so it stays the guest view.

@@ -63,7 +63,8 @@ TEST_CASE("every field is read") {
     "exports": [
       {"name": "a", "image": "/srv/a.qcow2", "format": "qcow2", "read_only": true,
        "description": "disk A", "allocation_depth": true, "bitmaps": ["b0", "b1"],
-       "cache": "none", "discard": "unmap", "locking": "off"},
+       "cache": "none", "discard": "unmap", "locking": "off", "recover_bitmaps": false,
+       "recovery_chunk_size": 1048576},
       {"name": "b", "image": "b.img", "format": "raw", "cache": "unsafe"}
     ],
     "listeners": [
@@ -89,6 +90,10 @@ TEST_CASE("every field is read") {
   CHECK(c.exports[1].cache == "unsafe");
   CHECK(c.exports[0].locking == "off");
   CHECK(c.exports[1].locking == "auto");
+  CHECK_FALSE(c.exports[0].recover_bitmaps);
+  CHECK(c.exports[0].recovery_chunk_size == 1048576);
+  CHECK(c.exports[1].recover_bitmaps);
+  CHECK(c.exports[1].recovery_chunk_size == 0);
   REQUIRE(c.listeners.size() == 2);
   CHECK(c.listeners[0].host == "::1");
   CHECK(c.listeners[0].port == 10810);
@@ -123,7 +128,13 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
        R"(/exports/1/read_only: expected a boolean, got "yes")"},
       {R"({"exports": [{"name": "a", "image": "a", "readonly": true}]})",
        "/exports/0/readonly: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, locking)"},
+       "allocation_depth, bitmaps, cache, discard, locking, recover_bitmaps, recovery_chunk_size)"},
+      {R"({"exports": [{"name": "a", "image": "a", "recover_bitmaps": "no"}]})",
+       R"(/exports/0/recover_bitmaps: expected a boolean, got "no")"},
+      {R"({"exports": [{"name": "a", "image": "a", "recovery_chunk_size": 100000}]})",
+       "/exports/0/recovery_chunk_size: expected a power of two, got 100000"},
+      {R"({"exports": [{"name": "a", "image": "a", "recovery_chunk_size": 4096}]})",
+       "/exports/0/recovery_chunk_size: expected an integer in [65536, 1099511627776], got 4096"},
       {R"({"exports": [{"name": "a", "image": "a"}, {"name": "a", "image": "b"}]})",
        R"(/exports/1/name: duplicate export name "a" (also /exports/0/name))"},
       {R"({"exports": [{"name": "a", "image": "a", "format": "vmdk"}]})",
@@ -182,7 +193,7 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
       {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "unix", "path": "/s", "port": 1}]})",
        "/listeners/0/port: not allowed for a unix listener"},
       {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "unix", "path": "/s", "mode": 1}]})",
-       "/listeners/0/mode: unknown key (allowed: type, path)"},
+       "/listeners/0/mode: unknown key (allowed: type, path, tls)"},
       {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "tcp"}, {"type": "tcp", "port": 10809}]})",
        "/listeners/1: duplicate listener (tcp 127.0.0.1:10809, also /listeners/0)"},
       {R"({"exports": [{"name": "", "image": "a"}], "listeners": [{"type": "unix", "path": "/s"}, {"type": "unix", "path": "/s"}]})",
@@ -191,7 +202,7 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
       {R"({"exports": [{"name": "", "image": "a"}], "limits": []})", "/limits: expected an object, got []"},
       {R"({"exports": [{"name": "", "image": "a"}], "limits": {"max_conn": 1}})",
        "/limits/max_conn: unknown key (allowed: max_connections, handshake_timeout_seconds, "
-       "max_inflight_bytes_per_connection, threads)"},
+       "max_inflight_bytes_per_connection, threads, max_connections_per_address)"},
       {R"({"exports": [{"name": "", "image": "a"}], "limits": {"max_connections": 1000001}})",
        "/limits/max_connections: expected an integer in [0, 1000000], got 1000001"},
       {R"({"exports": [{"name": "", "image": "a"}], "limits": {"handshake_timeout_seconds": 0}})",
@@ -205,11 +216,11 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
       // keys needing RFC 6901 escapes
       {R"({"exports": [{"name": "", "image": "a", "a/b~c": 1}]})",
        "/exports/0/a~1b~0c: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, locking)"},
+       "allocation_depth, bitmaps, cache, discard, locking, recover_bitmaps, recovery_chunk_size)"},
       // control characters from the file are shown escaped: one line
       {R"({"exports": [{"name": "", "image": "a", "x\ny": 1}]})",
        "/exports/0/x\\ny: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, locking)"},
+       "allocation_depth, bitmaps, cache, discard, locking, recover_bitmaps, recovery_chunk_size)"},
       {R"({"exports": [{"name": "a\u0001", "image": "a"}, {"name": "a\u0001", "image": "b"}]})",
        R"(/exports/1/name: duplicate export name "a\x01" (also /exports/0/name))"},
       // repeated keys, which a plain JSON parser would silently merge

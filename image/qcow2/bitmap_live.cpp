@@ -1,0 +1,238 @@
+// Live edits of the persistent bitmaps of an image open for writing: the
+// control socket's bitmap commands and checkpoints (image/checkpoint.hpp).
+//
+// The rules and error words are the at-rest ones (check_bitmap_op in
+// bitmap_edit.cpp). What differs is ordering: an edit is prepared (checked,
+// data loaded: the I/O), committed in memory while the device's write gate
+// holds writes back (so a write is marked wholly before or wholly after
+// the switch), then persisted with writes running again. Enabled bitmaps
+// stay in_use on disk as at any time a writer has the image open (§12.6:
+// their data is stored at close); a bitmap that is disabled, cleared or
+// merged into is written with its contents and, when disabled, without
+// in_use, so it is consistent on disk from then on.
+#include <algorithm>
+
+#include "common/log.hpp"
+#include "image/qcow2/bitmap_edit.hpp"
+#include "image/qcow2/bitmap_store.hpp"
+#include "image/qcow2/qcow2_image.hpp"
+#include "image/qcow2/refcount.hpp"
+
+namespace qnbd::image::qcow2 {
+namespace {
+
+BitmapOp::Kind at_rest_kind(LiveBitmapOp::Kind k) {
+  switch (k) {
+    case LiveBitmapOp::Kind::add: return BitmapOp::Kind::add;
+    case LiveBitmapOp::Kind::remove: return BitmapOp::Kind::remove;
+    case LiveBitmapOp::Kind::clear: return BitmapOp::Kind::clear;
+    case LiveBitmapOp::Kind::enable: return BitmapOp::Kind::enable;
+    case LiveBitmapOp::Kind::disable: return BitmapOp::Kind::disable;
+    case LiveBitmapOp::Kind::merge: return BitmapOp::Kind::merge;
+  }
+  return BitmapOp::Kind::add;
+}
+
+}  // namespace
+
+Result<BitmapStore::LiveEdit> BitmapStore::prepare_live(const std::vector<LiveBitmapOp>& ops) {
+  if (!writable_) return make_error(EROFS, "bitmaps: image is open read-only");
+  LiveEdit edit;
+  edit.lock = std::unique_lock(edit_mutex_);
+  // The enabled bitmaps must be in_use on disk before any directory that
+  // a live edit writes (that directory keeps them in_use).
+  QNBD_TRY(before_write(0, 0));
+
+  std::lock_guard lock(load_mutex_);
+  auto live = [&](const std::string& name) -> Entry* {
+    for (Entry& e : entries_) {
+      if (!e.removed && e.info.name == name) return &e;
+    }
+    return nullptr;
+  };
+  std::vector<BitmapInfo> dir;
+  for (const Entry& e : entries_) {
+    if (!e.removed) dir.push_back(e.info);
+  }
+  const BitmapLimits limits{header_.version, header_.cluster_size(), header_.size};
+  for (const LiveBitmapOp& op : ops) {
+    const BitmapOp at_rest{at_rest_kind(op.kind), op.source};
+    if (auto r = check_bitmap_op(dir, op.name, at_rest, op.granularity, op.disabled, limits, false); !r) {
+      return op_failed(at_rest.kind, op.name, r.error());
+    }
+    auto need = [&](const std::string& name) -> Result<void> {
+      Entry* e = live(name);  // null: added by an earlier op of this edit (clean, in memory)
+      if (e && !e->bits) {
+        if (auto r = load_locked(*e); !r) return op_failed(at_rest.kind, op.name, r.error());
+      }
+      return ok();
+    };
+    switch (op.kind) {
+      case LiveBitmapOp::Kind::add: {
+        auto bits = DirtyBitmap::create(header_.size, dir.back().granularity);
+        if (!bits) return op_failed(at_rest.kind, op.name, bits.error());
+        edit.added.push_back(dir.back());
+        edit.created.push_back(std::make_unique<DirtyBitmap>(std::move(bits).take()));
+        break;
+      }
+      case LiveBitmapOp::Kind::remove: break;
+      case LiveBitmapOp::Kind::merge: QNBD_TRY(need(op.source)); [[fallthrough]];
+      case LiveBitmapOp::Kind::clear:
+      case LiveBitmapOp::Kind::enable:
+      case LiveBitmapOp::Kind::disable: QNBD_TRY(need(op.name)); break;
+    }
+  }
+  edit.ops = ops;
+  return edit;
+}
+
+void BitmapStore::commit_live(LiveEdit& edit) noexcept {
+  std::lock_guard load(load_mutex_);
+  std::unique_lock lock(live_mu_);
+  auto live = [&](const std::string& name) -> Entry* {
+    for (Entry& e : entries_) {
+      if (!e.removed && e.info.name == name) return &e;
+    }
+    return nullptr;
+  };
+  std::size_t next_added = 0;
+  for (const LiveBitmapOp& op : edit.ops) {
+    if (op.kind == LiveBitmapOp::Kind::add) {
+      Entry n;
+      n.info = edit.added[next_added];
+      n.bits = std::move(edit.created[next_added]);
+      ++next_added;
+      n.changed = true;
+      entries_.push_back(std::move(n));
+      continue;
+    }
+    // prepare_live checked that every name resolves at its turn.
+    Entry* e = live(op.name);
+    if (!e) continue;
+    switch (op.kind) {
+      case LiveBitmapOp::Kind::add: break;
+      case LiveBitmapOp::Kind::remove: e->removed = true; break;
+      case LiveBitmapOp::Kind::clear:
+        e->bits->reset();
+        e->changed = true;
+        break;
+      case LiveBitmapOp::Kind::enable:
+      case LiveBitmapOp::Kind::disable:
+        e->info.auto_enabled = op.kind == LiveBitmapOp::Kind::enable;
+        e->changed = true;
+        break;
+      case LiveBitmapOp::Kind::merge:
+        if (Entry* s = live(op.source); s && s != e) {
+          // Same disk size on both sides, so merge cannot refuse.
+          if (auto r = e->bits->merge(*s->bits); !r) log::error("bitmap merge: {}", r.error().message);
+        }
+        e->changed = true;
+        break;
+    }
+  }
+  tracking_.clear();
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    const Entry& e = entries_[i];
+    if (!e.removed && e.info.auto_enabled && !e.info.in_use) tracking_.push_back(i);
+  }
+}
+
+Result<void> BitmapStore::write_directory(Refcounts& refcounts, Header& header, bool closing) {
+  std::lock_guard lock(load_mutex_);
+  if (!marked_.load(std::memory_order_relaxed)) return ok();  // nothing changed since open
+  std::vector<BitmapUpdate> updated;
+  std::vector<std::size_t> index;  // entries_ index of each update
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    const Entry& e = entries_[i];
+    if (e.removed) continue;
+    const bool tracked = std::find(tracking_.begin(), tracking_.end(), i) != tracking_.end();
+    BitmapUpdate u{e.info, nullptr};
+    if (tracked) u.info.in_use = !closing;
+    // A tracked bitmap's on-disk data means nothing while it is in_use, so
+    // it is written only at close (or when it has no table yet).
+    if ((tracked && closing) || e.changed || e.info.table_offset == 0) u.data = e.bits.get();
+    updated.push_back(std::move(u));
+    index.push_back(i);
+  }
+  QNBD_TRY(rewrite_bitmap_directory(file_, header, refcounts, directory_, updated));
+  directory_.clear();
+  for (std::size_t k = 0; k < updated.size(); ++k) {
+    Entry& e = entries_[index[k]];
+    e.info.table_offset = updated[k].info.table_offset;
+    e.info.table_size = updated[k].info.table_size;
+    e.info.granularity = updated[k].info.granularity;
+    if (closing) e.info.in_use = updated[k].info.in_use;
+    e.changed = false;
+    directory_.push_back(updated[k].info);
+  }
+  // The header switch above cleared AUTOCLEAR_QNBD_INTENT (not in
+  // AUTOCLEAR_MASK), so the write-intent record is no longer trusted
+  // (docs/crash-safe-bitmaps.md): at close because the stored bitmaps are
+  // consistent now; after a live edit because the directory it names is
+  // gone. Drop it rather than keep paying its syncs. Until the next open, a
+  // crash after a live edit leaves the enabled bitmaps in_use, as without
+  // the feature (never a bitmap that missed a write).
+  if (record_) {
+    record_.reset();
+    if (intent_.remove) intent_.remove();
+  }
+  if (closing) {
+    tracking_.clear();
+    marked_.store(false, std::memory_order_release);
+  }
+  return ok();
+}
+
+Result<std::vector<BitmapState>> BitmapStore::states() {
+  std::lock_guard lock(load_mutex_);
+  std::vector<BitmapState> out;
+  for (Entry& e : entries_) {
+    if (e.removed) continue;
+    BitmapState s;
+    s.name = e.info.name;
+    s.granularity = e.info.granularity;
+    s.enabled = e.info.auto_enabled && !e.info.in_use;
+    s.in_use = e.info.in_use;
+    if (!e.info.in_use) {
+      const DirtyBitmap* bits = QNBD_TRY(load_locked(e));
+      s.dirty_bytes = std::min(bits->count_dirty() * bits->granularity(), bits->size());
+    }
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+class Qcow2Image::LiveBitmapEdit final : public BitmapTransaction {
+ public:
+  LiveBitmapEdit(Qcow2Image& img, BitmapStore::LiveEdit edit) : img_(img), edit_(std::move(edit)) {}
+  void commit() noexcept override { img_.bitmap_store_->commit_live(edit_); }
+  Result<void> persist() override { return img_.persist_bitmaps(); }
+
+ private:
+  Qcow2Image& img_;
+  BitmapStore::LiveEdit edit_;  // holds the store's edit lock until persisted
+};
+
+Result<std::vector<BitmapState>> Qcow2Image::bitmap_states() { return bitmap_store_->states(); }
+
+Result<std::unique_ptr<BitmapTransaction>> Qcow2Image::begin_bitmap_edit(const std::vector<LiveBitmapOp>& ops) {
+  if (!writable_) return make_error(EROFS, "{}: image is opened read-only", path_);
+  BitmapStore::LiveEdit edit = QNBD_TRY(bitmap_store_->prepare_live(ops));
+  return std::unique_ptr<BitmapTransaction>(std::make_unique<LiveBitmapEdit>(*this, std::move(edit)));
+}
+
+Result<void> Qcow2Image::persist_bitmaps() {
+  std::lock_guard lock(mutex_);
+  if (closed_) return make_error(EIO, "{}: image is closed", path_);
+  if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
+  // As close(): the header copy written must carry a moved refcount table.
+  header_.refcount_table_offset = refcounts_->table_offset();
+  header_.refcount_table_clusters = refcounts_->table_clusters();
+  QNBD_TRY(bitmap_store_->write_directory(*refcounts_, header_, /*closing=*/false));
+  register_bitmaps();
+  bitmaps_ = bitmap_store_->directory();
+  l2_cache_->depends_on_flush();  // as close(): the store may have changed refcounts
+  return ok();
+}
+
+}  // namespace qnbd::image::qcow2

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Crash-safe bitmaps (docs/crash-safe-bitmaps.md) with a real `qnbd serve`:
+#  - 50 SIGKILLs of a writable serve while two libnbd connections write
+#    (crash_rounds.py): each restart exports both bitmaps with -B, every
+#    changed granule is dirty, no dirty granule lies outside a touched
+#    recovery chunk, and qemu-nbd -B reports the same extents;
+#  - after a kill, `qnbd info` reports the pending record and `qnbd check`
+#    names it; a qemu-io write, qemu-img check -r all, a writable qemu-nbd or
+#    qemu-img bitmap in between makes the record stale: the restarted qnbd
+#    refuses the bitmap as inconsistent, as it does with --recover-bitmaps=no;
+#    untouched, the same crashed image recovers and covers the write.
+source "$(dirname "$0")/lib-serve.sh"
+requires qemu-img qemu-io qemu-nbd nbdinfo timeout
+requires_qnbd
+requires_python_nbd
+
+T=$TMPDIR_TEST
+img=$T/disk.qcow2
+qemu-img create -q -f qcow2 "$img" 16M
+qemu-io -f qcow2 -c 'write -q -P 0x5a 0 4M' "$img"
+qemu-img bitmap --add -g 64k "$img" b0
+qemu-img bitmap --add -g 512k "$img" b1
+
+rounds=${CRASH_ROUNDS:-50}
+start=$SECONDS
+timeout 300 "$PY" "$INTEGRATION_DIR/crash_rounds.py" "$QNBD" "$img" "$T" "$rounds" 11 65536 ||
+  fail "SIGKILL rounds failed"
+echo "($rounds rounds in $((SECONDS - start)) s)"
+qemu-img check -q "$img" || [[ $? == 3 ]] || fail "qemu-img check found corruption after the rounds"
+
+# One more kill, right after a write of 0x77 at 12M.
+start_serve -f qcow2 --recovery-chunk-size 65536 "$img"
+qemu-io -f raw -c 'write -q -P 0x77 12M 64k' "$SERVE_URI" || fail "qemu-io write through qnbd serve"
+kill -KILL "$SERVE_PID"
+wait "$SERVE_PID" 2>/dev/null || true
+SERVE_PID=
+[[ -e $img.qnbd-intent ]] || fail "no write-intent record beside the image after the kill"
+info=$("$QNBD" info "$img") || fail "qnbd info after the kill"
+[[ $info == *"write-intent record: pending"* ]] || fail "qnbd info does not show the pending record: $info"
+"$QNBD" check "$img" >/dev/null 2>"$T/check.err" || [[ $? == 3 ]] || fail "qnbd check after the kill"
+grep -q "write-intent record: pending" "$T/check.err" || fail "qnbd check does not name the record: $(cat "$T/check.err")"
+
+copy() { cp "$img" "$T/$1.qcow2" && cp "$img.qnbd-intent" "$T/$1.qcow2.qnbd-intent"; }
+# expect_refused NAME [serve args]: qnbd serve -B b0 on copy NAME refuses.
+expect_refused() {
+  local name=$1
+  shift
+  run_checked 20 "$QNBD" serve "$@" -B b0 -f qcow2 -k "$T/r.sock" "$T/$name.qcow2"
+  [[ $RUN_KIND == error ]] || fail "$name: qnbd serve -B b0 served a stale bitmap ($RUN_KIND $RUN_STATUS)"
+  grep -q "inconsistent" "$RUN_STDERR" || fail "$name: refusal does not say inconsistent: $(cat "$RUN_STDERR")"
+  echo "$name: refused: $(tail -n 1 "$RUN_STDERR")"
+}
+copy io
+qemu-io -f qcow2 -c 'write -q -P 0x11 1M 4k' "$T/io.qcow2" || fail "qemu-io write on the crashed copy"
+expect_refused io
+copy checkr
+qemu-img check -q -r all "$T/checkr.qcow2" || fail "qemu-img check -r all on the crashed copy"
+expect_refused checkr
+copy qnbdcheck
+"$QNBD" check -q -r all "$T/qnbdcheck.qcow2" || fail "qnbd check -r all on the crashed copy"
+expect_refused qnbdcheck
+copy qemunbd
+start_server "$T/q.pid" qemu-nbd -t -f qcow2 -k "$T/q.sock" --pid-file "$T/q.pid" "$T/qemunbd.qcow2" ||
+  fail "qemu-nbd (writable) did not start"
+qemu-io -f raw -c 'write -q -P 0x22 2M 4k' "nbd+unix:///?socket=$T/q.sock" || fail "qemu-io through qemu-nbd"
+stop_server "$SERVER_PID" || fail "qemu-nbd did not stop cleanly"
+expect_refused qemunbd
+copy qbitmap
+qemu-img bitmap --add "$T/qbitmap.qcow2" b2 || fail "qemu-img bitmap --add on the crashed copy"
+expect_refused qbitmap
+copy off
+expect_refused off --recover-bitmaps=no
+
+# Untouched, the same crash recovers: served with -B, the write is dirty,
+# and qemu-img sees consistent bitmaps afterwards.
+copy good
+start_serve -f qcow2 -B b0 "$T/good.qcow2"
+nbdinfo --json --map=qemu:dirty-bitmap:b0 "$SERVE_URI" >"$T/good.json" || fail "nbdinfo map of the recovered b0"
+stop_serve
+"$PY" - "$T/good.json" <<'PY' || fail "the write before the kill is not dirty in the recovered bitmap"
+import json, sys
+m = json.load(open(sys.argv[1]))
+start, end = 12 << 20, (12 << 20) + 65536
+assert any(e["offset"] <= start and end <= e["offset"] + e["length"] and e["type"] & 1 for e in m), m
+PY
+[[ ! -e $T/good.qcow2.qnbd-intent ]] || fail "the record was left behind after the clean stop"
+[[ $(qemu-img info "$T/good.qcow2") != *in-use* ]] || fail "bitmaps still in-use after recovery and a clean stop"
+qemu-img check -q "$T/good.qcow2" || [[ $? == 3 ]] || fail "qemu-img check found corruption after recovery"
+echo PASS

@@ -1,0 +1,241 @@
+// Control socket (see control.hpp): command execution and the Unix socket.
+#include "server/control.hpp"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include <boost/asio.hpp>
+#include <boost/asio/experimental/as_tuple.hpp>
+
+#include "common/log.hpp"
+#include "image/checkpoint.hpp"
+
+namespace qnbd::server {
+
+namespace asio = boost::asio;
+namespace pc = qnbd::protocol::control;
+using nlohmann::json;
+
+namespace {
+
+constexpr auto kReplyTimeout = std::chrono::seconds(10);
+constexpr std::size_t kMaxClients = 64;
+
+pc::Refusal refusal(const json& id, const Error& e) { return pc::Refusal{id, pc::error_code_for_errno(e.code), e.message}; }
+
+json status_json(ControlTarget& t) {
+  json exports = json::array();
+  for (const ControlExport& e : t.control_exports()) {
+    json bitmaps = json::array();
+    if (auto st = e.device->bitmap_states()) {
+      for (const image::BitmapState& b : *st) {
+        bitmaps.push_back(json{{"name", b.name},
+                               {"granularity", b.granularity},
+                               {"enabled", b.enabled},
+                               {"in_use", b.in_use},
+                               {"dirty_bytes", b.dirty_bytes}});
+      }
+    }
+    exports.push_back(json{{"name", e.name},
+                           {"image", e.image},
+                           {"format", e.format},
+                           {"size", e.size},
+                           {"read_only", e.read_only},
+                           {"connections", e.connections},
+                           {"bitmaps", bitmaps}});
+  }
+  return json{{"exports", exports}, {"jobs", json::array()}};
+}
+
+}  // namespace
+
+std::variant<json, pc::Refusal> execute_control(ControlTarget& target, const pc::Request& req) {
+  auto device = [&](const std::string& name) -> Result<std::shared_ptr<image::BlockDevice>> {
+    for (ControlExport& e : target.control_exports()) {
+      if (e.name == name) return e.device;
+    }
+    return make_error(ENOENT, "no export named '{}'", name);
+  };
+  auto edit = [&](const std::string& exp, std::vector<image::LiveBitmapOp> ops) -> std::variant<json, pc::Refusal> {
+    auto d = device(exp);
+    if (!d) return refusal(req.id, d.error());
+    auto r = image::apply_bitmap_edits({image::DeviceEdit{d->get(), std::move(ops)}});
+    if (!r) return refusal(req.id, r.error());
+    return json::object();
+  };
+  using K = image::LiveBitmapOp::Kind;
+  auto op = [](K k, std::string name, std::string source = {}) {
+    image::LiveBitmapOp o;
+    o.kind = k;
+    o.name = std::move(name);
+    o.source = std::move(source);
+    return o;
+  };
+  return std::visit(
+      [&](const auto& c) -> std::variant<json, pc::Refusal> {
+        using T = std::decay_t<decltype(c)>;
+        if constexpr (std::is_same_v<T, pc::Status>) {
+          return status_json(target);
+        } else if constexpr (std::is_same_v<T, pc::BitmapAdd>) {
+          image::LiveBitmapOp o = op(K::add, c.name);
+          o.granularity = c.granularity;
+          o.disabled = c.disabled;
+          return edit(c.export_name, {o});
+        } else if constexpr (std::is_same_v<T, pc::BitmapSimple>) {
+          static constexpr K kinds[] = {K::remove, K::clear, K::enable, K::disable};
+          return edit(c.export_name, {op(kinds[static_cast<int>(c.kind)], c.name)});
+        } else if constexpr (std::is_same_v<T, pc::BitmapMerge>) {
+          std::vector<image::LiveBitmapOp> ops;
+          for (const std::string& s : c.sources) ops.push_back(op(K::merge, c.target, s));
+          return edit(c.export_name, std::move(ops));
+        } else if constexpr (std::is_same_v<T, pc::ExportAdd>) {
+          if (auto r = target.add_export(c); !r) return refusal(req.id, r.error());
+          return json::object();
+        } else if constexpr (std::is_same_v<T, pc::ExportRemove>) {
+          if (auto r = target.remove_export(c.name, c.force); !r) return refusal(req.id, r.error());
+          return json::object();
+        } else {
+          static_assert(std::is_same_v<T, pc::Checkpoint>);
+          std::vector<image::BlockDevice*> devs;
+          std::vector<std::shared_ptr<image::BlockDevice>> keep;  // alive while the checkpoint runs
+          for (const std::string& e : c.exports) {
+            auto d = device(e);
+            if (!d) return refusal(req.id, d.error());
+            keep.push_back(*d);
+            devs.push_back(d->get());
+          }
+          auto r = image::checkpoint(devs, c.name, c.disable, c.granularity);
+          if (!r) return refusal(req.id, r.error());
+          const double pause_us = std::chrono::duration<double, std::micro>(r->pause).count();
+          log::info("checkpoint '{}' over {} export(s): writes paused {:.0f} us", c.name, devs.size(), pause_us);
+          return json{{"name", c.name}, {"pause_us", pause_us}};
+        }
+      },
+      req.cmd);
+}
+
+std::string handle_control_line(ControlTarget& target, std::string_view line) {
+  auto parsed = pc::parse_request(line);
+  if (auto* f = std::get_if<pc::Refusal>(&parsed)) return pc::encode_error(f->id, f->code, f->message);
+  const pc::Request& req = std::get<pc::Request>(parsed);
+  auto out = execute_control(target, req);
+  if (auto* f = std::get_if<pc::Refusal>(&out)) return pc::encode_error(f->id, f->code, f->message);
+  return pc::encode_result(req.id, std::get<json>(out));
+}
+
+// ---------------------------------------------------------------------------
+// The socket
+
+struct ControlServer::Impl {
+  using Socket = asio::local::stream_protocol::socket;
+  static constexpr auto use_tuple = asio::as_tuple(asio::use_awaitable);
+
+  Impl(std::string p, ControlTarget& t) : path(std::move(p)), target(t), acceptor(ctx) {}
+
+  asio::awaitable<void> accept_loop() {
+    for (;;) {
+      auto [ec, sock] = co_await acceptor.async_accept(use_tuple);
+      if (ec) {
+        if (ec == asio::error::operation_aborted || stopping) co_return;
+        log::warn("control: accept: {}", ec.message());
+        continue;
+      }
+      if (clients.size() >= kMaxClients) {
+        log::warn("control: more than {} clients; connection refused", kMaxClients);
+        continue;  // sock closes here
+      }
+      auto s = std::make_shared<Socket>(std::move(sock));
+      clients.insert(s);
+      asio::co_spawn(ctx, client(s), [this, s](std::exception_ptr e) {
+        if (e) log::warn("control: a client's connection failed; closed");
+        clients.erase(s);
+      });
+    }
+  }
+
+  asio::awaitable<void> client(std::shared_ptr<Socket> s) {
+    pc::LineBuffer lines;
+    std::vector<char> buf(64 * 1024);
+    asio::steady_timer deadline(ctx);
+    for (;;) {
+      while (auto l = lines.next()) {
+        std::string reply = l->too_long ? pc::encode_error(nullptr, pc::ErrorCode::parse_error,
+                                                           "request line is longer than 1 MiB")
+                                        : handle_control_line(target, l->text);
+        // A client that does not take its reply in time is cut off.
+        deadline.expires_after(kReplyTimeout);
+        deadline.async_wait([s](boost::system::error_code ec) {
+          if (!ec) {
+            boost::system::error_code ignored;
+            s->close(ignored);
+          }
+        });
+        auto [ec, n] = co_await asio::async_write(*s, asio::buffer(reply), use_tuple);
+        deadline.cancel();
+        if (ec) co_return;
+      }
+      auto [ec, n] = co_await s->async_read_some(asio::buffer(buf), use_tuple);
+      if (ec) co_return;
+      lines.feed(std::string_view(buf.data(), n));
+    }
+  }
+
+  std::string path;
+  ControlTarget& target;
+  asio::io_context ctx{1};
+  asio::local::stream_protocol::acceptor acceptor;
+  std::set<std::shared_ptr<Socket>> clients;  // on ctx's thread only
+  bool stopping = false;
+  std::thread thread;
+};
+
+Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& path, ControlTarget& target) {
+  auto impl = std::make_unique<Impl>(path, target);
+  struct stat st;
+  if (::lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) return make_error(EEXIST, "control socket {}: a file that is not a socket is there", path);
+    ::unlink(path.c_str());
+  }
+  boost::system::error_code ec;
+  asio::local::stream_protocol::endpoint ep(path);
+  impl->acceptor.open(ep.protocol(), ec);
+  if (!ec) {
+    // Owner only from the start: the umask covers the bind (no moment where
+    // another user could connect); chmod makes it explicit.
+    const mode_t old = ::umask(0177);
+    impl->acceptor.bind(ep, ec);
+    ::umask(old);
+  }
+  if (!ec && ::chmod(path.c_str(), 0600) != 0) ec.assign(errno, boost::system::system_category());
+  if (!ec) impl->acceptor.listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) return make_error(ec.value(), "control socket {}: {}", path, ec.message());
+  Impl* p = impl.get();
+  asio::co_spawn(p->ctx, p->accept_loop(), [](std::exception_ptr e) {
+    if (e) log::error("control: accept loop failed; the control socket is deaf");
+  });
+  p->thread = std::thread([p] { p->ctx.run(); });
+  return std::unique_ptr<ControlServer>(new ControlServer(std::move(impl)));
+}
+
+ControlServer::ControlServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+ControlServer::~ControlServer() {
+  Impl* p = impl_.get();
+  asio::post(p->ctx, [p] {
+    p->stopping = true;
+    boost::system::error_code ec;
+    p->acceptor.close(ec);
+    for (const auto& s : p->clients) s->close(ec);
+  });
+  // A command still running (a checkpoint) finishes first; then the loop
+  // has nothing left.
+  p->thread.join();
+  ::unlink(p->path.c_str());
+}
+
+}  // namespace qnbd::server
