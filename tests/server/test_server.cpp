@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <future>
@@ -154,4 +155,177 @@ TEST_CASE("non-persistent server: one client writes and reads, server exits 0 an
   f.read(buf, 4);
   CHECK(std::string(buf, 4) == "qnbd");
   CHECK_FALSE(std::filesystem::exists(sock));
+}
+
+namespace {
+
+// One reply as a minimal client sees it: simple (NBD proto.md "Simple reply
+// message") or one structured chunk ("Structured reply chunk message").
+struct WireReply {
+  bool structured = false;
+  std::uint16_t flags = 0;
+  std::uint16_t type = 0;
+  std::uint32_t error = 0;  // simple replies, and the first field of an error chunk
+  std::uint64_t cookie = 0;
+  std::vector<std::byte> payload;  // structured chunks only
+};
+
+WireReply read_reply(int fd) {
+  WireReply r;
+  auto magic = recv_exact(fd, 4);
+  if (load_be32(magic.data()) == NBD_SIMPLE_REPLY_MAGIC) {
+    auto rest = recv_exact(fd, 12);
+    r.error = load_be32(rest.data());
+    r.cookie = load_be64(rest.data() + 4);
+    return r;
+  }
+  REQUIRE(load_be32(magic.data()) == NBD_STRUCTURED_REPLY_MAGIC);
+  r.structured = true;
+  auto rest = recv_exact(fd, 16);
+  r.flags = load_be16(rest.data());
+  r.type = load_be16(rest.data() + 2);
+  r.cookie = load_be64(rest.data() + 4);
+  r.payload = recv_exact(fd, load_be32(rest.data() + 12));
+  if (r.type & (1u << 15)) r.error = load_be32(r.payload.data());
+  return r;
+}
+
+// Option reply header + data (NBD proto.md "Option reply").
+struct OptReply {
+  std::uint32_t option = 0;
+  std::uint32_t type = 0;
+  std::vector<std::byte> data;
+};
+
+OptReply read_opt_reply(int fd) {
+  auto h = recv_exact(fd, 20);
+  REQUIRE(load_be64(h.data()) == NBD_REP_MAGIC);
+  OptReply r{load_be32(h.data() + 8), load_be32(h.data() + 12), {}};
+  r.data = recv_exact(fd, load_be32(h.data() + 16));
+  return r;
+}
+
+}  // namespace
+
+// The session machinery in-process: fixed-newstyle negotiation with
+// structured replies and NBD_OPT_GO, a structured READ, an out-of-range READ
+// answered with an error chunk (the session keeps serving), FLUSH, DISC.
+TEST_CASE("in-process session: OPT_GO + structured replies, errors keep the session serving") {
+  TempDir dir;
+  auto img = (dir.path / "d.img").string();
+  auto sock = (dir.path / "s.sock").string();
+  std::string pattern;
+  for (int i = 0; i < 4096; ++i) pattern.push_back(static_cast<char>('a' + i % 26));
+  {
+    std::ofstream o(img, std::ios::binary);
+    o << pattern;
+  }
+  std::filesystem::resize_file(img, 64 << 10);
+  server::ServerOptions opts;
+  server::ExportSpec spec;
+  spec.device = open_raw(img, true);
+  spec.info = server::describe_export(*spec.device, "ro", "", true, false, false);
+  opts.exports.push_back(spec);
+  server::ListenerSpec l;
+  l.kind = server::ListenerSpec::Kind::unix_socket;
+  l.path = sock;
+  opts.listeners.push_back(l);
+  opts.persistent = false;
+  opts.threads = 1;
+  auto fut = std::async(std::launch::async, [&] { return server::run_server(std::move(opts)); });
+
+  int fd = connect_unix(sock);
+  REQUIRE(fd >= 0);
+  auto greeting = recv_exact(fd, 18);
+  REQUIRE(load_be64(greeting.data()) == NBDMAGIC);
+  REQUIRE(load_be64(greeting.data() + 8) == IHAVEOPT);
+  send_all(fd, be({{4, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES}}));
+
+  send_all(fd, be({{8, IHAVEOPT}, {4, NBD_OPT_STRUCTURED_REPLY}, {4, 0}}));
+  auto sr = read_opt_reply(fd);
+  CHECK(sr.option == NBD_OPT_STRUCTURED_REPLY);
+  CHECK(sr.type == NBD_REP_ACK);
+
+  // An export that does not exist: NBD_REP_ERR_UNKNOWN, negotiation goes on.
+  send_all(fd, be({{8, IHAVEOPT}, {4, NBD_OPT_GO}, {4, 4 + 4 + 2}, {4, 4}, {4, 0x6e6f7065 /* "nope" */}, {2, 0}}));
+  auto unknown = read_opt_reply(fd);
+  CHECK(unknown.option == NBD_OPT_GO);
+  CHECK(unknown.type == NBD_REP_ERR_UNKNOWN);
+
+  send_all(fd, be({{8, IHAVEOPT}, {4, NBD_OPT_GO}, {4, 4 + 2 + 2}, {4, 2}, {2, 0x726f /* "ro" */}, {2, 0}}));
+  std::uint64_t size = 0;
+  std::uint16_t tflags = 0;
+  for (int i = 0; i < 16; ++i) {
+    auto r = read_opt_reply(fd);
+    REQUIRE(r.option == NBD_OPT_GO);
+    if (r.type == NBD_REP_ACK) break;
+    REQUIRE(r.type == NBD_REP_INFO);
+    REQUIRE(r.data.size() >= 2);
+    if (load_be16(r.data.data()) == NBD_INFO_EXPORT) {
+      REQUIRE(r.data.size() == 12);
+      size = load_be64(r.data.data() + 2);
+      tflags = load_be16(r.data.data() + 10);
+    }
+  }
+  CHECK(size == (64u << 10));
+  CHECK((tflags & NBD_FLAG_HAS_FLAGS) != 0);
+  CHECK((tflags & NBD_FLAG_READ_ONLY) != 0);
+
+  // READ 4096 at 0: OFFSET_DATA chunks covering the range, the last with DONE.
+  send_all(fd, be({{4, NBD_REQUEST_MAGIC}, {2, 0}, {2, NBD_CMD_READ}, {8, 21}, {8, 0}, {4, 4096}}));
+  std::string got(4096, '\0');
+  std::size_t covered = 0;
+  for (int i = 0; i < 64; ++i) {
+    auto r = read_reply(fd);
+    REQUIRE(r.structured);
+    CHECK(r.cookie == 21);
+    if (r.type == NBD_REPLY_TYPE_OFFSET_DATA) {
+      auto off = load_be64(r.payload.data());
+      auto n = r.payload.size() - 8;
+      REQUIRE(off + n <= got.size());
+      std::memcpy(got.data() + off, r.payload.data() + 8, n);
+      covered += n;
+    } else {
+      REQUIRE(r.type == NBD_REPLY_TYPE_NONE);
+    }
+    if (r.flags & NBD_REPLY_FLAG_DONE) break;
+  }
+  CHECK(covered == 4096);
+  CHECK(got == pattern);
+
+  // READ past the end: EINVAL (NBD proto.md "Request errors"), as an error
+  // chunk, then the session still answers.
+  send_all(fd, be({{4, NBD_REQUEST_MAGIC}, {2, 0}, {2, NBD_CMD_READ}, {8, 22}, {8, size}, {4, 512}}));
+  auto bad = read_reply(fd);
+  CHECK(bad.cookie == 22);
+  CHECK(bad.error == NBD_EINVAL);
+  if (bad.structured) {
+    CHECK(bad.type == NBD_REPLY_TYPE_ERROR);
+    CHECK((bad.flags & NBD_REPLY_FLAG_DONE) != 0);
+  }
+  // WRITE to a read-only export: EPERM, payload consumed, still serving.
+  auto w = be({{4, NBD_REQUEST_MAGIC}, {2, 0}, {2, NBD_CMD_WRITE}, {8, 23}, {8, 0}, {4, 4}});
+  for (char c : std::string("qnbd")) w.push_back(std::byte(c));
+  send_all(fd, w);
+  auto perm = read_reply(fd);
+  CHECK(perm.cookie == 23);
+  CHECK(perm.error == NBD_EPERM);
+
+  send_all(fd, be({{4, NBD_REQUEST_MAGIC}, {2, 0}, {2, NBD_CMD_FLUSH}, {8, 24}, {8, 0}, {4, 0}}));
+  auto fl = read_reply(fd);
+  CHECK(fl.cookie == 24);
+  CHECK(fl.error == 0);
+  if (fl.structured) CHECK((fl.flags & NBD_REPLY_FLAG_DONE) != 0);
+
+  send_all(fd, be({{4, NBD_REQUEST_MAGIC}, {2, 0}, {2, NBD_CMD_DISC}, {8, 25}, {8, 0}, {4, 0}}));
+  ::close(fd);
+  REQUIRE(fut.wait_for(std::chrono::seconds(20)) == std::future_status::ready);
+  auto status = fut.get();
+  REQUIRE(status.has_value());
+  CHECK(*status == 0);
+  // The read-only export was not written.
+  std::ifstream f(img, std::ios::binary);
+  std::string head(4, '\0');
+  f.read(head.data(), 4);
+  CHECK(head == pattern.substr(0, 4));
 }
