@@ -20,7 +20,7 @@ JSON
 "$QNBD" serve --config "$TMPDIR_TEST/qnbd.json" --pid-file "$TMPDIR_TEST/cfg.pid" 2>"$TMPDIR_TEST/cfg.log" &
 cpid=$!
 cleanup_fn "kill -9 $cpid 2>/dev/null"
-for _ in $(seq 200); do [[ -s $TMPDIR_TEST/cfg.pid ]] && break; sleep 0.05; done
+wait_ready -s "$TMPDIR_TEST/cfg.pid" $cpid || true
 [[ -s $TMPDIR_TEST/cfg.pid ]] || { cat "$TMPDIR_TEST/cfg.log"; fail "config server did not start"; }
 nbdinfo --list --json "nbd+unix:///?socket=$TMPDIR_TEST/cfg.sock" >"$TMPDIR_TEST/list.json"
 python3 - "$TMPDIR_TEST/list.json" <<'PY' || fail "export list"
