@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # qemu:dirty-bitmap:NAME served by qnbd -B must match qemu-nbd -B exactly
-# (nbdinfo --map output), alone and together with base:allocation. Skipped
-# while the image engine cannot export bitmaps yet.
+# (nbdinfo --map output) for a default- and a 1 MiB-granularity bitmap, and
+# the server must start with both exported and list their contexts.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# qnbd serve --config: several exports from a JSON file, listed in file
-# order with descriptions, each served with its own read-only setting.
+# qnbd serve --config: several exports and the listener from a JSON file,
+# listed in file order with descriptions and contexts (allocation_depth),
+# each served with its own read-only setting (read through one, written
+# through the other); a config without exports is refused before anything
+# listens, naming the key.
 source "$(dirname "$0")/lib-serve.sh"
 requires nbdinfo nbdcopy python3 cmp
 
