@@ -1,11 +1,30 @@
-// Opening a fuzzed qcow2 image held in memory (MemFile), shared by the
-// qcow2 read and write targets. A backing file named by the image is served
-// from memory too: at the first level the same bytes opened as qcow2 (a
-// chain of two fuzzed layers), falling back to a raw patterned file; below
-// that always the raw file. An external data file is a copy of the image
-// bytes. Nothing here touches the host file system.
+// Fuzzed qcow2 images held in memory, shared by the qcow2_read,
+// qcow2_write and check targets.
+//
+// An image input is: u16 ops_length, ops bytes, then the image as a sparse
+// list, so a seed built from a real qemu-img image stays a few KiB while the
+// image it describes can be several MiB (all integers little endian):
+//   u32 file_size
+//   repeated: u32 offset, u16 n, then
+//     n < 0x8000: n literal bytes
+//     n >= 0x8000: one byte b; (n - 0x8000) * 64 bytes of value b (a fill:
+//     qemu-io -P data and refcount blocks of 8-bit refcounts are runs)
+// The file is file_size bytes (at least the end of the last record), but at
+// most kSlackBytes past the last record and never above kMaxImageBytes.
+// fuzz/make-corpus.py writes seeds in this layout.
+//
+// The image becomes a SparseFile (sparse_file.hpp): building it costs what
+// the input holds, not what the file size says, and every further copy
+// (backing layer, data file, reopen) shares its pages.
+//
+// A backing file named by the image is served from memory too: at the
+// first level the same bytes opened as qcow2 (a chain of two fuzzed
+// layers), falling back to a raw patterned file; below that always the raw
+// file. An external data file is a copy of the image bytes. Nothing here
+// touches the host file system.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -13,28 +32,90 @@
 #include <string>
 #include <vector>
 
+#include "common/endian.hpp"
 #include "fuzz_input.hpp"
-#include "image/io/mem_file.hpp"
 #include "image/qcow2/header.hpp"
 #include "image/qcow2/qcow2_image.hpp"
 #include "image/raw/raw_device.hpp"
+#include "sparse_file.hpp"
 
 namespace qnbd::fuzz {
 
-inline std::unique_ptr<image::File> raw_backing_file() {
-  // 1 MiB + 512 so the backing file ends inside most cluster sizes.
-  std::vector<std::byte> b((1u << 20) + 512);
-  for (std::size_t i = 0; i < b.size(); ++i) b[i] = static_cast<std::byte>(0xb0 ^ (i >> 9));
-  return std::make_unique<image::MemFile>("<backing.raw>", std::move(b));
+inline constexpr std::size_t kMaxImageBytes = 16u << 20;
+inline constexpr std::size_t kSlackBytes = 1u << 20;
+
+struct ImageInput {
+  std::span<const std::uint8_t> ops;
+  SparseFile image{"<fuzz.qcow2>"};
+};
+
+inline void decode_image_input(const std::uint8_t* data, std::size_t size, ImageInput& in) {
+  Reader r({data, size});
+  in.ops = r.take(r.u16());
+  const std::size_t size_field = r.u32();
+  std::size_t records_end = 0;
+  while (!r.empty()) {
+    const std::size_t offset = r.u32();
+    const std::uint16_t n = r.u16();
+    std::span<const std::uint8_t> bytes;
+    std::uint8_t fill = 0;
+    std::size_t length;
+    if (n >= 0x8000) {
+      fill = r.u8();
+      length = std::size_t{n - 0x8000u} * 64;
+    } else {
+      bytes = r.take(n);
+      length = bytes.size();
+    }
+    if (offset >= kMaxImageBytes) continue;
+    length = std::min(length, kMaxImageBytes - offset);
+    if (length == 0) continue;
+    records_end = std::max(records_end, offset + length);
+    if (bytes.empty()) in.image.fill(offset, length, std::byte{fill});
+    else (void)in.image.pwrite(std::as_bytes(bytes.first(length)), offset);
+  }
+  in.image.set_size(std::max(records_end, std::min({size_field, records_end + kSlackBytes, kMaxImageBytes})));
 }
 
-inline Result<std::unique_ptr<image::qcow2::Qcow2Image>> open_fuzz_qcow2(const std::vector<std::byte>& bytes,
-                                                                         bool writable, int depth = 0);
+// The image's header as the engine would parse it (reading at most what
+// the engine reads for it), or an error.
+inline Result<image::qcow2::Header> probe_header(SparseFile& f) {
+  static std::vector<std::byte> buf;
+  auto sz = f.size();
+  const std::uint64_t size = sz ? *sz : 0;
+  buf.resize(std::min<std::uint64_t>(size, 2u << 20));
+  (void)f.pread(buf, 0);
+  return image::qcow2::parse_header(buf, size);
+}
+
+// Whether the header asks for an external data file (incompatible feature
+// bit 2 of a version 3 header, qcow2.txt "Header"); open() refuses a data
+// file it did not ask for, so the fuzzer gives one exactly then.
+inline bool wants_data_file(SparseFile& f) {
+  std::byte h[80];
+  auto n = f.pread(h, 0);
+  if (!n || *n < sizeof h) return false;
+  return load_be32(h + 4) >= 3 && (load_be64(h + 72) & 4);
+}
+
+// 1 MiB + 512 so the backing file ends inside most cluster sizes; built
+// once, each open shares its pages.
+inline std::unique_ptr<image::File> raw_backing_file() {
+  static const auto pattern = [] {
+    auto f = std::make_unique<SparseFile>("<backing.raw>");
+    for (std::uint64_t off = 0; off < (1u << 20) + 512; off += 512) f->fill(off, 512, std::byte(0xb0 ^ (off >> 9)));
+    return f;
+  }();
+  return std::make_unique<SparseFile>(*pattern, "<backing.raw>");
+}
+
+inline Result<std::unique_ptr<image::qcow2::Qcow2Image>> open_fuzz_qcow2(const SparseFile& bytes, bool writable,
+                                                                         int depth = 0);
 
 // The backing opener of a fuzzed image at `depth`: the same bytes once more
 // as a qcow2 backing file (one level, so a chain cannot recurse), else the
 // fixed raw backing file.
-inline image::qcow2::BackingOpener fuzz_backing_opener(const std::vector<std::byte>& bytes, int depth) {
+inline image::qcow2::BackingOpener fuzz_backing_opener(const SparseFile& bytes, int depth) {
   using namespace image;
   return [&bytes, depth](const std::string&, const std::string& format) -> Result<std::unique_ptr<BlockDevice>> {
     if (depth == 0 && format != "raw") {
@@ -47,15 +128,14 @@ inline image::qcow2::BackingOpener fuzz_backing_opener(const std::vector<std::by
   };
 }
 
-inline Result<std::unique_ptr<image::qcow2::Qcow2Image>> open_fuzz_qcow2(const std::vector<std::byte>& bytes,
-                                                                         bool writable, int depth) {
+inline Result<std::unique_ptr<image::qcow2::Qcow2Image>> open_fuzz_qcow2(const SparseFile& bytes, bool writable,
+                                                                         int depth) {
   using namespace image;
   qcow2::Qcow2Image::Parts parts;
-  parts.file = std::make_unique<MemFile>(depth ? "<backing.qcow2>" : "<fuzz.qcow2>", bytes);
+  auto file = std::make_unique<SparseFile>(bytes, depth ? "<backing.qcow2>" : "<fuzz.qcow2>");
+  if (wants_data_file(*file)) parts.data_file = std::make_unique<SparseFile>(bytes, "<data file>");
+  parts.file = std::move(file);
   parts.path = depth ? "backing.qcow2" : "fuzz.qcow2";
-  auto h = qcow2::parse_header(std::span(bytes).first(std::min<std::size_t>(bytes.size(), 2u << 20)),
-                               bytes.size());
-  if (h && h->has_data_file()) parts.data_file = std::make_unique<MemFile>("<data file>", bytes);
   parts.open_backing = fuzz_backing_opener(bytes, depth);
   OpenOptions o;
   o.format = ImageFormat::qcow2;

@@ -1,7 +1,7 @@
-// Fuzz entry: open a fuzzed qcow2 image read-only over a MemFile and run
+// Fuzz entry: open a fuzzed qcow2 image read-only over an in-memory SparseFile and run
 // fuzzed reads, block status (one layer, the whole chain, qemu-img map's
 // view), host-offset lookups and dirty-bitmap status on it. Input layout:
-// fuzz_input.hpp; each op is 9 bytes (kind, range).
+// fuzz_image.hpp; each op is 9 bytes (kind, range).
 //
 // Properties checked (each can fail):
 // - a range past the end of the device is refused, never served;
@@ -23,12 +23,12 @@ using qnbd::fuzz::Reader;
 
 namespace {
 
-constexpr std::uint64_t kMaxRead = 1u << 20;
+constexpr std::uint64_t kMaxRead = 256u << 10;
 constexpr std::uint64_t kWindow = std::uint64_t{1} << 40;  // offsets anywhere in a 1 TiB device
 
 // Bytes one run may read in all (keeps every run fast whatever the
 // extents say).
-constexpr std::uint64_t kReadBudget = 2u << 20;
+constexpr std::uint64_t kReadBudget = 512u << 10;
 std::uint64_t budget = 0;
 
 std::vector<std::byte>& buffer(std::uint64_t n) {
@@ -105,7 +105,8 @@ void do_bitmap(qcow2::Qcow2Image& img, const fuzz::Range& g, std::uint8_t which)
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
-  auto in = fuzz::decode_image_input(data, size);
+  fuzz::ImageInput in;
+  fuzz::decode_image_input(data, size, in);
   budget = kReadBudget;
   auto opened = fuzz::open_fuzz_qcow2(in.image, false);
   if (!opened) return 0;

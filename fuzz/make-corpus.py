@@ -7,7 +7,7 @@ usage: make-corpus.py [FUZZ_DIR]    (default: the directory of this script)
 
 - corpus/images: every image of the read matrix (integration/
   make-read-matrix.py builds them with qemu-img and qemu-io), plus images
-  with persistent dirty bitmaps, in the sparse layout of fuzz_input.hpp:
+  with persistent dirty bitmaps, in the sparse layout of fuzz_image.hpp:
   zero runs dropped, runs of one byte value stored as fills, so a seed
   describing a several-MiB image is a few KiB. Shared by the qcow2_read,
   qcow2_write and check targets.
@@ -28,13 +28,13 @@ import subprocess
 import sys
 import tempfile
 
-MAX_IMAGE = 16 << 20   # fuzz_input.hpp kMaxImageBytes
-SLACK = 1 << 20        # fuzz_input.hpp kSlackBytes
+MAX_IMAGE = 16 << 20   # fuzz_image.hpp kMaxImageBytes
+SLACK = 1 << 20        # fuzz_image.hpp kSlackBytes
 MAX_SEED = 64 << 10    # keep every committed seed small
 
 
 def sparse_encode(data, ops=b""):
-    """fuzz_input.hpp layout: u16 ops length, ops, u32 file size, records."""
+    """fuzz_image.hpp layout: u16 ops length, ops, u32 file size, records."""
     data = data[:MAX_IMAGE]
     out = bytearray(struct.pack("<H", len(ops)) + ops + struct.pack("<I", len(data)))
 
@@ -64,7 +64,7 @@ def sparse_encode(data, ops=b""):
 
 
 def sparse_decode(blob):
-    """The image of a fuzz_input.hpp input (as decode_image_input builds it)."""
+    """The image of a fuzz_image.hpp input (as decode_image_input builds it)."""
     pos = 0
 
     def take(n):

@@ -6,7 +6,7 @@
 namespace qnbd::image {
 
 FaultFile::FaultFile(std::unique_ptr<File> inner, Plan plan)
-    : inner_(std::move(inner)), plan_(plan), rng_(plan.seed) {}
+    : ForwardingFile(std::move(inner)), plan_(plan), rng_(plan.seed) {}
 
 Result<void> FaultFile::gate(Op op, const char* what) {
   std::lock_guard lock(mutex_);
@@ -19,43 +19,43 @@ Result<void> FaultFile::gate(Op op, const char* what) {
   if (plan_.one_in != 0 && rng_() % plan_.one_in == 0) fail = true;
   if (!fail) return ok();
   ++faults_;
-  return make_error(plan_.error, "{}: injected {} failure (call {}): {}", inner_->name(), what, calls_,
+  return make_error(plan_.error, "{}: injected {} failure (call {}): {}", name(), what, calls_,
                     std::strerror(plan_.error));
 }
 
 Result<std::size_t> FaultFile::pread(std::span<std::byte> buf, std::uint64_t offset) {
   QNBD_TRY(gate(op_read, "read"));
-  return inner_->pread(buf, offset);
+  return ForwardingFile::pread(buf, offset);
 }
 
 Result<void> FaultFile::pwrite(std::span<const std::byte> buf, std::uint64_t offset) {
   QNBD_TRY(gate(op_write, "write"));
-  return inner_->pwrite(buf, offset);
+  return ForwardingFile::pwrite(buf, offset);
 }
 
 Result<void> FaultFile::flush() {
   QNBD_TRY(gate(op_flush, "flush"));
-  return inner_->flush();
+  return ForwardingFile::flush();
 }
 
 Result<void> FaultFile::truncate(std::uint64_t size) {
   QNBD_TRY(gate(op_truncate, "truncate"));
-  return inner_->truncate(size);
+  return ForwardingFile::truncate(size);
 }
 
 Result<void> FaultFile::write_zeroes(std::uint64_t offset, std::uint64_t length, bool may_unmap) {
   QNBD_TRY(gate(op_zero, "write_zeroes"));
-  return inner_->write_zeroes(offset, length, may_unmap);
+  return ForwardingFile::write_zeroes(offset, length, may_unmap);
 }
 
 Result<void> FaultFile::write_zeroes_fast(std::uint64_t offset, std::uint64_t length, bool may_unmap) {
   QNBD_TRY(gate(op_zero, "write_zeroes"));
-  return inner_->write_zeroes_fast(offset, length, may_unmap);
+  return ForwardingFile::write_zeroes_fast(offset, length, may_unmap);
 }
 
 Result<void> FaultFile::discard(std::uint64_t offset, std::uint64_t length) {
   QNBD_TRY(gate(op_discard, "discard"));
-  return inner_->discard(offset, length);
+  return ForwardingFile::discard(offset, length);
 }
 
 std::uint64_t FaultFile::calls() const {

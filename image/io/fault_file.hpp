@@ -4,7 +4,8 @@
 //
 // Two triggers, combinable: the Nth matching call fails (1-based; optionally
 // every later one too, as a device that went away), and a seeded 1-in-N
-// chance per matching call. Calls that do not fail pass straight through.
+// chance per matching call. Calls that do not fail pass straight through
+// (ForwardingFile forwards everything this class does not gate).
 // Thread-safe: the counters are guarded by a mutex; the inner file must be
 // thread-safe itself (every File is).
 #pragma once
@@ -14,11 +15,11 @@
 #include <mutex>
 #include <random>
 
-#include "image/io/file.hpp"
+#include "image/io/forwarding_file.hpp"
 
 namespace qnbd::image {
 
-class FaultFile final : public File {
+class FaultFile final : public ForwardingFile {
  public:
   // Which calls a fault may hit (a bit mask of these).
   enum Op : unsigned {
@@ -47,27 +48,18 @@ class FaultFile final : public File {
   Result<void> pwrite(std::span<const std::byte> buf, std::uint64_t offset) override;
   Result<void> flush() override;
   Result<void> truncate(std::uint64_t size) override;
-  Result<std::uint64_t> size() override { return inner_->size(); }
   Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length, bool may_unmap) override;
   Result<void> write_zeroes_fast(std::uint64_t offset, std::uint64_t length, bool may_unmap) override;
   Result<void> discard(std::uint64_t offset, std::uint64_t length) override;
-  Result<bool> is_hole(std::uint64_t offset, std::uint64_t length) override { return inner_->is_hole(offset, length); }
-  Result<Extent> probe_extent(std::uint64_t offset, std::uint64_t max_length) override {
-    return inner_->probe_extent(offset, max_length);
-  }
-  Result<std::uint64_t> allocated_size() override { return inner_->allocated_size(); }
-  const std::string& name() const override { return inner_->name(); }
 
   // Matching calls seen so far, and how many of them were made to fail.
   std::uint64_t calls() const;
   std::uint64_t faults() const;
-  File& inner() { return *inner_; }
 
  private:
   // Count a call of kind `op`; an Error if it is to fail.
   Result<void> gate(Op op, const char* what);
 
-  std::unique_ptr<File> inner_;
   Plan plan_;
   mutable std::mutex mutex_;
   std::mt19937_64 rng_;

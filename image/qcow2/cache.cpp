@@ -38,16 +38,7 @@ void TableCache::unpin(Entry* e) {
   --e->pins;
 }
 
-Result<TableCache::Handle> TableCache::get(std::uint64_t offset) {
-  std::lock_guard lock(mutex_);
-  ++tick_;
-  if (auto it = index_.find(offset); it != index_.end()) {
-    Entry& e = entries_[it->second];
-    e.last_use = tick_;
-    ++e.pins;
-    return Handle(this, &e);
-  }
-  ++misses_;
+Result<std::size_t> TableCache::take_slot_locked() {
   // Replace an unused slot, else the least recently used unpinned one (a
   // linear scan, as QEMU: misses cost a disk read anyway).
   std::size_t victim = entries_.size();
@@ -68,15 +59,26 @@ Result<TableCache::Handle> TableCache::get(std::uint64_t offset) {
   }
   Entry& e = entries_[victim];
   if (e.used) {
-    if (e.dirty) {
-      if (!writeback_) return make_error(EIO, "{} cache: dirty table without a writeback hook", what_);
-      QNBD_TRY(writeback_(e.offset, std::span<const std::byte>(e.data.get(), table_bytes_)));
-      e.dirty = false;
-    }
+    if (e.dirty) QNBD_TRY(write_back_locked(e));
     index_.erase(e.offset);
     e.used = false;
   }
   if (!e.data) e.data = std::make_unique<std::byte[]>(table_bytes_);
+  return victim;
+}
+
+Result<TableCache::Handle> TableCache::get(std::uint64_t offset) {
+  std::lock_guard lock(mutex_);
+  ++tick_;
+  if (auto it = index_.find(offset); it != index_.end()) {
+    Entry& e = entries_[it->second];
+    e.last_use = tick_;
+    ++e.pins;
+    return Handle(this, &e);
+  }
+  ++misses_;
+  const std::size_t victim = QNBD_TRY(take_slot_locked());
+  Entry& e = entries_[victim];
   QNBD_TRY(file_.read_exact(std::span<std::byte>(e.data.get(), table_bytes_), offset, what_));
   e.offset = offset;
   e.used = true;
@@ -86,18 +88,62 @@ Result<TableCache::Handle> TableCache::get(std::uint64_t offset) {
   return Handle(this, &e);
 }
 
+Result<TableCache::Handle> TableCache::get_empty(std::uint64_t offset) {
+  std::lock_guard lock(mutex_);
+  ++tick_;
+  std::size_t slot = 0;
+  if (auto it = index_.find(offset); it != index_.end()) {
+    slot = it->second;
+    if (entries_[slot].pins != 0) return make_error(EBUSY, "{} cache: new table at {:#x} is in use", what_, offset);
+  } else {
+    slot = QNBD_TRY(take_slot_locked());
+    index_.emplace(offset, slot);
+  }
+  Entry& e = entries_[slot];
+  std::fill_n(e.data.get(), table_bytes_, std::byte{0});
+  e.offset = offset;
+  e.used = true;
+  e.dirty = false;
+  e.last_use = tick_;
+  e.pins = 1;
+  return Handle(this, &e);
+}
+
 void TableCache::mark_dirty(Handle& h) {
   std::lock_guard lock(mutex_);
   h.entry_->dirty = true;
 }
 
+Result<void> TableCache::flush_dependency_locked() {
+  bool sync = needs_sync_;
+  if (dependency_ && dependency_->has_dirty()) {
+    QNBD_TRY(dependency_->flush());
+    sync = true;
+  }
+  if (sync) {
+    QNBD_TRY(sync_ ? sync_() : file_.flush());
+    needs_sync_ = false;
+  }
+  return ok();
+}
+
+Result<void> TableCache::flush_dependency() {
+  std::lock_guard lock(mutex_);
+  return flush_dependency_locked();
+}
+
+Result<void> TableCache::write_back_locked(Entry& e) {
+  QNBD_TRY(flush_dependency_locked());
+  const std::span<const std::byte> table(e.data.get(), table_bytes_);
+  QNBD_TRY(writeback_ ? writeback_(e.offset, table) : file_.pwrite(table, e.offset));
+  e.dirty = false;
+  return ok();
+}
+
 Result<void> TableCache::flush() {
   std::lock_guard lock(mutex_);
   for (Entry& e : entries_) {
-    if (!e.used || !e.dirty) continue;
-    if (!writeback_) return make_error(EIO, "{} cache: dirty table without a writeback hook", what_);
-    QNBD_TRY(writeback_(e.offset, std::span<const std::byte>(e.data.get(), table_bytes_)));
-    e.dirty = false;
+    if (e.used && e.dirty) QNBD_TRY(write_back_locked(e));
   }
   return ok();
 }
@@ -105,6 +151,26 @@ Result<void> TableCache::flush() {
 void TableCache::set_writeback(Writeback wb) {
   std::lock_guard lock(mutex_);
   writeback_ = std::move(wb);
+}
+
+void TableCache::set_dependency(TableCache* dependency) {
+  std::lock_guard lock(mutex_);
+  dependency_ = dependency;
+}
+
+void TableCache::depends_on_flush() {
+  std::lock_guard lock(mutex_);
+  needs_sync_ = true;
+}
+
+void TableCache::set_sync(Sync sync) {
+  std::lock_guard lock(mutex_);
+  sync_ = std::move(sync);
+}
+
+bool TableCache::has_dirty() const {
+  std::lock_guard lock(mutex_);
+  return std::any_of(entries_.begin(), entries_.end(), [](const Entry& e) { return e.used && e.dirty; });
 }
 
 void TableCache::discard(std::uint64_t offset) {

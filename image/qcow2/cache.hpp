@@ -1,13 +1,28 @@
-// TableCache: a bounded cache of cluster-sized metadata tables (L2 tables
-// now; refcount blocks later), as QEMU's qcow2-cache.c.
+// TableCache: a bounded cache of cluster-sized metadata tables, as QEMU's
+// qcow2-cache.c. One class serves both kinds the engine caches: L2 tables
+// (Qcow2Image) and refcount blocks (Refcounts), one instance each.
 //
 // Thread-safe (own mutex). The engine calls it under its metadata mutex, so
 // the internal lock is uncontended. Memory is bounded by `capacity` tables;
 // slot buffers are allocated once, on first use, and reused, so a hit
 // allocates nothing. A Handle pins its entry (it cannot be evicted while a
 // Handle lives). For the writer: mark_dirty() flags an entry; dirty entries
-// are written back through the writeback hook before eviction and by
-// flush(), which lets the writer order caches (refcounts before L2).
+// are written back (through the writeback hook, or straight to the file)
+// before eviction and by flush().
+//
+// Write-back order (§14.3; QEMU's qcow2_cache_set_dependency and
+// qcow2_cache_depends_on_flush). An L2 entry may point at a cluster whose
+// refcount is only raised in the refcount block cache, or whose data was
+// written but not synced. So before this cache writes back ANY entry, it
+// runs flush_dependency():
+//  1. the dependency cache (set_dependency: the L2 cache depends on the
+//     refcount block cache) writes back all its dirty entries, then
+//  2. if step 1 wrote anything, or depends_on_flush() was called since the
+//     last sync, the sync hook runs (set_sync; default: flush the file).
+// A crash can then leak a cluster (refcount on disk, no pointer) but never
+// leave a pointer to a cluster whose refcount or data is not on disk.
+// The dependency is one-way (refcount blocks depend on nothing), so the lock
+// order is: this cache's mutex, then the dependency's.
 #pragma once
 
 #include <cstddef>
@@ -35,7 +50,8 @@ class TableCache {
   };
 
  public:
-  // Writes one table back to the file (set by the writer).
+  // Writes one table back to the file (optional: the default is a plain
+  // pwrite to the cache's file; the writer adds its overlap check).
   using Writeback = std::function<Result<void>(std::uint64_t offset, std::span<const std::byte> table)>;
 
   class Handle {
@@ -65,12 +81,29 @@ class TableCache {
 
   // The table at host offset `offset`, read from the file on a miss.
   [[nodiscard]] Result<Handle> get(std::uint64_t offset);
+  // The table at host offset `offset` for a table being created: zeroed,
+  // not read (QEMU's qcow2_cache_get_empty). Replaces a cached copy.
+  [[nodiscard]] Result<Handle> get_empty(std::uint64_t offset);
   void mark_dirty(Handle& h);
-  // Write back every dirty entry (the writer flushes the file afterwards).
+  // Write back every dirty entry, dependencies first (see above). The file
+  // itself is not synced afterwards: the owner decides when.
   [[nodiscard]] Result<void> flush();
   void set_writeback(Writeback wb);
   // Drop a table from the cache (it was freed); must not be pinned.
   void discard(std::uint64_t offset);
+
+  // Write-back dependencies (see above). `dependency` must outlive this
+  // cache and must not depend on it.
+  void set_dependency(TableCache* dependency);
+  // Something this cache's entries will point at was written: sync before
+  // the next write-back.
+  void depends_on_flush();
+  using Sync = std::function<Result<void>()>;
+  void set_sync(Sync sync);
+  // Steps 1 and 2 above now (a caller about to write a pointer itself, e.g.
+  // an L1 entry to a new L2 table, or a flush).
+  [[nodiscard]] Result<void> flush_dependency();
+  bool has_dirty() const;
 
   std::size_t capacity() const { return entries_.size(); }
   std::size_t table_bytes() const { return table_bytes_; }
@@ -81,6 +114,11 @@ class TableCache {
 
  private:
   void unpin(Entry* e);
+  // A slot for a new table at `offset` (evicting the LRU unpinned entry,
+  // written back first if dirty), unused and unpinned.
+  Result<std::size_t> take_slot_locked();
+  Result<void> write_back_locked(Entry& e);
+  Result<void> flush_dependency_locked();
 
   File& file_;
   const std::size_t table_bytes_;
@@ -89,6 +127,9 @@ class TableCache {
   std::vector<Entry> entries_;  // fixed size: never reallocated after construction
   std::unordered_map<std::uint64_t, std::size_t> index_;
   Writeback writeback_;
+  TableCache* dependency_ = nullptr;
+  bool needs_sync_ = false;  // depends_on_flush() since the last sync
+  Sync sync_;
   std::uint64_t tick_ = 0;
   std::uint64_t misses_ = 0;
 };

@@ -1,6 +1,15 @@
+// L1/L2 entries (§6, §7): decoding, and the image's cluster layer: lookup,
+// allocation and L2 updates (QEMU's qcow2-cluster.c). See cluster.hpp.
 #include "image/qcow2/cluster.hpp"
 
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
 #include "common/checked.hpp"
+#include "common/endian.hpp"
+#include "image/qcow2/qcow2_image.hpp"
+#include "image/qcow2/refcount.hpp"
 
 namespace qnbd::image::qcow2 {
 
@@ -122,6 +131,399 @@ Result<std::uint64_t> l1_entry_l2_offset(std::uint64_t l1_entry, std::uint32_t c
     return make_error(EIO, "L2 table at offset {:#x} is beyond the end of the image file", l2);
   }
   return l2;
+}
+
+
+// ---------------------------------------------------------------------------
+// Qcow2Image's cluster layer (QEMU's qcow2-cluster.c). Every function below
+// runs under the metadata mutex (mutex_) except get_host_offset, which takes
+// it.
+//
+// Crash ordering (§14.3) of the steps here, without a flush per request:
+//  * a new cluster gets its refcount in Refcounts' cache
+//    (allocate_cluster_locked); the guest data goes to the data file; the
+//    L2 entry changes only in the L2 cache (set_l2_entry_locked), which
+//    is told it depends on a flush. The L2 cache depends on the refcount
+//    block cache (cache.hpp), so the refcount blocks are written and the
+//    files synced before any L2 table is written back;
+//  * a new L2 table (or a copy of a shared one) is written and synced
+//    before the L1 entry pointing to it is written (l2_for_write_locked);
+//  * a reference an update drops (copy-on-write, zeroing, discard, a copied
+//    L2 table) is only queued (queue_free_locked); write.cpp's flush_locked
+//    applies it once the L2/L1 updates that removed the pointer are on
+//    disk, with in-place writers excluded.
+// A crash therefore leaks clusters at worst, never leaves a pointer to a
+// cluster whose refcount or data did not reach the disk.
+
+namespace {
+
+Result<void> write_be64_at(File& f, std::uint64_t offset, std::uint64_t value) {
+  std::byte raw[8];
+  store_be64(raw, value);
+  return f.pwrite(raw, offset);
+}
+
+}  // namespace
+
+Result<Mapping> Qcow2Image::get_host_offset(std::uint64_t offset, std::uint64_t max_bytes) {
+  std::lock_guard lock(mutex_);
+  return get_host_offset_locked(offset, max_bytes);
+}
+
+Result<Mapping> Qcow2Image::get_host_offset_locked(std::uint64_t offset, std::uint64_t max_bytes) {
+  const L2Geometry& g = geometry_;
+  const unsigned cluster_bits = g.cluster_bits;
+  const std::uint64_t cluster_size = g.cluster_size();
+  const unsigned l2_bits = header_.l2_bits();
+  const std::uint64_t l2_entries = 1ull << l2_bits;
+  const unsigned sc_bits = g.subcluster_bits();
+  const unsigned spc = g.subclusters_per_cluster();
+
+  // A run never crosses an L2 table.
+  const std::uint64_t l1_index = offset >> (cluster_bits + l2_bits);
+  const std::uint64_t table_end = (l1_index + 1) << (cluster_bits + l2_bits);
+  const std::uint64_t limit = std::min(max_bytes, table_end - offset);
+  Mapping m;
+  if (limit == 0) return make_error(EINVAL, "empty mapping request at {:#x}", offset);
+
+  if (l1_index >= l1_.size()) {
+    m.bytes = limit;
+    return m;
+  }
+  std::uint64_t l2_offset = 0;
+  {
+    auto r = l1_entry_l2_offset(l1_[l1_index], cluster_bits, file_size_);
+    if (!r) return make_error(EIO, "image is corrupt: {} (L1 index {})", r.error().message, l1_index);
+    l2_offset = *r;
+  }
+  if (l2_offset == 0) {
+    m.bytes = limit;
+    return m;
+  }
+  TableCache::Handle table = QNBD_TRY(l2_cache_->get(l2_offset));
+  const std::byte* t = table.data().data();
+  auto entry_at = [&](std::uint64_t idx) {
+    L2Entry e;
+    e.entry = load_be64(t + idx * g.l2_entry_size());
+    if (g.extended_l2) e.bitmap = load_be64(t + idx * g.l2_entry_size() + 8);
+    return e;
+  };
+
+  std::uint64_t l2_index = (offset >> cluster_bits) & (l2_entries - 1);
+  unsigned sc_index = static_cast<unsigned>((offset >> sc_bits) & (spc - 1));
+  const std::uint64_t guest_cluster = align_down(offset, cluster_size);
+  L2Entry first = entry_at(l2_index);
+  auto type_r = get_subcluster_type(g, first, sc_index, guest_cluster);
+  if (!type_r) return make_error(EIO, "image is corrupt: {}", type_r.error().message);
+  m.type = *type_r;
+  m.l2_entry = first.entry;
+  // §6.2/§6.4 COPIED on both levels: the L2 table and the host cluster have
+  // refcount 1, so the writer may change them without copying.
+  m.copied = (l1_[l1_index] & QCOW_OFLAG_COPIED) && (first.entry & QCOW_OFLAG_COPIED);
+
+  const bool has_host = m.type == SubclusterType::normal || m.type == SubclusterType::zero_alloc ||
+                        m.type == SubclusterType::unallocated_alloc;
+  std::uint64_t host_cluster = 0;
+  if (has_host) {
+    host_cluster = first.entry & L2E_OFFSET_MASK;
+    // A data cluster past the end of the image file is corrupt (an external
+    // data file may legitimately be sparse or short).
+    if (m.type == SubclusterType::normal && !data_file_ && host_cluster >= file_size_) {
+      return make_error(EIO, "image is corrupt: data cluster at {:#x} (guest offset {:#x}) is beyond the end of the file",
+                        host_cluster, guest_cluster);
+    }
+    m.host_offset = host_cluster + (offset & (cluster_size - 1));
+  }
+  if (m.type == SubclusterType::compressed) {
+    // Compressed clusters are handled one at a time.
+    m.bytes = std::min(limit, guest_cluster + cluster_size - offset);
+    return m;
+  }
+
+  // Extend the run over following subclusters of the same type (and, with a
+  // host cluster, contiguous host offsets), as count_contiguous_subclusters.
+  std::uint64_t run_end = guest_cluster + (std::uint64_t{sc_index} + 1) * (cluster_size / spc);
+  std::uint64_t expect_host = host_cluster;
+  std::uint64_t idx = l2_index;
+  unsigned sc = sc_index + 1;
+  L2Entry cur = first;
+  while (run_end - offset < limit) {
+    if (sc == spc) {
+      ++idx;
+      if (idx >= l2_entries) break;
+      sc = 0;
+      cur = entry_at(idx);
+      expect_host += cluster_size;
+      if (has_host && (cur.entry & L2E_OFFSET_MASK) != expect_host) break;
+    }
+    std::uint64_t cluster_guest = guest_cluster + ((idx - l2_index) << cluster_bits);
+    auto t2 = get_subcluster_type(g, cur, sc, cluster_guest);
+    if (!t2 || *t2 != m.type) break;  // a corrupt entry is reported when it is reached
+    if (has_host && (cur.entry & L2E_OFFSET_MASK) != expect_host) break;
+    if (m.type == SubclusterType::normal && !data_file_ && expect_host >= file_size_) break;
+    run_end += cluster_size / spc;
+    ++sc;
+  }
+  m.bytes = std::min(limit, run_end - offset);
+  return m;
+}
+
+Result<std::uint64_t> Qcow2Image::allocate_cluster_locked() {
+  std::uint64_t host = QNBD_TRY(refcounts_->allocate(1));
+  l2_cache_->depends_on_flush();
+  file_size_ = std::max(file_size_, host + header_.cluster_size());
+  return host;
+}
+
+void Qcow2Image::queue_free_locked(std::uint64_t l2_entry) {
+  if (data_file_ || l2_entry == 0) return;  // no refcounts for the external data file
+  if (l2_entry & QCOW_OFLAG_COMPRESSED) {
+    CompressedDescriptor d = parse_compressed_descriptor(l2_entry, header_.cluster_bits);
+    pending_free_.push_back({align_down(d.host_offset, 512), d.nb_sectors * 512, false});
+  } else if (std::uint64_t host = l2_entry & L2E_OFFSET_MASK) {
+    pending_free_.push_back({host, header_.cluster_size(), false});
+  }
+}
+
+Result<TableCache::Handle> Qcow2Image::l2_for_write_locked(std::uint64_t l1_index) {
+  const std::uint64_t cs = header_.cluster_size();
+  if (l1_index >= l1_.size()) {
+    return make_error(EIO, "{}: guest offset needs L1 index {} but the L1 table has {} entries", path_, l1_index,
+                      l1_.size());
+  }
+  auto old_r = l1_entry_l2_offset(l1_[l1_index], header_.cluster_bits, file_size_);
+  if (!old_r) return set_corrupt_locked(fmt::format("{} (L1 index {})", old_r.error().message, l1_index));
+  const std::uint64_t old = *old_r;
+  if (old && (l1_[l1_index] & QCOW_OFLAG_COPIED)) {
+    // It will be changed and written back: refuse before touching it if it
+    // is also another structure.
+    QNBD_TRY(metadata_->check(old, cs, kind_bit(MetadataKind::active_l2)));
+    return l2_cache_->get(old);
+  }
+  // A new table, or a copy of one shared with a snapshot (refcount > 1).
+  std::vector<std::byte> table(static_cast<std::size_t>(cs));
+  if (old) {
+    TableCache::Handle h = QNBD_TRY(l2_cache_->get(old));
+    std::memcpy(table.data(), h.data().data(), table.size());
+  }
+  const std::uint64_t host = QNBD_TRY(allocate_cluster_locked());
+  // The table's refcount (and every dirty dependency) first, then the table,
+  // then the L1 entry.
+  QNBD_TRY(sync_dependencies_locked());
+  metadata_->add(MetadataKind::active_l2, host, cs);
+  QNBD_TRY(metadata_->check(host, cs, kind_bit(MetadataKind::active_l2)));
+  QNBD_TRY(file_->pwrite(table, host));
+  QNBD_TRY(file_->flush());
+  QNBD_TRY(metadata_->check(header_.l1_table_offset + l1_index * 8, 8, kind_bit(MetadataKind::active_l1)));
+  l1_[l1_index] = host | QCOW_OFLAG_COPIED;
+  QNBD_TRY(write_be64_at(*file_, header_.l1_table_offset + l1_index * 8, l1_[l1_index]));
+  if (old) pending_free_.push_back({old, cs, true});
+  return l2_cache_->get(host);
+}
+
+Result<Qcow2Image::L2Slot> Qcow2Image::l2_slot_for_write_locked(std::uint64_t gc) {
+  const L2Geometry& g = geometry_;
+  const unsigned l2_bits = header_.l2_bits();
+  L2Slot s;
+  s.table = QNBD_TRY(l2_for_write_locked(gc >> (g.cluster_bits + l2_bits)));
+  const std::uint64_t idx = (gc >> g.cluster_bits) & ((1ull << l2_bits) - 1);
+  s.slot = s.table.mutable_data().data() + idx * g.l2_entry_size();
+  s.entry = L2Entry{load_be64(s.slot), g.extended_l2 ? load_be64(s.slot + 8) : 0};
+  // An entry about to be rewritten must make sense first: a corrupt one
+  // (§13.3) stops all writing rather than being built upon.
+  if (auto t = get_subcluster_type(g, s.entry, 0, gc); !t) return set_corrupt_locked(t.error().message);
+  return s;
+}
+
+void Qcow2Image::set_l2_entry_locked(L2Slot& s, std::uint64_t entry, std::uint64_t bitmap) {
+  store_be64(s.slot, entry);
+  if (geometry_.extended_l2) store_be64(s.slot + 8, bitmap);
+  s.entry = L2Entry{entry, geometry_.extended_l2 ? bitmap : 0};
+  l2_cache_->mark_dirty(s.table);
+  // The new entry may point at a cluster whose refcount or data is still
+  // only cached: they go to disk before this table does.
+  l2_cache_->depends_on_flush();
+}
+
+Result<void> Qcow2Image::read_guest_locked(std::span<std::byte> buf, std::uint64_t offset) {
+  // Bytes past the virtual size (the tail of the last cluster) read as zero.
+  const std::size_t visible = offset >= size_ ? 0 : static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), size_ - offset));
+  std::memset(buf.data() + visible, 0, buf.size() - visible);
+  buf = buf.first(visible);
+  while (!buf.empty()) {
+    Mapping m = QNBD_TRY(get_host_offset_locked(offset, buf.size()));
+    std::span<std::byte> part = buf.first(static_cast<std::size_t>(m.bytes));
+    QNBD_TRY(read_mapped(part, offset, m));
+    buf = buf.subspan(part.size());
+    offset += part.size();
+  }
+  return ok();
+}
+
+// Write guest bytes [offset, offset+length) inside one cluster (data null:
+// zeroes), allocating or copying the cluster as needed. mutex_ held.
+Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length) {
+  const L2Geometry& g = geometry_;
+  const std::uint64_t cs = g.cluster_size();
+  const std::uint64_t gc = align_down(offset, cs);
+  const std::uint64_t in = offset - gc;
+  L2Slot s = QNBD_TRY(l2_slot_for_write_locked(gc));
+  const L2Entry e = s.entry;
+
+  const bool compressed = e.entry & QCOW_OFLAG_COMPRESSED;
+  const std::uint64_t old_host = compressed ? 0 : e.entry & L2E_OFFSET_MASK;
+  const bool in_place = old_host && ((e.entry & QCOW_OFLAG_COPIED) || data_file_);
+
+  // The host range [ws, we) of the cluster that must be written.
+  std::uint64_t ws = 0, we = cs;
+  std::uint64_t bitmap = 0;
+  const bool ext = g.extended_l2;
+  if (ext) {
+    const std::uint64_t sc = cs / SUBCLUSTERS_PER_CLUSTER;
+    const unsigned first = static_cast<unsigned>(in / sc), last = static_cast<unsigned>((in + length - 1) / sc);
+    const std::uint64_t touched = ((last == 31 ? 0xffffffffull : (1ull << (last + 1)) - 1) >> first) << first;
+    const std::uint64_t alloc = compressed ? QCOW_L2_BITMAP_ALL_ALLOC : e.bitmap & QCOW_L2_BITMAP_ALL_ALLOC;
+    const std::uint64_t zero = compressed ? 0 : e.bitmap >> 32;
+    bitmap = (alloc | touched) | ((zero & ~touched & 0xffffffffull) << 32);
+    if (in_place && (alloc & touched) == touched && (zero & touched) == 0) {
+      ws = in;
+      we = in + length;
+    } else if (in_place) {
+      // Only unallocated/zero edge subclusters are filled from the old view;
+      // allocated ones get just the request's bytes, so a concurrent
+      // in-place write elsewhere in the same subcluster is not overwritten
+      // with stale data.
+      auto data_sc = [&](unsigned s) { return ((alloc >> s) & 1) && !((zero >> s) & 1); };
+      ws = data_sc(first) ? in : first * sc;
+      we = data_sc(last) ? in + length : (last + 1) * sc;
+    } else if (!(compressed || old_host)) {
+      // A new cluster: only the touched subclusters; the others stay
+      // unallocated or zero.
+      ws = first * sc;
+      we = (last + 1) * sc;
+    }
+  } else if (in_place && !(e.entry & QCOW_OFLAG_ZERO)) {
+    ws = in;
+    we = in + length;
+  }
+
+  const std::uint64_t host = in_place ? old_host : data_file_ ? gc : QNBD_TRY(allocate_cluster_locked());
+  std::vector<std::byte> buf;
+  std::span<const std::byte> out;
+  if (ws == in && we == in + length && data) {
+    out = std::span(data, static_cast<std::size_t>(length));
+  } else {
+    buf.resize(static_cast<std::size_t>(we - ws));
+    // Copy-on-write: what the guest sees now (backing file, compressed or
+    // zero cluster, old shared cluster), then the new bytes.
+    if (ws < in || we > in + length) QNBD_TRY(read_guest_locked(buf, gc + ws));
+    if (data) {
+      std::memcpy(buf.data() + (in - ws), data, static_cast<std::size_t>(length));
+    } else {
+      std::memset(buf.data() + (in - ws), 0, static_cast<std::size_t>(length));
+    }
+    out = buf;
+  }
+  // In place: the L2 entry may name a metadata cluster (a corrupt image);
+  // new: the allocator checked it, the observer still sees the write.
+  QNBD_TRY(check_guest_write_locked(host + ws, we - ws));
+  QNBD_TRY(data_file().pwrite(out, host + ws));
+  file_size_ = std::max(file_size_, data_file_ ? file_size_ : host + cs);
+
+  // The new entry: COPIED (refcount 1, or the external data file).
+  if (!in_place) queue_free_locked(e.entry);
+  set_l2_entry_locked(s, host | QCOW_OFLAG_COPIED, bitmap);
+  return ok();
+}
+
+Result<std::size_t> Qcow2Image::write_new_clusters_locked(std::span<const std::byte> buf, std::uint64_t offset) {
+  // Sequential writes into fresh space are the common case (installing a
+  // guest, restoring a backup): one allocation and one data write for the
+  // whole run instead of one per cluster. Extended L2 (per-subcluster
+  // state) and external data files (no allocation) keep the cluster path.
+  const L2Geometry& g = geometry_;
+  if (g.extended_l2 || data_file_) return std::size_t{0};
+  const std::uint64_t cs = g.cluster_size();
+  const unsigned l2_bits = header_.l2_bits();
+  constexpr std::uint64_t kMaxRun = 1024;  // bounds the time mutex_ is held
+  const std::uint64_t max = std::min<std::uint64_t>(buf.size() / cs, kMaxRun);
+  // The run: clusters whose current entry is not overwritten in place
+  // (unallocated, zero without a host cluster, compressed, or shared).
+  std::uint64_t run = 0;
+  for (; run < max; ++run) {
+    const std::uint64_t gc = offset + run * cs;
+    if ((gc >> (g.cluster_bits + l2_bits)) >= l1_.size()) break;
+    // A corrupt L1 or L2 entry: the cluster path reports it (and sets the
+    // corrupt bit).
+    auto m = get_host_offset_locked(gc, cs);
+    if (!m) break;
+    const bool has_host = m->type == SubclusterType::normal || m->type == SubclusterType::zero_alloc;
+    if (has_host && (m->l2_entry & QCOW_OFLAG_COPIED)) break;  // overwritten in place
+  }
+  if (run < 2) return std::size_t{0};
+  const std::uint64_t host = QNBD_TRY(refcounts_->allocate(run));
+  l2_cache_->depends_on_flush();
+  file_size_ = std::max(file_size_, host + run * cs);
+  const std::size_t bytes = static_cast<std::size_t>(run * cs);
+  // Data first; the L2 entries reach the disk only after the refcounts and
+  // this data are synced (the L2 cache's dependency, before any write-back).
+  QNBD_TRY(check_guest_write_locked(host, bytes));
+  QNBD_TRY(data_file().pwrite(buf.first(bytes), host));
+  for (std::uint64_t i = 0; i < run; ++i) {
+    L2Slot s = QNBD_TRY(l2_slot_for_write_locked(offset + i * cs));
+    queue_free_locked(s.entry.entry);
+    set_l2_entry_locked(s, (host + i * cs) | QCOW_OFLAG_COPIED, 0);
+  }
+  return bytes;
+}
+
+// Make a whole cluster read as zeroes (v3 zero flag, or extended L2 zero
+// bits), keeping its host cluster when !may_unmap. If `unallocate`, the
+// entry becomes unallocated instead (no backing file shows through).
+Result<void> Qcow2Image::zero_cluster_locked(std::uint64_t gc, bool may_unmap, bool unallocate) {
+  const L2Geometry& g = geometry_;
+  const std::uint64_t l1_index = gc >> (g.cluster_bits + header_.l2_bits());
+  if (unallocate && l1_index < l1_.size() && l1_[l1_index] == 0) return ok();  // nothing allocated
+  L2Slot s = QNBD_TRY(l2_slot_for_write_locked(gc));
+  const L2Entry e = s.entry;
+  const bool compressed = e.entry & QCOW_OFLAG_COMPRESSED;
+  const std::uint64_t old_host = compressed ? 0 : e.entry & L2E_OFFSET_MASK;
+  const bool keep = !may_unmap && old_host && ((e.entry & QCOW_OFLAG_COPIED) || data_file_);
+
+  std::uint64_t entry = 0, bitmap = 0;
+  if (keep) {
+    entry = old_host | QCOW_OFLAG_COPIED | (g.extended_l2 ? 0 : QCOW_OFLAG_ZERO);
+    bitmap = g.extended_l2 ? QCOW_L2_BITMAP_ALL_ZEROES : 0;
+  } else if (!unallocate) {
+    entry = g.extended_l2 ? 0 : QCOW_OFLAG_ZERO;
+    bitmap = g.extended_l2 ? QCOW_L2_BITMAP_ALL_ZEROES : 0;
+  }
+  if (header_.data_file_raw()) {
+    // The raw data file must read the same as the image.
+    QNBD_TRY(data_file_->write_zeroes(gc, g.cluster_size(), may_unmap));
+  }
+  if (e.entry == entry && e.bitmap == bitmap) return ok();
+  if (!keep) queue_free_locked(e.entry);
+  set_l2_entry_locked(s, entry, bitmap);
+  return ok();
+}
+
+// Zero whole subclusters [first, last] of an extended-L2 cluster in place.
+Result<void> Qcow2Image::zero_subclusters_locked(std::uint64_t gc, unsigned first, unsigned last) {
+  const L2Geometry& g = geometry_;
+  L2Slot s = QNBD_TRY(l2_slot_for_write_locked(gc));
+  const L2Entry e = s.entry;
+  const std::uint64_t sc = g.cluster_size() / SUBCLUSTERS_PER_CLUSTER;
+  if (e.entry & QCOW_OFLAG_COMPRESSED) {
+    // Per-subcluster bits do not exist for a compressed cluster: copy it.
+    s.table.reset();
+    return write_cluster_locked(nullptr, gc + first * sc, (last - first + 1) * sc);
+  }
+  const std::uint64_t touched = ((last == 31 ? 0xffffffffull : (1ull << (last + 1)) - 1) >> first) << first;
+  std::uint64_t bitmap = (e.bitmap & ~touched) | (touched << 32);
+  if (header_.data_file_raw()) QNBD_TRY(data_file_->write_zeroes(gc + first * sc, (last - first + 1) * sc, false));
+  set_l2_entry_locked(s, e.entry, bitmap);
+  return ok();
 }
 
 }  // namespace qnbd::image::qcow2

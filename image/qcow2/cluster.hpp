@@ -1,6 +1,19 @@
-// L1/L2 entry decoding (§6, §7): pure functions, no I/O, so every rule is
-// unit-testable on its own. The engine (qcow2_image.cpp) walks tables with
-// these; the future writer encodes with the same constants.
+// The cluster layer of the qcow2 engine, QEMU's qcow2-cluster.c counterpart.
+//
+// This header: L1/L2 entry decoding (§6, §7) as pure functions, no I/O, so
+// every rule is unit-testable on its own, and Mapping, the answer of the
+// lookup.
+//
+// cluster.cpp also holds the Qcow2Image members that walk and change the
+// tables (declared in qcow2_image.hpp, private): the one L1/L2 lookup
+// (get_host_offset_locked) that read, block status and the write path all
+// use; cluster allocation (allocate_cluster_locked, the contiguous run of
+// write_new_clusters_locked) and queued frees; the L2 updates (new or
+// copied L2 tables, l2_slot_for_write_locked / set_l2_entry_locked, data
+// clusters with copy-on-write, zero clusters and subclusters), with the
+// crash-ordering rules they follow. The request loops (write, write_zeroes,
+// discard), flush and close stay in write.cpp, the read path in
+// qcow2_image.cpp, the refcounts in refcount.cpp.
 #pragma once
 
 #include <cstdint>
@@ -58,6 +71,18 @@ CompressedDescriptor parse_compressed_descriptor(std::uint64_t entry, std::uint3
 // EIO with a message naming the defect (the image is corrupt).
 [[nodiscard]] Result<SubclusterType> get_subcluster_type(const L2Geometry& g, L2Entry e, unsigned sc_index,
                                                          std::uint64_t guest_cluster_offset);
+
+// Where a guest range lives (QEMU's qcow2_get_host_offset result).
+struct Mapping {
+  std::uint64_t bytes = 0;        // length of the run from the queried offset
+  SubclusterType type = SubclusterType::unallocated_plain;
+  std::uint64_t host_offset = 0;  // normal/zero_alloc/unallocated_alloc: host byte of the queried offset
+  std::uint64_t l2_entry = 0;     // word 0 of the queried offset's L2 entry (0: no L2 table); compressed: the descriptor
+  // The L1 and the L2 entry are both COPIED (§6.2, §6.4): the L2 table and
+  // the host cluster have refcount 1, so the data may be overwritten in
+  // place (the write path's fast path).
+  bool copied = false;
+};
 
 // Validate an L1 entry (§6.2, §13.3 #27); returns the L2 table offset (0 =
 // unallocated). file_size bounds the L2 table.

@@ -15,7 +15,8 @@
 // bitmaps_before_write() with neither held.
 //
 // lazy_refcounts: refcounts are always written back before the L2 entries
-// that need them (the ordered path), so the dirty bit is never set by this
+// that need them (the ordered path: the L2 cache depends on the refcount
+// block cache), so the dirty bit is never set by this
 // writer; a writable open of an image left dirty by another writer rebuilds
 // its refcounts (check_qcow2 repair all) and clears the bit first.
 #pragma once
@@ -42,14 +43,6 @@ namespace qnbd::image::qcow2 {
 // directory, loop and depth checks live in open.cpp.
 using BackingOpener =
     std::function<Result<std::unique_ptr<BlockDevice>>(const std::string& name, const std::string& format)>;
-
-// Where a guest range lives (QEMU's qcow2_get_host_offset result).
-struct Mapping {
-  std::uint64_t bytes = 0;        // length of the run from the queried offset
-  SubclusterType type = SubclusterType::unallocated_plain;
-  std::uint64_t host_offset = 0;  // normal/zero_alloc/unallocated_alloc: host byte of the queried offset
-  std::uint64_t l2_entry = 0;     // compressed: the raw descriptor
-};
 
 class Qcow2Image final : public BlockDevice {
  public:
@@ -99,9 +92,9 @@ class Qcow2Image final : public BlockDevice {
   // clears in_use (no I/O if no write happened). Report its error from close().
   BitmapStore& bitmap_store() { return *bitmap_store_; }
 
-  // The central lookup: the run of guest bytes starting at offset (at most
-  // max_bytes, never crossing an L2 table) that share one subcluster type
-  // and, where they have one, contiguous host offsets.
+  // The central lookup (cluster.cpp): the run of guest bytes starting at
+  // offset (at most max_bytes, never crossing an L2 table) that share one
+  // subcluster type and, where they have one, contiguous host offsets.
   [[nodiscard]] Result<Mapping> get_host_offset(std::uint64_t offset, std::uint64_t max_bytes);
 
   const Header& header() const { return header_; }
@@ -136,7 +129,8 @@ class Qcow2Image final : public BlockDevice {
   File& data_file() { return data_file_ ? *data_file_ : *file_; }
   Result<bool> metadata_preallocated();
 
-  // Write path (write.cpp); *_locked need mutex_ held.
+  // Write path (write.cpp: setup, request loops, flush; cluster.cpp: the
+  // cluster layer, see cluster.hpp); *_locked need mutex_ held.
   struct PendingFree {
     std::uint64_t host_offset, bytes;
     bool l2_table;
@@ -157,6 +151,17 @@ class Qcow2Image final : public BlockDevice {
   Result<std::uint64_t> allocate_cluster_locked();
   void queue_free_locked(std::uint64_t l2_entry);
   Result<TableCache::Handle> l2_for_write_locked(std::uint64_t l1_index);
+  // The L2 entry of guest cluster gc, in a table the writer may change
+  // (l2_for_write_locked), validated (a corrupt entry sets the corrupt bit).
+  struct L2Slot {
+    TableCache::Handle table;
+    std::byte* slot = nullptr;
+    L2Entry entry;
+  };
+  Result<L2Slot> l2_slot_for_write_locked(std::uint64_t gc);
+  // Store entry (and, with extended L2, bitmap) in the slot, mark the table
+  // dirty and its dependencies (refcounts, data) as to be synced first.
+  void set_l2_entry_locked(L2Slot& s, std::uint64_t entry, std::uint64_t bitmap);
   Result<void> read_guest_locked(std::span<std::byte> buf, std::uint64_t offset);
   Result<void> write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length);
   // Whole clusters from `offset` (cluster aligned) that need a new host
@@ -188,12 +193,12 @@ class Qcow2Image final : public BlockDevice {
   bool skips_unallocated_span_locked(std::uint64_t gc, std::uint64_t end) const;
   std::mutex mutex_;  // metadata: l1_, l2_cache_
   std::vector<std::uint64_t> l1_;  // active L1 table, host byte order
+  // L2 tables; writable: depends on refcounts_'s block cache (cache.hpp).
   std::unique_ptr<TableCache> l2_cache_;
   bool metadata_prealloc_checked_ = false;
   // Writer state (all under mutex_).
   bool writable_ = false;
   bool closed_ = false;
-  bool deps_dirty_ = false;  // refcounts/data not yet synced before the next L2 write-back
   std::unique_ptr<Refcounts> refcounts_;
   std::vector<PendingFree> pending_free_;  // references dropped, applied after the pointers are on disk
   std::shared_mutex data_lock_;            // shared: in-place data writes; exclusive: applying frees

@@ -63,6 +63,13 @@ void set_refcount_entry(std::span<std::byte> block, unsigned refcount_order, std
   }
 }
 
+Refcounts::Refcounts(File& file, RefcountGeometry geometry, Options options)
+    : file_(&file),
+      geometry_(geometry),
+      options_(options),
+      cache_(std::make_unique<TableCache>(file, static_cast<std::size_t>(geometry.cluster_size()),
+                                          std::max<std::size_t>(options.max_cached_blocks, 2), "refcount block")) {}
+
 Result<Refcounts> Refcounts::load(File& file, RefcountGeometry geometry,
                                   std::uint64_t refcount_table_offset,
                                   std::uint32_t refcount_table_clusters, Options options) {
@@ -131,54 +138,31 @@ Result<void> Refcounts::attach_metadata_map(MetadataMap* map) {
     map->add(MetadataKind::refcount_block, table_[i], cs);
   }
   map_ = map;
+  // Every block write-back is checked too (captures the map and the file,
+  // not this object, which may still be moved).
+  cache_->set_writeback([map, file = file_](std::uint64_t offset, std::span<const std::byte> data) -> Result<void> {
+    QNBD_TRY(map->check(offset, data.size(), kind_bit(MetadataKind::refcount_block)));
+    return file->pwrite(data, offset);
+  });
   return ok();
 }
 
-Result<void> Refcounts::write_block(Block& b) {
-  if (map_) QNBD_TRY(map_->check(b.offset, b.data.size(), kind_bit(MetadataKind::refcount_block)));
-  QNBD_TRY(file_->pwrite(b.data, b.offset));
-  b.dirty = false;
-  return ok();
+Result<TableCache::Handle> Refcounts::block(std::uint64_t ti) {
+  if (ti >= table_.size() || table_[ti] == 0) return TableCache::Handle{};
+  return cache_->get(table_[ti]);
 }
 
-Result<void> Refcounts::make_room() {
-  while (cache_.size() >= std::max<std::size_t>(options_.max_cached_blocks, 1)) {
-    // Evict the least recently used clean block; if every block is dirty,
-    // write them all back first.
-    auto victim = std::find_if(lru_.rbegin(), lru_.rend(),
-                               [this](std::uint64_t ti) { return !cache_.at(ti).dirty; });
-    if (victim == lru_.rend()) {
-      QNBD_TRY(flush());
-      continue;
-    }
-    const std::uint64_t ti = *victim;
-    lru_.erase(cache_.at(ti).lru);
-    cache_.erase(ti);
-  }
+Result<void> Refcounts::cache_new_block(std::uint64_t offset, std::span<const std::byte> data) {
+  TableCache::Handle h = QNBD_TRY(cache_->get_empty(offset));
+  std::copy(data.begin(), data.end(), h.mutable_data().begin());
   return ok();
-}
-
-Result<Refcounts::Block*> Refcounts::block(std::uint64_t ti) {
-  if (ti >= table_.size() || table_[ti] == 0) return static_cast<Block*>(nullptr);
-  if (auto it = cache_.find(ti); it != cache_.end()) {
-    lru_.splice(lru_.begin(), lru_, it->second.lru);
-    return &it->second;
-  }
-  QNBD_TRY(make_room());
-  Block b;
-  b.offset = table_[ti];
-  b.data.resize(geometry_.cluster_size());
-  QNBD_TRY(file_->read_exact(b.data, b.offset, "refcount block"));
-  lru_.push_front(ti);
-  b.lru = lru_.begin();
-  return &cache_.emplace(ti, std::move(b)).first->second;
 }
 
 Result<std::uint64_t> Refcounts::get(std::uint64_t cluster_index) {
   const std::uint64_t ti = cluster_index >> geometry_.block_entries_bits();
-  Block* b = QNBD_TRY(block(ti));
+  const TableCache::Handle b = QNBD_TRY(block(ti));
   if (!b) return std::uint64_t{0};
-  return get_refcount_entry(b->data, geometry_.refcount_order,
+  return get_refcount_entry(b.data(), geometry_.refcount_order,
                             cluster_index & (geometry_.block_entries() - 1));
 }
 
@@ -201,11 +185,11 @@ Result<void> Refcounts::set_internal(std::uint64_t cluster_index, std::uint64_t 
     if (value == 0) return ok();
     QNBD_TRY(create_block(ti, depth));
   }
-  Block* b = QNBD_TRY(block(ti));
+  TableCache::Handle b = QNBD_TRY(block(ti));
   if (!b) return make_error(EIO, "refcount block {} vanished", ti);
-  set_refcount_entry(b->data, geometry_.refcount_order,
+  set_refcount_entry(b.mutable_data(), geometry_.refcount_order,
                      cluster_index & (geometry_.block_entries() - 1), value);
-  b->dirty = true;
+  cache_->mark_dirty(b);
   if (value != 0 && cluster_index >= end_cluster_) end_cluster_ = cluster_index + 1;
   if (value == 0 && cluster_index < free_hint_) free_hint_ = cluster_index;
   return ok();
@@ -289,12 +273,11 @@ Result<void> Refcounts::create_block(std::uint64_t ti, unsigned depth) {
   const std::uint64_t c = QNBD_TRY(find_free(1));
   if (map_) QNBD_TRY(map_->check(c << geometry_.cluster_bits, geometry_.cluster_size()));
   const std::uint64_t c_ti = c >> geometry_.block_entries_bits();
-  Block b;
-  b.offset = c << geometry_.cluster_bits;
-  b.data.assign(geometry_.cluster_size(), std::byte{0});
+  const std::uint64_t offset = c << geometry_.cluster_bits;
+  std::vector<std::byte> data(geometry_.cluster_size(), std::byte{0});
   if (c_ti == ti) {
     // The block describes itself (§14.1).
-    set_refcount_entry(b.data, geometry_.refcount_order, c & (geometry_.block_entries() - 1), 1);
+    set_refcount_entry(data, geometry_.refcount_order, c & (geometry_.block_entries() - 1), 1);
   } else {
     // Another block covers the new one: raise that refcount and make it
     // durable before anything points at the new block.
@@ -310,17 +293,13 @@ Result<void> Refcounts::create_block(std::uint64_t ti, unsigned depth) {
     }
   }
   // The block's contents hit the disk before the table entry points at it.
-  QNBD_TRY(file_->pwrite(b.data, b.offset));
+  QNBD_TRY(file_->pwrite(data, offset));
   QNBD_TRY(sync_if_ordered());
-  table_[ti] = b.offset;
-  if (map_) map_->add(MetadataKind::refcount_block, b.offset, b.data.size());
+  table_[ti] = offset;
+  if (map_) map_->add(MetadataKind::refcount_block, offset, data.size());
   QNBD_TRY(write_table_entry(ti));
   if (c >= end_cluster_) end_cluster_ = c + 1;
-  QNBD_TRY(make_room());
-  lru_.push_front(ti);
-  b.lru = lru_.begin();
-  cache_.emplace(ti, std::move(b));
-  return ok();
+  return cache_new_block(offset, data);
 }
 
 Result<void> Refcounts::grow_table(std::uint64_t min_entries) {
@@ -381,10 +360,10 @@ Result<void> Refcounts::grow_table(std::uint64_t min_entries) {
     if (auto it = new_blocks.find(ti); it != new_blocks.end()) {
       set_refcount_entry(it->second, geometry_.refcount_order, ci & (geometry_.block_entries() - 1), 1);
     } else {
-      Block* b = QNBD_TRY(block(ti));
+      TableCache::Handle b = QNBD_TRY(block(ti));
       if (!b) return make_error(EIO, "refcount block {} vanished", ti);
-      set_refcount_entry(b->data, geometry_.refcount_order, ci & (geometry_.block_entries() - 1), 1);
-      b->dirty = true;
+      set_refcount_entry(b.mutable_data(), geometry_.refcount_order, ci & (geometry_.block_entries() - 1), 1);
+      cache_->mark_dirty(b);
     }
   }
   // 1. blocks and table contents, then flush: nothing points at them yet.
@@ -410,15 +389,7 @@ Result<void> Refcounts::grow_table(std::uint64_t min_entries) {
   table_offset_ = new_offset;
   table_clusters_ = static_cast<std::uint32_t>(table_n);
   end_cluster_ = std::max(end_cluster_, area_end);
-  for (auto& [ti, data] : new_blocks) {
-    QNBD_TRY(make_room());
-    Block b;
-    b.offset = table_[ti];
-    b.data = std::move(data);
-    lru_.push_front(ti);
-    b.lru = lru_.begin();
-    cache_.emplace(ti, std::move(b));
-  }
+  for (const auto& [ti, data] : new_blocks) QNBD_TRY(cache_new_block(table_[ti], data));
   // 3. only now free the old table; a crash before this point leaks it.
   if (old_clusters != 0) {
     QNBD_TRY(update(old_offset, std::uint64_t{old_clusters} * cluster_size, -1));
@@ -427,9 +398,7 @@ Result<void> Refcounts::grow_table(std::uint64_t min_entries) {
 }
 
 Result<void> Refcounts::flush() {
-  for (auto& [ti, b] : cache_) {
-    if (b.dirty) QNBD_TRY(write_block(b));
-  }
+  QNBD_TRY(cache_->flush());
   return file_->flush();
 }
 

@@ -9,7 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
-#include <list>
+#include <memory>
 #include <span>
 #include <unordered_map>
 #include <utility>
@@ -17,6 +17,7 @@
 
 #include "common/result.hpp"
 #include "image/io/file.hpp"
+#include "image/qcow2/cache.hpp"
 #include "image/qcow2/overlap.hpp"
 
 namespace qnbd::image::qcow2 {
@@ -47,7 +48,11 @@ struct RefcountGeometry {
 // The refcount structure of one open image.
 //
 // The table is held in memory (it is ≤ 8 MiB, §5.5); refcount blocks go
-// through a small cache whose dirty blocks are written back by flush().
+// through a TableCache (cache.hpp, the class that also caches L2 tables)
+// whose dirty blocks are written back by flush() or when evicted. An early
+// write-back is safe: refcounts are raised before any pointer to the
+// cluster is written, and lowered only after the pointer's removal is on
+// disk, so a block on disk is never behind what a pointer there needs.
 //
 // Crash ordering (§14.3), enforced here:
 //  * a new refcount block is written (and the file flushed) before the
@@ -128,26 +133,22 @@ class Refcounts {
 
   // Write every dirty refcount block, then fdatasync.
   [[nodiscard]] Result<void> flush();
+  // The refcount block cache, for an owner whose other caches must be
+  // written back after it (TableCache::set_dependency).
+  TableCache& block_cache() { return *cache_; }
 
   // End of the highest cluster with a non-zero refcount seen so far, or of
   // the file; allocations beyond it extend the file.
   std::uint64_t image_end_hint() const { return end_cluster_ << geometry_.cluster_bits; }
 
  private:
-  struct Block {
-    std::uint64_t offset = 0;
-    std::vector<std::byte> data;
-    bool dirty = false;
-    std::list<std::uint64_t>::iterator lru;
-  };
+  Refcounts(File& file, RefcountGeometry geometry, Options options);
 
-  Refcounts(File& file, RefcountGeometry geometry, Options options)
-      : file_(&file), geometry_(geometry), options_(options) {}
-
-  // The cached block for table index `ti`, or nullptr if none is allocated.
-  Result<Block*> block(std::uint64_t ti);
-  Result<void> make_room();
-  Result<void> write_block(Block& b);
+  // The cached block for table index `ti`, or an empty handle if none is
+  // allocated.
+  Result<TableCache::Handle> block(std::uint64_t ti);
+  // Put a block just written to the file into the cache (clean).
+  Result<void> cache_new_block(std::uint64_t offset, std::span<const std::byte> data);
   // Create the refcount block for table index `ti` (§14.1).
   Result<void> create_block(std::uint64_t ti, unsigned depth);
   // Grow the table to at least `min_entries` entries by moving it (§14.1).
@@ -163,8 +164,7 @@ class Refcounts {
   std::uint64_t table_offset_ = 0;
   std::uint32_t table_clusters_ = 0;
   std::vector<std::uint64_t> table_;  // host-endian copy of the on-disk table
-  std::unordered_map<std::uint64_t, Block> cache_;
-  std::list<std::uint64_t> lru_;  // front = most recently used table index
+  std::unique_ptr<TableCache> cache_;  // refcount blocks, by host offset
   std::uint64_t free_hint_ = 0;   // no free cluster below this index
   std::uint64_t end_cluster_ = 0;
   std::function<bool(std::uint64_t)> reserved_;

@@ -1,15 +1,19 @@
-// qcow2 write path (§5-§7, §10, §14 of ../shared/spec/qcow2.md): cluster
-// allocation, copy-on-write, zero clusters, discard, flush and the
-// crash-safe ordering of metadata updates. Locking is documented in
-// qcow2_image.hpp.
+// qcow2 write path (§5-§7, §10, §14 of the qcow2 spec, qcow2.txt): writer
+// setup, the request loops (write, write_zeroes, discard), flush and close,
+// and the crash-safe ordering of metadata updates. The per-cluster steps
+// (lookup, allocation, copy-on-write, L2 updates) are the cluster layer in
+// cluster.cpp. Locking is documented in qcow2_image.hpp.
 //
-// Ordering (§14.3) without a flush per request:
+// Ordering (§14.3) without a flush per request (each rule is spelled out
+// where it is enforced):
 //  * new clusters get their refcount in Refcounts' cache; new data goes to
-//    the data file; the L2 entry changes only in the L2 cache. Before any
-//    L2 table is written back (cache flush or eviction, writeback hook),
-//    refcount blocks and the data are written and synced (deps_dirty_);
+//    the data file; the L2 entry changes only in the L2 cache (cluster.cpp).
+//    Before any L2 table is written back (cache flush or eviction), the
+//    L2 cache writes back its dependency, the refcount block cache, and
+//    syncs the image and data files (TableCache::set_dependency and
+//    depends_on_flush, set up in init_writer; sync_dependencies_locked);
 //  * a new L2 table is written and synced before the L1 entry pointing to
-//    it is written;
+//    it is written (cluster.cpp, l2_for_write_locked);
 //  * references dropped by COW, zeroing or discard are queued in
 //    pending_free_ and applied only after the L2/L1 updates that removed the
 //    pointers are on disk (flush_locked), with in-place writers excluded.
@@ -17,6 +21,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <optional>
 #include <shared_mutex>
 
 #include "common/checked.hpp"
@@ -50,9 +55,18 @@ Result<void> Qcow2Image::init_writer() {
   refcounts_ = std::make_unique<Refcounts>(QNBD_TRY(
       Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters)));
   QNBD_TRY(build_metadata_map());
+  // §14.3 through the caches (cache.hpp): an L2 table is written back only
+  // after the refcount blocks (the dependency) and then the image file and
+  // the data file are synced, so every cluster a written-back entry points
+  // at has its refcount and its data on disk.
+  l2_cache_->set_dependency(&refcounts_->block_cache());
+  l2_cache_->set_sync([this]() -> Result<void> {
+    QNBD_TRY(file_->flush());  // refcount blocks and guest data in the image file
+    if (data_file_) QNBD_TRY(data_file_->flush());
+    return ok();
+  });
   l2_cache_->set_writeback([this](std::uint64_t offset, std::span<const std::byte> table) -> Result<void> {
     QNBD_TRY(metadata_->check(offset, table.size(), kind_bit(MetadataKind::active_l2)));
-    QNBD_TRY(sync_dependencies_locked());
     return file_->pwrite(table, offset);
   });
   // Unknown autoclear bits mean another writer's structures we do not
@@ -84,11 +98,9 @@ Result<void> Qcow2Image::repair_dirty_image(File& file) {
 }
 
 Result<void> Qcow2Image::sync_dependencies_locked() {
-  if (!deps_dirty_) return ok();
-  QNBD_TRY(refcounts_->flush());  // writes refcount blocks, fdatasyncs the image file (holding the data)
-  if (data_file_) QNBD_TRY(data_file_->flush());
-  deps_dirty_ = false;
-  return ok();
+  // Dirty refcount blocks written, then the image file (holding them and
+  // the guest data) and the data file synced, if anything is pending.
+  return l2_cache_->flush_dependency();
 }
 
 Error Qcow2Image::set_corrupt_locked(const std::string& why) {
@@ -122,11 +134,13 @@ Result<void> Qcow2Image::build_metadata_map() {
   for (const SnapshotInfo& s : snapshots_) {
     m.add(MetadataKind::inactive_l1, s.l1_table_offset, std::uint64_t{s.l1_size} * 8);
   }
-  // Every valid L2 table of the active L1 (an invalid entry is reported,
-  // and the image marked corrupt, when a request reaches it).
+  // The L2 table of every active L1 entry, valid or not (an invalid entry
+  // is reported, and the image marked corrupt, when a request reaches it).
+  // As QEMU's overlap check, one past the end of the file counts too: once
+  // the file grows there, guest data in that cluster would be read as the
+  // L2 table.
   for (std::uint64_t e : l1_) {
-    auto l2 = l1_entry_l2_offset(e, header_.cluster_bits, file_size_);
-    if (l2 && *l2) m.add(MetadataKind::active_l2, *l2, cs);
+    if (std::uint64_t l2 = e & L1E_OFFSET_MASK) m.add(MetadataKind::active_l2, l2, cs);
   }
   register_bitmaps();
   // The bitmap directory is updated in place (in_use) outside the metadata
@@ -161,269 +175,6 @@ Result<void> Qcow2Image::check_guest_write_locked(std::uint64_t host, std::uint6
   if (data_file_) return ok();  // guest data lives in another file
   QNBD_TRY(metadata_->check(host, bytes));
   if (guest_write_observer_) guest_write_observer_(host, bytes);
-  return ok();
-}
-
-Result<std::uint64_t> Qcow2Image::allocate_cluster_locked() {
-  std::uint64_t host = QNBD_TRY(refcounts_->allocate(1));
-  deps_dirty_ = true;
-  file_size_ = std::max(file_size_, host + header_.cluster_size());
-  return host;
-}
-
-void Qcow2Image::queue_free_locked(std::uint64_t l2_entry) {
-  if (data_file_ || l2_entry == 0) return;  // no refcounts for the external data file
-  if (l2_entry & QCOW_OFLAG_COMPRESSED) {
-    CompressedDescriptor d = parse_compressed_descriptor(l2_entry, header_.cluster_bits);
-    pending_free_.push_back({align_down(d.host_offset, 512), d.nb_sectors * 512, false});
-  } else if (std::uint64_t host = l2_entry & L2E_OFFSET_MASK) {
-    pending_free_.push_back({host, header_.cluster_size(), false});
-  }
-}
-
-Result<TableCache::Handle> Qcow2Image::l2_for_write_locked(std::uint64_t l1_index) {
-  const std::uint64_t cs = header_.cluster_size();
-  if (l1_index >= l1_.size()) {
-    return make_error(EIO, "{}: guest offset needs L1 index {} but the L1 table has {} entries", path_, l1_index,
-                      l1_.size());
-  }
-  auto old_r = l1_entry_l2_offset(l1_[l1_index], header_.cluster_bits, file_size_);
-  if (!old_r) return set_corrupt_locked(fmt::format("{} (L1 index {})", old_r.error().message, l1_index));
-  const std::uint64_t old = *old_r;
-  if (old && (l1_[l1_index] & QCOW_OFLAG_COPIED)) {
-    // It will be changed and written back: refuse before touching it if it
-    // is also another structure.
-    QNBD_TRY(metadata_->check(old, cs, kind_bit(MetadataKind::active_l2)));
-    return l2_cache_->get(old);
-  }
-  // A new table, or a copy of one shared with a snapshot (refcount > 1).
-  std::vector<std::byte> table(static_cast<std::size_t>(cs));
-  if (old) {
-    TableCache::Handle h = QNBD_TRY(l2_cache_->get(old));
-    std::memcpy(table.data(), h.data().data(), table.size());
-  }
-  const std::uint64_t host = QNBD_TRY(allocate_cluster_locked());
-  // The table's refcount (and every dirty dependency) first, then the table,
-  // then the L1 entry.
-  QNBD_TRY(sync_dependencies_locked());
-  metadata_->add(MetadataKind::active_l2, host, cs);
-  QNBD_TRY(metadata_->check(host, cs, kind_bit(MetadataKind::active_l2)));
-  QNBD_TRY(file_->pwrite(table, host));
-  QNBD_TRY(file_->flush());
-  QNBD_TRY(metadata_->check(header_.l1_table_offset + l1_index * 8, 8, kind_bit(MetadataKind::active_l1)));
-  l1_[l1_index] = host | QCOW_OFLAG_COPIED;
-  QNBD_TRY(write_be64_at(*file_, header_.l1_table_offset + l1_index * 8, l1_[l1_index]));
-  if (old) pending_free_.push_back({old, cs, true});
-  return l2_cache_->get(host);
-}
-
-Result<void> Qcow2Image::read_guest_locked(std::span<std::byte> buf, std::uint64_t offset) {
-  // Bytes past the virtual size (the tail of the last cluster) read as zero.
-  const std::size_t visible = offset >= size_ ? 0 : static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), size_ - offset));
-  std::memset(buf.data() + visible, 0, buf.size() - visible);
-  buf = buf.first(visible);
-  while (!buf.empty()) {
-    Mapping m = QNBD_TRY(get_host_offset_locked(offset, buf.size()));
-    std::span<std::byte> part = buf.first(static_cast<std::size_t>(m.bytes));
-    QNBD_TRY(read_mapped(part, offset, m));
-    buf = buf.subspan(part.size());
-    offset += part.size();
-  }
-  return ok();
-}
-
-// Write guest bytes [offset, offset+length) inside one cluster (data null:
-// zeroes), allocating or copying the cluster as needed. mutex_ held.
-Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length) {
-  const L2Geometry& g = geometry_;
-  const std::uint64_t cs = g.cluster_size();
-  const std::uint64_t gc = align_down(offset, cs);
-  const std::uint64_t in = offset - gc;
-  const unsigned l2_bits = header_.l2_bits();
-  TableCache::Handle table = QNBD_TRY(l2_for_write_locked(offset >> (g.cluster_bits + l2_bits)));
-  const std::uint64_t idx = (offset >> g.cluster_bits) & ((1ull << l2_bits) - 1);
-  std::byte* slot = table.mutable_data().data() + idx * g.l2_entry_size();
-  L2Entry e{load_be64(slot), g.extended_l2 ? load_be64(slot + 8) : 0};
-  if (auto t = get_subcluster_type(g, e, 0, gc); !t) return set_corrupt_locked(t.error().message);
-
-  const bool compressed = e.entry & QCOW_OFLAG_COMPRESSED;
-  const std::uint64_t old_host = compressed ? 0 : e.entry & L2E_OFFSET_MASK;
-  const bool in_place = old_host && ((e.entry & QCOW_OFLAG_COPIED) || data_file_);
-
-  // The host range [ws, we) of the cluster that must be written.
-  std::uint64_t ws = 0, we = cs;
-  std::uint64_t bitmap = 0;
-  const bool ext = g.extended_l2;
-  if (ext) {
-    const std::uint64_t sc = cs / SUBCLUSTERS_PER_CLUSTER;
-    const unsigned first = static_cast<unsigned>(in / sc), last = static_cast<unsigned>((in + length - 1) / sc);
-    const std::uint64_t touched = ((last == 31 ? 0xffffffffull : (1ull << (last + 1)) - 1) >> first) << first;
-    const std::uint64_t alloc = compressed ? QCOW_L2_BITMAP_ALL_ALLOC : e.bitmap & QCOW_L2_BITMAP_ALL_ALLOC;
-    const std::uint64_t zero = compressed ? 0 : e.bitmap >> 32;
-    bitmap = (alloc | touched) | ((zero & ~touched & 0xffffffffull) << 32);
-    if (in_place && (alloc & touched) == touched && (zero & touched) == 0) {
-      ws = in;
-      we = in + length;
-    } else if (in_place) {
-      // Only unallocated/zero edge subclusters are filled from the old view;
-      // allocated ones get just the request's bytes, so a concurrent
-      // in-place write elsewhere in the same subcluster is not overwritten
-      // with stale data.
-      auto data_sc = [&](unsigned s) { return ((alloc >> s) & 1) && !((zero >> s) & 1); };
-      ws = data_sc(first) ? in : first * sc;
-      we = data_sc(last) ? in + length : (last + 1) * sc;
-    } else if (!(compressed || old_host)) {
-      // A new cluster: only the touched subclusters; the others stay
-      // unallocated or zero.
-      ws = first * sc;
-      we = (last + 1) * sc;
-    }
-  } else if (in_place && !(e.entry & QCOW_OFLAG_ZERO)) {
-    ws = in;
-    we = in + length;
-  }
-
-  const std::uint64_t host = in_place ? old_host : data_file_ ? gc : QNBD_TRY(allocate_cluster_locked());
-  std::vector<std::byte> buf;
-  std::span<const std::byte> out;
-  if (ws == in && we == in + length && data) {
-    out = std::span(data, static_cast<std::size_t>(length));
-  } else {
-    buf.resize(static_cast<std::size_t>(we - ws));
-    // Copy-on-write: what the guest sees now (backing file, compressed or
-    // zero cluster, old shared cluster), then the new bytes.
-    if (ws < in || we > in + length) QNBD_TRY(read_guest_locked(buf, gc + ws));
-    if (data) {
-      std::memcpy(buf.data() + (in - ws), data, static_cast<std::size_t>(length));
-    } else {
-      std::memset(buf.data() + (in - ws), 0, static_cast<std::size_t>(length));
-    }
-    out = buf;
-  }
-  // In place: the L2 entry may name a metadata cluster (a corrupt image);
-  // new: the allocator checked it, the observer still sees the write.
-  QNBD_TRY(check_guest_write_locked(host + ws, we - ws));
-  QNBD_TRY(data_file().pwrite(out, host + ws));
-  file_size_ = std::max(file_size_, data_file_ ? file_size_ : host + cs);
-
-  // The new entry: COPIED (refcount 1, or the external data file).
-  deps_dirty_ = true;
-  if (!in_place) queue_free_locked(e.entry);
-  store_be64(slot, host | QCOW_OFLAG_COPIED);
-  if (ext) store_be64(slot + 8, bitmap);
-  l2_cache_->mark_dirty(table);
-  return ok();
-}
-
-Result<std::size_t> Qcow2Image::write_new_clusters_locked(std::span<const std::byte> buf, std::uint64_t offset) {
-  // Sequential writes into fresh space are the common case (installing a
-  // guest, restoring a backup): one allocation and one data write for the
-  // whole run instead of one per cluster. Extended L2 (per-subcluster
-  // state) and external data files (no allocation) keep the cluster path.
-  const L2Geometry& g = geometry_;
-  if (g.extended_l2 || data_file_) return std::size_t{0};
-  const std::uint64_t cs = g.cluster_size();
-  const unsigned l2_bits = header_.l2_bits();
-  constexpr std::uint64_t kMaxRun = 1024;  // bounds the time mutex_ is held
-  const std::uint64_t max = std::min<std::uint64_t>(buf.size() / cs, kMaxRun);
-  // The run: clusters whose current entry is not overwritten in place
-  // (unallocated, zero without a host cluster, compressed, or shared).
-  std::uint64_t run = 0;
-  for (; run < max; ++run) {
-    const std::uint64_t gc = offset + run * cs;
-    const std::uint64_t l1_index = gc >> (g.cluster_bits + l2_bits);
-    if (l1_index >= l1_.size()) break;
-    auto l2 = l1_entry_l2_offset(l1_[l1_index], g.cluster_bits, file_size_);
-    if (!l2) break;  // the cluster path reports it (and sets the corrupt bit)
-    if (*l2 == 0) continue;  // no L2 table yet: unallocated
-    TableCache::Handle table = QNBD_TRY(l2_cache_->get(*l2));
-    const std::uint64_t idx = (gc >> g.cluster_bits) & ((1ull << l2_bits) - 1);
-    const std::byte* slot = table.data().data() + idx * g.l2_entry_size();
-    L2Entry e{load_be64(slot), 0};
-    if (!get_subcluster_type(g, e, 0, gc)) break;
-    const bool compressed = e.entry & QCOW_OFLAG_COMPRESSED;
-    if (!compressed && (e.entry & L2E_OFFSET_MASK) && (e.entry & QCOW_OFLAG_COPIED)) break;  // in place
-  }
-  if (run < 2) return std::size_t{0};
-  const std::uint64_t host = QNBD_TRY(refcounts_->allocate(run));
-  deps_dirty_ = true;
-  file_size_ = std::max(file_size_, host + run * cs);
-  const std::size_t bytes = static_cast<std::size_t>(run * cs);
-  // Data first; the L2 entries reach the disk only after the refcounts and
-  // this data are synced (sync_dependencies_locked before any L2 write-back).
-  QNBD_TRY(check_guest_write_locked(host, bytes));
-  QNBD_TRY(data_file().pwrite(buf.first(bytes), host));
-  for (std::uint64_t i = 0; i < run; ++i) {
-    const std::uint64_t gc = offset + i * cs;
-    TableCache::Handle table = QNBD_TRY(l2_for_write_locked(gc >> (g.cluster_bits + l2_bits)));
-    const std::uint64_t idx = (gc >> g.cluster_bits) & ((1ull << l2_bits) - 1);
-    std::byte* slot = table.mutable_data().data() + idx * g.l2_entry_size();
-    queue_free_locked(load_be64(slot));
-    store_be64(slot, (host + i * cs) | QCOW_OFLAG_COPIED);
-    l2_cache_->mark_dirty(table);
-  }
-  return bytes;
-}
-
-// Make a whole cluster read as zeroes (v3 zero flag, or extended L2 zero
-// bits), keeping its host cluster when !may_unmap. If `unallocate`, the
-// entry becomes unallocated instead (no backing file shows through).
-Result<void> Qcow2Image::zero_cluster_locked(std::uint64_t gc, bool may_unmap, bool unallocate) {
-  const L2Geometry& g = geometry_;
-  const unsigned l2_bits = header_.l2_bits();
-  const std::uint64_t l1_index = gc >> (g.cluster_bits + l2_bits);
-  if (unallocate && l1_index < l1_.size() && l1_[l1_index] == 0) return ok();  // nothing allocated
-  TableCache::Handle table = QNBD_TRY(l2_for_write_locked(l1_index));
-  const std::uint64_t idx = (gc >> g.cluster_bits) & ((1ull << l2_bits) - 1);
-  std::byte* slot = table.mutable_data().data() + idx * g.l2_entry_size();
-  L2Entry e{load_be64(slot), g.extended_l2 ? load_be64(slot + 8) : 0};
-  if (auto t = get_subcluster_type(g, e, 0, gc); !t) return set_corrupt_locked(t.error().message);
-  const bool compressed = e.entry & QCOW_OFLAG_COMPRESSED;
-  const std::uint64_t old_host = compressed ? 0 : e.entry & L2E_OFFSET_MASK;
-  const bool keep = !may_unmap && old_host && ((e.entry & QCOW_OFLAG_COPIED) || data_file_);
-
-  std::uint64_t entry = 0, bitmap = 0;
-  if (keep) {
-    entry = old_host | QCOW_OFLAG_COPIED | (g.extended_l2 ? 0 : QCOW_OFLAG_ZERO);
-    bitmap = g.extended_l2 ? QCOW_L2_BITMAP_ALL_ZEROES : 0;
-  } else if (!unallocate) {
-    entry = g.extended_l2 ? 0 : QCOW_OFLAG_ZERO;
-    bitmap = g.extended_l2 ? QCOW_L2_BITMAP_ALL_ZEROES : 0;
-  }
-  if (header_.data_file_raw()) {
-    // The raw data file must read the same as the image.
-    QNBD_TRY(data_file_->write_zeroes(gc, g.cluster_size(), may_unmap));
-  }
-  if (e.entry == entry && e.bitmap == bitmap) return ok();
-  if (!keep) queue_free_locked(e.entry);
-  store_be64(slot, entry);
-  if (g.extended_l2) store_be64(slot + 8, bitmap);
-  l2_cache_->mark_dirty(table);
-  deps_dirty_ = true;
-  return ok();
-}
-
-// Zero whole subclusters [first, last] of an extended-L2 cluster in place.
-Result<void> Qcow2Image::zero_subclusters_locked(std::uint64_t gc, unsigned first, unsigned last) {
-  const L2Geometry& g = geometry_;
-  const unsigned l2_bits = header_.l2_bits();
-  TableCache::Handle table = QNBD_TRY(l2_for_write_locked(gc >> (g.cluster_bits + l2_bits)));
-  const std::uint64_t idx = (gc >> g.cluster_bits) & ((1ull << l2_bits) - 1);
-  std::byte* slot = table.mutable_data().data() + idx * g.l2_entry_size();
-  L2Entry e{load_be64(slot), load_be64(slot + 8)};
-  if (auto t = get_subcluster_type(g, e, 0, gc); !t) return set_corrupt_locked(t.error().message);
-  const std::uint64_t sc = g.cluster_size() / SUBCLUSTERS_PER_CLUSTER;
-  if (e.entry & QCOW_OFLAG_COMPRESSED) {
-    // Per-subcluster bits do not exist for a compressed cluster: copy it.
-    table.reset();
-    return write_cluster_locked(nullptr, gc + first * sc, (last - first + 1) * sc);
-  }
-  const std::uint64_t touched = ((last == 31 ? 0xffffffffull : (1ull << (last + 1)) - 1) >> first) << first;
-  std::uint64_t bitmap = (e.bitmap & ~touched) | (touched << 32);
-  if (header_.data_file_raw()) QNBD_TRY(data_file_->write_zeroes(gc + first * sc, (last - first + 1) * sc, false));
-  store_be64(slot + 8, bitmap);
-  l2_cache_->mark_dirty(table);
-  deps_dirty_ = true;
   return ok();
 }
 
@@ -466,38 +217,20 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
   QNBD_TRY(check_writable(offset, buf.size(), "write"));
   if (buf.empty()) return ok();
   QNBD_TRY(bitmaps_before_write(offset, buf.size()));
-  const L2Geometry& g = geometry_;
-  const std::uint64_t cs = g.cluster_size();
-  const unsigned l2_bits = header_.l2_bits();
+  const std::uint64_t cs = geometry_.cluster_size();
   while (!buf.empty()) {
     const std::uint64_t gc = align_down(offset, cs);
     const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), gc + cs - offset));
     std::unique_lock lock(mutex_);
     if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
     // Fast path: an allocated COPIED cluster (all touched subclusters
-    // allocated) is overwritten in place without the metadata mutex.
-    std::uint64_t host = 0;
-    const std::uint64_t l1_index = offset >> (g.cluster_bits + l2_bits);
-    if (l1_index < l1_.size() && (l1_[l1_index] & QCOW_OFLAG_COPIED)) {
-      auto l2 = l1_entry_l2_offset(l1_[l1_index], g.cluster_bits, file_size_);
-      if (l2 && *l2) {
-        TableCache::Handle table = QNBD_TRY(l2_cache_->get(*l2));
-        const std::uint64_t idx = (offset >> g.cluster_bits) & ((1ull << l2_bits) - 1);
-        const std::byte* slot = table.data().data() + idx * g.l2_entry_size();
-        L2Entry e{load_be64(slot), g.extended_l2 ? load_be64(slot + 8) : 0};
-        auto t = get_subcluster_type(g, e, 0, gc);
-        const std::uint64_t h = e.entry & L2E_OFFSET_MASK;
-        if (t && (e.entry & QCOW_OFLAG_COPIED) && !(e.entry & (QCOW_OFLAG_COMPRESSED | QCOW_OFLAG_ZERO)) && h) {
-          bool all = true;
-          if (g.extended_l2) {
-            const std::uint64_t sc = cs / SUBCLUSTERS_PER_CLUSTER;
-            for (std::uint64_t s = (offset - gc) / sc; s <= (offset - gc + n - 1) / sc; ++s) {
-              if (!((e.bitmap >> s) & 1) || ((e.bitmap >> (32 + s)) & 1)) all = false;
-            }
-          }
-          if (all) host = h + (offset - gc);
-        }
-      }
+    // allocated) is overwritten in place without the metadata mutex. The
+    // lookup is read's; a corrupt entry takes the cluster path, which
+    // reports it and sets the corrupt bit.
+    std::optional<std::uint64_t> host;
+    if (auto m = get_host_offset_locked(offset, n);
+        m && m->type == SubclusterType::normal && m->copied && m->bytes >= n) {
+      host = m->host_offset;
     }
     std::size_t batched = 0;
     if (!host && offset == gc && buf.size() >= 2 * cs) {
@@ -512,10 +245,10 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
     if (host) {
       // A COPIED entry naming a metadata cluster (a corrupt image) fails
       // here with EIO and sets the corrupt bit.
-      QNBD_TRY(check_guest_write_locked(host, n));
+      QNBD_TRY(check_guest_write_locked(*host, n));
       std::shared_lock data(data_lock_);
       lock.unlock();
-      QNBD_TRY(data_file().pwrite(buf.first(n), host));
+      QNBD_TRY(data_file().pwrite(buf.first(n), *host));
     } else {
       QNBD_TRY(write_cluster_locked(buf.data(), offset, n));
       QNBD_TRY(maybe_flush_frees_locked());
@@ -722,7 +455,7 @@ Result<void> Qcow2Image::close() {
   if (bitmaps_.empty()) return ok();  // nothing to store (and no directory to rewrite)
   QNBD_TRY(bitmap_store_->store(*refcounts_, header_));
   register_bitmaps();  // the store wrote a new directory and tables
-  deps_dirty_ = true;  // the store may have changed refcounts: write them back too
+  l2_cache_->depends_on_flush();  // the store may have changed refcounts: write them back too
   return flush_locked();
 }
 

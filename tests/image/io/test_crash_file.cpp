@@ -5,19 +5,97 @@
 #include <cstring>
 #include <memory>
 #include <set>
+#include <string>
 #include <vector>
 
 #include "image/io/crash_file.hpp"
 #include "image/io/fault_file.hpp"
+#include "image/io/forwarding_file.hpp"
 #include "image/io/mem_file.hpp"
 
+using namespace qnbd;
 using namespace qnbd::image;
 
 namespace {
 
 std::vector<std::byte> pattern(std::size_t n, std::uint8_t v) { return std::vector<std::byte>(n, std::byte{v}); }
 
+// A leaf File that answers every call with something File's defaults never
+// give, and counts the calls it saw, so a wrapper that drops a call (falls
+// back to File's default) is caught.
+class Probe final : public File {
+ public:
+  Result<std::size_t> pread(std::span<std::byte> b, std::uint64_t) override { return seen("pread", b.size()); }
+  Result<void> pwrite(std::span<const std::byte>, std::uint64_t) override { return mark("pwrite"); }
+  Result<void> flush() override { return mark("flush"); }
+  Result<void> truncate(std::uint64_t) override { return mark("truncate"); }
+  Result<std::uint64_t> size() override { return seen("size", 4242); }
+  Result<void> write_zeroes(std::uint64_t, std::uint64_t, bool) override { return mark("write_zeroes"); }
+  Result<void> write_zeroes_fast(std::uint64_t, std::uint64_t, bool) override { return mark("write_zeroes_fast"); }
+  Result<void> discard(std::uint64_t, std::uint64_t) override { return mark("discard"); }
+  Result<bool> is_hole(std::uint64_t, std::uint64_t) override { return seen("is_hole", true); }
+  Result<Extent> probe_extent(std::uint64_t, std::uint64_t) override { return seen("probe_extent", Extent{7, true}); }
+  Result<std::uint64_t> allocated_size() override { return seen("allocated_size", 99); }
+  Result<void> set_lock(const LockRequest&) override { return mark("set_lock"); }
+  const std::string& name() const override { return name_; }
+
+  std::multiset<std::string> calls;
+
+ private:
+  template <typename T>
+  T seen(const char* what, T value) {
+    calls.insert(what);
+    return value;
+  }
+  Result<void> mark(const char* what) {
+    calls.insert(what);
+    return ok();
+  }
+  std::string name_ = "probe";
+};
+
+// Every File call made on `f`, checked against what Probe returns.
+void call_everything(File& f) {
+  std::vector<std::byte> buf(16);
+  CHECK(*f.pread(buf, 0) == 16);
+  CHECK(f.pwrite(buf, 0));
+  CHECK(f.flush());
+  CHECK(f.truncate(1));
+  CHECK(*f.size() == 4242);
+  CHECK(f.write_zeroes(0, 1, false));
+  CHECK(f.write_zeroes_fast(0, 1, false));
+  CHECK(f.discard(0, 1));
+  CHECK(*f.is_hole(0, 1));
+  CHECK(f.probe_extent(0, 100)->length == 7);
+  CHECK(*f.allocated_size() == 99);
+  CHECK(f.set_lock(LockRequest{}));
+  CHECK(f.name() == "probe");
+}
+
+const std::multiset<std::string> kEveryCall{"pread",   "pwrite",       "flush",          "truncate", "size",
+                                            "write_zeroes", "write_zeroes_fast", "discard", "is_hole",
+                                            "probe_extent", "allocated_size",   "set_lock"};
+
 }  // namespace
+
+TEST_CASE("ForwardingFile and FaultFile pass every File call to the inner file") {
+  // Hand-written forwarding lost set_lock (and, in the tests' wrappers,
+  // probe_extent, is_hole, allocated_size, write_zeroes_fast): they fell
+  // back to File's defaults instead of reaching the real file.
+  Probe borrowed;
+  ForwardingFile fw(borrowed);
+  call_everything(fw);
+  CHECK(borrowed.calls == kEveryCall);
+
+  auto owned = std::make_unique<Probe>();
+  Probe& inner = *owned;
+  FaultFile::Plan plan;
+  plan.ops = 0;  // gate nothing
+  FaultFile fault(std::move(owned), plan);
+  call_everything(fault);
+  CHECK(inner.calls == kEveryCall);
+  CHECK(fault.calls() == 0);
+}
 
 TEST_CASE("FaultFile fails exactly the Nth matching call with the chosen errno") {
   FaultFile::Plan plan;

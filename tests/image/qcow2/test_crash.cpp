@@ -11,6 +11,7 @@
 
 #include "common/endian.hpp"
 #include "image/io/crash_file.hpp"
+#include "image/io/forwarding_file.hpp"
 #include "image/io/mem_file.hpp"
 #include "image/qcow2/check.hpp"
 #include "image/qcow2/create.hpp"
@@ -115,20 +116,9 @@ bool crash_op(image::BlockDevice& dev, Expect& e, std::mt19937_64& rng) {
 
 // Hands the engine a File whose CrashFile outlives it, so the crash image
 // can be taken even when open() fails and destroys what it was given.
-class Borrowed final : public image::File {
+class Borrowed final : public image::ForwardingFile {
  public:
-  explicit Borrowed(image::File& f) : f_(f) {}
-  Result<std::size_t> pread(std::span<std::byte> b, std::uint64_t o) override { return f_.pread(b, o); }
-  Result<void> pwrite(std::span<const std::byte> b, std::uint64_t o) override { return f_.pwrite(b, o); }
-  Result<void> flush() override { return f_.flush(); }
-  Result<void> truncate(std::uint64_t s) override { return f_.truncate(s); }
-  Result<std::uint64_t> size() override { return f_.size(); }
-  Result<void> write_zeroes(std::uint64_t o, std::uint64_t l, bool u) override { return f_.write_zeroes(o, l, u); }
-  Result<void> discard(std::uint64_t o, std::uint64_t l) override { return f_.discard(o, l); }
-  const std::string& name() const override { return f_.name(); }
-
- private:
-  image::File& f_;
+  using ForwardingFile::ForwardingFile;
 };
 
 bool dirty_bit(const std::vector<std::byte>& img) {

@@ -263,3 +263,28 @@ TEST_CASE("overlap: valid images never trip the check; every guest write misses 
   CHECK_FALSE((*img)->header().corrupt());
   REQUIRE((*img)->close());
 }
+
+// Fuzz finding (fuzz/corpus/qcow2_write/overlap-l2-table-past-eof): an L1
+// entry naming an L2 table past the end of the file was left out of the
+// map, so once the file grew that far the allocator handed the cluster out
+// for guest data, which the L1 entry then reads as an L2 table. QEMU's
+// overlap check counts every active L1 entry's table, wherever it points.
+TEST_CASE("overlap: an L2 table named past the end of the file is never handed out for guest data") {
+  test::HandImage h;
+  h.size = 2 * (h.cs() / 8) * h.cs();  // two L1 entries
+  h.build();
+  store_be32(h.bytes.data() + 36, 2);  // l1_size
+  const std::uint64_t eof = h.bytes.size();
+  // L1[1] names the cluster just past the end: the next one allocated.
+  store_be64(h.bytes.data() + h.l1_offset() + 8, eof | image::qcow2::QCOW_OFLAG_COPIED);
+  auto file = h.file();
+  auto img = open_mem(std::move(file), true);
+  REQUIRE(img);
+  CHECK((*img)->metadata_map()->find(eof, 1));
+  std::vector<std::byte> data(4096, std::byte{0x5a});
+  auto r = (*img)->write(data, 0, false);  // guest cluster 0 is unallocated
+  REQUIRE_FALSE(r);
+  CHECK(r.error().code == EIO);
+  CHECK(r.error().message.find("overlaps with the active L2 table") != std::string::npos);
+  CHECK((*img)->header().corrupt());
+}

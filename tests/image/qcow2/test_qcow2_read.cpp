@@ -6,9 +6,13 @@
 #include <array>
 #include <atomic>
 #include <cstring>
+#include <memory>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "image/block_device.hpp"
+#include "image/io/forwarding_file.hpp"
 #include "image/io/mem_file.hpp"
 #include "image/qcow2/compress.hpp"
 #include "image/qcow2/qcow2_image.hpp"
@@ -228,6 +232,78 @@ TEST_CASE("TableCache: LRU eviction, bounded buffers, pinned entries") {
   c->reset();
   REQUIRE(cache.get(4096).has_value());  // evicts the LRU entry: table 0, dirty
   CHECK(written == std::vector<std::uint64_t>{0});
+}
+
+namespace {
+
+// Logs every write ('w' at offset) and flush ('f') that reaches a MemFile.
+class OrderFile final : public ForwardingFile {
+ public:
+  OrderFile() : ForwardingFile(std::make_unique<MemFile>("order", std::vector<std::byte>(16 * 512))) {}
+  Result<void> pwrite(std::span<const std::byte> b, std::uint64_t o) override {
+    log.push_back("w" + std::to_string(o));
+    return ForwardingFile::pwrite(b, o);
+  }
+  Result<void> flush() override {
+    log.push_back("f");
+    return ForwardingFile::flush();
+  }
+  std::vector<std::string> log;
+};
+
+}  // namespace
+
+TEST_CASE("TableCache: a table is written back only after its dependency and a sync (§14.3)") {
+  // The L2 cache depends on the refcount block cache, as QEMU's
+  // qcow2_cache_set_dependency: an L2 entry on disk must never point at a
+  // cluster whose refcount is not on disk.
+  OrderFile f;
+  TableCache refcounts(f, 512, 4, "refcount block");
+  TableCache l2(f, 512, 2, "L2 table");
+  l2.set_dependency(&refcounts);
+  auto dirty = [](TableCache& c, std::uint64_t off) {
+    auto h = c.get(off);
+    REQUIRE(h.has_value());
+    c.mark_dirty(*h);
+  };
+
+  // flush(): the dirty refcount block, a sync, then the L2 table.
+  dirty(refcounts, 0);
+  dirty(l2, 1024);
+  REQUIRE(l2.flush());
+  CHECK(f.log == std::vector<std::string>{"w0", "f", "w1024"});
+  CHECK_FALSE(refcounts.has_dirty());
+
+  // depends_on_flush() alone (data written): a sync, then the table.
+  f.log.clear();
+  dirty(l2, 1024);
+  l2.depends_on_flush();
+  REQUIRE(l2.flush());
+  CHECK(f.log == std::vector<std::string>{"f", "w1024"});
+
+  // Nothing pending: no sync.
+  f.log.clear();
+  dirty(l2, 1024);
+  REQUIRE(l2.flush());
+  CHECK(f.log == std::vector<std::string>{"w1024"});
+
+  // Eviction of a dirty table follows the same rule.
+  f.log.clear();
+  dirty(l2, 1536);  // l2 now holds 1024 (clean) and 1536 (dirty)
+  dirty(refcounts, 512);
+  REQUIRE(l2.get(2048).has_value());  // evicts 1024 (clean): nothing written
+  CHECK(f.log.empty());
+  REQUIRE(l2.get(2560).has_value());  // evicts 1536 (dirty)
+  CHECK(f.log == std::vector<std::string>{"w512", "f", "w1536"});
+
+  // A table being created is not read and starts zeroed and clean.
+  f.log.clear();
+  auto e = l2.get_empty(4096);
+  REQUIRE(e.has_value());
+  CHECK(std::all_of(e->data().begin(), e->data().end(), [](std::byte b) { return b == std::byte{0}; }));
+  e->reset();
+  REQUIRE(l2.flush());
+  CHECK(f.log.empty());
 }
 
 TEST_CASE("qcow2: concurrent readers see consistent data") {

@@ -9,6 +9,7 @@
 #include <set>
 
 #include "common/endian.hpp"
+#include "image/io/forwarding_file.hpp"
 #include "image/qcow2/create.hpp"
 #include "image/qcow2/refcount.hpp"
 #include "test_refcount_support.hpp"
@@ -241,33 +242,24 @@ namespace {
 
 // Records every write and flush so the crash ordering of §14.3 can be
 // asserted on the sequence.
-class RecordingFile final : public qnbd::image::File {
+class RecordingFile final : public qnbd::image::ForwardingFile {
  public:
   struct Event {
     bool flush;
     std::uint64_t offset;
     std::uint64_t length;
   };
-  explicit RecordingFile(VecFile& inner) : inner_(inner) {}
+  explicit RecordingFile(VecFile& inner) : ForwardingFile(inner) {}
   std::vector<Event> events;
 
-  Result<std::size_t> pread(std::span<std::byte> buf, std::uint64_t offset) override {
-    return inner_.pread(buf, offset);
-  }
   Result<void> pwrite(std::span<const std::byte> buf, std::uint64_t offset) override {
     events.push_back({false, offset, buf.size()});
-    return inner_.pwrite(buf, offset);
+    return ForwardingFile::pwrite(buf, offset);
   }
   Result<void> flush() override {
     events.push_back({true, 0, 0});
-    return inner_.flush();
+    return ForwardingFile::flush();
   }
-  Result<void> truncate(std::uint64_t size) override { return inner_.truncate(size); }
-  Result<std::uint64_t> size() override { return inner_.size(); }
-  const std::string& name() const override { return inner_.name(); }
-
- private:
-  VecFile& inner_;
 };
 
 // Index of the first write covering [offset, offset+length), or -1.
