@@ -142,6 +142,24 @@ _stop_live_servers() {
 }
 cleanup_fn _stop_live_servers
 
+# wait_ready TEST PATH [PID]: the one readiness poll of the test scripts.
+# Wait (50 ms steps, at most 10 s) until `test TEST PATH` holds: -s for a
+# pid file (written once the socket listens), -S for a Unix socket, -e for
+# any file. Returns 0 when ready, 2 as soon as PID (if given) has exited,
+# 1 on timeout; the caller decides what a failure means.
+wait_ready() {
+  local op=$1 path=$2 pid=${3:-} i
+  for ((i = 0; i < 200; i++)); do
+    test "$op" "$path" && return 0
+    if [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+      test "$op" "$path" && return 0
+      return 2
+    fi
+    sleep 0.05
+  done
+  return 1
+}
+
 # start_server PIDFILE CMD...: start a server in the background that writes
 # PIDFILE once it is listening (qnbd serve --pid-file, qemu-nbd --pid-file),
 # wait for that file (the process dying first is a failure), and register a
@@ -153,21 +171,19 @@ start_server() {
   "$@" >>"$TMPDIR_TEST/server.log" 2>&1 &
   local pid=$!
   _live_servers[$pid]=1
-  local i
-  # The pid file appears once the socket is bound; poll it, bounded.
-  for ((i = 0; i < 200; i++)); do
-    if [[ -s $pidfile ]]; then
-      SERVER_PID=$pid
-      return 0
-    fi
-    if ! kill -0 "$pid" 2>/dev/null; then
-      wait "$pid" 2>/dev/null
-      echo "server exited with status $? before listening: $*" >&2
-      tail -n 5 "$TMPDIR_TEST/server.log" >&2
-      return 1
-    fi
-    sleep 0.05
-  done
+  # The pid file appears once the socket is bound.
+  local st=0
+  wait_ready -s "$pidfile" "$pid" || st=$?
+  if ((st == 0)); then
+    SERVER_PID=$pid
+    return 0
+  fi
+  if ((st == 2)); then
+    wait "$pid" 2>/dev/null
+    echo "server exited with status $? before listening: $*" >&2
+    tail -n 5 "$TMPDIR_TEST/server.log" >&2
+    return 1
+  fi
   echo "server did not write $pidfile within 10 s: $*" >&2
   return 1
 }

@@ -36,16 +36,13 @@ start_serve() {
   "$QNBD" serve -k "$SERVE_SOCK" --pid-file "$pidfile" "${persist[@]}" "$@" 2>"$SERVE_LOG" &
   SERVE_PID=$!
   cleanup_fn "kill -9 $SERVE_PID 2>/dev/null"
-  local i
-  for ((i = 0; i < 200; i++)); do
-    [[ -s $pidfile ]] && break
-    if ! kill -0 "$SERVE_PID" 2>/dev/null; then
-      cat "$SERVE_LOG" >&2
-      fail "qnbd serve exited before listening"
-    fi
-    sleep 0.05
-  done
-  [[ -s $pidfile ]] || fail "qnbd serve did not start within 10 s"
+  local st=0
+  wait_ready -s "$pidfile" "$SERVE_PID" || st=$?
+  if ((st == 2)); then
+    cat "$SERVE_LOG" >&2
+    fail "qnbd serve exited before listening"
+  fi
+  ((st == 0)) || fail "qnbd serve did not start within 10 s"
   SERVE_URI="nbd+unix:///$export?socket=$SERVE_SOCK"
 }
 

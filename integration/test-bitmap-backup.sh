@@ -52,7 +52,7 @@ start_serve -r -B b0 -f qcow2 "$img"
 nbdcopy "$SERVE_URI" "$backup" || fail "full backup: nbdcopy failed"
 nbdinfo --json --map=qemu:dirty-bitmap:b0 "$SERVE_URI" >"$T/full.map.json"
 stop_serve
-[[ $("$PY" "$INTEGRATION_DIR/norm-bitmap-map.py" "$T/full.map.json") == "0 67108864 clean" ]] ||
+[[ $("$PY" "$INTEGRATION_DIR/map-norm.py" bitmap "$T/full.map.json") == "0 67108864 clean" ]] ||
   fail "b0 is not clean right after it was added: $(cat "$T/full.map.json")"
 qemu-img compare -q -f raw -F qcow2 "$backup" "$img" || fail "full backup differs from the image"
 echo "full backup: $(stat -c %s "$backup") bytes"

@@ -43,7 +43,7 @@ extents() {
     named+=("$b=$T/m.$b.json")
   done
   stop_server "$pid"
-  python3 "$INTEGRATION_DIR/norm-bitmap-map.py" --named "${named[@]}" >>"$out"
+  python3 "$INTEGRATION_DIR/map-norm.py" bitmap --named "${named[@]}" >>"$out"
 }
 
 step=0

@@ -23,7 +23,7 @@ qsock=$TMPDIR_TEST/qemu.sock
 qemu-nbd -r -t -A -B b0 -B fine -k "$qsock" -f qcow2 "$img" &
 qpid=$!
 cleanup_fn "kill $qpid 2>/dev/null"
-for _ in $(seq 100); do [[ -S $qsock ]] && break; sleep 0.05; done
+wait_ready -S "$qsock" $qpid || fail "qemu-nbd did not start"
 start_serve -r -A -B b0 -B fine -f qcow2 "$img"
 
 # probe URI OUT: every answer this test compares, as JSON.
@@ -85,7 +85,7 @@ JSON
 "$QNBD" serve -t --config "$TMPDIR_TEST/qnbd.json.conf" --pid-file "$TMPDIR_TEST/cfg.pid" 2>"$TMPDIR_TEST/cfg.log" &
 cpid=$!
 cleanup_fn "kill -9 $cpid 2>/dev/null"
-for _ in $(seq 200); do [[ -s $TMPDIR_TEST/cfg.pid ]] && break; kill -0 $cpid 2>/dev/null || break; sleep 0.05; done
+wait_ready -s "$TMPDIR_TEST/cfg.pid" $cpid || true
 [[ -s $TMPDIR_TEST/cfg.pid ]] || { cat "$TMPDIR_TEST/cfg.log" >&2; fail "config server did not start"; }
 probe "nbd+unix:///?socket=$TMPDIR_TEST/cfg.sock" "$TMPDIR_TEST/cfg.json"
 diff -u "$TMPDIR_TEST/qemu.json" "$TMPDIR_TEST/cfg.json" || fail "config-file export answers differ from qemu-nbd's"

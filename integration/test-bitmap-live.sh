@@ -9,7 +9,7 @@ requires qemu-img qemu-io qemu-nbd nbdinfo python3
 requires_qnbd
 
 T=$TMPDIR_TEST
-norm() { python3 "$INTEGRATION_DIR/norm-bitmap-map.py" "$1"; }
+norm() { python3 "$INTEGRATION_DIR/map-norm.py" bitmap "$1"; }
 writes=(-c 'write 1000 3000' -c 'write -z 5M 100k' -c 'discard 9M 64k' -c 'write 60M 1' -c 'write -z -u 20M 2M'
   -c 'write 67108352 512')
 

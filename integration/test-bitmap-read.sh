@@ -10,7 +10,7 @@ source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo python3
 requires_qnbd
 
-norm() { python3 "$INTEGRATION_DIR/norm-bitmap-map.py" "$1"; }
+norm() { python3 "$INTEGRATION_DIR/map-norm.py" bitmap "$1"; }
 io() { qemu-io -f qcow2 "$@" >/dev/null; }
 
 # --- images --------------------------------------------------------------

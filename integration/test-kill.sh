@@ -22,11 +22,7 @@ probe_sock=$TMPDIR_TEST/probe.sock
 "$QNBD" serve -f "$fmt" -k "$probe_sock" --pid-file "$TMPDIR_TEST/probe.pid" "$img" 2>"$TMPDIR_TEST/probe.log" &
 probe_pid=$!
 cleanup_fn "kill -9 $probe_pid 2>/dev/null"
-for _ in $(seq 200); do
-  [[ -s $TMPDIR_TEST/probe.pid ]] && break
-  kill -0 "$probe_pid" 2>/dev/null || break
-  sleep 0.05
-done
+wait_ready -s "$TMPDIR_TEST/probe.pid" "$probe_pid" || true
 writable=no
 if [[ -s $TMPDIR_TEST/probe.pid ]] &&
   "$PY" -c 'import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]); sys.exit(h.is_read_only())' \

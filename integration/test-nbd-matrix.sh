@@ -62,7 +62,7 @@ while IFS=$'\t' read -r name path fmt; do
       continue
     fi
     set +e
-    verdict=$(python3 "$INTEGRATION_DIR/compare-nbdinfo-map.py" "$TMPDIR_TEST/qemu.map" "$TMPDIR_TEST/qnbd.map")
+    verdict=$(python3 "$INTEGRATION_DIR/map-norm.py" nbdinfo "$TMPDIR_TEST/qemu.map" "$TMPDIR_TEST/qnbd.map")
     rc=$?
     set -e
     first=$(head -n 1 <<<"$verdict")

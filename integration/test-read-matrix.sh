@@ -44,7 +44,7 @@ while IFS=$'\t' read -r name path fmt; do
   else
     cp "$RUN_STDOUT" "$TMPDIR_TEST/qnbd.json"
     set +e
-    verdict=$(python3 "$INTEGRATION_DIR/compare-map.py" "$TMPDIR_TEST/ref.json" "$TMPDIR_TEST/qnbd.json" 2>&1)
+    verdict=$(python3 "$INTEGRATION_DIR/map-norm.py" img "$TMPDIR_TEST/ref.json" "$TMPDIR_TEST/qnbd.json" 2>&1)
     rc=$?
     set -e
     map=$(head -n 1 <<<"$verdict")

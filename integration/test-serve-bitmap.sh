@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # qemu:dirty-bitmap:NAME served by qnbd -B must match qemu-nbd -B exactly
-# (nbdinfo --map output), alone and together with base:allocation. Skipped
-# while the image engine cannot export bitmaps yet.
+# (nbdinfo --map output) for a default- and a 1 MiB-granularity bitmap, and
+# the server must start with both exported and list their contexts.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo
 
@@ -15,7 +15,7 @@ qsock=$TMPDIR_TEST/qemu.sock
 qemu-nbd -r -t -B b0 -B coarse -k "$qsock" -f qcow2 "$img" &
 qpid=$!
 cleanup_fn "kill $qpid 2>/dev/null"
-for _ in $(seq 100); do [[ -S $qsock ]] && break; sleep 0.05; done
+wait_ready -S "$qsock" $qpid || fail "qemu-nbd did not start"
 for b in b0 coarse; do
   nbdinfo --map=qemu:dirty-bitmap:$b "nbd+unix:///?socket=$qsock" >"$TMPDIR_TEST/qemu.$b"
 done
@@ -26,7 +26,7 @@ kill $qpid; wait $qpid 2>/dev/null || true
   "$img" 2>"$TMPDIR_TEST/probe.log" &
 ppid=$!
 cleanup_fn "kill -9 $ppid 2>/dev/null"
-for _ in $(seq 100); do [[ -s $TMPDIR_TEST/probe.pid ]] && break; kill -0 $ppid 2>/dev/null || break; sleep 0.05; done
+wait_ready -s "$TMPDIR_TEST/probe.pid" $ppid || true
 if ! kill -0 $ppid 2>/dev/null; then
   cat "$TMPDIR_TEST/probe.log" >&2
   fail "qnbd serve -B failed"

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# qnbd serve --config: several exports from a JSON file, listed in file
-# order with descriptions, each served with its own read-only setting.
+# qnbd serve --config: several exports and the listener from a JSON file,
+# listed in file order with descriptions and contexts (allocation_depth),
+# each served with its own read-only setting (read through one, written
+# through the other); a config without exports is refused before anything
+# listens, naming the key.
 source "$(dirname "$0")/lib-serve.sh"
 requires nbdinfo nbdcopy python3 cmp
 
@@ -20,7 +23,7 @@ JSON
 "$QNBD" serve --config "$TMPDIR_TEST/qnbd.json" --pid-file "$TMPDIR_TEST/cfg.pid" 2>"$TMPDIR_TEST/cfg.log" &
 cpid=$!
 cleanup_fn "kill -9 $cpid 2>/dev/null"
-for _ in $(seq 200); do [[ -s $TMPDIR_TEST/cfg.pid ]] && break; sleep 0.05; done
+wait_ready -s "$TMPDIR_TEST/cfg.pid" $cpid || true
 [[ -s $TMPDIR_TEST/cfg.pid ]] || { cat "$TMPDIR_TEST/cfg.log"; fail "config server did not start"; }
 nbdinfo --list --json "nbd+unix:///?socket=$TMPDIR_TEST/cfg.sock" >"$TMPDIR_TEST/list.json"
 python3 - "$TMPDIR_TEST/list.json" <<'PY' || fail "export list"

@@ -21,7 +21,7 @@ port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
   "$TMPDIR_TEST/disk.raw" 2>"$TMPDIR_TEST/k.log" &
 kpid=$!
 cleanup_fn "kill -9 $kpid 2>/dev/null"
-for _ in $(seq 200); do [[ -s $TMPDIR_TEST/k.pid ]] && break; sleep 0.05; done
+wait_ready -s "$TMPDIR_TEST/k.pid" $kpid || { cat "$TMPDIR_TEST/k.log" >&2; fail "qnbd serve did not start"; }
 nbd-client -N disk 127.0.0.1 "$port" "$dev" -b 4096 || fail "nbd-client attach"
 cleanup_fn "nbd-client -d $dev >/dev/null 2>&1"
 cmp -n $((8 << 20)) "$dev" "$TMPDIR_TEST/orig.raw" || fail "kernel read differs"

@@ -94,7 +94,7 @@ if command -v systemd-socket-activate >/dev/null; then
   systemd-socket-activate -l "$sock" "$QNBD" serve -t -f raw "$img" 2>"$TMPDIR_TEST/sd.log" &
   sdpid=$!
   cleanup_fn "kill -9 $sdpid 2>/dev/null"
-  for _ in $(seq 100); do [[ -S $sock ]] && break; sleep 0.05; done
+  wait_ready -S "$sock" $sdpid || fail "systemd-socket-activate did not listen"
   nbdcopy "nbd+unix:///?socket=$sock" "$TMPDIR_TEST/sd.img" || { cat "$TMPDIR_TEST/sd.log"; fail "socket activation"; }
   cmp "$img" "$TMPDIR_TEST/sd.img" || fail "socket-activated copy differs"
   kill -TERM $sdpid; wait $sdpid || true

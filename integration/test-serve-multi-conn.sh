@@ -29,7 +29,7 @@ for args in "" "-e 1" "-e 2" "-e 0" "-r" "-r -e 2"; do
   # shellcheck disable=SC2086 # args is a word list on purpose
   qemu-nbd -t $args -k "$qsock" -f qcow2 "$img" &
   qpid=$!
-  for _ in $(seq 100); do [[ -S $qsock ]] && break; sleep 0.05; done
+  wait_ready -S "$qsock" "$qpid" || fail "qemu-nbd did not start"
   want=$(can_multi_conn "nbd+unix:///?socket=$qsock")
   kill "$qpid"
   wait "$qpid" 2>/dev/null || true

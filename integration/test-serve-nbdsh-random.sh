@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Random reads/writes/zeroes/trims through libnbd (python) against qnbd
-# serving raw and then qcow2,
-# mirrored into a reference file; reads, block status (base:allocation and
-# qemu:allocation-depth, REQ_ONE) and strict-mode-off error replies checked,
-# with several requests in flight on several connections.
+# Seeded random reads/writes/zeroes/trims through libnbd (python) on three
+# connections to qnbd serving raw and then qcow2, mirrored into a reference
+# file; reads, block status (base:allocation and qemu:allocation-depth,
+# REQ_ONE), several reads in flight at once on one connection, and
+# strict-mode-off error replies (beyond the end) are checked.
 source "$(dirname "$0")/lib-serve.sh"
 requires_python_nbd
 

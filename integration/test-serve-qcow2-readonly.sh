@@ -16,7 +16,7 @@ qsock=$TMPDIR_TEST/qemu.sock
 qemu-nbd -r -t -A -k "$qsock" -f qcow2 "$top" &
 qpid=$!
 cleanup_fn "kill $qpid 2>/dev/null"
-for _ in $(seq 100); do [[ -S $qsock ]] && break; sleep 0.05; done
+wait_ready -S "$qsock" $qpid || fail "qemu-nbd did not start"
 quri="nbd+unix:///?socket=$qsock"
 nbdinfo --map "$quri" >"$TMPDIR_TEST/qemu.map"
 nbdinfo --map=qemu:allocation-depth "$quri" >"$TMPDIR_TEST/qemu.depth"

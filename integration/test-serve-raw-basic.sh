@@ -15,7 +15,7 @@ qsock=$TMPDIR_TEST/qemu.sock
 qemu-nbd -t -k "$qsock" -f raw -x disk -D "a test disk" "$img" &
 qpid=$!
 cleanup_fn "kill $qpid 2>/dev/null"
-for _ in $(seq 100); do [[ -S $qsock ]] && break; sleep 0.05; done
+wait_ready -S "$qsock" $qpid || fail "qemu-nbd did not start"
 nbdinfo --json "nbd+unix:///disk?socket=$qsock" | python3 -c 'import json,sys; d=json.load(sys.stdin)["exports"][0]; d.pop("uri"); print(json.dumps(d, sort_keys=True))' >"$TMPDIR_TEST/qemu.json"
 nbdinfo --map "nbd+unix:///disk?socket=$qsock" >"$TMPDIR_TEST/qemu.map"
 kill $qpid; wait $qpid 2>/dev/null || true

@@ -43,7 +43,7 @@ maps() {
   qemu-nbd -r -t -k "$qsock" -f qcow2 "$@" "$img" &
   local qpid=$!
   cleanup_fn "kill $qpid 2>/dev/null"
-  for _ in $(seq 100); do [[ -S $qsock ]] && break; sleep 0.05; done
+  wait_ready -S "$qsock" $qpid || fail "qemu-nbd did not start"
   start_serve -r -f qcow2 "$@" "$img"
   for ctx in "${contexts[@]}"; do
     for srv in qemu qnbd; do

@@ -28,12 +28,10 @@ JSON
 "$QNBD" serve --config "$TMPDIR_TEST/qnbd.json" --pid-file "$TMPDIR_TEST/cfg.pid" 2>"$TMPDIR_TEST/cfg.log" &
 cpid=$!
 cleanup_fn "kill -9 $cpid 2>/dev/null"
-for _ in $(seq 200); do
-  [[ -s $TMPDIR_TEST/cfg.pid ]] && break
-  kill -0 $cpid 2>/dev/null || { cat "$TMPDIR_TEST/cfg.log"; fail "config server exited"; }
-  sleep 0.05
-done
-[[ -s $TMPDIR_TEST/cfg.pid ]] || fail "config server did not start"
+st=0
+wait_ready -s "$TMPDIR_TEST/cfg.pid" $cpid || st=$?
+((st != 2)) || { cat "$TMPDIR_TEST/cfg.log"; fail "config server exited"; }
+((st == 0)) || fail "config server did not start"
 
 # nbd-client's own list (NBD_OPT_LIST): one "name[: description]" per line,
 # in file order.

@@ -17,7 +17,7 @@ requires_qnbd
 requires_python_nbd
 
 T=$TMPDIR_TEST
-cmp_map=$INTEGRATION_DIR/compare-nbdinfo-map.py
+cmp_map=$INTEGRATION_DIR/map-norm.py
 
 # serve_both IMG_QEMU IMG_QNBD ARGS...: qemu-nbd and qnbd, writable.
 serve_both() {
@@ -112,7 +112,7 @@ run_case() {
   # v2 has no zero flag: every FAST_ZERO is refused there, as by qemu-nbd.
   [[ $name == v2* ]] || grep -q 'zero-fast .* ok$' "$T/$name.qnbd.txt" ||
     fail "$name: no FAST_ZERO succeeded (nothing compared)"
-  python3 "$cmp_map" "$T/$name.qemu.map" "$T/$name.qnbd.map" >"$T/$name.cmp" ||
+  python3 "$cmp_map" nbdinfo "$T/$name.qemu.map" "$T/$name.qnbd.map" >"$T/$name.cmp" ||
     { cat "$T/$name.cmp" >&2; fail "$name: base:allocation map differs from qemu-nbd's"; }
   qemu-img compare -q -f qcow2 -F qcow2 "$T/$name.a.qcow2" "$T/$name.b.qcow2" || fail "$name: data differs"
   qemu-img check -q "$T/$name.b.qcow2" || fail "$name: qemu-img check finds errors"
