@@ -35,6 +35,7 @@
 
 #include "common/endian.hpp"
 #include "fuzz_image.hpp"
+#include "image/qcow2/check.hpp"
 
 using namespace qnbd;
 using namespace qnbd::image;
@@ -175,8 +176,23 @@ struct Shadow {
   }
 };
 
+// Whether the fuzzed image was already inconsistent before any op: a data
+// cluster an L2 entry uses while its refcount says free (or shared) is free
+// to the allocator, in QEMU's qcow2 driver as here, so a later allocation
+// may land on another guest cluster's data (`qemu-img check` calls such an
+// image corrupt: "ERROR cluster N refcount=0 reference=1"). Read-after-write
+// is only a property of images whose refcounts are consistent; asked only
+// after a mismatch, so the check's cost is paid rarely.
+bool refcounts_inconsistent(const fuzz::SparseFile& image) {
+  const qcow2::CheckMessageSink quiet = [](const std::string&) {};
+  fuzz::SparseFile pristine(image, "<fuzz.qcow2>");
+  auto r = qcow2::check_qcow2(pristine, qcow2::RepairMode::none, quiet);
+  return !r || r->corruptions != 0 || r->check_errors != 0;
+}
+
 // Every known byte of [off, off + len) reads back as the shadow says.
-void verify(BlockDevice& dev, const Shadow& s, std::uint64_t off, std::uint64_t len) {
+void verify(BlockDevice& dev, const Shadow& s, std::uint64_t off, std::uint64_t len,
+            const fuzz::SparseFile& image) {
   static std::vector<std::byte> b;
   const std::uint64_t end = off + len;
   auto it = s.known.upper_bound(off);
@@ -186,7 +202,7 @@ void verify(BlockDevice& dev, const Shadow& s, std::uint64_t off, std::uint64_t 
     if (a >= z) continue;
     b.resize(z - a);
     if (!dev.read(b, a)) continue;
-    if (std::memcmp(b.data(), s.data.data() + a, b.size()) != 0)
+    if (std::memcmp(b.data(), s.data.data() + a, b.size()) != 0 && !refcounts_inconsistent(image))
       qnbd::fuzz::fail("read after write returned other data");
   }
 }
@@ -289,7 +305,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       case 4: (void)img.flush(); ok = true; break;
       case 5:
       case 7: {
-        if (in_window && !img.header().corrupt()) verify(img, shadow, g.offset, g.length);
+        if (in_window && !img.header().corrupt()) verify(img, shadow, g.offset, g.length, in.image);
         std::array<Extent, 16> ext;
         (void)img.block_status(g.offset, g.length, ext);
         ok = true;
@@ -300,7 +316,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     check_layout_untouched(layout, guest_writes);
   }
   if (img.header().corrupt()) return 0;
-  verify(img, shadow, 0, w);
+  verify(img, shadow, 0, w, in.image);
   guest_writes.clear();
   if (!img.close()) return 0;
   check_layout_untouched(layout, guest_writes);
@@ -310,6 +326,6 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                     data_file ? std::make_unique<fuzz::SparseFile>(*data_file, "<data file>") : nullptr, false);
   if (!after) return 0;
   if ((**after).header().corrupt()) return 0;
-  verify(**after, shadow, 0, w);
+  verify(**after, shadow, 0, w, in.image);
   return 0;
 }
