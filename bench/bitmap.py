@@ -95,6 +95,8 @@ class Server(bench.Server):
         self.qnbd, self.pin, self.writable, self.bitmap = qnbd, pin, writable, bitmap
         self.extra = list(extra)  # more `qnbd serve` options (--qnbd-arg)
         self.proc = None
+        # bench.Server.start reads the pinning from .args (bench.py's options).
+        self.args = argparse.Namespace(pin=pin, server_cpus="1")
 
     def argv(self):
         opts = ["-t", "-e", "16", "-f", "qcow2"]

@@ -51,10 +51,7 @@ def fio(uri, rw, bs, runtime, pin, size="1G"):
 
 
 def server(kind, image, sock, args, extra):
-    srv = bitmap.Server(kind, image, sock, args.qnbd, args.pin, True, extra=extra)
-    # bench.Server.start reads its pinning from .args (bench.py's options).
-    srv.args = argparse.Namespace(pin=args.pin, server_cpus="1")
-    return srv
+    return bitmap.Server(kind, image, sock, args.qnbd, args.pin, True, extra=extra)
 
 
 def configs(chunk):
