@@ -27,7 +27,7 @@ server::ExportSpec spec_with_bitmaps(const std::string& img, const std::string& 
   server::ExportSpec spec;
   spec.device = std::shared_ptr<image::BlockDevice>(std::move(*dev));
   spec.info = server::describe_export(*spec.device, name, "", true, false, false);
-  for (std::size_t i = 0; i < n; ++i) spec.bitmaps.push_back({"b" + std::to_string(i), 100 + i});
+  for (std::size_t i = 0; i < n; ++i) spec.bitmaps.push_back({std::string("b").append(std::to_string(i)), 100 + i});
   return spec;
 }
 

@@ -213,7 +213,7 @@ Fixture make_fixture(const Config& cfg, const TempDir& dir) {
   REQUIRE_MESSAGE(c, (c ? "" : c.error().message));
   for (std::size_t i = 0; i < cfg.granularities.size(); ++i) {
     q::BitmapEdit e;
-    e.bitmap = "b" + std::to_string(i);
+    e.bitmap = std::string("b").append(std::to_string(i));
     e.ops.push_back({q::BitmapOp::Kind::add, ""});
     e.granularity = cfg.granularities[i];
     auto r = q::edit_bitmaps(file, e);

@@ -241,7 +241,7 @@ class OrderFile final : public ForwardingFile {
  public:
   OrderFile() : ForwardingFile(std::make_unique<MemFile>("order", std::vector<std::byte>(16 * 512))) {}
   Result<void> pwrite(std::span<const std::byte> b, std::uint64_t o) override {
-    log.push_back("w" + std::to_string(o));
+    log.push_back(std::string("w").append(std::to_string(o)));
     return ForwardingFile::pwrite(b, o);
   }
   Result<void> flush() override {
