@@ -114,7 +114,7 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
       // the document
       {R"([])", "<root>: expected an object, got []"},
       {R"({})", "/exports: required key is missing"},
-      {R"({"exports": [], "x": 1})", "/x: unknown key (allowed: $schema, exports, listeners, limits)"},
+      {R"({"exports": [], "x": 1})", "/x: unknown key (allowed: $schema, exports, listeners, limits, control)"},
       {R"({"exports": {}})", "/exports: expected an array of exports, got {}"},
       {R"({"exports": []})", "/exports: at least one export is required"},
       {R"({"$schema": 3, "exports": []})", "/$schema: expected a string, got 3"},
