@@ -4,9 +4,13 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "image/block_device.hpp"
 #include "protocol/meta_context.hpp"
@@ -56,7 +60,7 @@ TEST_CASE("export registry: more bitmaps than contexts fit is refused, not cut s
   auto e = reg.find("full");
   REQUIRE(e != nullptr);
   CHECK(e->info().bitmaps.size() == server::kMaxBitmapsPerExport);
-  CHECK(reg.infos().size() == 1);
+  CHECK(reg.infos()->size() == 1);
   // Every context of the full export fits: base, depth and all bitmaps.
   auto all = protocol::match_meta_contexts(e->info(), {}, true);
   auto resolved = e->resolve_contexts(all);
@@ -82,4 +86,115 @@ TEST_CASE("export registry: a bitmap context resolves to its own handle; an unkn
   CHECK((*r)[1].name == "qemu:dirty-bitmap:b2");
   protocol::MetaContext bad{protocol::ContextKind::dirty_bitmap, 99, 7, "qemu:dirty-bitmap:b7"};
   CHECK_FALSE(e->resolve_contexts({bad}).has_value());
+}
+
+namespace {
+
+std::vector<std::string> names(const protocol::ExportList& l) {
+  std::vector<std::string> out;
+  for (const auto& e : l) out.push_back(e.name);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("export registry: the handshake's snapshot does not change under it; removal drops the device") {
+  Image a, b, c;
+  server::ExportRegistry reg;
+  REQUIRE(reg.add(spec_with_bitmaps(a.path, "a", 0)).has_value());
+  auto before = reg.infos();
+  auto bspec = spec_with_bitmaps(b.path, "b", 1);
+  std::weak_ptr<image::BlockDevice> bdev = bspec.device;
+  REQUIRE(reg.add(std::move(bspec)).has_value());
+  CHECK(names(*before) == std::vector<std::string>{"a"});  // a snapshot taken before stays as it was
+  CHECK(names(*reg.infos()) == std::vector<std::string>{"a", "b"});
+  auto during = reg.infos();
+  REQUIRE(reg.remove("b", false).has_value());
+  CHECK(names(*during) == std::vector<std::string>{"a", "b"});
+  CHECK(names(*reg.infos()) == std::vector<std::string>{"a"});
+  CHECK(reg.find("b") == nullptr);
+  // remove() returned: the device was closed and is gone (its file closed,
+  // its image lock released).
+  CHECK(bdev.expired());
+  auto missing = reg.remove("b", false);
+  REQUIRE_FALSE(missing.has_value());
+  CHECK(missing.error().code == ENOENT);
+  // Re-added under the same name: a new instance.
+  const auto old_instance = (*during)[1].instance;
+  REQUIRE(reg.add(spec_with_bitmaps(b.path, "b", 0)).has_value());
+  CHECK(reg.find("b")->info().instance != old_instance);
+  auto dup = reg.add(spec_with_bitmaps(c.path, "b", 0));
+  REQUIRE_FALSE(dup.has_value());
+  CHECK(dup.error().code == EEXIST);
+}
+
+TEST_CASE("export registry: a connection attaches only to the instance it negotiated") {
+  Image a;
+  server::ExportRegistry reg;
+  REQUIRE(reg.add(spec_with_bitmaps(a.path, "e", 1)).has_value());
+  const protocol::ExportInfo negotiated = reg.infos()->at(0);
+  REQUIRE(reg.remove("e", false).has_value());
+  // Removed during the handshake: nothing to attach to.
+  CHECK(reg.attach(negotiated, 1, {}) == nullptr);
+  REQUIRE(reg.add(spec_with_bitmaps(a.path, "e", 2)).has_value());
+  // Same name, another export (other bitmaps): still refused.
+  CHECK(reg.attach(negotiated, 1, {}) == nullptr);
+  auto fresh = reg.attach(reg.infos()->at(0), 2, {});
+  REQUIRE(fresh != nullptr);
+  CHECK(fresh->info().bitmaps.size() == 2);
+  CHECK(reg.list().at(0).connections == 1);
+  const server::Export* raw = fresh.get();
+  fresh.reset();
+  reg.detach(raw, 2);
+  CHECK(reg.list().at(0).connections == 0);
+}
+
+TEST_CASE("export registry: remove refuses while connections are attached; force stops them, then closes") {
+  Image a;
+  server::ExportRegistry reg;
+  auto spec = spec_with_bitmaps(a.path, "a", 0);
+  std::weak_ptr<image::BlockDevice> dev = spec.device;
+  REQUIRE(reg.add(std::move(spec)).has_value());
+  const protocol::ExportInfo info = reg.infos()->at(0);
+  std::shared_ptr<const server::Export> conn1, conn2;
+  std::vector<std::string> calls;
+  std::vector<std::thread> enders;
+  // conn 1 ends when stopped (on another thread, as a session's executor
+  // would); conn 2 ignores stop and ends only when aborted.
+  server::ConnectionHooks h1, h2;
+  auto end = [&](std::shared_ptr<const server::Export>& c, std::uint64_t id) {
+    enders.emplace_back([&reg, p = std::move(c), id]() mutable {
+      const server::Export* raw = p.get();
+      p.reset();
+      reg.detach(raw, id);
+    });
+  };
+  h1.stop = [&] { calls.push_back("stop1"); end(conn1, 1); };
+  h1.abort = [] {};  // called too if conn 1 has not ended within the grace: not checked
+  h2.stop = [&] { calls.push_back("stop2"); };
+  h2.abort = [&] { calls.push_back("abort2"); end(conn2, 2); };
+  conn1 = reg.attach(info, 1, h1);
+  conn2 = reg.attach(info, 2, h2);
+  REQUIRE(conn1 != nullptr);
+  REQUIRE(conn2 != nullptr);
+
+  auto busy = reg.remove("a", false);
+  REQUIRE_FALSE(busy.has_value());
+  CHECK(busy.error().code == EBUSY);
+  CHECK(reg.find("a") != nullptr);  // refused: nothing changed
+  CHECK(calls.empty());
+  CHECK_FALSE(dev.expired());
+
+  server::RemoveTimes t;
+  t.grace = std::chrono::milliseconds(50);  // conn 2 never ends on stop: it is aborted after this
+  REQUIRE(reg.remove("a", true, t).has_value());
+  for (auto& th : enders) th.join();
+  std::sort(calls.begin(), calls.end());
+  CHECK(calls == std::vector<std::string>{"abort2", "stop1", "stop2"});
+  CHECK(reg.find("a") == nullptr);
+  CHECK(reg.infos()->empty());
+  // Both connections had dropped the export before remove() returned, so
+  // the device is gone with it.
+  CHECK(dev.expired());
+  CHECK(reg.close_all().empty());  // nothing left to close
 }
