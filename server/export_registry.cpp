@@ -48,9 +48,33 @@ Result<void> ExportRegistry::add(ExportSpec spec) {
   std::lock_guard lk(mu_);
   for (const auto& x : exports_)
     if (x->name() == e->name()) return make_error(EEXIST, "export '{}' given twice", e->name());
-  infos_.push_back(e->info());
   exports_.push_back(std::move(e));
+  publish_locked();
   return ok();
+}
+
+std::shared_ptr<const Export> ExportRegistry::remove(std::string_view name) {
+  std::lock_guard lk(mu_);
+  for (auto it = exports_.begin(); it != exports_.end(); ++it) {
+    if ((*it)->name() == name) {
+      auto e = std::move(*it);
+      exports_.erase(it);
+      publish_locked();
+      return e;
+    }
+  }
+  return nullptr;
+}
+
+void ExportRegistry::publish_locked() {
+  auto next = std::make_shared<std::vector<protocol::ExportInfo>>();
+  for (const auto& x : exports_) next->push_back(x->info());
+  infos_ = std::move(next);
+}
+
+std::shared_ptr<const std::vector<protocol::ExportInfo>> ExportRegistry::infos() const {
+  std::lock_guard lk(mu_);
+  return infos_;
 }
 
 std::shared_ptr<const Export> ExportRegistry::find(std::string_view name) const {

@@ -8,11 +8,10 @@
 // by the registry and every connection on it, so removing an export from
 // the registry would never pull it from under a connection. The registry's
 // list is guarded by mu_: add(), find() and all() may run on any thread.
-// infos() hands the handshake (protocol::ExportCatalog) a reference to the
-// advertised list, valid while no export is added or removed; today every
-// export is added before the first connection is accepted. Adding or
-// removing exports while serving (the control socket) needs infos() to hand
-// out a snapshot instead (ExportCatalog returning a shared_ptr).
+// infos() hands out a snapshot of the advertised list: add() and remove()
+// (point-in-time views come and go while serving) publish a new list, and
+// each handshake negotiates against the snapshot it took at its start
+// (SnapshotCatalog), so what it looked up stays valid.
 #pragma once
 
 #include <cstddef>
@@ -88,16 +87,35 @@ class ExportRegistry {
   Result<void> add(ExportSpec spec);
   // The export called `name` ("" is a name like any other), or nullptr.
   std::shared_ptr<const Export> find(std::string_view name) const;
+  // Stop listing `name`; returns the export (connections on it keep their
+  // reference), or nullptr if there is none.
+  std::shared_ptr<const Export> remove(std::string_view name);
   // Every export, in listing order.
   std::vector<std::shared_ptr<const Export>> all() const;
-  // What the handshake advertises, in listing order (see the thread-safety
-  // note above).
-  const std::vector<protocol::ExportInfo>& infos() const { return infos_; }
+  // What the handshake advertises, in listing order: a snapshot (see the
+  // thread-safety note above).
+  std::shared_ptr<const std::vector<protocol::ExportInfo>> infos() const;
 
  private:
+  void publish_locked();
   mutable std::mutex mu_;  // a leaf lock: nothing else is taken under it
   std::vector<std::shared_ptr<const Export>> exports_;
-  std::vector<protocol::ExportInfo> infos_;
+  std::shared_ptr<const std::vector<protocol::ExportInfo>> infos_ =
+      std::make_shared<const std::vector<protocol::ExportInfo>>();
+};
+
+// The catalog one handshake negotiates against: the export list as it was
+// when the connection began, plus the server's live shutdown flag.
+class SnapshotCatalog final : public protocol::ExportCatalog {
+ public:
+  SnapshotCatalog(std::shared_ptr<const std::vector<protocol::ExportInfo>> infos, const protocol::ExportCatalog& live)
+      : infos_(std::move(infos)), live_(live) {}
+  const std::vector<protocol::ExportInfo>& exports() const override { return *infos_; }
+  bool shutting_down() const override { return live_.shutting_down(); }
+
+ private:
+  std::shared_ptr<const std::vector<protocol::ExportInfo>> infos_;
+  const protocol::ExportCatalog& live_;
 };
 
 }  // namespace qnbd::server

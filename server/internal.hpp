@@ -190,6 +190,7 @@ class Session : public std::enable_shared_from_this<Session> {
   std::atomic<const Export*> export_seen_{nullptr};
   std::vector<ServedContext> contexts_;
   std::vector<ContextSlot> wire_contexts_;  // contexts_ as decode() and the plans see them
+  std::unique_ptr<SnapshotCatalog> catalog_;  // what neg_.export_info points into
   Negotiated neg_;
   ValidationContext vctx_;
   bool stopping_ = false;
@@ -255,10 +256,15 @@ class Server : public ExportCatalog, public ControlTarget {
     }
   }
 
-  const std::vector<ExportInfo>& exports() const override { return registry_.infos(); }
+  // Sessions negotiate against a SnapshotCatalog; this reference is valid
+  // only until the next export is added or removed.
+  const std::vector<ExportInfo>& exports() const override { return *registry_.infos(); }
   bool shutting_down() const override { return shutting_down_.load(); }
   // The control socket's view of the exports (server.cpp).
   std::vector<ControlExport> control_exports() override;
+  // Point-in-time views as exports (control.cpp adds them at a checkpoint).
+  Result<void> add_view_export(ExportSpec spec) override;
+  Result<void> remove_view_export(const std::string& name) override;
 
   // Long requests run in steps of at most this many bytes, at multiples of
   // it (so cluster-aligned), checking shutting_down() between steps.

@@ -37,6 +37,7 @@ std::vector<ControlExport> Server::control_exports() {
     c.format = e->device().format();
     c.size = e->info().size;
     c.read_only = e->info().read_only;
+    c.allocation_depth = e->info().allocation_depth;
     c.device = e->device_ptr();
     out.push_back(std::move(c));
   }
@@ -47,6 +48,23 @@ std::vector<ControlExport> Server::control_exports() {
     }
   }
   return out;
+}
+
+Result<void> Server::add_view_export(ExportSpec spec) {
+  if (shutting_down()) return make_error(EBUSY, "the server is stopping");
+  return registry_.add(std::move(spec));
+}
+
+Result<void> Server::remove_view_export(const std::string& name) {
+  auto e = registry_.remove(name);
+  if (!e) return make_error(ENOENT, "no export named '{}'", name);
+  // Its readers get EIO from the ended view; close their connections too
+  // (after the requests already running are answered, as at shutdown).
+  std::lock_guard lk(sessions_mu_);
+  for (const auto& s : sessions_) {
+    if (s->export_seen() == e.get()) asio::post(s->get_executor(), [s] { s->abort(); });
+  }
+  return ok();
 }
 
 Result<void> Server::add_exports() {

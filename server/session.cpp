@@ -65,7 +65,9 @@ void Session::stop() {
 }
 
 awaitable<bool> Session::handshake() {
-  Negotiator neg(server_, tls_creds_ ? TlsMode::required : TlsMode::none);
+  // The export list as it is now: views may come and go meanwhile.
+  catalog_ = std::make_unique<SnapshotCatalog>(server_.registry().infos(), server_);
+  Negotiator neg(*catalog_, tls_creds_ ? TlsMode::required : TlsMode::none);
   auto timeout = server_.options().handshake_timeout_seconds;
   std::weak_ptr<Session> weak = shared_from_this();
   if (timeout) {
