@@ -56,7 +56,7 @@ TEST_CASE("export registry: more bitmaps than contexts fit is refused, not cut s
   auto e = reg.find("full");
   REQUIRE(e != nullptr);
   CHECK(e->info().bitmaps.size() == server::kMaxBitmapsPerExport);
-  CHECK(reg.infos().size() == 1);
+  CHECK(reg.infos()->size() == 1);
   // Every context of the full export fits: base, depth and all bitmaps.
   auto all = protocol::match_meta_contexts(e->info(), {}, true);
   auto resolved = e->resolve_contexts(all);
@@ -82,4 +82,24 @@ TEST_CASE("export registry: a bitmap context resolves to its own handle; an unkn
   CHECK((*r)[1].name == "qemu:dirty-bitmap:b2");
   protocol::MetaContext bad{protocol::ContextKind::dirty_bitmap, 99, 7, "qemu:dirty-bitmap:b7"};
   CHECK_FALSE(e->resolve_contexts({bad}).has_value());
+}
+
+TEST_CASE("export registry: remove publishes a new list; a snapshot taken before keeps its exports") {
+  Image img;
+  server::ExportRegistry reg;
+  REQUIRE(reg.add(spec_with_bitmaps(img.path, "a", 0)).has_value());
+  REQUIRE(reg.add(spec_with_bitmaps(img.path, "a@c1", 0)).has_value());
+  auto before = reg.infos();
+  const protocol::StaticCatalog live({});
+  server::SnapshotCatalog cat(before, live);
+  auto gone = reg.remove("a@c1");
+  REQUIRE(gone != nullptr);
+  CHECK(gone->name() == "a@c1");
+  CHECK(reg.remove("a@c1") == nullptr);
+  CHECK(reg.find("a@c1") == nullptr);
+  CHECK(reg.infos()->size() == 1);
+  REQUIRE(cat.find("a@c1") != nullptr);  // the handshake that began before still sees it
+  CHECK(cat.exports().size() == 2);
+  REQUIRE(reg.add(spec_with_bitmaps(img.path, "a@c1", 0)).has_value());  // the name is free again
+  CHECK(reg.infos()->size() == 2);
 }
