@@ -194,9 +194,15 @@ void add_ctl_command(CLI::App& app, int& status) {
   merge->add_option("SOURCE", a->sources)->required();
   on(merge, [a] { return json{{"export", a->exp}, {"target", a->target}, {"sources", a->sources}}; });
 
-  auto* eadd = ctl->add_subcommand("export-add", "Serve another image while the server runs");
-  eadd->add_option("NAME", a->name)->required();
-  eadd->add_option("IMAGE", a->image)->required();
+  auto* eadd = ctl->add_subcommand(
+      "export-add",
+      "Serve another image while the server runs, opened as serve opens its own (same locking, cache, discard); "
+      "errors: exists, not-found, invalid-argument, not-supported, busy (image locked), io-error");
+  eadd->add_option("NAME", a->name, "The export name")->required();
+  eadd->add_option("IMAGE", a->image,
+                   "The image path on the server; a relative one is resolved against the server's working "
+                   "directory, not this command's")
+      ->required();
   eadd->add_option("-f,--format", a->format, "raw or qcow2 (default: detect)");
   eadd->add_flag("-r,--read-only", a->read_only, "Read-only export");
   eadd->add_option("-B,--bitmap", a->bitmaps, "Offer qemu:dirty-bitmap:BITMAP");
@@ -209,9 +215,13 @@ void add_ctl_command(CLI::App& app, int& status) {
     if (a->allocation_depth) j["allocation-depth"] = true;
     return j;
   });
-  auto* erm = ctl->add_subcommand("export-remove", "Stop serving an export");
-  erm->add_option("NAME", a->name)->required();
-  erm->add_flag("--force", a->force, "Close its connections (after their in-flight requests) instead of refusing");
+  auto* erm = ctl->add_subcommand(
+      "export-remove",
+      "Stop serving an export and close its image (bitmaps stored, lock released); errors: not-found, "
+      "busy (clients connected, no --force), io-error");
+  erm->add_option("NAME", a->name, "The export name")->required();
+  erm->add_flag("--force", a->force,
+                "Close its connections (after their in-flight requests are answered) instead of refusing");
   on(erm, [a] { return json{{"name", a->name}, {"force", a->force}}; });
 
   auto* cp = ctl->add_subcommand("checkpoint", "Add the enabled bitmap NEW (and disable PREV) on every EXPORT at once");

@@ -206,6 +206,16 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     o.max_inflight_bytes = cfg.limits.max_inflight_bytes_per_connection;
     if (!a.threads) o.threads = cfg.limits.threads;
     o.control_path = cfg.control;
+    // export-add on a config-file server: the defaults an export entry
+    // without those keys gets (config::ExportConfig).
+    o.open_export = [a](const server::ExportRequest& r) {
+      const config::ExportConfig d;
+      image::LockOptions lock;
+      (void)image::parse_locking(d.locking, lock.locking);
+      return open_export(r.image, r.format, r.read_only, d.cache, d.discard, r.name, d.description, true,
+                         r.allocation_depth, r.bitmaps, lock, BitmapRecovery{d.recover_bitmaps, d.recovery_chunk_size},
+                         view_options("", 0, a));
+    };
   } else {
     if (a.image.empty()) return make_error(EINVAL, "an IMAGE (or --config FILE) is required");
     auto spec = QNBD_TRY(open_export(a.image, a.format, a.read_only, a.cache, a.discard, a.export_name,
@@ -226,6 +236,13 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     o.listeners.push_back(ls);
     o.persistent = a.persistent;
     o.max_connections = a.shared;
+    // export-add opens its image as this command line opened IMAGE: the
+    // same cache, discard, locking, bitmap recovery and multi-conn choice.
+    o.open_export = [a](const server::ExportRequest& r) {
+      return open_export(r.image, r.format, r.read_only, a.cache, a.discard, r.name, "", a.shared != 1,
+                         r.allocation_depth, r.bitmaps, lock_options(a.lock, image::LockUse::export_),
+                         BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}, view_options("", 0, a));
+    };
   }
   if (!a.control.empty()) o.control_path = a.control;
   // systemd socket activation replaces the configured listeners.

@@ -3,10 +3,14 @@
 //
 // Thread-safety: the Negotiator calls the catalog from one thread at a time;
 // implementations shared between connections must be safe for concurrent
-// const calls.
+// const calls. The export set may change while clients negotiate (the
+// server's control socket adds and removes exports): exports() hands out an
+// immutable snapshot, and what find() returns stays valid as long as the
+// caller holds it, whatever changes afterwards.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -36,17 +40,25 @@ struct ExportInfo {
   // Metadata contexts (§13).
   bool allocation_depth = false;
   std::vector<std::string> bitmaps;
+  // Set by the catalog: tells apart two exports of the same name, one
+  // removed and the other added later (a connection that negotiated the
+  // first must never be attached to the second). 0 when not used.
+  std::uint64_t instance = 0;
 };
+
+using ExportList = std::vector<ExportInfo>;
 
 class ExportCatalog {
  public:
   virtual ~ExportCatalog() = default;
-  // Exports in listing order (NBD_OPT_LIST).
-  virtual const std::vector<ExportInfo>& exports() const = 0;
+  // Exports in listing order (NBD_OPT_LIST): a snapshot, never null.
+  virtual std::shared_ptr<const ExportList> exports() const = 0;
   // The export called `name`; "" is the default export. nullptr if none.
-  virtual const ExportInfo* find(std::string_view name) const {
-    for (const auto& e : exports())
-      if (e.name == name) return &e;
+  // Shares ownership of the snapshot it was found in.
+  virtual std::shared_ptr<const ExportInfo> find(std::string_view name) const {
+    auto list = exports();
+    for (const auto& e : *list)
+      if (e.name == name) return std::shared_ptr<const ExportInfo>(list, &e);
     return nullptr;
   }
   // True once the server is shutting down: new options get NBD_REP_ERR_SHUTDOWN.
@@ -56,11 +68,12 @@ class ExportCatalog {
 // A catalog over a fixed vector, for tests and the simple server.
 class StaticCatalog : public ExportCatalog {
  public:
-  explicit StaticCatalog(std::vector<ExportInfo> exports) : exports_(std::move(exports)) {}
-  const std::vector<ExportInfo>& exports() const override { return exports_; }
+  explicit StaticCatalog(std::vector<ExportInfo> exports)
+      : exports_(std::make_shared<const ExportList>(std::move(exports))) {}
+  std::shared_ptr<const ExportList> exports() const override { return exports_; }
 
  private:
-  std::vector<ExportInfo> exports_;
+  std::shared_ptr<const ExportList> exports_;
 };
 
 }  // namespace qnbd::protocol

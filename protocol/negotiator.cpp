@@ -211,7 +211,7 @@ std::uint16_t Negotiator::transmission_flags(const ExportInfo& exp, ReplyMode mo
 }
 
 std::uint16_t Negotiator::flags_for(const ExportInfo& exp) const {
-  bool has = has_selection_ && !selected_.empty() && selected_export_ == exp.name;
+  bool has = selection_for(exp) && !selected_.empty();
   return transmission_flags(exp, mode_, has);
 }
 
@@ -283,7 +283,7 @@ void Negotiator::opt_export_name() {
   if (mode_ == ReplyMode::extended) return fail("NBD_OPT_EXPORT_NAME after extended headers");
   if (in_.size() > kMaxString) return fail("export name too long");
   std::string_view name(reinterpret_cast<const char*>(in_.data()), in_.size());
-  const ExportInfo* exp = catalog_.find(name);
+  const auto exp = catalog_.find(name);
   if (!exp) return fail("unknown export");
   auto flags = flags_for(*exp);
   put64(out_, exp->size);
@@ -293,7 +293,7 @@ void Negotiator::opt_export_name() {
   result_.export_info = exp;
   result_.transmission_flags = flags;
   result_.mode = mode_;
-  if (has_selection_ && selected_export_ == exp->name) result_.contexts = selected_;
+  if (selection_for(*exp)) result_.contexts = selected_;
   result_.block_size_committed = false;
   result_.min_block = 1;
   result_.max_payload = exp->max_payload;
@@ -302,7 +302,7 @@ void Negotiator::opt_export_name() {
 
 void Negotiator::opt_list() {
   std::vector<std::byte> d;
-  for (const auto& e : catalog_.exports()) {
+  for (const auto& e : *catalog_.exports()) {
     d.clear();
     put32(d, static_cast<std::uint32_t>(e.name.size()));
     put_str(d, e.name);
@@ -330,7 +330,7 @@ void Negotiator::opt_info_go(bool go) {
     else if (r == NBD_INFO_BLOCK_SIZE) want_bs = true;
     // unknown info requests are ignored (§4.5)
   }
-  const ExportInfo* exp = catalog_.find(name);
+  const auto exp = catalog_.find(name);
   if (!exp) return reply_error(NBD_REP_ERR_UNKNOWN, "export not present");
 
   std::vector<std::byte> d;
@@ -372,7 +372,7 @@ void Negotiator::opt_info_go(bool go) {
   result_.transmission_flags = flags;
   result_.mode = mode_;
   // §4.7: the selection counts only if the last SET named this export.
-  if (has_selection_ && selected_export_ == exp->name) result_.contexts = selected_;
+  if (selection_for(*exp)) result_.contexts = selected_;
   result_.block_size_committed = want_bs;
   result_.min_block = min_block;
   result_.max_payload = max_payload;
@@ -403,7 +403,7 @@ void Negotiator::opt_meta_context(bool set) {
   }
   if (c.left() != 0) return reply_error(NBD_REP_ERR_INVALID, "trailing data in meta context request");
   if (name.size() > kMaxString) return reply_error(NBD_REP_ERR_INVALID, "export name too long");
-  const ExportInfo* exp = catalog_.find(name);
+  const auto exp = catalog_.find(name);
   if (!exp) return reply_error(NBD_REP_ERR_UNKNOWN, "export not present");
   auto contexts = match_meta_contexts(*exp, queries, !set);
   std::vector<std::byte> d;
@@ -417,6 +417,7 @@ void Negotiator::opt_meta_context(bool set) {
   if (set) {
     selected_ = std::move(contexts);
     selected_export_ = std::string(name);
+    selected_instance_ = exp->instance;
     has_selection_ = true;
   }
 }

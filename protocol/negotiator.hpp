@@ -36,7 +36,9 @@ struct Action {
 
 // What the handshake settled.
 struct Negotiated {
-  const ExportInfo* export_info = nullptr;
+  // The export as negotiated (shared with the catalog's snapshot, so it
+  // stays valid if the export is removed meanwhile).
+  std::shared_ptr<const ExportInfo> export_info;
   std::uint16_t transmission_flags = 0;
   ReplyMode mode = ReplyMode::simple;
   std::vector<MetaContext> contexts;   // usable selection (empty: no BLOCK_STATUS)
@@ -103,10 +105,16 @@ class Negotiator {
   bool no_zeroes_ = false;
   std::uint32_t opt_ = 0;
   ReplyMode mode_ = ReplyMode::simple;
-  // Last SET_META_CONTEXT selection and the export it named (§4.7).
+  // Last SET_META_CONTEXT selection and the export it named (§4.7), with
+  // that export's instance: a selection made on an export that was then
+  // removed and added again (same name, other bitmaps) does not carry over.
   std::vector<MetaContext> selected_;
   std::string selected_export_;
+  std::uint64_t selected_instance_ = 0;
   bool has_selection_ = false;
+  bool selection_for(const ExportInfo& exp) const {
+    return has_selection_ && selected_export_ == exp.name && selected_instance_ == exp.instance;
+  }
 
   Negotiated result_;
   std::string close_reason_;

@@ -160,9 +160,9 @@ bool Session::in_steps(Slot& s, Step&& step, Result<void>& res) {
   const auto& r = s.cmd;
   const std::uint64_t end = r.offset + r.length;
   for (std::uint64_t pos = r.offset; pos < end;) {
-    if (server_.shutting_down()) {
-      log::info("conn {}: {} offset {} length {} cut short at {}: server is shutting down", id_,
-                command_name(r.type), r.offset, r.length, pos);
+    if (server_.shutting_down() || export_->retiring()) {
+      log::info("conn {}: {} offset {} length {} cut short at {}: {}", id_, command_name(r.type), r.offset,
+                r.length, pos, export_->retiring() ? "export is being removed" : "server is shutting down");
       reply_error(s, Error{ESHUTDOWN, "server is shutting down"});
       return false;
     }

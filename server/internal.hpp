@@ -27,8 +27,10 @@
 //   - Server::strand_ (on ctx_): acceptors, accept loops, slot_freed_ and
 //     drained_ (timers used as signals, cancelled by session_ended), the
 //     shutdown sequence, signals.
-//   - ExportRegistry::mu_: the list of exports (see export_registry.hpp);
-//     an Export is immutable and shared by the connections on it.
+//   - ExportRegistry::mu_: the list of exports and the connections attached
+//     to each (see export_registry.hpp); an Export is immutable and shared
+//     by the connections on it. The control socket adds and removes
+//     exports while serving.
 //   - Server::sessions_mu_: the set of live sessions (accept loop, session
 //     end, shutdown). Never held while calling into a session or a device.
 //   - BufferPool::mu_: the free list; a leaf lock.
@@ -148,9 +150,10 @@ class Session : public std::enable_shared_from_this<Session> {
   // The client's IP address ("" for Unix sockets): the per-address cap.
   const std::string& peer_address() const { return peer_address_; }
   std::uint64_t id() const { return id_; }
-  // The export chosen in the handshake (null before), readable from any
-  // thread (the control socket counts connections per export).
-  const Export* export_seen() const { return export_seen_.load(std::memory_order_acquire); }
+  // Called on the session's executor once run() is over (session_ended):
+  // drops the export and detaches from it, so a removal waiting for this
+  // connection can close the image.
+  void release_export();
 
  private:
   awaitable<bool> handshake();
@@ -187,10 +190,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // other connections on it) and the selected contexts with their bitmap
   // handles, resolved once (Export::resolve_contexts), at most kMaxContexts.
   std::shared_ptr<const Export> export_;
-  std::atomic<const Export*> export_seen_{nullptr};
   std::vector<ServedContext> contexts_;
   std::vector<ContextSlot> wire_contexts_;  // contexts_ as decode() and the plans see them
-  std::unique_ptr<SnapshotCatalog> catalog_;  // what neg_.export_info points into
   Negotiated neg_;
   ValidationContext vctx_;
   bool stopping_ = false;
@@ -256,12 +257,13 @@ class Server : public ExportCatalog, public ControlTarget {
     }
   }
 
-  // Sessions negotiate against a SnapshotCatalog; this reference is valid
-  // only until the next export is added or removed.
-  const std::vector<ExportInfo>& exports() const override { return *registry_.infos(); }
+  std::shared_ptr<const ExportList> exports() const override { return registry_.infos(); }
   bool shutting_down() const override { return shutting_down_.load(); }
-  // The control socket's view of the exports (server.cpp).
+  // The control socket's view of the exports, export-add and export-remove
+  // (server.cpp).
   std::vector<ControlExport> control_exports() override;
+  Result<void> add_export(const protocol::control::ExportAdd& req) override;
+  Result<void> remove_export(const std::string& name, bool force) override;
   // Point-in-time views as exports (control.cpp adds them at a checkpoint).
   Result<void> add_view_export(ExportSpec spec) override;
   Result<void> remove_view_export(const std::string& name) override;
@@ -277,7 +279,7 @@ class Server : public ExportCatalog, public ControlTarget {
   // device that hangs this long is given up on.
   static constexpr auto kAbortedDrainLimit = std::chrono::seconds(60);
 
-  const ExportRegistry& registry() const { return registry_; }
+  ExportRegistry& registry() { return registry_; }
   const ServerOptions& options() const { return opts_; }
   asio::thread_pool& pool() { return pool_; }
 
@@ -332,8 +334,10 @@ class Server : public ExportCatalog, public ControlTarget {
   bool had_client_ = false;
   std::atomic<int> signals_seen_{0};
   int exit_status_ = 0;
-  // The control socket (control.hpp), if asked for; stopped before the
-  // exports are closed, so no bitmap edit runs on a closed image.
+  // The control socket (control.hpp), if asked for; stopped once the
+  // connections are gone and before the exports are closed, so no bitmap
+  // edit runs on a closed image and a forced export-remove in progress can
+  // see its connections end.
   std::unique_ptr<ControlServer> control_;
 };
 

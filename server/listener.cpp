@@ -159,6 +159,7 @@ awaitable<void> Server::accept_loop(Acceptor& acc, std::shared_ptr<const TlsCred
 }
 
 void Server::session_ended(const std::shared_ptr<Session>& s) {
+  s->release_export();
   bool last;
   {
     std::lock_guard lk(sessions_mu_);

@@ -6,7 +6,10 @@
 #include <unistd.h>
 
 #include <csignal>
+#include <filesystem>
 #include <thread>
+
+#include "common/log.hpp"
 
 namespace qnbd::server {
 
@@ -29,8 +32,8 @@ std::string describe_exception(std::exception_ptr e) {
 
 std::vector<ControlExport> Server::control_exports() {
   std::vector<ControlExport> out;
-  const auto all = registry_.all();
-  for (const auto& e : all) {
+  for (const auto& l : registry_.list()) {
+    const auto& e = l.exp;
     ControlExport c;
     c.name = e->name();
     c.image = e->image();
@@ -38,33 +41,86 @@ std::vector<ControlExport> Server::control_exports() {
     c.size = e->info().size;
     c.read_only = e->info().read_only;
     c.allocation_depth = e->info().allocation_depth;
+    c.connections = l.connections;
     c.device = e->device_ptr();
     out.push_back(std::move(c));
-  }
-  std::lock_guard lk(sessions_mu_);
-  for (const auto& s : sessions_) {
-    for (std::size_t i = 0; i < all.size(); ++i) {
-      if (s->export_seen() == all[i].get()) ++out[i].connections;
-    }
   }
   return out;
 }
 
+Result<void> Server::add_export(const protocol::control::ExportAdd& req) {
+  if (!opts_.open_export) return make_error(ENOTSUP, "this server cannot add exports");
+  if (shutting_down_) return make_error(EBUSY, "the server is shutting down");
+  // protocol::control::parse_request bounded the name and the path and
+  // refused NUL bytes; its JSON parser takes only valid UTF-8, as export
+  // names must be (NBD proto.md "Option types").
+  if (req.image.empty()) return make_error(EINVAL, "no image given");
+  // Checked before the image is opened: opening it takes the image's lock
+  // and may replay bitmap recovery, which a refused name should not do.
+  if (registry_.find(req.name)) return make_error(EEXIST, "export '{}' already exists", req.name);
+  ExportRequest r;
+  r.name = req.name;
+  // A relative path means the server's working directory, where a path in
+  // serve's own arguments would be opened too; the absolute form is what
+  // status shows.
+  if (req.image.front() == '/') {
+    r.image = req.image;
+  } else {
+    std::error_code ec;
+    auto cwd = std::filesystem::current_path(ec);
+    if (ec) return make_error(ec.value(), "cannot resolve '{}': {}", req.image, ec.message());
+    r.image = (cwd / req.image).string();
+  }
+  r.format = req.format;
+  r.read_only = req.read_only;
+  r.bitmaps = req.bitmaps;
+  r.allocation_depth = req.allocation_depth;
+  auto opened = opts_.open_export(r);
+  if (!opened) {
+    // Another process (or another export of this server) holds the image's
+    // lock: the image is busy, not broken.
+    if (opened.error().code == EAGAIN) return make_error(EBUSY, "{}", opened.error().message);
+    // A directory is a wrong argument, like a FIFO or a socket (EINVAL).
+    if (opened.error().code == EISDIR) return make_error(EINVAL, "{}", opened.error().message);
+    return std::move(opened).error();
+  }
+  auto spec = std::move(*opened);
+  std::shared_ptr<image::BlockDevice> device = spec.device;
+  auto added = registry_.add(std::move(spec));
+  if (!added) {
+    (void)device->close();  // release the image (and its lock) at once
+    return std::move(added).error();
+  }
+  log::info("export '{}' added: {}", req.name, r.image);
+  return ok();
+}
+
+Result<void> Server::remove_export(const std::string& name, bool force) {
+  // While shutting down the shutdown sequence owns the connections; the
+  // exports are all closed by it.
+  if (shutting_down_) return make_error(EBUSY, "the server is shutting down");
+  RemoveTimes times;
+  times.grace = std::chrono::duration_cast<std::chrono::milliseconds>(kShutdownGrace);
+  times.drain_limit = std::chrono::duration_cast<std::chrono::milliseconds>(kAbortedDrainLimit);
+  QNBD_TRY(registry_.remove(name, force, times));
+  log::info("export '{}' removed{}", name, force ? " (forced)" : "");
+  return ok();
+}
+
 Result<void> Server::add_view_export(ExportSpec spec) {
-  if (shutting_down()) return make_error(EBUSY, "the server is stopping");
-  return registry_.add(std::move(spec));
+  if (shutting_down_) return make_error(EBUSY, "the server is shutting down");
+  QNBD_TRY(registry_.add(std::move(spec)));
+  return ok();
 }
 
 Result<void> Server::remove_view_export(const std::string& name) {
-  auto e = registry_.remove(name);
-  if (!e) return make_error(ENOENT, "no export named '{}'", name);
-  // Its readers get EIO from the ended view; close their connections too
-  // (after the requests already running are answered, as at shutdown).
-  std::lock_guard lk(sessions_mu_);
-  for (const auto& s : sessions_) {
-    if (s->export_seen() == e.get()) asio::post(s->get_executor(), [s] { s->abort(); });
-  }
-  return ok();
+  // The view has ended (its readers get EIO): its connections are closed
+  // as export-remove --force closes them, then its device is closed.
+  if (shutting_down_) return ok();  // the shutdown sequence closes everything
+  RemoveTimes times;
+  times.grace = std::chrono::duration_cast<std::chrono::milliseconds>(kShutdownGrace);
+  times.drain_limit = std::chrono::duration_cast<std::chrono::milliseconds>(kAbortedDrainLimit);
+  return registry_.remove(name, /*force=*/true, times);
 }
 
 Result<void> Server::add_exports() {

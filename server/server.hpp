@@ -43,6 +43,17 @@ struct ExportSpec {
   std::string image;   // the image path (control socket status)
 };
 
+// What export-add asks for (docs/control.md "export-add"): the image is
+// opened as `serve` opens its own for the same flags.
+struct ExportRequest {
+  std::string name;
+  std::string image;   // absolute (a relative one is resolved against the server's working directory)
+  std::string format;  // "", "raw" or "qcow2"
+  bool read_only = false;
+  std::vector<std::string> bitmaps;  // -B
+  bool allocation_depth = false;     // -A
+};
+
 struct ListenerSpec {
   enum class Kind { tcp, unix_socket, inherited_fd };
   Kind kind = Kind::tcp;
@@ -71,6 +82,10 @@ struct ServerOptions {
   bool inline_io = true;
   // The control socket's path (docs/control.md); "" = none.
   std::string control_path;
+  // Opens an image for export-add, as the exports above were opened (the
+  // same cache, discard, locking and bitmap recovery settings); unset =
+  // export-add answers not-supported.
+  std::function<Result<ExportSpec>(const ExportRequest&)> open_export;
   // Called once every listener is bound and listening (pid file, --fork).
   std::function<void()> on_listening;
 };

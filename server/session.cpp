@@ -56,6 +56,13 @@ void Session::close() {
   socket_.close(ec);
 }
 
+void Session::release_export() {
+  if (!export_) return;
+  const Export* e = export_.get();
+  export_.reset();
+  server_.registry().detach(e, id_);
+}
+
 void Session::stop() {
   // Wake the reader (handshake or transmission); it answers whatever the
   // client already sent (NBD_REP_ERR_SHUTDOWN / NBD_ESHUTDOWN) and then
@@ -65,9 +72,7 @@ void Session::stop() {
 }
 
 awaitable<bool> Session::handshake() {
-  // The export list as it is now: views may come and go meanwhile.
-  catalog_ = std::make_unique<SnapshotCatalog>(server_.registry().infos(), server_);
-  Negotiator neg(*catalog_, tls_creds_ ? TlsMode::required : TlsMode::none);
+  Negotiator neg(server_, tls_creds_ ? TlsMode::required : TlsMode::none);
   auto timeout = server_.options().handshake_timeout_seconds;
   std::weak_ptr<Session> weak = shared_from_this();
   if (timeout) {
@@ -133,9 +138,25 @@ awaitable<bool> Session::handshake() {
         neg_ = neg.result();
         // The one lookup of the export and of the selected contexts' bitmap
         // handles; nothing later can fail to find them.
-        export_ = server_.registry().find(neg_.export_info->name);
-        if (!export_) co_return false;
-        export_seen_.store(export_.get(), std::memory_order_release);
+        // Attach to exactly the export negotiated (name and instance): one
+        // removed meanwhile is gone, and its connection closes. The hooks
+        // let a forced export-remove end this connection as a shutdown
+        // would (stop: answer what was received, then close; abort: the
+        // client did not take its replies in time).
+        {
+          ConnectionHooks hooks;
+          hooks.stop = [weak] {
+            if (auto s = weak.lock()) asio::post(s->get_executor(), [s] { s->stop(); });
+          };
+          hooks.abort = [weak] {
+            if (auto s = weak.lock()) asio::post(s->get_executor(), [s] { s->abort(); });
+          };
+          export_ = server_.registry().attach(*neg_.export_info, id_, std::move(hooks));
+        }
+        if (!export_) {
+          log::info("conn {}: export '{}' was removed during the handshake", id_, neg_.export_info->name);
+          co_return false;
+        }
         if (auto c = export_->resolve_contexts(neg_.contexts); c) {
           contexts_ = std::move(*c);
           for (const auto& sc : contexts_) wire_contexts_.push_back({sc.kind, sc.id});

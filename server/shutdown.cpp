@@ -44,9 +44,6 @@ awaitable<void> Server::shutdown_sequence() {
   boost::system::error_code ec;
   for (auto& a : acceptors_) a->close(ec);
   slot_freed_.cancel();
-  // No bitmap edit may run while the images are closed: stop the control
-  // socket first (waits for a command in progress).
-  control_.reset();
   for (const auto& s : live_sessions()) asio::post(s->get_executor(), [s] { s->stop(); });
   // In-flight requests finish (long ones at their next step) and clients
   // take their replies; one that does not read them within the grace is
@@ -66,13 +63,16 @@ awaitable<void> Server::shutdown_sequence() {
       ::_exit(1);
     }
   }
+  // No bitmap edit may run while the images are closed: stop the control
+  // socket now (waits for a command in progress). Not before the
+  // connections are gone: a forced export-remove in progress waits for its
+  // connections, some of which may run on this thread. (export-add and
+  // export-remove are refused once shutting down.)
+  control_.reset();
   int status = 0;
-  for (const auto& e : registry_.all()) {
-    auto res = e->device().close();
-    if (!res) {
-      log::error("closing export '{}': {}", e->name(), res.error().message);
-      status = 1;
-    }
+  for (const auto& err : registry_.close_all()) {
+    log::error("closing {}", err);
+    status = 1;
   }
   for (const auto& p : unix_paths_) ::unlink(p.c_str());
   exit_status_ = status;

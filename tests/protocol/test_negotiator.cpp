@@ -400,11 +400,51 @@ TEST_CASE("shutting down: options get NBD_REP_ERR_SHUTDOWN, ABORT still ACKed") 
   struct Closing : StaticCatalog {
     using StaticCatalog::StaticCatalog;
     bool shutting_down() const override { return true; }
-  } cat(make_catalog().exports());
+  } cat(*make_catalog().exports());
   auto reps = parse_replies(
       run_all_splits(cat, Bytes().u32(3).add(option(NBD_OPT_GO, info_go_data("", {}))).add(option(NBD_OPT_ABORT))).sent,
       18);
   REQUIRE(reps.size() == 2);
   CHECK(reps[0].type == NBD_REP_ERR_SHUTDOWN);
   CHECK(reps[1].type == NBD_REP_ACK);
+}
+
+TEST_CASE("SET_META_CONTEXT: a selection does not carry over to an export re-added under the same name") {
+  // The first look-up (SET) sees `ro` as instance 1; later ones (GO) see
+  // the list after `ro` was removed and added again: instance 2, other
+  // bitmaps. The selection's context ids named instance 1's bitmaps.
+  struct Changing : ExportCatalog {
+    std::shared_ptr<const ExportList> before, after;
+    mutable int calls = 0;
+    std::shared_ptr<const ExportList> exports() const override { return calls++ == 0 ? before : after; }
+  };
+  ExportInfo v1;
+  v1.name = "ro";
+  v1.size = 4096;
+  v1.bitmaps = {"b0", "b1"};
+  v1.instance = 1;
+  ExportInfo v2 = v1;
+  v2.bitmaps = {"other"};
+  v2.instance = 2;
+  auto script = Bytes().u32(3).add(option(NBD_OPT_STRUCTURED_REPLY))
+                    .add(option(NBD_OPT_SET_META_CONTEXT, meta_data("ro", {"qemu:dirty-bitmap:b1"})))
+                    .add(option(NBD_OPT_GO, info_go_data("ro", {})));
+  SUBCASE("re-added: dropped") {
+    Changing cat;
+    cat.before = std::make_shared<const ExportList>(ExportList{v1});
+    cat.after = std::make_shared<const ExportList>(ExportList{v2});
+    auto o = drive(cat, script.v, {});
+    REQUIRE(o.end == Action::Kind::start_transmission);
+    CHECK(o.result.export_info->instance == 2);
+    CHECK(o.result.contexts.empty());
+    CHECK((o.result.transmission_flags & NBD_FLAG_BLOCK_STATUS_PAYLOAD) == 0);
+  }
+  SUBCASE("the same instance: kept") {
+    Changing cat;
+    cat.before = std::make_shared<const ExportList>(ExportList{v1});
+    cat.after = cat.before;
+    auto o = drive(cat, script.v, {});
+    REQUIRE(o.end == Action::Kind::start_transmission);
+    CHECK(o.result.contexts.size() == 1);
+  }
 }

@@ -4,9 +4,13 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "image/block_device.hpp"
 #include "protocol/meta_context.hpp"
@@ -84,22 +88,113 @@ TEST_CASE("export registry: a bitmap context resolves to its own handle; an unkn
   CHECK_FALSE(e->resolve_contexts({bad}).has_value());
 }
 
-TEST_CASE("export registry: remove publishes a new list; a snapshot taken before keeps its exports") {
-  Image img;
+namespace {
+
+std::vector<std::string> names(const protocol::ExportList& l) {
+  std::vector<std::string> out;
+  for (const auto& e : l) out.push_back(e.name);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("export registry: the handshake's snapshot does not change under it; removal drops the device") {
+  Image a, b, c;
   server::ExportRegistry reg;
-  REQUIRE(reg.add(spec_with_bitmaps(img.path, "a", 0)).has_value());
-  REQUIRE(reg.add(spec_with_bitmaps(img.path, "a@c1", 0)).has_value());
+  REQUIRE(reg.add(spec_with_bitmaps(a.path, "a", 0)).has_value());
   auto before = reg.infos();
-  const protocol::StaticCatalog live({});
-  server::SnapshotCatalog cat(before, live);
-  auto gone = reg.remove("a@c1");
-  REQUIRE(gone != nullptr);
-  CHECK(gone->name() == "a@c1");
-  CHECK(reg.remove("a@c1") == nullptr);
-  CHECK(reg.find("a@c1") == nullptr);
-  CHECK(reg.infos()->size() == 1);
-  REQUIRE(cat.find("a@c1") != nullptr);  // the handshake that began before still sees it
-  CHECK(cat.exports().size() == 2);
-  REQUIRE(reg.add(spec_with_bitmaps(img.path, "a@c1", 0)).has_value());  // the name is free again
-  CHECK(reg.infos()->size() == 2);
+  auto bspec = spec_with_bitmaps(b.path, "b", 1);
+  std::weak_ptr<image::BlockDevice> bdev = bspec.device;
+  REQUIRE(reg.add(std::move(bspec)).has_value());
+  CHECK(names(*before) == std::vector<std::string>{"a"});  // a snapshot taken before stays as it was
+  CHECK(names(*reg.infos()) == std::vector<std::string>{"a", "b"});
+  auto during = reg.infos();
+  REQUIRE(reg.remove("b", false).has_value());
+  CHECK(names(*during) == std::vector<std::string>{"a", "b"});
+  CHECK(names(*reg.infos()) == std::vector<std::string>{"a"});
+  CHECK(reg.find("b") == nullptr);
+  // remove() returned: the device was closed and is gone (its file closed,
+  // its image lock released).
+  CHECK(bdev.expired());
+  auto missing = reg.remove("b", false);
+  REQUIRE_FALSE(missing.has_value());
+  CHECK(missing.error().code == ENOENT);
+  // Re-added under the same name: a new instance.
+  const auto old_instance = (*during)[1].instance;
+  REQUIRE(reg.add(spec_with_bitmaps(b.path, "b", 0)).has_value());
+  CHECK(reg.find("b")->info().instance != old_instance);
+  auto dup = reg.add(spec_with_bitmaps(c.path, "b", 0));
+  REQUIRE_FALSE(dup.has_value());
+  CHECK(dup.error().code == EEXIST);
+}
+
+TEST_CASE("export registry: a connection attaches only to the instance it negotiated") {
+  Image a;
+  server::ExportRegistry reg;
+  REQUIRE(reg.add(spec_with_bitmaps(a.path, "e", 1)).has_value());
+  const protocol::ExportInfo negotiated = reg.infos()->at(0);
+  REQUIRE(reg.remove("e", false).has_value());
+  // Removed during the handshake: nothing to attach to.
+  CHECK(reg.attach(negotiated, 1, {}) == nullptr);
+  REQUIRE(reg.add(spec_with_bitmaps(a.path, "e", 2)).has_value());
+  // Same name, another export (other bitmaps): still refused.
+  CHECK(reg.attach(negotiated, 1, {}) == nullptr);
+  auto fresh = reg.attach(reg.infos()->at(0), 2, {});
+  REQUIRE(fresh != nullptr);
+  CHECK(fresh->info().bitmaps.size() == 2);
+  CHECK(reg.list().at(0).connections == 1);
+  const server::Export* raw = fresh.get();
+  fresh.reset();
+  reg.detach(raw, 2);
+  CHECK(reg.list().at(0).connections == 0);
+}
+
+TEST_CASE("export registry: remove refuses while connections are attached; force stops them, then closes") {
+  Image a;
+  server::ExportRegistry reg;
+  auto spec = spec_with_bitmaps(a.path, "a", 0);
+  std::weak_ptr<image::BlockDevice> dev = spec.device;
+  REQUIRE(reg.add(std::move(spec)).has_value());
+  const protocol::ExportInfo info = reg.infos()->at(0);
+  std::shared_ptr<const server::Export> conn1, conn2;
+  std::vector<std::string> calls;
+  std::vector<std::thread> enders;
+  // conn 1 ends when stopped (on another thread, as a session's executor
+  // would); conn 2 ignores stop and ends only when aborted.
+  server::ConnectionHooks h1, h2;
+  auto end = [&](std::shared_ptr<const server::Export>& c, std::uint64_t id) {
+    enders.emplace_back([&reg, p = std::move(c), id]() mutable {
+      const server::Export* raw = p.get();
+      p.reset();
+      reg.detach(raw, id);
+    });
+  };
+  h1.stop = [&] { calls.push_back("stop1"); end(conn1, 1); };
+  h1.abort = [] {};  // called too if conn 1 has not ended within the grace: not checked
+  h2.stop = [&] { calls.push_back("stop2"); };
+  h2.abort = [&] { calls.push_back("abort2"); end(conn2, 2); };
+  conn1 = reg.attach(info, 1, h1);
+  conn2 = reg.attach(info, 2, h2);
+  REQUIRE(conn1 != nullptr);
+  REQUIRE(conn2 != nullptr);
+
+  auto busy = reg.remove("a", false);
+  REQUIRE_FALSE(busy.has_value());
+  CHECK(busy.error().code == EBUSY);
+  CHECK(reg.find("a") != nullptr);  // refused: nothing changed
+  CHECK(calls.empty());
+  CHECK_FALSE(dev.expired());
+
+  server::RemoveTimes t;
+  t.grace = std::chrono::milliseconds(50);  // conn 2 never ends on stop: it is aborted after this
+  REQUIRE(reg.remove("a", true, t).has_value());
+  for (auto& th : enders) th.join();
+  std::sort(calls.begin(), calls.end());
+  CHECK(calls == std::vector<std::string>{"abort2", "stop1", "stop2"});
+  CHECK(reg.find("a") == nullptr);
+  CHECK(reg.infos()->empty());
+  // Both connections had dropped the export before remove() returned, so
+  // the device is gone with it.
+  CHECK(dev.expired());
+  CHECK(reg.close_all().empty());  // nothing left to close
 }
