@@ -67,8 +67,8 @@ class Server:
 
 def fill(srv):
     # Every granule written once: a warm view has copied them all.
-    subprocess.run(["nbdcopy", "--", "[", "nbdkit", "-s", "pattern", f"size={srv.args.size_mib}M", "]",
-                    f"nbd+unix:///?socket={srv.sock}"], check=True)
+    subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={srv.sock}", "--rw=write",
+                    "--bs=1m", "--iodepth=8", f"--size={srv.args.size_mib}m"], check=True, capture_output=True)
 
 
 def throughput(args, work, mode, rw, bs):
