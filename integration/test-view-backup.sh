@@ -18,7 +18,7 @@ cat >"$T/server.json" <<JSON
  "control": "$T/ctl.sock"}
 JSON
 start_serve --config "$T/server.json"
-"$PY" "$INTEGRATION_DIR/view_backup.py" "$QNBD" "$T/ctl.sock" "$SERVE_SOCK" "$T" "${VIEW_ROUNDS:-6}" a b ||
+"$PY" "$INTEGRATION_DIR/view_backup.py" "$QNBD" "$T/ctl.sock" "$SERVE_SOCK" "$T" "${VIEW_ROUNDS:-4}" a b ||
   fail "a backup through the views differs from the disk at its checkpoint"
 "$QNBD" ctl -s "$T/ctl.sock" --output=json status | grep -q '"views":\[\]' || fail "views left after view-end"
 stop_serve
