@@ -376,6 +376,7 @@ Result<std::size_t> PointInTimeView::block_status(std::uint64_t offset, std::uin
   }
   std::array<Extent, 64> in;
   const std::size_t m = QNBD_TRY(image_->block_status(offset, length, in));
+  if (m == 0) return make_error(EIO, "block status of the image at {}: no extent", offset);
   std::uint64_t covered = 0;
   for (std::size_t i = 0; i < m; ++i) covered += in[i].length;
   const std::uint64_t end = offset + std::min(covered, length);
