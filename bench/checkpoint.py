@@ -9,6 +9,7 @@ Rows (medians over --reps; each rep runs both modes, alternating the order):
             (`checkpoint --name cN --disable cN-1`) vs. none
   max-lat   fio's longest write completion latency in each mode: the
             checkpoint pause as a writer sees it
+  p99-lat   fio's 99th percentile write completion latency in each mode
 The image (1 GiB qcow2, preallocated with qemu-img so overwrites do not
 allocate) is copied fresh for every run.
 
@@ -65,6 +66,7 @@ def run(args, mode, work):
     srv.wait()
     w = json.loads(fio.stdout[fio.stdout.index("{"):])["jobs"][0]["write"]  # fio may print notes first
     return {"iops": w["iops"], "max_lat_ms": w["clat_ns"]["max"] / 1e6,
+            "p99_lat_ms": w["clat_ns"]["percentile"]["99.000000"] / 1e6,
             "pause_us": max(pauses) if pauses else 0.0, "checkpoints": len(pauses)}
 
 
@@ -88,6 +90,7 @@ def main():
     print(f"{'row':<24}{'no checkpoints':>16}{'checkpoint/s':>16}")
     print(f"{'4k randwrite IOPS':<24}{med['none']['iops']:>16.0f}{med['checkpoints']['iops']:>16.0f}")
     print(f"{'max write latency ms':<24}{med['none']['max_lat_ms']:>16.2f}{med['checkpoints']['max_lat_ms']:>16.2f}")
+    print(f"{'p99 write latency ms':<24}{med['none']['p99_lat_ms']:>16.2f}{med['checkpoints']['p99_lat_ms']:>16.2f}")
     print(f"{'longest pause us':<24}{'-':>16}{med['checkpoints']['pause_us']:>16.0f}")
     if not args.workdir:
         shutil.rmtree(work)

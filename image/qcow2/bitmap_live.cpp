@@ -137,48 +137,66 @@ void BitmapStore::commit_live(LiveEdit& edit) noexcept {
   }
 }
 
-Result<void> BitmapStore::write_directory(Refcounts& refcounts, Header& header, bool closing) {
-  std::lock_guard lock(load_mutex_);
-  if (!marked_.load(std::memory_order_relaxed)) return ok();  // nothing changed since open
+Result<void> BitmapStore::write_directory(Refcounts& refcounts, Header& header, bool closing,
+                                         const LiveRewrite* live) {
   std::vector<BitmapUpdate> updated;
   std::vector<std::size_t> index;  // entries_ index of each update
-  for (std::size_t i = 0; i < entries_.size(); ++i) {
-    const Entry& e = entries_[i];
-    if (e.removed) continue;
-    const bool tracked = std::find(tracking_.begin(), tracking_.end(), i) != tracking_.end();
-    BitmapUpdate u{e.info, nullptr};
-    if (tracked) u.info.in_use = !closing;
-    // A tracked bitmap's on-disk data means nothing while it is in_use, so
-    // it is written only at close (or when it has no table yet).
-    if ((tracked && closing) || e.changed || e.info.table_offset == 0) u.data = e.bits.get();
-    updated.push_back(std::move(u));
-    index.push_back(i);
+  std::vector<BitmapInfo> old_directory;
+  {
+    std::lock_guard lock(load_mutex_);
+    if (!marked_.load(std::memory_order_relaxed)) return ok();  // nothing changed since open
+    for (std::size_t i = 0; i < entries_.size(); ++i) {
+      const Entry& e = entries_[i];
+      if (e.removed) continue;
+      const bool tracked = std::find(tracking_.begin(), tracking_.end(), i) != tracking_.end();
+      BitmapUpdate u{e.info, nullptr};
+      if (tracked) u.info.in_use = !closing;
+      // A tracked bitmap's on-disk data means nothing while it is in_use, so
+      // it is written only at close (or when it has no table yet).
+      if ((tracked && closing) || e.changed || e.info.table_offset == 0) u.data = e.bits.get();
+      updated.push_back(std::move(u));
+      index.push_back(i);
+    }
+    old_directory = directory_;
   }
-  QNBD_TRY(rewrite_bitmap_directory(file_, header, refcounts, directory_, updated));
-  directory_.clear();
-  for (std::size_t k = 0; k < updated.size(); ++k) {
-    Entry& e = entries_[index[k]];
-    e.info.table_offset = updated[k].info.table_offset;
-    e.info.table_size = updated[k].info.table_size;
-    e.info.granularity = updated[k].info.granularity;
-    if (closing) e.info.in_use = updated[k].info.in_use;
-    e.changed = false;
-    directory_.push_back(updated[k].info);
+  // entries_ does not change meanwhile: only commit_live changes it, under
+  // the edit lock that a live caller holds and that close excludes (no
+  // edit runs once the device is being closed). Each DirtyBitmap stays
+  // where it is (entries_ holds unique_ptrs) and has its own lock.
+  QNBD_TRY(rewrite_bitmap_directory(file_, header, refcounts, old_directory, updated, live));
+  std::unique_ptr<IntentRecord> dropped;
+  {
+    std::lock_guard lock(load_mutex_);
+    directory_.clear();
+    for (std::size_t k = 0; k < updated.size(); ++k) {
+      Entry& e = entries_[index[k]];
+      e.info.table_offset = updated[k].info.table_offset;
+      e.info.table_size = updated[k].info.table_size;
+      e.info.granularity = updated[k].info.granularity;
+      if (closing) e.info.in_use = updated[k].info.in_use;
+      e.changed = false;
+      directory_.push_back(updated[k].info);
+    }
+    // The header switch above cleared AUTOCLEAR_QNBD_INTENT (not in
+    // AUTOCLEAR_MASK), so the write-intent record is no longer trusted
+    // (docs/crash-safe-bitmaps.md): at close because the stored bitmaps are
+    // consistent now; after a live edit because the directory it names is
+    // gone. Drop it rather than keep paying its syncs. Until the next open, a
+    // crash after a live edit leaves the enabled bitmaps in_use, as without
+    // the feature (never a bitmap that missed a write). before_write uses
+    // record_ under live_mu_ (shared), so it is taken out under live_mu_.
+    if (record_) {
+      std::unique_lock live_lock(live_mu_);
+      dropped = std::move(record_);
+    }
+    if (closing) {
+      tracking_.clear();
+      marked_.store(false, std::memory_order_release);
+    }
   }
-  // The header switch above cleared AUTOCLEAR_QNBD_INTENT (not in
-  // AUTOCLEAR_MASK), so the write-intent record is no longer trusted
-  // (docs/crash-safe-bitmaps.md): at close because the stored bitmaps are
-  // consistent now; after a live edit because the directory it names is
-  // gone. Drop it rather than keep paying its syncs. Until the next open, a
-  // crash after a live edit leaves the enabled bitmaps in_use, as without
-  // the feature (never a bitmap that missed a write).
-  if (record_) {
-    record_.reset();
+  if (dropped) {
+    dropped.reset();
     if (intent_.remove) intent_.remove();
-  }
-  if (closing) {
-    tracking_.clear();
-    marked_.store(false, std::memory_order_release);
   }
   return ok();
 }
@@ -221,15 +239,27 @@ Result<std::unique_ptr<BitmapTransaction>> Qcow2Image::begin_bitmap_edit(const s
   return std::unique_ptr<BitmapTransaction>(std::make_unique<LiveBitmapEdit>(*this, std::move(edit)));
 }
 
+// Writes run on while the directory is written: the metadata mutex is
+// taken only for the short steps of rewrite_bitmap_directory (allocation,
+// the header switch, the frees), never across its syncs (with a checkpoint
+// every second, holding it over them stalled guest writes for hundreds of
+// milliseconds). The crash-ordering argument is beside
+// rewrite_bitmap_directory.
 Result<void> Qcow2Image::persist_bitmaps() {
+  {
+    std::lock_guard lock(mutex_);
+    if (closed_) return make_error(EIO, "{}: image is closed", path_);
+    if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
+  }
+  LiveRewrite live;
+  live.lock = [this] { return std::unique_lock<std::mutex>(mutex_); };
+  live.switched = [this](const std::vector<BitmapUpdate>& updated) {
+    std::vector<BitmapInfo> dir;
+    for (const BitmapUpdate& u : updated) dir.push_back(u.info);
+    register_bitmaps(dir);
+  };
+  QNBD_TRY(bitmap_store_->write_directory(*refcounts_, header_, /*closing=*/false, &live));
   std::lock_guard lock(mutex_);
-  if (closed_) return make_error(EIO, "{}: image is closed", path_);
-  if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
-  // As close(): the header copy written must carry a moved refcount table.
-  header_.refcount_table_offset = refcounts_->table_offset();
-  header_.refcount_table_clusters = refcounts_->table_clusters();
-  QNBD_TRY(bitmap_store_->write_directory(*refcounts_, header_, /*closing=*/false));
-  register_bitmaps();
   bitmaps_ = bitmap_store_->directory();
   l2_cache_->depends_on_flush();  // as close(): the store may have changed refcounts
   return ok();

@@ -81,103 +81,96 @@ Result<std::vector<std::uint64_t>> table_data_clusters(File& file, const BitmapI
   return out;
 }
 
-// Write `bits` into new clusters and a new table; returns the table offset.
-Result<std::uint64_t> write_bitmap_data(File& file, Refcounts& refcounts, std::uint64_t cluster_size,
-                                        const DirtyBitmap& bits, std::uint32_t& table_size) {
-  const std::uint64_t data_bytes = bits.byte_count();
-  const std::uint64_t entries = std::max<std::uint64_t>(1, div_round_up(data_bytes, cluster_size));
-  if (entries > MAX_BITMAP_TABLE_SIZE || entries * cluster_size > MAX_BITMAP_DATA_BYTES) {
-    return make_error(EFBIG, "bitmap data of {} bytes is too large for qcow2", data_bytes);
-  }
-  table_size = static_cast<std::uint32_t>(entries);
-  std::vector<std::byte> table(static_cast<std::size_t>(align_up(entries * 8, cluster_size)));
-  std::vector<std::byte> cluster(static_cast<std::size_t>(cluster_size));
-  for (std::uint64_t i = 0; i < entries; ++i) {
-    // Clean clusters become entry 0 (reads as all zeroes) without being
-    // serialized: a sparse bitmap is stored in time proportional to its
-    // dirty part. store_bytes zero-fills past the data, so the unused tail
-    // bits and the rest of the last cluster are zero (§12.5).
-    if (!bits.any_dirty_bytes(i * cluster_size, cluster_size)) continue;
-    bits.store_bytes(i * cluster_size, cluster);
-    const std::uint64_t host = QNBD_TRY(refcounts.allocate(1));
-    QNBD_TRY(file.pwrite(cluster, host));
-    store_be64(table.data() + i * 8, host);
-  }
-  const std::uint64_t table_offset = QNBD_TRY(refcounts.allocate(table.size() / cluster_size));
-  QNBD_TRY(file.pwrite(table, table_offset));
-  return table_offset;
-}
+// One bitmap to store: which clusters of its serialized data hold a dirty
+// bit (the others become table entry 0, reading as all zeroes), and where
+// they and the table go.
+struct TablePlan {
+  BitmapUpdate* update = nullptr;
+  std::uint64_t entries = 0;              // table entries (data clusters)
+  std::vector<std::uint64_t> dirty;       // table indexes of the clusters to write
+  std::vector<std::uint64_t> hosts;       // their host offsets (phase 1)
+  std::uint64_t table_offset = 0;         // phase 1
+  std::uint64_t table_bytes = 0;          // whole clusters
+};
 
 }  // namespace
 
+// Crash ordering (§12.6 full directory replacement, §14.3 "refcounts before
+// pointers"), true at every point whether or not guest writes run
+// meanwhile (`live`):
+//   phase 0  plan (which clusters are dirty), read the old tables: reads only.
+//   phase 1  allocate every new cluster; the refcount blocks that count them
+//            are written back. A crash from here to phase 3 leaks these
+//            clusters at worst (nothing points at them).
+//   phase 2  write data, tables and directory into them; fsync. After it the
+//            new structures and the refcounts covering them are on disk.
+//   phase 3  the header switch: one write of cluster 0 pointing at the new
+//            directory. It may reach the disk at any moment after this (a
+//            guest FLUSH syncs the file too); whenever it does, everything it
+//            points at is already durable (phase 2 finished before it was
+//            issued). Until it does, the old header and the old directory,
+//            tables and data (never written in place, not yet freed) are
+//            what a crash leaves, with the write-intent record (still armed,
+//            still marking) matching that old directory.
+//   phase 4  fsync: the new header is durable.
+//   phase 5  free the old directory, tables and data: only now, so no crash
+//            can leave a durable header pointing at a freed (and perhaps
+//            reused) cluster; freed refcounts not yet on disk leak only.
+// Live, the image's metadata mutex is taken only for phases 1, 3 and 5
+// (allocation and refcounts, the header, the frees): the writes and the two
+// fsyncs run without it, so guest writes (which need it to look up or
+// allocate clusters) are not held up behind the syncs. Data of an enabled
+// bitmap may change meanwhile: a cluster that became dirty after phase 0 is
+// stored as clean, which only an in_use bitmap can see (§12.6: its stored
+// contents mean nothing); disabled bitmaps only change in commit_live,
+// which the caller's edit lock excludes, so they are stored exactly.
 Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& refcounts,
                                       const std::vector<BitmapInfo>& old_directory,
-                                      std::vector<BitmapUpdate>& updated) {
-  const std::uint64_t cs = header.cluster_size();
-  if (header.version < 3) return make_error(ENOTSUP, "persistent bitmaps require a version 3 image (compat=1.1)");
+                                      std::vector<BitmapUpdate>& updated, const LiveRewrite* live) {
+  auto hold = [&] { return live ? live->lock() : std::unique_lock<std::mutex>(); };
+  std::uint64_t cs;
+  {
+    auto lk = hold();
+    if (header.version < 3) return make_error(ENOTSUP, "persistent bitmaps require a version 3 image (compat=1.1)");
+    cs = header.cluster_size();
+  }
   if (updated.size() > MAX_BITMAPS) return make_error(EFBIG, "too many bitmaps ({})", updated.size());
 
-  // 1. New data and tables, then the directory.
-  std::vector<std::pair<std::uint64_t, std::uint64_t>> to_free;  // (offset, bytes)
+  // Phase 0: plan; the directory's size; the old clusters to free later.
+  std::vector<TablePlan> plans;
   for (BitmapUpdate& u : updated) {
     if (!u.data) continue;
-    u.info.granularity = u.data->granularity();
-    u.info.table_offset = QNBD_TRY(write_bitmap_data(file, refcounts, cs, *u.data, u.info.table_size));
-  }
-  std::vector<std::byte> dir;
-  for (const BitmapUpdate& u : updated) {
-    const BitmapInfo& b = u.info;
-    if (b.name.empty() || b.name.size() > MAX_BITMAP_NAME_SIZE) {
-      return make_error(EINVAL, "invalid bitmap name '{}'", b.name);
+    TablePlan p;
+    p.update = &u;
+    const std::uint64_t data_bytes = u.data->byte_count();
+    p.entries = std::max<std::uint64_t>(1, div_round_up(data_bytes, cs));
+    if (p.entries > MAX_BITMAP_TABLE_SIZE || p.entries * cs > MAX_BITMAP_DATA_BYTES) {
+      return make_error(EFBIG, "bitmap data of {} bytes is too large for qcow2", data_bytes);
     }
-    std::size_t pos = dir.size();
-    dir.resize(pos + static_cast<std::size_t>(align_up(24 + b.name.size(), 8)));
-    std::byte* p = dir.data() + pos;
-    store_be64(p, b.table_offset);
-    store_be32(p + 8, b.table_size);
-    store_be32(p + 12, (b.in_use ? BME_FLAG_IN_USE : 0) | (b.auto_enabled ? BME_FLAG_AUTO : 0));
-    p[16] = std::byte{BT_DIRTY_TRACKING_BITMAP};
-    p[17] = static_cast<std::byte>(std::countr_zero(b.granularity));
-    store_be16(p + 18, static_cast<std::uint16_t>(b.name.size()));
-    store_be32(p + 20, 0);  // extra_data_size
-    std::memcpy(p + 24, b.name.data(), b.name.size());
+    // Clean clusters are not serialized: a sparse bitmap is stored in time
+    // proportional to its dirty part.
+    for (std::uint64_t i = 0; i < p.entries; ++i) {
+      if (u.data->any_dirty_bytes(i * cs, cs)) p.dirty.push_back(i);
+    }
+    p.table_bytes = align_up(p.entries * 8, cs);
+    plans.push_back(std::move(p));
   }
-  if (dir.size() > MAX_BITMAP_DIRECTORY_SIZE) return make_error(EFBIG, "bitmap directory too large");
-  std::uint64_t dir_offset = 0;
-  if (!dir.empty()) {
-    std::vector<std::byte> padded(dir);
-    padded.resize(static_cast<std::size_t>(align_up(dir.size(), cs)));
-    dir_offset = QNBD_TRY(refcounts.allocate(padded.size() / cs));
-    QNBD_TRY(file.pwrite(padded, dir_offset));
+  std::uint64_t dir_size = 0;
+  for (const BitmapUpdate& u : updated) {
+    if (u.info.name.empty() || u.info.name.size() > MAX_BITMAP_NAME_SIZE) {
+      return make_error(EINVAL, "invalid bitmap name '{}'", u.info.name);
+    }
+    dir_size += align_up(24 + u.info.name.size(), 8);
   }
-  // 2. Refcounts before any pointer to the new clusters (§14.3).
-  QNBD_TRY(refcounts.flush());
-
-  // 3. Switch the header.
-  Header h = header;
-  h.refcount_table_offset = refcounts.table_offset();
-  h.refcount_table_clusters = refcounts.table_clusters();
-  h.autoclear_features &= AUTOCLEAR_MASK;
-  if (updated.empty()) {
-    h.bitmaps.reset();
-    h.autoclear_features &= ~AUTOCLEAR_BITMAPS;
-  } else {
-    h.bitmaps = BitmapsExtension{static_cast<std::uint32_t>(updated.size()), dir.size(), dir_offset};
-    h.autoclear_features |= AUTOCLEAR_BITMAPS;
-  }
-  std::vector<std::byte> c0 = QNBD_TRY(serialize_header(h));
-  QNBD_TRY(file.pwrite(c0, 0));
-  QNBD_TRY(file.flush());
-  const std::optional<BitmapsExtension> old_ext = header.bitmaps;
-  header = std::move(h);
-
-  // 4. Free what is no longer referenced.
-  if (old_ext) to_free.emplace_back(old_ext->bitmap_directory_offset, old_ext->bitmap_directory_size);
+  if (dir_size > MAX_BITMAP_DIRECTORY_SIZE) return make_error(EFBIG, "bitmap directory too large");
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> to_free;  // (offset, bytes)
   for (const BitmapInfo& old : old_directory) {
     bool kept = std::any_of(updated.begin(), updated.end(), [&](const BitmapUpdate& u) {
       return !u.data && u.info.table_offset == old.table_offset;
     });
     if (kept) continue;
+    // Nothing else writes a bitmap table (bitmap edits run one at a time),
+    // so it reads the same now as at phase 5.
     auto data = table_data_clusters(file, old, cs);
     if (data) {
       for (std::uint64_t c : *data) to_free.emplace_back(c, cs);
@@ -186,12 +179,100 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
     }
     to_free.emplace_back(old.table_offset, std::uint64_t{old.table_size} * 8);
   }
-  for (auto [offset, bytes] : to_free) {
-    if (auto r = refcounts.free(offset, bytes); !r) {
-      log::warn("cannot free bitmap clusters at {:#x}: {}; they leak", offset, r.error().message);
+
+  // Phase 1: allocate; write the refcount blocks back (synced in phase 2).
+  std::uint64_t dir_offset = 0;
+  const std::uint64_t dir_alloc = align_up(dir_size, cs);
+  {
+    auto lk = hold();
+    for (TablePlan& p : plans) {
+      for (std::size_t k = 0; k < p.dirty.size(); ++k) p.hosts.push_back(QNBD_TRY(refcounts.allocate(1)));
+      p.table_offset = QNBD_TRY(refcounts.allocate(p.table_bytes / cs));
+    }
+    if (dir_alloc) dir_offset = QNBD_TRY(refcounts.allocate(dir_alloc / cs));
+    QNBD_TRY(refcounts.block_cache().flush());
+  }
+
+  // Phase 2: data, tables, directory; then sync (data, tables, directory
+  // and the refcount blocks of phase 1) before any pointer to them.
+  std::vector<std::byte> cluster(static_cast<std::size_t>(cs));
+  for (TablePlan& p : plans) {
+    const DirtyBitmap& bits = *p.update->data;
+    std::vector<std::byte> table(static_cast<std::size_t>(p.table_bytes));
+    for (std::size_t k = 0; k < p.dirty.size(); ++k) {
+      // store_bytes zero-fills past the data, so the unused tail bits and
+      // the rest of the last cluster are zero (§12.5).
+      bits.store_bytes(p.dirty[k] * cs, cluster);
+      QNBD_TRY(file.pwrite(cluster, p.hosts[k]));
+      store_be64(table.data() + p.dirty[k] * 8, p.hosts[k]);
+    }
+    QNBD_TRY(file.pwrite(table, p.table_offset));
+    BitmapInfo& b = p.update->info;
+    b.granularity = bits.granularity();
+    b.table_offset = p.table_offset;
+    b.table_size = static_cast<std::uint32_t>(p.entries);
+  }
+  if (dir_alloc) {
+    std::vector<std::byte> dir(static_cast<std::size_t>(dir_alloc));
+    std::size_t pos = 0;
+    for (const BitmapUpdate& u : updated) {
+      const BitmapInfo& b = u.info;
+      std::byte* q = dir.data() + pos;
+      store_be64(q, b.table_offset);
+      store_be32(q + 8, b.table_size);
+      store_be32(q + 12, (b.in_use ? BME_FLAG_IN_USE : 0) | (b.auto_enabled ? BME_FLAG_AUTO : 0));
+      q[16] = std::byte{BT_DIRTY_TRACKING_BITMAP};
+      q[17] = static_cast<std::byte>(std::countr_zero(b.granularity));
+      store_be16(q + 18, static_cast<std::uint16_t>(b.name.size()));
+      store_be32(q + 20, 0);  // extra_data_size
+      std::memcpy(q + 24, b.name.data(), b.name.size());
+      pos += static_cast<std::size_t>(align_up(24 + b.name.size(), 8));
+    }
+    QNBD_TRY(file.pwrite(dir, dir_offset));
+  }
+  QNBD_TRY(file.flush());
+
+  // Phase 3: switch the header (from the current in-memory one: a refcount
+  // table move or any other header change made meanwhile is kept).
+  {
+    auto lk = hold();
+    if (live && header.corrupt()) return make_error(EIO, "image is marked corrupt; writes are refused");
+    Header h = header;
+    h.refcount_table_offset = refcounts.table_offset();
+    h.refcount_table_clusters = refcounts.table_clusters();
+    h.autoclear_features &= AUTOCLEAR_MASK;
+    if (updated.empty()) {
+      h.bitmaps.reset();
+      h.autoclear_features &= ~AUTOCLEAR_BITMAPS;
+    } else {
+      h.bitmaps = BitmapsExtension{static_cast<std::uint32_t>(updated.size()), dir_size, dir_offset};
+      h.autoclear_features |= AUTOCLEAR_BITMAPS;
+    }
+    std::vector<std::byte> c0 = QNBD_TRY(serialize_header(h));
+    QNBD_TRY(file.pwrite(c0, 0));
+    if (header.bitmaps) to_free.emplace_back(header.bitmaps->bitmap_directory_offset, header.bitmaps->bitmap_directory_size);
+    header = std::move(h);
+  }
+  // Phase 4: the new header is durable before anything it replaced is freed.
+  QNBD_TRY(file.flush());
+
+  // Phase 5: free what is no longer referenced.
+  {
+    auto lk = hold();
+    if (live && live->switched) live->switched(updated);
+    for (auto [offset, bytes] : to_free) {
+      if (auto r = refcounts.free(offset, bytes); !r) {
+        log::warn("cannot free bitmap clusters at {:#x}: {}; they leak", offset, r.error().message);
+      }
+    }
+    // Live, the lowered refcounts are written back without a sync (the next
+    // flush makes them durable; a crash before that leaks only).
+    if (live) {
+      QNBD_TRY(refcounts.block_cache().flush());
+    } else {
+      QNBD_TRY(refcounts.flush());
     }
   }
-  QNBD_TRY(refcounts.flush());
   return ok();
 }
 

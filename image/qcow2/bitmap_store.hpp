@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
@@ -50,6 +51,18 @@ struct BitmapUpdate {
   const DirtyBitmap* data = nullptr;
 };
 
+// How rewrite_bitmap_directory runs beside guest writes (a live edit):
+// `lock` takes the image's metadata mutex, which guards `header` and the
+// refcounts; it is held only around allocation, the header switch and the
+// frees, never over a sync. `switched` runs under it once the new header is
+// on disk and before the old clusters are freed (the image registers the
+// new directory and tables for overlap checks: a freed cluster reused by a
+// guest write must not still be registered as a bitmap table).
+struct LiveRewrite {
+  std::function<std::unique_lock<std::mutex>()> lock;
+  std::function<void(const std::vector<BitmapUpdate>&)> switched;
+};
+
 // Replace the image's bitmap directory by `updated` (any order, may be
 // empty), as QEMU's full directory replacement (§12.6):
 //   1. write new bitmap data (all-zero clusters become table entry 0) and
@@ -61,11 +74,16 @@ struct BitmapUpdate {
 //      autoclear bits are cleared as §3.3 requires of a writer) and flush;
 //   4. free the old directory and the tables and data clusters no longer
 //      referenced, and flush the refcounts (a failure here leaks only).
+// (bitmap_store.cpp gives the crash-ordering argument phase by phase.)
 // `header` is updated in memory (also refcount_table_* if the refcount
 // table moved). `old_directory` is the directory currently on disk.
+// Without `live` the caller holds whatever guards `header` and `refcounts`
+// throughout (close, recovery at open, an image at rest); with it, see
+// LiveRewrite (the last refcount write-back is then not synced).
 [[nodiscard]] Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& refcounts,
                                                     const std::vector<BitmapInfo>& old_directory,
-                                                    std::vector<BitmapUpdate>& updated);
+                                                    std::vector<BitmapUpdate>& updated,
+                                                    const LiveRewrite* live = nullptr);
 
 // Crash recovery at a writable open (docs/crash-safe-bitmaps.md): if the
 // header has AUTOCLEAR_QNBD_INTENT and `intent` finds a record that matches
@@ -141,8 +159,13 @@ class BitmapStore {
   // Write the directory as the bitmaps are now (rewrite_bitmap_directory):
   // enabled bitmaps in_use (their data is written at close), the others
   // with their contents where they changed. `closing`: store() instead.
-  // Under the image's metadata mutex.
-  [[nodiscard]] Result<void> write_directory(Refcounts& refcounts, Header& header, bool closing);
+  // Without `live`, under the image's metadata mutex (close); with it
+  // (after a live edit, holding its LiveEdit), without: the metadata mutex
+  // is taken by rewrite_bitmap_directory for its short steps only, and
+  // load_mutex_ is not held across them (close takes the metadata mutex,
+  // then load_mutex_: that order is kept).
+  [[nodiscard]] Result<void> write_directory(Refcounts& refcounts, Header& header, bool closing,
+                                             const LiveRewrite* live = nullptr);
   [[nodiscard]] Result<std::vector<BitmapState>> states();
 
  private:

@@ -162,6 +162,9 @@ class Qcow2Image final : public BlockDevice {
   // of the image file (no-op for an external data file); calls the observer.
   Result<void> check_guest_write_locked(std::uint64_t host, std::uint64_t bytes);
   void register_bitmaps();
+  // The bitmap directory and `directory`'s tables (header_'s extension
+  // must already point at that directory), for overlap checks.
+  void register_bitmaps(const std::vector<BitmapInfo>& directory);
   Result<std::uint64_t> allocate_cluster_locked();
   void queue_free_locked(std::uint64_t l2_entry);
   Result<TableCache::Handle> l2_for_write_locked(std::uint64_t l1_index);
@@ -208,7 +211,8 @@ class Qcow2Image final : public BlockDevice {
   std::string intent_detail_;
   WriteGate gate_;
   class LiveBitmapEdit;
-  // Write the bitmap directory after a live edit (under mutex_).
+  // Write the bitmap directory after a live edit (takes mutex_ for short
+  // steps only: bitmap_live.cpp).
   Result<void> persist_bitmaps();
 
   // Long zeroing/discard: skip L2 spans that hold nothing (write.cpp).

@@ -179,14 +179,16 @@ Result<void> Qcow2Image::build_metadata_map() {
   return ok();
 }
 
-void Qcow2Image::register_bitmaps() {
+void Qcow2Image::register_bitmaps() { register_bitmaps(bitmap_store_->directory()); }
+
+void Qcow2Image::register_bitmaps(const std::vector<BitmapInfo>& directory) {
   MetadataMap& m = *metadata_;
   m.remove_all(MetadataKind::bitmap_directory);
   m.remove_all(MetadataKind::bitmap_table);
   if (!header_.bitmaps) return;
   m.add(MetadataKind::bitmap_directory, header_.bitmaps->bitmap_directory_offset,
         header_.bitmaps->bitmap_directory_size);
-  for (const BitmapInfo& b : bitmap_store_->directory()) {
+  for (const BitmapInfo& b : directory) {
     m.add(MetadataKind::bitmap_table, b.table_offset, std::uint64_t{b.table_size} * 8);
   }
 }

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <mutex>
 #include <map>
@@ -15,6 +16,14 @@
 #include "image/block_device.hpp"
 #include "image/checkpoint.hpp"
 #include "image/io/file.hpp"
+#include "image/io/crash_file.hpp"
+#include "image/io/forwarding_file.hpp"
+#include "image/io/mem_file.hpp"
+#include "image/qcow2/bitmap.hpp"
+#include "image/qcow2/bitmap_store.hpp"
+#include "image/qcow2/check.hpp"
+#include "image/qcow2/header.hpp"
+#include "image/qcow2/qcow2_image.hpp"
 #include "image/qcow2/bitmap_edit.hpp"
 #include "image_test_support.hpp"
 
@@ -274,4 +283,268 @@ TEST_CASE("a live-added bitmap records writes until it is disabled, and again on
   dev.reset();
   CHECK(dirty_of(a, "w") == "1048576,3145728,");
   CHECK(run("qemu-img check " + a) == 0);
+}
+
+namespace {
+
+// A file whose flush(), when called on the thread that armed it, stops
+// until the test releases it: the persist step's syncs, held open.
+class HeldSyncFile final : public ForwardingFile {
+ public:
+  using ForwardingFile::ForwardingFile;
+  void arm() {
+    std::lock_guard l(mu_);
+    armed_ = std::this_thread::get_id();
+  }
+  void finished() {
+    std::lock_guard l(mu_);
+    armed_ = {};
+    finished_ = true;
+    cv_.notify_all();
+  }
+  // Until the armed thread is held in a flush (true) or finished (false).
+  bool wait_held() {
+    std::unique_lock l(mu_);
+    cv_.wait(l, [&] { return holding_ || finished_; });
+    return holding_;
+  }
+  void release() {
+    std::lock_guard l(mu_);
+    holding_ = false;
+    cv_.notify_all();
+  }
+  qnbd::Result<void> flush() override {
+    {
+      std::unique_lock l(mu_);
+      if (armed_ == std::this_thread::get_id()) {
+        holding_ = true;
+        cv_.notify_all();
+        cv_.wait(l, [&] { return !holding_; });
+      }
+    }
+    return ForwardingFile::flush();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::thread::id armed_;
+  bool holding_ = false;
+  bool finished_ = false;
+};
+
+}  // namespace
+
+TEST_CASE("a guest write completes while the checkpoint's persist step waits for a sync") {
+  // The persist step once held the image's metadata mutex across its
+  // fsyncs, so an allocating write waited for them (hundreds of ms under
+  // load). Each sync of the persist is held open here until a write that
+  // needs the metadata mutex (it allocates a cluster) has completed. A
+  // persist holding the mutex across a sync never lets that write finish:
+  // after a minute the test gives up and fails (a deadlock guard, not a
+  // time limit the correct code could miss).
+  if (!qnbd::test::have_qemu_img()) return;
+  TempDir t;
+  const std::string a = t / "a.qcow2";
+  REQUIRE(run("qemu-img create -q -f qcow2 -o cluster_size=65536 " + a + " 64M") == 0);
+  auto inner = open_posix_file(a, OpenMode::read_write, CacheMode::writeback);
+  REQUIRE(inner);
+  auto held = std::make_unique<HeldSyncFile>(std::move(*inner));
+  HeldSyncFile& file = *held;
+  Qcow2Image::Parts parts;
+  parts.file = std::move(held);
+  parts.path = a;
+  OpenOptions o;
+  o.read_only = false;
+  auto img = Qcow2Image::open(std::move(parts), o);
+  REQUIRE_MESSAGE(img, img.error().message);
+  BlockDevice& dev = **img;
+  std::vector<BlockDevice*> devs{&dev};
+  REQUIRE(checkpoint(devs, "c0", "", 65536));
+  write_at(dev, 0, 4096, 1);  // marks c0 (and the bitmaps in_use on disk)
+
+  bool persisted = false;
+  std::thread persist([&] {
+    file.arm();
+    persisted = checkpoint(devs, "c1", "c0", 65536).has_value();
+    file.finished();
+  });
+  int held_syncs = 0;
+  std::uint64_t next = 1ull << 20;  // each write allocates a fresh cluster
+  bool stalled = false;
+  std::thread late;
+  while (file.wait_held()) {
+    ++held_syncs;
+    if (stalled) {  // failed already: let the persist finish
+      file.release();
+      continue;
+    }
+    struct Outcome {  // shared: a stalled writer outlives this iteration
+      std::mutex mu;
+      std::condition_variable cv;
+      bool done = false;
+      qnbd::Result<void> wrote = qnbd::ok();
+    };
+    auto out = std::make_shared<Outcome>();
+    std::thread writer([&dev, out, off = next] {
+      std::vector<std::byte> buf(4096, std::byte{2});
+      auto r = dev.write(buf, off, false);
+      std::lock_guard l(out->mu);
+      out->wrote = std::move(r);
+      out->done = true;
+      out->cv.notify_all();
+    });
+    next += 1ull << 20;
+    {
+      std::unique_lock l(out->mu);
+      stalled = !out->cv.wait_for(l, std::chrono::seconds(60), [&] { return out->done; });
+    }
+    CHECK_MESSAGE(!stalled, "a guest write waited for the persist step's sync");
+    file.release();
+    if (stalled) {
+      // The writer waits for the persist, which may stop in its next sync:
+      // join it once the persist is done.
+      late = std::move(writer);
+      continue;
+    }
+    writer.join();
+    CHECK_MESSAGE(out->wrote, out->wrote.error().message);
+  }
+  persist.join();
+  if (late.joinable()) late.join();
+  CHECK(persisted);
+  CHECK(held_syncs >= 1);
+  REQUIRE(dev.close());
+  img->reset();
+  // The writes made during the syncs came after the checkpoint: c1 has
+  // them, c0 only the first write.
+  CHECK(dirty_of(a, "c0") == "0,");
+  if (!stalled) {
+    std::string expect;
+    for (int i = 1; i <= held_syncs; ++i) expect += std::to_string(std::uint64_t(i) << 20) + ",";
+    CHECK(dirty_of(a, "c1") == expect);
+  }
+  CHECK(run("qemu-img check -q " + a) == 0);
+}
+
+TEST_CASE("power loss at any write of a checkpoint's directory write leaves the old or the new directory") {
+  // The directory write after a checkpoint (bitmap_store.cpp, phases 0-5)
+  // runs with guest writes going on, so its ordering alone must keep the
+  // image consistent: the image is cut at each of its mutating calls, with
+  // the unsynced writes dropped, kept or torn per sector (CrashFile). The
+  // result must pass the engine's check (leaks allowed, no corruption)
+  // and hold either the old directory (c0 enabled, in_use) or the new one
+  // (c0 disabled, consistent, holding exactly the write before the
+  // checkpoint; c1 enabled, in_use).
+  if (!qnbd::test::have_qemu_img()) return;
+  TempDir t;
+  const std::string path = t / "a.qcow2";
+  REQUIRE(run("qemu-img create -q -f qcow2 -o cluster_size=4096 " + path + " 4M") == 0);
+  const std::vector<std::byte> base = qnbd::test::read_whole(path);
+  std::uint64_t points = 0;
+  // The crashed image must pass the engine's check and hold the old or the
+  // new directory (see above).
+  auto verify = [&](const std::vector<std::byte>& crashed_bytes) {
+    const std::vector<std::byte>* crashed = &crashed_bytes;
+    MemFile after("a.qcow2", *crashed);
+    std::string lines;
+    auto c = check_qcow2(after, RepairMode::none, [&](const std::string& l) { lines += l + "\n"; });
+    REQUIRE_MESSAGE(c, c.error().message);
+    INFO("check:\n", lines);
+    CHECK(c->corruptions == 0);
+    CHECK(c->check_errors == 0);
+    const std::uint64_t size = crashed->size();
+    auto h = parse_header(std::span<const std::byte>(*crashed).first(std::min<std::size_t>(crashed->size(), 2 << 20)),
+                          size);
+    REQUIRE_MESSAGE(h, h.error().message);
+    auto dir = read_bitmap_directory(after, *h, size);
+    REQUIRE_MESSAGE(dir, dir.error().message);
+    std::string shape;
+    for (const BitmapInfo& b : *dir)
+      shape += b.name + (b.auto_enabled ? "+auto" : "") + (b.in_use ? "+in_use" : "") + " ";
+    INFO("directory: ", shape);
+    const bool old_dir = shape == "c0+auto+in_use ";
+    const bool new_dir = shape == "c0 c1+auto+in_use ";
+    CHECK((old_dir || new_dir));
+    if (new_dir) {
+      auto bits = load_bitmap_data(after, 4096, 4 << 20, (*dir)[0], size);
+      REQUIRE_MESSAGE(bits, bits.error().message);
+      std::string dirty;
+      for (std::uint64_t off = 0; off < bits->size(); off += 4096)
+        if (bits->is_dirty(off)) dirty += std::to_string(off) + ",";
+      CHECK(dirty == "8192,");
+    }
+  };
+  for (std::uint64_t n = 0;; ++n) {
+    bool finished = false;
+    for (std::uint64_t seed = 0; seed < 4; ++seed) {
+      CAPTURE(n);
+      CAPTURE(seed);
+      CrashFile file("a.qcow2", base);
+      Qcow2Image::Parts parts;
+      parts.file = std::make_unique<ForwardingFile>(file);  // borrowed: the test reads it afterwards
+      parts.path = path;
+      OpenOptions o;
+      o.read_only = false;
+      auto img = Qcow2Image::open(std::move(parts), o);
+      REQUIRE_MESSAGE(img, img.error().message);
+      std::vector<BlockDevice*> devs{img->get()};
+      REQUIRE(checkpoint(devs, "c0", "", 4096));
+      write_at(**img, 8192, 4096, 1);
+      REQUIRE((*img)->flush());
+      file.arm_crash(n, seed);
+      auto r = checkpoint(devs, "c1", "c0", 4096);
+      auto crashed = file.crashed_image();
+      if (!crashed) {  // the directory write made fewer than n mutating calls
+        REQUIRE_MESSAGE(r, r.error().message);
+        finished = true;  // (still armed: closing would cut the close; the image is dropped)
+        break;
+      }
+      img->reset();  // without close: the file is frozen, as after power loss
+      verify(*crashed);
+      ++points;
+    }
+    if (finished) break;
+    REQUIRE(n < 1000);
+  }
+  // Power loss just before each sync of the directory write completes:
+  // what was written since the previous sync may or may not be there.
+  {
+    struct SyncPoints final : ForwardingFile {
+      CrashFile& crash_file;
+      bool armed = false;
+      std::vector<std::vector<std::byte>> images;
+      explicit SyncPoints(CrashFile& f) : ForwardingFile(f), crash_file(f) {}
+      qnbd::Result<void> flush() override {
+        if (armed)
+          for (std::uint64_t seed = 0; seed < 8; ++seed) images.push_back(crash_file.crash(seed));
+        return ForwardingFile::flush();
+      }
+    };
+    CrashFile file("a.qcow2", base);
+    auto sp = std::make_unique<SyncPoints>(file);
+    SyncPoints& syncs = *sp;
+    Qcow2Image::Parts parts;
+    parts.file = std::move(sp);
+    parts.path = path;
+    OpenOptions o;
+    o.read_only = false;
+    auto img = Qcow2Image::open(std::move(parts), o);
+    REQUIRE_MESSAGE(img, img.error().message);
+    std::vector<BlockDevice*> devs{img->get()};
+    REQUIRE(checkpoint(devs, "c0", "", 4096));
+    write_at(**img, 8192, 4096, 1);
+    REQUIRE((*img)->flush());
+    syncs.armed = true;
+    REQUIRE(checkpoint(devs, "c1", "c0", 4096));
+    syncs.armed = false;
+    CHECK(syncs.images.size() >= 8);
+    for (const auto& image : syncs.images) {
+      verify(image);
+      ++points;
+    }
+    REQUIRE((*img)->close());
+  }
+  MESSAGE("crash points checked: " << points);
+  CHECK(points >= 4);  // the directory write made mutating calls to cut
 }
