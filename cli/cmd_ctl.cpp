@@ -28,9 +28,9 @@ struct CtlArgs {
   std::string output = "human";
   // The arguments of whichever subcommand ran.
   std::string exp, name, target, image, format, disable;
-  std::vector<std::string> sources, exports, bitmaps;
+  std::vector<std::string> sources, exports, bitmaps, views;
   std::uint64_t granularity = 0;
-  bool disabled = false, read_only = false, allocation_depth = false, force = false;
+  bool disabled = false, read_only = false, allocation_depth = false, force = false, view = false;
 };
 
 // One request, one reply line (or an error message).
@@ -109,12 +109,21 @@ void print_human(const std::string& command, const json& result) {
                     b.value("enabled", false) ? "enabled" : "disabled", b.value("in_use", false) ? ", in use (inconsistent)" : "",
                     human_size(b.value("dirty_bytes", std::uint64_t{0})).c_str());
       }
+      for (const json& v : e.value("views", json::array())) {
+        std::printf("  view '%s': %s, scratch %s of %s%s%s\n", v.value("name", "").c_str(), v.value("state", "").c_str(),
+                    human_size(v.value("scratch_bytes", std::uint64_t{0})).c_str(),
+                    human_size(v.value("scratch_max", std::uint64_t{0})).c_str(), v.contains("error") ? ": " : "",
+                    v.value("error", "").c_str());
+      }
     }
     const json jobs = result.value("jobs", json::array());
     std::printf("jobs: %zu\n", jobs.size());
   } else if (command == "checkpoint") {
     std::printf("checkpoint '%s' taken; writes paused %.0f us\n", result.value("name", "").c_str(),
                 result.value("pause_us", 0.0));
+    for (const json& v : result.value("views", json::array())) std::printf("view '%s' ready\n", v.get<std::string>().c_str());
+  } else if (command == "view-end") {
+    for (const json& v : result.value("views", json::array())) std::printf("view '%s' ended\n", v.get<std::string>().c_str());
   } else {
     std::printf("ok\n");
   }
@@ -219,11 +228,24 @@ void add_ctl_command(CLI::App& app, int& status) {
   cp->add_option("--name", a->name, "The new bitmap")->required();
   cp->add_option("--disable", a->disable, "The bitmap to disable (the previous checkpoint)");
   cp->add_option("-g,--granularity", a->granularity, "Bytes per bit of NEW");
+  cp->add_flag("--view", a->view,
+               "Also serve each EXPORT as it is at the checkpoint: the read-only export EXPORT@NEW "
+               "(docs/backup-views.md)");
   cp->add_option("EXPORT", a->exports)->required();
   on(cp, [a] {
     json j{{"name", a->name}, {"exports", a->exports}};
     if (!a->disable.empty()) j["disable"] = a->disable;
     if (a->granularity) j["granularity"] = a->granularity;
+    if (a->view) j["views"] = a->exports;
+    return j;
+  });
+  auto* vend = ctl->add_subcommand("view-end", "End point-in-time views (EXPORT@CHECKPOINT), or every view of --checkpoint");
+  vend->add_option("--checkpoint", a->name, "End every view of this checkpoint");
+  vend->add_option("VIEW", a->views);
+  on(vend, [a] {
+    json j = json::object();
+    if (!a->views.empty()) j["views"] = a->views;
+    if (!a->name.empty()) j["checkpoint"] = a->name;
     return j;
   });
 }

@@ -12,6 +12,7 @@
 #include "common/log.hpp"
 #include "config/config.hpp"
 #include "image/block_device.hpp"
+#include "image/view/cbw.hpp"
 #include "cli/commands.hpp"
 #include "cli/image_cli.hpp"
 #include "server/server.hpp"
@@ -51,6 +52,8 @@ struct ServeArgs {
   LockArgs lock;
   std::string recover_bitmaps = "yes";
   std::uint64_t recovery_chunk = 0;
+  std::string view_scratch_dir;
+  std::uint64_t view_scratch_max = 0;
 };
 
 // --recover-bitmaps / recover_bitmaps (docs/crash-safe-bitmaps.md).
@@ -78,7 +81,7 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
                                        const std::string& cache, const std::string& discard, std::string name,
                                        std::string description, bool multi_conn, bool allocation_depth,
                                        const std::vector<std::string>& bitmaps, image::LockOptions lock,
-                                       BitmapRecovery recovery = {}) {
+                                       BitmapRecovery recovery = {}, image::ViewOptions views = {}) {
   if (discard != "ignore" && discard != "unmap" && discard != "off" && discard != "on")
     return make_error(EINVAL, "invalid discard mode '{}' (ignore, unmap)", discard);
   const std::uint64_t c = recovery.chunk_size;
@@ -111,6 +114,13 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
     if (auto r = dev->start_tracking(); !r) return make_error(r.error().code, "{}: {}", path, r.error().message);
   }
   spec.device = std::shared_ptr<image::BlockDevice>(std::move(dev));
+  if (!read_only && spec.device->write_gate()) {
+    // A writable export that can take checkpoints can have point-in-time
+    // views (docs/backup-views.md). We hold its write lock now, so scratch
+    // files named after it are a dead server's.
+    image::remove_stale_scratch(path, views.scratch_dir);
+    spec.device = std::make_shared<image::CbwDevice>(std::move(spec.device), path, views);
+  }
   spec.image = path;
   spec.discard_unmap = oo.discard_unmap;
   // With O_DIRECT or a sync per write every call waits for the disk.
@@ -130,6 +140,14 @@ Result<std::shared_ptr<const server::TlsCredentials>> load_tls(const config::Tls
   auto creds = QNBD_TRY(server::TlsCredentials::load(spec, std::move(authz)));
   log::info("TLS required: {}", creds->describe());
   return creds;
+}
+
+// The config file's per-export keys, else the command line's flags.
+image::ViewOptions view_options(const std::string& dir, std::uint64_t max, const ServeArgs& a) {
+  image::ViewOptions v;
+  v.scratch_dir = dir.empty() ? a.view_scratch_dir : dir;
+  v.scratch_max = max ? max : a.view_scratch_max;
+  return v;
 }
 
 Result<server::ServerOptions> build_options(const ServeArgs& a) {
@@ -157,7 +175,8 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
       if (!image::parse_locking(e.locking, lock.locking)) return make_error(EINVAL, "bad locking '{}'", e.locking);
       auto spec = QNBD_TRY(open_export(e.image, e.format, e.read_only, e.cache, e.discard, e.name, e.description,
                                        true, e.allocation_depth, e.bitmaps, lock,
-                                       BitmapRecovery{e.recover_bitmaps, e.recovery_chunk_size}));
+                                       BitmapRecovery{e.recover_bitmaps, e.recovery_chunk_size},
+                                       view_options(e.view_scratch_dir, e.view_scratch_max, a)));
       o.exports.push_back(std::move(spec));
     }
     for (const auto& l : cfg.listeners) {
@@ -189,19 +208,21 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     o.control_path = cfg.control;
     // export-add on a config-file server: the defaults an export entry
     // without those keys gets (config::ExportConfig).
-    o.open_export = [](const server::ExportRequest& r) {
+    o.open_export = [a](const server::ExportRequest& r) {
       const config::ExportConfig d;
       image::LockOptions lock;
       (void)image::parse_locking(d.locking, lock.locking);
       return open_export(r.image, r.format, r.read_only, d.cache, d.discard, r.name, d.description, true,
-                         r.allocation_depth, r.bitmaps, lock, BitmapRecovery{d.recover_bitmaps, d.recovery_chunk_size});
+                         r.allocation_depth, r.bitmaps, lock, BitmapRecovery{d.recover_bitmaps, d.recovery_chunk_size},
+                         view_options("", 0, a));
     };
   } else {
     if (a.image.empty()) return make_error(EINVAL, "an IMAGE (or --config FILE) is required");
     auto spec = QNBD_TRY(open_export(a.image, a.format, a.read_only, a.cache, a.discard, a.export_name,
                                      a.description, a.shared != 1, a.allocation_depth, a.bitmaps,
                                      lock_options(a.lock, image::LockUse::export_),
-                                     BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}));
+                                     BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk},
+                                     view_options("", 0, a)));
     o.exports.push_back(std::move(spec));
     server::ListenerSpec ls;
     if (!a.socket.empty()) {
@@ -220,7 +241,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     o.open_export = [a](const server::ExportRequest& r) {
       return open_export(r.image, r.format, r.read_only, a.cache, a.discard, r.name, "", a.shared != 1,
                          r.allocation_depth, r.bitmaps, lock_options(a.lock, image::LockUse::export_),
-                         BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk});
+                         BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}, view_options("", 0, a));
     };
   }
   if (!a.control.empty()) o.control_path = a.control;
@@ -321,6 +342,11 @@ void add_serve_command(CLI::App& app, int& status) {
       ->check(CLI::IsMember({"yes", "no"}));
   cmd->add_option("--recovery-chunk-size", args->recovery_chunk,
                   "Bytes of disk per write-intent record bit (power of two, 64 KiB..1 TiB; default 64 MiB)");
+  cmd->add_option("--view-scratch-dir", args->view_scratch_dir,
+                  "Where point-in-time views keep their scratch files (default: beside the image)");
+  cmd->add_option("--view-scratch-max", args->view_scratch_max,
+                  "Bytes of scratch one view may use; past it the view fails, the writer goes on "
+                  "(default: the disk size)");
   cmd->add_flag("-v,--verbose", args->verbose, "More logging (repeatable)");
   cmd->add_option("-B,--bitmap", args->bitmaps, "Export persistent dirty bitmap NAME as qemu:dirty-bitmap:NAME")
       ->allow_extra_args(false);

@@ -164,7 +164,8 @@ Result<std::string> as_enum(const json& v, const std::string& pointer,
 Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   QNBD_TRY(expect_object(v, pointer,
                          {"name", "image", "format", "read_only", "description", "allocation_depth",
-                          "bitmaps", "cache", "discard", "locking", "recover_bitmaps", "recovery_chunk_size"}));
+                          "bitmaps", "cache", "discard", "locking", "recover_bitmaps", "recovery_chunk_size",
+                          "view_scratch_dir", "view_scratch_max"}));
   ExportConfig e;
   const json* name = find(v, "name");
   if (name == nullptr) return fail(child(pointer, "name"), "required key is missing");
@@ -216,6 +217,13 @@ Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
     auto n = static_cast<std::uint64_t>(QNBD_TRY(as_integer(*x, p, 65536, 1ull << 40)));
     if (n & (n - 1)) return fail(p, "expected a power of two, got {}", n);
     e.recovery_chunk_size = n;
+  }
+  if (const json* x = find(v, "view_scratch_dir")) {
+    e.view_scratch_dir = QNBD_TRY(as_string(*x, child(pointer, "view_scratch_dir"), PATH_MAX, false));
+  }
+  if (const json* x = find(v, "view_scratch_max")) {
+    e.view_scratch_max =
+        static_cast<std::uint64_t>(QNBD_TRY(as_integer(*x, child(pointer, "view_scratch_max"), 1, 1ull << 62)));
   }
   return e;
 }

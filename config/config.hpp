@@ -31,6 +31,8 @@ struct ExportConfig {
   std::string locking = "auto";      // "auto" | "on" | "off": QEMU-compatible image locks
   bool recover_bitmaps = true;       // crash-safe bitmaps (docs/crash-safe-bitmaps.md)
   std::uint64_t recovery_chunk_size = 0;  // bytes per record bit, power of two; 0 = default
+  std::string view_scratch_dir;           // point-in-time views' scratch files; "" = beside the image
+  std::uint64_t view_scratch_max = 0;     // bytes per view; 0 = the disk size
 };
 
 // TLS on one listener (docs/tls.md): with it the listener requires

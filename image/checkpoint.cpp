@@ -6,7 +6,7 @@
 
 namespace qnbd::image {
 
-Result<EditTiming> apply_bitmap_edits(const std::vector<DeviceEdit>& edits) {
+Result<EditTiming> apply_bitmap_edits(const std::vector<DeviceEdit>& edits, const std::function<void()>& at_switch) {
   std::vector<const DeviceEdit*> order;
   for (const DeviceEdit& e : edits) order.push_back(&e);
   // Address order: two edits over overlapping devices take the devices'
@@ -27,6 +27,7 @@ Result<EditTiming> apply_bitmap_edits(const std::vector<DeviceEdit>& edits) {
   for (WriteGate* g : gates) g->shut();
   for (WriteGate* g : gates) g->drain();
   for (auto& t : txns) t->commit();
+  if (at_switch) at_switch();
   for (WriteGate* g : gates) g->open();
   EditTiming timing;
   timing.pause = std::chrono::steady_clock::now() - t0;
@@ -39,7 +40,8 @@ Result<EditTiming> apply_bitmap_edits(const std::vector<DeviceEdit>& edits) {
 }
 
 Result<EditTiming> checkpoint(const std::vector<BlockDevice*>& devices, const std::string& name,
-                              const std::string& disable, std::uint64_t granularity) {
+                              const std::string& disable, std::uint64_t granularity,
+                              const std::function<void()>& at_switch) {
   if (devices.empty()) return make_error(EINVAL, "a checkpoint needs at least one export");
   std::vector<DeviceEdit> edits;
   for (BlockDevice* d : devices) {
@@ -57,7 +59,7 @@ Result<EditTiming> checkpoint(const std::vector<BlockDevice*>& devices, const st
     }
     edits.push_back(std::move(e));
   }
-  return apply_bitmap_edits(edits);
+  return apply_bitmap_edits(edits, at_switch);
 }
 
 }  // namespace qnbd::image

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -37,12 +38,16 @@ struct EditTiming {
 // Refused before anything changes when any device refuses its ops (the
 // error names nothing else changed) or a device is named twice. A
 // persist failure after the switch is returned too (memory has switched;
-// the image keeps its previous directory).
-[[nodiscard]] Result<EditTiming> apply_bitmap_edits(const std::vector<DeviceEdit>& edits);
+// the image keeps its previous directory). `at_switch`, when given, runs at
+// the switch too, with every gate shut and drained (point-in-time views
+// are attached there: image/view/cbw.hpp); it must not fail or block.
+[[nodiscard]] Result<EditTiming> apply_bitmap_edits(const std::vector<DeviceEdit>& edits,
+                                                    const std::function<void()>& at_switch = {});
 
 // The checkpoint: on every device, add the enabled bitmap `name` and, when
 // `disable` is not empty, disable that bitmap.
 [[nodiscard]] Result<EditTiming> checkpoint(const std::vector<BlockDevice*>& devices, const std::string& name,
-                                            const std::string& disable, std::uint64_t granularity = 0);
+                                            const std::string& disable, std::uint64_t granularity = 0,
+                                            const std::function<void()>& at_switch = {});
 
 }  // namespace qnbd::image

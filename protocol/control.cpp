@@ -1,5 +1,6 @@
 #include "protocol/control.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <set>
 
@@ -176,6 +177,18 @@ Command parse_command(const std::string& name, const json& arguments) {
     c.exports = a.strings("exports", true, max_name_bytes, true);
     c.granularity = a.granularity("granularity");
     if (c.disable == c.name) throw Bad{ErrorCode::invalid_argument, "'disable' must differ from 'name'"};
+    c.views = a.strings("views", false, max_name_bytes, true);
+    for (const std::string& v : c.views) {
+      if (std::find(c.exports.begin(), c.exports.end(), v) == c.exports.end())
+        throw Bad{ErrorCode::invalid_argument, fmt::format("'views' names {} which is not in 'exports'", dump(json(v)))};
+    }
+    cmd = c;
+  } else if (name == "view-end") {
+    ViewEnd c;
+    c.views = a.strings("views", false, max_name_bytes + 1 + max_bitmap_name_bytes, true);
+    c.checkpoint = a.str("checkpoint", false, max_bitmap_name_bytes);
+    if (c.views.empty() == c.checkpoint.empty())
+      throw Bad{ErrorCode::invalid_argument, "give either 'views' or 'checkpoint'"};
     cmd = c;
   } else {
     throw Bad{ErrorCode::unknown_command, "unknown command " + dump(json(name))};

@@ -82,8 +82,17 @@ struct Checkpoint {
   std::string disable;  // "" when no bitmap is disabled
   std::vector<std::string> exports;
   std::uint64_t granularity = 0;
+  // Exports (among `exports`) that get a point-in-time view EXPORT@NAME
+  // (docs/backup-views.md).
+  std::vector<std::string> views;
 };
-using Command = std::variant<Status, BitmapAdd, BitmapSimple, BitmapMerge, ExportAdd, ExportRemove, Checkpoint>;
+// End views: the named ones (EXPORT@CHECKPOINT), or every view of `checkpoint`.
+struct ViewEnd {
+  std::vector<std::string> views;
+  std::string checkpoint;
+};
+using Command =
+    std::variant<Status, BitmapAdd, BitmapSimple, BitmapMerge, ExportAdd, ExportRemove, Checkpoint, ViewEnd>;
 
 struct Request {
   nlohmann::json id;  // string, number or null

@@ -14,6 +14,7 @@
 
 #include "common/log.hpp"
 #include "image/checkpoint.hpp"
+#include "image/view/cbw.hpp"
 
 namespace qnbd::server {
 
@@ -41,15 +42,147 @@ json status_json(ControlTarget& t) {
                                {"dirty_bytes", b.dirty_bytes}});
       }
     }
+    json views = json::array();
+    if (auto* cbw = dynamic_cast<image::CbwDevice*>(e.device.get())) {
+      for (const auto& v : cbw->views()) {
+        const image::ViewState st = v->state();
+        json j{{"name", e.name + "@" + st.checkpoint},
+               {"checkpoint", st.checkpoint},
+               {"state", st.state},
+               {"scratch_bytes", st.scratch_bytes},
+               {"scratch_max", st.scratch_max},
+               {"granule", st.granule},
+               {"saved_granules", st.saved_granules},
+               {"zero_granules", st.zero_granules}};
+        if (!st.error.empty()) j["error"] = st.error;
+        views.push_back(std::move(j));
+      }
+    }
     exports.push_back(json{{"name", e.name},
                            {"image", e.image},
                            {"format", e.format},
                            {"size", e.size},
                            {"read_only", e.read_only},
                            {"connections", e.connections},
-                           {"bitmaps", bitmaps}});
+                           {"bitmaps", bitmaps},
+                           {"views", views}});
   }
   return json{{"exports", exports}, {"jobs", json::array()}};
+}
+
+
+// The views of a checkpoint being taken: prepared (scratch opened) before
+// the switch, attached at it, served as exports after it.
+struct PendingView {
+  std::string name;  // EXPORT@CHECKPOINT
+  ControlExport parent;
+  image::CbwDevice* cbw = nullptr;
+  std::shared_ptr<image::PointInTimeView> view;
+};
+
+std::variant<json, pc::Refusal> checkpoint(ControlTarget& target, const pc::Request& req, const pc::Checkpoint& c) {
+  const std::vector<ControlExport> all = target.control_exports();
+  auto find = [&](const std::string& name) -> const ControlExport* {
+    for (const ControlExport& e : all)
+      if (e.name == name) return &e;
+    return nullptr;
+  };
+  std::vector<image::BlockDevice*> devs;
+  for (const std::string& e : c.exports) {
+    const ControlExport* x = find(e);
+    if (!x) return refusal(req.id, make_error(ENOENT, "no export named '{}'", e));
+    devs.push_back(x->device.get());  // `all` keeps it alive while the checkpoint runs
+  }
+  std::vector<PendingView> views;
+  for (const std::string& e : c.views) {
+    PendingView p;
+    p.name = e + "@" + c.name;
+    p.parent = *find(e);
+    p.cbw = dynamic_cast<image::CbwDevice*>(p.parent.device.get());
+    if (!p.cbw) return refusal(req.id, make_error(ENOTSUP, "export '{}' cannot have views (not a writable qcow2 export)", e));
+    if (find(p.name)) return refusal(req.id, make_error(EEXIST, "an export named '{}' exists", p.name));
+    auto v = p.cbw->prepare_view(c.name);
+    if (!v) return refusal(req.id, v.error());
+    p.view = std::move(*v);
+    views.push_back(std::move(p));
+  }
+  bool attached = false;
+  auto detach_all = [&] {
+    for (PendingView& p : views) p.cbw->detach(c.name);
+  };
+  // The views start at the switch itself: every gate is shut and drained
+  // there, so each write is wholly before (in the view's content) or
+  // wholly after (saved before it is written), the same on every export.
+  auto r = image::checkpoint(devs, c.name, c.disable, c.granularity, [&] {
+    for (PendingView& p : views) p.cbw->attach(p.view);
+    attached = true;
+  });
+  if (!r) {
+    if (attached) detach_all();
+    return refusal(req.id, r.error());
+  }
+  json names = json::array();
+  for (std::size_t i = 0; i < views.size(); ++i) {
+    PendingView& p = views[i];
+    ExportSpec spec;
+    spec.info = describe_export(*p.view, p.name, fmt::format("'{}' at checkpoint '{}'", p.parent.name, c.name),
+                                /*read_only=*/true, /*multi_conn=*/true, p.parent.allocation_depth);
+    if (!c.disable.empty()) {
+      // PREV, disabled at the switch: what changed between PREV and NEW.
+      auto h = p.view->export_bitmap(c.disable);
+      if (h) spec.bitmaps.push_back({c.disable, *h});
+    }
+    spec.info.bitmaps.clear();
+    for (const auto& b : spec.bitmaps) spec.info.bitmaps.push_back(b.name);
+    spec.device = p.view;
+    spec.image = p.parent.image;
+    spec.inline_io = false;  // a view read may wait for a copy in progress
+    if (auto a = target.add_view_export(std::move(spec)); !a) {
+      for (std::size_t k = 0; k < i; ++k) (void)target.remove_view_export(views[k].name);
+      detach_all();
+      return refusal(req.id, a.error());
+    }
+    names.push_back(p.name);
+  }
+  const double pause_us = std::chrono::duration<double, std::micro>(r->pause).count();
+  log::info("checkpoint '{}' over {} export(s), {} view(s): writes paused {:.0f} us", c.name, devs.size(),
+            views.size(), pause_us);
+  return json{{"name", c.name}, {"pause_us", pause_us}, {"views", names}};
+}
+
+std::variant<json, pc::Refusal> view_end(ControlTarget& target, const pc::Request& req, const pc::ViewEnd& c) {
+  struct Found {
+    std::string name, checkpoint;
+    image::CbwDevice* cbw;
+    std::shared_ptr<image::BlockDevice> keep;
+  };
+  std::vector<Found> found;
+  for (const ControlExport& e : target.control_exports()) {
+    auto* cbw = dynamic_cast<image::CbwDevice*>(e.device.get());
+    if (!cbw) continue;
+    for (const auto& v : cbw->views()) {
+      const std::string name = e.name + "@" + v->checkpoint();
+      const bool wanted = c.checkpoint.empty()
+                              ? std::find(c.views.begin(), c.views.end(), name) != c.views.end()
+                              : v->checkpoint() == c.checkpoint;
+      if (wanted) found.push_back({name, v->checkpoint(), cbw, e.device});
+    }
+  }
+  for (const std::string& n : c.views) {
+    if (std::none_of(found.begin(), found.end(), [&](const Found& f) { return f.name == n; }))
+      return refusal(req.id, make_error(ENOENT, "no view named '{}'", n));
+  }
+  if (found.empty()) return refusal(req.id, make_error(ENOENT, "checkpoint '{}' has no view", c.checkpoint));
+  json names = json::array();
+  for (const Found& f : found) {
+    // Ended first (its readers get EIO, its scratch is freed), then unlisted
+    // and its connections closed.
+    f.cbw->detach(f.checkpoint);
+    (void)target.remove_view_export(f.name);
+    log::info("view '{}' ended", f.name);
+    names.push_back(f.name);
+  }
+  return json{{"views", names}};
 }
 
 }  // namespace
@@ -99,21 +232,11 @@ std::variant<json, pc::Refusal> execute_control(ControlTarget& target, const pc:
         } else if constexpr (std::is_same_v<T, pc::ExportRemove>) {
           if (auto r = target.remove_export(c.name, c.force); !r) return refusal(req.id, r.error());
           return json::object();
+        } else if constexpr (std::is_same_v<T, pc::ViewEnd>) {
+          return view_end(target, req, c);
         } else {
           static_assert(std::is_same_v<T, pc::Checkpoint>);
-          std::vector<image::BlockDevice*> devs;
-          std::vector<std::shared_ptr<image::BlockDevice>> keep;  // alive while the checkpoint runs
-          for (const std::string& e : c.exports) {
-            auto d = device(e);
-            if (!d) return refusal(req.id, d.error());
-            keep.push_back(*d);
-            devs.push_back(d->get());
-          }
-          auto r = image::checkpoint(devs, c.name, c.disable, c.granularity);
-          if (!r) return refusal(req.id, r.error());
-          const double pause_us = std::chrono::duration<double, std::micro>(r->pause).count();
-          log::info("checkpoint '{}' over {} export(s): writes paused {:.0f} us", c.name, devs.size(), pause_us);
-          return json{{"name", c.name}, {"pause_us", pause_us}};
+          return checkpoint(target, req, c);
         }
       },
       req.cmd);

@@ -21,6 +21,7 @@
 #include "common/result.hpp"
 #include "image/block_device.hpp"
 #include "protocol/control.hpp"
+#include "server/server.hpp"
 
 namespace qnbd::server {
 
@@ -31,6 +32,7 @@ struct ControlExport {
   std::string format;
   std::uint64_t size = 0;
   bool read_only = true;
+  bool allocation_depth = false;
   std::size_t connections = 0;
   std::shared_ptr<image::BlockDevice> device;
 };
@@ -46,6 +48,14 @@ class ControlTarget {
   }
   [[nodiscard]] virtual Result<void> remove_export(const std::string&, bool /*force*/) {
     return make_error(ENOTSUP, "this server cannot remove exports");
+  }
+  // A point-in-time view's export appears (EEXIST if the name is taken)
+  // and goes (its connections are closed).
+  [[nodiscard]] virtual Result<void> add_view_export(ExportSpec) {
+    return make_error(ENOTSUP, "this server cannot serve views");
+  }
+  [[nodiscard]] virtual Result<void> remove_view_export(const std::string&) {
+    return make_error(ENOTSUP, "this server cannot serve views");
   }
 };
 

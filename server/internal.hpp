@@ -264,6 +264,9 @@ class Server : public ExportCatalog, public ControlTarget {
   std::vector<ControlExport> control_exports() override;
   Result<void> add_export(const protocol::control::ExportAdd& req) override;
   Result<void> remove_export(const std::string& name, bool force) override;
+  // Point-in-time views as exports (control.cpp adds them at a checkpoint).
+  Result<void> add_view_export(ExportSpec spec) override;
+  Result<void> remove_view_export(const std::string& name) override;
 
   // Long requests run in steps of at most this many bytes, at multiples of
   // it (so cluster-aligned), checking shutting_down() between steps.

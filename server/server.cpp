@@ -40,6 +40,7 @@ std::vector<ControlExport> Server::control_exports() {
     c.format = e->device().format();
     c.size = e->info().size;
     c.read_only = e->info().read_only;
+    c.allocation_depth = e->info().allocation_depth;
     c.connections = l.connections;
     c.device = e->device_ptr();
     out.push_back(std::move(c));
@@ -104,6 +105,22 @@ Result<void> Server::remove_export(const std::string& name, bool force) {
   QNBD_TRY(registry_.remove(name, force, times));
   log::info("export '{}' removed{}", name, force ? " (forced)" : "");
   return ok();
+}
+
+Result<void> Server::add_view_export(ExportSpec spec) {
+  if (shutting_down_) return make_error(EBUSY, "the server is shutting down");
+  QNBD_TRY(registry_.add(std::move(spec)));
+  return ok();
+}
+
+Result<void> Server::remove_view_export(const std::string& name) {
+  // The view has ended (its readers get EIO): its connections are closed
+  // as export-remove --force closes them, then its device is closed.
+  if (shutting_down_) return ok();  // the shutdown sequence closes everything
+  RemoveTimes times;
+  times.grace = std::chrono::duration_cast<std::chrono::milliseconds>(kShutdownGrace);
+  times.drain_limit = std::chrono::duration_cast<std::chrono::milliseconds>(kAbortedDrainLimit);
+  return registry_.remove(name, /*force=*/true, times);
 }
 
 Result<void> Server::add_exports() {

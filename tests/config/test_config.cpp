@@ -128,7 +128,8 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
        R"(/exports/1/read_only: expected a boolean, got "yes")"},
       {R"({"exports": [{"name": "a", "image": "a", "readonly": true}]})",
        "/exports/0/readonly: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, locking, recover_bitmaps, recovery_chunk_size)"},
+       "allocation_depth, bitmaps, cache, discard, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
+       "view_scratch_max)"},
       {R"({"exports": [{"name": "a", "image": "a", "recover_bitmaps": "no"}]})",
        R"(/exports/0/recover_bitmaps: expected a boolean, got "no")"},
       {R"({"exports": [{"name": "a", "image": "a", "recovery_chunk_size": 100000}]})",
@@ -216,11 +217,13 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
       // keys needing RFC 6901 escapes
       {R"({"exports": [{"name": "", "image": "a", "a/b~c": 1}]})",
        "/exports/0/a~1b~0c: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, locking, recover_bitmaps, recovery_chunk_size)"},
+       "allocation_depth, bitmaps, cache, discard, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
+       "view_scratch_max)"},
       // control characters from the file are shown escaped: one line
       {R"({"exports": [{"name": "", "image": "a", "x\ny": 1}]})",
        "/exports/0/x\\ny: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, locking, recover_bitmaps, recovery_chunk_size)"},
+       "allocation_depth, bitmaps, cache, discard, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
+       "view_scratch_max)"},
       {R"({"exports": [{"name": "a\u0001", "image": "a"}, {"name": "a\u0001", "image": "b"}]})",
        R"(/exports/1/name: duplicate export name "a\x01" (also /exports/0/name))"},
       // repeated keys, which a plain JSON parser would silently merge

@@ -114,6 +114,27 @@ TEST_CASE("control: malformed requests get stable error codes and keep their id"
   CHECK(code(R"({"command":"checkpoint","arguments":{"name":"c"}})") == "invalid-argument");
 }
 
+TEST_CASE("control: checkpoint views and view-end") {
+  auto c = std::get<Checkpoint>(
+      ok_request(R"({"command":"checkpoint","arguments":{"name":"c","exports":["a","b"],"views":["b"]}})").cmd);
+  CHECK(c.views == std::vector<std::string>{"b"});
+  CHECK(std::get<Checkpoint>(ok_request(R"({"command":"checkpoint","arguments":{"name":"c","exports":["a"]}})").cmd)
+            .views.empty());
+  CHECK(code(R"({"command":"checkpoint","arguments":{"name":"c","exports":["a"],"views":["x"]}})") ==
+        "invalid-argument");  // not among the exports
+  CHECK(code(R"({"command":"checkpoint","arguments":{"name":"c","exports":["a"],"views":["a","a"]}})") ==
+        "invalid-argument");
+  auto e = std::get<ViewEnd>(ok_request(R"({"command":"view-end","arguments":{"views":["a@c","b@c"]}})").cmd);
+  CHECK(e.views == std::vector<std::string>{"a@c", "b@c"});
+  CHECK(std::get<ViewEnd>(ok_request(R"({"command":"view-end","arguments":{"checkpoint":"c"}})").cmd).checkpoint ==
+        "c");
+  CHECK(code(R"({"command":"view-end","arguments":{}})") == "invalid-argument");
+  CHECK(code(R"({"command":"view-end"})") == "invalid-argument");
+  CHECK(code(R"({"command":"view-end","arguments":{"views":["a@c"],"checkpoint":"c"}})") == "invalid-argument");
+  CHECK(code(R"({"command":"view-end","arguments":{"views":"a@c"}})") == "invalid-argument");
+  CHECK(code(R"({"command":"view-end","arguments":{"checkpoint":""}})") == "invalid-argument");
+}
+
 TEST_CASE("control: replies are one JSON line and survive bytes that are not UTF-8") {
   std::string r = encode_result(5, json{{"x", 1}});
   CHECK(r == "{\"id\":5,\"result\":{\"x\":1}}\n");
