@@ -95,6 +95,15 @@ std::future<Result<int>> start_one_shot_server(const std::string& img, const std
                     [opts = std::move(opts)]() mutable { return server::run_server(std::move(opts)); });
 }
 
+// The one-shot server exits by itself, with status 0, once its client has
+// gone (within 20 s).
+void expect_clean_exit(std::future<Result<int>>& fut) {
+  REQUIRE(fut.wait_for(std::chrono::seconds(20)) == std::future_status::ready);
+  auto status = fut.get();
+  REQUIRE(status.has_value());
+  CHECK(*status == 0);
+}
+
 // Connects and reads the fixed-newstyle greeting (NBD proto.md "Newstyle
 // negotiation"); the caller sends the client flags.
 int connect_and_read_greeting(const std::string& sock) {
@@ -162,10 +171,7 @@ TEST_CASE("non-persistent server: one client writes and reads, server exits 0 an
   send_all(fd, be({{4, NBD_REQUEST_MAGIC}, {2, 0}, {2, NBD_CMD_DISC}, {8, 13}, {8, 0}, {4, 0}}));
   ::close(fd);
 
-  REQUIRE(fut.wait_for(std::chrono::seconds(20)) == std::future_status::ready);
-  auto status = fut.get();
-  REQUIRE(status.has_value());
-  CHECK(*status == 0);
+  expect_clean_exit(fut);
   std::ifstream f(img, std::ios::binary);
   f.seekg(512);
   char buf[4];
@@ -321,10 +327,7 @@ TEST_CASE("in-process session: OPT_GO + structured replies, errors keep the sess
 
   send_all(fd, be({{4, NBD_REQUEST_MAGIC}, {2, 0}, {2, NBD_CMD_DISC}, {8, 25}, {8, 0}, {4, 0}}));
   ::close(fd);
-  REQUIRE(fut.wait_for(std::chrono::seconds(20)) == std::future_status::ready);
-  auto status = fut.get();
-  REQUIRE(status.has_value());
-  CHECK(*status == 0);
+  expect_clean_exit(fut);
   // The read-only export was not written.
   std::ifstream f(img, std::ios::binary);
   std::string head(4, '\0');
