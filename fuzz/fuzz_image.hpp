@@ -50,6 +50,7 @@ struct ImageInput {
 };
 
 inline void decode_image_input(const std::uint8_t* data, std::size_t size, ImageInput& in) {
+  quiet_logs();
   Reader r({data, size});
   in.ops = r.take(r.u16());
   const std::size_t size_field = r.u32();
@@ -75,17 +76,6 @@ inline void decode_image_input(const std::uint8_t* data, std::size_t size, Image
     else (void)in.image.pwrite(std::as_bytes(bytes.first(length)), offset);
   }
   in.image.set_size(std::max(records_end, std::min({size_field, records_end + kSlackBytes, kMaxImageBytes})));
-}
-
-// The image's header as the engine would parse it (reading at most what
-// the engine reads for it), or an error.
-inline Result<image::qcow2::Header> probe_header(SparseFile& f) {
-  static std::vector<std::byte> buf;
-  auto sz = f.size();
-  const std::uint64_t size = sz ? *sz : 0;
-  buf.resize(std::min<std::uint64_t>(size, 2u << 20));
-  (void)f.pread(buf, 0);
-  return image::qcow2::parse_header(buf, size);
 }
 
 // Whether the header asks for an external data file (incompatible feature

@@ -11,6 +11,8 @@
 #include <span>
 #include <vector>
 
+#include "common/log.hpp"
+
 namespace qnbd::fuzz {
 
 
@@ -40,6 +42,14 @@ class Reader {
   std::span<const std::uint8_t> d_;
   std::size_t pos_ = 0;
 };
+
+// The engine's warnings (a corrupt image, a stale record) are expected on
+// almost every input: formatting and printing them would cost more than
+// the run itself.
+inline void quiet_logs() {
+  static const bool once = (log::set_level(log::Level::off), true);
+  (void)once;
+}
 
 // A failed property: print it and abort, so libFuzzer records the input as a
 // crash and the replay test fails.

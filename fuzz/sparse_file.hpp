@@ -78,6 +78,28 @@ class SparseFile final : public image::File {
     std::lock_guard lock(mutex_);
     return mutations_;
   }
+  // Whether both files hold the same bytes (shared pages compare at once;
+  // an absent page equals a stored page of zeroes).
+  bool same_contents(const SparseFile& o) const {
+    std::scoped_lock lock(mutex_, o.mutex_);
+    if (size_ != o.size_) return false;
+    static const Page zero{};
+    auto a = pages_.begin(), b = o.pages_.begin();
+    while (a != pages_.end() || b != o.pages_.end()) {
+      if (b == o.pages_.end() || (a != pages_.end() && a->first < b->first)) {
+        if (*a->second != zero) return false;
+        ++a;
+      } else if (a == pages_.end() || b->first < a->first) {
+        if (*b->second != zero) return false;
+        ++b;
+      } else {
+        if (a->second != b->second && *a->second != *b->second) return false;
+        ++a;
+        ++b;
+      }
+    }
+    return true;
+  }
   std::size_t page_count() const {
     std::lock_guard lock(mutex_);
     return pages_.size();

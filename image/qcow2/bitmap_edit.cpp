@@ -19,12 +19,6 @@ struct Work {
   bool modified = false;               // data must be written
 };
 
-Result<Header> read_header(File& file, std::uint64_t file_size) {
-  std::vector<std::byte> c0(static_cast<std::size_t>(std::min<std::uint64_t>(file_size, 1ull << MAX_CLUSTER_BITS)));
-  QNBD_TRY(file.read_exact(c0, 0, "header"));
-  return parse_header(c0, file_size);
-}
-
 Error not_found(const std::string& name) { return make_error(ENOENT, "Dirty bitmap '{}' not found", name); }
 Error inconsistent(const std::string& name) {
   return make_error(EINVAL, "Bitmap '{}' is inconsistent and cannot be used", name);

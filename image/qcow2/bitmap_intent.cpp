@@ -100,10 +100,12 @@ Result<IntentContents> read_intent(File& file, const IntentIdentity& id) {
   const std::uint64_t chunks = chunk_count(id.disk_size, c.chunk_size);
   const std::uint64_t nbytes = div_round_up(chunks, 8);
   if (nbytes > kMaxChunkBitsBytes) return make_error(EINVAL, "the record has too many chunks ({})", chunks);
+  // Arming syncs the record at its full size before the image names it, so
+  // a shorter file was damaged since: its missing bits may have been set,
+  // and trusting them as clear would lose changes.
+  if (QNBD_TRY(file.size()) < bits_at + nbytes) return make_error(EINVAL, "the record is truncated");
   std::vector<std::byte> bits(static_cast<std::size_t>(nbytes));
-  // A short file reads the missing bits as clear: they were never synced
-  // set (the armed record was synced at its full size).
-  QNBD_TRY(file.read_zero_fill(bits, bits_at));
+  QNBD_TRY(file.read_exact(bits, bits_at, "write-intent record"));
   c.tracked.resize(nb);
   for (std::uint32_t i = 0; i < nb; ++i) c.tracked[i] = (static_cast<unsigned>(tracked[i / 8]) >> (i % 8)) & 1;
   for (std::uint64_t k = 0; k < chunks; ++k) {

@@ -36,9 +36,7 @@ class Checker {
 
   Result<CheckResult> run() {
     file_size_ = QNBD_TRY(file_.size());
-    std::vector<std::byte> c0(static_cast<std::size_t>(std::min<std::uint64_t>(file_size_, 2u << 20)));
-    QNBD_TRY(file_.read_exact(c0, 0, "qcow2 header"));
-    h_ = QNBD_TRY(parse_header(c0, file_size_));
+    h_ = QNBD_TRY(read_header(file_, file_size_));
     cb_ = h_.cluster_bits;
     cs_ = h_.cluster_size();
     nb_clusters_ = div_round_up(file_size_, cs_);

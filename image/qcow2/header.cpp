@@ -7,6 +7,7 @@
 #include "common/checked.hpp"
 #include "common/endian.hpp"
 #include "image/qcow2/header.hpp"
+#include "image/io/file.hpp"
 
 namespace qnbd::image::qcow2 {
 namespace {
@@ -79,11 +80,46 @@ std::string Header::feature_name(std::uint8_t type, std::uint8_t bit) const {
   return builtin ? builtin : "";
 }
 
-Result<Header> parse_header(std::span<const std::byte> header_bytes, std::uint64_t file_size) {
-  const std::byte* p = header_bytes.data();
-  if (header_bytes.size() < V2_HEADER_LENGTH) {
-    return make_error(EINVAL, "file is too small to be a qcow2 image ({} bytes)", header_bytes.size());
+namespace {
+
+// Cluster 0 as parse_header sees it: `known` holds the file's first bytes,
+// the file has `avail` bytes of cluster 0 in all (min(file size, 2 MiB), the
+// rest of the cluster reads as zeroes). When `known` is shorter than
+// `avail` (read_header reads a prefix first), at() records the furthest
+// byte the parse looked at, so the caller can read more and parse again; a
+// result that depended on a byte not known is never returned.
+class Cluster0 {
+ public:
+  Cluster0(std::span<const std::byte> known, std::uint64_t avail) : known_(known), avail_(avail) {}
+  std::uint64_t avail() const { return avail_; }
+  std::uint64_t wanted() const { return wanted_; }
+  // `n` bytes at `off` (inside cluster 0): the file's bytes, zeroes past its
+  // end or past what is known.
+  const std::byte* at(std::uint64_t off, std::uint64_t n) {
+    wanted_ = std::max(wanted_, off + n);
+    if (off + n <= known_.size()) return known_.data() + off;
+    // Rare: a read past the known bytes. A zero-padded copy, grown to what
+    // is asked (never the whole cluster up front), doubling so that a walk
+    // of many small extensions past the known bytes stays linear.
+    if (pad_.size() < off + n) {
+      if (pad_.empty()) pad_.assign(known_.begin(), known_.end());
+      pad_.resize(static_cast<std::size_t>(std::max(off + n, 2 * pad_.size())), std::byte{0});
+    }
+    return pad_.data() + off;
   }
+
+ private:
+  std::span<const std::byte> known_;
+  std::uint64_t avail_;
+  std::uint64_t wanted_ = 0;
+  std::vector<std::byte> pad_;
+};
+
+Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
+  if (c0.avail() < V2_HEADER_LENGTH) {
+    return make_error(EINVAL, "file is too small to be a qcow2 image ({} bytes)", c0.avail());
+  }
+  const std::byte* p = c0.at(0, V2_HEADER_LENGTH);
   if (load_be32(p) != QCOW2_MAGIC) return make_error(EINVAL, "not a qcow2 image (bad magic)");
 
   Header h;
@@ -110,11 +146,8 @@ Result<Header> parse_header(std::span<const std::byte> header_bytes, std::uint64
   }
   const std::uint64_t cluster_size = h.cluster_size();
 
-  // Work on a zero-padded copy of cluster 0 so a short file cannot make us
-  // read outside the buffer; bytes past EOF read as zeroes.
-  std::vector<std::byte> c0(cluster_size, std::byte{0});
-  std::memcpy(c0.data(), p, std::min<std::size_t>(header_bytes.size(), c0.size()));
-  p = c0.data();
+  // Every read below goes through c0.at(), inside cluster 0: bytes past the
+  // end of the file read as zeroes.
 
   if (h.version == 2) {
     // §13.1 #5: v2 has none of the v3 fields.
@@ -123,9 +156,10 @@ Result<Header> parse_header(std::span<const std::byte> header_bytes, std::uint64
     h.header_length = V2_HEADER_LENGTH;
     h.compression_type = COMPRESSION_DEFLATE;
   } else {
-    if (header_bytes.size() < V3_MIN_HEADER_LENGTH) {
-      return make_error(EINVAL, "file is too small for a version 3 header ({} bytes)", header_bytes.size());
+    if (c0.avail() < V3_MIN_HEADER_LENGTH) {
+      return make_error(EINVAL, "file is too small for a version 3 header ({} bytes)", c0.avail());
     }
+    p = c0.at(0, V3_MIN_HEADER_LENGTH);
     h.incompatible_features = load_be64(p + 72);
     h.compatible_features = load_be64(p + 80);
     h.autoclear_features = load_be64(p + 88);
@@ -143,9 +177,10 @@ Result<Header> parse_header(std::span<const std::byte> header_bytes, std::uint64
       return make_error(EINVAL, "header_length {} is larger than the cluster size {}", h.header_length,
                         cluster_size);
     }
-    if (h.header_length > header_bytes.size()) {
+    if (h.header_length > c0.avail()) {
       return make_error(EINVAL, "header_length {} runs past the end of the file", h.header_length);
     }
+    p = c0.at(0, h.header_length);
     // §2.1: the optional compression_type byte exists only if header_length > 104.
     h.compression_type = h.header_length > 104 ? static_cast<std::uint8_t>(p[104]) : 0;
     if (h.header_length > V3_HEADER_LENGTH) {
@@ -172,10 +207,10 @@ Result<Header> parse_header(std::span<const std::byte> header_bytes, std::uint64
     if (h.backing_file_offset < h.header_length) {
       return make_error(EINVAL, "backing file name at offset {:#x} overlaps the header", h.backing_file_offset);
     }
-    if (h.backing_file_offset + h.backing_file_size > header_bytes.size()) {
+    if (h.backing_file_offset + h.backing_file_size > c0.avail()) {
       return make_error(EINVAL, "backing file name runs past the end of the file");
     }
-    h.backing_file = string_from(p + h.backing_file_offset, h.backing_file_size);
+    h.backing_file = string_from(c0.at(h.backing_file_offset, h.backing_file_size), h.backing_file_size);
     if (h.backing_file.empty()) return make_error(EINVAL, "backing file name is empty");
   }
 
@@ -190,14 +225,15 @@ Result<Header> parse_header(std::span<const std::byte> header_bytes, std::uint64
       if (pos == ext_end) break;
       return make_error(EINVAL, "header extension at offset {:#x} too large (runs past the extension area)", pos);
     }
-    std::uint32_t type = load_be32(p + pos);
-    std::uint32_t len = load_be32(p + pos + 4);
+    const std::byte* e = c0.at(pos, 8);
+    std::uint32_t type = load_be32(e);
+    std::uint32_t len = load_be32(e + 4);
     pos += 8;
     if (type == EXT_END) break;
     if (len > ext_end - pos) {
       return make_error(EINVAL, "header extension {:#010x} too large ({} bytes at offset {:#x})", type, len, pos);
     }
-    const std::byte* data = p + pos;
+    const std::byte* data = c0.at(pos, len);
     auto duplicate = [&](const char* name) {
       return make_error(EINVAL, "header extension '{}' ({:#010x}) appears twice", name, type);
     };
@@ -351,6 +387,32 @@ Result<Header> parse_header(std::span<const std::byte> header_bytes, std::uint64
     }
   }
   return h;
+}
+
+}  // namespace
+
+Result<Header> parse_header(std::span<const std::byte> header_bytes, std::uint64_t file_size) {
+  Cluster0 c0(header_bytes, header_bytes.size());
+  return parse_cluster0(c0, file_size);
+}
+
+Result<Header> read_header(File& file, std::uint64_t file_size) {
+  // What a header usually needs (the fixed fields, a few extensions, the
+  // backing file name) is in the first 4 KiB; a parse that looked further
+  // (extensions or a backing file name further into the cluster) is
+  // repeated on as much as it looked at, at least twice as much each time,
+  // up to the whole of cluster 0. Never more than min(file size, 2 MiB).
+  const std::uint64_t avail = std::min<std::uint64_t>(file_size, 1ull << MAX_CLUSTER_BITS);
+  std::uint64_t want = std::min<std::uint64_t>(avail, 4096);
+  std::vector<std::byte> buf;
+  for (;;) {
+    buf.resize(static_cast<std::size_t>(want));
+    QNBD_TRY(file.read_exact(buf, 0, "header"));
+    Cluster0 c0(buf, avail);
+    auto h = parse_cluster0(c0, file_size);
+    if (c0.wanted() <= want || want == avail) return h;
+    want = std::min(avail, std::max(c0.wanted(), 2 * want));
+  }
 }
 
 }  // namespace qnbd::image::qcow2

@@ -17,6 +17,10 @@
 #include "common/result.hpp"
 #include "image/qcow2/format.hpp"
 
+namespace qnbd::image {
+class File;
+}
+
 namespace qnbd::image::qcow2 {
 
 struct BitmapsExtension {  // §4.4
@@ -95,6 +99,13 @@ struct Header {
 // Errors name the defect in one line (without the file name).
 [[nodiscard]] Result<Header> parse_header(std::span<const std::byte> header_bytes,
                                           std::uint64_t file_size);
+
+// Read and parse the header of `file` (of `file_size` bytes): the same
+// result as parse_header over the file's first min(file size, 2 MiB) bytes,
+// but reading only the part of cluster 0 the parse looks at (the fixed
+// header, header_length, the extensions up to their end marker, the backing
+// file name): usually one 4 KiB read, where a 2 MiB cluster would cost 2 MiB.
+[[nodiscard]] Result<Header> read_header(File& file, std::uint64_t file_size);
 
 // Encode the header, extensions (feature table included if non-empty) and
 // backing file name into one cluster-sized buffer, setting

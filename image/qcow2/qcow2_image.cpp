@@ -63,10 +63,7 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
   File& file = *img->file_;
   img->file_size_ = QNBD_TRY(file.size());
 
-  // Cluster 0 is at most 2 MiB (cluster_bits <= 21).
-  std::vector<std::byte> c0(static_cast<std::size_t>(std::min<std::uint64_t>(img->file_size_, 1ull << MAX_CLUSTER_BITS)));
-  QNBD_TRY(file.read_exact(c0, 0, "header"));
-  img->header_ = QNBD_TRY(parse_header(c0, img->file_size_));
+  img->header_ = QNBD_TRY(read_header(file, img->file_size_));
   const Header& h = img->header_;
   QNBD_TRY(check_metadata_overlaps(h));
 
@@ -77,9 +74,7 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
       // header again (the rebuild may have moved the refcount table).
       QNBD_TRY(img->repair_dirty_image(file));
       img->file_size_ = QNBD_TRY(file.size());
-      c0.assign(static_cast<std::size_t>(std::min<std::uint64_t>(img->file_size_, 1ull << MAX_CLUSTER_BITS)), std::byte{0});
-      QNBD_TRY(file.read_exact(c0, 0, "header"));
-      img->header_ = QNBD_TRY(parse_header(c0, img->file_size_));
+      img->header_ = QNBD_TRY(read_header(file, img->file_size_));
       QNBD_TRY(check_metadata_overlaps(h));
     }
   }

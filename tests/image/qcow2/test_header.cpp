@@ -2,9 +2,11 @@
 // message naming the defect.
 #include <doctest/doctest.h>
 
+#include <cstring>
 #include <string>
 
 #include "common/endian.hpp"
+#include "image/io/mem_file.hpp"
 #include "image/qcow2/header.hpp"
 #include "image_test_support.hpp"
 
@@ -212,4 +214,113 @@ TEST_CASE("header: a file shorter than the header is refused") {
   HandImage h = base();
   h.bytes.resize(50);
   CHECK(error_of(h).find("too small") != std::string::npos);
+}
+
+namespace {
+
+// Counts the bytes read, so a test can see what read_header costs.
+class CountingFile final : public qnbd::image::File {
+ public:
+  explicit CountingFile(std::vector<std::byte> b) : f_("count.qcow2", std::move(b)) {}
+  qnbd::Result<std::size_t> pread(std::span<std::byte> b, std::uint64_t o) override {
+    read_ += b.size();
+    return f_.pread(b, o);
+  }
+  qnbd::Result<void> pwrite(std::span<const std::byte> b, std::uint64_t o) override { return f_.pwrite(b, o); }
+  qnbd::Result<void> flush() override { return f_.flush(); }
+  qnbd::Result<void> truncate(std::uint64_t s) override { return f_.truncate(s); }
+  qnbd::Result<std::uint64_t> size() override { return f_.size(); }
+  const std::string& name() const override { return f_.name(); }
+  std::uint64_t read_ = 0;
+
+ private:
+  qnbd::image::MemFile f_;
+};
+
+// read_header must give what parse_header gives over the first
+// min(file size, 2 MiB) bytes, whatever the layout.
+void same_as_parse(const std::vector<std::byte>& bytes, std::uint64_t* read = nullptr) {
+  auto full = parse_header(std::span(bytes).first(std::min<std::size_t>(bytes.size(), 2u << 20)), bytes.size());
+  CountingFile f(bytes);
+  auto got = read_header(f, bytes.size());
+  REQUIRE(full.has_value() == got.has_value());
+  if (read) *read = f.read_;
+  if (!full) {
+    CHECK(full.error().message == got.error().message);
+    return;
+  }
+  CHECK(got->header_length == full->header_length);
+  CHECK(got->backing_file == full->backing_file);
+  CHECK(got->backing_format == full->backing_format);
+  CHECK(got->data_file == full->data_file);
+  CHECK(got->unknown_extensions.size() == full->unknown_extensions.size());
+  CHECK(got->unknown_header_fields == full->unknown_header_fields);
+  CHECK(got->feature_names.size() == full->feature_names.size());
+}
+
+}  // namespace
+
+TEST_CASE("read_header: reads only the part of a 2 MiB cluster 0 the header uses") {
+  HandImage h;
+  h.cluster_bits = 21;
+  h.build(1);
+  std::size_t pos = add_ext(h, 112, EXT_BACKING_FORMAT, "raw");
+  (void)pos;
+  std::uint64_t read = 0;
+  same_as_parse(h.bytes, &read);
+  CHECK(read <= 4096);  // 2 MiB before read_header
+}
+
+TEST_CASE("read_header: extensions and the backing file name far into cluster 0") {
+  HandImage h;
+  h.cluster_bits = 21;
+  h.build(1);
+  // Unknown extensions of 64 KiB each up to 1 MiB, then the backing format;
+  // the backing file name near the end of the cluster.
+  std::size_t pos = 112;
+  const std::string big(65536 - 8, 'x');
+  while (pos < (1u << 20)) pos = add_ext(h, pos, 0x7e570000u + static_cast<std::uint32_t>(pos), big);
+  pos = add_ext(h, pos, EXT_BACKING_FORMAT, "raw");
+  const std::string backing = "far/away.img";
+  const std::uint64_t at = (2u << 20) - 4096;
+  store_be64(h.bytes.data() + 8, at);
+  store_be32(h.bytes.data() + 16, static_cast<std::uint32_t>(backing.size()));
+  std::memcpy(h.bytes.data() + at, backing.data(), backing.size());
+  same_as_parse(h.bytes);
+  auto r = parse(h);
+  REQUIRE_MESSAGE(r, r.error().message);
+  CHECK(r->backing_file == backing);
+  CHECK(r->backing_format == "raw");
+  CHECK(r->unknown_extensions.size() == 16);
+
+  SUBCASE("an extension running past the end of the file") {
+    h.bytes.resize((1u << 20) + 4096);  // cut inside cluster 0
+    same_as_parse(h.bytes);
+  }
+  SUBCASE("small extensions past the first 4 KiB, no end marker before the backing name") {
+    for (std::size_t p = 112; p + 8 <= at; p += 8) {
+      store_be32(h.bytes.data() + p, 0x7e570001u);
+      store_be32(h.bytes.data() + p + 4, 0);
+    }
+    same_as_parse(h.bytes);
+  }
+}
+
+TEST_CASE("read_header: header_length and short files") {
+  for (std::uint32_t cluster_bits : {9u, 12u, 16u, 21u}) {
+    for (std::uint32_t hl : {104u, 112u, 120u, 4096u, 8192u}) {
+      HandImage h;
+      h.cluster_bits = cluster_bits;
+      h.build(1);
+      store_be32(h.bytes.data() + 100, hl);
+      CAPTURE(cluster_bits);
+      CAPTURE(hl);
+      same_as_parse(h.bytes);
+      for (std::size_t cut : {std::size_t{50}, std::size_t{100}, std::size_t{4000}, std::size_t{4100}}) {
+        auto b = h.bytes;
+        b.resize(std::min(b.size(), cut));
+        same_as_parse(b);
+      }
+    }
+  }
 }
