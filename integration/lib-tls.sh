@@ -1,6 +1,9 @@
 # TLS material for the TLS tests, made fresh at test time with certtool and
 # psktool (gnutls-bin). Source after lib-serve.sh (or functions.sh):
 #   source "$(dirname "$0")/lib-tls.sh"
+#   tls_test_setup TOOLS...      # requires TOOLS and python3-libnbd, makes
+#                                # the material, sets TLS_DIR and T
+# or, for the material alone:
 #   make_tls_material            # sets TLS_DIR
 #
 # Layout under $TLS_DIR (qemu's file names, so the same directories work for
@@ -81,4 +84,36 @@ wait_log() {
     sleep 0.05
   done
   return 1
+}
+
+# tls_test_setup TOOLS...: the preamble every TLS test shares: skip unless
+# TOOLS and python3-libnbd ($PY) are there, make the material, T=$TLS_DIR.
+tls_test_setup() {
+  requires "$@"
+  requires_python_nbd
+  make_tls_material
+  T=$TLS_DIR
+}
+
+# free_port: a TCP port on 127.0.0.1 that was free a moment ago.
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# serve_tls_tcp PORT ARGS...: qnbd serve on 127.0.0.1:PORT (persistent) with
+# the X.509 server credentials of $T/server as --tls-creds t; ARGS end with
+# the image. Sets SRV_PID and SRV_LOG (its stderr); returns once the pid file
+# is written (the listener is bound by then).
+serve_tls_tcp() {
+  local port=$1
+  shift
+  SRV_LOG=$TMPDIR_TEST/srv$port.log
+  "$QNBD" serve -t -b 127.0.0.1 -p "$port" \
+    --object "tls-creds-x509,id=t,endpoint=server,dir=$T/server" --tls-creds t \
+    --pid-file "$TMPDIR_TEST/srv$port.pid" "$@" 2>"$SRV_LOG" &
+  SRV_PID=$!
+  cleanup_fn "kill -9 $SRV_PID 2>/dev/null"
+  local i
+  for ((i = 0; i < 200; i++)); do [[ -s $TMPDIR_TEST/srv$port.pid ]] && return; sleep 0.05; done
+  fail "server on port $port did not start"
 }

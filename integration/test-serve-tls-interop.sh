@@ -7,14 +7,7 @@
 # listener beside a plaintext Unix socket.
 source "$(dirname "$0")/lib-serve.sh"
 source "$(dirname "$0")/lib-tls.sh"
-requires nbdinfo nbdcopy qemu-img qemu-io
-requires_python_nbd
-make_tls_material
-T=$TLS_DIR
-
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+tls_test_setup nbdinfo nbdcopy qemu-img qemu-io
 
 img=$TMPDIR_TEST/disk.img
 head -c 4M /dev/urandom >"$img"
@@ -48,11 +41,8 @@ stop_serve
 
 # --- X.509, TCP 127.0.0.1: nbds://localhost with the host name checked ------
 port=$(free_port)
-"$QNBD" serve -t -b 127.0.0.1 -p "$port" -f raw --object "tls-creds-x509,id=t,endpoint=server,dir=$T/server" \
-  --tls-creds t --pid-file "$TMPDIR_TEST/tcp.pid" "$img" 2>"$TMPDIR_TEST/tcp.log" &
-tcp_pid=$!
-cleanup_fn "kill -9 $tcp_pid 2>/dev/null"
-for ((i = 0; i < 200; i++)); do [[ -s $TMPDIR_TEST/tcp.pid ]] && break; sleep 0.05; done
+serve_tls_tcp "$port" -f raw "$img"
+tcp_pid=$SRV_PID
 tu="nbds://localhost:$port/?tls-certificates=$T/client2&tls-verify-peer=true"
 # python3-libnbd (what nbdsh runs): nbdsh -u refuses tls-certificates= in a URI.
 got=$("$PY" -c 'import nbd, sys

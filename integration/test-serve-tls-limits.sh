@@ -7,28 +7,14 @@
 # promptly (the qemu-nbd CVE-2024-7409 case).
 source "$(dirname "$0")/lib-serve.sh"
 source "$(dirname "$0")/lib-tls.sh"
-requires nbdinfo timeout
-requires_python_nbd
-make_tls_material
-T=$TLS_DIR
+tls_test_setup nbdinfo timeout
 img=$TMPDIR_TEST/disk.img
 truncate -s 1M "$img"
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 serve_tcp() {  # PORT ARGS...: sets SRV_PID, SRV_LOG
   local port=$1
   shift
-  SRV_LOG=$TMPDIR_TEST/srv$port.log
-  "$QNBD" serve -t -b 127.0.0.1 -p "$port" -f raw --handshake-timeout 60 \
-    --object "tls-creds-x509,id=t,endpoint=server,dir=$T/server" --tls-creds t \
-    --pid-file "$TMPDIR_TEST/srv$port.pid" "$@" "$img" 2>"$SRV_LOG" &
-  SRV_PID=$!
-  cleanup_fn "kill -9 $SRV_PID 2>/dev/null"
-  local i
-  for ((i = 0; i < 200; i++)); do [[ -s $TMPDIR_TEST/srv$port.pid ]] && return; sleep 0.05; done
-  fail "server on port $port did not start"
+  serve_tls_tcp "$port" -f raw --handshake-timeout 60 "$@" "$img"
 }
 # Holders: N raw connections from SRC that stop mid-negotiation. MODE
 # "greeting" reads the greeting and stalls; "tls" also sends STARTTLS, reads

@@ -8,10 +8,7 @@
 # start with one line naming the file.
 source "$(dirname "$0")/lib-serve.sh"
 source "$(dirname "$0")/lib-tls.sh"
-requires nbdinfo timeout
-requires_python_nbd
-make_tls_material
-T=$TLS_DIR
+tls_test_setup nbdinfo timeout
 
 img=$TMPDIR_TEST/disk.img
 head -c 1M /dev/urandom >"$img"

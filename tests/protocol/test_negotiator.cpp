@@ -2,12 +2,15 @@
 
 #include <functional>
 
+#include "negotiator_test_support.hpp"
 #include "protocol/constants.hpp"
 #include "protocol/negotiator.hpp"
-#include "test_helpers.hpp"
 
 using namespace qnbd::protocol;
 using qnbd::test::Bytes;
+using qnbd::test::info_go_data;
+using qnbd::test::option;
+using qnbd::test::parse_replies;
 
 namespace {
 
@@ -68,45 +71,14 @@ Outcome drive(const ExportCatalog& cat, const std::vector<std::byte>& input, std
 }
 
 Bytes greeting() { return Bytes().u64(NBDMAGIC).u64(IHAVEOPT).u16(3); }
-Bytes option(std::uint32_t code, const Bytes& data = {}) {
-  return Bytes().u64(IHAVEOPT).u32(code).u32(static_cast<std::uint32_t>(data.v.size())).add(data);
-}
 Bytes rep(std::uint32_t opt, std::uint32_t type, const Bytes& data = {}) {
   return Bytes().u64(NBD_REP_MAGIC).u32(opt).u32(type).u32(static_cast<std::uint32_t>(data.v.size())).add(data);
-}
-Bytes info_go_data(std::string_view name, std::vector<std::uint16_t> reqs) {
-  Bytes d;
-  d.u32(static_cast<std::uint32_t>(name.size())).str(name).u16(static_cast<std::uint16_t>(reqs.size()));
-  for (auto r : reqs) d.u16(r);
-  return d;
 }
 Bytes meta_data(std::string_view name, std::vector<std::string_view> queries) {
   Bytes d;
   d.u32(static_cast<std::uint32_t>(name.size())).str(name).u32(static_cast<std::uint32_t>(queries.size()));
   for (auto q : queries) d.u32(static_cast<std::uint32_t>(q.size())).str(q);
   return d;
-}
-// Error replies carry a message; compare only the header fields.
-struct Rep {
-  std::uint32_t opt, type;
-  std::vector<std::byte> data;
-};
-std::vector<Rep> parse_replies(const std::vector<std::byte>& b, std::size_t from) {
-  std::vector<Rep> out;
-  auto be = [&](std::size_t at, int n) {
-    std::uint64_t x = 0;
-    for (int i = 0; i < n; ++i) x = (x << 8) | std::to_integer<std::uint8_t>(b.at(at + i));
-    return x;
-  };
-  while (from < b.size()) {
-    REQUIRE(be(from, 8) == NBD_REP_MAGIC);
-    Rep r{static_cast<std::uint32_t>(be(from + 8, 4)), static_cast<std::uint32_t>(be(from + 12, 4)), {}};
-    auto len = be(from + 16, 4);
-    r.data.assign(b.begin() + static_cast<long>(from + 20), b.begin() + static_cast<long>(from + 20 + len));
-    out.push_back(r);
-    from += 20 + len;
-  }
-  return out;
 }
 
 // Run a script once whole, byte by byte, and cut at every single offset:

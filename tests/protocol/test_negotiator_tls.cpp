@@ -2,12 +2,16 @@
 // "NBD_OPT_STARTTLS"): expected bytes are written from the spec tables.
 #include <doctest/doctest.h>
 
+#include "negotiator_test_support.hpp"
 #include "protocol/constants.hpp"
 #include "protocol/negotiator.hpp"
-#include "test_helpers.hpp"
 
 using namespace qnbd::protocol;
 using qnbd::test::Bytes;
+using qnbd::test::info_go_data;
+using qnbd::test::option;
+using qnbd::test::parse_replies;
+using qnbd::test::Rep;
 
 namespace {
 
@@ -19,15 +23,6 @@ StaticCatalog tls_catalog() {
   a.read_only = false;
   return StaticCatalog({a});
 }
-
-Bytes option(std::uint32_t code, const Bytes& data = {}) {
-  return Bytes().u64(IHAVEOPT).u32(code).u32(static_cast<std::uint32_t>(data.v.size())).add(data);
-}
-
-struct Rep {
-  std::uint32_t opt, type;
-  std::size_t len;
-};
 
 // Drives the negotiator through `before` (in clear), then, if it asks for
 // start_tls, records it, calls tls_started() and feeds `after`.
@@ -80,32 +75,21 @@ TlsRun drive(const ExportCatalog& cat, TlsMode mode, const Bytes& before, const 
     break;
   }
   r.close_reason = n.close_reason();
-  // Parse the option replies after the 18-byte greeting.
-  auto be = [&](std::size_t at, int k) {
-    std::uint64_t x = 0;
-    for (int i = 0; i < k; ++i) x = (x << 8) | std::to_integer<std::uint8_t>(r.sent.at(at + i));
-    return x;
-  };
-  std::size_t at = 18;
-  while (at + 20 <= r.sent.size() && be(at, 8) == NBD_REP_MAGIC) {
-    Rep p{static_cast<std::uint32_t>(be(at + 8, 4)), static_cast<std::uint32_t>(be(at + 12, 4)),
-          static_cast<std::size_t>(be(at + 16, 4))};
-    r.replies.push_back(p);
-    at += 20 + p.len;
-  }
+  // The option replies after the 18-byte greeting (and before the
+  // NBD_OPT_EXPORT_NAME reply, where a test ends with one).
+  REQUIRE(r.sent.size() >= 18);
+  r.replies = parse_replies(r.sent, 18, /*other_may_follow=*/true);
   return r;
 }
 
 Bytes flags() { return Bytes().u32(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES); }
-Bytes go_data(std::string_view name) {
-  return Bytes().u32(static_cast<std::uint32_t>(name.size())).str(name).u16(0);
-}
 
 }  // namespace
 
 TEST_CASE("NOTLS: STARTTLS gets NBD_REP_ERR_POLICY and options work normally") {
   auto cat = tls_catalog();
-  auto r = drive(cat, TlsMode::none, flags().add(option(NBD_OPT_STARTTLS)).add(option(NBD_OPT_GO, go_data("disk"))));
+  auto r =
+      drive(cat, TlsMode::none, flags().add(option(NBD_OPT_STARTTLS)).add(option(NBD_OPT_GO, info_go_data("disk"))));
   CHECK_FALSE(r.tls_asked);
   REQUIRE(r.replies.size() >= 2);
   CHECK(r.replies[0].type == NBD_REP_ERR_POLICY);
@@ -120,7 +104,7 @@ TEST_CASE("FORCEDTLS before STARTTLS: every option but ABORT gets TLS_REQD, noth
   auto script = flags();
   for (auto o : opts) {
     bool takes_name = o == NBD_OPT_INFO || o == NBD_OPT_GO;
-    script.add(option(o, takes_name ? go_data("disk") : Bytes()));
+    script.add(option(o, takes_name ? info_go_data("disk") : Bytes()));
   }
   script.add(option(NBD_OPT_ABORT));
   auto r = drive(cat, TlsMode::required, script);
@@ -172,7 +156,7 @@ TEST_CASE("FORCEDTLS: STARTTLS is acknowledged, then the handshake; nothing is r
   REQUIRE(r.replies.size() == 1);
   CHECK(r.replies[0].opt == NBD_OPT_STARTTLS);
   CHECK(r.replies[0].type == NBD_REP_ACK);
-  CHECK(r.replies[0].len == 0);
+  CHECK(r.replies[0].data.empty());
 }
 
 TEST_CASE("FORCEDTLS after the upgrade: options work, a second STARTTLS is INVALID, no TLS_REQD") {
@@ -180,7 +164,7 @@ TEST_CASE("FORCEDTLS after the upgrade: options work, a second STARTTLS is INVAL
   auto after = Bytes()
                    .add(option(NBD_OPT_STARTTLS))
                    .add(option(NBD_OPT_LIST))
-                   .add(option(NBD_OPT_GO, go_data("disk")));
+                   .add(option(NBD_OPT_GO, info_go_data("disk")));
   auto r = drive(cat, TlsMode::required, flags().add(option(NBD_OPT_STARTTLS)), after);
   CHECK(r.tls_asked);
   REQUIRE(r.replies.size() >= 4);

@@ -75,6 +75,46 @@ std::vector<std::byte> be(std::initializer_list<std::pair<int, std::uint64_t>> f
   return out;
 }
 
+// A non-persistent server on a Unix socket exporting one raw image, run on
+// its own thread; the future holds run_server's result once the last client
+// has gone.
+std::future<Result<int>> start_one_shot_server(const std::string& img, const std::string& sock, bool read_only,
+                                               const std::string& export_name, std::uint32_t threads) {
+  server::ServerOptions opts;
+  server::ExportSpec spec;
+  spec.device = open_raw(img, read_only);
+  spec.info = server::describe_export(*spec.device, export_name, "", read_only, false, false);
+  opts.exports.push_back(spec);
+  server::ListenerSpec l;
+  l.kind = server::ListenerSpec::Kind::unix_socket;
+  l.path = sock;
+  opts.listeners.push_back(l);
+  opts.persistent = false;
+  opts.threads = threads;
+  return std::async(std::launch::async,
+                    [opts = std::move(opts)]() mutable { return server::run_server(std::move(opts)); });
+}
+
+// The one-shot server exits by itself, with status 0, once its client has
+// gone (within 20 s).
+void expect_clean_exit(std::future<Result<int>>& fut) {
+  REQUIRE(fut.wait_for(std::chrono::seconds(20)) == std::future_status::ready);
+  auto status = fut.get();
+  REQUIRE(status.has_value());
+  CHECK(*status == 0);
+}
+
+// Connects and reads the fixed-newstyle greeting (NBD proto.md "Newstyle
+// negotiation"); the caller sends the client flags.
+int connect_and_read_greeting(const std::string& sock) {
+  int fd = connect_unix(sock);
+  REQUIRE(fd >= 0);
+  auto greeting = recv_exact(fd, 18);
+  REQUIRE(load_be64(greeting.data()) == NBDMAGIC);
+  REQUIRE(load_be64(greeting.data() + 8) == IHAVEOPT);
+  return fd;
+}
+
 }  // namespace
 
 TEST_CASE("describe_export follows qemu-nbd's flag choices") {
@@ -109,23 +149,9 @@ TEST_CASE("non-persistent server: one client writes and reads, server exits 0 an
   auto sock = (dir.path / "s.sock").string();
   std::ofstream(img).close();
   std::filesystem::resize_file(img, 1 << 20);
-  server::ServerOptions opts;
-  server::ExportSpec spec;
-  spec.device = open_raw(img, false);
-  spec.info = server::describe_export(*spec.device, "", "", false, false, false);
-  opts.exports.push_back(spec);
-  server::ListenerSpec l;
-  l.kind = server::ListenerSpec::Kind::unix_socket;
-  l.path = sock;
-  opts.listeners.push_back(l);
-  opts.persistent = false;
-  opts.threads = 2;
-  auto fut = std::async(std::launch::async, [&] { return server::run_server(std::move(opts)); });
+  auto fut = start_one_shot_server(img, sock, /*read_only=*/false, "", /*threads=*/2);
 
-  int fd = connect_unix(sock);
-  REQUIRE(fd >= 0);
-  auto greeting = recv_exact(fd, 18);
-  CHECK(load_be64(greeting.data()) == NBDMAGIC);
+  int fd = connect_and_read_greeting(sock);
   send_all(fd, be({{4, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES}}));
   send_all(fd, be({{8, IHAVEOPT}, {4, NBD_OPT_EXPORT_NAME}, {4, 0}}));
   auto ex = recv_exact(fd, 10);
@@ -145,10 +171,7 @@ TEST_CASE("non-persistent server: one client writes and reads, server exits 0 an
   send_all(fd, be({{4, NBD_REQUEST_MAGIC}, {2, 0}, {2, NBD_CMD_DISC}, {8, 13}, {8, 0}, {4, 0}}));
   ::close(fd);
 
-  REQUIRE(fut.wait_for(std::chrono::seconds(20)) == std::future_status::ready);
-  auto status = fut.get();
-  REQUIRE(status.has_value());
-  CHECK(*status == 0);
+  expect_clean_exit(fut);
   std::ifstream f(img, std::ios::binary);
   f.seekg(512);
   char buf[4];
@@ -221,24 +244,9 @@ TEST_CASE("in-process session: OPT_GO + structured replies, errors keep the sess
     o << pattern;
   }
   std::filesystem::resize_file(img, 64 << 10);
-  server::ServerOptions opts;
-  server::ExportSpec spec;
-  spec.device = open_raw(img, true);
-  spec.info = server::describe_export(*spec.device, "ro", "", true, false, false);
-  opts.exports.push_back(spec);
-  server::ListenerSpec l;
-  l.kind = server::ListenerSpec::Kind::unix_socket;
-  l.path = sock;
-  opts.listeners.push_back(l);
-  opts.persistent = false;
-  opts.threads = 1;
-  auto fut = std::async(std::launch::async, [&] { return server::run_server(std::move(opts)); });
+  auto fut = start_one_shot_server(img, sock, /*read_only=*/true, "ro", /*threads=*/1);
 
-  int fd = connect_unix(sock);
-  REQUIRE(fd >= 0);
-  auto greeting = recv_exact(fd, 18);
-  REQUIRE(load_be64(greeting.data()) == NBDMAGIC);
-  REQUIRE(load_be64(greeting.data() + 8) == IHAVEOPT);
+  int fd = connect_and_read_greeting(sock);
   send_all(fd, be({{4, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES}}));
 
   send_all(fd, be({{8, IHAVEOPT}, {4, NBD_OPT_STRUCTURED_REPLY}, {4, 0}}));
@@ -319,10 +327,7 @@ TEST_CASE("in-process session: OPT_GO + structured replies, errors keep the sess
 
   send_all(fd, be({{4, NBD_REQUEST_MAGIC}, {2, 0}, {2, NBD_CMD_DISC}, {8, 25}, {8, 0}, {4, 0}}));
   ::close(fd);
-  REQUIRE(fut.wait_for(std::chrono::seconds(20)) == std::future_status::ready);
-  auto status = fut.get();
-  REQUIRE(status.has_value());
-  CHECK(*status == 0);
+  expect_clean_exit(fut);
   // The read-only export was not written.
   std::ifstream f(img, std::ios::binary);
   std::string head(4, '\0');

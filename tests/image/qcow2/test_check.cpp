@@ -59,6 +59,16 @@ CheckResult run(Img& i, RepairMode mode, std::vector<std::string>* lines = nullp
   return *r;
 }
 
+// A repair as qemu-img check -r is judged: check, check -r `mode`, check
+// again. What -r reports as left must be what the following check finds.
+struct RepairRound {
+  CheckResult before, repaired, after;
+};
+RepairRound repair_round(Img& i, RepairMode mode) {
+  // Braced initialisation runs the three checks in this order.
+  return {run(i, RepairMode::none), run(i, mode), run(i, RepairMode::none)};
+}
+
 }  // namespace
 
 TEST_CASE("check: a fresh preallocated image is clean, with qemu-img's statistics") {
@@ -170,10 +180,8 @@ TEST_CASE("check -r: references past the end of the file stay reported (fuzz_che
   for (RepairMode mode : {RepairMode::leaks, RepairMode::all}) {
     Img i = make();
     i.f.data.resize(i.f.data.size() - 3 * kCs);
-    CheckResult before = run(i, RepairMode::none);
+    auto [before, repaired, after] = repair_round(i, mode);
     REQUIRE(before.corruptions >= 2);
-    CheckResult repaired = run(i, mode);
-    CheckResult after = run(i, RepairMode::none);
     CHECK(after.corruptions >= 2);
     CHECK(repaired.corruptions == after.corruptions);
   }
@@ -183,10 +191,8 @@ TEST_CASE("check -r all: a fixed COPIED flag on a compressed cluster is not repo
   Img i = make();
   const std::uint64_t host = l2e(i, 4) & L2E_OFFSET_MASK;
   set_l2e(i, 4, QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | host);
-  CheckResult before = run(i, RepairMode::none);
+  auto [before, repaired, after] = repair_round(i, RepairMode::all);
   REQUIRE(before.corruptions >= 1);
-  CheckResult repaired = run(i, RepairMode::all);
-  CheckResult after = run(i, RepairMode::none);
   CHECK(repaired.corruptions == after.corruptions);
 }
 
@@ -194,10 +200,8 @@ TEST_CASE("check -r: an L2 entry with reserved bits stays reported (fuzz_check c
   for (RepairMode mode : {RepairMode::leaks, RepairMode::all}) {
     Img i = make();
     set_l2e(i, 3, l2e(i, 3) | (1ull << 57));  // reserved bits 56-61
-    CheckResult before = run(i, RepairMode::none);
+    auto [before, repaired, after] = repair_round(i, mode);
     REQUIRE(before.corruptions >= 1);
-    CheckResult repaired = run(i, mode);
-    CheckResult after = run(i, RepairMode::none);
     CHECK(after.corruptions >= 1);
     CHECK(repaired.corruptions == after.corruptions);
   }

@@ -89,31 +89,47 @@ Model initial_model(const TempDir& dir, const std::string& format) {
   return m;
 }
 
-WorkloadStats single_thread_run(const Kind& kind, std::uint64_t seed, unsigned ops) {
-  TempDir dir;
+// Makes the image of `kind` in `dir` and returns the reference model of it.
+Model make_image(const TempDir& dir, const Kind& kind) {
   auto [rc, out] = run_capture("cd " + dir.path.string() + " && " + kind.make);
   INFO("making the image: ", out);
   REQUIRE(rc == 0);
-  Model m = initial_model(dir, kind.format);
-  WorkloadStats stats;
-  {
-    image::OpenOptions options;
-    options.read_only = false;
-    auto dev = image::open_image(dir / "img", options);
-    REQUIRE_MESSAGE(dev, (dev ? "" : dev.error().message));
-    REQUIRE((*dev)->capabilities().writable);
-    std::mt19937_64 rng(seed);
-    for (unsigned i = 0; i < ops; ++i) {
-      // Mostly small requests, some up to 3 MiB to span clusters and L2 tables.
-      std::uint64_t max_len = rng() % 8 == 0 ? (3 << 20) : 70000;
-      random_op(**dev, m, rng, 0, kSize, max_len, stats);
-    }
-    check_device_equals(**dev, m.data);
-    auto c = (*dev)->close();
-    REQUIRE_MESSAGE(c, (c ? "" : c.error().message));
-  }
+  return initial_model(dir, kind.format);
+}
+
+std::unique_ptr<image::BlockDevice> open_writable(const TempDir& dir) {
+  image::OpenOptions options;
+  options.read_only = false;
+  auto dev = image::open_image(dir / "img", options);
+  REQUIRE_MESSAGE(dev, (dev ? "" : dev.error().message));
+  return std::move(*dev);
+}
+
+// Ends a workload: the engine reads back the model and closes cleanly; with
+// the device gone, qemu-img judges the file against the model.
+void close_and_judge(std::unique_ptr<image::BlockDevice> dev, const Model& m, const TempDir& dir,
+                     const Kind& kind) {
+  check_device_equals(*dev, m.data);
+  auto c = dev->close();
+  REQUIRE_MESSAGE(c, (c ? "" : c.error().message));
+  dev.reset();
   write_whole(dir / "ref", m.data);
   judge(dir, kind.format);
+}
+
+WorkloadStats single_thread_run(const Kind& kind, std::uint64_t seed, unsigned ops) {
+  TempDir dir;
+  Model m = make_image(dir, kind);
+  WorkloadStats stats;
+  auto dev = open_writable(dir);
+  REQUIRE(dev->capabilities().writable);
+  std::mt19937_64 rng(seed);
+  for (unsigned i = 0; i < ops; ++i) {
+    // Mostly small requests, some up to 3 MiB to span clusters and L2 tables.
+    std::uint64_t max_len = rng() % 8 == 0 ? (3 << 20) : 70000;
+    random_op(*dev, m, rng, 0, kSize, max_len, stats);
+  }
+  close_and_judge(std::move(dev), m, dir, kind);
   // Reopened, the engine reads back what it wrote.
   auto again = image::open_image(dir / "img", image::OpenOptions{});
   REQUIRE_MESSAGE(again, (again ? "" : again.error().message));
@@ -126,15 +142,9 @@ WorkloadStats single_thread_run(const Kind& kind, std::uint64_t seed, unsigned o
 // byte has one writer and the reference stays well-defined.
 void multi_thread_run(const Kind& kind, std::uint64_t seed, unsigned ops_per_thread) {
   TempDir dir;
-  auto [rc, out] = run_capture("cd " + dir.path.string() + " && " + kind.make);
-  INFO("making the image: ", out);
-  REQUIRE(rc == 0);
-  Model m = initial_model(dir, kind.format);
+  Model m = make_image(dir, kind);
   {
-    image::OpenOptions options;
-    options.read_only = false;
-    auto dev = image::open_image(dir / "img", options);
-    REQUIRE_MESSAGE(dev, (dev ? "" : dev.error().message));
+    auto dev = open_writable(dir);
     constexpr unsigned kThreads = 4;
     constexpr std::uint64_t kChunk = 4096;
     std::vector<std::string> failures(kThreads);
@@ -158,18 +168,18 @@ void multi_thread_run(const Kind& kind, std::uint64_t seed, unsigned ops_per_thr
             Result<void> r = ok();
             if (kind < 6) {
               buf.assign(len, std::byte(static_cast<std::uint8_t>(rng())));
-              r = (*dev)->write(buf, off, false);
+              r = dev->write(buf, off, false);
               if (r) std::memcpy(m.data.data() + off, buf.data(), len);
             } else if (kind < 8) {
               image::ZeroFlags f;
               f.may_unmap = rng() % 2 == 0;
-              r = (*dev)->write_zeroes(off, len, f);
+              r = dev->write_zeroes(off, len, f);
               if (r) std::memset(m.data.data() + off, 0, len);
             } else if (kind < 9) {
-              r = (*dev)->discard(off, len, false);
+              r = dev->discard(off, len, false);
               if (r) {
                 buf.resize(len);
-                r = (*dev)->read(buf, off);
+                r = dev->read(buf, off);
                 for (std::uint64_t k = 0; r && k < len; ++k) {
                   std::byte g = buf[k];
                   if (g != m.data[off + k] && g != std::byte{0} && g != m.base[off + k]) {
@@ -179,12 +189,12 @@ void multi_thread_run(const Kind& kind, std::uint64_t seed, unsigned ops_per_thr
                 if (r) std::memcpy(m.data.data() + off, buf.data(), len);
               }
             } else {
-              r = (*dev)->flush();
+              r = dev->flush();
             }
             if (!r) throw std::runtime_error(r.error().message);
             // Read back our own range while the others keep writing.
             buf.resize(len);
-            auto rr = (*dev)->read(buf, off);
+            auto rr = dev->read(buf, off);
             if (!rr) throw std::runtime_error(rr.error().message);
             if (std::memcmp(buf.data(), m.data.data() + off, len) != 0) {
               throw std::runtime_error("read-back mismatch at " + std::to_string(off) + "+" + std::to_string(len));
@@ -197,12 +207,8 @@ void multi_thread_run(const Kind& kind, std::uint64_t seed, unsigned ops_per_thr
     }
     for (auto& th : threads) th.join();
     for (unsigned t = 0; t < kThreads; ++t) CHECK_MESSAGE(failures[t].empty(), "thread ", t, ": ", failures[t]);
-    check_device_equals(**dev, m.data);
-    auto c = (*dev)->close();
-    REQUIRE_MESSAGE(c, (c ? "" : c.error().message));
+    close_and_judge(std::move(dev), m, dir, kind);
   }
-  write_whole(dir / "ref", m.data);
-  judge(dir, kind.format);
 }
 
 }  // namespace
