@@ -37,11 +37,16 @@ std::optional<std::uint64_t> parse_bench_size(const std::string& text) {
   if (*end != '\0') {
     if (end[1] != '\0') return std::nullopt;
     switch (*end) {
-      case 'b': case 'B': shift = 0; break;
-      case 'k': case 'K': shift = 10; break;
-      case 'm': case 'M': shift = 20; break;
-      case 'g': case 'G': shift = 30; break;
-      case 't': case 'T': shift = 40; break;
+      case 'b':
+      case 'B': shift = 0; break;
+      case 'k':
+      case 'K': shift = 10; break;
+      case 'm':
+      case 'M': shift = 20; break;
+      case 'g':
+      case 'G': shift = 30; break;
+      case 't':
+      case 'T': shift = 40; break;
       default: return std::nullopt;
     }
   }
@@ -127,8 +132,8 @@ int run_bench(const BenchArgs& a) {
   auto worker = [&] {
     // Aligned for cache=none (O_DIRECT) like qemu's blk_blockalign.
     const std::size_t alloc = static_cast<std::size_t>((*bufsize + 4095) / 4096 * 4096);
-    std::unique_ptr<std::byte, decltype(&std::free)> buf(
-        static_cast<std::byte*>(std::aligned_alloc(4096, alloc)), &std::free);
+    std::unique_ptr<std::byte, decltype(&std::free)> buf(static_cast<std::byte*>(std::aligned_alloc(4096, alloc)),
+                                                         &std::free);
     if (!buf) {
       failed = true;
       return;
@@ -159,8 +164,7 @@ int run_bench(const BenchArgs& a) {
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (failed) {
-    std::fprintf(stderr, "qnbd: Failed request: %s\n",
-                 first_error.empty() ? "out of memory" : first_error.c_str());
+    std::fprintf(stderr, "qnbd: Failed request: %s\n", first_error.empty() ? "out of memory" : first_error.c_str());
     (void)dev.close();
     return 1;
   }

@@ -8,12 +8,12 @@
 #include <string>
 #include <vector>
 
+#include "cli/commands.hpp"
+#include "cli/image_cli.hpp"
 #include "common/endian.hpp"
 #include "image/io/file.hpp"
 #include "image/qcow2/bitmap_edit.hpp"
 #include "image/qcow2/format.hpp"
-#include "cli/commands.hpp"
-#include "cli/image_cli.hpp"
 
 namespace qnbd::cli {
 namespace {
@@ -75,11 +75,15 @@ void add_bitmap_command(CLI::App& app, int& status) {
   cmd->add_flag_function("--disable", op(BitmapOp::Kind::disable), "Stop recording writes in BITMAP")
       ->trigger_on_parse();
   cmd->add_option_function<std::string>(
-         "--merge", [](const std::string& src) { a.ops.push_back(BitmapOp{BitmapOp::Kind::merge, src}); },
+         "--merge",
+         [](const std::string& src) {
+           a.ops.push_back(BitmapOp{BitmapOp::Kind::merge, src});
+         },
          "OR bitmap SOURCE into BITMAP")
       ->trigger_on_parse()
       ->type_name("SOURCE");
-  cmd->add_option("-g,--granularity", a.granularity, "Granularity of a new bitmap (default: cluster size in [4k, 64k])");
+  cmd->add_option("-g,--granularity", a.granularity,
+                  "Granularity of a new bitmap (default: cluster size in [4k, 64k])");
   cmd->add_option("-b", a.source_file, "Image holding the --merge SOURCE bitmap");
   cmd->add_option("-F", a.source_format, "Format of the -b image (qcow2)");
   cmd->add_option("-f", a.format, "Image format (qcow2); detected if omitted");
@@ -132,8 +136,9 @@ void add_bitmap_command(CLI::App& app, int& status) {
       return;
     }
     if (!*qcow2 || fmt == image::ImageFormat::raw) {
-      std::fprintf(stderr, "qnbd: Operation %s on bitmap %s failed: Can't store persistent bitmaps to '%s': "
-                           "Operation not supported\n",
+      std::fprintf(stderr,
+                   "qnbd: Operation %s on bitmap %s failed: Can't store persistent bitmaps to '%s': "
+                   "Operation not supported\n",
                    image::qcow2::bitmap_op_name(a.ops[0].kind), a.bitmap.c_str(), a.path.c_str());
       return;
     }
@@ -154,8 +159,8 @@ void add_bitmap_command(CLI::App& app, int& status) {
         if (!QNBD_TRY(is_qcow2(**src))) {
           return make_error(EINVAL, "{}: only qcow2 images hold persistent bitmaps", a.source_file);
         }
-        QNBD_TRY((*src)->set_lock(image::lock_request(lock_options(a.lock, image::LockUse::tool),
-                                                      image::LockRole::image, true, false)));
+        QNBD_TRY((*src)->set_lock(
+            image::lock_request(lock_options(a.lock, image::LockUse::tool), image::LockRole::image, true, false)));
         return image::qcow2::load_named_bitmap(**src, name);
       };
     }

@@ -7,14 +7,14 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli/commands.hpp"
+#include "cli/image_cli.hpp"
 #include "common/endian.hpp"
-#include "image/io/file.hpp"
 #include "image/block_device.hpp"
+#include "image/io/file.hpp"
 #include "image/qcow2/bitmap_intent.hpp"
 #include "image/qcow2/check.hpp"
 #include "image/qcow2/format.hpp"
-#include "cli/commands.hpp"
-#include "cli/image_cli.hpp"
 
 namespace qnbd::cli {
 namespace {
@@ -89,7 +89,8 @@ void report_intent_record(const std::string& filename, image::File& file, qc::Re
   if (repair == qc::RepairMode::all) {
     store_be64(raw, load_be64(raw) & ~qc::AUTOCLEAR_QNBD_INTENT);
     if (file.pwrite(raw, 88) && file.flush()) {
-      if (!quiet) std::fprintf(stderr, "write-intent record: %s (%s); retired by -r all\n", state.c_str(), detail.c_str());
+      if (!quiet)
+        std::fprintf(stderr, "write-intent record: %s (%s); retired by -r all\n", state.c_str(), detail.c_str());
       return;
     }
   }
@@ -104,8 +105,7 @@ int run_check(const std::string& filename, const std::string& repair_text, const
   } else if (repair_text == "all") {
     repair = qc::RepairMode::all;
   } else if (!repair_text.empty()) {
-    std::fprintf(stderr, "qnbd: Unknown option for -r (expecting 'leaks' or 'all'): %s\n",
-                 repair_text.c_str());
+    std::fprintf(stderr, "qnbd: Unknown option for -r (expecting 'leaks' or 'all'): %s\n", repair_text.c_str());
     return 1;
   }
   if (output != "human" && output != "json") {
@@ -117,12 +117,10 @@ int run_check(const std::string& filename, const std::string& repair_text, const
                  filename.c_str());
     return 1;
   }
-  auto file = image::open_posix_file(filename, repair == qc::RepairMode::none
-                                                   ? image::OpenMode::read_only
-                                                   : image::OpenMode::read_write);
+  auto file = image::open_posix_file(filename, repair == qc::RepairMode::none ? image::OpenMode::read_only
+                                                                              : image::OpenMode::read_write);
   if (!file) {
-    std::fprintf(stderr, "qnbd: Could not open '%s': %s\n", filename.c_str(),
-                 file.error().message.c_str());
+    std::fprintf(stderr, "qnbd: Could not open '%s': %s\n", filename.c_str(), file.error().message.c_str());
     return 1;
   }
   std::string fmt_name = format;
@@ -141,9 +139,9 @@ int run_check(const std::string& filename, const std::string& repair_text, const
     return 63;
   }
   // qemu-img check holds what qemu-io would: reads, or writes with -r.
-  if (auto locked = (*file)->set_lock(image::lock_request(lock_options(lock, image::LockUse::tool),
-                                                          image::LockRole::image, true,
-                                                          repair != qc::RepairMode::none));
+  if (auto locked =
+          (*file)->set_lock(image::lock_request(lock_options(lock, image::LockUse::tool), image::LockRole::image, true,
+                                                repair != qc::RepairMode::none));
       !locked) {
     print_image_error(filename, locked.error());
     return 1;
@@ -158,14 +156,12 @@ int run_check(const std::string& filename, const std::string& repair_text, const
     return 1;
   }
   qc::CheckResult r = *result;
-  if (repair != qc::RepairMode::none && r.check_errors == 0 &&
-      (r.leaks_fixed || r.corruptions_fixed)) {
+  if (repair != qc::RepairMode::none && r.check_errors == 0 && (r.leaks_fixed || r.corruptions_fixed)) {
     if (output == "human" && !quiet) {
       std::printf("The following inconsistencies were found and repaired:\n\n"
                   "    %llu leaked clusters\n    %llu corruptions\n\n"
                   "Double checking the fixed image now...\n",
-                  static_cast<unsigned long long>(r.leaks_fixed),
-                  static_cast<unsigned long long>(r.corruptions_fixed));
+                  static_cast<unsigned long long>(r.leaks_fixed), static_cast<unsigned long long>(r.corruptions_fixed));
     }
     auto again = qc::check_qcow2(**file, qc::RepairMode::none, sink);
     if (!again) {

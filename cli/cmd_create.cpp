@@ -9,11 +9,11 @@
 #include <string>
 #include <vector>
 
+#include "cli/commands.hpp"
 #include "common/checked.hpp"
 #include "common/endian.hpp"
 #include "image/io/file.hpp"
 #include "image/qcow2/create.hpp"
-#include "cli/commands.hpp"
 
 namespace qnbd::cli {
 namespace {
@@ -36,13 +36,20 @@ std::optional<std::uint64_t> parse_size(const std::string& text) {
   if (pos < text.size()) {
     if (pos + 1 != text.size()) return std::nullopt;
     switch (text[pos]) {
-      case 'b': case 'B': multiplier = 1; break;
-      case 'k': case 'K': multiplier = 1ull << 10; break;
-      case 'm': case 'M': multiplier = 1ull << 20; break;
-      case 'g': case 'G': multiplier = 1ull << 30; break;
-      case 't': case 'T': multiplier = 1ull << 40; break;
-      case 'p': case 'P': multiplier = 1ull << 50; break;
-      case 'e': case 'E': multiplier = 1ull << 60; break;
+      case 'b':
+      case 'B': multiplier = 1; break;
+      case 'k':
+      case 'K': multiplier = 1ull << 10; break;
+      case 'm':
+      case 'M': multiplier = 1ull << 20; break;
+      case 'g':
+      case 'G': multiplier = 1ull << 30; break;
+      case 't':
+      case 'T': multiplier = 1ull << 40; break;
+      case 'p':
+      case 'P': multiplier = 1ull << 50; break;
+      case 'e':
+      case 'E': multiplier = 1ull << 60; break;
       default: return std::nullopt;
     }
   }
@@ -54,8 +61,7 @@ std::optional<std::uint64_t> parse_size(const std::string& text) {
 }
 
 // Split "-o a=b,c=d" (",," escapes a comma, as in qemu's option syntax).
-bool parse_options(const std::string& text, std::vector<std::pair<std::string, std::string>>& out,
-                   std::string& error) {
+bool parse_options(const std::string& text, std::vector<std::pair<std::string, std::string>>& out, std::string& error) {
   std::string item;
   auto finish = [&]() {
     if (item.empty()) return true;
@@ -104,9 +110,8 @@ Result<std::uint64_t> backing_size(const std::string& path, const std::string& f
   return make_error(ENOTSUP, "Unknown driver '{}'", format);
 }
 
-int run_create(const std::string& format, const std::vector<std::string>& option_strings,
-               std::string backing, std::string backing_format, const std::string& filename,
-               const std::string& size_text, bool quiet) {
+int run_create(const std::string& format, const std::vector<std::string>& option_strings, std::string backing,
+               std::string backing_format, const std::string& filename, const std::string& size_text, bool quiet) {
   auto fail = [&](const std::string& msg) {
     std::fprintf(stderr, "qnbd: %s: %s\n", filename.c_str(), msg.c_str());
     return 1;
@@ -129,10 +134,9 @@ int run_create(const std::string& format, const std::vector<std::string>& option
   if (!size_text.empty()) {
     size = parse_size(size_text);
     if (!size) {
-      std::fprintf(stderr,
-                   "qnbd: Invalid image size specified. You may use k, M, G, T, P or E suffixes "
-                   "for\nqnbd: kilobytes, megabytes, gigabytes, terabytes, petabytes and "
-                   "exabytes.\n");
+      std::fprintf(stderr, "qnbd: Invalid image size specified. You may use k, M, G, T, P or E suffixes "
+                           "for\nqnbd: kilobytes, megabytes, gigabytes, terabytes, petabytes and "
+                           "exabytes.\n");
       return 1;
     }
   }
@@ -141,19 +145,27 @@ int run_create(const std::string& format, const std::vector<std::string>& option
       size = parse_size(value);
       if (!size) return fail(fmt::format("Parameter 'size' expects a non-negative number below 2^64"));
     } else if (key == "preallocation") {
-      if (value == "off") o.preallocation = qc::Preallocation::off;
-      else if (value == "metadata" && format == "qcow2") o.preallocation = qc::Preallocation::metadata;
-      else if (value == "falloc") o.preallocation = qc::Preallocation::falloc;
-      else if (value == "full") o.preallocation = qc::Preallocation::full;
-      else return fail(fmt::format("Parameter 'preallocation' does not accept value '{}'", value));
+      if (value == "off")
+        o.preallocation = qc::Preallocation::off;
+      else if (value == "metadata" && format == "qcow2")
+        o.preallocation = qc::Preallocation::metadata;
+      else if (value == "falloc")
+        o.preallocation = qc::Preallocation::falloc;
+      else if (value == "full")
+        o.preallocation = qc::Preallocation::full;
+      else
+        return fail(fmt::format("Parameter 'preallocation' does not accept value '{}'", value));
       prealloc_given = true;
       prealloc_text = value;
     } else if (format == "raw") {
       return fail(fmt::format("Invalid parameter '{}'", key));
     } else if (key == "compat") {
-      if (value == "0.10" || value == "v2") o.version = 2;
-      else if (value == "1.1" || value == "v3") o.version = 3;
-      else return fail(fmt::format("Parameter 'version' does not accept value '{}'", value));
+      if (value == "0.10" || value == "v2")
+        o.version = 2;
+      else if (value == "1.1" || value == "v3")
+        o.version = 3;
+      else
+        return fail(fmt::format("Parameter 'version' does not accept value '{}'", value));
       compat_given = true;
       compat_text = value;
     } else if (key == "backing_file") {
@@ -175,13 +187,19 @@ int run_create(const std::string& format, const std::vector<std::string>& option
     } else if (key == "lazy_refcounts" || key == "extended_l2" || key == "data_file_raw") {
       auto b = parse_on_off(value);
       if (!b) return fail(fmt::format("Parameter '{}' expects 'on' or 'off'", key));
-      if (key == "lazy_refcounts") o.lazy_refcounts = *b;
-      else if (key == "extended_l2") o.extended_l2 = *b;
-      else o.data_file_raw = *b;
+      if (key == "lazy_refcounts")
+        o.lazy_refcounts = *b;
+      else if (key == "extended_l2")
+        o.extended_l2 = *b;
+      else
+        o.data_file_raw = *b;
     } else if (key == "compression_type") {
-      if (value == "zlib") o.compression_type = qc::COMPRESSION_DEFLATE;
-      else if (value == "zstd") o.compression_type = qc::COMPRESSION_ZSTD;
-      else return fail(fmt::format("Parameter 'compression-type' does not accept value '{}'", value));
+      if (value == "zlib")
+        o.compression_type = qc::COMPRESSION_DEFLATE;
+      else if (value == "zstd")
+        o.compression_type = qc::COMPRESSION_ZSTD;
+      else
+        return fail(fmt::format("Parameter 'compression-type' does not accept value '{}'", value));
     } else if (key == "data_file") {
       o.data_file = value;
     } else if (key == "encryption" || key == "encrypt.format") {
@@ -201,11 +219,10 @@ int run_create(const std::string& format, const std::vector<std::string>& option
     auto bsize = backing_size(bpath.string(), backing_format);
     if (!bsize) {
       if (!size) {
-        return fail(fmt::format("Could not open backing image '{}': {}", backing,
-                                bsize.error().message));
+        return fail(fmt::format("Could not open backing image '{}': {}", backing, bsize.error().message));
       }
-      std::fprintf(stderr, "qnbd: warning: Could not verify backing image '%s': %s\n",
-                   backing.c_str(), bsize.error().message.c_str());
+      std::fprintf(stderr, "qnbd: warning: Could not verify backing image '%s': %s\n", backing.c_str(),
+                   bsize.error().message.c_str());
     } else if (!size) {
       size = *bsize;
     }
@@ -226,17 +243,15 @@ int run_create(const std::string& format, const std::vector<std::string>& option
   if (!quiet) {
     std::string line = fmt::format("Formatting '{}', fmt={}", filename, format);
     if (format == "qcow2") {
-      line += fmt::format(" cluster_size={} extended_l2={}", o.cluster_size,
-                          o.extended_l2 ? "on" : "off");
+      line += fmt::format(" cluster_size={} extended_l2={}", o.cluster_size, o.extended_l2 ? "on" : "off");
       if (prealloc_given) line += " preallocation=" + prealloc_text;
-      line += fmt::format(" compression_type={} size={}",
-                          o.compression_type == qc::COMPRESSION_ZSTD ? "zstd" : "zlib", requested);
+      line += fmt::format(" compression_type={} size={}", o.compression_type == qc::COMPRESSION_ZSTD ? "zstd" : "zlib",
+                          requested);
       if (!backing.empty()) line += fmt::format(" backing_file={} backing_fmt={}", backing, backing_format);
       if (compat_given) line += " compat=" + compat_text;
       if (!o.data_file.empty()) line += " data_file=" + o.data_file;
       if (o.data_file_raw) line += " data_file_raw=on";
-      line += fmt::format(" lazy_refcounts={} refcount_bits={}", o.lazy_refcounts ? "on" : "off",
-                          o.refcount_bits);
+      line += fmt::format(" lazy_refcounts={} refcount_bits={}", o.lazy_refcounts ? "on" : "off", o.refcount_bits);
     } else {
       if (prealloc_given) line += " preallocation=" + prealloc_text;
       line += fmt::format(" size={}", requested);
@@ -294,8 +309,8 @@ void add_create_command(CLI::App& app, int& status) {
   cmd->add_option("FILE", args->filename, "image to create")->required();
   cmd->add_option("SIZE", args->size, "virtual size (k, M, G, T, P, E suffixes)");
   cmd->callback([args, &status] {
-    status = run_create(args->format, args->options, args->backing, args->backing_format,
-                        args->filename, args->size, args->quiet);
+    status = run_create(args->format, args->options, args->backing, args->backing_format, args->filename, args->size,
+                        args->quiet);
   });
 }
 

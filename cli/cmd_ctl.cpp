@@ -101,17 +101,18 @@ void print_human(const std::string& command, const json& result) {
     for (const json& e : result.value("exports", json::array())) {
       std::printf("export '%s': %s (%s, %s%s), %zu connection(s)\n", e.value("name", "").c_str(),
                   e.value("image", "").c_str(), e.value("format", "").c_str(),
-                  human_size(e.value("size", std::uint64_t{0})).c_str(), e.value("read_only", false) ? ", read-only" : "",
-                  e.value("connections", std::size_t{0}));
+                  human_size(e.value("size", std::uint64_t{0})).c_str(),
+                  e.value("read_only", false) ? ", read-only" : "", e.value("connections", std::size_t{0}));
       for (const json& b : e.value("bitmaps", json::array())) {
         std::printf("  bitmap '%s': granularity %s, %s%s, %s dirty\n", b.value("name", "").c_str(),
                     human_size(b.value("granularity", std::uint64_t{0})).c_str(),
-                    b.value("enabled", false) ? "enabled" : "disabled", b.value("in_use", false) ? ", in use (inconsistent)" : "",
+                    b.value("enabled", false) ? "enabled" : "disabled",
+                    b.value("in_use", false) ? ", in use (inconsistent)" : "",
                     human_size(b.value("dirty_bytes", std::uint64_t{0})).c_str());
       }
       for (const json& v : e.value("views", json::array())) {
-        std::printf("  view '%s': %s, scratch %s of %s%s%s\n", v.value("name", "").c_str(), v.value("state", "").c_str(),
-                    human_size(v.value("scratch_bytes", std::uint64_t{0})).c_str(),
+        std::printf("  view '%s': %s, scratch %s of %s%s%s\n", v.value("name", "").c_str(),
+                    v.value("state", "").c_str(), human_size(v.value("scratch_bytes", std::uint64_t{0})).c_str(),
                     human_size(v.value("scratch_max", std::uint64_t{0})).c_str(), v.contains("error") ? ": " : "",
                     v.value("error", "").c_str());
       }
@@ -121,9 +122,11 @@ void print_human(const std::string& command, const json& result) {
   } else if (command == "checkpoint") {
     std::printf("checkpoint '%s' taken; writes paused %.0f us\n", result.value("name", "").c_str(),
                 result.value("pause_us", 0.0));
-    for (const json& v : result.value("views", json::array())) std::printf("view '%s' ready\n", v.get<std::string>().c_str());
+    for (const json& v : result.value("views", json::array()))
+      std::printf("view '%s' ready\n", v.get<std::string>().c_str());
   } else if (command == "view-end") {
-    for (const json& v : result.value("views", json::array())) std::printf("view '%s' ended\n", v.get<std::string>().c_str());
+    for (const json& v : result.value("views", json::array()))
+      std::printf("view '%s' ended\n", v.get<std::string>().c_str());
   } else {
     std::printf("ok\n");
   }
@@ -134,8 +137,10 @@ int run_ctl(const CtlArgs& a, const std::string& command, json arguments) {
     std::fprintf(stderr, "qnbd ctl: --output must be human or json\n");
     return 1;
   }
-  const std::string request = json{{"id", 1}, {"command", command}, {"arguments", std::move(arguments)}}.dump(
-                                  -1, ' ', false, json::error_handler_t::replace) + "\n";
+  const std::string request =
+      json{{"id", 1}, {"command", command}, {"arguments", std::move(arguments)}}.dump(-1, ' ', false,
+                                                                                      json::error_handler_t::replace) +
+      "\n";
   std::string reply, err;
   if (!roundtrip(a.socket, request, reply, err)) {
     std::fprintf(stderr, "qnbd ctl: %s\n", err.c_str());
@@ -183,7 +188,8 @@ void add_ctl_command(CLI::App& app, int& status) {
     return j;
   });
   for (const char* n : {"bitmap-remove", "bitmap-clear", "bitmap-enable", "bitmap-disable"}) {
-    auto* s = ctl->add_subcommand(n, std::string("The live ") + (n + 7) + " of one bitmap, as qnbd bitmap --" + (n + 7));
+    auto* s =
+        ctl->add_subcommand(n, std::string("The live ") + (n + 7) + " of one bitmap, as qnbd bitmap --" + (n + 7));
     s->add_option("EXPORT", a->exp)->required();
     s->add_option("NAME", a->name)->required();
     on(s, [a] { return json{{"export", a->exp}, {"name", a->name}}; });
@@ -216,9 +222,8 @@ void add_ctl_command(CLI::App& app, int& status) {
     return j;
   });
   auto* erm = ctl->add_subcommand(
-      "export-remove",
-      "Stop serving an export and close its image (bitmaps stored, lock released); errors: not-found, "
-      "busy (clients connected, no --force), io-error");
+      "export-remove", "Stop serving an export and close its image (bitmaps stored, lock released); errors: not-found, "
+                       "busy (clients connected, no --force), io-error");
   erm->add_option("NAME", a->name, "The export name")->required();
   erm->add_flag("--force", a->force,
                 "Close its connections (after their in-flight requests are answered) instead of refusing");
@@ -239,7 +244,8 @@ void add_ctl_command(CLI::App& app, int& status) {
     if (a->view) j["views"] = a->exports;
     return j;
   });
-  auto* vend = ctl->add_subcommand("view-end", "End point-in-time views (EXPORT@CHECKPOINT), or every view of --checkpoint");
+  auto* vend =
+      ctl->add_subcommand("view-end", "End point-in-time views (EXPORT@CHECKPOINT), or every view of --checkpoint");
   vend->add_option("--checkpoint", a->name, "End every view of this checkpoint");
   vend->add_option("VIEW", a->views);
   on(vend, [a] {

@@ -9,12 +9,12 @@
 #include <fstream>
 #include <memory>
 
+#include "cli/commands.hpp"
+#include "cli/image_cli.hpp"
 #include "common/log.hpp"
 #include "config/config.hpp"
 #include "image/block_device.hpp"
 #include "image/view/cbw.hpp"
-#include "cli/commands.hpp"
-#include "cli/image_cli.hpp"
 #include "server/server.hpp"
 #include "server/tls.hpp"
 
@@ -102,8 +102,8 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
   auto dev = QNBD_TRY(image::open_image(path, oo));
   if (lock.force_share) warn_force_share(path);
   server::ExportSpec spec;
-  spec.info = server::describe_export(*dev, std::move(name), std::move(description), read_only, multi_conn,
-                                      allocation_depth);
+  spec.info =
+      server::describe_export(*dev, std::move(name), std::move(description), read_only, multi_conn, allocation_depth);
   for (const auto& b : bitmaps) {
     if (std::any_of(spec.bitmaps.begin(), spec.bitmaps.end(), [&](const auto& e) { return e.name == b; })) continue;
     auto h = dev->export_bitmap(b);
@@ -173,8 +173,8 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     for (const auto& e : cfg.exports) {
       image::LockOptions lock;
       if (!image::parse_locking(e.locking, lock.locking)) return make_error(EINVAL, "bad locking '{}'", e.locking);
-      auto spec = QNBD_TRY(open_export(e.image, e.format, e.read_only, e.cache, e.discard, e.name, e.description,
-                                       true, e.allocation_depth, e.bitmaps, lock,
+      auto spec = QNBD_TRY(open_export(e.image, e.format, e.read_only, e.cache, e.discard, e.name, e.description, true,
+                                       e.allocation_depth, e.bitmaps, lock,
                                        BitmapRecovery{e.recover_bitmaps, e.recovery_chunk_size},
                                        view_options(e.view_scratch_dir, e.view_scratch_max, a)));
       o.exports.push_back(std::move(spec));
@@ -218,11 +218,10 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     };
   } else {
     if (a.image.empty()) return make_error(EINVAL, "an IMAGE (or --config FILE) is required");
-    auto spec = QNBD_TRY(open_export(a.image, a.format, a.read_only, a.cache, a.discard, a.export_name,
-                                     a.description, a.shared != 1, a.allocation_depth, a.bitmaps,
-                                     lock_options(a.lock, image::LockUse::export_),
-                                     BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk},
-                                     view_options("", 0, a)));
+    auto spec = QNBD_TRY(
+        open_export(a.image, a.format, a.read_only, a.cache, a.discard, a.export_name, a.description, a.shared != 1,
+                    a.allocation_depth, a.bitmaps, lock_options(a.lock, image::LockUse::export_),
+                    BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}, view_options("", 0, a)));
     o.exports.push_back(std::move(spec));
     server::ListenerSpec ls;
     if (!a.socket.empty()) {

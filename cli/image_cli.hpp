@@ -58,8 +58,7 @@ inline image::LockOptions lock_options(const LockArgs& a, image::LockUse use) {
 
 // After a successful open with -U: what was read may be changing under us.
 inline void warn_force_share(const std::string& path) {
-  log::warn("{}: opened with --force-share: another process may be writing it, what is read may be inconsistent",
-            path);
+  log::warn("{}: opened with --force-share: another process may be writing it, what is read may be inconsistent", path);
 }
 
 // Print an error as one line on stderr. Messages from open_image already
@@ -78,8 +77,7 @@ inline std::unique_ptr<image::BlockDevice> open_for_reading(const std::string& p
                                                             const image::LockOptions& lock = {}) {
   image::OpenOptions options;
   if (!parse_image_format(format, options.format)) {
-    std::fprintf(stderr, "qnbd: %s: unknown image format '%s' (expected raw or qcow2)\n", path.c_str(),
-                 format.c_str());
+    std::fprintf(stderr, "qnbd: %s: unknown image format '%s' (expected raw or qcow2)\n", path.c_str(), format.c_str());
     return nullptr;
   }
   options.read_only = true;

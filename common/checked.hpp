@@ -29,18 +29,12 @@ inline bool range_within(std::uint64_t offset, std::uint64_t length, std::uint64
 constexpr bool is_power_of_2(std::uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
 // alignment must be a power of two.
-constexpr bool is_aligned(std::uint64_t v, std::uint64_t alignment) {
-  return (v & (alignment - 1)) == 0;
-}
-constexpr std::uint64_t align_down(std::uint64_t v, std::uint64_t alignment) {
-  return v & ~(alignment - 1);
-}
+constexpr bool is_aligned(std::uint64_t v, std::uint64_t alignment) { return (v & (alignment - 1)) == 0; }
+constexpr std::uint64_t align_down(std::uint64_t v, std::uint64_t alignment) { return v & ~(alignment - 1); }
 // Caller guarantees no overflow (v <= UINT64_MAX - alignment + 1).
 constexpr std::uint64_t align_up(std::uint64_t v, std::uint64_t alignment) {
   return (v + alignment - 1) & ~(alignment - 1);
 }
-constexpr std::uint64_t div_round_up(std::uint64_t a, std::uint64_t b) {
-  return a / b + (a % b != 0);
-}
+constexpr std::uint64_t div_round_up(std::uint64_t a, std::uint64_t b) { return a / b + (a % b != 0); }
 
 }  // namespace qnbd

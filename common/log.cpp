@@ -16,9 +16,7 @@ void init(int verbosity) {
   }
 }
 
-void set_level(Level level) {
-  spdlog::set_level(static_cast<spdlog::level::level_enum>(static_cast<int>(level)));
-}
+void set_level(Level level) { spdlog::set_level(static_cast<spdlog::level::level_enum>(static_cast<int>(level))); }
 
 bool trace_enabled() { return spdlog::should_log(spdlog::level::trace); }
 

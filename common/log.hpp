@@ -16,17 +16,25 @@ void set_level(Level level);
 bool trace_enabled();
 
 template <typename... Args>
-void error(spdlog::format_string_t<Args...> f, Args&&... args) { spdlog::error(f, std::forward<Args>(args)...); }
+void error(spdlog::format_string_t<Args...> f, Args&&... args) {
+  spdlog::error(f, std::forward<Args>(args)...);
+}
 template <typename... Args>
-void warn(spdlog::format_string_t<Args...> f, Args&&... args) { spdlog::warn(f, std::forward<Args>(args)...); }
+void warn(spdlog::format_string_t<Args...> f, Args&&... args) {
+  spdlog::warn(f, std::forward<Args>(args)...);
+}
 template <typename... Args>
-void info(spdlog::format_string_t<Args...> f, Args&&... args) { spdlog::info(f, std::forward<Args>(args)...); }
+void info(spdlog::format_string_t<Args...> f, Args&&... args) {
+  spdlog::info(f, std::forward<Args>(args)...);
+}
 template <typename... Args>
-void debug(spdlog::format_string_t<Args...> f, Args&&... args) { spdlog::debug(f, std::forward<Args>(args)...); }
+void debug(spdlog::format_string_t<Args...> f, Args&&... args) {
+  spdlog::debug(f, std::forward<Args>(args)...);
+}
 
 }  // namespace qnbd::log
 
-#define QNBD_TRACE(...)                                    \
-  do {                                                     \
-    if (::qnbd::log::trace_enabled()) spdlog::trace(__VA_ARGS__); \
+#define QNBD_TRACE(...)                                                                                                \
+  do {                                                                                                                 \
+    if (::qnbd::log::trace_enabled()) spdlog::trace(__VA_ARGS__);                                                      \
   } while (0)

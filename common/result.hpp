@@ -29,7 +29,7 @@ template <typename... Args>
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::in_place_index<0>, std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : v_(std::in_place_index<0>, std::move(value)) {}      // NOLINT: implicit by design
   Result(Error error) : v_(std::in_place_index<1>, std::move(error)) {}  // NOLINT
 
   bool has_value() const { return v_.index() == 0; }
@@ -81,9 +81,9 @@ inline Result<void> ok() { return {}; }
 // Propagate an error to the caller, else yield the value (GNU statement
 // expression; the project builds with g++ and GNU extensions on). The value
 // is yielded by value: the Result local dies at the end of the expression.
-#define QNBD_TRY(expr)                                      \
-  ({                                                        \
-    auto&& qnbd_try_r_ = (expr);                            \
-    if (!qnbd_try_r_) return std::move(qnbd_try_r_).error(); \
-    std::move(qnbd_try_r_).take();                          \
+#define QNBD_TRY(expr)                                                                                                 \
+  ({                                                                                                                   \
+    auto&& qnbd_try_r_ = (expr);                                                                                       \
+    if (!qnbd_try_r_) return std::move(qnbd_try_r_).error();                                                           \
+    std::move(qnbd_try_r_).take();                                                                                     \
   })

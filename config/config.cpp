@@ -41,12 +41,8 @@ std::string escape_token(std::string_view token) {
   return out;
 }
 
-std::string child(const std::string& pointer, std::string_view key) {
-  return pointer + "/" + escape_token(key);
-}
-std::string child(const std::string& pointer, std::size_t index) {
-  return pointer + "/" + std::to_string(index);
-}
+std::string child(const std::string& pointer, std::string_view key) { return pointer + "/" + escape_token(key); }
+std::string child(const std::string& pointer, std::size_t index) { return pointer + "/" + std::to_string(index); }
 
 // The pointer of the document itself is "", which reads badly in a message.
 std::string shown(const std::string& pointer) { return pointer.empty() ? "<root>" : pointer; }
@@ -87,8 +83,7 @@ Error fail(const std::string& pointer, fmt::format_string<Args...> format, Args&
   return Error{EINVAL, one_line(shown(pointer) + ": " + fmt::format(format, std::forward<Args>(args)...))};
 }
 
-Result<void> expect_object(const json& v, const std::string& pointer,
-                           std::initializer_list<std::string_view> allowed) {
+Result<void> expect_object(const json& v, const std::string& pointer, std::initializer_list<std::string_view> allowed) {
   if (!v.is_object()) return fail(pointer, "expected an object, got {}", describe(v));
   for (const auto& [key, value] : v.items()) {
     if (std::find(allowed.begin(), allowed.end(), key) == allowed.end()) {
@@ -108,8 +103,7 @@ const json* find(const json& object, std::string_view key) {
   return it == object.end() ? nullptr : &*it;
 }
 
-Result<std::string> as_string(const json& v, const std::string& pointer, std::size_t max_bytes,
-                              bool allow_empty) {
+Result<std::string> as_string(const json& v, const std::string& pointer, std::size_t max_bytes, bool allow_empty) {
   if (!v.is_string()) return fail(pointer, "expected a string, got {}", describe(v));
   const auto& s = v.get_ref<const std::string&>();
   if (!allow_empty && s.empty()) return fail(pointer, "must not be empty");
@@ -127,8 +121,7 @@ Result<bool> as_bool(const json& v, const std::string& pointer) {
   return v.get<bool>();
 }
 
-Result<std::uint64_t> as_integer(const json& v, const std::string& pointer, std::uint64_t min,
-                                 std::uint64_t max) {
+Result<std::uint64_t> as_integer(const json& v, const std::string& pointer, std::uint64_t min, std::uint64_t max) {
   // 10.0 is a float to nlohmann and refused: a limit is a count, not a measure.
   if (!v.is_number_integer()) return fail(pointer, "expected an integer, got {}", describe(v));
   bool in_range;
@@ -146,8 +139,7 @@ Result<std::uint64_t> as_integer(const json& v, const std::string& pointer, std:
   return value;
 }
 
-Result<std::string> as_enum(const json& v, const std::string& pointer,
-                            std::initializer_list<std::string_view> values) {
+Result<std::string> as_enum(const json& v, const std::string& pointer, std::initializer_list<std::string_view> values) {
   std::string names;
   for (auto name : values) {
     if (!names.empty()) names += ", ";
@@ -163,9 +155,9 @@ Result<std::string> as_enum(const json& v, const std::string& pointer,
 
 Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   QNBD_TRY(expect_object(v, pointer,
-                         {"name", "image", "format", "read_only", "description", "allocation_depth",
-                          "bitmaps", "cache", "discard", "locking", "recover_bitmaps", "recovery_chunk_size",
-                          "view_scratch_dir", "view_scratch_max"}));
+                         {"name", "image", "format", "read_only", "description", "allocation_depth", "bitmaps", "cache",
+                          "discard", "locking", "recover_bitmaps", "recovery_chunk_size", "view_scratch_dir",
+                          "view_scratch_max"}));
   ExportConfig e;
   const json* name = find(v, "name");
   if (name == nullptr) return fail(child(pointer, "name"), "required key is missing");
@@ -288,28 +280,27 @@ Result<ListenerConfig> read_listener(const json& v, const std::string& pointer) 
 
 Result<Limits> read_limits(const json& v, const std::string& pointer) {
   QNBD_TRY(expect_object(v, pointer,
-                         {"max_connections", "handshake_timeout_seconds",
-                          "max_inflight_bytes_per_connection", "threads", "max_connections_per_address"}));
+                         {"max_connections", "handshake_timeout_seconds", "max_inflight_bytes_per_connection",
+                          "threads", "max_connections_per_address"}));
   Limits limits;
   if (const json* x = find(v, "max_connections")) {
     limits.max_connections = static_cast<std::uint32_t>(
         QNBD_TRY(as_integer(*x, child(pointer, "max_connections"), 0, max_connections_limit)));
   }
   if (const json* x = find(v, "handshake_timeout_seconds")) {
-    limits.handshake_timeout_seconds = static_cast<std::uint32_t>(QNBD_TRY(
-        as_integer(*x, child(pointer, "handshake_timeout_seconds"), 1, max_handshake_timeout_seconds)));
+    limits.handshake_timeout_seconds = static_cast<std::uint32_t>(
+        QNBD_TRY(as_integer(*x, child(pointer, "handshake_timeout_seconds"), 1, max_handshake_timeout_seconds)));
   }
   if (const json* x = find(v, "max_inflight_bytes_per_connection")) {
-    limits.max_inflight_bytes_per_connection = QNBD_TRY(as_integer(
-        *x, child(pointer, "max_inflight_bytes_per_connection"), min_inflight_bytes, max_inflight_bytes));
+    limits.max_inflight_bytes_per_connection = QNBD_TRY(
+        as_integer(*x, child(pointer, "max_inflight_bytes_per_connection"), min_inflight_bytes, max_inflight_bytes));
   }
   if (const json* x = find(v, "max_connections_per_address")) {
     limits.max_connections_per_address = static_cast<std::uint32_t>(
         QNBD_TRY(as_integer(*x, child(pointer, "max_connections_per_address"), 0, max_connections_limit)));
   }
   if (const json* x = find(v, "threads")) {
-    limits.threads =
-        static_cast<std::uint32_t>(QNBD_TRY(as_integer(*x, child(pointer, "threads"), 0, max_threads)));
+    limits.threads = static_cast<std::uint32_t>(QNBD_TRY(as_integer(*x, child(pointer, "threads"), 0, max_threads)));
   }
   return limits;
 }
@@ -355,7 +346,8 @@ Result<Config> read_config(const json& doc) {
   }
 
   if (const json* limits = find(doc, "limits")) config.limits = QNBD_TRY(read_limits(*limits, "/limits"));
-  if (const json* c = find(doc, "control")) config.control = QNBD_TRY(as_string(*c, "/control", max_unix_path_bytes, false));
+  if (const json* c = find(doc, "control"))
+    config.control = QNBD_TRY(as_string(*c, "/control", max_unix_path_bytes, false));
   return config;
 }
 
@@ -389,9 +381,7 @@ class ParseTracker {
         if (!frames_.empty()) frames_.pop_back();
         element_done();
         break;
-      case json::parse_event_t::value:
-        element_done();
-        break;
+      case json::parse_event_t::value: element_done(); break;
     }
     return true;
   }
@@ -437,10 +427,10 @@ Result<Config> parse_config(std::string_view json_text) {
   ParseTracker tracker;
   json doc;
   try {
-    doc = json::parse(json_text.begin(), json_text.end(),
-                      [&tracker](int depth, json::parse_event_t event, json& parsed) {
-                        return tracker.on_event(depth, event, parsed);
-                      });
+    doc =
+        json::parse(json_text.begin(), json_text.end(), [&tracker](int depth, json::parse_event_t event, json& parsed) {
+          return tracker.on_event(depth, event, parsed);
+        });
   } catch (const json::parse_error& e) {
     return Error{EINVAL, one_line(syntax_message(e.what()))};
   } catch (const std::exception& e) {
@@ -475,8 +465,7 @@ Result<Config> load_config(const std::string& path) {
   }
   if (static_cast<std::uint64_t>(st.st_size) > max_config_file_bytes) {
     ::close(fd);
-    return Error{EFBIG, fmt::format("{}: too large ({} bytes, at most {})", path, st.st_size,
-                                    max_config_file_bytes)};
+    return Error{EFBIG, fmt::format("{}: too large ({} bytes, at most {})", path, st.st_size, max_config_file_bytes)};
   }
   std::string text(static_cast<std::size_t>(st.st_size), '\0');
   std::size_t done = 0;

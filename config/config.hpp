@@ -18,18 +18,18 @@
 namespace qnbd::config {
 
 struct ExportConfig {
-  std::string name;         // NBD export name; "" is the default export
-  std::string image;        // path of the image file (load_config resolves it
-                            // against the config file's directory)
-  std::string format;       // "raw", "qcow2", or "" = detect from the content
+  std::string name;    // NBD export name; "" is the default export
+  std::string image;   // path of the image file (load_config resolves it
+                       // against the config file's directory)
+  std::string format;  // "raw", "qcow2", or "" = detect from the content
   bool read_only = false;
-  std::string description;  // sent as NBD_INFO_DESCRIPTION when non-empty
-  bool allocation_depth = false;     // offer the qemu:allocation-depth context
-  std::vector<std::string> bitmaps;  // qcow2 bitmaps offered as qemu:dirty-bitmap:NAME
-  std::string cache = "writeback";   // "writeback" | "writethrough" | "none" | "unsafe"
-  std::string discard = "ignore";    // "ignore" | "unmap"
-  std::string locking = "auto";      // "auto" | "on" | "off": QEMU-compatible image locks
-  bool recover_bitmaps = true;       // crash-safe bitmaps (docs/crash-safe-bitmaps.md)
+  std::string description;                // sent as NBD_INFO_DESCRIPTION when non-empty
+  bool allocation_depth = false;          // offer the qemu:allocation-depth context
+  std::vector<std::string> bitmaps;       // qcow2 bitmaps offered as qemu:dirty-bitmap:NAME
+  std::string cache = "writeback";        // "writeback" | "writethrough" | "none" | "unsafe"
+  std::string discard = "ignore";         // "ignore" | "unmap"
+  std::string locking = "auto";           // "auto" | "on" | "off": QEMU-compatible image locks
+  bool recover_bitmaps = true;            // crash-safe bitmaps (docs/crash-safe-bitmaps.md)
   std::uint64_t recovery_chunk_size = 0;  // bytes per record bit, power of two; 0 = default
   std::string view_scratch_dir;           // point-in-time views' scratch files; "" = beside the image
   std::uint64_t view_scratch_max = 0;     // bytes per view; 0 = the disk size
@@ -38,21 +38,21 @@ struct ExportConfig {
 // TLS on one listener (docs/tls.md): with it the listener requires
 // NBD_OPT_STARTTLS before anything else (NBD proto.md "FORCEDTLS mode").
 struct TlsConfig {
-  std::string id = "tls0";          // name in log lines (the --object id)
-  std::string creds = "x509";       // "x509" (qemu's tls-creds-x509) | "psk" (tls-creds-psk)
-  std::string dir;                  // x509: ca-cert.pem, server-cert.pem, server-key.pem;
-                                    // psk: keys.psk (load_config resolves it)
-  bool verify_peer = true;          // x509: require a client certificate signed by ca-cert.pem
-  std::string authz_id;             // "" = no authz; else the --object authz-simple id
-  std::vector<std::string> authz;   // client DNs (x509) or PSK usernames allowed
+  std::string id = "tls0";         // name in log lines (the --object id)
+  std::string creds = "x509";      // "x509" (qemu's tls-creds-x509) | "psk" (tls-creds-psk)
+  std::string dir;                 // x509: ca-cert.pem, server-cert.pem, server-key.pem;
+                                   // psk: keys.psk (load_config resolves it)
+  bool verify_peer = true;         // x509: require a client certificate signed by ca-cert.pem
+  std::string authz_id;            // "" = no authz; else the --object authz-simple id
+  std::vector<std::string> authz;  // client DNs (x509) or PSK usernames allowed
 };
 
 struct ListenerConfig {
-  std::string type = "tcp";         // "tcp" | "unix"
-  std::string host = "127.0.0.1";   // tcp only
-  std::uint16_t port = 10809;       // tcp only, 1..65535
-  std::string path;                 // unix only: socket path
-  bool has_tls = false;             // `tls` below is set
+  std::string type = "tcp";        // "tcp" | "unix"
+  std::string host = "127.0.0.1";  // tcp only
+  std::uint16_t port = 10809;      // tcp only, 1..65535
+  std::string path;                // unix only: socket path
+  bool has_tls = false;            // `tls` below is set
   TlsConfig tls;
 };
 
@@ -67,21 +67,21 @@ struct Limits {
 };
 
 struct Config {
-  std::vector<ExportConfig> exports;     // at least one, names unique
-  std::vector<ListenerConfig> listeners; // defaults to one tcp 127.0.0.1:10809
+  std::vector<ExportConfig> exports;      // at least one, names unique
+  std::vector<ListenerConfig> listeners;  // defaults to one tcp 127.0.0.1:10809
   Limits limits;
   std::string control;  // control socket path (docs/control.md); "" = none
 };
 
 // Bounds enforced by the loader, exported so the docs, the schema and the
 // tests agree with the code.
-inline constexpr std::size_t max_name_bytes = 4096;          // NBD string limit
-inline constexpr std::size_t max_bitmap_name_bytes = 1023;   // qcow2 bitmap name limit
-inline constexpr std::size_t max_unix_path_bytes = 107;      // sun_path minus the NUL
+inline constexpr std::size_t max_name_bytes = 4096;         // NBD string limit
+inline constexpr std::size_t max_bitmap_name_bytes = 1023;  // qcow2 bitmap name limit
+inline constexpr std::size_t max_unix_path_bytes = 107;     // sun_path minus the NUL
 inline constexpr std::uint32_t max_connections_limit = 1'000'000;
 inline constexpr std::uint32_t max_handshake_timeout_seconds = 3600;
 inline constexpr std::uint64_t min_inflight_bytes = 64ull << 10;  // 64 KiB
-inline constexpr std::uint64_t max_inflight_bytes = 4ull << 30;         // 4 GiB
+inline constexpr std::uint64_t max_inflight_bytes = 4ull << 30;   // 4 GiB
 inline constexpr std::uint32_t max_threads = 1024;
 inline constexpr std::size_t max_config_file_bytes = 16u << 20;
 
@@ -98,8 +98,8 @@ struct QemuObject {
 // Build the TlsConfig from all --object arguments and the two ids. Errors
 // (EINVAL) name the option: unknown object type or property, duplicate id,
 // endpoint=client, missing dir, --tls-creds naming no credentials, ...
-[[nodiscard]] Result<TlsConfig> tls_from_objects(const std::vector<std::string>& objects,
-                                                 std::string_view creds_id, std::string_view authz_id);
+[[nodiscard]] Result<TlsConfig> tls_from_objects(const std::vector<std::string>& objects, std::string_view creds_id,
+                                                 std::string_view authz_id);
 
 // Parse and validate a configuration held in memory. Image paths are kept as
 // written. Errors: EINVAL, message "POINTER: what is wrong" (or "line L,

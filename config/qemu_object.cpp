@@ -40,8 +40,7 @@ Result<QemuObject> parse_qemu_object(std::string_view text) {
   for (std::size_t i = first; i < fields.size(); ++i) {
     const auto& f = fields[i];
     auto eq = f.find('=');
-    if (eq == std::string::npos || eq == 0)
-      return make_error(EINVAL, "--object {}: '{}' is not KEY=VALUE", text, f);
+    if (eq == std::string::npos || eq == 0) return make_error(EINVAL, "--object {}: '{}' is not KEY=VALUE", text, f);
     std::string key = f.substr(0, eq), value = f.substr(eq + 1);
     if (key == "qom-type") {
       if (!o.qom_type.empty()) return make_error(EINVAL, "--object {}: the type is given twice", text);
@@ -92,13 +91,13 @@ Result<TlsConfig> tls_from_objects(const std::vector<std::string>& objects, std:
       if (!o.get("identity") || o.get("identity")->empty())
         return make_error(EINVAL, "--object authz-simple id={}: identity= is required", id);
     } else {
-      return make_error(EINVAL, "--object {}: unsupported type (qnbd knows tls-creds-x509, tls-creds-psk, authz-simple)",
+      return make_error(EINVAL,
+                        "--object {}: unsupported type (qnbd knows tls-creds-x509, tls-creds-psk, authz-simple)",
                         o.qom_type);
     }
     if (o.qom_type != "authz-simple") {
       if (const auto* e = o.get("endpoint"); e && *e != "server")
-        return make_error(EINVAL, "--object {} id={}: endpoint={}: a server needs endpoint=server", o.qom_type, id,
-                          *e);
+        return make_error(EINVAL, "--object {} id={}: endpoint={}: a server needs endpoint=server", o.qom_type, id, *e);
       if (!o.get("dir") || o.get("dir")->empty())
         return make_error(EINVAL, "--object {} id={}: dir= is required", o.qom_type, id);
     }

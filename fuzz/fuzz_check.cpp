@@ -37,7 +37,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   QNBD_FUZZ_CHECK(second.has_value());
   if (second->check_errors) return 0;
   if (second->leaks || (mode == qcow2::RepairMode::all && second->corruptions > repaired->corruptions))
-    std::fprintf(stderr, "check: %llu corruptions, %llu leaks; repair: %llu left, %llu fixed, %llu leaks fixed; "
+    std::fprintf(stderr,
+                 "check: %llu corruptions, %llu leaks; repair: %llu left, %llu fixed, %llu leaks fixed; "
                  "again: %llu corruptions, %llu leaks\n",
                  (unsigned long long)first->corruptions, (unsigned long long)first->leaks,
                  (unsigned long long)repaired->corruptions, (unsigned long long)repaired->corruptions_fixed,

@@ -29,8 +29,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     for (const auto& b : e.bitmaps) QNBD_FUZZ_CHECK(!b.empty() && b.size() <= max_bitmap_name_bytes);
   }
   for (const auto& l : r->listeners) {
-    if (l.type == "unix") QNBD_FUZZ_CHECK(!l.path.empty() && l.path.size() <= max_unix_path_bytes);
-    else QNBD_FUZZ_CHECK(l.type == "tcp" && l.port >= 1);
+    if (l.type == "unix")
+      QNBD_FUZZ_CHECK(!l.path.empty() && l.path.size() <= max_unix_path_bytes);
+    else
+      QNBD_FUZZ_CHECK(l.type == "tcp" && l.port >= 1);
   }
   QNBD_FUZZ_CHECK(r->limits.max_connections <= max_connections_limit);
   QNBD_FUZZ_CHECK(r->limits.handshake_timeout_seconds <= max_handshake_timeout_seconds);

@@ -72,8 +72,10 @@ inline void decode_image_input(const std::uint8_t* data, std::size_t size, Image
     length = std::min(length, kMaxImageBytes - offset);
     if (length == 0) continue;
     records_end = std::max(records_end, offset + length);
-    if (bytes.empty()) in.image.fill(offset, length, std::byte{fill});
-    else (void)in.image.pwrite(std::as_bytes(bytes.first(length)), offset);
+    if (bytes.empty())
+      in.image.fill(offset, length, std::byte{fill});
+    else
+      (void)in.image.pwrite(std::as_bytes(bytes.first(length)), offset);
   }
   in.image.set_size(std::max(records_end, std::min({size_field, records_end + kSlackBytes, kMaxImageBytes})));
 }

@@ -15,7 +15,6 @@
 
 namespace qnbd::fuzz {
 
-
 // A cursor over fuzzer bytes; reads past the end give zeroes.
 class Reader {
  public:
@@ -58,9 +57,9 @@ inline void quiet_logs() {
   std::abort();
 }
 
-#define QNBD_FUZZ_CHECK(cond)                                          \
-  do {                                                                 \
-    if (!(cond)) ::qnbd::fuzz::fail(#cond " at " __FILE__ ":" QNBD_FUZZ_STR(__LINE__)); \
+#define QNBD_FUZZ_CHECK(cond)                                                                                          \
+  do {                                                                                                                 \
+    if (!(cond)) ::qnbd::fuzz::fail(#cond " at " __FILE__ ":" QNBD_FUZZ_STR(__LINE__));                                \
   } while (0)
 #define QNBD_FUZZ_STR2(x) #x
 #define QNBD_FUZZ_STR(x) QNBD_FUZZ_STR2(x)

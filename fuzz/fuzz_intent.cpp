@@ -189,8 +189,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (!has_record) return 0;
   QNBD_FUZZ_CHECK(with.detail.find('\n') == std::string::npos);
   const Outcome without = open_once(image, nullptr);
-  if (with.opened != without.opened || !with.file->same_contents(*without.file) ||
-      with.in_use != without.in_use) {
+  if (with.opened != without.opened || !with.file->same_contents(*without.file) || with.in_use != without.in_use) {
     std::fprintf(stderr, "with the record: %s %s %s (%s); without: %s %s (%s)\n", with.opened ? "opened" : "failed",
                  with.state.c_str(), with.detail.c_str(), with.error.c_str(), without.opened ? "opened" : "failed",
                  without.state.c_str(), without.error.c_str());

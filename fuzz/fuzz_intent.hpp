@@ -47,8 +47,8 @@ struct IntentShape {
   std::uint64_t size;
   std::uint64_t cluster_size;
   std::uint64_t chunk_size;
-  unsigned bitmaps;        // added enabled
-  bool disable_last;       // the last one disabled (not tracked by the record)
+  unsigned bitmaps;   // added enabled
+  bool disable_last;  // the last one disabled (not tracked by the record)
   std::vector<std::pair<std::uint64_t, std::uint64_t>> writes;
 };
 

@@ -53,8 +53,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     pos += take;
   }
   const auto& r = n.result();
-  ValidationContext v{r.export_info->size, r.transmission_flags, r.mode, !r.contexts.empty(),
-                      r.block_size_committed, r.min_block, r.max_payload};
+  ValidationContext v{r.export_info->size,    r.transmission_flags, r.mode,       !r.contexts.empty(),
+                      r.block_size_committed, r.min_block,          r.max_payload};
   const auto hsize = request_header_size(r.mode);
   std::vector<std::byte> out;
   while (in.size() - pos >= hsize) {

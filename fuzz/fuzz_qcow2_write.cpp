@@ -28,9 +28,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <string.h>  // memmem
 #include <iterator>
 #include <map>
+#include <string.h>  // memmem
 #include <vector>
 
 #include "common/endian.hpp"
@@ -134,9 +134,8 @@ void check_layout_untouched(const std::vector<std::pair<std::uint64_t, std::uint
   for (const auto& w : writes)
     for (const auto& [off, len] : meta)
       if (len && w.offset < off + len && off < w.offset + w.length) {
-        std::fprintf(stderr, "guest data at host %#llx+%#llx, metadata at %#llx+%#llx\n",
-                     (unsigned long long)w.offset, (unsigned long long)w.length, (unsigned long long)off,
-                     (unsigned long long)len);
+        std::fprintf(stderr, "guest data at host %#llx+%#llx, metadata at %#llx+%#llx\n", (unsigned long long)w.offset,
+                     (unsigned long long)w.length, (unsigned long long)off, (unsigned long long)len);
         qnbd::fuzz::fail("guest data written over a metadata cluster the image named at open");
       }
 }
@@ -202,8 +201,7 @@ bool refcounts_inconsistent(const fuzz::SparseFile& image) {
 }
 
 // Every known byte of [off, off + len) reads back as the shadow says.
-void verify(BlockDevice& dev, const Shadow& s, std::uint64_t off, std::uint64_t len,
-            const fuzz::SparseFile& image) {
+void verify(BlockDevice& dev, const Shadow& s, std::uint64_t off, std::uint64_t len, const fuzz::SparseFile& image) {
   static std::vector<std::byte> b;
   const std::uint64_t end = off + len;
   auto it = s.known.upper_bound(off);
@@ -257,7 +255,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   // file after its overlap check passed; the cluster must hold no metadata.
   img.set_guest_write_observer([&img](std::uint64_t host, std::uint64_t bytes) {
     QNBD_FUZZ_CHECK(img.metadata_map() != nullptr);
-    if (img.metadata_map()->find(host, bytes)) qnbd::fuzz::fail("guest data write on a metadata cluster (metadata_map)");
+    if (img.metadata_map()->find(host, bytes))
+      qnbd::fuzz::fail("guest data write on a metadata cluster (metadata_map)");
   });
   const std::uint64_t dev = img.size();
   const std::uint64_t w = std::min(dev, kWindow);
@@ -266,12 +265,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   Reader ops(in.ops.empty() ? std::span<const std::uint8_t>() : in.ops);
   // Seeds carry no ops: a fixed mix so a replay exercises every path.
   static const std::uint8_t kDefault[] = {
-      0x00, 0, 0, 0, 0, 0x10, 0, 0, 0,       // write 8 KiB at 0
-      0x01, 0x03, 0x11, 0, 0, 0, 0x90, 0, 0, 0,  // write unaligned
-      0x02, 0, 0x80, 0, 0, 0, 0x80, 0, 0, 0,  // zeroes 64 KiB at 64 KiB
-      0x03, 0, 0x00, 1, 0, 0, 0x80, 0, 0, 0,  // trim at 128 KiB
-      0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0,        // flush
-      0x05, 0, 0, 0, 0, 0, 0, 2, 0, 0,        // read back
+      0x00, 0,    0,    0, 0, 0x10, 0,    0, 0,     // write 8 KiB at 0
+      0x01, 0x03, 0x11, 0, 0, 0,    0x90, 0, 0, 0,  // write unaligned
+      0x02, 0,    0x80, 0, 0, 0,    0x80, 0, 0, 0,  // zeroes 64 KiB at 64 KiB
+      0x03, 0,    0x00, 1, 0, 0,    0x80, 0, 0, 0,  // trim at 128 KiB
+      0x04, 0,    0,    0, 0, 0,    0,    0, 0, 0,  // flush
+      0x05, 0,    0,    0, 0, 0,    0,    2, 0, 0,  // read back
   };
   if (in.ops.empty()) ops = Reader(kDefault);
   static std::vector<std::byte> buf;
@@ -313,7 +312,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         if (in_window) shadow.forget(g.offset, g.length);
         break;
       }
-      case 4: (void)img.flush(); ok = true; break;
+      case 4:
+        (void)img.flush();
+        ok = true;
+        break;
       case 5:
       case 7: {
         if (in_window && !img.header().corrupt()) verify(img, shadow, g.offset, g.length, in.image);

@@ -72,8 +72,7 @@ void encode_replies(Reader& in, const Request& q, ReplyMode mode, std::vector<st
     case NBD_CMD_READ: {
       // A READ answered as data then a hole then NONE, as the server may.
       const std::uint64_t data_len = std::min<std::uint64_t>(q.length, ext ? q.length : 0xFFFFFFF7u);
-      QNBD_FUZZ_CHECK(encode_offset_data(buf, mode, flags, q.cookie, q.offset, q.offset, data_len) ==
-                      chunk_header + 8);
+      QNBD_FUZZ_CHECK(encode_offset_data(buf, mode, flags, q.cookie, q.offset, q.offset, data_len) == chunk_header + 8);
       QNBD_FUZZ_CHECK(load_be32(buf.data()) == magic);
       QNBD_FUZZ_CHECK(encode_offset_hole(buf, mode, flags, q.cookie, q.offset, q.offset,
                                          static_cast<std::uint32_t>(q.length)) == chunk_header + 12);
@@ -157,9 +156,12 @@ void drive_read_plan(Reader& in, const Command& c, ReplyMode mode) {
     const bool last = i + 1 == plan.chunk_count();
     QNBD_FUZZ_CHECK(load_be16(buf.data() + 4) == (last ? NBD_REPLY_FLAG_DONE : 0));
     const auto type = load_be16(buf.data() + 6);
-    if (parts.empty()) QNBD_FUZZ_CHECK(type == NBD_REPLY_TYPE_NONE && n == header);
-    else if (parts[i].hole) QNBD_FUZZ_CHECK(type == NBD_REPLY_TYPE_OFFSET_HOLE && n == header + 12);
-    else QNBD_FUZZ_CHECK(type == NBD_REPLY_TYPE_OFFSET_DATA && n == header + 8);
+    if (parts.empty())
+      QNBD_FUZZ_CHECK(type == NBD_REPLY_TYPE_NONE && n == header);
+    else if (parts[i].hole)
+      QNBD_FUZZ_CHECK(type == NBD_REPLY_TYPE_OFFSET_HOLE && n == header + 12);
+    else
+      QNBD_FUZZ_CHECK(type == NBD_REPLY_TYPE_OFFSET_DATA && n == header + 8);
   }
 }
 
@@ -260,8 +262,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         QNBD_FUZZ_CHECK(!cmd.error().message.empty());
         append_error_reply(out, v.mode, q, cmd.error());
         const std::size_t header = v.mode == ReplyMode::extended ? 32 : 20;
-        if (v.mode == ReplyMode::simple) QNBD_FUZZ_CHECK(out.size() == kSimpleReplySize);
-        else QNBD_FUZZ_CHECK(out.size() == header + 6 + cmd.error().message.size());
+        if (v.mode == ReplyMode::simple)
+          QNBD_FUZZ_CHECK(out.size() == kSimpleReplySize);
+        else
+          QNBD_FUZZ_CHECK(out.size() == header + 6 + cmd.error().message.size());
       }
     }
     if (!val.error && q.type != NBD_CMD_DISC) {
@@ -279,8 +283,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     out.clear();
     if (val.error) {
       QNBD_FUZZ_CHECK(!val.message.empty());
-      if (v.mode != ReplyMode::simple) append_error_chunk(out, v.mode, NBD_REPLY_FLAG_DONE, q.cookie, q.offset,
-                                                          val.error, val.message);
+      if (v.mode != ReplyMode::simple)
+        append_error_chunk(out, v.mode, NBD_REPLY_FLAG_DONE, q.cookie, q.offset, val.error, val.message);
     } else {
       encode_replies(in, q, v.mode, out);
     }

@@ -115,8 +115,10 @@ class SparseFile final : public image::File {
       const std::uint64_t pos = offset + done, p = pos / kPage, in = pos % kPage;
       const std::size_t k = static_cast<std::size_t>(std::min<std::uint64_t>(kPage - in, n - done));
       while (it != pages_.end() && it->first < p) ++it;
-      if (it != pages_.end() && it->first == p) std::memcpy(buf.data() + done, it->second->data() + in, k);
-      else std::memset(buf.data() + done, 0, k);
+      if (it != pages_.end() && it->first == p)
+        std::memcpy(buf.data() + done, it->second->data() + in, k);
+      else
+        std::memset(buf.data() + done, 0, k);
       done += k;
     }
     return n;
@@ -204,8 +206,10 @@ class SparseFile final : public image::File {
   }
   Page* page_for_write(std::uint64_t p) {
     auto& slot = pages_[p];
-    if (!slot) slot = std::make_shared<Page>(Page{});
-    else if (slot.use_count() > 1) slot = std::make_shared<Page>(*slot);
+    if (!slot)
+      slot = std::make_shared<Page>(Page{});
+    else if (slot.use_count() > 1)
+      slot = std::make_shared<Page>(*slot);
     return slot.get();
   }
   void zero_locked(std::uint64_t offset, std::uint64_t length) {

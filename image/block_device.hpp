@@ -27,9 +27,9 @@ struct Capabilities {
   bool can_fua = true;
   bool can_trim = false;
   bool can_write_zeroes = false;
-  bool can_fast_zero = false;     // write_zeroes(fast_only) can succeed quickly
-  bool can_multi_conn = true;     // one shared object: flush is visible to all
-  std::uint32_t min_block = 1;    // smallest I/O unit honoured exactly
+  bool can_fast_zero = false;   // write_zeroes(fast_only) can succeed quickly
+  bool can_multi_conn = true;   // one shared object: flush is visible to all
+  std::uint32_t min_block = 1;  // smallest I/O unit honoured exactly
   std::uint32_t preferred_block = 4096;
 };
 
@@ -48,14 +48,14 @@ struct Extent {
 // chains and by `qnbd map`, which prints the same fields as
 // `qemu-img map --output=json`.
 struct LayerStatus {
-  std::uint64_t length = 0;      // bytes with this status, from the queried offset
-  bool data = false;             // BDRV_BLOCK_DATA: reads come from this layer's storage
-  bool zero = false;             // BDRV_BLOCK_ZERO: reads as zeroes
-  bool present = false;          // BDRV_BLOCK_ALLOCATED: this layer decides the contents
-  bool offset_valid = false;     // BDRV_BLOCK_OFFSET_VALID: host_offset is meaningful
+  std::uint64_t length = 0;   // bytes with this status, from the queried offset
+  bool data = false;          // BDRV_BLOCK_DATA: reads come from this layer's storage
+  bool zero = false;          // BDRV_BLOCK_ZERO: reads as zeroes
+  bool present = false;       // BDRV_BLOCK_ALLOCATED: this layer decides the contents
+  bool offset_valid = false;  // BDRV_BLOCK_OFFSET_VALID: host_offset is meaningful
   bool compressed = false;
   std::uint64_t host_offset = 0;
-  const File* file = nullptr;    // the file host_offset points into
+  const File* file = nullptr;  // the file host_offset points into
 };
 
 // One run of a dirty bitmap's status (NBD qemu:dirty-bitmap:NAME context).
@@ -82,8 +82,8 @@ struct LiveBitmapOp {
 struct BitmapState {
   std::string name;
   std::uint64_t granularity = 0;
-  bool enabled = false;      // recording writes
-  bool in_use = false;       // found in_use (inconsistent) at open: only remove works
+  bool enabled = false;  // recording writes
+  bool in_use = false;   // found in_use (inconsistent) at open: only remove works
   std::uint64_t dirty_bytes = 0;
 };
 
@@ -101,8 +101,8 @@ class BitmapTransaction {
 class WriteGate;
 
 struct ZeroFlags {
-  bool may_unmap = true;    // may release allocation (NBD: NO_HOLE not set)
-  bool fast_only = false;   // fail with ENOTSUP unless it is cheap (NBD FAST_ZERO)
+  bool may_unmap = true;   // may release allocation (NBD: NO_HOLE not set)
+  bool fast_only = false;  // fail with ENOTSUP unless it is cheap (NBD FAST_ZERO)
   bool fua = false;
 };
 
@@ -117,12 +117,9 @@ class BlockDevice {
   virtual const char* format() const = 0;
 
   [[nodiscard]] virtual Result<void> read(std::span<std::byte> buf, std::uint64_t offset) = 0;
-  [[nodiscard]] virtual Result<void> write(std::span<const std::byte> buf, std::uint64_t offset,
-                                           bool fua) = 0;
-  [[nodiscard]] virtual Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length,
-                                                  ZeroFlags flags) = 0;
-  [[nodiscard]] virtual Result<void> discard(std::uint64_t offset, std::uint64_t length,
-                                             bool fua) = 0;
+  [[nodiscard]] virtual Result<void> write(std::span<const std::byte> buf, std::uint64_t offset, bool fua) = 0;
+  [[nodiscard]] virtual Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length, ZeroFlags flags) = 0;
+  [[nodiscard]] virtual Result<void> discard(std::uint64_t offset, std::uint64_t length, bool fua) = 0;
   [[nodiscard]] virtual Result<void> flush() = 0;
 
   // Fill `out` with consecutive extents starting at offset, covering at most
@@ -176,8 +173,7 @@ class BlockDevice {
   // Returns the count; never allocates. Writes through this device mark the
   // enabled bitmaps before they are acknowledged.
   [[nodiscard]] virtual Result<std::size_t> bitmap_status(std::size_t /*handle*/, std::uint64_t /*offset*/,
-                                                          std::uint64_t /*length*/,
-                                                          std::span<BitmapExtent> /*out*/) {
+                                                          std::uint64_t /*length*/, std::span<BitmapExtent> /*out*/) {
     return make_error(ENOENT, "no such bitmap");
   }
 
@@ -207,9 +203,9 @@ struct OpenOptions {
   ImageFormat format = ImageFormat::detect;
   bool read_only = true;
   CacheMode cache = CacheMode::writeback;
-  bool discard_unmap = false;     // --discard=unmap: trims release space
-  std::string data_file;          // overrides the qcow2 external data file name
-  LockOptions lock;               // QEMU-compatible image locks (image/io/lock.hpp)
+  bool discard_unmap = false;  // --discard=unmap: trims release space
+  std::string data_file;       // overrides the qcow2 external data file name
+  LockOptions lock;            // QEMU-compatible image locks (image/io/lock.hpp)
   // Backing files opened for a writable top image are read-only; the chain
   // is bounded so a loop or a hostile chain cannot recurse forever.
   unsigned max_backing_depth = 64;
@@ -250,7 +246,6 @@ struct MapEntry {
 
 // Open an image file, detecting the format unless told. Errors are one line
 // naming the file and the defect.
-[[nodiscard]] Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path,
-                                                              const OpenOptions& options);
+[[nodiscard]] Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, const OpenOptions& options);
 
 }  // namespace qnbd::image

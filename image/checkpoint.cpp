@@ -11,9 +11,8 @@ Result<EditTiming> apply_bitmap_edits(const std::vector<DeviceEdit>& edits, cons
   for (const DeviceEdit& e : edits) order.push_back(&e);
   // Address order: two edits over overlapping devices take the devices'
   // edit locks in one order and cannot deadlock.
-  std::sort(order.begin(), order.end(), [](const DeviceEdit* a, const DeviceEdit* b) {
-    return std::less<BlockDevice*>()(a->device, b->device);
-  });
+  std::sort(order.begin(), order.end(),
+            [](const DeviceEdit* a, const DeviceEdit* b) { return std::less<BlockDevice*>()(a->device, b->device); });
   for (std::size_t i = 1; i < order.size(); ++i) {
     if (order[i]->device == order[i - 1]->device) return make_error(EINVAL, "the same export is named twice");
   }

@@ -13,9 +13,9 @@ namespace qnbd::image {
 // validated at open. Serving it comes later.
 struct BitmapInfo {
   std::string name;
-  std::uint64_t granularity = 0;  // bytes
-  bool in_use = false;            // BME_FLAG_IN_USE: inconsistent unless opened by a writer
-  bool auto_enabled = false;      // BME_FLAG_AUTO: enabled (recording)
+  std::uint64_t granularity = 0;   // bytes
+  bool in_use = false;             // BME_FLAG_IN_USE: inconsistent unless opened by a writer
+  bool auto_enabled = false;       // BME_FLAG_AUTO: enabled (recording)
   std::uint64_t table_offset = 0;  // bitmap_table_offset
   std::uint32_t table_size = 0;    // bitmap_table_size (entries)
 };

@@ -60,7 +60,8 @@ Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const Ope
   if (format == ImageFormat::raw) {
     if (probed && !options.read_only) {
       log::warn("{}: format not given and probed as raw: writes that would make the first sector probe as "
-                "another format are refused; give the format (-f raw) to lift that", path);
+                "another format are refused; give the format (-f raw) to lift that",
+                path);
     }
     auto dev = RawDevice::open(std::move(file), options, probed);
     if (!dev) return make_error(dev.error().code, "{}: {}", path, dev.error().message);

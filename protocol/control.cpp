@@ -23,12 +23,16 @@ bool too_deep(std::string_view s) {
   bool in_string = false, escaped = false;
   for (char c : s) {
     if (in_string) {
-      if (escaped) escaped = false;
-      else if (c == '\\') escaped = true;
-      else if (c == '"') in_string = false;
+      if (escaped)
+        escaped = false;
+      else if (c == '\\')
+        escaped = true;
+      else if (c == '"')
+        in_string = false;
       continue;
     }
-    if (c == '"') in_string = true;
+    if (c == '"')
+      in_string = true;
     else if (c == '[' || c == '{') {
       if (++depth > max_depth) return true;
     } else if ((c == ']' || c == '}') && depth > 0) {
@@ -53,7 +57,8 @@ class Args {
     if (!v->is_string()) throw Bad{ErrorCode::invalid_argument, msg("'{}' must be a string", key)};
     std::string s = v->get<std::string>();
     if (s.empty() && !allow_empty) throw Bad{ErrorCode::invalid_argument, msg("'{}' must not be empty", key)};
-    if (s.size() > max_bytes) throw Bad{ErrorCode::invalid_argument, msg("'{}' is longer than {} bytes", key, max_bytes)};
+    if (s.size() > max_bytes)
+      throw Bad{ErrorCode::invalid_argument, msg("'{}' is longer than {} bytes", key, max_bytes)};
     if (s.find('\0') != std::string::npos) throw Bad{ErrorCode::invalid_argument, msg("'{}' contains a NUL byte", key)};
     return s;
   }
@@ -79,14 +84,16 @@ class Args {
     const json* v = get(key, required);
     if (!v) return {};
     if (!v->is_array()) throw Bad{ErrorCode::invalid_argument, msg("'{}' must be an array of strings", key)};
-    if (v->size() > max_list_items) throw Bad{ErrorCode::invalid_argument, msg("'{}' has more than {} items", key, max_list_items)};
+    if (v->size() > max_list_items)
+      throw Bad{ErrorCode::invalid_argument, msg("'{}' has more than {} items", key, max_list_items)};
     if (required && v->empty()) throw Bad{ErrorCode::invalid_argument, msg("'{}' must not be empty", key)};
     std::vector<std::string> out;
     std::set<std::string> seen;
     for (const json& e : *v) {
       if (!e.is_string() || (!allow_empty && e.get_ref<const std::string&>().empty()) ||
           e.get_ref<const std::string&>().size() > max_bytes) {
-        throw Bad{ErrorCode::invalid_argument, msg("'{}' must hold non-empty strings of at most {} bytes", key, max_bytes)};
+        throw Bad{ErrorCode::invalid_argument,
+                  msg("'{}' must hold non-empty strings of at most {} bytes", key, max_bytes)};
       }
       if (!seen.insert(e.get<std::string>()).second) {
         throw Bad{ErrorCode::invalid_argument, msg("'{}' names '{}' twice", key, e.get<std::string>())};
@@ -98,7 +105,8 @@ class Args {
   // Every key must have been asked for.
   void done() {
     for (auto it = a_.begin(); it != a_.end(); ++it) {
-      if (!used_.count(it.key())) throw Bad{ErrorCode::invalid_argument, msg("unknown argument {}", dump(json(it.key())))};
+      if (!used_.count(it.key()))
+        throw Bad{ErrorCode::invalid_argument, msg("unknown argument {}", dump(json(it.key())))};
     }
   }
 
@@ -180,7 +188,8 @@ Command parse_command(const std::string& name, const json& arguments) {
     c.views = a.strings("views", false, max_name_bytes, true);
     for (const std::string& v : c.views) {
       if (std::find(c.exports.begin(), c.exports.end(), v) == c.exports.end())
-        throw Bad{ErrorCode::invalid_argument, fmt::format("'views' names {} which is not in 'exports'", dump(json(v)))};
+        throw Bad{ErrorCode::invalid_argument,
+                  fmt::format("'views' names {} which is not in 'exports'", dump(json(v)))};
     }
     cmd = c;
   } else if (name == "view-end") {
@@ -218,15 +227,21 @@ ErrorCode error_code_for_errno(int err) {
     case ENOENT: return ErrorCode::not_found;
     case EEXIST: return ErrorCode::exists;
     case EBUSY: return ErrorCode::busy;
-    case ENOTSUP: case EROFS: case EPERM: return ErrorCode::not_supported;
-    case EINVAL: case EFBIG: case ERANGE: case ENAMETOOLONG: return ErrorCode::invalid_argument;
+    case ENOTSUP:
+    case EROFS:
+    case EPERM: return ErrorCode::not_supported;
+    case EINVAL:
+    case EFBIG:
+    case ERANGE:
+    case ENAMETOOLONG: return ErrorCode::invalid_argument;
     default: return ErrorCode::io_error;
   }
 }
 
 std::variant<Request, Refusal> parse_request(std::string_view line) {
   if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-  if (line.size() > max_line_bytes) return Refusal{nullptr, ErrorCode::parse_error, "request line is longer than 1 MiB"};
+  if (line.size() > max_line_bytes)
+    return Refusal{nullptr, ErrorCode::parse_error, "request line is longer than 1 MiB"};
   if (too_deep(line)) return Refusal{nullptr, ErrorCode::parse_error, "request nests deeper than 16 levels"};
   json j = json::parse(line.begin(), line.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return Refusal{nullptr, ErrorCode::parse_error, "request is not valid JSON"};

@@ -129,7 +129,7 @@ class LineBuffer {
 
  private:
   std::size_t max_;
-  std::string buf_;     // the start of the current line (at most max_ bytes)
+  std::string buf_;        // the start of the current line (at most max_ bytes)
   bool skipping_ = false;  // the current line passed max_: dropping until '\n'
   std::vector<Line> ready_;
   std::size_t next_ready_ = 0;

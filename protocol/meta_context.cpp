@@ -48,8 +48,8 @@ void apply_query(const ExportInfo& exp, std::string_view q, bool list, Wanted& w
 
 }  // namespace
 
-std::vector<MetaContext> match_meta_contexts(const ExportInfo& exp,
-                                             const std::vector<std::string_view>& queries, bool list) {
+std::vector<MetaContext> match_meta_contexts(const ExportInfo& exp, const std::vector<std::string_view>& queries,
+                                             bool list) {
   Wanted w;
   w.bitmaps.assign(exp.bitmaps.size(), false);
   if (queries.empty()) {

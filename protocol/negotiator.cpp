@@ -133,8 +133,7 @@ void Negotiator::process() {
       auto flags = load_be32(in_.data());
       in_.clear();
       // §3.5: unknown or unadvertised bits are a MUST-close.
-      if (flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES))
-        return fail("client flags contain unknown bits");
+      if (flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) return fail("client flags contain unknown bits");
       // Non-fixed newstyle clients are served like fixed ones (allowed by §3.5);
       // they can only send EXPORT_NAME anyway.
       no_zeroes_ = (flags & NBD_FLAG_C_NO_ZEROES) != 0;
@@ -270,8 +269,7 @@ void Negotiator::process_option() {
     case NBD_OPT_SET_META_CONTEXT: return opt_meta_context(true);
     case NBD_OPT_EXTENDED_HEADERS:
       if (has_data) return reply_error(NBD_REP_ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data");
-      if (mode_ == ReplyMode::extended)
-        return reply_error(NBD_REP_ERR_INVALID, "extended headers already negotiated");
+      if (mode_ == ReplyMode::extended) return reply_error(NBD_REP_ERR_INVALID, "extended headers already negotiated");
       mode_ = ReplyMode::extended;
       return reply(NBD_REP_ACK);
     default: return reply_error(NBD_REP_ERR_UNSUP, "option not supported");
@@ -325,9 +323,12 @@ void Negotiator::opt_info_go(bool go) {
   for (std::uint16_t i = 0; i < nreq; ++i) {
     std::uint16_t r = 0;
     (void)c.get16(r);
-    if (r == NBD_INFO_NAME) want_name = true;
-    else if (r == NBD_INFO_DESCRIPTION) want_desc = true;
-    else if (r == NBD_INFO_BLOCK_SIZE) want_bs = true;
+    if (r == NBD_INFO_NAME)
+      want_name = true;
+    else if (r == NBD_INFO_DESCRIPTION)
+      want_desc = true;
+    else if (r == NBD_INFO_BLOCK_SIZE)
+      want_bs = true;
     // unknown info requests are ignored (§4.5)
   }
   const auto exp = catalog_.find(name);
@@ -385,8 +386,7 @@ void Negotiator::opt_meta_context(bool set) {
     selected_.clear();
     selected_export_.clear();
     has_selection_ = false;
-    if (mode_ == ReplyMode::simple)
-      return reply_error(NBD_REP_ERR_INVALID, "structured replies not negotiated");
+    if (mode_ == ReplyMode::simple) return reply_error(NBD_REP_ERR_INVALID, "structured replies not negotiated");
   }
   Cursor c{in_};
   std::uint32_t name_len, nq;
@@ -397,8 +397,7 @@ void Negotiator::opt_meta_context(bool set) {
   for (std::uint32_t i = 0; i < nq; ++i) {
     std::uint32_t ql;
     std::string_view q;
-    if (!c.get32(ql) || !c.get_str(ql, q))
-      return reply_error(NBD_REP_ERR_INVALID, "malformed meta context query");
+    if (!c.get32(ql) || !c.get_str(ql, q)) return reply_error(NBD_REP_ERR_INVALID, "malformed meta context query");
     queries.push_back(q);
   }
   if (c.left() != 0) return reply_error(NBD_REP_ERR_INVALID, "trailing data in meta context request");

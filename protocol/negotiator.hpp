@@ -41,9 +41,9 @@ struct Negotiated {
   std::shared_ptr<const ExportInfo> export_info;
   std::uint16_t transmission_flags = 0;
   ReplyMode mode = ReplyMode::simple;
-  std::vector<MetaContext> contexts;   // usable selection (empty: no BLOCK_STATUS)
-  bool block_size_committed = false;   // GO asked for NBD_INFO_BLOCK_SIZE
-  std::uint32_t min_block = 1;         // as advertised to this client
+  std::vector<MetaContext> contexts;  // usable selection (empty: no BLOCK_STATUS)
+  bool block_size_committed = false;  // GO asked for NBD_INFO_BLOCK_SIZE
+  std::uint32_t min_block = 1;        // as advertised to this client
   std::uint32_t max_payload = 32u << 20;
 };
 

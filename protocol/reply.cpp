@@ -14,9 +14,8 @@ std::size_t encode_simple_reply(std::span<std::byte> out, std::uint32_t error, s
   return kSimpleReplySize;
 }
 
-std::size_t encode_chunk_header(std::span<std::byte> out, ReplyMode mode, std::uint16_t flags,
-                                std::uint16_t type, std::uint64_t cookie, std::uint64_t offset,
-                                std::uint64_t payload_length) {
+std::size_t encode_chunk_header(std::span<std::byte> out, ReplyMode mode, std::uint16_t flags, std::uint16_t type,
+                                std::uint64_t cookie, std::uint64_t offset, std::uint64_t payload_length) {
   auto* p = out.data();
   if (mode == ReplyMode::extended) {
     store_be32(p, NBD_EXTENDED_REPLY_MAGIC);
@@ -35,32 +34,28 @@ std::size_t encode_chunk_header(std::span<std::byte> out, ReplyMode mode, std::u
   return kStructuredChunkHeaderSize;
 }
 
-std::size_t encode_offset_data(std::span<std::byte> out, ReplyMode mode, std::uint16_t flags,
-                               std::uint64_t cookie, std::uint64_t request_offset,
-                               std::uint64_t data_offset, std::uint64_t data_length) {
-  auto n = encode_chunk_header(out, mode, flags, NBD_REPLY_TYPE_OFFSET_DATA, cookie, request_offset,
-                               8 + data_length);
+std::size_t encode_offset_data(std::span<std::byte> out, ReplyMode mode, std::uint16_t flags, std::uint64_t cookie,
+                               std::uint64_t request_offset, std::uint64_t data_offset, std::uint64_t data_length) {
+  auto n = encode_chunk_header(out, mode, flags, NBD_REPLY_TYPE_OFFSET_DATA, cookie, request_offset, 8 + data_length);
   store_be64(out.data() + n, data_offset);
   return n + 8;
 }
 
-std::size_t encode_offset_hole(std::span<std::byte> out, ReplyMode mode, std::uint16_t flags,
-                               std::uint64_t cookie, std::uint64_t request_offset,
-                               std::uint64_t hole_offset, std::uint32_t hole_length) {
+std::size_t encode_offset_hole(std::span<std::byte> out, ReplyMode mode, std::uint16_t flags, std::uint64_t cookie,
+                               std::uint64_t request_offset, std::uint64_t hole_offset, std::uint32_t hole_length) {
   auto n = encode_chunk_header(out, mode, flags, NBD_REPLY_TYPE_OFFSET_HOLE, cookie, request_offset, 12);
   store_be64(out.data() + n, hole_offset);
   store_be32(out.data() + n + 8, hole_length);
   return n + 12;
 }
 
-std::size_t encode_none(std::span<std::byte> out, ReplyMode mode, std::uint64_t cookie,
-                        std::uint64_t request_offset) {
+std::size_t encode_none(std::span<std::byte> out, ReplyMode mode, std::uint64_t cookie, std::uint64_t request_offset) {
   return encode_chunk_header(out, mode, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_NONE, cookie, request_offset, 0);
 }
 
-void append_error_chunk(std::vector<std::byte>& out, ReplyMode mode, std::uint16_t flags,
-                        std::uint64_t cookie, std::uint64_t request_offset, std::uint32_t error,
-                        std::string_view message, const std::uint64_t* error_offset) {
+void append_error_chunk(std::vector<std::byte>& out, ReplyMode mode, std::uint16_t flags, std::uint64_t cookie,
+                        std::uint64_t request_offset, std::uint32_t error, std::string_view message,
+                        const std::uint64_t* error_offset) {
   message = message.substr(0, std::min(message.size(), kMaxString));
   const std::uint64_t payload = 6 + message.size() + (error_offset ? 8 : 0);
   auto base = out.size();
@@ -101,9 +96,9 @@ bool ExtentList::add(std::uint64_t length, std::uint32_t flags) {
   return true;
 }
 
-void append_block_status_chunk(std::vector<std::byte>& out, ReplyMode mode, std::uint16_t flags,
-                               std::uint64_t cookie, std::uint64_t request_offset,
-                               std::uint32_t context_id, std::span<const StatusExtent> extents) {
+void append_block_status_chunk(std::vector<std::byte>& out, ReplyMode mode, std::uint16_t flags, std::uint64_t cookie,
+                               std::uint64_t request_offset, std::uint32_t context_id,
+                               std::span<const StatusExtent> extents) {
   const bool ext = mode == ReplyMode::extended;
   const std::uint64_t payload = ext ? 8 + 16 * extents.size() : 4 + 8 * extents.size();
   auto base = out.size();

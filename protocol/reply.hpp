@@ -27,30 +27,26 @@ std::size_t encode_simple_reply(std::span<std::byte> out, std::uint32_t error, s
 
 // §10.5 / §10.6: 20 or 32 bytes. `offset` is the request's offset (only on
 // the wire in extended mode).
-std::size_t encode_chunk_header(std::span<std::byte> out, ReplyMode mode, std::uint16_t flags,
-                                std::uint16_t type, std::uint64_t cookie, std::uint64_t offset,
-                                std::uint64_t payload_length);
+std::size_t encode_chunk_header(std::span<std::byte> out, ReplyMode mode, std::uint16_t flags, std::uint16_t type,
+                                std::uint64_t cookie, std::uint64_t offset, std::uint64_t payload_length);
 
 // NBD_REPLY_TYPE_OFFSET_DATA header plus its 8-byte offset; `data_length`
 // bytes of data must follow. data_length <= 2^32 - 9 in structured mode.
-std::size_t encode_offset_data(std::span<std::byte> out, ReplyMode mode, std::uint16_t flags,
-                               std::uint64_t cookie, std::uint64_t request_offset,
-                               std::uint64_t data_offset, std::uint64_t data_length);
+std::size_t encode_offset_data(std::span<std::byte> out, ReplyMode mode, std::uint16_t flags, std::uint64_t cookie,
+                               std::uint64_t request_offset, std::uint64_t data_offset, std::uint64_t data_length);
 
 // NBD_REPLY_TYPE_OFFSET_HOLE, complete (hole_length is 32-bit on the wire).
-std::size_t encode_offset_hole(std::span<std::byte> out, ReplyMode mode, std::uint16_t flags,
-                               std::uint64_t cookie, std::uint64_t request_offset,
-                               std::uint64_t hole_offset, std::uint32_t hole_length);
+std::size_t encode_offset_hole(std::span<std::byte> out, ReplyMode mode, std::uint16_t flags, std::uint64_t cookie,
+                               std::uint64_t request_offset, std::uint64_t hole_offset, std::uint32_t hole_length);
 
 // NBD_REPLY_TYPE_NONE with DONE.
-std::size_t encode_none(std::span<std::byte> out, ReplyMode mode, std::uint64_t cookie,
-                        std::uint64_t request_offset);
+std::size_t encode_none(std::span<std::byte> out, ReplyMode mode, std::uint64_t cookie, std::uint64_t request_offset);
 
 // NBD_REPLY_TYPE_ERROR (or ERROR_OFFSET when error_offset is given), appended
 // to `out`. The message is cut at 4096 bytes.
-void append_error_chunk(std::vector<std::byte>& out, ReplyMode mode, std::uint16_t flags,
-                        std::uint64_t cookie, std::uint64_t request_offset, std::uint32_t error,
-                        std::string_view message, const std::uint64_t* error_offset = nullptr);
+void append_error_chunk(std::vector<std::byte>& out, ReplyMode mode, std::uint16_t flags, std::uint64_t cookie,
+                        std::uint64_t request_offset, std::uint32_t error, std::string_view message,
+                        const std::uint64_t* error_offset = nullptr);
 
 struct StatusExtent {
   std::uint64_t length = 0;
@@ -87,8 +83,8 @@ inline std::uint64_t max_extent_length(ReplyMode mode) {
 
 // One NBD_REPLY_TYPE_BLOCK_STATUS (compact) or _EXT (extended) chunk,
 // appended to `out`. extents must be non-empty.
-void append_block_status_chunk(std::vector<std::byte>& out, ReplyMode mode, std::uint16_t flags,
-                               std::uint64_t cookie, std::uint64_t request_offset,
-                               std::uint32_t context_id, std::span<const StatusExtent> extents);
+void append_block_status_chunk(std::vector<std::byte>& out, ReplyMode mode, std::uint16_t flags, std::uint64_t cookie,
+                               std::uint64_t request_offset, std::uint32_t context_id,
+                               std::span<const StatusExtent> extents);
 
 }  // namespace qnbd::protocol

@@ -8,8 +8,7 @@
 
 namespace qnbd::protocol {
 
-ParseStatus parse_request_header(std::span<const std::byte> h, ReplyMode mode, std::uint32_t max_payload,
-                                 Request& r) {
+ParseStatus parse_request_header(std::span<const std::byte> h, ReplyMode mode, std::uint32_t max_payload, Request& r) {
   const bool ext = mode == ReplyMode::extended;
   if (h.size() < request_header_size(mode)) return ParseStatus::bad_magic;
   auto magic = load_be32(h.data());
@@ -66,8 +65,7 @@ Validation validate_request(const Request& r, const ValidationContext& c) {
   if (r.flags & ~allowed_flags(r.type)) return inval("flag not valid for this command");
   if ((r.flags & NBD_CMD_FLAG_FUA) && !(tf & NBD_FLAG_SEND_FUA)) return inval("FUA not negotiated");
   if ((r.flags & NBD_CMD_FLAG_DF) && !(tf & NBD_FLAG_SEND_DF)) return inval("DF not negotiated");
-  if ((r.flags & NBD_CMD_FLAG_FAST_ZERO) && !(tf & NBD_FLAG_SEND_FAST_ZERO))
-    return inval("FAST_ZERO not negotiated");
+  if ((r.flags & NBD_CMD_FLAG_FAST_ZERO) && !(tf & NBD_FLAG_SEND_FAST_ZERO)) return inval("FAST_ZERO not negotiated");
   if (r.flags & NBD_CMD_FLAG_PAYLOAD_LEN) {
     if (!ext) return inval("PAYLOAD_LEN needs extended headers");
     if (r.type == NBD_CMD_BLOCK_STATUS && !(tf & NBD_FLAG_BLOCK_STATUS_PAYLOAD))
@@ -82,16 +80,14 @@ Validation validate_request(const Request& r, const ValidationContext& c) {
   // be zero. (qemu 7.2 refuses them only past the end of the export.)
   if (r.type == NBD_CMD_FLUSH && (r.offset || r.length)) return inval("flush offset and length must be 0");
   if (r.type == NBD_CMD_TRIM && !(tf & NBD_FLAG_SEND_TRIM)) return inval("trim not supported");
-  if (r.type == NBD_CMD_WRITE_ZEROES && !(tf & NBD_FLAG_SEND_WRITE_ZEROES))
-    return inval("write zeroes not supported");
+  if (r.type == NBD_CMD_WRITE_ZEROES && !(tf & NBD_FLAG_SEND_WRITE_ZEROES)) return inval("write zeroes not supported");
   if (r.type == NBD_CMD_BLOCK_STATUS) {
     // #27, #28
     if (c.mode == ReplyMode::simple) return inval("block status needs structured replies");
     if (!c.has_contexts) return inval("no metadata context selected");
   }
   // A payload on a command that has none is consumed, then refused (§10.3).
-  if (r.payload_length && r.type != NBD_CMD_WRITE && r.type != NBD_CMD_BLOCK_STATUS)
-    return inval("unexpected payload");
+  if (r.payload_length && r.type != NBD_CMD_WRITE && r.type != NBD_CMD_BLOCK_STATUS) return inval("unexpected payload");
   // The payload form of BLOCK_STATUS carries its own effect length; the
   // server checks it after reading the payload.
   const bool bs_payload = r.type == NBD_CMD_BLOCK_STATUS && (r.flags & NBD_CMD_FLAG_PAYLOAD_LEN);

@@ -21,14 +21,12 @@ struct Request {
   std::uint64_t payload_length = 0;  // bytes that follow the header on the wire
 };
 
-inline std::size_t request_header_size(ReplyMode mode) {
-  return mode == ReplyMode::extended ? 32 : 28;
-}
+inline std::size_t request_header_size(ReplyMode mode) { return mode == ReplyMode::extended ? 32 : 28; }
 
 enum class ParseStatus : std::uint8_t {
   ok,
-  bad_magic,         // framing lost: hard disconnect (§15.2 #17)
-  payload_too_large, // payload cannot be consumed sensibly: hard disconnect (#18, #25)
+  bad_magic,          // framing lost: hard disconnect (§15.2 #17)
+  payload_too_large,  // payload cannot be consumed sensibly: hard disconnect (#18, #25)
 };
 
 // Parse one header of the negotiated mode from exactly request_header_size()
@@ -41,15 +39,15 @@ struct ValidationContext {
   std::uint64_t export_size = 0;
   std::uint16_t transmission_flags = 0;
   ReplyMode mode = ReplyMode::simple;
-  bool has_contexts = false;           // BLOCK_STATUS allowed
-  bool block_size_committed = false;   // enforce min_block alignment
+  bool has_contexts = false;          // BLOCK_STATUS allowed
+  bool block_size_committed = false;  // enforce min_block alignment
   std::uint32_t min_block = 1;
   std::uint32_t max_payload = 32u << 20;
 };
 
 struct Validation {
-  std::uint32_t error = 0;        // 0 = valid, else NBD_E*
-  std::string_view message;       // static text for the error chunk
+  std::uint32_t error = 0;   // 0 = valid, else NBD_E*
+  std::string_view message;  // static text for the error chunk
 };
 
 // Decide whether a parsed request may be executed (§15.2 #19-#28). DISC is

@@ -52,8 +52,7 @@ Result<Command> decode(const Request& r, std::span<const std::byte> payload, con
       if (k == nctx || ((c.context_mask >> k) & 1)) return refuse(NBD_EINVAL, "unknown or duplicate context id");
       c.context_mask |= std::uint64_t{1} << k;
     }
-    if (!range_within(r.offset, c.length, ctx.export_size))
-      return refuse(NBD_EINVAL, "request beyond end of export");
+    if (!range_within(r.offset, c.length, ctx.export_size)) return refuse(NBD_EINVAL, "request beyond end of export");
   } else {
     c.context_mask = nctx == 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << nctx) - 1;
   }
@@ -105,8 +104,10 @@ bool ReadPlan::add(std::uint64_t length, bool zero) {
 
 void ReadPlan::finish() {
   if (pos_ >= length_) return;
-  if (n_parts_ && !parts_[n_parts_ - 1].hole) parts_[n_parts_ - 1].length += length_ - pos_;
-  else parts_[n_parts_++] = {pos_, length_ - pos_, false};
+  if (n_parts_ && !parts_[n_parts_ - 1].hole)
+    parts_[n_parts_ - 1].length += length_ - pos_;
+  else
+    parts_[n_parts_++] = {pos_, length_ - pos_, false};
   pos_ = length_;
 }
 
@@ -155,15 +156,15 @@ bool BlockStatusPlan::add_allocation(std::uint64_t length, bool allocated, bool 
     std::uint32_t flags = 0;
     switch (contexts_[k].kind) {
       // NBD proto.md "base:allocation metadata context".
-      case ContextKind::base_allocation:
-        flags = (allocated ? 0 : NBD_STATE_HOLE) | (zero ? NBD_STATE_ZERO : 0);
-        break;
+      case ContextKind::base_allocation: flags = (allocated ? 0 : NBD_STATE_HOLE) | (zero ? NBD_STATE_ZERO : 0); break;
       // qemu:allocation-depth: the layer that supplies the data, 0 = none.
       case ContextKind::allocation_depth: flags = depth; break;
       case ContextKind::dirty_bitmap: continue;  // walked by add_bitmap
     }
-    if (!lists_[k].add(len, flags)) stopped_ |= std::uint64_t{1} << k;
-    else alloc_active_ = true;
+    if (!lists_[k].add(len, flags))
+      stopped_ |= std::uint64_t{1} << k;
+    else
+      alloc_active_ = true;
   }
   alloc_pos_ += len;
   return allocation_open();

@@ -27,7 +27,9 @@ namespace {
 constexpr auto kReplyTimeout = std::chrono::seconds(10);
 constexpr std::size_t kMaxClients = 64;
 
-pc::Refusal refusal(const json& id, const Error& e) { return pc::Refusal{id, pc::error_code_for_errno(e.code), e.message}; }
+pc::Refusal refusal(const json& id, const Error& e) {
+  return pc::Refusal{id, pc::error_code_for_errno(e.code), e.message};
+}
 
 json status_json(ControlTarget& t) {
   json exports = json::array();
@@ -46,14 +48,9 @@ json status_json(ControlTarget& t) {
     if (auto* cbw = dynamic_cast<image::CbwDevice*>(e.device.get())) {
       for (const auto& v : cbw->views()) {
         const image::ViewState st = v->state();
-        json j{{"name", e.name + "@" + st.checkpoint},
-               {"checkpoint", st.checkpoint},
-               {"state", st.state},
-               {"scratch_bytes", st.scratch_bytes},
-               {"scratch_max", st.scratch_max},
-               {"granule", st.granule},
-               {"saved_granules", st.saved_granules},
-               {"zero_granules", st.zero_granules}};
+        json j{{"name", e.name + "@" + st.checkpoint}, {"checkpoint", st.checkpoint},      {"state", st.state},
+               {"scratch_bytes", st.scratch_bytes},    {"scratch_max", st.scratch_max},    {"granule", st.granule},
+               {"saved_granules", st.saved_granules},  {"zero_granules", st.zero_granules}};
         if (!st.error.empty()) j["error"] = st.error;
         views.push_back(std::move(j));
       }
@@ -69,7 +66,6 @@ json status_json(ControlTarget& t) {
   }
   return json{{"exports", exports}, {"jobs", json::array()}};
 }
-
 
 // The views of a checkpoint being taken: prepared (scratch opened) before
 // the switch, attached at it, served as exports after it.
@@ -99,7 +95,8 @@ std::variant<json, pc::Refusal> checkpoint(ControlTarget& target, const pc::Requ
     p.name = e + "@" + c.name;
     p.parent = *find(e);
     p.cbw = dynamic_cast<image::CbwDevice*>(p.parent.device.get());
-    if (!p.cbw) return refusal(req.id, make_error(ENOTSUP, "export '{}' cannot have views (not a writable qcow2 export)", e));
+    if (!p.cbw)
+      return refusal(req.id, make_error(ENOTSUP, "export '{}' cannot have views (not a writable qcow2 export)", e));
     if (find(p.name)) return refusal(req.id, make_error(EEXIST, "an export named '{}' exists", p.name));
     auto v = p.cbw->prepare_view(c.name);
     if (!v) return refusal(req.id, v.error());
@@ -145,8 +142,8 @@ std::variant<json, pc::Refusal> checkpoint(ControlTarget& target, const pc::Requ
     names.push_back(p.name);
   }
   const double pause_us = std::chrono::duration<double, std::micro>(r->pause).count();
-  log::info("checkpoint '{}' over {} export(s), {} view(s): writes paused {:.0f} us", c.name, devs.size(),
-            views.size(), pause_us);
+  log::info("checkpoint '{}' over {} export(s), {} view(s): writes paused {:.0f} us", c.name, devs.size(), views.size(),
+            pause_us);
   return json{{"name", c.name}, {"pause_us", pause_us}, {"views", names}};
 }
 
@@ -162,9 +159,8 @@ std::variant<json, pc::Refusal> view_end(ControlTarget& target, const pc::Reques
     if (!cbw) continue;
     for (const auto& v : cbw->views()) {
       const std::string name = e.name + "@" + v->checkpoint();
-      const bool wanted = c.checkpoint.empty()
-                              ? std::find(c.views.begin(), c.views.end(), name) != c.views.end()
-                              : v->checkpoint() == c.checkpoint;
+      const bool wanted = c.checkpoint.empty() ? std::find(c.views.begin(), c.views.end(), name) != c.views.end()
+                                               : v->checkpoint() == c.checkpoint;
       if (wanted) found.push_back({name, v->checkpoint(), cbw, e.device});
     }
   }
@@ -287,9 +283,9 @@ struct ControlServer::Impl {
     asio::steady_timer deadline(ctx);
     for (;;) {
       while (auto l = lines.next()) {
-        std::string reply = l->too_long ? pc::encode_error(nullptr, pc::ErrorCode::parse_error,
-                                                           "request line is longer than 1 MiB")
-                                        : handle_control_line(target, l->text);
+        std::string reply =
+            l->too_long ? pc::encode_error(nullptr, pc::ErrorCode::parse_error, "request line is longer than 1 MiB")
+                        : handle_control_line(target, l->text);
         // A client that does not take its reply in time is cut off.
         deadline.expires_after(kReplyTimeout);
         deadline.async_wait([s](boost::system::error_code ec) {
@@ -321,7 +317,8 @@ Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& p
   auto impl = std::make_unique<Impl>(path, target);
   struct stat st;
   if (::lstat(path.c_str(), &st) == 0) {
-    if (!S_ISSOCK(st.st_mode)) return make_error(EEXIST, "control socket {}: a file that is not a socket is there", path);
+    if (!S_ISSOCK(st.st_mode))
+      return make_error(EEXIST, "control socket {}: a file that is not a socket is there", path);
     ::unlink(path.c_str());
   }
   boost::system::error_code ec;

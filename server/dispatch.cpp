@@ -26,8 +26,8 @@ bool Session::answer_without_device(Slot& s) {
   auto cmd = decode(s.req, payload, vctx_, wire_contexts_);
   if (cmd && stopping_) cmd = Error{ESHUTDOWN, "server is shutting down"};
   if (!cmd) {
-    log::debug("conn {}: {} cookie {:#x} offset {} length {} refused: {}", id_, command_name(s.req.type),
-               s.req.cookie, s.req.offset, s.req.length, cmd.error().message);
+    log::debug("conn {}: {} cookie {:#x} offset {} length {} refused: {}", id_, command_name(s.req.type), s.req.cookie,
+               s.req.offset, s.req.length, cmd.error().message);
     reply_error(s, cmd.error());
     return true;
   }
@@ -84,13 +84,13 @@ void Session::spawn_handle(Slot* s) {
   // slot as done and end the connection.
   auto self = shared_from_this();
   asio::co_spawn(socket_.get_executor(), handle(s), log_failure(fmt::format("conn {}: request", id_), [this, self, s] {
-    abort();
-    inflight_--;
-    inflight_bytes_ -= s->charged_bytes;
-    put_slot(s);
-    wake_reader_.cancel();
-    wake_writer_.cancel();
-  }));
+                   abort();
+                   inflight_--;
+                   inflight_bytes_ -= s->charged_bytes;
+                   put_slot(s);
+                   wake_reader_.cancel();
+                   wake_writer_.cancel();
+                 }));
 }
 
 awaitable<void> Session::handle(Slot* s) {
@@ -102,7 +102,6 @@ awaitable<void> Session::handle(Slot* s) {
   queue_reply(s);
 }
 
-
 // Runs on the blocking pool; touches only the slot and the (thread-safe) device.
 void Session::execute(Slot& s) {
   auto& dev = export_->device();
@@ -112,16 +111,14 @@ void Session::execute(Slot& s) {
   switch (r.type) {
     case NBD_CMD_READ: return do_read(s);
     case NBD_CMD_BLOCK_STATUS: return do_block_status(s);
-    case NBD_CMD_WRITE:
-      res = dev.write(std::span<const std::byte>(s.data.data.get(), r.length), r.offset, fua);
-      break;
+    case NBD_CMD_WRITE: res = dev.write(std::span<const std::byte>(s.data.data.get(), r.length), r.offset, fua); break;
     case NBD_CMD_FLUSH: res = dev.flush(); break;
     case NBD_CMD_TRIM:
       // --discard=ignore (qemu-nbd's default): TRIM is a successful no-op.
       if (export_->discard_unmap() && r.length) {
-        if (!in_steps(s, [&](std::uint64_t off, std::uint64_t len, bool last) {
-              return dev.discard(off, len, fua && last);
-            }, res))
+        if (!in_steps(
+                s, [&](std::uint64_t off, std::uint64_t len, bool last) { return dev.discard(off, len, fua && last); },
+                res))
           return;
       } else if (fua) {
         res = dev.flush();
@@ -131,10 +128,13 @@ void Session::execute(Slot& s) {
       image::ZeroFlags zf;
       zf.may_unmap = !r.no_hole() && export_->discard_unmap();
       zf.fast_only = r.fast_zero();
-      if (r.length && !in_steps(s, [&](std::uint64_t off, std::uint64_t len, bool last) {
-            zf.fua = fua && last;
-            return dev.write_zeroes(off, len, zf);
-          }, res))
+      if (r.length && !in_steps(
+                          s,
+                          [&](std::uint64_t off, std::uint64_t len, bool last) {
+                            zf.fua = fua && last;
+                            return dev.write_zeroes(off, len, zf);
+                          },
+                          res))
         return;
       break;
     }
@@ -161,8 +161,8 @@ bool Session::in_steps(Slot& s, Step&& step, Result<void>& res) {
   const std::uint64_t end = r.offset + r.length;
   for (std::uint64_t pos = r.offset; pos < end;) {
     if (server_.shutting_down() || export_->retiring()) {
-      log::info("conn {}: {} offset {} length {} cut short at {}: {}", id_, command_name(r.type), r.offset,
-                r.length, pos, export_->retiring() ? "export is being removed" : "server is shutting down");
+      log::info("conn {}: {} offset {} length {} cut short at {}: {}", id_, command_name(r.type), r.offset, r.length,
+                pos, export_->retiring() ? "export is being removed" : "server is shutting down");
       reply_error(s, Error{ESHUTDOWN, "server is shutting down"});
       return false;
     }
@@ -244,8 +244,7 @@ void Session::do_block_status(Slot& s) {
       const auto pos = plan.bitmap_pos(k);
       auto bs = dev.bitmap_status(contexts_[k].bitmap_handle, r.offset + pos, r.length - pos, s.bitmap_extents);
       if (!bs) {
-        log::warn("conn {}: BLOCK_STATUS {} offset {}: {}", id_, contexts_[k].name, r.offset + pos,
-                  bs.error().message);
+        log::warn("conn {}: BLOCK_STATUS {} offset {}: {}", id_, contexts_[k].name, r.offset + pos, bs.error().message);
         if (pos == 0) return reply_error(s, bs.error());
         break;
       }

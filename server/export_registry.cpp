@@ -110,8 +110,10 @@ Result<void> ExportRegistry::remove(std::string_view name, bool force, RemoveTim
       for (const auto& h : hooks)
         if (h.abort) h.abort();
       if (!wait_detached(times.drain_limit)) {
-        return make_error(EBUSY, "export '{}' removed, but its connections' disk requests did not finish; "
-                                 "its image stays open until shutdown", label);
+        return make_error(EBUSY,
+                          "export '{}' removed, but its connections' disk requests did not finish; "
+                          "its image stays open until shutdown",
+                          label);
       }
     }
   }
@@ -221,6 +223,5 @@ protocol::ExportInfo describe_export(const image::BlockDevice& device, std::stri
   e.allocation_depth = allocation_depth;
   return e;
 }
-
 
 }  // namespace qnbd::server

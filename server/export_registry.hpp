@@ -167,13 +167,13 @@ class ExportRegistry {
   struct Entry {
     std::shared_ptr<const Export> exp;
     std::map<std::uint64_t, ConnectionHooks> conns;  // attached connections
-    bool closing = false;  // someone took on closing the device
+    bool closing = false;                            // someone took on closing the device
   };
   void publish_locked();  // rebuild infos_ from entries_
   Entry* find_entry_locked(const Export* e);
 
-  mutable std::mutex mu_;  // a leaf lock: nothing else is taken under it
-  std::condition_variable detached_;  // a connection detached (remove waits)
+  mutable std::mutex mu_;                         // a leaf lock: nothing else is taken under it
+  std::condition_variable detached_;              // a connection detached (remove waits)
   std::vector<std::shared_ptr<Entry>> entries_;   // listing order
   std::vector<std::shared_ptr<Entry>> retiring_;  // removed, device not closed yet
   std::shared_ptr<const protocol::ExportList> infos_;

@@ -103,8 +103,8 @@ struct Piece {
 
 // Per-request state, reused across requests of a connection.
 struct Slot {
-  Request req;   // as parsed: cookie and offset of the reply, even when refused
-  Command cmd;   // as decoded (answer_without_device), what execute() runs
+  Request req;  // as parsed: cookie and offset of the reply, even when refused
+  Command cmd;  // as decoded (answer_without_device), what execute() runs
   Buffer data;
   std::vector<std::byte> meta;
   std::vector<Piece> pieces;
@@ -127,9 +127,8 @@ class Session : public std::enable_shared_from_this<Session> {
   Session(Server& server, Socket socket, std::uint64_t id, std::shared_ptr<const TlsCredentials> tls,
           std::string peer_address)
       : server_(server), socket_(std::move(socket)), id_(id), tls_creds_(std::move(tls)),
-        peer_address_(std::move(peer_address)),
-        wake_reader_(socket_.get_executor()), wake_writer_(socket_.get_executor()),
-        deadline_(socket_.get_executor()) {
+        peer_address_(std::move(peer_address)), wake_reader_(socket_.get_executor()),
+        wake_writer_(socket_.get_executor()), deadline_(socket_.get_executor()) {
     wake_reader_.expires_at(asio::steady_timer::time_point::max());
     wake_writer_.expires_at(asio::steady_timer::time_point::max());
   }
@@ -160,7 +159,7 @@ class Session : public std::enable_shared_from_this<Session> {
   awaitable<void> transmission();
   awaitable<void> writer();
   awaitable<void> handle(Slot* slot);
-  void spawn_handle(Slot* slot);  // handle() on the session's executor, failures logged
+  void spawn_handle(Slot* slot);        // handle() on the session's executor, failures logged
   bool answer_without_device(Slot& s);  // refusals and CACHE; true if answered
   bool runs_inline(const Request& r);
   void execute_inline(Slot& s);
@@ -236,14 +235,12 @@ constexpr unsigned kMinBlockingThreads = 16;
 // than that only adds context switches.
 unsigned usable_cpus();
 
-
 // ---------------------------------------------------------------------------
 class Server : public ExportCatalog, public ControlTarget {
  public:
   explicit Server(ServerOptions opts)
-      : opts_(std::move(opts)),
-        threads_(opts_.threads ? opts_.threads : usable_cpus()),
-        ctx_(1), pool_(std::max(kMinBlockingThreads, threads_)), strand_(asio::make_strand(ctx_)),
+      : opts_(std::move(opts)), threads_(opts_.threads ? opts_.threads : usable_cpus()), ctx_(1),
+        pool_(std::max(kMinBlockingThreads, threads_)), strand_(asio::make_strand(ctx_)),
         signals_(ctx_, SIGINT, SIGTERM), slot_freed_(strand_), drained_(strand_) {
     slot_freed_.expires_at(asio::steady_timer::time_point::max());
     // One io_context per io thread, each run by that thread alone: a
@@ -311,7 +308,7 @@ class Server : public ExportCatalog, public ControlTarget {
   // Destroyed after ctx_: operations still queued in ctx_ at exit (an
   // accept cancelled by the shutdown) hold strands of these contexts.
   std::vector<std::unique_ptr<asio::io_context>> workers_;  // threads_ - 1 more io threads
-  asio::io_context ctx_;  // listeners, signals, shutdown, and connections too
+  asio::io_context ctx_;                                    // listeners, signals, shutdown, and connections too
   std::vector<asio::executor_work_guard<asio::io_context::executor_type>> worker_guards_;
   std::atomic<std::size_t> next_ctx_{0};
   asio::thread_pool pool_;

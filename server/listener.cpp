@@ -3,8 +3,8 @@
 // thread.
 #include "server/internal.hpp"
 
-#include <fcntl.h>
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -42,15 +42,16 @@ Result<void> Server::listen() {
       case ListenerSpec::Kind::tcp: {
         asio::ip::tcp::resolver resolver(ctx_);
         boost::system::error_code ec;
-        auto results = resolver.resolve(l.host, std::to_string(l.port),
-                                        asio::ip::tcp::resolver::passive | asio::ip::tcp::resolver::numeric_service,
-                                        ec);
+        auto results =
+            resolver.resolve(l.host, std::to_string(l.port),
+                             asio::ip::tcp::resolver::passive | asio::ip::tcp::resolver::numeric_service, ec);
         if (ec) return make_error(EINVAL, "cannot resolve '{}': {}", l.host, ec.message());
         bool any = false;
         for (const auto& r : results) {
           auto ep = r.endpoint();
           auto res = add_acceptor(asio::generic::stream_protocol::endpoint(ep), ep.address().is_v6(), l.tls);
-          if (!res) return make_error(res.error().code, "cannot listen on {}:{}: {}", l.host, l.port, res.error().message);
+          if (!res)
+            return make_error(res.error().code, "cannot listen on {}:{}: {}", l.host, l.port, res.error().message);
           any = true;
         }
         if (!any) return make_error(EINVAL, "no address for '{}'", l.host);
@@ -168,8 +169,7 @@ void Server::session_ended(const std::shared_ptr<Session>& s) {
   }
   if (opts_.max_connections) asio::post(strand_, [this] { slot_freed_.cancel(); });
   if (last && shutting_down_) asio::post(strand_, [this] { drained_.cancel(); });
-  if (last && !opts_.persistent)
-    asio::post(strand_, [this] { begin_shutdown("last client disconnected"); });
+  if (last && !opts_.persistent) asio::post(strand_, [this] { begin_shutdown("last client disconnected"); });
 }
 
 std::size_t Server::session_count() {
@@ -186,7 +186,6 @@ asio::io_context& Server::next_io_context() {
   const std::size_t i = next_ctx_.fetch_add(1, std::memory_order_relaxed) % (workers_.size() + 1);
   return i == 0 ? ctx_ : *workers_[i - 1];
 }
-
 
 std::vector<ListenerSpec> systemd_listeners() {
   std::vector<ListenerSpec> out;

@@ -60,7 +60,6 @@ void Session::queue_reply(Slot* s) {
   wake_writer_.cancel();
 }
 
-
 void Session::reply_ok(Slot& s) {
   auto from = s.meta.size();
   s.meta.resize(from + kMaxChunkPrefix);

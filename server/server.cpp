@@ -137,7 +137,8 @@ int Server::run() {
   // An accept loop that failed would leave its listener deaf: log it and
   // shut down rather than serve on without it.
   for (std::size_t i = 0; i < acceptors_.size(); ++i)
-    asio::co_spawn(strand_, accept_loop(*acceptors_[i], acceptor_tls_[i]), log_failure("accept loop", [this] { begin_shutdown("accept loop failed"); }));
+    asio::co_spawn(strand_, accept_loop(*acceptors_[i], acceptor_tls_[i]),
+                   log_failure("accept loop", [this] { begin_shutdown("accept loop failed"); }));
   if (opts_.on_listening) opts_.on_listening();
   std::vector<std::thread> threads;
   for (auto& w : workers_) threads.emplace_back([&w] { w->run(); });
@@ -146,7 +147,6 @@ int Server::run() {
   pool_.join();
   return exit_status_;
 }
-
 
 Result<int> run_server(ServerOptions options) {
   int status;
@@ -162,6 +162,5 @@ Result<int> run_server(ServerOptions options) {
   std::signal(SIGTERM, [](int) { ::_exit(1); });
   return status;
 }
-
 
 }  // namespace qnbd::server

@@ -40,7 +40,7 @@ struct ExportSpec {
   // Cheap requests may run on the io threads (false for O_DIRECT images,
   // whose every call waits for the disk).
   bool inline_io = true;
-  std::string image;   // the image path (control socket status)
+  std::string image;  // the image path (control socket status)
 };
 
 // What export-add asks for (docs/control.md "export-add"): the image is
@@ -68,8 +68,8 @@ struct ListenerSpec {
 struct ServerOptions {
   std::vector<ExportSpec> exports;
   std::vector<ListenerSpec> listeners;
-  bool persistent = true;            // false: exit after the last client leaves
-  std::uint32_t max_connections = 0; // 0 = unlimited
+  bool persistent = true;             // false: exit after the last client leaves
+  std::uint32_t max_connections = 0;  // 0 = unlimited
   // Connections one client IP address may hold, negotiating ones included
   // (0 = unlimited; Unix-socket clients are not counted).
   std::uint32_t max_connections_per_address = 0;
@@ -101,8 +101,7 @@ std::vector<ListenerSpec> systemd_listeners();
 [[nodiscard]] Result<int> run_server(ServerOptions options);
 
 // ExportInfo for a device, with qemu-nbd's flag choices (§13.3 of the spec).
-protocol::ExportInfo describe_export(const image::BlockDevice& device, std::string name,
-                                     std::string description, bool read_only, bool multi_conn,
-                                     bool allocation_depth);
+protocol::ExportInfo describe_export(const image::BlockDevice& device, std::string name, std::string description,
+                                     bool read_only, bool multi_conn, bool allocation_depth);
 
 }  // namespace qnbd::server

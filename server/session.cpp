@@ -205,8 +205,8 @@ awaitable<boost::system::error_code> Session::fill(std::size_t need) {
     rpos_ = 0;
   }
   while (rend_ - rpos_ < need) {
-    auto [ec, n] = co_await stream_.read_some(asio::buffer(rbuf_.get() + rend_, kRecvBufferSize - rend_),
-                                              read_cancel_.slot());
+    auto [ec, n] =
+        co_await stream_.read_some(asio::buffer(rbuf_.get() + rend_, kRecvBufferSize - rend_), read_cancel_.slot());
     rend_ += n;
     if (ec) co_return ec;
   }
@@ -218,10 +218,10 @@ awaitable<void> Session::transmission() {
   // A writer that failed would leave the reader waiting for it: log it,
   // end the connection and let the reader finish.
   asio::co_spawn(socket_.get_executor(), writer(), log_failure(fmt::format("conn {}: writer", id_), [this, self] {
-    abort();
-    writer_done_ = true;
-    wake_reader_.cancel();
-  }));
+                   abort();
+                   writer_done_ = true;
+                   wake_reader_.cancel();
+                 }));
   const auto hsize = request_header_size(neg_.mode);
   rbuf_ = std::make_unique_for_overwrite<std::byte[]>(kRecvBufferSize);
   const auto& opts = server_.options();
@@ -256,9 +256,11 @@ awaitable<void> Session::transmission() {
     }
     // Backpressure: cap requests and bytes in flight (a lone big request is
     // always admitted when nothing else is in flight).
-    std::uint64_t cost = req.payload_length + (req.type == NBD_CMD_READ ? std::min<std::uint64_t>(req.length, kMaxPayload) : 0);
-    while (inflight_ > 0 && (inflight_ >= opts.max_inflight_requests ||
-                             inflight_bytes_ + cost > opts.max_inflight_bytes) && !write_failed_) {
+    std::uint64_t cost =
+        req.payload_length + (req.type == NBD_CMD_READ ? std::min<std::uint64_t>(req.length, kMaxPayload) : 0);
+    while (inflight_ > 0 &&
+           (inflight_ >= opts.max_inflight_requests || inflight_bytes_ + cost > opts.max_inflight_bytes) &&
+           !write_failed_) {
       co_await wake_reader_.async_wait(use_tuple);
     }
     if (write_failed_) break;
@@ -280,8 +282,8 @@ awaitable<void> Session::transmission() {
       rpos_ += have;
       boost::system::error_code ec2;
       if (have < req.payload_length) {
-        auto [e, n2] = co_await stream_.read_exact(
-            asio::buffer(s->data.data.get() + have, req.payload_length - have), read_cancel_.slot());
+        auto [e, n2] = co_await stream_.read_exact(asio::buffer(s->data.data.get() + have, req.payload_length - have),
+                                                   read_cancel_.slot());
         ec2 = e;
       }
       if (ec2) {
@@ -305,6 +307,5 @@ awaitable<void> Session::transmission() {
   wake_writer_.cancel();
   while (!writer_done_) co_await wake_reader_.async_wait(use_tuple);
 }
-
 
 }  // namespace qnbd::server

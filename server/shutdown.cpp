@@ -35,9 +35,9 @@ void Server::begin_shutdown(const char* why) {
   // A shutdown sequence that failed would leave the server running with
   // its listeners closed: log it and stop, with exit status 1.
   asio::co_spawn(strand_, shutdown_sequence(), log_failure("shutdown", [this] {
-    exit_status_ = 1;
-    stop_io();
-  }));
+                   exit_status_ = 1;
+                   stop_io();
+                 }));
 }
 
 awaitable<void> Server::shutdown_sequence() {
@@ -78,7 +78,6 @@ awaitable<void> Server::shutdown_sequence() {
   exit_status_ = status;
   stop_io();
 }
-
 
 void Server::stop_io() {
   for (auto& g : worker_guards_) g.reset();

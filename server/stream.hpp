@@ -63,7 +63,8 @@ class Stream {
   boost::asio::awaitable<std::pair<ErrorCode, std::size_t>> read_some(boost::asio::mutable_buffer b, Slot slot) {
     namespace asio = boost::asio;
     if (!tls_) {
-      auto [ec, n] = co_await socket_.async_read_some(b, asio::bind_cancellation_slot(slot, asio::as_tuple(asio::use_awaitable)));
+      auto [ec, n] =
+          co_await socket_.async_read_some(b, asio::bind_cancellation_slot(slot, asio::as_tuple(asio::use_awaitable)));
       co_return std::pair{ec, n};
     }
     for (;;) {
@@ -74,9 +75,9 @@ class Stream {
         case TlsSession::Status::error: co_return std::pair{ErrorCode(asio::error::connection_aborted), std::size_t{0}};
         default: break;
       }
-      auto [ec] = co_await socket_.async_wait(
-          io.status == TlsSession::Status::want_read ? Socket::wait_read : Socket::wait_write,
-          asio::bind_cancellation_slot(slot, asio::as_tuple(asio::use_awaitable)));
+      auto [ec] = co_await socket_.async_wait(io.status == TlsSession::Status::want_read ? Socket::wait_read
+                                                                                         : Socket::wait_write,
+                                              asio::bind_cancellation_slot(slot, asio::as_tuple(asio::use_awaitable)));
       if (ec) co_return std::pair{ec, std::size_t{0}};
     }
   }
@@ -146,9 +147,9 @@ class Stream {
       }
       if (io.status != TlsSession::Status::want_write && io.status != TlsSession::Status::want_read)
         co_return ErrorCode(asio::error::connection_aborted);
-      auto [ec] = co_await socket_.async_wait(
-          io.status == TlsSession::Status::want_write ? Socket::wait_write : Socket::wait_read,
-          asio::as_tuple(asio::use_awaitable));
+      auto [ec] = co_await socket_.async_wait(io.status == TlsSession::Status::want_write ? Socket::wait_write
+                                                                                          : Socket::wait_read,
+                                              asio::as_tuple(asio::use_awaitable));
       if (ec) co_return ec;
     }
     co_return ErrorCode{};

@@ -22,7 +22,9 @@ namespace {
 // PEM files and keys.psk are small; a bigger one is a mistake (or /dev/zero).
 constexpr off_t kMaxCredFile = 1 << 20;
 
-std::string kind_name(TlsCredsSpec::Kind k) { return k == TlsCredsSpec::Kind::x509 ? "tls-creds-x509" : "tls-creds-psk"; }
+std::string kind_name(TlsCredsSpec::Kind k) {
+  return k == TlsCredsSpec::Kind::x509 ? "tls-creds-x509" : "tls-creds-psk";
+}
 
 Result<std::string> read_small_file(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
@@ -154,8 +156,7 @@ Result<std::shared_ptr<const TlsCredentials>> TlsCredentials::load(const TlsCred
       if (expires != static_cast<time_t>(-1) && expires < now)
         return make_error(EINVAL, "{}: {}: certificate expired on {}", who, file("server-cert.pem"), utc(expires));
       if (starts != static_cast<time_t>(-1) && starts > now)
-        return make_error(EINVAL, "{}: {}: certificate not valid before {}", who, file("server-cert.pem"),
-                          utc(starts));
+        return make_error(EINVAL, "{}: {}: certificate not valid before {}", who, file("server-cert.pem"), utc(starts));
     }
     auto dc = datum(cert), dk = datum(key);
     rc = gnutls_certificate_set_x509_key_mem(im.x509, &dc, &dk, GNUTLS_X509_FMT_PEM);
@@ -179,8 +180,7 @@ Result<std::shared_ptr<const TlsCredentials>> TlsCredentials::load(const TlsCred
       if (line.empty()) continue;
       auto colon = line.find(':');
       auto bad = [&](const char* why) {
-        return make_error(EINVAL, "{}: {} line {}: {} (expected USERNAME:HEXKEY)", who, file("keys.psk"), line_no,
-                          why);
+        return make_error(EINVAL, "{}: {} line {}: {} (expected USERNAME:HEXKEY)", who, file("keys.psk"), line_no, why);
       };
       if (colon == std::string_view::npos || colon == 0) return bad("no username");
       auto hex = line.substr(colon + 1);

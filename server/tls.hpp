@@ -82,8 +82,7 @@ class TlsSession {
   };
 
   // `fd` must be non-blocking; the session does not own it.
-  [[nodiscard]] static Result<std::unique_ptr<TlsSession>> create(std::shared_ptr<const TlsCredentials> creds,
-                                                                  int fd);
+  [[nodiscard]] static Result<std::unique_ptr<TlsSession>> create(std::shared_ptr<const TlsCredentials> creds, int fd);
   ~TlsSession();
   TlsSession(const TlsSession&) = delete;
   TlsSession& operator=(const TlsSession&) = delete;

@@ -125,8 +125,10 @@ void DirtyBitmap::set_bits_locked(std::uint64_t first, std::uint64_t end, bool v
         const unsigned lo = b & 63;
         const std::uint64_t n = std::min<std::uint64_t>(64 - lo, stop - b);
         Leaf& w = p[(b >> 6) & (kLeafWords - 1)];
-        if (value) w |= word_mask(lo, n);
-        else w &= ~word_mask(lo, n);
+        if (value)
+          w |= word_mask(lo, n);
+        else
+          w &= ~word_mask(lo, n);
         b += n;
       }
     }
@@ -196,7 +198,8 @@ std::uint64_t DirtyBitmap::find_locked(std::uint64_t from, std::uint64_t end, bo
       std::uint64_t w = p[(from >> 6) & (kLeafWords - 1)];
       if (!value) w = ~w;
       w &= ~0ull << (from & 63);  // ignore bits below `from`
-      if (w != 0) return std::min<std::uint64_t>(end, (from & ~63ull) + static_cast<std::uint64_t>(std::countr_zero(w)));
+      if (w != 0)
+        return std::min<std::uint64_t>(end, (from & ~63ull) + static_cast<std::uint64_t>(std::countr_zero(w)));
       from = (from & ~63ull) + 64;
     }
   }

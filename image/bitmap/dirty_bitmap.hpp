@@ -122,7 +122,7 @@ class DirtyBitmap {
   static constexpr std::size_t kLeafWords = kLeafBits / 64;
   static constexpr std::size_t kLeafBytes = kLeafBits / 8;
   using Leaf = std::uint64_t;  // leaves_[i] points at kLeafWords words
-  static Leaf* ones_leaf();     // the shared all-dirty leaf, never written
+  static Leaf* ones_leaf();    // the shared all-dirty leaf, never written
 
   DirtyBitmap() = default;
   void release_all();
@@ -146,8 +146,8 @@ class DirtyBitmap {
   std::uint64_t granularity_ = 1;
   unsigned granularity_bits_ = 0;
   std::uint64_t bits_ = 0;
-  std::uint64_t charged_ = 0;    // this bitmap's share of total_bytes_
-  std::uint64_t resident_ = 0;   // private leaves * kLeafBytes
+  std::uint64_t charged_ = 0;   // this bitmap's share of total_bytes_
+  std::uint64_t resident_ = 0;  // private leaves * kLeafBytes
   // nullptr: all clean; ones_leaf(): all dirty (only for leaves wholly
   // below bits_); else a private leaf. Bits at or past bits_ are always 0.
   std::vector<Leaf*> leaves_;

@@ -91,9 +91,7 @@ Result<void> CrashFile::flush() {
   // than copy the whole file, so a flush costs what was written since.
   for (const Logged& op : log_) {
     switch (op.kind) {
-      case Kind::truncate:
-        durable_.resize(static_cast<std::size_t>(op.offset));
-        break;
+      case Kind::truncate: durable_.resize(static_cast<std::size_t>(op.offset)); break;
       case Kind::zero:
         if (op.offset + op.length > durable_.size()) durable_.resize(static_cast<std::size_t>(op.offset + op.length));
         std::fill_n(durable_.begin() + static_cast<std::ptrdiff_t>(op.offset), op.length, std::byte{0});
@@ -117,9 +115,7 @@ std::vector<std::byte> CrashFile::crash_locked(std::uint64_t seed) const {
     unsigned fate = static_cast<unsigned>(rng() % 3);
     if (fate == 0) continue;
     switch (op.kind) {
-      case Kind::truncate:
-        out.resize(static_cast<std::size_t>(op.offset));
-        break;
+      case Kind::truncate: out.resize(static_cast<std::size_t>(op.offset)); break;
       case Kind::zero:
         if (op.offset + op.length > out.size()) out.resize(static_cast<std::size_t>(op.offset + op.length));
         std::fill_n(out.begin() + static_cast<std::ptrdiff_t>(op.offset), op.length, std::byte{0});

@@ -55,14 +55,14 @@ class CrashFile final : public File {
   std::vector<std::byte> current() const;
   std::vector<std::byte> durable() const;
   std::uint64_t flush_count() const;
-  std::uint64_t mutating_calls() const;   // since construction
-  std::size_t unflushed_calls() const;    // logged since the last flush
+  std::uint64_t mutating_calls() const;  // since construction
+  std::size_t unflushed_calls() const;   // logged since the last flush
 
  private:
   enum class Kind { write, zero, truncate };
   struct Logged {
     Kind kind;
-    std::uint64_t offset = 0;     // truncate: the new size
+    std::uint64_t offset = 0;  // truncate: the new size
     std::uint64_t length = 0;
     std::vector<std::byte> data;  // write only
   };

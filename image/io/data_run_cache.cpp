@@ -17,15 +17,19 @@ DataRunCache::Lookup DataRunCache::lookup(std::uint64_t offset) const {
     std::size_t lo = 0, hi = n;
     while (lo < hi) {
       const std::size_t mid = lo + (hi - lo) / 2;
-      if (begin_[mid].load(std::memory_order_relaxed) <= offset) lo = mid + 1;
-      else hi = mid;
+      if (begin_[mid].load(std::memory_order_relaxed) <= offset)
+        lo = mid + 1;
+      else
+        hi = mid;
     }
     Lookup r;
     if (lo > 0) {
       const std::uint64_t b = begin_[lo - 1].load(std::memory_order_relaxed);
       const std::uint64_t e = end_[lo - 1].load(std::memory_order_relaxed);
-      if (b <= offset && offset < e) r.run_end = e;
-      else if (e <= offset) r.prev_end = e;
+      if (b <= offset && offset < e)
+        r.run_end = e;
+      else if (e <= offset)
+        r.prev_end = e;
     }
     std::atomic_thread_fence(std::memory_order_acquire);
     if (seq_.load(std::memory_order_relaxed) == s1) return r;
@@ -38,8 +42,8 @@ void DataRunCache::add(std::uint64_t begin, std::uint64_t end, std::uint64_t epo
   std::lock_guard lk(mu_);
   if (epoch_.load(std::memory_order_relaxed) != epoch_seen) return;
   // Merge with every run it overlaps or touches.
-  auto first = std::lower_bound(runs_.begin(), runs_.end(), begin,
-                                [](const auto& r, std::uint64_t b) { return r.second < b; });
+  auto first =
+      std::lower_bound(runs_.begin(), runs_.end(), begin, [](const auto& r, std::uint64_t b) { return r.second < b; });
   auto last = first;
   while (last != runs_.end() && last->first <= end) {
     begin = std::min(begin, last->first);

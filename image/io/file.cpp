@@ -35,8 +35,8 @@ Result<std::uint64_t> File::allocated_size() { return size(); }
 Result<void> File::read_exact(std::span<std::byte> buf, std::uint64_t offset, const char* what) {
   std::size_t n = QNBD_TRY(pread(buf, offset));
   if (n != buf.size()) {
-    return make_error(EIO, "{}: {} at offset {:#x} ({} bytes) runs past the end of the file",
-                      name(), what, offset, buf.size());
+    return make_error(EIO, "{}: {} at offset {:#x} ({} bytes) runs past the end of the file", name(), what, offset,
+                      buf.size());
   }
   return ok();
 }

@@ -39,12 +39,8 @@ class ForwardingFile : public File {
   Result<void> write_zeroes_fast(std::uint64_t offset, std::uint64_t length, bool may_unmap) override {
     return inner_->write_zeroes_fast(offset, length, may_unmap);
   }
-  Result<void> discard(std::uint64_t offset, std::uint64_t length) override {
-    return inner_->discard(offset, length);
-  }
-  Result<bool> is_hole(std::uint64_t offset, std::uint64_t length) override {
-    return inner_->is_hole(offset, length);
-  }
+  Result<void> discard(std::uint64_t offset, std::uint64_t length) override { return inner_->discard(offset, length); }
+  Result<bool> is_hole(std::uint64_t offset, std::uint64_t length) override { return inner_->is_hole(offset, length); }
   Result<Extent> probe_extent(std::uint64_t offset, std::uint64_t max_length) override {
     return inner_->probe_extent(offset, max_length);
   }

@@ -119,7 +119,8 @@ Result<void> fcntl_failure(const std::string& name, int err, std::uint64_t offse
                 name, std::strerror(err));
       return ok();
     }
-    return make_error(err, "{}: cannot lock the image: {} (the file system has no OFD locks; locking=off opens it "
+    return make_error(err,
+                      "{}: cannot lock the image: {} (the file system has no OFD locks; locking=off opens it "
                       "without)",
                       name, std::strerror(err));
   }
@@ -216,9 +217,7 @@ std::string lock_bytes(const LockRequest& request) {
 }
 
 ImageLock::ImageLock(ImageLock&& other) noexcept
-    : fd_(std::exchange(other.fd_, -1)),
-      name_(std::move(other.name_)),
-      perm_(std::exchange(other.perm_, 0)),
+    : fd_(std::exchange(other.fd_, -1)), name_(std::move(other.name_)), perm_(std::exchange(other.perm_, 0)),
       shared_(std::exchange(other.shared_, BLK_PERM_ALL)) {}
 
 ImageLock& ImageLock::operator=(ImageLock&& other) noexcept {
@@ -264,13 +263,11 @@ Result<void> ImageLock::change(std::uint64_t perm, std::uint64_t shared) {
   perm &= BLK_PERM_ALL;
   shared &= BLK_PERM_ALL;
   std::uint64_t locked_perm = perm_, locked_unshared = ~shared_ & BLK_PERM_ALL;
-  auto restore = [&] {
-    (void)apply_bytes(fd_, locked_perm, locked_unshared, perm_, ~shared_ & BLK_PERM_ALL, true);
-  };
+  auto restore = [&] { (void)apply_bytes(fd_, locked_perm, locked_unshared, perm_, ~shared_ & BLK_PERM_ALL, true); };
   // Prepare: hold the union of old and new, so there is no window in which
   // another opener could slip in.
-  if (Failure f = apply_bytes(fd_, locked_perm, locked_unshared, perm_ | perm, (~shared_ | ~shared) & BLK_PERM_ALL,
-                              false);
+  if (Failure f =
+          apply_bytes(fd_, locked_perm, locked_unshared, perm_ | perm, (~shared_ | ~shared) & BLK_PERM_ALL, false);
       f.err) {
     restore();
     return fcntl_failure(name_, f.err, f.offset, Locking::on);  // always an error

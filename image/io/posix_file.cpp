@@ -261,8 +261,10 @@ Result<int> open_image_fd(const std::string& path, int flags) {
   if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
     ::close(fd);
     if (S_ISDIR(st.st_mode)) return make_error(EISDIR, "{}: is a directory", path);
-    const char* kind = S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISCHR(st.st_mode) ? "a character device"
-                                                      : S_ISSOCK(st.st_mode) ? "a socket" : "not a plain file";
+    const char* kind = S_ISFIFO(st.st_mode)   ? "a FIFO"
+                       : S_ISCHR(st.st_mode)  ? "a character device"
+                       : S_ISSOCK(st.st_mode) ? "a socket"
+                                              : "not a plain file";
     return make_error(EINVAL, "{}: is {}, not a regular file or block device", path, kind);
   }
   if (::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0) {

@@ -16,7 +16,7 @@ namespace {
 struct Work {
   BitmapInfo info;
   std::unique_ptr<DirtyBitmap> data;  // loaded (or new) contents
-  bool modified = false;               // data must be written
+  bool modified = false;              // data must be written
 };
 
 Error not_found(const std::string& name) { return make_error(ENOENT, "Dirty bitmap '{}' not found", name); }
@@ -56,7 +56,8 @@ Result<void> check_bitmap_op(std::vector<BitmapInfo>& dir, const std::string& na
     if (!is_power_of_2(g) || g < (1ull << MIN_GRANULARITY_BITS) || g > (1ull << MAX_GRANULARITY_BITS)) {
       return make_error(EINVAL, "Granularity must be power of 2 and at least 512");
     }
-    if (name.empty() || name.size() > MAX_BITMAP_NAME_SIZE) return make_error(EINVAL, "Bitmap name is too long or empty");
+    if (name.empty() || name.size() > MAX_BITMAP_NAME_SIZE)
+      return make_error(EINVAL, "Bitmap name is too long or empty");
     if (dir.size() >= MAX_BITMAPS) return make_error(EFBIG, "Too many bitmaps");
     const std::uint64_t data_bytes = div_round_up(div_round_up(limits.disk_size, g), 8);
     if (div_round_up(data_bytes, limits.cluster_size) * limits.cluster_size > MAX_BITMAP_DATA_BYTES) {
@@ -71,9 +72,7 @@ Result<void> check_bitmap_op(std::vector<BitmapInfo>& dir, const std::string& na
   }
   if (w == dir.end()) return not_found(name);
   switch (op.kind) {
-    case BitmapOp::Kind::remove:
-      dir.erase(w);
-      return ok();
+    case BitmapOp::Kind::remove: dir.erase(w); return ok();
     case BitmapOp::Kind::enable:
     case BitmapOp::Kind::disable:
       if (w->in_use) return inconsistent(name);
@@ -112,7 +111,8 @@ Result<void> edit_bitmaps(File& file, const BitmapEdit& edit) {
   if (h.dirty()) {
     // Refcounts may be stale (lazy refcounts after a crash): allocating
     // from them could hand out used clusters.
-    return make_error(EINVAL, "image has the dirty bit set (refcounts may be stale); repair it with qnbd check -r first");
+    return make_error(EINVAL,
+                      "image has the dirty bit set (refcounts may be stale); repair it with qnbd check -r first");
   }
   const std::vector<BitmapInfo> old_dir = QNBD_TRY(read_bitmap_directory(file, h, file_size));
   std::vector<Work> work;
@@ -128,7 +128,8 @@ Result<void> edit_bitmaps(File& file, const BitmapEdit& edit) {
   auto contents = [&](Work& w) -> Result<DirtyBitmap*> {
     if (w.info.in_use) return inconsistent(w.info.name);
     if (!w.data) {
-      w.data = std::make_unique<DirtyBitmap>(QNBD_TRY(load_bitmap_data(file, h.cluster_size(), h.size, w.info, file_size)));
+      w.data =
+          std::make_unique<DirtyBitmap>(QNBD_TRY(load_bitmap_data(file, h.cluster_size(), h.size, w.info, file_size)));
     }
     return w.data.get();
   };
@@ -150,9 +151,7 @@ Result<void> edit_bitmaps(File& file, const BitmapEdit& edit) {
           work.push_back(std::move(n));
           return ok();
         }
-        case BitmapOp::Kind::remove:
-          work.erase(work.begin() + (w - work.data()));
-          return ok();
+        case BitmapOp::Kind::remove: work.erase(work.begin() + (w - work.data())); return ok();
         case BitmapOp::Kind::clear: {
           DirtyBitmap* d = QNBD_TRY(contents(*w));
           d->reset();
@@ -160,9 +159,7 @@ Result<void> edit_bitmaps(File& file, const BitmapEdit& edit) {
           return ok();
         }
         case BitmapOp::Kind::enable:
-        case BitmapOp::Kind::disable:
-          w->info.auto_enabled = op.kind == BitmapOp::Kind::enable;
-          return ok();
+        case BitmapOp::Kind::disable: w->info.auto_enabled = op.kind == BitmapOp::Kind::enable; return ok();
         case BitmapOp::Kind::merge: {
           DirtyBitmap* d = QNBD_TRY(contents(*w));
           if (edit.external_source) {

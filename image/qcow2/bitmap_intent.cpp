@@ -75,7 +75,8 @@ Result<IntentContents> read_intent(File& file, const IntentIdentity& id) {
   std::byte fixed[kFixedHeader];
   if (QNBD_TRY(file.pread(fixed, 0)) != kFixedHeader) return make_error(EINVAL, "the record is truncated");
   if (load_be32(fixed) != INTENT_MAGIC) return make_error(EINVAL, "not a write-intent record (bad magic)");
-  if (load_be32(fixed + 4) != INTENT_VERSION) return make_error(ENOTSUP, "unknown record version {}", load_be32(fixed + 4));
+  if (load_be32(fixed + 4) != INTENT_VERSION)
+    return make_error(ENOTSUP, "unknown record version {}", load_be32(fixed + 4));
   IntentContents c;
   c.chunk_size = load_be64(fixed + 8);
   const std::uint32_t nb = load_be32(fixed + 56);
@@ -87,7 +88,8 @@ Result<IntentContents> read_intent(File& file, const IntentIdentity& id) {
     return make_error(EINVAL, "the record was armed for another bitmap directory");
   }
   std::vector<std::byte> tracked(static_cast<std::size_t>(div_round_up(std::uint64_t{nb}, 8)));
-  if (QNBD_TRY(file.pread(tracked, kFixedHeader)) != tracked.size()) return make_error(EINVAL, "the record is truncated");
+  if (QNBD_TRY(file.pread(tracked, kFixedHeader)) != tracked.size())
+    return make_error(EINVAL, "the record is truncated");
   std::uint64_t sum = fnv1a64(std::span(fixed, 64));
   sum = fnv1a64(tracked, sum);
   if (sum != load_be64(fixed + 64)) return make_error(EINVAL, "the record's header checksum does not match");
@@ -162,9 +164,7 @@ Result<void> IntentRecord::mark(std::uint64_t offset, std::uint64_t length) {
   if (test_skip_mark.load(std::memory_order_relaxed)) return ok();
   const std::uint64_t first = offset >> chunk_shift_;
   const std::uint64_t last = (std::min(offset + length, disk_size_) - 1) >> chunk_shift_;
-  auto published = [&](std::uint64_t k) {
-    return (done_[k / 64].load(std::memory_order_acquire) >> (k % 64)) & 1;
-  };
+  auto published = [&](std::uint64_t k) { return (done_[k / 64].load(std::memory_order_acquire) >> (k % 64)) & 1; };
   // Steady state: every chunk already durable, no lock, no I/O.
   std::uint64_t k = first;
   while (k <= last && published(k)) ++k;

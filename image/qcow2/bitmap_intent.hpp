@@ -92,9 +92,9 @@ struct IntentIdentity {
 // A record read back for recovery.
 struct IntentContents {
   std::uint64_t chunk_size = 0;
-  bool before_marking = false;          // the directory on disk is the pre-arming one
-  std::vector<bool> tracked;            // per directory entry
-  std::vector<std::uint64_t> chunks;    // indexes of marked chunks
+  bool before_marking = false;        // the directory on disk is the pre-arming one
+  std::vector<bool> tracked;          // per directory entry
+  std::vector<std::uint64_t> chunks;  // indexes of marked chunks
 };
 
 // Read and validate `file` against `id` (id.directory_checksum: the

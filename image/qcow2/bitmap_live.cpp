@@ -137,8 +137,7 @@ void BitmapStore::commit_live(LiveEdit& edit) noexcept {
   }
 }
 
-Result<void> BitmapStore::write_directory(Refcounts& refcounts, Header& header, bool closing,
-                                         const LiveRewrite* live) {
+Result<void> BitmapStore::write_directory(Refcounts& refcounts, Header& header, bool closing, const LiveRewrite* live) {
   std::vector<BitmapUpdate> updated;
   std::vector<std::size_t> index;  // entries_ index of each update
   std::vector<BitmapInfo> old_directory;

@@ -86,11 +86,11 @@ Result<std::vector<std::uint64_t>> table_data_clusters(File& file, const BitmapI
 // they and the table go.
 struct TablePlan {
   BitmapUpdate* update = nullptr;
-  std::uint64_t entries = 0;              // table entries (data clusters)
-  std::vector<std::uint64_t> dirty;       // table indexes of the clusters to write
-  std::vector<std::uint64_t> hosts;       // their host offsets (phase 1)
-  std::uint64_t table_offset = 0;         // phase 1
-  std::uint64_t table_bytes = 0;          // whole clusters
+  std::uint64_t entries = 0;         // table entries (data clusters)
+  std::vector<std::uint64_t> dirty;  // table indexes of the clusters to write
+  std::vector<std::uint64_t> hosts;  // their host offsets (phase 1)
+  std::uint64_t table_offset = 0;    // phase 1
+  std::uint64_t table_bytes = 0;     // whole clusters
 };
 
 }  // namespace
@@ -125,8 +125,8 @@ struct TablePlan {
 // contents mean nothing); disabled bitmaps only change in commit_live,
 // which the caller's edit lock excludes, so they are stored exactly.
 Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& refcounts,
-                                      const std::vector<BitmapInfo>& old_directory,
-                                      std::vector<BitmapUpdate>& updated, const LiveRewrite* live) {
+                                      const std::vector<BitmapInfo>& old_directory, std::vector<BitmapUpdate>& updated,
+                                      const LiveRewrite* live) {
   auto hold = [&] { return live ? live->lock() : std::unique_lock<std::mutex>(); };
   std::uint64_t cs;
   {
@@ -165,9 +165,8 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
   if (dir_size > MAX_BITMAP_DIRECTORY_SIZE) return make_error(EFBIG, "bitmap directory too large");
   std::vector<std::pair<std::uint64_t, std::uint64_t>> to_free;  // (offset, bytes)
   for (const BitmapInfo& old : old_directory) {
-    bool kept = std::any_of(updated.begin(), updated.end(), [&](const BitmapUpdate& u) {
-      return !u.data && u.info.table_offset == old.table_offset;
-    });
+    bool kept = std::any_of(updated.begin(), updated.end(),
+                            [&](const BitmapUpdate& u) { return !u.data && u.info.table_offset == old.table_offset; });
     if (kept) continue;
     // Nothing else writes a bitmap table (bitmap edits run one at a time),
     // so it reads the same now as at phase 5.
@@ -250,7 +249,8 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
     }
     std::vector<std::byte> c0 = QNBD_TRY(serialize_header(h));
     QNBD_TRY(file.pwrite(c0, 0));
-    if (header.bitmaps) to_free.emplace_back(header.bitmaps->bitmap_directory_offset, header.bitmaps->bitmap_directory_size);
+    if (header.bitmaps)
+      to_free.emplace_back(header.bitmaps->bitmap_directory_offset, header.bitmaps->bitmap_directory_size);
     header = std::move(h);
   }
   // Phase 4: the new header is durable before anything it replaced is freed.
@@ -280,13 +280,9 @@ Result<void> BitmapStore::store(Refcounts& refcounts, Header& header) {
   return write_directory(refcounts, header, /*closing=*/true);
 }
 
-BitmapStore::BitmapStore(File& file, const Header& header, std::vector<BitmapInfo> directory,
-                         std::uint64_t file_size, bool writable, IntentAccess intent)
-    : file_(file),
-      header_(header),
-      directory_(std::move(directory)),
-      file_size_(file_size),
-      writable_(writable),
+BitmapStore::BitmapStore(File& file, const Header& header, std::vector<BitmapInfo> directory, std::uint64_t file_size,
+                         bool writable, IntentAccess intent)
+    : file_(file), header_(header), directory_(std::move(directory)), file_size_(file_size), writable_(writable),
       intent_(std::move(intent)) {
   entries_.resize(directory_.size());
   for (std::size_t i = 0; i < directory_.size(); ++i) entries_[i].info = directory_[i];
@@ -387,8 +383,12 @@ Result<void> BitmapStore::mark_in_use_locked() {
     // failure to arm only loses the feature for this open.
     std::unique_ptr<IntentRecord> record;
     if (intent_) {
-      IntentIdentity id{header_.size, ext.bitmap_directory_offset, ext.bitmap_directory_size, fnv1a64(dir),
-                        checksum_before, static_cast<std::uint32_t>(entries_.size())};
+      IntentIdentity id{header_.size,
+                        ext.bitmap_directory_offset,
+                        ext.bitmap_directory_size,
+                        fnv1a64(dir),
+                        checksum_before,
+                        static_cast<std::uint32_t>(entries_.size())};
       std::vector<bool> tracked(entries_.size());
       for (std::size_t i : tracking) tracked[i] = true;
       auto armed = [&]() -> Result<std::unique_ptr<IntentRecord>> {
@@ -399,7 +399,8 @@ Result<void> BitmapStore::mark_in_use_locked() {
         record = std::move(*armed);
       } else {
         log::warn("{}: cannot write the write-intent record {} ({}); after a crash the bitmaps will be "
-                  "inconsistent", file_.name(), intent_.name, armed.error().message);
+                  "inconsistent",
+                  file_.name(), intent_.name, armed.error().message);
       }
     }
     std::byte ac[8];
@@ -462,7 +463,11 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
   const BitmapsExtension& ext = *h.bitmaps;
   std::vector<std::byte> dir(static_cast<std::size_t>(ext.bitmap_directory_size));
   QNBD_TRY(file.read_exact(dir, ext.bitmap_directory_offset, "bitmap directory"));
-  IntentIdentity id{h.size, ext.bitmap_directory_offset, ext.bitmap_directory_size, fnv1a64(dir), 0,
+  IntentIdentity id{h.size,
+                    ext.bitmap_directory_offset,
+                    ext.bitmap_directory_size,
+                    fnv1a64(dir),
+                    0,
                     static_cast<std::uint32_t>(directory->size())};
   auto rec = read_intent(**f, id);
   if (!rec) return stale(rec.error().message);
@@ -496,8 +501,9 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
   }
   if (!refcounts) {
     out.state = "pending";
-    out.detail = fmt::format("{} is valid: {} chunk(s) of {} bytes marked; the next writable open recovers {} bitmap(s)",
-                             intent.name, rec->chunks.size(), rec->chunk_size, n);
+    out.detail =
+        fmt::format("{} is valid: {} chunk(s) of {} bytes marked; the next writable open recovers {} bitmap(s)",
+                    intent.name, rec->chunks.size(), rec->chunk_size, n);
     return out;
   }
   // One header switch stores them consistent, sets AUTOCLEAR_BITMAPS and

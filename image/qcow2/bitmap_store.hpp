@@ -36,9 +36,8 @@ namespace qnbd::image::qcow2 {
 // (reserved bits, alignment, inside the file); all-ones entries (bit 0 with
 // no offset) set their whole cluster of data. Unused tail bits are ignored,
 // as QEMU does.
-[[nodiscard]] Result<DirtyBitmap> load_bitmap_data(File& file, std::uint64_t cluster_size,
-                                                   std::uint64_t disk_size, const BitmapInfo& info,
-                                                   std::uint64_t file_size);
+[[nodiscard]] Result<DirtyBitmap> load_bitmap_data(File& file, std::uint64_t cluster_size, std::uint64_t disk_size,
+                                                   const BitmapInfo& info, std::uint64_t file_size);
 
 class Refcounts;
 
@@ -94,9 +93,9 @@ struct LiveRewrite {
 // found in_use stay inconsistent, as without the feature). Returns a line
 // for logs and `info`: what was found and done ("" if the bit was clear).
 struct IntentRecovery {
-  std::string state;       // "none", "off", "recovered", "pending", "stale", "missing"
-  std::string detail;      // why stale, or what was recovered
-  bool rewrote = false;    // the directory was rewritten
+  std::string state;     // "none", "off", "recovered", "pending", "stale", "missing"
+  std::string detail;    // why stale, or what was recovered
+  bool rewrote = false;  // the directory was rewritten
 };
 // With refcounts null (a read-only open) nothing is written: a trusted
 // record is reported as "pending".
@@ -172,8 +171,8 @@ class BitmapStore {
   struct Entry {
     BitmapInfo info;
     std::unique_ptr<DirtyBitmap> bits;  // null until loaded
-    bool removed = false;  // removed live: kept so exported handles stay valid
-    bool changed = false;  // contents differ from the table on disk
+    bool removed = false;               // removed live: kept so exported handles stay valid
+    bool changed = false;               // contents differ from the table on disk
   };
   Result<DirtyBitmap*> load_locked(Entry& e);
   Result<void> mark_in_use_locked();

@@ -16,9 +16,7 @@ TableCache::Handle& TableCache::Handle::operator=(Handle&& o) noexcept {
   return *this;
 }
 
-std::span<const std::byte> TableCache::Handle::data() const {
-  return {entry_->data.get(), cache_->table_bytes_};
-}
+std::span<const std::byte> TableCache::Handle::data() const { return {entry_->data.get(), cache_->table_bytes_}; }
 
 std::span<std::byte> TableCache::Handle::mutable_data() { return {entry_->data.get(), cache_->table_bytes_}; }
 

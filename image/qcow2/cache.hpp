@@ -57,7 +57,10 @@ class TableCache {
   class Handle {
    public:
     Handle() = default;
-    Handle(Handle&& o) noexcept : cache_(o.cache_), entry_(o.entry_) { o.cache_ = nullptr; o.entry_ = nullptr; }
+    Handle(Handle&& o) noexcept : cache_(o.cache_), entry_(o.entry_) {
+      o.cache_ = nullptr;
+      o.entry_ = nullptr;
+    }
     Handle& operator=(Handle&& o) noexcept;
     Handle(const Handle&) = delete;
     Handle& operator=(const Handle&) = delete;

@@ -31,8 +31,7 @@ std::string c_hex(std::uint64_t v) { return v ? fmt::format("{:#x}", v) : "0"; }
 
 class Checker {
  public:
-  Checker(File& file, RepairMode fix, const CheckMessageSink& sink)
-      : file_(file), fix_(fix), sink_(sink) {}
+  Checker(File& file, RepairMode fix, const CheckMessageSink& sink) : file_(file), fix_(fix), sink_(sink) {}
 
   Result<CheckResult> run() {
     file_size_ = QNBD_TRY(file_.size());
@@ -105,8 +104,8 @@ class Checker {
     // does, in one write of incompatible_features after everything else is
     // on disk.
     const std::uint64_t clear = INCOMPAT_DIRTY | INCOMPAT_CORRUPT;
-    if (fix_ != RepairMode::none && res_.check_errors == 0 && res_.corruptions == 0 &&
-        h_.version >= 3 && (h_.incompatible_features & clear)) {
+    if (fix_ != RepairMode::none && res_.check_errors == 0 && res_.corruptions == 0 && h_.version >= 3 &&
+        (h_.incompatible_features & clear)) {
       std::byte e[8];
       store_be64(e, h_.incompatible_features & ~clear);
       QNBD_TRY(file_.flush());
@@ -132,7 +131,8 @@ class Checker {
     if (*end > file_size_ && *end - file_size_ >= cs_) {
       // QEMU refuses to count these; the reference itself is the defect.
       say(fmt::format("ERROR: counting reference for region exceeding the end of the file by one "
-                      "cluster or more: offset {} size {}", c_hex(offset), c_hex(length)));
+                      "cluster or more: offset {} size {}",
+                      c_hex(offset), c_hex(length)));
       res_.corruptions++;
       // The rebuild must not place refcount structures there: growing the
       // file would make that reference valid and the cluster doubly used.
@@ -268,8 +268,7 @@ class Checker {
       if (!l2_offset) continue;
       inc(l2_offset, cs_);
       if (!is_aligned(l2_offset, cs_)) {
-        say(fmt::format("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted",
-                        l2_offset));
+        say(fmt::format("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted", l2_offset));
         res_.corruptions++;
       }
       check_refcounts_l2(l2_offset, active);
@@ -295,7 +294,8 @@ class Checker {
         const CompressedDescriptor d = parse_compressed_descriptor(e, cb_);
         if (e & QCOW_OFLAG_COPIED) {
           say(fmt::format("ERROR: coffset=0x{:x}: copied flag must never be set for compressed "
-                          "clusters", d.host_offset));
+                          "clusters",
+                          d.host_offset));
           res_.corruptions++;
           // QEMU only reports this; with -r all we also clear the flag.
           if (fix_ == RepairMode::all && !recounting_) {
@@ -309,7 +309,8 @@ class Checker {
         }
         if (bitmap) {
           say(fmt::format("ERROR compressed cluster {} with non-zero subcluster allocation "
-                          "bitmap, entry=0x{:x}", i, e));
+                          "bitmap, entry=0x{:x}",
+                          i, e));
           res_.corruptions++;
           continue;
         }
@@ -335,11 +336,13 @@ class Checker {
         const bool contains_data = ext ? (bitmap & QCOW_L2_BITMAP_ALL_ALLOC) != 0 : !zero_flag;
         if (contains_data) {
           say(fmt::format("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry "
-                          "corrupted.", offset));
+                          "corrupted.",
+                          offset));
         } else {
           const bool repair = fix_ == RepairMode::all;
           say(fmt::format("{} offset={:x}: Preallocated cluster is not properly aligned; L2 "
-                          "entry corrupted.", repair ? "Repairing" : "ERROR", offset));
+                          "entry corrupted.",
+                          repair ? "Repairing" : "ERROR", offset));
           if (repair) {
             // Nothing is stored there: turn it into a plain zero cluster.
             std::byte fixed[16] = {};
@@ -348,8 +351,7 @@ class Checker {
             } else {
               store_be64(fixed, QCOW_OFLAG_ZERO);
             }
-            if (file_.pwrite(std::span<const std::byte>(fixed, esize), l2_offset + i * esize) &&
-                file_.flush()) {
+            if (file_.pwrite(std::span<const std::byte>(fixed, esize), l2_offset + i * esize) && file_.flush()) {
               res_.corruptions--;
               res_.corruptions_fixed++;
               continue;  // the cluster is unused now
@@ -390,8 +392,7 @@ class Checker {
       }
       std::string id(id_len, '\0'), name(name_len, '\0');
       std::vector<std::byte> strings(id_len + name_len);
-      if (!strings.empty() &&
-          !file_.read_exact(strings, pos + 40 + extra, "snapshot id and name")) {
+      if (!strings.empty() && !file_.read_exact(strings, pos + 40 + extra, "snapshot id and name")) {
         res_.check_errors++;
         return;
       }
@@ -408,13 +409,15 @@ class Checker {
       }
       if (!is_aligned(l1_offset, cs_)) {
         say(fmt::format("ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster "
-                        "aligned; snapshot table entry corrupted", id, name, c_hex(l1_offset)));
+                        "aligned; snapshot table entry corrupted",
+                        id, name, c_hex(l1_offset)));
         res_.corruptions++;
         continue;
       }
       if (std::uint64_t{l1_size} * 8 > MAX_L1_BYTES) {
         say(fmt::format("ERROR snapshot {} ({}) l1_size={}: L1 table is too large; snapshot "
-                        "table entry corrupted", id, name, c_hex(l1_size)));
+                        "table entry corrupted",
+                        id, name, c_hex(l1_size)));
         res_.corruptions++;
         continue;
       }
@@ -450,8 +453,7 @@ class Checker {
       pos += align_up(std::uint64_t{24} + extra + name_size, 8);
       // §12.7 bounds keep a hostile directory from making us allocate
       // gigabytes for one table.
-      if (table_size > MAX_BITMAP_TABLE_SIZE ||
-          std::uint64_t{table_size} * cs_ > MAX_BITMAP_DATA_BYTES) {
+      if (table_size > MAX_BITMAP_TABLE_SIZE || std::uint64_t{table_size} * cs_ > MAX_BITMAP_DATA_BYTES) {
         say(fmt::format("ERROR bitmap {} table is too large ({} entries)", i, table_size));
         res_.check_errors++;
         continue;
@@ -476,7 +478,8 @@ class Checker {
       refstruct_blocks_.push_back(offset);
       if (!is_aligned(offset, cs_)) {
         say(fmt::format("ERROR refcount block {} is not cluster aligned; refcount table entry "
-                        "corrupted", i));
+                        "corrupted",
+                        i));
         res_.corruptions++;
         rebuild_ = true;
         continue;
@@ -527,8 +530,10 @@ class Checker {
         num_fixed = &res_.corruptions_fixed;
       }
       say(fmt::format("{} cluster {} refcount={} reference={}",
-                      num_fixed ? "Repairing" : refcount < reference ? "ERROR" : "Leaked", k,
-                      refcount, reference));
+                      num_fixed              ? "Repairing"
+                      : refcount < reference ? "ERROR"
+                                             : "Leaked",
+                      k, refcount, reference));
       if (num_fixed && writer) {
         if (writer->set(k, reference)) {
           (*num_fixed)++;
@@ -545,8 +550,8 @@ class Checker {
   }
 
   Result<void> apply_in_place_fixes() {
-    auto r = Refcounts::load(file_, RefcountGeometry{cb_, h_.refcount_order},
-                             h_.refcount_table_offset, h_.refcount_table_clusters);
+    auto r = Refcounts::load(file_, RefcountGeometry{cb_, h_.refcount_order}, h_.refcount_table_offset,
+                             h_.refcount_table_clusters);
     if (!r) {
       say(fmt::format("ERROR cannot load refcount table: {}", r.error().message));
       res_.check_errors++;
@@ -620,7 +625,7 @@ class Checker {
         if (const std::uint64_t end = refused_end(k)) {
           if (end > skip_limit) {
             return make_error(EFBIG, "references past the end of the file leave no room for the "
-                              "refcount structure");
+                                     "refcount structure");
           }
           run = 0;
           run_start = end;
@@ -709,8 +714,7 @@ class Checker {
   // ---- COPIED flags (QEMU's check_oflag_copied) -------------------------
   Result<void> check_oflag_copied() {
     bool repair = fix_ == RepairMode::all ||
-                  (fix_ == RepairMode::leaks && !res_.check_errors && !res_.corruptions &&
-                   !res_.leaks);
+                  (fix_ == RepairMode::leaks && !res_.check_errors && !res_.corruptions && !res_.leaks);
     if (h_.l1_size == 0) return ok();
     auto l1 = read_table(h_.l1_table_offset, h_.l1_size);
     if (!l1) {
@@ -751,8 +755,7 @@ class Checker {
         const std::uint64_t e = load_be64(l2.data() + j * esize);
         if (e & QCOW_OFLAG_COMPRESSED) continue;
         const std::uint64_t data_offset = e & L2E_OFFSET_MASK;
-        const bool normal_or_zero_alloc =
-            data_offset != 0 || (h_.has_data_file() && (e & QCOW_OFLAG_COPIED));
+        const bool normal_or_zero_alloc = data_offset != 0 || (h_.has_data_file() && (e & QCOW_OFLAG_COPIED));
         if (!normal_or_zero_alloc) continue;
         const std::optional<std::uint64_t> got_rc =
             h_.has_data_file() ? std::optional<std::uint64_t>(1) : stored(data_offset >> cb_);
@@ -760,8 +763,8 @@ class Checker {
         const std::uint64_t rc = *got_rc;
         if ((rc == 1) != ((e & QCOW_OFLAG_COPIED) != 0)) {
           res_.corruptions++;
-          say(fmt::format("{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
-                          repair ? "Repairing" : "ERROR", e, rc));
+          say(fmt::format("{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}", repair ? "Repairing" : "ERROR", e,
+                          rc));
           if (repair) {
             store_be64(l2.data() + j * esize, rc == 1 ? e | QCOW_OFLAG_COPIED : e & ~QCOW_OFLAG_COPIED);
             dirty++;

@@ -44,7 +44,6 @@ using CheckMessageSink = std::function<void(const std::string& line)>;
 // Check (and with repair != none, repair) the image in `file`. Returns an
 // error only if the image cannot be checked at all (unreadable header);
 // problems found are counted in the result.
-[[nodiscard]] Result<CheckResult> check_qcow2(File& file, RepairMode repair,
-                                              const CheckMessageSink& message);
+[[nodiscard]] Result<CheckResult> check_qcow2(File& file, RepairMode repair, const CheckMessageSink& message);
 
 }  // namespace qnbd::image::qcow2

@@ -66,8 +66,7 @@ Result<SubclusterType> get_subcluster_type(const L2Geometry& g, L2Entry e, unsig
   }
 
   if (entry & L2E_STD_RESERVED_MASK & ~QCOW_OFLAG_ZERO) {
-    return make_error(EIO, "L2 entry {:#018x} has reserved bits set (guest offset {:#x})", entry,
-                      guest_cluster_offset);
+    return make_error(EIO, "L2 entry {:#018x} has reserved bits set (guest offset {:#x})", entry, guest_cluster_offset);
   }
   const std::uint64_t host = entry & L2E_OFFSET_MASK;
   if (!is_aligned(host, g.cluster_size())) {
@@ -77,9 +76,8 @@ Result<SubclusterType> get_subcluster_type(const L2Geometry& g, L2Entry e, unsig
   // Offset 0 is a real cluster only in an external data file (§6.4, §10).
   const bool has_host = host != 0 || (g.external_data_file && (entry & QCOW_OFLAG_COPIED));
   if (has_host && g.external_data_file && host != guest_cluster_offset) {
-    return make_error(EIO,
-                      "external data file host cluster offset {:#x} does not match guest cluster offset {:#x}", host,
-                      guest_cluster_offset);
+    return make_error(EIO, "external data file host cluster offset {:#x} does not match guest cluster offset {:#x}",
+                      host, guest_cluster_offset);
   }
 
   if (!g.extended_l2) {
@@ -102,23 +100,24 @@ Result<SubclusterType> get_subcluster_type(const L2Geometry& g, L2Entry e, unsig
   const std::uint32_t zero = static_cast<std::uint32_t>(bm >> 32);
   if (has_host) {
     if (alloc & zero) {
-      return make_error(EIO, "subcluster bitmap {:#018x} marks subclusters both allocated and zero (guest offset {:#x})",
-                        bm, guest_cluster_offset);
+      return make_error(EIO,
+                        "subcluster bitmap {:#018x} marks subclusters both allocated and zero (guest offset {:#x})", bm,
+                        guest_cluster_offset);
     }
     if (zero & (1u << sc_index)) return SubclusterType::zero_alloc;
     if (alloc & (1u << sc_index)) return SubclusterType::normal;
     return SubclusterType::unallocated_alloc;
   }
   if (alloc != 0) {
-    return make_error(EIO, "subcluster bitmap {:#018x} marks subclusters allocated in an unallocated cluster (guest offset {:#x})",
-                      bm, guest_cluster_offset);
+    return make_error(
+        EIO, "subcluster bitmap {:#018x} marks subclusters allocated in an unallocated cluster (guest offset {:#x})",
+        bm, guest_cluster_offset);
   }
   if (zero & (1u << sc_index)) return SubclusterType::zero_plain;
   return SubclusterType::unallocated_plain;
 }
 
-Result<std::uint64_t> l1_entry_l2_offset(std::uint64_t l1_entry, std::uint32_t cluster_bits,
-                                         std::uint64_t file_size) {
+Result<std::uint64_t> l1_entry_l2_offset(std::uint64_t l1_entry, std::uint32_t cluster_bits, std::uint64_t file_size) {
   if (l1_entry & L1E_RESERVED_MASK) {
     return make_error(EIO, "L1 entry {:#018x} has reserved bits set", l1_entry);
   }
@@ -132,7 +131,6 @@ Result<std::uint64_t> l1_entry_l2_offset(std::uint64_t l1_entry, std::uint32_t c
   }
   return l2;
 }
-
 
 // ---------------------------------------------------------------------------
 // Qcow2Image's cluster layer (QEMU's qcow2-cluster.c). Every function below
@@ -229,7 +227,8 @@ Result<Mapping> Qcow2Image::get_host_offset_locked(std::uint64_t offset, std::ui
     // A data cluster past the end of the image file is corrupt (an external
     // data file may legitimately be sparse or short).
     if (m.type == SubclusterType::normal && !data_file_ && host_cluster >= file_size_) {
-      return make_error(EIO, "image is corrupt: data cluster at {:#x} (guest offset {:#x}) is beyond the end of the file",
+      return make_error(EIO,
+                        "image is corrupt: data cluster at {:#x} (guest offset {:#x}) is beyond the end of the file",
                         host_cluster, guest_cluster);
     }
     m.host_offset = host_cluster + (offset & (cluster_size - 1));
@@ -347,7 +346,8 @@ void Qcow2Image::set_l2_entry_locked(L2Slot& s, std::uint64_t entry, std::uint64
 
 Result<void> Qcow2Image::read_guest_locked(std::span<std::byte> buf, std::uint64_t offset) {
   // Bytes past the virtual size (the tail of the last cluster) read as zero.
-  const std::size_t visible = offset >= size_ ? 0 : static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), size_ - offset));
+  const std::size_t visible =
+      offset >= size_ ? 0 : static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), size_ - offset));
   std::memset(buf.data() + visible, 0, buf.size() - visible);
   buf = buf.first(visible);
   while (!buf.empty()) {

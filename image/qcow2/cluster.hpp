@@ -74,10 +74,10 @@ CompressedDescriptor parse_compressed_descriptor(std::uint64_t entry, std::uint3
 
 // Where a guest range lives (QEMU's qcow2_get_host_offset result).
 struct Mapping {
-  std::uint64_t bytes = 0;        // length of the run from the queried offset
+  std::uint64_t bytes = 0;  // length of the run from the queried offset
   SubclusterType type = SubclusterType::unallocated_plain;
   std::uint64_t host_offset = 0;  // normal/zero_alloc/unallocated_alloc: host byte of the queried offset
-  std::uint64_t l2_entry = 0;     // word 0 of the queried offset's L2 entry (0: no L2 table); compressed: the descriptor
+  std::uint64_t l2_entry = 0;  // word 0 of the queried offset's L2 entry (0: no L2 table); compressed: the descriptor
   // The L1 and the L2 entry are both COPIED (§6.2, §6.4): the L2 table and
   // the host cluster have refcount 1, so the data may be overwritten in
   // place (the write path's fast path).

@@ -14,10 +14,9 @@ std::vector<FeatureName> qemu_feature_names() {
   // Names and order exactly as qemu-img writes them (checked by hexdump of a
   // qemu-img 7.2 image), so our headers match byte for byte.
   return {
-      {0, 0, "dirty bit"},           {0, 1, "corrupt bit"},
-      {0, 2, "external data file"},  {0, 3, "compression type"},
-      {0, 4, "extended L2 entries"}, {1, 0, "lazy refcounts"},
-      {2, 0, "bitmaps"},             {2, 1, "raw external data"},
+      {0, 0, "dirty bit"},        {0, 1, "corrupt bit"},         {0, 2, "external data file"},
+      {0, 3, "compression type"}, {0, 4, "extended L2 entries"}, {1, 0, "lazy refcounts"},
+      {2, 0, "bitmaps"},          {2, 1, "raw external data"},
   };
 }
 
@@ -155,8 +154,8 @@ Result<void> create_qcow2(File& file, const CreateOptions& o, File* data_file) {
   // A fresh file has nothing to protect, so no flushes between steps.
   Refcounts::Options ro;
   ro.ordered_flushes = false;
-  Refcounts refcounts = QNBD_TRY(Refcounts::load(file, RefcountGeometry{cluster_bits, refcount_order},
-                                                 h.refcount_table_offset, 1, ro));
+  Refcounts refcounts =
+      QNBD_TRY(Refcounts::load(file, RefcountGeometry{cluster_bits, refcount_order}, h.refcount_table_offset, 1, ro));
 
   std::vector<std::byte> l1(l1_size * 8, std::byte{0});
   if (l1_size > 0) {

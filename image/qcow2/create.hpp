@@ -44,7 +44,6 @@ std::vector<FeatureName> qemu_feature_names();
 // Write a fresh image into `file` (expected empty). `data_file` must be
 // given (already created) iff options.data_file is set; it is sized to the
 // virtual size and, with preallocation=full, filled with zeroes.
-[[nodiscard]] Result<void> create_qcow2(File& file, const CreateOptions& options,
-                                        File* data_file = nullptr);
+[[nodiscard]] Result<void> create_qcow2(File& file, const CreateOptions& options, File* data_file = nullptr);
 
 }  // namespace qnbd::image::qcow2

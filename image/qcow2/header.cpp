@@ -6,8 +6,8 @@
 
 #include "common/checked.hpp"
 #include "common/endian.hpp"
-#include "image/qcow2/header.hpp"
 #include "image/io/file.hpp"
+#include "image/qcow2/header.hpp"
 
 namespace qnbd::image::qcow2 {
 namespace {
@@ -17,8 +17,8 @@ constexpr std::uint64_t kInt64Max = static_cast<std::uint64_t>(INT64_MAX);
 // Built-in names for the bits QEMU knows, used when the image has no
 // feature name table entry for a bit (§3, §4.3).
 const char* builtin_feature_name(std::uint8_t type, std::uint8_t bit) {
-  static const char* const incompat[] = {"dirty bit", "corrupt bit", "external data file",
-                                         "compression type", "extended L2 entries"};
+  static const char* const incompat[] = {"dirty bit", "corrupt bit", "external data file", "compression type",
+                                         "extended L2 entries"};
   static const char* const compat[] = {"lazy refcounts"};
   static const char* const autoclear[] = {"bitmaps", "raw external data"};
   switch (type) {
@@ -29,9 +29,7 @@ const char* builtin_feature_name(std::uint8_t type, std::uint8_t bit) {
   }
 }
 
-std::string string_from(const std::byte* p, std::size_t n) {
-  return std::string(reinterpret_cast<const char*>(p), n);
-}
+std::string string_from(const std::byte* p, std::size_t n) { return std::string(reinterpret_cast<const char*>(p), n); }
 
 // Name unknown incompatible bits, preferring the image's own feature table
 // (a newer writer names bits we do not know).
@@ -50,9 +48,8 @@ std::string describe_unknown_incompat(const Header& h, std::uint64_t unknown) {
 
 // Check one of the tables whose offset and size come straight from the
 // header (QEMU's qcow2_validate_table, plus "inside the file").
-Result<void> validate_table(const char* what, std::uint64_t offset, std::uint64_t entries,
-                            std::uint64_t entry_len, std::uint64_t max_bytes, std::uint64_t cluster_size,
-                            std::uint64_t file_size) {
+Result<void> validate_table(const char* what, std::uint64_t offset, std::uint64_t entries, std::uint64_t entry_len,
+                            std::uint64_t max_bytes, std::uint64_t cluster_size, std::uint64_t file_size) {
   auto bytes = checked_mul(entries, entry_len);
   if (!bytes || *bytes > max_bytes) {
     return make_error(EINVAL, "{} is too large ({} entries, limit {} bytes)", what, entries, max_bytes);
@@ -64,8 +61,8 @@ Result<void> validate_table(const char* what, std::uint64_t offset, std::uint64_
     return make_error(EINVAL, "{} offset {:#x} + size {} overflows", what, offset, *bytes);
   }
   if (*bytes > 0 && !range_within(offset, *bytes, file_size)) {
-    return make_error(EINVAL, "{} at offset {:#x} ({} bytes) runs past the end of the file ({} bytes)", what,
-                      offset, *bytes, file_size);
+    return make_error(EINVAL, "{} at offset {:#x} ({} bytes) runs past the end of the file ({} bytes)", what, offset,
+                      *bytes, file_size);
   }
   return ok();
 }
@@ -174,8 +171,7 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
       return make_error(EINVAL, "header_length {} is not a multiple of 8", h.header_length);
     }
     if (h.header_length > cluster_size) {
-      return make_error(EINVAL, "header_length {} is larger than the cluster size {}", h.header_length,
-                        cluster_size);
+      return make_error(EINVAL, "header_length {} is larger than the cluster size {}", h.header_length, cluster_size);
     }
     if (h.header_length > c0.avail()) {
       return make_error(EINVAL, "header_length {} runs past the end of the file", h.header_length);
@@ -199,8 +195,7 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
       return make_error(EINVAL, "backing file name too long ({} bytes, limit {})", h.backing_file_size,
                         MAX_BACKING_FILE_SIZE);
     }
-    if (h.backing_file_offset > cluster_size ||
-        h.backing_file_offset + h.backing_file_size > cluster_size) {
+    if (h.backing_file_offset > cluster_size || h.backing_file_offset + h.backing_file_size > cluster_size) {
       return make_error(EINVAL, "backing file name at offset {:#x} ({} bytes) is not inside the first cluster",
                         h.backing_file_offset, h.backing_file_size);
     }
@@ -303,9 +298,7 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
         seen_data_file = true;
         h.data_file = string_from(data, len);
         break;
-      default:
-        h.unknown_extensions.push_back(UnknownExtension{type, std::vector<std::byte>(data, data + len)});
-        break;
+      default: h.unknown_extensions.push_back(UnknownExtension{type, std::vector<std::byte>(data, data + len)}); break;
     }
     pos += align_up(len, 8);
     if (pos > ext_end) pos = ext_end;  // padding may run to the very end
@@ -363,16 +356,14 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
     return make_error(EFBIG, "image is too big (needs {} L1 entries)", l1_vm_state_index);
   }
   if (h.l1_size < l1_vm_state_index) {
-    return make_error(EINVAL, "L1 table is too small ({} entries for a disk needing {})", h.l1_size,
-                      l1_vm_state_index);
+    return make_error(EINVAL, "L1 table is too small ({} entries for a disk needing {})", h.l1_size, l1_vm_state_index);
   }
   // §13.1 #13, #14, #15
   if (h.refcount_table_clusters == 0) return make_error(EINVAL, "refcount table has zero clusters");
   QNBD_TRY(validate_table("refcount table", h.refcount_table_offset,
                           std::uint64_t{h.refcount_table_clusters} * (cluster_size / 8), 8, MAX_REFTABLE_BYTES,
                           cluster_size, file_size));
-  QNBD_TRY(validate_table("active L1 table", h.l1_table_offset, h.l1_size, 8, MAX_L1_BYTES, cluster_size,
-                          file_size));
+  QNBD_TRY(validate_table("active L1 table", h.l1_table_offset, h.l1_size, 8, MAX_L1_BYTES, cluster_size, file_size));
   if (h.nb_snapshots > MAX_SNAPSHOTS) {
     return make_error(EINVAL, "too many snapshots ({}, limit {})", h.nb_snapshots, MAX_SNAPSHOTS);
   }

@@ -34,7 +34,7 @@ struct CryptoHeaderPointer {  // §4.5
   std::uint64_t length = 0;
 };
 
-struct FeatureName {  // §4.3
+struct FeatureName {      // §4.3
   std::uint8_t type = 0;  // 0 incompatible, 1 compatible, 2 autoclear
   std::uint8_t bit = 0;
   std::string name;
@@ -70,10 +70,10 @@ struct Header {
   std::vector<std::byte> unknown_header_fields;
 
   // §4 extensions.
-  std::string backing_file;     // from backing_file_offset/size
-  std::string backing_format;   // EXT_BACKING_FORMAT
-  std::string data_file;        // EXT_DATA_FILE
-  std::optional<BitmapsExtension> bitmaps;          // only if the extension is present
+  std::string backing_file;                 // from backing_file_offset/size
+  std::string backing_format;               // EXT_BACKING_FORMAT
+  std::string data_file;                    // EXT_DATA_FILE
+  std::optional<BitmapsExtension> bitmaps;  // only if the extension is present
   std::optional<CryptoHeaderPointer> crypto_header;
   std::vector<FeatureName> feature_names;
   std::vector<UnknownExtension> unknown_extensions;  // in file order
@@ -97,8 +97,7 @@ struct Header {
 // Decode and validate cluster 0. `header_bytes` holds at least the first
 // min(file size, 2 MiB) bytes of the file; `file_size` is the file's size.
 // Errors name the defect in one line (without the file name).
-[[nodiscard]] Result<Header> parse_header(std::span<const std::byte> header_bytes,
-                                          std::uint64_t file_size);
+[[nodiscard]] Result<Header> parse_header(std::span<const std::byte> header_bytes, std::uint64_t file_size);
 
 // Read and parse the header of `file` (of `file_size` bytes): the same
 // result as parse_header over the file's first min(file size, 2 MiB) bytes,

@@ -26,8 +26,9 @@ class Writer {
 
   Result<std::byte*> reserve(std::uint64_t n) {
     if (!range_within(pos_, n, buf_.size())) {
-      return make_error(EFBIG, "qcow2 header, extensions and backing file name ({}+ bytes) do not "
-                               "fit in the first cluster ({} bytes)",
+      return make_error(EFBIG,
+                        "qcow2 header, extensions and backing file name ({}+ bytes) do not "
+                        "fit in the first cluster ({} bytes)",
                         pos_ + n, buf_.size());
     }
     std::byte* p = buf_.data() + pos_;
@@ -64,9 +65,8 @@ Result<std::vector<std::byte>> serialize_header(const Header& h) {
     return make_error(EINVAL, "cluster_bits {} out of range", h.cluster_bits);
   }
   const bool v3 = h.version == 3;
-  if (!v3 && (h.incompatible_features || h.compatible_features || h.autoclear_features ||
-              h.refcount_order != 4 || h.compression_type != COMPRESSION_DEFLATE ||
-              !h.unknown_header_fields.empty())) {
+  if (!v3 && (h.incompatible_features || h.compatible_features || h.autoclear_features || h.refcount_order != 4 ||
+              h.compression_type != COMPRESSION_DEFLATE || !h.unknown_header_fields.empty())) {
     // §14.12: a version 2 header has no room for these.
     return make_error(EINVAL, "version 2 qcow2 header cannot carry v3 features");
   }
@@ -74,8 +74,8 @@ Result<std::vector<std::byte>> serialize_header(const Header& h) {
     return make_error(EINVAL, "refcount_order {} out of range", h.refcount_order);
   }
   if (h.backing_file.size() > MAX_BACKING_FILE_SIZE) {
-    return make_error(EINVAL, "backing file name is {} bytes, the limit is {}",
-                      h.backing_file.size(), MAX_BACKING_FILE_SIZE);
+    return make_error(EINVAL, "backing file name is {} bytes, the limit is {}", h.backing_file.size(),
+                      MAX_BACKING_FILE_SIZE);
   }
 
   std::vector<std::byte> buf(h.cluster_size(), std::byte{0});

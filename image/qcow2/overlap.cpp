@@ -80,7 +80,8 @@ void MetadataMap::remove(MetadataKind kind, std::uint64_t offset, std::uint64_t 
 }
 
 void MetadataMap::remove_all(MetadataKind kind) {
-  std::erase_if(keys_, [&](std::uint64_t k) { return (k & ((1u << kKindBits) - 1)) == static_cast<std::uint64_t>(kind); });
+  std::erase_if(keys_,
+                [&](std::uint64_t k) { return (k & ((1u << kKindBits) - 1)) == static_cast<std::uint64_t>(kind); });
   rebuild_filter();
 }
 
@@ -106,8 +107,9 @@ std::optional<MetadataHit> MetadataMap::find(std::uint64_t offset, std::uint64_t
 Result<void> MetadataMap::check(std::uint64_t offset, std::uint64_t bytes, KindMask ignore) const {
   auto hit = find(offset, bytes, ignore);
   if (!hit) return ok();
-  std::string why = fmt::format("Preventing invalid write on metadata (overlaps with the {} at {:#x}): host range {:#x}+{}",
-                                metadata_kind_name(hit->kind), hit->cluster_offset, offset, bytes);
+  std::string why =
+      fmt::format("Preventing invalid write on metadata (overlaps with the {} at {:#x}): host range {:#x}+{}",
+                  metadata_kind_name(hit->kind), hit->cluster_offset, offset, bytes);
   if (on_overlap_) return on_overlap_(why);
   return make_error(EIO, "{}", why);
 }

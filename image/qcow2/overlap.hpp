@@ -77,8 +77,7 @@ class MetadataMap {
 
   // The first metadata cluster touched by [offset, offset + bytes) whose
   // kind is not in `ignore`, if any.
-  [[nodiscard]] std::optional<MetadataHit> find(std::uint64_t offset, std::uint64_t bytes,
-                                                KindMask ignore = 0) const;
+  [[nodiscard]] std::optional<MetadataHit> find(std::uint64_t offset, std::uint64_t bytes, KindMask ignore = 0) const;
 
   // The pre-write check: ok, or (on a hit) the on_overlap error, EIO with
   // "Preventing invalid write on metadata (overlaps with KIND) ..." as QEMU.

@@ -27,7 +27,8 @@ Result<void> check_metadata_overlaps(const Header& h) {
   };
   const std::uint64_t cs = h.cluster_size();
   std::vector<Region> regions{{"header", 0, cs},
-                              {"refcount table", h.refcount_table_offset, std::uint64_t{h.refcount_table_clusters} * cs},
+                              {"refcount table", h.refcount_table_offset,
+                               std::uint64_t{h.refcount_table_clusters} * cs},
                               {"active L1 table", h.l1_table_offset, std::uint64_t{h.l1_size} * 8}};
   if (h.nb_snapshots) regions.push_back({"snapshot table", h.snapshots_offset, std::uint64_t{h.nb_snapshots} * 40});
   if (h.bitmaps) {
@@ -133,11 +134,13 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
   const std::uint64_t cluster_size = h.cluster_size();
   const std::uint64_t l2_coverage = h.l2_entries() * cluster_size;
   std::uint64_t tables_needed = std::max<std::uint64_t>(div_round_up(h.size, l2_coverage), 1);
-  std::uint64_t capacity = std::clamp<std::uint64_t>(tables_needed, 4, std::max<std::uint64_t>(kMaxL2CacheBytes / cluster_size, 4));
+  std::uint64_t capacity =
+      std::clamp<std::uint64_t>(tables_needed, 4, std::max<std::uint64_t>(kMaxL2CacheBytes / cluster_size, 4));
   img->l2_cache_ = std::make_unique<TableCache>(file, cluster_size, capacity, "L2 table");
 
   if (!h.backing_file.empty()) {
-    if (!parts.open_backing) return make_error(EINVAL, "image has a backing file '{}' but none can be opened", h.backing_file);
+    if (!parts.open_backing)
+      return make_error(EINVAL, "image has a backing file '{}' but none can be opened", h.backing_file);
     img->backing_ = QNBD_TRY(parts.open_backing(h.backing_file, h.backing_format));
   }
   img->full_backing_filename_ = parts.full_backing_filename;
@@ -162,7 +165,8 @@ Result<void> Qcow2Image::read_compressed(std::span<std::byte> buf, std::uint64_t
   const std::uint64_t cluster_size = header_.cluster_size();
   CompressedDescriptor d = parse_compressed_descriptor(l2_entry, header_.cluster_bits);
   if (d.host_offset >= file_size_) {
-    return make_error(EIO, "image is corrupt: compressed cluster at {:#x} is beyond the end of the file", d.host_offset);
+    return make_error(EIO, "image is corrupt: compressed cluster at {:#x} is beyond the end of the file",
+                      d.host_offset);
   }
   // Reused per-thread buffers: no allocation per compressed cluster.
   thread_local std::vector<std::byte> in, out;
@@ -206,17 +210,12 @@ Result<void> Qcow2Image::read(std::span<std::byte> buf, std::uint64_t offset) {
 
 Result<void> Qcow2Image::read_mapped(std::span<std::byte> part, std::uint64_t offset, const Mapping& m) {
   switch (m.type) {
-    case SubclusterType::normal:
-      return data_file().read_zero_fill(part, m.host_offset);
-    case SubclusterType::compressed:
-      return read_compressed(part, offset, m.l2_entry);
+    case SubclusterType::normal: return data_file().read_zero_fill(part, m.host_offset);
+    case SubclusterType::compressed: return read_compressed(part, offset, m.l2_entry);
     case SubclusterType::zero_plain:
-    case SubclusterType::zero_alloc:
-      std::memset(part.data(), 0, part.size());
-      return ok();
+    case SubclusterType::zero_alloc: std::memset(part.data(), 0, part.size()); return ok();
     case SubclusterType::unallocated_plain:
-    case SubclusterType::unallocated_alloc:
-      return read_unallocated(part, offset);
+    case SubclusterType::unallocated_alloc: return read_unallocated(part, offset);
   }
   return ok();
 }
@@ -238,8 +237,8 @@ Result<bool> Qcow2Image::metadata_preallocated() {
   RefcountGeometry rg{header_.cluster_bits, header_.refcount_order};
   Refcounts::Options ro;
   ro.max_cached_blocks = 2;  // a sequential scan
-  Refcounts refcounts = QNBD_TRY(Refcounts::load(*file_, rg, header_.refcount_table_offset,
-                                                 header_.refcount_table_clusters, ro));
+  Refcounts refcounts =
+      QNBD_TRY(Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters, ro));
   std::uint64_t count = 0;
   for (std::uint64_t i = 0; i < end_cluster && count < threshold; ++i) {
     count += QNBD_TRY(refcounts.get(i)) != 0;
@@ -300,9 +299,7 @@ Result<std::size_t> Qcow2Image::block_status(std::uint64_t offset, std::uint64_t
   return chain_block_status(*this, offset, length, out);
 }
 
-Result<std::size_t> Qcow2Image::export_bitmap(const std::string& name) {
-  return bitmap_store_->export_bitmap(name);
-}
+Result<std::size_t> Qcow2Image::export_bitmap(const std::string& name) { return bitmap_store_->export_bitmap(name); }
 
 Result<std::size_t> Qcow2Image::bitmap_status(std::size_t handle, std::uint64_t offset, std::uint64_t length,
                                               std::span<BitmapExtent> out) {

@@ -29,13 +29,13 @@
 #include <vector>
 
 #include "image/block_device.hpp"
-#include "image/write_gate.hpp"
 #include "image/qcow2/bitmap_store.hpp"
 #include "image/qcow2/cache.hpp"
 #include "image/qcow2/cluster.hpp"
 #include "image/qcow2/header.hpp"
 #include "image/qcow2/overlap.hpp"
 #include "image/qcow2/refcount.hpp"
+#include "image/write_gate.hpp"
 
 namespace qnbd::image::qcow2 {
 
@@ -49,10 +49,10 @@ class Qcow2Image final : public BlockDevice {
  public:
   struct Parts {
     std::unique_ptr<File> file;
-    std::string path;                  // as given (for messages and info)
-    std::unique_ptr<File> data_file;   // optional: overrides the external data file name
-    BackingOpener open_backing;        // optional: without it a backing file is an error
-    std::string full_backing_filename; // filled in by the opener's caller for info
+    std::string path;                   // as given (for messages and info)
+    std::unique_ptr<File> data_file;    // optional: overrides the external data file name
+    BackingOpener open_backing;         // optional: without it a backing file is an error
+    std::string full_backing_filename;  // filled in by the opener's caller for info
     // The write-intent record beside the image (bitmap_intent.hpp): empty
     // turns crash recovery of bitmaps off (writes then track as before).
     IntentAccess intent;
@@ -218,7 +218,7 @@ class Qcow2Image final : public BlockDevice {
   // Long zeroing/discard: skip L2 spans that hold nothing (write.cpp).
   std::uint64_t next_l2_span(std::uint64_t gc) const;
   bool skips_unallocated_span_locked(std::uint64_t gc, std::uint64_t end) const;
-  std::mutex mutex_;  // metadata: l1_, l2_cache_
+  std::mutex mutex_;               // metadata: l1_, l2_cache_
   std::vector<std::uint64_t> l1_;  // active L1 table, host byte order
   // L2 tables; writable: depends on refcounts_'s block cache (cache.hpp).
   std::unique_ptr<TableCache> l2_cache_;

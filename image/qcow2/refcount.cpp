@@ -10,8 +10,7 @@
 
 namespace qnbd::image::qcow2 {
 
-std::uint64_t get_refcount_entry(std::span<const std::byte> block, unsigned refcount_order,
-                                 std::uint64_t index) {
+std::uint64_t get_refcount_entry(std::span<const std::byte> block, unsigned refcount_order, std::uint64_t index) {
   const std::byte* b = block.data();
   switch (refcount_order) {
     case 0:
@@ -23,19 +22,14 @@ std::uint64_t get_refcount_entry(std::span<const std::byte> block, unsigned refc
       const unsigned value = std::to_integer<unsigned>(b[bit / 8]) >> (bit % 8);
       return value & ((1u << bits) - 1);
     }
-    case 3:
-      return std::to_integer<std::uint64_t>(b[index]);
-    case 4:
-      return load_be16(b + 2 * index);
-    case 5:
-      return load_be32(b + 4 * index);
-    default:
-      return load_be64(b + 8 * index);
+    case 3: return std::to_integer<std::uint64_t>(b[index]);
+    case 4: return load_be16(b + 2 * index);
+    case 5: return load_be32(b + 4 * index);
+    default: return load_be64(b + 8 * index);
   }
 }
 
-void set_refcount_entry(std::span<std::byte> block, unsigned refcount_order, std::uint64_t index,
-                        std::uint64_t value) {
+void set_refcount_entry(std::span<std::byte> block, unsigned refcount_order, std::uint64_t index, std::uint64_t value) {
   std::byte* b = block.data();
   switch (refcount_order) {
     case 0:
@@ -48,30 +42,19 @@ void set_refcount_entry(std::span<std::byte> block, unsigned refcount_order, std
       b[bit / 8] = static_cast<std::byte>((old & ~mask) | ((value << (bit % 8)) & mask));
       return;
     }
-    case 3:
-      b[index] = static_cast<std::byte>(value);
-      return;
-    case 4:
-      store_be16(b + 2 * index, static_cast<std::uint16_t>(value));
-      return;
-    case 5:
-      store_be32(b + 4 * index, static_cast<std::uint32_t>(value));
-      return;
-    default:
-      store_be64(b + 8 * index, value);
-      return;
+    case 3: b[index] = static_cast<std::byte>(value); return;
+    case 4: store_be16(b + 2 * index, static_cast<std::uint16_t>(value)); return;
+    case 5: store_be32(b + 4 * index, static_cast<std::uint32_t>(value)); return;
+    default: store_be64(b + 8 * index, value); return;
   }
 }
 
 Refcounts::Refcounts(File& file, RefcountGeometry geometry, Options options)
-    : file_(&file),
-      geometry_(geometry),
-      options_(options),
+    : file_(&file), geometry_(geometry), options_(options),
       cache_(std::make_unique<TableCache>(file, static_cast<std::size_t>(geometry.cluster_size()),
                                           std::max<std::size_t>(options.max_cached_blocks, 2), "refcount block")) {}
 
-Result<Refcounts> Refcounts::load(File& file, RefcountGeometry geometry,
-                                  std::uint64_t refcount_table_offset,
+Result<Refcounts> Refcounts::load(File& file, RefcountGeometry geometry, std::uint64_t refcount_table_offset,
                                   std::uint32_t refcount_table_clusters, Options options) {
   if (geometry.cluster_bits < MIN_CLUSTER_BITS || geometry.cluster_bits > MAX_CLUSTER_BITS ||
       geometry.refcount_order > MAX_REFCOUNT_ORDER) {
@@ -102,10 +85,8 @@ Result<Refcounts> Refcounts::load(File& file, RefcountGeometry geometry,
     if (e & REFT_RESERVED_MASK) {
       return make_error(EIO, "refcount table entry {} has reserved bits set ({:#x})", i, e);
     }
-    if (offset != 0 &&
-        (!is_aligned(offset, cluster_size) || !range_within(offset, cluster_size, file_size))) {
-      return make_error(EIO, "refcount block {} offset {:#x} is misaligned or outside the file", i,
-                        offset);
+    if (offset != 0 && (!is_aligned(offset, cluster_size) || !range_within(offset, cluster_size, file_size))) {
+      return make_error(EIO, "refcount block {} offset {:#x} is misaligned or outside the file", i, offset);
     }
     r.table_[i] = offset;
   }
@@ -162,16 +143,14 @@ Result<std::uint64_t> Refcounts::get(std::uint64_t cluster_index) {
   const std::uint64_t ti = cluster_index >> geometry_.block_entries_bits();
   const TableCache::Handle b = QNBD_TRY(block(ti));
   if (!b) return std::uint64_t{0};
-  return get_refcount_entry(b.data(), geometry_.refcount_order,
-                            cluster_index & (geometry_.block_entries() - 1));
+  return get_refcount_entry(b.data(), geometry_.refcount_order, cluster_index & (geometry_.block_entries() - 1));
 }
 
 Result<void> Refcounts::set(std::uint64_t cluster_index, std::uint64_t value) {
   return set_internal(cluster_index, value, 0);
 }
 
-Result<void> Refcounts::set_internal(std::uint64_t cluster_index, std::uint64_t value,
-                                     unsigned depth) {
+Result<void> Refcounts::set_internal(std::uint64_t cluster_index, std::uint64_t value, unsigned depth) {
   if (value > max_refcount(geometry_.refcount_order)) {
     return make_error(EOVERFLOW, "refcount {} exceeds the maximum for refcount_bits {}", value,
                       1u << geometry_.refcount_order);
@@ -187,16 +166,15 @@ Result<void> Refcounts::set_internal(std::uint64_t cluster_index, std::uint64_t 
   }
   TableCache::Handle b = QNBD_TRY(block(ti));
   if (!b) return make_error(EIO, "refcount block {} vanished", ti);
-  set_refcount_entry(b.mutable_data(), geometry_.refcount_order,
-                     cluster_index & (geometry_.block_entries() - 1), value);
+  set_refcount_entry(b.mutable_data(), geometry_.refcount_order, cluster_index & (geometry_.block_entries() - 1),
+                     value);
   cache_->mark_dirty(b);
   if (value != 0 && cluster_index >= end_cluster_) end_cluster_ = cluster_index + 1;
   if (value == 0 && cluster_index < free_hint_) free_hint_ = cluster_index;
   return ok();
 }
 
-Result<void> Refcounts::update(std::uint64_t host_offset, std::uint64_t length,
-                               std::int64_t addend) {
+Result<void> Refcounts::update(std::uint64_t host_offset, std::uint64_t length, std::int64_t addend) {
   if (length == 0) return ok();
   const unsigned cb = geometry_.cluster_bits;
   const auto end = checked_add(host_offset, length);

@@ -25,10 +25,8 @@ namespace qnbd::image::qcow2 {
 // §5.4: entry `index` of a refcount block of width 1 << refcount_order bits.
 // Callers guarantee index < block.size() * 8 >> refcount_order and, for set,
 // value <= max_refcount(refcount_order).
-std::uint64_t get_refcount_entry(std::span<const std::byte> block, unsigned refcount_order,
-                                 std::uint64_t index);
-void set_refcount_entry(std::span<std::byte> block, unsigned refcount_order, std::uint64_t index,
-                        std::uint64_t value);
+std::uint64_t get_refcount_entry(std::span<const std::byte> block, unsigned refcount_order, std::uint64_t index);
+void set_refcount_entry(std::span<std::byte> block, unsigned refcount_order, std::uint64_t index, std::uint64_t value);
 constexpr std::uint64_t max_refcount(unsigned refcount_order) {
   return refcount_order >= 6 ? UINT64_MAX : (1ull << (1u << refcount_order)) - 1;
 }
@@ -78,8 +76,7 @@ class Refcounts {
   // block offsets aligned and inside the file). `file_size` bounds offsets.
   [[nodiscard]] static Result<Refcounts> load(File& file, RefcountGeometry geometry,
                                               std::uint64_t refcount_table_offset,
-                                              std::uint32_t refcount_table_clusters,
-                                              Options options);
+                                              std::uint32_t refcount_table_clusters, Options options);
   [[nodiscard]] static Result<Refcounts> load(File& file, RefcountGeometry geometry,
                                               std::uint64_t refcount_table_offset,
                                               std::uint32_t refcount_table_clusters) {
@@ -104,8 +101,7 @@ class Refcounts {
   // [host_offset, host_offset + length). Fails (changing nothing) with EIO if
   // a count would drop below 0 and with EOVERFLOW if it would pass the
   // maximum for refcount_bits.
-  [[nodiscard]] Result<void> update(std::uint64_t host_offset, std::uint64_t length,
-                                    std::int64_t addend);
+  [[nodiscard]] Result<void> update(std::uint64_t host_offset, std::uint64_t length, std::int64_t addend);
 
   // Allocate `n` contiguous clusters (refcount 0 → 1), first fit from the
   // free-cluster hint. Returns the host offset of the first one.
@@ -163,9 +159,9 @@ class Refcounts {
   Options options_;
   std::uint64_t table_offset_ = 0;
   std::uint32_t table_clusters_ = 0;
-  std::vector<std::uint64_t> table_;  // host-endian copy of the on-disk table
+  std::vector<std::uint64_t> table_;   // host-endian copy of the on-disk table
   std::unique_ptr<TableCache> cache_;  // refcount blocks, by host offset
-  std::uint64_t free_hint_ = 0;   // no free cluster below this index
+  std::uint64_t free_hint_ = 0;        // no free cluster below this index
   std::uint64_t end_cluster_ = 0;
   std::function<bool(std::uint64_t)> reserved_;
   MetadataMap* map_ = nullptr;  // optional (see attach_metadata_map)

@@ -53,8 +53,8 @@ Result<void> write_be64_at(File& f, std::uint64_t offset, std::uint64_t value) {
 
 Result<void> Qcow2Image::init_writer() {
   RefcountGeometry rg{header_.cluster_bits, header_.refcount_order};
-  refcounts_ = std::make_unique<Refcounts>(QNBD_TRY(
-      Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters)));
+  refcounts_ = std::make_unique<Refcounts>(
+      QNBD_TRY(Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters)));
   QNBD_TRY(build_metadata_map());
   // §14.3 through the caches (cache.hpp): an L2 table is written back only
   // after the refcount blocks (the dependency) and then the image file and
@@ -104,9 +104,8 @@ Result<void> Qcow2Image::repair_dirty_image(File& file) {
   // §5.7 / QEMU: a dirty lazy-refcounts image has stale refcounts; rebuild
   // them before trusting the allocator.
   log::info("{}: dirty bit set, repairing refcounts", path_);
-  CheckResult r = QNBD_TRY(check_qcow2(file, RepairMode::all, [&](const std::string& line) {
-    log::debug("{}: {}", path_, line);
-  }));
+  CheckResult r =
+      QNBD_TRY(check_qcow2(file, RepairMode::all, [&](const std::string& line) { log::debug("{}: {}", path_, line); }));
   if (r.corruptions > r.corruptions_fixed || r.check_errors) {
     return make_error(EIO, "{}: could not repair the dirty image ({} corruptions left)", path_,
                       r.corruptions - r.corruptions_fixed);
@@ -167,7 +166,8 @@ Result<void> Qcow2Image::build_metadata_map() {
   // mutex, so it is checked here once rather than on that write.
   if (header_.bitmaps && header_.bitmaps->bitmap_directory_size) {
     const BitmapsExtension& b = *header_.bitmaps;
-    if (auto hit = m.find(b.bitmap_directory_offset, b.bitmap_directory_size, kind_bit(MetadataKind::bitmap_directory))) {
+    if (auto hit =
+            m.find(b.bitmap_directory_offset, b.bitmap_directory_size, kind_bit(MetadataKind::bitmap_directory))) {
       return make_error(EINVAL, "bitmap directory at {:#x} overlaps the {} at {:#x}", b.bitmap_directory_offset,
                         metadata_kind_name(hit->kind), hit->cluster_offset);
     }
@@ -300,8 +300,8 @@ std::uint64_t Qcow2Image::next_l2_span(std::uint64_t gc) const {
 bool Qcow2Image::skips_unallocated_span_locked(std::uint64_t gc, std::uint64_t end) const {
   const std::uint64_t l1_index = gc >> (geometry_.cluster_bits + header_.l2_bits());
   const std::uint64_t span_end = next_l2_span(gc);
-  return !header_.data_file_raw() && (span_end <= end || end == size_) && l1_index < l1_.size() &&
-         l1_[l1_index] == 0 && !(backing_ && gc < backing_->size());
+  return !header_.data_file_raw() && (span_end <= end || end == size_) && l1_index < l1_.size() && l1_[l1_index] == 0 &&
+         !(backing_ && gc < backing_->size());
 }
 
 Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length, ZeroFlags flags) {
@@ -479,7 +479,7 @@ Result<void> Qcow2Image::close() {
   header_.refcount_table_clusters = refcounts_->table_clusters();
   if (bitmaps_.empty()) return ok();  // nothing to store (and no directory to rewrite)
   QNBD_TRY(bitmap_store_->store(*refcounts_, header_));
-  register_bitmaps();  // the store wrote a new directory and tables
+  register_bitmaps();             // the store wrote a new directory and tables
   l2_cache_->depends_on_flush();  // the store may have changed refcounts: write them back too
   return flush_locked();
 }

@@ -1,8 +1,8 @@
 #include "image/raw/raw_device.hpp"
 
 #include <algorithm>
-#include <mutex>
 #include <cstring>
+#include <mutex>
 
 #include "common/checked.hpp"
 #include "common/endian.hpp"
@@ -16,10 +16,7 @@ constexpr std::uint64_t kProbeBytes = 4;
 }  // namespace
 
 RawDevice::RawDevice(std::unique_ptr<File> file, std::uint64_t size, const OpenOptions& options, bool probed)
-    : file_(std::move(file)),
-      size_(size),
-      writable_(!options.read_only),
-      discard_unmap_(options.discard_unmap),
+    : file_(std::move(file)), size_(size), writable_(!options.read_only), discard_unmap_(options.discard_unmap),
       probed_(probed) {}
 
 Result<std::unique_ptr<RawDevice>> RawDevice::open(std::unique_ptr<File> file, const OpenOptions& options,
@@ -66,8 +63,10 @@ Result<void> RawDevice::check_probe_bytes(std::span<const std::byte> buf, std::u
   const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), kProbeBytes - offset));
   std::memcpy(head + offset, buf.data(), n);
   if (load_be32(head) == qcow2::QCOW2_MAGIC) {
-    return make_error(EPERM, "{}: write to the first sector refused: it would make this probed raw image "
-                      "open as qcow2 (give the format explicitly to allow it)", file_->name());
+    return make_error(EPERM,
+                      "{}: write to the first sector refused: it would make this probed raw image "
+                      "open as qcow2 (give the format explicitly to allow it)",
+                      file_->name());
   }
   return ok();
 }

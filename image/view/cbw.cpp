@@ -96,8 +96,7 @@ Result<void> pwrite_all(int fd, const std::byte* p, std::size_t n, std::uint64_t
 // PointInTimeView
 
 Result<std::shared_ptr<PointInTimeView>> PointInTimeView::create(std::shared_ptr<BlockDevice> image,
-                                                                 std::string checkpoint,
-                                                                 const std::string& image_path,
+                                                                 std::string checkpoint, const std::string& image_path,
                                                                  const ViewOptions& options) {
   const std::uint64_t g = options.granule;
   if (g < 4096 || g > (1u << 20) || (g & (g - 1)))
@@ -108,14 +107,9 @@ Result<std::shared_ptr<PointInTimeView>> PointInTimeView::create(std::shared_ptr
 
 PointInTimeView::PointInTimeView(std::shared_ptr<BlockDevice> image, std::string checkpoint, const ViewOptions& o,
                                  int fd)
-    : image_(std::move(image)),
-      checkpoint_(std::move(checkpoint)),
-      size_(image_->size()),
-      granule_(o.granule),
-      granule_bits_(log2_of(o.granule)),
-      scratch_max_(o.scratch_max ? o.scratch_max : image_->size()),
-      batch_(std::clamp<std::uint64_t>((1u << 20) >> granule_bits_, 1, kCopyBatch)),
-      fd_(fd) {
+    : image_(std::move(image)), checkpoint_(std::move(checkpoint)), size_(image_->size()), granule_(o.granule),
+      granule_bits_(log2_of(o.granule)), scratch_max_(o.scratch_max ? o.scratch_max : image_->size()),
+      batch_(std::clamp<std::uint64_t>((1u << 20) >> granule_bits_, 1, kCopyBatch)), fd_(fd) {
   const std::uint64_t granules = (size_ + granule_ - 1) >> granule_bits_;
   table_.resize((granules + kChunk - 1) / kChunk);
 }
@@ -297,8 +291,8 @@ void PointInTimeView::copy_run(std::uint64_t a, std::uint64_t b) {
       std::lock_guard lk(mu_);
       if (state_.load(std::memory_order_relaxed) != kLive) return;
       if (used_ + bytes > scratch_max_) {
-        fail_locked(fmt::format("scratch cap of {} bytes reached ({} used, {} more needed)", scratch_max_, used_,
-                                bytes));
+        fail_locked(
+            fmt::format("scratch cap of {} bytes reached ({} used, {} more needed)", scratch_max_, used_, bytes));
         cv_.notify_all();
         return;
       }

@@ -45,18 +45,18 @@
 namespace qnbd::image {
 
 struct ViewOptions {
-  std::string scratch_dir;                // "" = the image's directory
-  std::uint64_t scratch_max = 0;          // bytes; 0 = the device size (a view never needs more)
-  std::uint64_t granule = 64 * 1024;      // copy unit, a power of two, 4 KiB..1 MiB
-  bool use_tmpfile = true;                // false: a named file, unlinked at once (the fallback)
+  std::string scratch_dir;            // "" = the image's directory
+  std::uint64_t scratch_max = 0;      // bytes; 0 = the device size (a view never needs more)
+  std::uint64_t granule = 64 * 1024;  // copy unit, a power of two, 4 KiB..1 MiB
+  bool use_tmpfile = true;            // false: a named file, unlinked at once (the fallback)
 };
 
 // A view as the control socket's status shows it.
 struct ViewState {
   std::string checkpoint;
-  std::string state;               // "live", "failed" or "ended"
-  std::string error;               // why it failed
-  std::uint64_t scratch_bytes = 0; // used in the scratch file
+  std::string state;                // "live", "failed" or "ended"
+  std::string error;                // why it failed
+  std::uint64_t scratch_bytes = 0;  // used in the scratch file
   std::uint64_t scratch_max = 0;
   std::uint64_t granule = 0;
   std::uint64_t saved_granules = 0;  // copied into the scratch file
@@ -68,9 +68,9 @@ class PointInTimeView final : public BlockDevice {
   // Opens the scratch file; the view shares everything with `image` until
   // it is attached (CbwDevice::attach) and writes begin.
   [[nodiscard]] static Result<std::shared_ptr<PointInTimeView>> create(std::shared_ptr<BlockDevice> image,
-                                                                      std::string checkpoint,
-                                                                      const std::string& image_path,
-                                                                      const ViewOptions& options);
+                                                                       std::string checkpoint,
+                                                                       const std::string& image_path,
+                                                                       const ViewOptions& options);
   ~PointInTimeView() override;
 
   const std::string& checkpoint() const { return checkpoint_; }
@@ -137,7 +137,7 @@ class PointInTimeView final : public BlockDevice {
   const std::uint64_t batch_;  // granules per copy step
 
   std::atomic<int> state_{kLive};
-  mutable std::mutex mu_;  // table_, used_, counts, error_
+  mutable std::mutex mu_;       // table_, used_, counts, error_
   std::condition_variable cv_;  // a granule left the copying state, or the view stopped
   std::vector<std::unique_ptr<std::uint64_t[]>> table_;
   std::uint64_t used_ = 0;

@@ -32,7 +32,7 @@ TEST_CASE("checked_mul is exact up to the boundary and empty past it") {
 }
 
 TEST_CASE("range_within accepts exactly the ranges inside [0, limit)") {
-  CHECK(range_within(0, 0, 0));        // an empty range at the limit
+  CHECK(range_within(0, 0, 0));  // an empty range at the limit
   CHECK(range_within(10, 0, 10));
   CHECK_FALSE(range_within(11, 0, 10));  // starts past the end
   CHECK(range_within(0, 10, 10));

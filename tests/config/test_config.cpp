@@ -158,14 +158,12 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
        R"(/exports/0/bitmaps: expected an array of strings, got "b0")"},
       {R"({"exports": [{"name": "a", "image": "a", "bitmaps": ["b0", 5]}]})",
        "/exports/0/bitmaps/1: expected a string, got 5"},
-      {R"({"exports": [{"name": "a", "image": "a", "bitmaps": [""]}]})",
-       "/exports/0/bitmaps/0: must not be empty"},
+      {R"({"exports": [{"name": "a", "image": "a", "bitmaps": [""]}]})", "/exports/0/bitmaps/0: must not be empty"},
       {R"({"exports": [{"name": "a", "image": "a", "bitmaps": ["b0", "b1", "b0"]}]})",
        R"(/exports/0/bitmaps/2: duplicate bitmap "b0" (also /exports/0/bitmaps/0))"},
       {R"({"exports": [{"name": "a", "image": "a", "format": "raw", "bitmaps": ["b0"]}]})",
        "/exports/0/bitmaps: a raw image has no bitmaps (only qcow2 stores them)"},
-      {R"({"exports": [{"name": "a\u0000b", "image": "a"}]})",
-       "/exports/0/name: must not contain a NUL character"},
+      {R"({"exports": [{"name": "a\u0000b", "image": "a"}]})", "/exports/0/name: must not contain a NUL character"},
       // listeners
       {R"({"exports": [{"name": "", "image": "a"}], "listeners": []})",
        "/listeners: at least one listener is required (or leave the key out)"},
@@ -238,7 +236,7 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
 }
 
 TEST_CASE("JSON syntax errors say where") {
-  CHECK(error_of("") .starts_with("JSON syntax error at line 1, column 1"));
+  CHECK(error_of("").starts_with("JSON syntax error at line 1, column 1"));
   CHECK(error_of("{\"exports\": [\n  {\"name\": \"a\",}\n]}").starts_with("JSON syntax error at line 2, column"));
   CHECK(error_of("{\"exports\": []} trailing").starts_with("JSON syntax error at line 1"));
   CHECK(error_of("{\"a\": \"\xff\"}").starts_with("JSON syntax error"));  // invalid UTF-8
@@ -305,10 +303,27 @@ TEST_CASE("the schema is valid JSON naming every key the loader accepts") {
   auto r = parse_config(schema);
   REQUIRE(!r);
   CHECK_FALSE(r.error().message.starts_with("JSON syntax error"));
-  for (const char* key : {"exports", "listeners", "limits", "name", "image", "format", "read_only",
-                          "description", "allocation_depth", "bitmaps", "cache", "discard", "locking", "type", "host",
-                          "port", "path", "max_connections", "handshake_timeout_seconds",
-                          "max_inflight_bytes_per_connection", "threads"}) {
+  for (const char* key : {"exports",
+                          "listeners",
+                          "limits",
+                          "name",
+                          "image",
+                          "format",
+                          "read_only",
+                          "description",
+                          "allocation_depth",
+                          "bitmaps",
+                          "cache",
+                          "discard",
+                          "locking",
+                          "type",
+                          "host",
+                          "port",
+                          "path",
+                          "max_connections",
+                          "handshake_timeout_seconds",
+                          "max_inflight_bytes_per_connection",
+                          "threads"}) {
     CAPTURE(key);
     CHECK(schema.find(std::string("\"") + key + "\"") != std::string::npos);
   }

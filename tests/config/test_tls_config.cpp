@@ -60,7 +60,8 @@ TEST_CASE("--object tls-creds-psk and authz-simple with a DN holding doubled com
 }
 
 TEST_CASE("--object refusals name the problem") {
-  CHECK(objects_error({"tls-creds-x509,id=t,endpoint=client,dir=/d"}, "t").find("endpoint=server") != std::string::npos);
+  CHECK(objects_error({"tls-creds-x509,id=t,endpoint=client,dir=/d"}, "t").find("endpoint=server") !=
+        std::string::npos);
   CHECK(objects_error({"tls-creds-x509,id=t,endpoint=server"}, "t").find("dir= is required") != std::string::npos);
   CHECK(objects_error({"tls-creds-x509,endpoint=server,dir=/d"}, "t").find("id= is required") != std::string::npos);
   CHECK(objects_error({"tls-creds-x509,id=t,dir=/d,priority=NORMAL"}, "t").find("unsupported property 'priority'") !=
@@ -111,8 +112,9 @@ TEST_CASE("JSON: tls refusals carry the pointer") {
             .find("/listeners/0/tls/verify_peer") != std::string::npos);
   CHECK(config_error(with_listener(R"({"type": "tcp", "tls": {"creds": "x509", "dir": "/d", "authz": []}})"))
             .find("/listeners/0/tls/authz") != std::string::npos);
-  CHECK(config_error(with_listener(
-            R"({"type": "tcp", "tls": {"creds": "x509", "dir": "/d", "verify_peer": false, "authz": ["CN=a"]}})"))
+  CHECK(config_error(
+            with_listener(
+                R"({"type": "tcp", "tls": {"creds": "x509", "dir": "/d", "verify_peer": false, "authz": ["CN=a"]}})"))
             .find("needs verify_peer") != std::string::npos);
   CHECK(config_error(with_listener(R"({"type": "tcp", "tls": {"creds": "x509", "dir": "/d", "priority": "x"}})"))
             .find("/listeners/0/tls/priority") != std::string::npos);

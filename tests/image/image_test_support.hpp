@@ -69,9 +69,7 @@ struct HandImage {
     store_be64(e, entry);
     if (extended_l2) store_be64(e + 8, bitmap);
   }
-  void fill_data(unsigned n, std::uint8_t value) {
-    std::memset(bytes.data() + data_offset(n), value, cs());
-  }
+  void fill_data(unsigned n, std::uint8_t value) { std::memset(bytes.data() + data_offset(n), value, cs()); }
   std::unique_ptr<image::MemFile> file() const { return std::make_unique<image::MemFile>("hand.qcow2", bytes); }
 };
 

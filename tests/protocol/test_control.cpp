@@ -32,7 +32,8 @@ TEST_CASE("control: every command parses into its typed form") {
   CHECK(r.id == 7);
   CHECK(std::holds_alternative<Status>(r.cmd));
 
-  r = ok_request(R"({"id":"a","command":"bitmap-add","arguments":{"export":"d","name":"b","granularity":65536,"disabled":true}})");
+  r = ok_request(
+      R"({"id":"a","command":"bitmap-add","arguments":{"export":"d","name":"b","granularity":65536,"disabled":true}})");
   CHECK(r.id == "a");
   auto add = std::get<BitmapAdd>(r.cmd);
   CHECK(add.export_name == "d");
@@ -40,10 +41,10 @@ TEST_CASE("control: every command parses into its typed form") {
   CHECK(add.granularity == 65536);
   CHECK(add.disabled);
 
-  for (auto [name, kind] : {std::pair{"bitmap-remove", BitmapSimple::Kind::remove},
-                            std::pair{"bitmap-clear", BitmapSimple::Kind::clear},
-                            std::pair{"bitmap-enable", BitmapSimple::Kind::enable},
-                            std::pair{"bitmap-disable", BitmapSimple::Kind::disable}}) {
+  for (auto [name, kind] :
+       {std::pair{"bitmap-remove", BitmapSimple::Kind::remove}, std::pair{"bitmap-clear", BitmapSimple::Kind::clear},
+        std::pair{"bitmap-enable", BitmapSimple::Kind::enable},
+        std::pair{"bitmap-disable", BitmapSimple::Kind::disable}}) {
     r = ok_request(std::string(R"({"command":")") + name + R"(","arguments":{"export":"d","name":"b"}})");
     CHECK(r.id.is_null());
     CHECK(std::get<BitmapSimple>(r.cmd).kind == kind);
@@ -52,7 +53,8 @@ TEST_CASE("control: every command parses into its typed form") {
   r = ok_request(R"({"command":"bitmap-merge","arguments":{"export":"d","target":"t","sources":["a","b"]}})");
   CHECK(std::get<BitmapMerge>(r.cmd).sources == std::vector<std::string>{"a", "b"});
 
-  r = ok_request(R"({"command":"export-add","arguments":{"name":"n","image":"/x.qcow2","format":"qcow2","read-only":true,"bitmaps":["b"],"allocation-depth":true}})");
+  r = ok_request(
+      R"({"command":"export-add","arguments":{"name":"n","image":"/x.qcow2","format":"qcow2","read-only":true,"bitmaps":["b"],"allocation-depth":true}})");
   auto ea = std::get<ExportAdd>(r.cmd);
   CHECK(ea.image == "/x.qcow2");
   CHECK(ea.format == "qcow2");
@@ -71,7 +73,8 @@ TEST_CASE("control: every command parses into its typed form") {
   CHECK(ok_request(R"({"command":"checkpoint","arguments":{"name":"c","exports":["a"]}})").cmd.index() == 6);
   // "" is the default export: a valid export name, never a valid bitmap name.
   CHECK(std::get<Checkpoint>(ok_request(R"({"command":"checkpoint","arguments":{"name":"c","exports":[""]}})").cmd)
-            .exports[0].empty());
+            .exports[0]
+            .empty());
   CHECK(std::get<BitmapSimple>(ok_request(R"({"command":"bitmap-clear","arguments":{"export":"","name":"b"}})").cmd)
             .export_name.empty());
 }
@@ -99,18 +102,25 @@ TEST_CASE("control: malformed requests get stable error codes and keep their id"
   CHECK(f.id == 3);
   CHECK(f.message == "missing argument 'name'");
   CHECK(code(R"({"command":"bitmap-add","arguments":{"export":"d","name":""}})") == "invalid-argument");
-  CHECK(code(R"({"command":"bitmap-add","arguments":{"export":"d","name":"b","granularity":1000}})") == "invalid-argument");
-  CHECK(code(R"({"command":"bitmap-add","arguments":{"export":"d","name":"b","granularity":-512}})") == "invalid-argument");
-  CHECK(code(R"({"command":"bitmap-add","arguments":{"export":"d","name":"b","granularity":256}})") == "invalid-argument");
-  CHECK(code(R"({"command":"bitmap-add","arguments":{"export":"d","name":"b","disabled":"yes"}})") == "invalid-argument");
+  CHECK(code(R"({"command":"bitmap-add","arguments":{"export":"d","name":"b","granularity":1000}})") ==
+        "invalid-argument");
+  CHECK(code(R"({"command":"bitmap-add","arguments":{"export":"d","name":"b","granularity":-512}})") ==
+        "invalid-argument");
+  CHECK(code(R"({"command":"bitmap-add","arguments":{"export":"d","name":"b","granularity":256}})") ==
+        "invalid-argument");
+  CHECK(code(R"({"command":"bitmap-add","arguments":{"export":"d","name":"b","disabled":"yes"}})") ==
+        "invalid-argument");
   CHECK(code(R"({"command":"bitmap-add","arguments":{"export":"d","name":")" + std::string(1024, 'x') + "\"}}") ==
         "invalid-argument");
   CHECK(code(R"({"command":"bitmap-add","arguments":{"export":"d","name":"a\u0000b"}})") == "invalid-argument");
-  CHECK(code(R"({"command":"bitmap-merge","arguments":{"export":"d","target":"t","sources":[]}})") == "invalid-argument");
-  CHECK(code(R"({"command":"bitmap-merge","arguments":{"export":"d","target":"t","sources":["a",1]}})") == "invalid-argument");
+  CHECK(code(R"({"command":"bitmap-merge","arguments":{"export":"d","target":"t","sources":[]}})") ==
+        "invalid-argument");
+  CHECK(code(R"({"command":"bitmap-merge","arguments":{"export":"d","target":"t","sources":["a",1]}})") ==
+        "invalid-argument");
   CHECK(code(R"({"command":"export-add","arguments":{"name":"n","image":"i","format":"vmdk"}})") == "invalid-argument");
   CHECK(code(R"({"command":"checkpoint","arguments":{"name":"c","exports":["a","a"]}})") == "invalid-argument");
-  CHECK(code(R"({"command":"checkpoint","arguments":{"name":"c","disable":"c","exports":["a"]}})") == "invalid-argument");
+  CHECK(code(R"({"command":"checkpoint","arguments":{"name":"c","disable":"c","exports":["a"]}})") ==
+        "invalid-argument");
   CHECK(code(R"({"command":"checkpoint","arguments":{"name":"c"}})") == "invalid-argument");
 }
 

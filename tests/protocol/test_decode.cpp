@@ -166,12 +166,29 @@ TEST_CASE("the error path: simple replies carry the code, structured ones a DONE
   CHECK(out == Bytes().u32(NBD_SIMPLE_REPLY_MAGIC).u32(NBD_EPERM).u64(0x1122).v);
   out.clear();
   append_error_reply(out, ReplyMode::structured, r, Error{EIO, "bad sector"});
-  CHECK(out == Bytes().u32(NBD_STRUCTURED_REPLY_MAGIC).u16(NBD_REPLY_FLAG_DONE).u16(NBD_REPLY_TYPE_ERROR)
-                   .u64(0x1122).u32(6 + 10).u32(NBD_EIO).u16(10).str("bad sector").v);
+  CHECK(out == Bytes()
+                   .u32(NBD_STRUCTURED_REPLY_MAGIC)
+                   .u16(NBD_REPLY_FLAG_DONE)
+                   .u16(NBD_REPLY_TYPE_ERROR)
+                   .u64(0x1122)
+                   .u32(6 + 10)
+                   .u32(NBD_EIO)
+                   .u16(10)
+                   .str("bad sector")
+                   .v);
   out.clear();
   append_error_reply(out, ReplyMode::extended, r, Error{EDQUOT, "q"});
-  CHECK(out == Bytes().u32(NBD_EXTENDED_REPLY_MAGIC).u16(NBD_REPLY_FLAG_DONE).u16(NBD_REPLY_TYPE_ERROR)
-                   .u64(0x1122).u64(4096).u64(7).u32(NBD_ENOSPC).u16(1).str("q").v);
+  CHECK(out == Bytes()
+                   .u32(NBD_EXTENDED_REPLY_MAGIC)
+                   .u16(NBD_REPLY_FLAG_DONE)
+                   .u16(NBD_REPLY_TYPE_ERROR)
+                   .u64(0x1122)
+                   .u64(4096)
+                   .u64(7)
+                   .u32(NBD_ENOSPC)
+                   .u16(1)
+                   .str("q")
+                   .v);
   // ENOTSUP goes out only to a FAST_ZERO request
   out.clear();
   append_error_reply(out, ReplyMode::simple, r, Error{ENOTSUP, "slow"});
@@ -189,8 +206,16 @@ TEST_CASE("the error path: simple replies carry the code, structured ones a DONE
   REQUIRE_FALSE(c);
   out.clear();
   append_error_reply(out, ReplyMode::structured, bad, c.error());
-  CHECK(out == Bytes().u32(NBD_STRUCTURED_REPLY_MAGIC).u16(NBD_REPLY_FLAG_DONE).u16(NBD_REPLY_TYPE_ERROR).u64(5)
-                   .u32(6 + 15).u32(NBD_EINVAL).u16(15).str("unknown command").v);
+  CHECK(out == Bytes()
+                   .u32(NBD_STRUCTURED_REPLY_MAGIC)
+                   .u16(NBD_REPLY_FLAG_DONE)
+                   .u16(NBD_REPLY_TYPE_ERROR)
+                   .u64(5)
+                   .u32(6 + 15)
+                   .u32(NBD_EINVAL)
+                   .u16(15)
+                   .str("unknown command")
+                   .v);
 }
 
 TEST_CASE("the ok reply: simple in simple and structured mode, NONE in extended") {
@@ -199,7 +224,12 @@ TEST_CASE("the ok reply: simple in simple and structured mode, NONE in extended"
   CHECK(std::vector<std::byte>(p.begin(), p.begin() + static_cast<long>(n)) ==
         Bytes().u32(NBD_SIMPLE_REPLY_MAGIC).u32(0).u64(9).v);
   n = encode_ok_reply(p, ReplyMode::extended, 9, 4096);
-  CHECK(std::vector<std::byte>(p.begin(), p.begin() + static_cast<long>(n)) ==
-        Bytes().u32(NBD_EXTENDED_REPLY_MAGIC).u16(NBD_REPLY_FLAG_DONE).u16(NBD_REPLY_TYPE_NONE).u64(9).u64(4096)
-            .u64(0).v);
+  CHECK(std::vector<std::byte>(p.begin(), p.begin() + static_cast<long>(n)) == Bytes()
+                                                                                   .u32(NBD_EXTENDED_REPLY_MAGIC)
+                                                                                   .u16(NBD_REPLY_FLAG_DONE)
+                                                                                   .u16(NBD_REPLY_TYPE_NONE)
+                                                                                   .u64(9)
+                                                                                   .u64(4096)
+                                                                                   .u64(0)
+                                                                                   .v);
 }

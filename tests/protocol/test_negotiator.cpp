@@ -154,7 +154,8 @@ TEST_CASE("option data: 1 MiB is processed; above, up to 32 MiB, dropped unread 
   std::vector<std::string_view> queries(names.begin(), names.end());
   auto set = option(NBD_OPT_SET_META_CONTEXT, meta_data("ro", queries));
   REQUIRE(set.v.size() > (64u << 10));
-  auto script = Bytes().u32(3).add(option(NBD_OPT_STRUCTURED_REPLY)).add(set).add(option(NBD_OPT_GO, info_go_data("ro", {})));
+  auto script =
+      Bytes().u32(3).add(option(NBD_OPT_STRUCTURED_REPLY)).add(set).add(option(NBD_OPT_GO, info_go_data("ro", {})));
   auto o = drive(cat, script.v, {100, 5000, 40000, 70000});
   REQUIRE(o.end == Action::Kind::start_transmission);
   auto reps = parse_replies(o.sent, 18);
@@ -215,7 +216,8 @@ TEST_CASE("unknown option: UNSUP, data drained, next option parsed") {
 
 TEST_CASE("options without data reject data; STARTTLS is POLICY") {
   auto cat = make_catalog();
-  auto script = Bytes().u32(3)
+  auto script = Bytes()
+                    .u32(3)
                     .add(option(NBD_OPT_LIST, Bytes().u8(1)))
                     .add(option(NBD_OPT_STARTTLS))
                     .add(option(NBD_OPT_STARTTLS, Bytes().u8(1)))
@@ -244,8 +246,10 @@ TEST_CASE("LIST: one NBD_REP_SERVER per export in order, name + description, the
 
 TEST_CASE("GO: NAME, DESCRIPTION, BLOCK_SIZE, EXPORT infos then ACK, transmission") {
   auto cat = make_catalog();
-  auto script = Bytes().u32(3).add(option(NBD_OPT_STRUCTURED_REPLY)).add(
-      option(NBD_OPT_GO, info_go_data("", {NBD_INFO_NAME, NBD_INFO_DESCRIPTION, 77})));
+  auto script = Bytes()
+                    .u32(3)
+                    .add(option(NBD_OPT_STRUCTURED_REPLY))
+                    .add(option(NBD_OPT_GO, info_go_data("", {NBD_INFO_NAME, NBD_INFO_DESCRIPTION, 77})));
   auto o = run_all_splits(cat, script);
   REQUIRE(o.end == Action::Kind::start_transmission);
   const std::uint16_t flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_CACHE |
@@ -272,7 +276,8 @@ TEST_CASE("GO with BLOCK_SIZE commits the client to the export's minimum; INFO w
   CHECK(o.result.block_size_committed);
   CHECK(o.result.min_block == 512);
   CHECK((o.result.transmission_flags & NBD_FLAG_READ_ONLY) != 0);
-  auto reps = parse_replies(run_all_splits(cat, Bytes().u32(3).add(option(NBD_OPT_INFO, info_go_data("ro", {})))).sent, 18);
+  auto reps =
+      parse_replies(run_all_splits(cat, Bytes().u32(3).add(option(NBD_OPT_INFO, info_go_data("ro", {})))).sent, 18);
   REQUIRE(reps.size() == 2);
   CHECK(reps[0].type == NBD_REP_INFO);
   CHECK(reps.back().type == NBD_REP_ERR_BLOCK_SIZE_REQD);
@@ -280,9 +285,10 @@ TEST_CASE("GO with BLOCK_SIZE commits the client to the export's minimum; INFO w
 
 TEST_CASE("INFO/GO errors: unknown export, malformed lengths; haggling continues") {
   auto cat = make_catalog();
-  auto bad_len = Bytes().u32(100).str("x").u16(0);                 // name length past the data
-  auto trailing = Bytes().add(info_go_data("", {})).u8(0);          // 6 + N + 2R mismatch
-  auto script = Bytes().u32(3)
+  auto bad_len = Bytes().u32(100).str("x").u16(0);          // name length past the data
+  auto trailing = Bytes().add(info_go_data("", {})).u8(0);  // 6 + N + 2R mismatch
+  auto script = Bytes()
+                    .u32(3)
                     .add(option(NBD_OPT_GO, info_go_data("missing", {})))
                     .add(option(NBD_OPT_INFO, bad_len))
                     .add(option(NBD_OPT_GO, trailing))
@@ -300,7 +306,8 @@ TEST_CASE("INFO/GO errors: unknown export, malformed lengths; haggling continues
 
 TEST_CASE("STRUCTURED_REPLY / EXTENDED_HEADERS interplay") {
   auto cat = make_catalog();
-  auto script = Bytes().u32(3)
+  auto script = Bytes()
+                    .u32(3)
                     .add(option(NBD_OPT_STRUCTURED_REPLY))
                     .add(option(NBD_OPT_STRUCTURED_REPLY))
                     .add(option(NBD_OPT_EXTENDED_HEADERS))
@@ -321,12 +328,15 @@ TEST_CASE("STRUCTURED_REPLY / EXTENDED_HEADERS interplay") {
 
 TEST_CASE("SET_META_CONTEXT: ids, replacement, export binding at GO") {
   auto cat = make_catalog();
-  auto set_ro = option(NBD_OPT_SET_META_CONTEXT,
-                       meta_data("ro", {"base:allocation", "qemu:dirty-bitmap:b1", "qemu:allocation-depth",
-                                        "base:allocation", "other:thing"}));
+  auto set_ro =
+      option(NBD_OPT_SET_META_CONTEXT, meta_data("ro", {"base:allocation", "qemu:dirty-bitmap:b1",
+                                                        "qemu:allocation-depth", "base:allocation", "other:thing"}));
   SUBCASE("selection used when GO names the same export") {
-    auto o = run_all_splits(cat, Bytes().u32(3).add(option(NBD_OPT_EXTENDED_HEADERS)).add(set_ro).add(
-                                     option(NBD_OPT_GO, info_go_data("ro", {}))));
+    auto o = run_all_splits(cat, Bytes()
+                                     .u32(3)
+                                     .add(option(NBD_OPT_EXTENDED_HEADERS))
+                                     .add(set_ro)
+                                     .add(option(NBD_OPT_GO, info_go_data("ro", {}))));
     REQUIRE(o.end == Action::Kind::start_transmission);
     auto reps = parse_replies(o.sent, 18);
     REQUIRE(reps.size() >= 5);
@@ -338,15 +348,20 @@ TEST_CASE("SET_META_CONTEXT: ids, replacement, export binding at GO") {
     CHECK((o.result.transmission_flags & NBD_FLAG_BLOCK_STATUS_PAYLOAD) != 0);
   }
   SUBCASE("dropped when GO names another export") {
-    auto o = run_all_splits(cat, Bytes().u32(3).add(option(NBD_OPT_STRUCTURED_REPLY)).add(set_ro).add(
-                                     option(NBD_OPT_GO, info_go_data("", {}))));
+    auto o = run_all_splits(
+        cat,
+        Bytes().u32(3).add(option(NBD_OPT_STRUCTURED_REPLY)).add(set_ro).add(option(NBD_OPT_GO, info_go_data("", {}))));
     REQUIRE(o.end == Action::Kind::start_transmission);
     CHECK(o.result.contexts.empty());
   }
   SUBCASE("a failed SET still clears the previous selection") {
     auto bad = option(NBD_OPT_SET_META_CONTEXT, Bytes().u32(2).str("ro").u32(1).u32(50));
-    auto o = run_all_splits(cat, Bytes().u32(3).add(option(NBD_OPT_STRUCTURED_REPLY)).add(set_ro).add(bad).add(
-                                     option(NBD_OPT_GO, info_go_data("ro", {}))));
+    auto o = run_all_splits(cat, Bytes()
+                                     .u32(3)
+                                     .add(option(NBD_OPT_STRUCTURED_REPLY))
+                                     .add(set_ro)
+                                     .add(bad)
+                                     .add(option(NBD_OPT_GO, info_go_data("ro", {}))));
     REQUIRE(o.end == Action::Kind::start_transmission);
     CHECK(o.result.contexts.empty());
   }
@@ -398,7 +413,9 @@ TEST_CASE("SET_META_CONTEXT: a selection does not carry over to an export re-add
   ExportInfo v2 = v1;
   v2.bitmaps = {"other"};
   v2.instance = 2;
-  auto script = Bytes().u32(3).add(option(NBD_OPT_STRUCTURED_REPLY))
+  auto script = Bytes()
+                    .u32(3)
+                    .add(option(NBD_OPT_STRUCTURED_REPLY))
                     .add(option(NBD_OPT_SET_META_CONTEXT, meta_data("ro", {"qemu:dirty-bitmap:b1"})))
                     .add(option(NBD_OPT_GO, info_go_data("ro", {})));
   SUBCASE("re-added: dropped") {

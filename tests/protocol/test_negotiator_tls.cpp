@@ -98,9 +98,15 @@ TEST_CASE("NOTLS: STARTTLS gets NBD_REP_ERR_POLICY and options work normally") {
 
 TEST_CASE("FORCEDTLS before STARTTLS: every option but ABORT gets TLS_REQD, nothing about exports leaks") {
   auto cat = tls_catalog();
-  const std::uint32_t opts[] = {NBD_OPT_LIST, NBD_OPT_INFO, NBD_OPT_GO, NBD_OPT_STRUCTURED_REPLY,
-                                NBD_OPT_LIST_META_CONTEXT, NBD_OPT_SET_META_CONTEXT,
-                                NBD_OPT_EXTENDED_HEADERS, 4 /* PEEK_EXPORT */, 0x1234 /* unknown */};
+  const std::uint32_t opts[] = {NBD_OPT_LIST,
+                                NBD_OPT_INFO,
+                                NBD_OPT_GO,
+                                NBD_OPT_STRUCTURED_REPLY,
+                                NBD_OPT_LIST_META_CONTEXT,
+                                NBD_OPT_SET_META_CONTEXT,
+                                NBD_OPT_EXTENDED_HEADERS,
+                                4 /* PEEK_EXPORT */,
+                                0x1234 /* unknown */};
   auto script = flags();
   for (auto o : opts) {
     bool takes_name = o == NBD_OPT_INFO || o == NBD_OPT_GO;
@@ -161,14 +167,12 @@ TEST_CASE("FORCEDTLS: STARTTLS is acknowledged, then the handshake; nothing is r
 
 TEST_CASE("FORCEDTLS after the upgrade: options work, a second STARTTLS is INVALID, no TLS_REQD") {
   auto cat = tls_catalog();
-  auto after = Bytes()
-                   .add(option(NBD_OPT_STARTTLS))
-                   .add(option(NBD_OPT_LIST))
-                   .add(option(NBD_OPT_GO, info_go_data("disk")));
+  auto after =
+      Bytes().add(option(NBD_OPT_STARTTLS)).add(option(NBD_OPT_LIST)).add(option(NBD_OPT_GO, info_go_data("disk")));
   auto r = drive(cat, TlsMode::required, flags().add(option(NBD_OPT_STARTTLS)), after);
   CHECK(r.tls_asked);
   REQUIRE(r.replies.size() >= 4);
-  CHECK(r.replies[0].type == NBD_REP_ACK);          // STARTTLS
+  CHECK(r.replies[0].type == NBD_REP_ACK);  // STARTTLS
   CHECK(r.replies[1].opt == NBD_OPT_STARTTLS);
   CHECK(r.replies[1].type == NBD_REP_ERR_INVALID);  // second STARTTLS
   CHECK(r.replies[2].type == NBD_REP_SERVER);       // LIST now lists

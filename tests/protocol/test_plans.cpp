@@ -39,7 +39,7 @@ TEST_CASE("ReadPlan: structured holes and data alternate, neighbours merge, the 
   REQUIRE(p.sparse());
   CHECK(p.add(4096, false));
   CHECK(p.add(4096, true));
-  CHECK(p.add(2048, true));  // merges with the hole before it
+  CHECK(p.add(2048, true));            // merges with the hole before it
   CHECK_FALSE(p.add(1 << 20, false));  // covers the rest; clipped to the request
   p.finish();
   REQUIRE(p.parts().size() == 3);
@@ -53,12 +53,26 @@ TEST_CASE("ReadPlan: structured holes and data alternate, neighbours merge, the 
   CHECK(p.parts()[2].length == 6144);
   REQUIRE(p.chunk_count() == 3);
   const std::uint64_t base = 1 << 20;
-  CHECK(chunk(p, 0) == Bytes().u32(NBD_STRUCTURED_REPLY_MAGIC).u16(0).u16(NBD_REPLY_TYPE_OFFSET_DATA).u64(42)
-                           .u32(8 + 4096).u64(base).v);
-  CHECK(chunk(p, 1) == Bytes().u32(NBD_STRUCTURED_REPLY_MAGIC).u16(0).u16(NBD_REPLY_TYPE_OFFSET_HOLE).u64(42)
-                           .u32(12).u64(base + 4096).u32(6144).v);
-  CHECK(chunk(p, 2) == Bytes().u32(NBD_STRUCTURED_REPLY_MAGIC).u16(NBD_REPLY_FLAG_DONE)
-                           .u16(NBD_REPLY_TYPE_OFFSET_DATA).u64(42).u32(8 + 6144).u64(base + 10240).v);
+  CHECK(
+      chunk(p, 0) ==
+      Bytes().u32(NBD_STRUCTURED_REPLY_MAGIC).u16(0).u16(NBD_REPLY_TYPE_OFFSET_DATA).u64(42).u32(8 + 4096).u64(base).v);
+  CHECK(chunk(p, 1) == Bytes()
+                           .u32(NBD_STRUCTURED_REPLY_MAGIC)
+                           .u16(0)
+                           .u16(NBD_REPLY_TYPE_OFFSET_HOLE)
+                           .u64(42)
+                           .u32(12)
+                           .u64(base + 4096)
+                           .u32(6144)
+                           .v);
+  CHECK(chunk(p, 2) == Bytes()
+                           .u32(NBD_STRUCTURED_REPLY_MAGIC)
+                           .u16(NBD_REPLY_FLAG_DONE)
+                           .u16(NBD_REPLY_TYPE_OFFSET_DATA)
+                           .u64(42)
+                           .u32(8 + 6144)
+                           .u64(base + 10240)
+                           .v);
 }
 
 TEST_CASE("ReadPlan: extended chunks carry the request offset and 64-bit lengths") {
@@ -67,8 +81,16 @@ TEST_CASE("ReadPlan: extended chunks carry the request offset and 64-bit lengths
   p.add(8192, true);
   p.finish();
   REQUIRE(p.chunk_count() == 1);
-  CHECK(chunk(p, 0) == Bytes().u32(NBD_EXTENDED_REPLY_MAGIC).u16(NBD_REPLY_FLAG_DONE)
-                           .u16(NBD_REPLY_TYPE_OFFSET_HOLE).u64(42).u64(512).u64(12).u64(512).u32(8192).v);
+  CHECK(chunk(p, 0) == Bytes()
+                           .u32(NBD_EXTENDED_REPLY_MAGIC)
+                           .u16(NBD_REPLY_FLAG_DONE)
+                           .u16(NBD_REPLY_TYPE_OFFSET_HOLE)
+                           .u64(42)
+                           .u64(512)
+                           .u64(12)
+                           .u64(512)
+                           .u32(8192)
+                           .v);
 }
 
 TEST_CASE("ReadPlan: what the device did not describe is data") {
@@ -115,15 +137,21 @@ TEST_CASE("ReadPlan: simple mode, DF and zero length are not chunked") {
   CHECK_FALSE(p.sparse());
   p.finish();
   REQUIRE(p.parts().size() == 1);
-  CHECK(chunk(p, 0) == Bytes().u32(NBD_STRUCTURED_REPLY_MAGIC).u16(NBD_REPLY_FLAG_DONE)
-                           .u16(NBD_REPLY_TYPE_OFFSET_DATA).u64(42).u32(8 + 4096).u64(0).v);
+  CHECK(chunk(p, 0) == Bytes()
+                           .u32(NBD_STRUCTURED_REPLY_MAGIC)
+                           .u16(NBD_REPLY_FLAG_DONE)
+                           .u16(NBD_REPLY_TYPE_OFFSET_DATA)
+                           .u64(42)
+                           .u32(8 + 4096)
+                           .u64(0)
+                           .v);
 
   p.reset(read_cmd(7, 0), ReplyMode::structured);
   p.finish();
   CHECK(p.parts().empty());
   REQUIRE(p.chunk_count() == 1);
-  CHECK(chunk(p, 0) == Bytes().u32(NBD_STRUCTURED_REPLY_MAGIC).u16(NBD_REPLY_FLAG_DONE).u16(NBD_REPLY_TYPE_NONE)
-                           .u64(42).u32(0).v);
+  CHECK(chunk(p, 0) ==
+        Bytes().u32(NBD_STRUCTURED_REPLY_MAGIC).u16(NBD_REPLY_FLAG_DONE).u16(NBD_REPLY_TYPE_NONE).u64(42).u32(0).v);
   p.reset(read_cmd(7, 0), ReplyMode::simple);
   p.finish();
   CHECK(chunk(p, 0) == Bytes().u32(NBD_SIMPLE_REPLY_MAGIC).u32(0).u64(42).v);
@@ -154,9 +182,9 @@ TEST_CASE("BlockStatusPlan: flags per context kind, merged neighbours, ids, DONE
   BlockStatusPlan p;
   p.reset(status_cmd(16384, 0b111), ReplyMode::structured, kCtx);
   REQUIRE(p.allocation_open());
-  CHECK(p.add_allocation(4096, true, false, 1));   // data in this image
-  CHECK(p.add_allocation(4096, true, false, 1));   // merges
-  CHECK(p.add_allocation(4096, false, true, 0));   // hole reading zero
+  CHECK(p.add_allocation(4096, true, false, 1));  // data in this image
+  CHECK(p.add_allocation(4096, true, false, 1));  // merges
+  CHECK(p.add_allocation(4096, false, true, 0));  // hole reading zero
   CHECK(p.allocation_pos() == 12288);
   CHECK_FALSE(p.add_allocation(1 << 20, true, true, 2));  // clipped; the request is covered
   CHECK_FALSE(p.allocation_open());
@@ -168,15 +196,40 @@ TEST_CASE("BlockStatusPlan: flags per context kind, merged neighbours, ids, DONE
   std::vector<std::byte> out;
   REQUIRE(p.append_chunks(out));
   auto want = Bytes()
-                  .u32(NBD_STRUCTURED_REPLY_MAGIC).u16(0).u16(NBD_REPLY_TYPE_BLOCK_STATUS).u64(3).u32(4 + 3 * 8)
+                  .u32(NBD_STRUCTURED_REPLY_MAGIC)
+                  .u16(0)
+                  .u16(NBD_REPLY_TYPE_BLOCK_STATUS)
+                  .u64(3)
+                  .u32(4 + 3 * 8)
                   .u32(kContextIdBaseAllocation)
-                  .u32(8192).u32(0).u32(4096).u32(NBD_STATE_HOLE | NBD_STATE_ZERO).u32(4096).u32(NBD_STATE_ZERO)
-                  .u32(NBD_STRUCTURED_REPLY_MAGIC).u16(0).u16(NBD_REPLY_TYPE_BLOCK_STATUS).u64(3).u32(4 + 3 * 8)
+                  .u32(8192)
+                  .u32(0)
+                  .u32(4096)
+                  .u32(NBD_STATE_HOLE | NBD_STATE_ZERO)
+                  .u32(4096)
+                  .u32(NBD_STATE_ZERO)
+                  .u32(NBD_STRUCTURED_REPLY_MAGIC)
+                  .u16(0)
+                  .u16(NBD_REPLY_TYPE_BLOCK_STATUS)
+                  .u64(3)
+                  .u32(4 + 3 * 8)
                   .u32(kContextIdAllocationDepth)
-                  .u32(8192).u32(1).u32(4096).u32(0).u32(4096).u32(2)
-                  .u32(NBD_STRUCTURED_REPLY_MAGIC).u16(NBD_REPLY_FLAG_DONE).u16(NBD_REPLY_TYPE_BLOCK_STATUS).u64(3)
-                  .u32(4 + 2 * 8).u32(kContextIdFirstBitmap + 1)
-                  .u32(512).u32(NBD_STATE_DIRTY).u32(16384 - 512).u32(0);
+                  .u32(8192)
+                  .u32(1)
+                  .u32(4096)
+                  .u32(0)
+                  .u32(4096)
+                  .u32(2)
+                  .u32(NBD_STRUCTURED_REPLY_MAGIC)
+                  .u16(NBD_REPLY_FLAG_DONE)
+                  .u16(NBD_REPLY_TYPE_BLOCK_STATUS)
+                  .u64(3)
+                  .u32(4 + 2 * 8)
+                  .u32(kContextIdFirstBitmap + 1)
+                  .u32(512)
+                  .u32(NBD_STATE_DIRTY)
+                  .u32(16384 - 512)
+                  .u32(0);
   CHECK(out == want.v);
 }
 
@@ -191,8 +244,18 @@ TEST_CASE("BlockStatusPlan: REQ_ONE keeps one extent per context, as long as equ
   CHECK(p.extents(0)[0].length == 8192);
   std::vector<std::byte> out;
   REQUIRE(p.append_chunks(out));
-  CHECK(out == Bytes().u32(NBD_EXTENDED_REPLY_MAGIC).u16(NBD_REPLY_FLAG_DONE).u16(NBD_REPLY_TYPE_BLOCK_STATUS_EXT)
-                   .u64(3).u64(1024).u64(8 + 16).u32(kContextIdBaseAllocation).u32(1).u64(8192).u64(0).v);
+  CHECK(out == Bytes()
+                   .u32(NBD_EXTENDED_REPLY_MAGIC)
+                   .u16(NBD_REPLY_FLAG_DONE)
+                   .u16(NBD_REPLY_TYPE_BLOCK_STATUS_EXT)
+                   .u64(3)
+                   .u64(1024)
+                   .u64(8 + 16)
+                   .u32(kContextIdBaseAllocation)
+                   .u32(1)
+                   .u64(8192)
+                   .u64(0)
+                   .v);
 }
 
 TEST_CASE("BlockStatusPlan: a payload filter reports only its contexts; nothing reported is EIO") {
@@ -207,8 +270,16 @@ TEST_CASE("BlockStatusPlan: a payload filter reports only its contexts; nothing 
   CHECK(out.empty());
   CHECK_FALSE(p.add_bitmap(2, 4096, false));
   REQUIRE(p.append_chunks(out));
-  CHECK(out == Bytes().u32(NBD_STRUCTURED_REPLY_MAGIC).u16(NBD_REPLY_FLAG_DONE).u16(NBD_REPLY_TYPE_BLOCK_STATUS)
-                   .u64(3).u32(4 + 8).u32(kContextIdFirstBitmap + 1).u32(4096).u32(0).v);
+  CHECK(out == Bytes()
+                   .u32(NBD_STRUCTURED_REPLY_MAGIC)
+                   .u16(NBD_REPLY_FLAG_DONE)
+                   .u16(NBD_REPLY_TYPE_BLOCK_STATUS)
+                   .u64(3)
+                   .u32(4 + 8)
+                   .u32(kContextIdFirstBitmap + 1)
+                   .u32(4096)
+                   .u32(0)
+                   .v);
   // Context 1 only: the allocation walk runs, base:allocation is not reported.
   p.reset(status_cmd(4096, 0b010), ReplyMode::structured, kCtx);
   REQUIRE(p.allocation_open());

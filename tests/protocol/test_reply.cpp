@@ -10,7 +10,9 @@ using namespace qnbd::protocol;
 using qnbd::test::Bytes;
 
 namespace {
-std::vector<std::byte> head(const ChunkPrefix& p, std::size_t n) { return {p.begin(), p.begin() + static_cast<long>(n)}; }
+std::vector<std::byte> head(const ChunkPrefix& p, std::size_t n) {
+  return {p.begin(), p.begin() + static_cast<long>(n)};
+}
 }  // namespace
 
 TEST_CASE("simple reply golden bytes") {
@@ -51,8 +53,20 @@ TEST_CASE("block status chunks: compact type 5, extended type 6") {
   CHECK(out == Bytes().u32(0x668e33ef).u16(1).u16(5).u64(3).u32(4 + 16).u32(0).u32(4096).u32(0).u32(8192).u32(3).v);
   out.clear();
   append_block_status_chunk(out, ReplyMode::extended, 0, 3, 1024, 1, e);
-  CHECK(out == Bytes().u32(0x6e8a278c).u16(0).u16(6).u64(3).u64(1024).u64(8 + 32).u32(1).u32(2).u64(4096).u64(0)
-                   .u64(8192).u64(3).v);
+  CHECK(out == Bytes()
+                   .u32(0x6e8a278c)
+                   .u16(0)
+                   .u16(6)
+                   .u64(3)
+                   .u64(1024)
+                   .u64(8 + 32)
+                   .u32(1)
+                   .u32(2)
+                   .u64(4096)
+                   .u64(0)
+                   .u64(8192)
+                   .u64(3)
+                   .v);
 }
 
 TEST_CASE("ExtentList merges equal neighbours, drops zero lengths, caps count and length") {

@@ -12,8 +12,13 @@ using qnbd::test::Bytes;
 
 TEST_CASE("compact and extended request headers parse field by field") {
   Request r;
-  auto c = Bytes().u32(NBD_REQUEST_MAGIC).u16(NBD_CMD_FLAG_FUA).u16(NBD_CMD_WRITE).u64(0x0102030405060708ULL)
-               .u64(4096).u32(512);
+  auto c = Bytes()
+               .u32(NBD_REQUEST_MAGIC)
+               .u16(NBD_CMD_FLAG_FUA)
+               .u16(NBD_CMD_WRITE)
+               .u64(0x0102030405060708ULL)
+               .u64(4096)
+               .u32(512);
   REQUIRE(parse_request_header(c.v, ReplyMode::simple, kMaxPayload, r) == ParseStatus::ok);
   CHECK(r.flags == NBD_CMD_FLAG_FUA);
   CHECK(r.type == NBD_CMD_WRITE);
@@ -35,8 +40,13 @@ TEST_CASE("compact and extended request headers parse field by field") {
   auto rd = Bytes().u32(NBD_REQUEST_MAGIC).u16(0).u16(NBD_CMD_READ).u64(1).u64(0).u32(0xffffffff);
   CHECK(parse_request_header(rd.v, ReplyMode::simple, kMaxPayload, r) == ParseStatus::ok);
   // extended: PAYLOAD_LEN on BLOCK_STATUS makes a payload
-  auto bs = Bytes().u32(NBD_EXTENDED_REQUEST_MAGIC).u16(NBD_CMD_FLAG_PAYLOAD_LEN).u16(NBD_CMD_BLOCK_STATUS).u64(1)
-                .u64(0).u64(12);
+  auto bs = Bytes()
+                .u32(NBD_EXTENDED_REQUEST_MAGIC)
+                .u16(NBD_CMD_FLAG_PAYLOAD_LEN)
+                .u16(NBD_CMD_BLOCK_STATUS)
+                .u64(1)
+                .u64(0)
+                .u64(12);
   REQUIRE(parse_request_header(bs.v, ReplyMode::extended, kMaxPayload, r) == ParseStatus::ok);
   CHECK(r.payload_length == 12);
 }
@@ -50,8 +60,8 @@ TEST_CASE("validate_request: errors exactly per spec §15.2") {
   st.transmission_flags |= NBD_FLAG_SEND_DF;
   st.has_contexts = true;
   ValidationContext ro = st;
-  ro.transmission_flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA |
-                          NBD_FLAG_SEND_DF;
+  ro.transmission_flags =
+      NBD_FLAG_HAS_FLAGS | NBD_FLAG_READ_ONLY | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_DF;
   ValidationContext aligned = rw;
   aligned.block_size_committed = true;
   aligned.min_block = 512;

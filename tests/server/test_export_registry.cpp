@@ -169,10 +169,16 @@ TEST_CASE("export registry: remove refuses while connections are attached; force
       reg.detach(raw, id);
     });
   };
-  h1.stop = [&] { calls.push_back("stop1"); end(conn1, 1); };
+  h1.stop = [&] {
+    calls.push_back("stop1");
+    end(conn1, 1);
+  };
   h1.abort = [] {};  // called too if conn 1 has not ended within the grace: not checked
   h2.stop = [&] { calls.push_back("stop2"); };
-  h2.abort = [&] { calls.push_back("abort2"); end(conn2, 2); };
+  h2.abort = [&] {
+    calls.push_back("abort2");
+    end(conn2, 2);
+  };
   conn1 = reg.attach(info, 1, h1);
   conn2 = reg.attach(info, 2, h2);
   REQUIRE(conn1 != nullptr);

@@ -193,8 +193,10 @@ TEST_CASE("DirtyBitmap: random operations across leaves match the model") {
       std::uint64_t off = rng() % size;
       std::uint64_t len = rng() % (rng() % 3 == 0 ? size : g * 100);
       bool v = rng() % 2 != 0;
-      if (v) b.set_range(off, len);
-      else b.clear_range(off, len);
+      if (v)
+        b.set_range(off, len);
+      else
+        b.clear_range(off, len);
       m.set(off, len, v);
       if (op % 25 == 0) check_runs(b, m, rng() % size, size);
       if (op % 50 == 0) {

@@ -72,9 +72,9 @@ void call_everything(File& f) {
   CHECK(f.name() == "probe");
 }
 
-const std::multiset<std::string> kEveryCall{"pread",   "pwrite",       "flush",          "truncate", "size",
-                                            "write_zeroes", "write_zeroes_fast", "discard", "is_hole",
-                                            "probe_extent", "allocated_size",   "set_lock"};
+const std::multiset<std::string> kEveryCall{
+    "pread",   "pwrite",  "flush",        "truncate",       "size",    "write_zeroes", "write_zeroes_fast",
+    "discard", "is_hole", "probe_extent", "allocated_size", "set_lock"};
 
 }  // namespace
 
@@ -184,14 +184,19 @@ TEST_CASE("CrashFile: flushed data always survives; unflushed writes are applied
     int new_sectors = 0;
     for (std::size_t s = 1024; s < 5120; s += 512) {
       // Every sector is wholly old or wholly new.
-      bool all_new = std::all_of(img.begin() + s, img.begin() + s + 512, [](std::byte b) { return b == std::byte{0x22}; });
-      bool all_old = std::all_of(img.begin() + s, img.begin() + s + 512, [](std::byte b) { return b == std::byte{0x11}; });
+      bool all_new =
+          std::all_of(img.begin() + s, img.begin() + s + 512, [](std::byte b) { return b == std::byte{0x22}; });
+      bool all_old =
+          std::all_of(img.begin() + s, img.begin() + s + 512, [](std::byte b) { return b == std::byte{0x11}; });
       REQUIRE((all_new || all_old));
       new_sectors += all_new;
     }
-    if (new_sectors == 8) ++applied;
-    else if (new_sectors == 0) ++dropped;
-    else ++torn;
+    if (new_sectors == 8)
+      ++applied;
+    else if (new_sectors == 0)
+      ++dropped;
+    else
+      ++torn;
   }
   CHECK(applied > 0);
   CHECK(dropped > 0);

@@ -153,7 +153,8 @@ TEST_CASE("ImageLock: a writer keeps out writers and readers that refuse to shar
   CHECK(ImageLock::acquire(b.fd, path, req(CR | W | RS, ~(W | RS))).has_value());
 }
 
-TEST_CASE("ImageLock: readers coexist; change() upgrades only when nobody refuses, and keeps the old locks on failure") {
+TEST_CASE(
+    "ImageLock: readers coexist; change() upgrades only when nobody refuses, and keeps the old locks on failure") {
   qnbd::test::TempDir d;
   const std::string path = d / "img";
   std::ofstream(path) << "x";

@@ -9,22 +9,22 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
-#include <mutex>
 #include <map>
+#include <mutex>
 #include <thread>
 
 #include "image/block_device.hpp"
 #include "image/checkpoint.hpp"
-#include "image/io/file.hpp"
 #include "image/io/crash_file.hpp"
+#include "image/io/file.hpp"
 #include "image/io/forwarding_file.hpp"
 #include "image/io/mem_file.hpp"
 #include "image/qcow2/bitmap.hpp"
+#include "image/qcow2/bitmap_edit.hpp"
 #include "image/qcow2/bitmap_store.hpp"
 #include "image/qcow2/check.hpp"
 #include "image/qcow2/header.hpp"
 #include "image/qcow2/qcow2_image.hpp"
-#include "image/qcow2/bitmap_edit.hpp"
 #include "image_test_support.hpp"
 
 using namespace qnbd::image;
@@ -81,9 +81,11 @@ qnbd::Result<void> at_rest(const std::string& path, const LiveBitmapOp& o) {
 std::string qemu_bitmaps(const std::string& path) {
   TempDir t;
   const std::string out = t / "info";
-  REQUIRE(run("qemu-img info -U --output=json " + path + " | python3 -c 'import json,sys; "
+  REQUIRE(run("qemu-img info -U --output=json " + path +
+              " | python3 -c 'import json,sys; "
               "b=json.load(sys.stdin).get(\"format-specific\",{}).get(\"data\",{}).get(\"bitmaps\",[]); "
-              "[print(x[\"name\"],x[\"granularity\"],*sorted(x[\"flags\"])) for x in b]' > " + out) == 0);
+              "[print(x[\"name\"],x[\"granularity\"],*sorted(x[\"flags\"])) for x in b]' > " +
+              out) == 0);
   auto bytes = qnbd::test::read_whole(out);
   return std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size());
 }
@@ -122,10 +124,12 @@ TEST_CASE("live bitmap commands leave the image as their at-rest twins do") {
 
   using K = LiveBitmapOp::Kind;
   const std::vector<LiveBitmapOp> steps = {
-      op(K::add, "n1"),          op(K::add, "n2", "", 512, true), op(K::merge, "n2", "old"),
-      op(K::merge, "n1", "off"), op(K::disable, "old"),           op(K::enable, "off"),
-      op(K::clear, "n1"),        op(K::merge, "n1", "n2"),        op(K::remove, "n2"),
-      op(K::add, "n2", "", 65536), op(K::disable, "n1"),
+      op(K::add, "n1"),          op(K::add, "n2", "", 512, true),
+      op(K::merge, "n2", "old"), op(K::merge, "n1", "off"),
+      op(K::disable, "old"),     op(K::enable, "off"),
+      op(K::clear, "n1"),        op(K::merge, "n1", "n2"),
+      op(K::remove, "n2"),       op(K::add, "n2", "", 65536),
+      op(K::disable, "n1"),
   };
   auto dev = open_rw(a);
   for (const LiveBitmapOp& s : steps) {
@@ -153,9 +157,9 @@ TEST_CASE("live bitmap commands refuse what the at-rest ones refuse, in the same
   REQUIRE(run("qemu-img create -f qcow2 " + a + " 4M && qemu-img bitmap --add " + a + " x && cp " + a + " " + b) == 0);
   using K = LiveBitmapOp::Kind;
   auto dev = open_rw(a);
-  for (const LiveBitmapOp& s : {op(K::add, "x"), op(K::remove, "nope"), op(K::merge, "x", "nope"),
-                                op(K::add, "y", "", 1000), op(K::add, std::string(1024, 'n')),
-                                op(K::clear, "nope"), op(K::enable, "nope")}) {
+  for (const LiveBitmapOp& s :
+       {op(K::add, "x"), op(K::remove, "nope"), op(K::merge, "x", "nope"), op(K::add, "y", "", 1000),
+        op(K::add, std::string(1024, 'n')), op(K::clear, "nope"), op(K::enable, "nope")}) {
     auto r = live(*dev, {s});
     auto q = at_rest(b, s);
     REQUIRE(!r);
@@ -251,7 +255,8 @@ TEST_CASE("checkpoints split concurrent writes exactly, in call order, on every 
     REQUIRE_MESSAGE(it != holder[w.dev].end(), "write at " << w.off << " missed");
     const int i = it->second;  // recorded in c_i: after checkpoint i, before checkpoint i+1
     if (i > 0) CHECK_MESSAGE(w.acked > calls[i - 1].first, "write acked before checkpoint " << i << " is after it");
-    if (i < kCheckpoints) CHECK_MESSAGE(w.sent < calls[i].second, "write sent after checkpoint " << i + 1 << " is before it");
+    if (i < kCheckpoints)
+      CHECK_MESSAGE(w.sent < calls[i].second, "write sent after checkpoint " << i + 1 << " is before it");
     ++granules;
   }
   CHECK(holder[0].size() + holder[1].size() == granules);  // nothing but the writes
@@ -454,8 +459,8 @@ TEST_CASE("power loss at any write of a checkpoint's directory write leaves the 
     CHECK(c->corruptions == 0);
     CHECK(c->check_errors == 0);
     const std::uint64_t size = crashed->size();
-    auto h = parse_header(std::span<const std::byte>(*crashed).first(std::min<std::size_t>(crashed->size(), 2 << 20)),
-                          size);
+    auto h =
+        parse_header(std::span<const std::byte>(*crashed).first(std::min<std::size_t>(crashed->size(), 2 << 20)), size);
     REQUIRE_MESSAGE(h, h.error().message);
     auto dir = read_bitmap_directory(after, *h, size);
     REQUIRE_MESSAGE(dir, dir.error().message);

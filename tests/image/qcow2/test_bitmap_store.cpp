@@ -17,10 +17,10 @@
 
 using namespace qnbd::image;
 using namespace qnbd::image::qcow2;
-using qnbd::test::run;
 using qnbd::load_be64;
-using qnbd::store_be64;
 using qnbd::Result;
+using qnbd::store_be64;
+using qnbd::test::run;
 
 namespace {
 
@@ -52,8 +52,8 @@ const BitmapInfo& find(const std::vector<BitmapInfo>& dir, const std::string& na
 }
 
 DirtyBitmap data_of(Loaded& l, const std::string& name) {
-  auto b = load_bitmap_data(*l.file, l.header.cluster_size(), l.header.size, find(l.dir, name),
-                            l.file->contents().size());
+  auto b =
+      load_bitmap_data(*l.file, l.header.cluster_size(), l.header.size, find(l.dir, name), l.file->contents().size());
   REQUIRE_MESSAGE(b, b.error().message);
   return std::move(*b);
 }
@@ -122,7 +122,8 @@ TEST_CASE("bitmaps: first write marks enabled bitmaps in_use once; store on clos
   REQUIRE(run("qemu-io -c 'write 1M 64k' " + p) == 0);  // before: in fine, coarse
   REQUIRE(run("cp " + p + " " + ref) == 0);
   // The same guest changes through qemu-io (the reference) and our hook.
-  REQUIRE(run("qemu-io -c 'write 1000 3000' -c 'write -z 20M 100k' -c 'discard 40M 8k' -c 'write 67108863 1' " + ref) == 0);
+  REQUIRE(run("qemu-io -c 'write 1000 3000' -c 'write -z 20M 100k' -c 'discard 40M 8k' -c 'write 67108863 1' " + ref) ==
+          0);
   struct W {
     std::uint64_t off, len;
   };
@@ -223,7 +224,9 @@ namespace {
 class RecordingFile final : public File {
  public:
   explicit RecordingFile(MemFile& inner) : inner_(inner) {}
-  Result<std::size_t> pread(std::span<std::byte> buf, std::uint64_t offset) override { return inner_.pread(buf, offset); }
+  Result<std::size_t> pread(std::span<std::byte> buf, std::uint64_t offset) override {
+    return inner_.pread(buf, offset);
+  }
   Result<void> pwrite(std::span<const std::byte> buf, std::uint64_t offset) override {
     log.push_back({'w', offset, buf.size()});
     return inner_.pwrite(buf, offset);

@@ -43,12 +43,8 @@ Img make() {
 
 std::uint64_t l2e(Img& i, int n) { return load_be64(i.f.data.data() + i.l2 + 8 * n); }
 void set_l2e(Img& i, int n, std::uint64_t v) { store_be64(i.f.data.data() + i.l2 + 8 * n, v); }
-std::uint64_t rc(Img& i, std::uint64_t cluster) {
-  return load_be16(i.f.data.data() + i.block + 2 * cluster);
-}
-void set_rc(Img& i, std::uint64_t cluster, std::uint16_t v) {
-  store_be16(i.f.data.data() + i.block + 2 * cluster, v);
-}
+std::uint64_t rc(Img& i, std::uint64_t cluster) { return load_be16(i.f.data.data() + i.block + 2 * cluster); }
+void set_rc(Img& i, std::uint64_t cluster, std::uint16_t v) { store_be16(i.f.data.data() + i.block + 2 * cluster, v); }
 
 CheckResult run(Img& i, RepairMode mode, std::vector<std::string>* lines = nullptr) {
   CheckMessageSink sink = [lines](const std::string& l) {
@@ -122,7 +118,7 @@ TEST_CASE("check: leaks, low refcounts, double references and COPIED flags") {
     CheckResult r = run(i, RepairMode::none);
     // Refcount 1 < 2 references; COPIED agrees with the stored refcount 1.
     CHECK(r.corruptions == 1);
-    CHECK(r.leaks == 1);            // the old target of entry 1
+    CHECK(r.leaks == 1);  // the old target of entry 1
     r = run(i, RepairMode::all);
     r = run(i, RepairMode::none);
     CHECK(r.corruptions + r.leaks == 0);
@@ -187,7 +183,8 @@ TEST_CASE("check -r: references past the end of the file stay reported (fuzz_che
   }
 }
 
-TEST_CASE("check -r all: a fixed COPIED flag on a compressed cluster is not reported as left (found by the check fuzz target)") {
+TEST_CASE(
+    "check -r all: a fixed COPIED flag on a compressed cluster is not reported as left (found by the check fuzz target)") {
   Img i = make();
   const std::uint64_t host = l2e(i, 4) & L2E_OFFSET_MASK;
   set_l2e(i, 4, QCOW_OFLAG_COPIED | QCOW_OFLAG_COMPRESSED | host);
@@ -237,7 +234,8 @@ TEST_CASE("check: random metadata damage never crashes, and repair never makes t
   }
 }
 
-TEST_CASE("check -r all: a rebuild puts no refcount structure on a cluster an L2 entry names past the end of the file (fuzz_check repair-rebuild-over-data-past-eof)") {
+TEST_CASE(
+    "check -r all: a rebuild puts no refcount structure on a cluster an L2 entry names past the end of the file (fuzz_check repair-rebuild-over-data-past-eof)") {
   // The last data clusters lie past the end of the file (refused, counted
   // as corruptions) and a zero refcount forces a rebuild. The rebuild used
   // to place its new refcount block right at the end of the file, i.e. on

@@ -126,8 +126,8 @@ bool dirty_bit(const std::vector<std::byte>& img) {
   return (load_be64(img.data() + 72) & q::INCOMPAT_DIRTY) != 0;
 }
 
-void run_point(const std::vector<std::byte>& fresh, std::uint64_t seed, const TempDir& dir,
-               Totals& t, bool raw = false) {
+void run_point(const std::vector<std::byte>& fresh, std::uint64_t seed, const TempDir& dir, Totals& t,
+               bool raw = false) {
   std::mt19937_64 rng(seed);
   auto cf = std::make_unique<image::CrashFile>("crash.qcow2", fresh);
   // Half the points freeze the file after a random number of its writes
@@ -149,13 +149,15 @@ void run_point(const std::vector<std::byte>& fresh, std::uint64_t seed, const Te
     Result<std::unique_ptr<image::BlockDevice>> dev = make_error(EINVAL, "unset");
     if (raw) {
       auto r = image::RawDevice::open(std::make_unique<Borrowed>(*cf), options);
-      dev = r ? Result<std::unique_ptr<image::BlockDevice>>(std::move(*r)) : make_error(r.error().code, "{}", r.error().message);
+      dev = r ? Result<std::unique_ptr<image::BlockDevice>>(std::move(*r))
+              : make_error(r.error().code, "{}", r.error().message);
     } else {
       q::Qcow2Image::Parts parts;
       parts.file = std::make_unique<Borrowed>(*cf);
       parts.path = "crash.qcow2";
       auto r = q::Qcow2Image::open(std::move(parts), options);
-      dev = r ? Result<std::unique_ptr<image::BlockDevice>>(std::move(*r)) : make_error(r.error().code, "{}", r.error().message);
+      dev = r ? Result<std::unique_ptr<image::BlockDevice>>(std::move(*r))
+              : make_error(r.error().code, "{}", r.error().message);
     }
     if (!dev) {
       REQUIRE_MESSAGE(cf->crashed_image(), "open failed without a crash: ", dev.error().message);
@@ -245,9 +247,9 @@ TEST_CASE("crash: power loss at seeded points keeps the image consistent and flu
       run_point(bytes, seed, dir, t);
     }
   }
-  MESSAGE("crash points: ", t.points, " (", t.mid_stream, " mid-stream, ", t.between_requests,
-          " between requests, ", t.during_open, " during open); ", t.leaked, " with leaks, ", t.repaired,
-          " repaired (dirty), ", t.flushes_survived, " successful flushes verified");
+  MESSAGE("crash points: ", t.points, " (", t.mid_stream, " mid-stream, ", t.between_requests, " between requests, ",
+          t.during_open, " during open); ", t.leaked, " with leaks, ", t.repaired, " repaired (dirty), ",
+          t.flushes_survived, " successful flushes verified");
   CHECK(t.points >= 500);
   CHECK(t.mid_stream > 0);
   CHECK(t.between_requests > 0);

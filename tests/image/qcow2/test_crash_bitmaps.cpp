@@ -241,10 +241,10 @@ Fixture make_fixture(const Config& cfg, const TempDir& dir) {
 struct Totals {
   unsigned points = 0, mid_stream = 0, between_requests = 0, during_open = 0, recovered = 0, no_record = 0;
   unsigned leaked = 0;
-  std::uint64_t under = 0;         // granules changed but clean: must stay 0
-  std::uint64_t outside = 0;       // dirty granules outside the bound: must stay 0
-  std::uint64_t over = 0;          // dirty granules untouched by any request (within the bound)
-  std::uint64_t changed = 0;       // granules whose content changed
+  std::uint64_t under = 0;    // granules changed but clean: must stay 0
+  std::uint64_t outside = 0;  // dirty granules outside the bound: must stay 0
+  std::uint64_t over = 0;     // dirty granules untouched by any request (within the bound)
+  std::uint64_t changed = 0;  // granules whose content changed
 };
 
 // One seeded request; false once the device refuses (it lost power). Every

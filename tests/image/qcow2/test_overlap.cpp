@@ -48,7 +48,7 @@ TEST_CASE("overlap: MetadataMap finds, ignores and removes registrations by clus
   MetadataMap m(16);  // 64 KiB clusters
   CHECK_FALSE(m.find(0, 1 << 30));
   m.add(MetadataKind::header, 0, 65536);
-  m.add(MetadataKind::active_l1, 0x30000, 8);            // one cluster, from 8 bytes
+  m.add(MetadataKind::active_l1, 0x30000, 8);              // one cluster, from 8 bytes
   m.add(MetadataKind::refcount_table, 0x100000, 0x20000);  // two clusters
   CHECK(m.registered_clusters() == 4);
 
@@ -172,7 +172,7 @@ TEST_CASE("overlap: an allocation that would hand out the header fails with EIO 
     CAPTURE(with_l2);
     test::HandImage h;
     h.build();
-    store_be16(h.bytes.data() + 2 * h.cs(), 0);  // refcount(cluster 0) = 0
+    store_be16(h.bytes.data() + 2 * h.cs(), 0);                   // refcount(cluster 0) = 0
     if (!with_l2) store_be64(h.bytes.data() + h.l1_offset(), 0);  // no L2 table yet
     h.set_l2(1, h.data_offset(0) | image::qcow2::QCOW_OFLAG_COPIED);
     h.fill_data(0, 0x42);

@@ -62,10 +62,10 @@ TEST_CASE("qcow2 on MemFile: normal, zero, unallocated and compressed clusters")
   h.fill_data(0, 0xaa);
   h.fill_data(1, 0xbb);
   h.set_l2(0, QCOW_OFLAG_COPIED | h.data_offset(0));
-  h.set_l2(1, QCOW_OFLAG_COPIED | h.data_offset(1));   // contiguous with cluster 0
-  h.set_l2(3, QCOW_OFLAG_ZERO);                         // zero, plain
+  h.set_l2(1, QCOW_OFLAG_COPIED | h.data_offset(1));                    // contiguous with cluster 0
+  h.set_l2(3, QCOW_OFLAG_ZERO);                                         // zero, plain
   h.set_l2(4, QCOW_OFLAG_COPIED | h.data_offset(2) | QCOW_OFLAG_ZERO);  // zero, preallocated
-  h.fill_data(2, 0xee);                                 // never read: zero flag wins
+  h.fill_data(2, 0xee);                                                 // never read: zero flag wins
   // A deflate-compressed cluster of 0x5c at the start of data cluster 3.
   std::vector<std::byte> plain(cs, std::byte{0x5c}), packed(2 * cs);
   std::size_t n = *compress_cluster(COMPRESSION_DEFLATE, plain, packed);
@@ -405,16 +405,19 @@ TEST_CASE("backing chain errors: missing file, loop, depth bound, writable qcow2
   using qnbd::test::run;
   qnbd::test::TempDir d;
   const std::string dir = d.path.string();
-  REQUIRE(run("cd " + dir + " && qemu-img create -f raw b.raw 1M && qemu-img create -f qcow2 -b b.raw -F raw t.qcow2 1M") == 0);
+  REQUIRE(run("cd " + dir +
+              " && qemu-img create -f raw b.raw 1M && qemu-img create -f qcow2 -b b.raw -F raw t.qcow2 1M") == 0);
   REQUIRE(run("cd " + dir + " && rm b.raw") == 0);
   check_fails_naming(open_image(d / "t.qcow2", OpenOptions{}), 0, "b.raw");
 
   // a -> b -> a
-  REQUIRE(run("cd " + dir + " && qemu-img create -f qcow2 a.qcow2 1M && qemu-img create -f qcow2 -b a.qcow2 -F qcow2 c.qcow2 1M"
+  REQUIRE(run("cd " + dir +
+              " && qemu-img create -f qcow2 a.qcow2 1M && qemu-img create -f qcow2 -b a.qcow2 -F qcow2 c.qcow2 1M"
               " && qemu-img rebase -u -b c.qcow2 -F qcow2 a.qcow2") == 0);
   check_fails_naming(open_image(d / "c.qcow2", OpenOptions{}), 0, "loop");
 
-  REQUIRE(run("cd " + dir + " && qemu-img create -f qcow2 l0.qcow2 1M && qemu-img create -f qcow2 -b l0.qcow2 -F qcow2 l1.qcow2 1M"
+  REQUIRE(run("cd " + dir +
+              " && qemu-img create -f qcow2 l0.qcow2 1M && qemu-img create -f qcow2 -b l0.qcow2 -F qcow2 l1.qcow2 1M"
               " && qemu-img create -f qcow2 -b l1.qcow2 -F qcow2 l2.qcow2 1M") == 0);
   OpenOptions shallow;
   shallow.max_backing_depth = 1;

@@ -151,8 +151,7 @@ TEST_CASE("allocator: growth moves the refcount table (refcount_bits=1, 512-byte
   Image img = make_image(512, 1, 1 << 20);
   const std::uint64_t cs = img.cluster_size;
   const std::uint64_t old_table = load_be64(img.file.data.data() + 48);
-  auto r = Refcounts::load(img.file, RefcountGeometry{9, 0}, old_table,
-                           load_be32(img.file.data.data() + 56));
+  auto r = Refcounts::load(img.file, RefcountGeometry{9, 0}, old_table, load_be32(img.file.data.data() + 56));
   REQUIRE(r);
   // One block covers 4096 clusters and one table cluster 64 blocks, so
   // 300000 clusters need ~74 blocks and a second table cluster: the table
@@ -263,8 +262,8 @@ class RecordingFile final : public qnbd::image::ForwardingFile {
 };
 
 // Index of the first write covering [offset, offset+length), or -1.
-long find_write(const std::vector<RecordingFile::Event>& ev, std::uint64_t offset,
-                std::uint64_t length, std::size_t from = 0) {
+long find_write(const std::vector<RecordingFile::Event>& ev, std::uint64_t offset, std::uint64_t length,
+                std::size_t from = 0) {
   for (std::size_t i = from; i < ev.size(); i++) {
     if (!ev[i].flush && ev[i].offset <= offset && offset + length <= ev[i].offset + ev[i].length) {
       return static_cast<long>(i);
@@ -286,8 +285,7 @@ TEST_CASE("allocator: crash ordering of new blocks and a moved table (§14.1, §
   Image img = make_image(512, 1, 1 << 20);
   RecordingFile rec(img.file);
   const std::uint64_t old_table = load_be64(img.file.data.data() + 48);
-  auto r = Refcounts::load(rec, RefcountGeometry{9, 0}, old_table,
-                           load_be32(img.file.data.data() + 56));
+  auto r = Refcounts::load(rec, RefcountGeometry{9, 0}, old_table, load_be32(img.file.data.data() + 56));
   REQUIRE(r);
   // Enough to need new blocks and at least one table move.
   // (one 512-byte table cluster addresses 64 blocks of 4096 clusters)

@@ -97,7 +97,7 @@ TEST_CASE("write: internal snapshot keeps its data; writes COW shared clusters")
     REQUIRE(dev->write(data, 1000, false));            // partial COW of shared clusters
     REQUIRE(dev->write_zeroes(1 << 20, 1 << 20, {}));  // zero shared clusters
     REQUIRE(dev->discard(2 << 20, 65536, false));
-    REQUIRE(dev->write(data, 5 << 20, true));          // new clusters
+    REQUIRE(dev->write(data, 5 << 20, true));  // new clusters
     REQUIRE(dev->close());
   }
   std::string out;
@@ -124,7 +124,8 @@ TEST_CASE("write: a dirty lazy-refcounts image is repaired on a writable open") 
   TempDir d;
   const std::string img = d / "img.qcow2";
   // qemu-io's abort leaves the dirty bit and stale refcounts behind.
-  (void)run("qemu-img create -f qcow2 -o lazy_refcounts=on " + img + " 8M && qemu-io -f qcow2 -c 'write -P 0x22 0 1M' -c abort " + img);
+  (void)run("qemu-img create -f qcow2 -o lazy_refcounts=on " + img +
+            " 8M && qemu-io -f qcow2 -c 'write -P 0x22 0 1M' -c abort " + img);
   {
     auto before = qnbd::test::read_whole(img);
     REQUIRE(before.size() > 80);

@@ -48,18 +48,18 @@ std::vector<Kind> matrix() {
        "qemu-img create -q -f qcow2 base " + sz +
            " && qemu-io -f qcow2 -c 'write -q -P 0x33 0 6M' -c 'write -q -P 0x44 12M 2M' base"
            " && qemu-img create -q -f qcow2 -b base -F qcow2 img && qemu-io -f qcow2 -c 'write -q -P 0x77 1M 64k' img"},
-      {"backing-raw-v2",
-       "qemu-img create -q -f raw base " + sz + " && qemu-io -f raw -c 'write -q -P 0x21 2M 5M' base"
-           " && qemu-img create -q -f qcow2 -o compat=0.10 -b base -F raw img"},
-      {"backing-extended-l2",
-       "qemu-img create -q -f qcow2 base " + sz + " && qemu-io -f qcow2 -c 'write -q -P 0x31 0 8M' base"
-           " && qemu-img create -q -f qcow2 -o extended_l2=on -b base -F qcow2 img"},
-      {"compressed-zlib",
-       "qemu-img create -q -f qcow2 src " + sz + " && qemu-io -f qcow2 -c 'write -q -P 0x42 0 4M' src"
-           " && qemu-img convert -c -O qcow2 src img"},
-      {"compressed-zstd",
-       "qemu-img create -q -f qcow2 src " + sz + " && qemu-io -f qcow2 -c 'write -q -P 0x43 1M 4M' src"
-           " && qemu-img convert -c -O qcow2 -o compression_type=zstd src img"},
+      {"backing-raw-v2", "qemu-img create -q -f raw base " + sz +
+                             " && qemu-io -f raw -c 'write -q -P 0x21 2M 5M' base"
+                             " && qemu-img create -q -f qcow2 -o compat=0.10 -b base -F raw img"},
+      {"backing-extended-l2", "qemu-img create -q -f qcow2 base " + sz +
+                                  " && qemu-io -f qcow2 -c 'write -q -P 0x31 0 8M' base"
+                                  " && qemu-img create -q -f qcow2 -o extended_l2=on -b base -F qcow2 img"},
+      {"compressed-zlib", "qemu-img create -q -f qcow2 src " + sz +
+                              " && qemu-io -f qcow2 -c 'write -q -P 0x42 0 4M' src"
+                              " && qemu-img convert -c -O qcow2 src img"},
+      {"compressed-zstd", "qemu-img create -q -f qcow2 src " + sz +
+                              " && qemu-io -f qcow2 -c 'write -q -P 0x43 1M 4M' src"
+                              " && qemu-img convert -c -O qcow2 -o compression_type=zstd src img"},
       {"data-file", create("data_file=$PWD/img.data") + fill},
       {"data-file-raw", create("data_file=$PWD/img.data,data_file_raw=on") + fill},
   };
@@ -107,8 +107,7 @@ std::unique_ptr<image::BlockDevice> open_writable(const TempDir& dir) {
 
 // Ends a workload: the engine reads back the model and closes cleanly; with
 // the device gone, qemu-img judges the file against the model.
-void close_and_judge(std::unique_ptr<image::BlockDevice> dev, const Model& m, const TempDir& dir,
-                     const Kind& kind) {
+void close_and_judge(std::unique_ptr<image::BlockDevice> dev, const Model& m, const TempDir& dir, const Kind& kind) {
   check_device_equals(*dev, m.data);
   auto c = dev->close();
   REQUIRE_MESSAGE(c, (c ? "" : c.error().message));
@@ -218,8 +217,9 @@ TEST_CASE("write random: raw image, single thread and 4 threads") {
     MESSAGE("qemu-img not installed");
     return;
   }
-  Kind raw{"raw", "qemu-img create -q -f raw img " + std::to_string(kSize) +
-                      " && qemu-io -f raw -c 'write -q -P 0x5a 0 1M' img",
+  Kind raw{"raw",
+           "qemu-img create -q -f raw img " + std::to_string(kSize) +
+               " && qemu-io -f raw -c 'write -q -P 0x5a 0 1M' img",
            "raw"};
   for (std::uint64_t seed = 1; seed <= 3; ++seed) {
     CAPTURE(seed);

@@ -122,7 +122,8 @@ TEST_CASE("a view reads the checkpoint's content exactly while four threads writ
   std::atomic<bool> stop{false};
   std::atomic<int> errors{0};
   std::vector<std::thread> ts;
-  for (std::uint32_t i = 0; i < 4; ++i) ts.emplace_back(writer, std::ref(*f.dev), 100 + i, std::ref(stop), std::ref(errors));
+  for (std::uint32_t i = 0; i < 4; ++i)
+    ts.emplace_back(writer, std::ref(*f.dev), 100 + i, std::ref(stop), std::ref(errors));
   std::this_thread::sleep_for(std::chrono::milliseconds(30));
   std::vector<std::byte> at1;
   auto v1 = f.view("c1", &at1);
@@ -148,7 +149,7 @@ TEST_CASE("a view reads the checkpoint's content exactly while four threads writ
   CHECK(mismatches.load() == 0);
   CHECK(equal(f.read_all(*v1), at1));
   CHECK(equal(f.read_all(*v2), at2));
-  CHECK_FALSE(equal(at1, at2));                 // the writers did change the disk
+  CHECK_FALSE(equal(at1, at2));  // the writers did change the disk
   CHECK_FALSE(equal(f.read_all(*f.dev), at1));
   auto s1 = v1->state();
   CHECK(s1.state == "live");
@@ -207,8 +208,8 @@ TEST_CASE("write_zeroes and discard save the old content on first touch") {
   fill(*f.dev, 0, 4 * kG, 3);
   std::vector<std::byte> at;
   auto v = f.view("c1", &at);
-  REQUIRE(f.dev->write_zeroes(100, kG, ZeroFlags{}));         // unaligned, granules 0-1
-  REQUIRE(f.dev->discard(2 * kG, 2 * kG, false));              // granules 2-3
+  REQUIRE(f.dev->write_zeroes(100, kG, ZeroFlags{}));  // unaligned, granules 0-1
+  REQUIRE(f.dev->discard(2 * kG, 2 * kG, false));      // granules 2-3
   CHECK(v->state().saved_granules == 4);
   CHECK(equal(f.read_all(*v), at));
   // A second touch copies nothing more.
@@ -266,7 +267,8 @@ TEST_CASE("concurrent writers to one granule: the second waits for the first's c
     for (int t = 0; t < 8; ++t) {
       ts.emplace_back([&, t] {
         auto b = pattern(4096, static_cast<std::uint32_t>(round * 100 + t));
-        for (int k = 0; k < 64; ++k) (void)f.dev->write(b, static_cast<std::uint64_t>((t * 64 + k) % 2048) * 4096, false);
+        for (int k = 0; k < 64; ++k)
+          (void)f.dev->write(b, static_cast<std::uint64_t>((t * 64 + k) % 2048) * 4096, false);
       });
     }
     for (auto& t : ts) t.join();
