@@ -2,7 +2,7 @@
 # A live backup cycle through point-in-time views (issue: backup views):
 # two exports written continuously by a seeded libnbd writer over two
 # connections each; a full backup through the first views (c0) with
-# nbdcopy, then rounds of `checkpoint --view` + incremental pull of
+# nbdcopy, then 10 rounds (VIEW_ROUNDS) of `checkpoint --view` + incremental pull of
 # qemu:dirty-bitmap:PREV from EXPORT@NEW + view-end. Each round's backup
 # equals the disk at that checkpoint as the writer's log says
 # (view_backup.py), and the images pass qemu-img check at the end.
@@ -18,7 +18,7 @@ cat >"$T/server.json" <<JSON
  "control": "$T/ctl.sock"}
 JSON
 start_serve --config "$T/server.json"
-"$PY" "$INTEGRATION_DIR/view_backup.py" "$QNBD" "$T/ctl.sock" "$SERVE_SOCK" "$T" "${VIEW_ROUNDS:-4}" a b ||
+"$PY" "$INTEGRATION_DIR/view_backup.py" "$QNBD" "$T/ctl.sock" "$SERVE_SOCK" "$T" "${VIEW_ROUNDS:-10}" a b ||
   fail "a backup through the views differs from the disk at its checkpoint"
 "$QNBD" ctl -s "$T/ctl.sock" --output=json status | grep -q '"views":\[\]' || fail "views left after view-end"
 stop_serve
