@@ -67,7 +67,7 @@ inline IntentTemplate make_intent_template(const IntentShape& s) {
   if (auto c = qcow2::create_qcow2(file, o); !c) return failed("create", c.error());
   for (unsigned i = 0; i < s.bitmaps; ++i) {
     qcow2::BitmapEdit e;
-    e.bitmap = "b" + std::to_string(i);
+    e.bitmap = std::string("b").append(std::to_string(i));  // not "b" + ...: GCC 105329 (-Wrestrict at -O3)
     e.ops.push_back({qcow2::BitmapOp::Kind::add, ""});
     if (s.disable_last && i + 1 == s.bitmaps) e.ops.push_back({qcow2::BitmapOp::Kind::disable, ""});
     if (auto r = qcow2::edit_bitmaps(file, e); !r) return failed("bitmap add", r.error());
