@@ -51,16 +51,27 @@ def runs(ex):
         out.append((pos, ln, fl)); pos += ln
     assert pos == 8 * G, pos
     return out
+def merged(pairs):
+    out = []
+    for p, l in pairs:
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + l)
+        else:
+            out.append((p, l))
+    return out
 base = runs(got[ids["base:allocation"]])
-# Allocated: the cluster at 0, the one at 5 GiB, 128 KiB at 6 GiB.
-data = [(p, l) for p, l, f in base if f & 1 == 0]
+# Allocated: the cluster at 0, the one at 5 GiB, 128 KiB at 6 GiB. Runs are
+# merged: inside an allocated cluster the server may report the part the
+# host file holds as a hole as NBD_STATE_ZERO (qemu-nbd does; whether ext4
+# calls an unwritten extent a hole depends on the page cache).
+data = merged([(p, l) for p, l, f in base if f & 1 == 0])
 assert data == [(0, 64 << 10), (5 * G, 64 << 10), (6 * G, 128 << 10)], data
 assert any(l > 4 * G for p, l, f in base), "no extent over 4 GiB: " + str(base)
 depth = runs(got[ids["qemu:allocation-depth"]])
-assert [(p, l) for p, l, f in depth if f == 1] == data, depth
+assert merged([(p, l) for p, l, f in depth if f == 1]) == data, depth
 dirty = runs(got[ids["qemu:dirty-bitmap:b0"]])
 # Granularity 64 KiB: the writes after the bitmap was added, and ours.
-assert [(p, l) for p, l, f in dirty if f == 1] == [(0, 64 << 10), (5 * G, 64 << 10), (6 * G, 128 << 10)], dirty
+assert merged([(p, l) for p, l, f in dirty if f == 1]) == [(0, 64 << 10), (5 * G, 64 << 10), (6 * G, 128 << 10)], dirty
 send(s, True, 2, 0, 0)
 s.close()
 print("ok:", len(base), "allocation extents,", len(dirty), "bitmap extents")
