@@ -480,23 +480,31 @@ TEST_CASE("power loss at any write of a checkpoint's directory write leaves the 
       CHECK(dirty == "8192,");
     }
   };
+  // The image open for writing over `file`, with checkpoint c0 taken and
+  // one write (at 8192) made durable: each crash round starts here.
+  auto open_after_c0 = [&](std::unique_ptr<File> file) {
+    Qcow2Image::Parts parts;
+    parts.file = std::move(file);
+    parts.path = path;
+    OpenOptions o;
+    o.read_only = false;
+    auto img = Qcow2Image::open(std::move(parts), o);
+    REQUIRE_MESSAGE(img, img.error().message);
+    std::vector<BlockDevice*> devs{img->get()};
+    REQUIRE(checkpoint(devs, "c0", "", 4096));
+    write_at(**img, 8192, 4096, 1);
+    REQUIRE((*img)->flush());
+    return std::move(img).value();
+  };
   for (std::uint64_t n = 0;; ++n) {
     bool finished = false;
     for (std::uint64_t seed = 0; seed < 4; ++seed) {
       CAPTURE(n);
       CAPTURE(seed);
       CrashFile file("a.qcow2", base);
-      Qcow2Image::Parts parts;
-      parts.file = std::make_unique<ForwardingFile>(file);  // borrowed: the test reads it afterwards
-      parts.path = path;
-      OpenOptions o;
-      o.read_only = false;
-      auto img = Qcow2Image::open(std::move(parts), o);
-      REQUIRE_MESSAGE(img, img.error().message);
-      std::vector<BlockDevice*> devs{img->get()};
-      REQUIRE(checkpoint(devs, "c0", "", 4096));
-      write_at(**img, 8192, 4096, 1);
-      REQUIRE((*img)->flush());
+      // borrowed: the test reads the file afterwards
+      auto img = open_after_c0(std::make_unique<ForwardingFile>(file));
+      std::vector<BlockDevice*> devs{img.get()};
       file.arm_crash(n, seed);
       auto r = checkpoint(devs, "c1", "c0", 4096);
       auto crashed = file.crashed_image();
@@ -505,7 +513,7 @@ TEST_CASE("power loss at any write of a checkpoint's directory write leaves the 
         finished = true;  // (still armed: closing would cut the close; the image is dropped)
         break;
       }
-      img->reset();  // without close: the file is frozen, as after power loss
+      img.reset();  // without close: the file is frozen, as after power loss
       verify(*crashed);
       ++points;
     }
@@ -529,17 +537,8 @@ TEST_CASE("power loss at any write of a checkpoint's directory write leaves the 
     CrashFile file("a.qcow2", base);
     auto sp = std::make_unique<SyncPoints>(file);
     SyncPoints& syncs = *sp;
-    Qcow2Image::Parts parts;
-    parts.file = std::move(sp);
-    parts.path = path;
-    OpenOptions o;
-    o.read_only = false;
-    auto img = Qcow2Image::open(std::move(parts), o);
-    REQUIRE_MESSAGE(img, img.error().message);
-    std::vector<BlockDevice*> devs{img->get()};
-    REQUIRE(checkpoint(devs, "c0", "", 4096));
-    write_at(**img, 8192, 4096, 1);
-    REQUIRE((*img)->flush());
+    auto img = open_after_c0(std::move(sp));
+    std::vector<BlockDevice*> devs{img.get()};
     syncs.armed = true;
     REQUIRE(checkpoint(devs, "c1", "c0", 4096));
     syncs.armed = false;
@@ -548,7 +547,7 @@ TEST_CASE("power loss at any write of a checkpoint's directory write leaves the 
       verify(image);
       ++points;
     }
-    REQUIRE((*img)->close());
+    REQUIRE(img->close());
   }
   MESSAGE("crash points checked: " << points);
   CHECK(points >= 4);  // the directory write made mutating calls to cut
