@@ -74,7 +74,7 @@ Outcome open_once(const fuzz::SparseFile& image, const std::span<const std::uint
   Outcome out;
   out.file = std::make_unique<fuzz::SparseFile>(image, "f.qcow2");
   qcow2::Qcow2Image::Parts parts;
-  parts.file = std::make_unique<fuzz::LentFile>(*out.file);
+  parts.file = std::make_unique<image::ForwardingFile>(*out.file);
   parts.path = "f.qcow2";
   parts.intent.name = "f.qcow2.qnbd-intent";
   parts.intent.chunk_size = 65536;

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "image/io/forwarding_file.hpp"
 #include "image/io/mem_file.hpp"
 #include "image/qcow2/bitmap_edit.hpp"
 #include "image/qcow2/bitmap_intent.hpp"
@@ -24,23 +25,6 @@ namespace qnbd::fuzz {
 struct IntentTemplate {
   std::vector<std::byte> image;   // the image as the crash left it
   std::vector<std::byte> record;  // IMAGE.qnbd-intent as the crash left it
-};
-
-// Lends a File the engine owns and destroys while the caller keeps it.
-class LentFile final : public image::File {
- public:
-  explicit LentFile(image::File& f) : f_(f) {}
-  Result<std::size_t> pread(std::span<std::byte> b, std::uint64_t o) override { return f_.pread(b, o); }
-  Result<void> pwrite(std::span<const std::byte> b, std::uint64_t o) override { return f_.pwrite(b, o); }
-  Result<void> flush() override { return f_.flush(); }
-  Result<void> truncate(std::uint64_t s) override { return f_.truncate(s); }
-  Result<std::uint64_t> size() override { return f_.size(); }
-  Result<void> write_zeroes(std::uint64_t o, std::uint64_t l, bool u) override { return f_.write_zeroes(o, l, u); }
-  Result<void> discard(std::uint64_t o, std::uint64_t l) override { return f_.discard(o, l); }
-  const std::string& name() const override { return f_.name(); }
-
- private:
-  image::File& f_;
 };
 
 struct IntentShape {
@@ -74,12 +58,12 @@ inline IntentTemplate make_intent_template(const IntentShape& s) {
   }
   MemFile rec("t.qcow2.qnbd-intent");
   qcow2::Qcow2Image::Parts parts;
-  parts.file = std::make_unique<LentFile>(file);
+  parts.file = std::make_unique<image::ForwardingFile>(file);
   parts.path = "t.qcow2";
   parts.intent.name = "t.qcow2.qnbd-intent";
   parts.intent.chunk_size = s.chunk_size;
   parts.intent.open = [&rec](bool) -> Result<std::unique_ptr<File>> {
-    return std::unique_ptr<File>(std::make_unique<LentFile>(rec));
+    return std::unique_ptr<File>(std::make_unique<image::ForwardingFile>(rec));
   };
   OpenOptions oo;
   oo.format = ImageFormat::qcow2;

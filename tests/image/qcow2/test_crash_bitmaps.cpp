@@ -20,6 +20,7 @@
 #include "common/checked.hpp"
 #include "common/endian.hpp"
 #include "image/io/crash_file.hpp"
+#include "image/io/forwarding_file.hpp"
 #include "image/io/mem_file.hpp"
 #include "image/qcow2/bitmap.hpp"
 #include "image/qcow2/bitmap_edit.hpp"
@@ -88,23 +89,6 @@ struct Group {
     }
     return ok();
   }
-};
-
-// Lends a File the engine may own and destroy while the test keeps it.
-class Ref final : public image::File {
- public:
-  explicit Ref(image::File& f) : f_(f) {}
-  Result<std::size_t> pread(std::span<std::byte> b, std::uint64_t o) override { return f_.pread(b, o); }
-  Result<void> pwrite(std::span<const std::byte> b, std::uint64_t o) override { return f_.pwrite(b, o); }
-  Result<void> flush() override { return f_.flush(); }
-  Result<void> truncate(std::uint64_t s) override { return f_.truncate(s); }
-  Result<std::uint64_t> size() override { return f_.size(); }
-  Result<void> write_zeroes(std::uint64_t o, std::uint64_t l, bool u) override { return f_.write_zeroes(o, l, u); }
-  Result<void> discard(std::uint64_t o, std::uint64_t l) override { return f_.discard(o, l); }
-  const std::string& name() const override { return f_.name(); }
-
- private:
-  image::File& f_;
 };
 
 class GroupFile final : public image::File {
@@ -221,7 +205,7 @@ Fixture make_fixture(const Config& cfg, const TempDir& dir) {
   }
   {
     // Some data and some dirty bits stored before the crashed session.
-    auto img = open_mem(f, std::make_unique<Ref>(file), true);
+    auto img = open_mem(f, std::make_unique<image::ForwardingFile>(file), true);
     REQUIRE_MESSAGE(img, (img ? "" : img.error().message));
     std::vector<std::byte> buf(100000, std::byte{0x5a});
     REQUIRE((*img)->write(buf, 300000, false));
@@ -318,12 +302,12 @@ void run_point(const Fixture& f, std::uint64_t seed, const TempDir& dir, Totals&
   again.chunk_size = kChunk;
   again.open = [&](bool create) -> Result<std::unique_ptr<image::File>> {
     if (!create && (!g.rec_created || removed)) return std::unique_ptr<image::File>();
-    return std::unique_ptr<image::File>(new Ref(rec));
+    return std::unique_ptr<image::File>(std::make_unique<image::ForwardingFile>(rec));
   };
   again.remove = [&] { removed = true; };
   std::string state;
   {
-    auto dev = open_mem(f, std::make_unique<Ref>(img), true, again);
+    auto dev = open_mem(f, std::make_unique<image::ForwardingFile>(img), true, again);
     REQUIRE_MESSAGE(dev, "reopen after the crash: ", (dev ? "" : dev.error().message));
     state = (*dev)->intent_state();
     INFO("record: ", state, " ", (*dev)->intent_detail());
