@@ -18,6 +18,20 @@ wait "$SERVE_PID" || status=$?
 expect_eq "$status" 0 "exit status after last client"
 SERVE_PID=
 
+# 1b. A SIGTERM that lands while such a server is already ending on its own
+# (closing images, removing its pid file) asks for what is happening: the
+# exit status stays 0, wherever in that sequence it lands (it used to be
+# 1 when it came after the io threads had stopped).
+for i in $(seq 1 25); do
+  NOPERSIST=1 start_serve -f raw "$img"
+  nbdinfo --size "$SERVE_URI" >/dev/null
+  kill -TERM "$SERVE_PID" 2>/dev/null || true
+  status=0
+  wait "$SERVE_PID" || status=$?
+  expect_eq "$status" 0 "exit status with SIGTERM during the exit after the last client (round $i)"
+  SERVE_PID=
+done
+
 # 2. TCP on 127.0.0.1 with a free port; --fork returns once listening.
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 pidfile=$TMPDIR_TEST/fork.pid

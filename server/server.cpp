@@ -155,11 +155,18 @@ Result<int> run_server(ServerOptions options) {
     QNBD_TRY(server.add_exports());
     QNBD_TRY(server.listen());
     status = server.run();
+    // The server has ended (images closed, status known) and run() joined
+    // every thread it started. A SIGINT or SIGTERM arriving now asks for
+    // what is already happening: block them, so neither the signal_set's
+    // removal (which restores the default action, death by signal) nor
+    // the caller's last steps (pid file removal) turn a clean end into a
+    // failed one. They stay pending and die with the process.
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   }
-  // The signal_set is gone; a signal arriving while the caller finishes up
-  // (pid file removal) still means "exit now", not death by signal.
-  std::signal(SIGINT, [](int) { ::_exit(1); });
-  std::signal(SIGTERM, [](int) { ::_exit(1); });
   return status;
 }
 
