@@ -14,7 +14,7 @@ head -c 4M /dev/urandom >"$img"
 truncate -s 8M "$img"
 
 # --- X.509, Unix socket: nbdinfo, nbdcopy, qemu-img, qemu-io -------------
-start_serve -f raw --object "tls-creds-x509,id=tls0,endpoint=server,dir=$T/server,verify-peer=on" \
+start_serve -v -f raw --object "tls-creds-x509,id=tls0,endpoint=server,dir=$T/server,verify-peer=on" \
   --tls-creds tls0 "$img"
 sock=$SERVE_SOCK
 u="nbds+unix:///?socket=$sock&tls-certificates=$T/client1"
@@ -25,6 +25,10 @@ wait_log "$SERVE_LOG" "without TLS" || fail "the plaintext refusal was not logge
 
 nbdcopy "$u" "$TMPDIR_TEST/copy.img"
 cmp "$img" "$TMPDIR_TEST/copy.img" || fail "nbdcopy over TLS read different data"
+# -v logs each session's peer and what was negotiated (protocol, key
+# exchange, signature, cipher), so an operator sees what a client got.
+grep -Eq "TLS up, peer x509 '[^']*CN=client1[^']*', \(TLS1\.[23]\)-\(.*\)-\((AES|CHACHA20)[-A-Z0-9]*\)" "$SERVE_LOG" ||
+  fail "the TLS session's peer and cipher were not logged: $(grep 'TLS up' "$SERVE_LOG")"
 
 xo="tls-creds-x509,id=c0,endpoint=client,dir=$T/client1"
 qopts="driver=nbd,server.type=unix,server.path=$sock,tls-creds=c0,tls-hostname=localhost"

@@ -125,7 +125,8 @@ awaitable<bool> Session::handshake() {
           log::warn("conn {}: TLS refused: {}", id_, why);
           co_return false;
         }
-        log::info("conn {}: TLS up, peer {}", id_, stream_.tls_session()->peer());
+        log::info("conn {}: TLS up, peer {}, {}", id_, stream_.tls_session()->peer(),
+                  stream_.tls_session()->description());
         neg.tls_started();
         break;
       }

@@ -388,6 +388,15 @@ TlsSession::Io TlsSession::write(std::span<const std::byte> buf) {
   }
 }
 
+std::string TlsSession::description() const {
+  std::string out;
+  if (char* d = gnutls_session_get_desc(h_->s)) {
+    out = d;
+    gnutls_free(d);
+  }
+  return out;
+}
+
 std::size_t TlsSession::pending() const { return gnutls_record_check_pending(h_->s); }
 
 void TlsSession::bye() {
