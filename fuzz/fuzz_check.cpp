@@ -7,9 +7,10 @@
 // - after a `check -r all` that reports nothing left, nothing is left:
 //   running it again fixes nothing and does not write;
 // - after a repair that reported no check errors, a second check finds no
-//   leak, and after -r all no corruption beyond those the repair itself
-//   reported as left (what `qnbd check -r all` prints when nothing was
-//   fixed: it used to say "no errors" there while errors remained).
+//   more leaks and (after -r all) no more corruptions than the repair
+//   itself reported as left (what `qnbd check -r all` prints when nothing
+//   was fixed: it used to say "no errors" there while errors remained);
+//   and a repair that leaves the refcount structure sound leaves no leak.
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -36,15 +37,23 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   auto second = qcow2::check_qcow2(rw, qcow2::RepairMode::none, quiet);
   QNBD_FUZZ_CHECK(second.has_value());
   if (second->check_errors) return 0;
-  if (second->leaks || (mode == qcow2::RepairMode::all && second->corruptions > repaired->corruptions))
+  if (second->leaks > repaired->leaks || (repaired->corruptions == 0 && second->leaks) ||
+      (mode == qcow2::RepairMode::all && second->corruptions > repaired->corruptions))
     std::fprintf(stderr,
-                 "check: %llu corruptions, %llu leaks; repair: %llu left, %llu fixed, %llu leaks fixed; "
-                 "again: %llu corruptions, %llu leaks\n",
+                 "check: %llu corruptions, %llu leaks; repair: %llu left, %llu fixed, %llu leaks left, %llu leaks "
+                 "fixed; again: %llu corruptions, %llu leaks\n",
                  (unsigned long long)first->corruptions, (unsigned long long)first->leaks,
                  (unsigned long long)repaired->corruptions, (unsigned long long)repaired->corruptions_fixed,
-                 (unsigned long long)repaired->leaks_fixed, (unsigned long long)second->corruptions,
-                 (unsigned long long)second->leaks);
-  QNBD_FUZZ_CHECK(second->leaks == 0);
+                 (unsigned long long)repaired->leaks, (unsigned long long)repaired->leaks_fixed,
+                 (unsigned long long)second->corruptions, (unsigned long long)second->leaks);
+  // A rebuild that leaves corruptions it cannot fix may leave a leak, and
+  // says so (corpus/check/repair-still-broken-snapshot-table-over-header:
+  // the snapshot table lies over the header, so rewriting the header to
+  // point at the new refcount table changes what the snapshot entries
+  // reference; qemu-img 7.2 `check -r all` fails with EIO on that image).
+  QNBD_FUZZ_CHECK(second->leaks <= repaired->leaks);
+  // Where nothing is left broken, nothing may be left leaked.
+  QNBD_FUZZ_CHECK(repaired->corruptions != 0 || second->leaks == 0);
   // -r all leaves only what no repair can fix (reference defects), and
   // says so: the second check finds no more than it reported as left.
   // (Not exactly equal yet: on corpus/check/crash-repair-count-compressed-copied
