@@ -21,7 +21,7 @@ SERVE_PID=
 # 1b. A SIGTERM that lands while such a server is already ending on its own
 # (closing images, removing its pid file) asks for what is happening: the
 # exit status stays 0, wherever in that sequence it lands (it used to be
-# 1 when it came after the io threads had stopped).
+# 1, or 143, when it came after the io threads had stopped).
 for i in $(seq 1 25); do
   NOPERSIST=1 start_serve -f raw "$img"
   nbdinfo --size "$SERVE_URI" >/dev/null

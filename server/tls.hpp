@@ -104,7 +104,7 @@ class TlsSession {
   // "x509 DN" or "psk username" once the handshake is done.
   const std::string& peer() const { return peer_; }
   // The negotiated protocol, key exchange and cipher, as GnuTLS prints
-  // them: "(TLS1.3)-(ECDHE-SECP256R1)-(ECDSA-SECP256R1-SHA256)-(AES-128-GCM)".
+  // them: "(TLS1.3)-(ECDHE-SECP256R1)-(ECDSA-SECP256R1-SHA256)-(AES-256-GCM)".
   std::string description() const;
 
   struct Handle;  // GnuTLS state, defined in tls.cpp
