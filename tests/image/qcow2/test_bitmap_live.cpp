@@ -110,6 +110,19 @@ void write_at(BlockDevice& d, std::uint64_t off, std::size_t len, std::uint8_t v
   REQUIRE_MESSAGE(r, r.error().message);
 }
 
+// The qcow2 image at `path` opened for writing over `file` (a wrapper that
+// holds or records its syncs).
+std::unique_ptr<Qcow2Image> open_writable_over(std::unique_ptr<File> file, const std::string& path) {
+  Qcow2Image::Parts parts;
+  parts.file = std::move(file);
+  parts.path = path;
+  OpenOptions o;
+  o.read_only = false;
+  auto img = Qcow2Image::open(std::move(parts), o);
+  REQUIRE_MESSAGE(img, img.error().message);
+  return std::move(*img);
+}
+
 }  // namespace
 
 TEST_CASE("live bitmap commands leave the image as their at-rest twins do") {
@@ -356,14 +369,8 @@ TEST_CASE("a guest write completes while the checkpoint's persist step waits for
   REQUIRE(inner);
   auto held = std::make_unique<HeldSyncFile>(std::move(*inner));
   HeldSyncFile& file = *held;
-  Qcow2Image::Parts parts;
-  parts.file = std::move(held);
-  parts.path = a;
-  OpenOptions o;
-  o.read_only = false;
-  auto img = Qcow2Image::open(std::move(parts), o);
-  REQUIRE_MESSAGE(img, img.error().message);
-  BlockDevice& dev = **img;
+  auto img = open_writable_over(std::move(held), a);
+  BlockDevice& dev = *img;
   std::vector<BlockDevice*> devs{&dev};
   REQUIRE(checkpoint(devs, "c0", "", 65536));
   write_at(dev, 0, 4096, 1);  // marks c0 (and the bitmaps in_use on disk)
@@ -420,7 +427,7 @@ TEST_CASE("a guest write completes while the checkpoint's persist step waits for
   CHECK(persisted);
   CHECK(held_syncs >= 1);
   REQUIRE(dev.close());
-  img->reset();
+  img.reset();
   // The writes made during the syncs came after the checkpoint: c1 has
   // them, c0 only the first write.
   CHECK(dirty_of(a, "c0") == "0,");
@@ -483,18 +490,12 @@ TEST_CASE("power loss at any write of a checkpoint's directory write leaves the 
   // The image open for writing over `file`, with checkpoint c0 taken and
   // one write (at 8192) made durable: each crash round starts here.
   auto open_after_c0 = [&](std::unique_ptr<File> file) {
-    Qcow2Image::Parts parts;
-    parts.file = std::move(file);
-    parts.path = path;
-    OpenOptions o;
-    o.read_only = false;
-    auto img = Qcow2Image::open(std::move(parts), o);
-    REQUIRE_MESSAGE(img, img.error().message);
-    std::vector<BlockDevice*> devs{img->get()};
+    auto img = open_writable_over(std::move(file), path);
+    std::vector<BlockDevice*> devs{img.get()};
     REQUIRE(checkpoint(devs, "c0", "", 4096));
-    write_at(**img, 8192, 4096, 1);
-    REQUIRE((*img)->flush());
-    return std::move(img).value();
+    write_at(*img, 8192, 4096, 1);
+    REQUIRE(img->flush());
+    return img;
   };
   for (std::uint64_t n = 0;; ++n) {
     bool finished = false;
