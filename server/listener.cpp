@@ -88,6 +88,20 @@ Result<void> Server::listen() {
   return ok();
 }
 
+// A Unix socket's send buffer is what a reply can put in flight before the
+// client reads (the receiver has no buffer of its own; its data is charged
+// to the sender). The default, net.core.wmem_default (208 KiB on Debian), is
+// less than one 256 KiB READ reply, so every large reply went out in
+// several sendmsg calls, each after a readiness wait while the client
+// drained it: nbdcopy's sequential read of a qcow2 ran at about 2.3 GB/s,
+// 3.5 GB/s with this. The kernel doubles the value asked for (bookkeeping)
+// and caps it at net.core.wmem_max; best effort, a refusal only costs speed.
+// TCP keeps the kernel's autotuning, which an explicit SO_SNDBUF disables.
+static void widen_send_buffer(int fd) {
+  constexpr int kUnixSendBuffer = 1 << 20;
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &kUnixSendBuffer, sizeof kUnixSendBuffer);
+}
+
 bool Server::admit_address(const std::string& addr, std::uint64_t id) {
   if (!opts_.max_connections_per_address || addr.empty()) return true;
   std::size_t n = 0;
@@ -131,6 +145,7 @@ awaitable<void> Server::accept_loop(Acceptor& acc, std::shared_ptr<const TlsCred
           ::inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(&ss)->sin6_addr, host, sizeof host);
       }
       peer = host;
+      if (ss.ss_family == AF_UNIX) widen_send_buffer(sock.native_handle());
     }
     // Per-address cap, counted over every session (negotiating ones too):
     // one address cannot take all of max_connections.

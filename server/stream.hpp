@@ -99,7 +99,7 @@ class Stream {
   boost::asio::awaitable<std::pair<ErrorCode, std::size_t>> write(const Buffers& buffers) {
     namespace asio = boost::asio;
     if (!tls_) {
-      auto [ec, n] = co_await asio::async_write(socket_, buffers, asio::as_tuple(asio::use_awaitable));
+      auto [ec, n] = co_await asio::async_write(socket_, buffers, whole_sequence, asio::as_tuple(asio::use_awaitable));
       co_return std::pair{ec, n};
     }
     // Small pieces (reply headers, chunk metadata) are gathered so they go
@@ -130,6 +130,15 @@ class Stream {
 
  private:
   static constexpr std::size_t kGather = 16u << 10;
+
+  // asio::async_write's default condition (transfer_all) hands each
+  // sendmsg at most 64 KiB (asio's default_max_transfer_size), so a 1 MiB
+  // READ reply took 16 sendmsg calls and as many readiness waits. This one
+  // offers the whole remaining sequence (up to asio's iovec count); the
+  // kernel takes what the socket buffer holds.
+  static constexpr auto whole_sequence = [](const ErrorCode& ec, std::size_t) -> std::size_t {
+    return ec ? 0 : std::size_t{1} << 30;
+  };
 
   boost::asio::awaitable<ErrorCode> flush() {
     auto ec = co_await send_all(std::span<const std::byte>(out_));
