@@ -56,8 +56,8 @@ bool Session::runs_inline(const Request& r) {
   }
   if (r.flags & NBD_CMD_FLAG_FUA) return false;
   switch (r.type) {
-    case NBD_CMD_READ:
-    case NBD_CMD_WRITE: return r.length <= kInlineMaxLength;
+    case NBD_CMD_READ: return r.length <= kInlineMaxRead;
+    case NBD_CMD_WRITE: return r.length <= kInlineMaxWrite;
     case NBD_CMD_BLOCK_STATUS: return true;
     default: return false;
   }
