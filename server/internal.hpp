@@ -42,6 +42,7 @@
 #pragma once
 
 #include <sys/resource.h>
+#include <sys/uio.h>
 
 #include <atomic>
 #include <chrono>
@@ -177,6 +178,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void reply_error(Slot& s, const Error& e);  // protocol::append_error_reply
   void reply_ok(Slot& s);
   void queue_reply(Slot* s);
+  void send_ready_now();
   Slot* get_slot();
   void put_slot(Slot* s);
 
@@ -207,6 +209,12 @@ class Session : public std::enable_shared_from_this<Session> {
   std::uint64_t inflight_bytes_ = 0;
   std::uint32_t pool_credit_ = 0;  // requests still to send to the pool (runs_inline)
   std::deque<Slot*> ready_;
+  // The reader's direct send (send_ready_now): it may write only while the
+  // writer is not in a write; bytes of ready_.front()'s reply it already
+  // sent, which the writer skips.
+  bool writer_writing_ = false;
+  std::size_t head_sent_ = 0;
+  std::vector<iovec> direct_iov_;
   // Receive buffer: one recv can bring many pipelined request headers (and
   // small write payloads), instead of one syscall per 28/32-byte header.
   static constexpr std::size_t kRecvBufferSize = 64u << 10;
@@ -215,6 +223,8 @@ class Session : public std::enable_shared_from_this<Session> {
   std::size_t buffered() const { return rend_ - rpos_; }
   // Until at least `need` (<= kRecvBufferSize) bytes are buffered.
   awaitable<boost::system::error_code> fill(std::size_t need);
+  // What the socket holds now, without waiting; true if `need` bytes are buffered.
+  bool fill_now(std::size_t need);
   std::vector<std::unique_ptr<Slot>> slots_;
   std::vector<Slot*> free_slots_;
 };

@@ -199,6 +199,18 @@ void Session::put_slot(Slot* s) {
   free_slots_.push_back(s);
 }
 
+bool Session::fill_now(std::size_t need) {
+  if (stream_.tls()) return false;  // GnuTLS owns the socket's reads
+  if (rpos_ > 0 && rend_ - rpos_ < need) {
+    std::memmove(rbuf_.get(), rbuf_.get() + rpos_, rend_ - rpos_);
+    rend_ -= rpos_;
+    rpos_ = 0;
+  }
+  const ssize_t n = ::recv(socket_.native_handle(), rbuf_.get() + rend_, kRecvBufferSize - rend_, MSG_DONTWAIT);
+  if (n > 0) rend_ += static_cast<std::size_t>(n);
+  return rend_ - rpos_ >= need;
+}
+
 awaitable<boost::system::error_code> Session::fill(std::size_t need) {
   if (rpos_ > 0 && rend_ - rpos_ < need) {
     std::memmove(rbuf_.get(), rbuf_.get() + rpos_, rend_ - rpos_);
@@ -236,6 +248,10 @@ awaitable<void> Session::transmission() {
       auto avail = socket_.available(aec) + stream_.pending();
       if (aec || buffered() + avail < hsize) break;
     }
+    // Before the reader waits, the replies it finished go out
+    // (send_ready_now), unless more requests are already in the socket: then
+    // they join this batch first, and their replies leave together.
+    if (buffered() < hsize && !ready_.empty() && !fill_now(hsize)) send_ready_now();
     auto ec = co_await fill(hsize);
     if (ec == asio::error::operation_aborted && stopping_) continue;
     if (ec) break;
@@ -259,9 +275,13 @@ awaitable<void> Session::transmission() {
     // always admitted when nothing else is in flight).
     std::uint64_t cost =
         req.payload_length + (req.type == NBD_CMD_READ ? std::min<std::uint64_t>(req.length, kMaxPayload) : 0);
-    while (inflight_ > 0 &&
-           (inflight_ >= opts.max_inflight_requests || inflight_bytes_ + cost > opts.max_inflight_bytes) &&
-           !write_failed_) {
+    auto full = [&] {
+      return inflight_ > 0 &&
+             (inflight_ >= opts.max_inflight_requests || inflight_bytes_ + cost > opts.max_inflight_bytes);
+    };
+    while (full() && !write_failed_) {
+      send_ready_now();  // may free the room itself
+      if (!full()) break;
       co_await wake_reader_.async_wait(use_tuple);
     }
     if (write_failed_) break;
@@ -283,6 +303,7 @@ awaitable<void> Session::transmission() {
       rpos_ += have;
       boost::system::error_code ec2;
       if (have < req.payload_length) {
+        send_ready_now();
         auto [e, n2] = co_await stream_.read_exact(asio::buffer(s->data.data.get() + have, req.payload_length - have),
                                                    read_cancel_.slot());
         ec2 = e;
@@ -296,12 +317,13 @@ awaitable<void> Session::transmission() {
     }
     if (runs_inline(s->req)) {
       if (!answer_without_device(*s)) execute_inline(*s);
-      queue_reply(s);
+      ready_.push_back(s);  // sent by send_ready_now before the reader waits
     } else {
       spawn_handle(s);
     }
   }
   // Finish in-flight requests, then let the writer drain and exit.
+  send_ready_now();
   stopping_ = true;
   reader_done_ = true;
   while (inflight_ > 0 && !write_failed_) co_await wake_reader_.async_wait(use_tuple);
