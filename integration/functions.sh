@@ -202,3 +202,40 @@ stop_server() {
     return 1
   fi
 }
+
+# requires_strace: skip unless strace is installed and may trace here.
+requires_strace() {
+  requires strace
+  if ! strace -f -qq -o /dev/null true 2>/dev/null; then
+    echo "SKIP: $0: strace cannot trace here (ptrace not permitted)"
+    exit 77
+  fi
+}
+
+# start_traced_server PIDFILE TRACE SYSCALLS CMD...: start_server with CMD
+# (which writes PIDFILE) under `strace -f -e trace=SYSCALLS -o TRACE`. Sets
+# SERVER_PID (strace's) and TRACED_PID (the server's, from PIDFILE).
+# LeakSanitizer cannot run under ptrace (it exits with an error in an ASan
+# build), so leak checking is off for the traced server only.
+start_traced_server() {
+  local pidfile=$1 trace=$2 calls=$3
+  shift 3
+  start_server "$pidfile" strace -f -qq --seccomp-bpf -e trace="$calls" -o "$trace" \
+    env ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" "$@" || return 1
+  TRACED_PID=$(cat "$pidfile")
+}
+
+# end_traced_server: after the client of a server started by
+# start_traced_server (without -t) has gone, wait for the server to exit
+# (strace exits with it and flushes TRACE), stopping it by its own PID
+# only if it hangs there; fails if strace or the server failed.
+end_traced_server() {
+  local i
+  for ((i = 0; i < 200; i++)); do
+    kill -0 "$TRACED_PID" 2>/dev/null || break
+    sleep 0.05
+  done
+  kill -TERM "$TRACED_PID" 2>/dev/null || true
+  wait "$SERVER_PID" || fail "qnbd serve (under strace) exited with status $?"
+  unset "_live_servers[$SERVER_PID]"
+}

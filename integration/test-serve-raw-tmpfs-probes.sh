@@ -10,16 +10,12 @@
 # not one or two per READ, and no more for the big file than for the small.
 source "$(dirname "$0")/functions.sh"
 requires_qnbd
-requires strace
+requires_strace
 requires_python_nbd
 
 shm=/dev/shm
 if [[ ! -d $shm || ! -w $shm || $(stat -f -c %T "$shm" 2>/dev/null) != tmpfs ]]; then
   echo "SKIP: $0: no writable tmpfs at $shm"
-  exit 77
-fi
-if ! strace -f -qq -o /dev/null true 2>/dev/null; then
-  echo "SKIP: $0: strace cannot trace here (ptrace not permitted)"
   exit 77
 fi
 shmdir=$(mktemp -d "$shm/qnbd-probes.XXXXXX")
@@ -49,12 +45,8 @@ with open(path, "wb") as f:
         f.write(buf)
 PY
   local trace=$TMPDIR_TEST/trace-$mib.txt sock=$TMPDIR_TEST/probe-$mib.sock pidfile=$TMPDIR_TEST/probe-$mib.pid
-  # LeakSanitizer cannot run under ptrace (it exits with an error in an
-  # ASan build), so leak checking is off for this traced server only.
-  start_server "$pidfile" strace -f -qq --seccomp-bpf -e trace=lseek -o "$trace" \
-    env ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" "$QNBD" serve -r -f raw -k "$sock" --pid-file "$pidfile" "$img" || fail "server did not start"
-  local strace_pid=$SERVER_PID qnbd_pid
-  qnbd_pid=$(cat "$pidfile")
+  start_traced_server "$pidfile" "$trace" lseek "$QNBD" serve -r -f raw -k "$sock" --pid-file "$pidfile" "$img" ||
+    fail "server did not start"
   "$PY" - "nbd+unix:///?socket=$sock" "$img" "$READS" <<'PY' || fail "random reads of ${mib} MiB file"
 import os, random, sys
 import nbd
@@ -73,16 +65,7 @@ with open(path, "rb") as f:
         assert got == f.read(4096), f"data differs at {off}"
 h.shutdown()
 PY
-  # Without -t qnbd exits once the client has gone (strace exits with it and
-  # flushes the trace); stopped by its own PID only if it hangs there.
-  local i
-  for ((i = 0; i < 200; i++)); do
-    kill -0 "$qnbd_pid" 2>/dev/null || break
-    sleep 0.05
-  done
-  kill -TERM "$qnbd_pid" 2>/dev/null || true
-  wait "$strace_pid" || fail "qnbd serve (under strace) exited with status $?"
-  unset "_live_servers[$strace_pid]"
+  end_traced_server
   rm -f "$img"
   PROBE_DATA=$(grep -c SEEK_DATA "$trace" || true)
   PROBE_HOLE=$(grep -c SEEK_HOLE "$trace" || true)

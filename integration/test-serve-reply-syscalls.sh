@@ -14,13 +14,8 @@
 # READ, not two or more.
 source "$(dirname "$0")/functions.sh"
 requires_qnbd
-requires strace
+requires_strace
 requires_python_nbd
-
-if ! strace -f -qq -o /dev/null true 2>/dev/null; then
-  echo "SKIP: $0: strace cannot trace here (ptrace not permitted)"
-  exit 77
-fi
 
 READS=64
 LEN=$((256 << 10))
@@ -39,12 +34,8 @@ with open(sys.argv[1], "wb") as f:
 PY
 
 trace=$TMPDIR_TEST/trace.txt sock=$TMPDIR_TEST/s.sock pidfile=$TMPDIR_TEST/s.pid
-# LeakSanitizer cannot run under ptrace (see test-serve-raw-tmpfs-probes.sh).
-start_server "$pidfile" strace -f -qq --seccomp-bpf -e trace=sendmsg,sendto,sendmmsg,write,writev -o "$trace" \
-  env ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0" "$QNBD" serve -r -f raw -k "$sock" \
-  --pid-file "$pidfile" "$img" || fail "server did not start"
-strace_pid=$SERVER_PID
-qnbd_pid=$(cat "$pidfile")
+start_traced_server "$pidfile" "$trace" sendmsg,sendto,sendmmsg,write,writev \
+  "$QNBD" serve -r -f raw -k "$sock" --pid-file "$pidfile" "$img" || fail "server did not start"
 
 "$PY" - "nbd+unix:///?socket=$sock" "$img" "$READS" "$LEN" <<'PY' || fail "reads"
 import random, sys
@@ -63,14 +54,7 @@ with open(path, "rb") as f:
 h.shutdown()
 PY
 
-# Without -t qnbd exits once the client has gone; strace exits with it.
-for ((i = 0; i < 200; i++)); do
-  kill -0 "$qnbd_pid" 2>/dev/null || break
-  sleep 0.05
-done
-kill -TERM "$qnbd_pid" 2>/dev/null || true
-wait "$strace_pid" || fail "qnbd serve (under strace) exited with status $?"
-unset "_live_servers[$strace_pid]"
+end_traced_server
 
 sends=$(awk -v big=$BIG '/^[0-9]+ +(sendmsg|sendto|sendmmsg|writev?)\(/ { if ($NF + 0 >= big) n++ } END { print n + 0 }' "$trace")
 echo "$sends send calls of $BIG bytes or more for $READS READs of $LEN bytes (at most $((READS + SLACK)))"

@@ -85,9 +85,7 @@ void Session::spawn_handle(Slot* s) {
   auto self = shared_from_this();
   asio::co_spawn(socket_.get_executor(), handle(s), log_failure(fmt::format("conn {}: request", id_), [this, self, s] {
                    abort();
-                   inflight_--;
-                   inflight_bytes_ -= s->charged_bytes;
-                   put_slot(s);
+                   retire_slot(s);
                    wake_reader_.cancel();
                    wake_writer_.cancel();
                  }));

@@ -114,6 +114,9 @@ struct Slot {
   BlockStatusPlan status;  // reused: its extent lists keep their capacity
   std::uint64_t charged_bytes = 0;
   void add_meta(std::size_t from) { pieces.push_back({false, from, meta.size() - from}); }
+  const std::byte* piece_bytes(const Piece& p) const {
+    return (p.from_data ? data.data.get() : meta.data()) + p.offset;
+  }
 };
 
 class Server;
@@ -180,7 +183,8 @@ class Session : public std::enable_shared_from_this<Session> {
   void queue_reply(Slot* s);
   void send_ready_now();
   Slot* get_slot();
-  void put_slot(Slot* s);
+  // A slot leaves flight: its charge is given back and it is reused.
+  void retire_slot(Slot* s);
 
   Server& server_;
   Socket socket_;

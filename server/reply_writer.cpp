@@ -38,10 +38,7 @@ awaitable<void> Session::writer() {
       Slot* s = ready_.front();
       ready_.pop_front();
       batch.push_back(s);
-      for (const auto& p : s->pieces)
-        iov.emplace_back(p.from_data ? static_cast<const void*>(s->data.data.get() + p.offset)
-                                     : static_cast<const void*>(s->meta.data() + p.offset),
-                         p.length);
+      for (const auto& p : s->pieces) iov.emplace_back(s->piece_bytes(p), p.length);
     }
     // The reader sent the start of the first reply already (send_ready_now).
     for (std::size_t skip = std::exchange(head_sent_, 0), i = 0; skip > 0; ++i) {
@@ -59,11 +56,7 @@ awaitable<void> Session::writer() {
         read_cancel_.emit(asio::cancellation_type::terminal);
       }
     }
-    for (Slot* s : batch) {
-      inflight_--;
-      inflight_bytes_ -= s->charged_bytes;
-      put_slot(s);
-    }
+    for (Slot* s : batch) retire_slot(s);
     wake_reader_.cancel();
   }
   writer_done_ = true;
@@ -89,10 +82,7 @@ void Session::send_ready_now() {
   std::size_t slots = 0;
   for (Slot* s : ready_) {
     if (direct_iov_.size() + s->pieces.size() > IOV_MAX) break;
-    for (const auto& p : s->pieces) {
-      auto* base = p.from_data ? s->data.data.get() + p.offset : s->meta.data() + p.offset;
-      direct_iov_.push_back({const_cast<std::byte*>(base), p.length});
-    }
+    for (const auto& p : s->pieces) direct_iov_.push_back({const_cast<std::byte*>(s->piece_bytes(p)), p.length});
     ++slots;
   }
   if (slots == 0) {
@@ -117,9 +107,7 @@ void Session::send_ready_now() {
     if (sent < len) break;
     sent -= len;
     ready_.pop_front();
-    inflight_--;
-    inflight_bytes_ -= s->charged_bytes;
-    put_slot(s);
+    retire_slot(s);
   }
   head_sent_ = sent;
   if (!ready_.empty()) wake_writer_.cancel();

@@ -191,7 +191,9 @@ Slot* Session::get_slot() {
   return s;
 }
 
-void Session::put_slot(Slot* s) {
+void Session::retire_slot(Slot* s) {
+  inflight_--;
+  inflight_bytes_ -= s->charged_bytes;
   s->meta.clear();
   s->pieces.clear();
   // Keep small buffers with the slot; give big ones back to the shared pool.
@@ -309,9 +311,7 @@ awaitable<void> Session::transmission() {
         ec2 = e;
       }
       if (ec2) {
-        inflight_--;
-        inflight_bytes_ -= cost;
-        put_slot(s);
+        retire_slot(s);
         break;
       }
     }
