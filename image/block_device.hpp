@@ -58,6 +58,15 @@ struct LayerStatus {
   const File* file = nullptr;  // the file host_offset points into
 };
 
+// Where a range's bytes lie in a host file, for reads the server sends
+// straight from the page cache (splice(2)) instead of copying them through
+// a buffer (BlockDevice::host_run).
+struct HostRun {
+  std::uint64_t length = 0;       // bytes from the queried offset (>= 1)
+  int fd = -1;                    // -1: this run must go through read()
+  std::uint64_t host_offset = 0;  // where the run starts in fd
+};
+
 // One run of a dirty bitmap's status (NBD qemu:dirty-bitmap:NAME context).
 struct BitmapExtent {
   std::uint64_t length = 0;
@@ -140,6 +149,19 @@ class BlockDevice {
     st.length = max_length;
     st.data = st.present = true;
     return st;
+  }
+  // The first run of [offset, offset + max_length) as bytes of a host
+  // file. A device names a descriptor only where what a guest offset maps
+  // to cannot change while the device is open (a raw file; a qcow2 image
+  // opened read-only): the server takes the pages after this call returns
+  // and the socket hands them to the client later still, holding no lock,
+  // so on a writable qcow2 a cluster freed and given to another offset in
+  // between would send that offset's bytes. Bytes of a host range that a
+  // concurrent write changes in place are what any read racing that write
+  // may return (NBD proto.md "Ordering of messages and writes"). The
+  // default: every run goes through read().
+  [[nodiscard]] virtual Result<HostRun> host_run(std::uint64_t /*offset*/, std::uint64_t max_length) {
+    return HostRun{max_length, -1, 0};
   }
   // The backing image, or nullptr (owned by this device).
   virtual BlockDevice* backing() const { return nullptr; }

@@ -12,8 +12,9 @@
 //                       inline-or-pool, execute, the device I/O of READ and
 //                       BLOCK_STATUS (what their replies say is protocol/'s
 //                       ReadPlan and BlockStatusPlan)
-//   reply_writer.cpp    reply encoding and the writer coroutine (one
-//                       gathered write per batch of replies)
+//   reply_writer.cpp    reply encoding, the non-blocking sender
+//                       (send_some) and the writer coroutine, the
+//                       splice pipe of zero-copy READs
 //   export_registry.cpp one Export per export (info, device, bitmaps and
 //                       their handles), the registry, describe_export
 //   shutdown.cpp        the shutdown sequence and the signals
@@ -95,9 +96,12 @@ awaitable<void> run_blocking(asio::thread_pool& pool, F& f) {
       use_awaitable);
 }
 
-// One scatter/gather piece of a reply: bytes from `meta` or from `data`.
+// One piece of a reply: bytes of the slot's `meta` or `data` at offset,
+// or the next `length` bytes of the connection's splice pipe (a zero-copy
+// READ's payload, Session::splice_in).
 struct Piece {
-  bool from_data = false;
+  enum class Source : std::uint8_t { meta, data, pipe };
+  Source source = Source::meta;
   std::size_t offset = 0;
   std::size_t length = 0;
 };
@@ -113,9 +117,19 @@ struct Slot {
   std::vector<image::BitmapExtent> bitmap_extents;
   BlockStatusPlan status;  // reused: its extent lists keep their capacity
   std::uint64_t charged_bytes = 0;
-  void add_meta(std::size_t from) { pieces.push_back({false, from, meta.size() - from}); }
+  // Bytes this slot put into the splice pipe for a reply it then replaced
+  // with an error (reply_error): the sender drops them from the pipe
+  // before it sends this reply, keeping the pipe in step with ready_.
+  std::size_t pipe_junk = 0;
+  void add_meta(std::size_t from) { pieces.push_back({Piece::Source::meta, from, meta.size() - from}); }
+  // Where a meta or data piece's bytes are (a pipe piece has none).
   const std::byte* piece_bytes(const Piece& p) const {
-    return (p.from_data ? data.data.get() : meta.data()) + p.offset;
+    return (p.source == Piece::Source::data ? data.data.get() : meta.data()) + p.offset;
+  }
+  std::size_t reply_bytes() const {
+    std::size_t n = 0;
+    for (const auto& p : pieces) n += p.length;
+    return n;
   }
 };
 
@@ -133,6 +147,13 @@ class Session : public std::enable_shared_from_this<Session> {
   static constexpr std::uint32_t kInlineMaxRead = 2u << 20;
   static constexpr std::uint32_t kInlineMaxWrite = 256u << 10;
   static constexpr auto kSlowInline = std::chrono::microseconds(200);
+  // Zero-copy READs: payload runs of at least kSpliceMinBytes are spliced
+  // from the page cache (smaller ones cost less copied than the two splice
+  // calls); the pipe is asked to hold kSplicePipeBytes, and below
+  // kMinSplicePipeBytes it is not used at all.
+  static constexpr std::size_t kSpliceMinBytes = 64u << 10;
+  static constexpr std::size_t kSplicePipeBytes = 1u << 20;
+  static constexpr std::size_t kMinSplicePipeBytes = 256u << 10;
   static constexpr std::uint32_t kPoolCredit = 256;
   Session(Server& server, Socket socket, std::uint64_t id, std::shared_ptr<const TlsCredentials> tls,
           std::string peer_address)
@@ -142,6 +163,7 @@ class Session : public std::enable_shared_from_this<Session> {
     wake_reader_.expires_at(asio::steady_timer::time_point::max());
     wake_writer_.expires_at(asio::steady_timer::time_point::max());
   }
+  ~Session();
 
   awaitable<void> run();
   // Called on the session's executor: stop reading requests, let in-flight
@@ -173,15 +195,27 @@ class Session : public std::enable_shared_from_this<Session> {
   bool answer_without_device(Slot& s);  // refusals and CACHE; true if answered
   bool runs_inline(const Request& r);
   void execute_inline(Slot& s);
-  void execute(Slot& s);  // runs on the blocking pool or inline (runs_inline)
+  // Runs on the blocking pool, or inline on the io thread (runs_inline):
+  // only then may a READ use the session's splice pipe.
+  void execute(Slot& s, bool on_io_thread);
   template <typename Step>
   bool in_steps(Slot& s, Step&& step, Result<void>& res);
-  void do_read(Slot& s);
+  void do_read(Slot& s, bool on_io_thread);
+  // Zero-copy READs (plain connections, devices with host_run): up to
+  // `length` bytes of fd at host_offset into the splice pipe; how many
+  // went in (0: no room, end of file, or the pipe could not be made).
+  std::size_t splice_in(int fd, std::uint64_t host_offset, std::size_t length);
+  bool open_splice_pipe();
   void do_block_status(Slot& s);
   void reply_error(Slot& s, const Error& e);  // protocol::append_error_reply
   void reply_ok(Slot& s);
   void queue_reply(Slot* s);
   void send_ready_now();
+  // Sends ready_ from the front without waiting (plain connections): memory
+  // pieces gathered into one sendmsg, pipe pieces spliced to the socket.
+  enum class SendStatus { all_sent, would_block, failed };
+  SendStatus send_some();
+  void sent(std::size_t n);  // n more bytes of ready_ left: retire whole replies
   Slot* get_slot();
   // A slot leaves flight: its charge is given back and it is reused.
   void retire_slot(Slot* s);
@@ -213,12 +247,24 @@ class Session : public std::enable_shared_from_this<Session> {
   std::uint64_t inflight_bytes_ = 0;
   std::uint32_t pool_credit_ = 0;  // requests still to send to the pool (runs_inline)
   std::deque<Slot*> ready_;
-  // The reader's direct send (send_ready_now): it may write only while the
-  // writer is not in a write; bytes of ready_.front()'s reply it already
-  // sent, which the writer skips.
+  // Plain connections: the reader (send_ready_now) and the writer both
+  // send with send_some, from the front of ready_; head_sent_ is how much
+  // of ready_.front()'s reply has left. The reader does not try while the
+  // writer waits for room (writer_writing_). TLS connections: the writer
+  // alone, through stream_.
   bool writer_writing_ = false;
   std::size_t head_sent_ = 0;
   std::vector<iovec> direct_iov_;
+  // Zero-copy READs (NBD payload spliced from the page cache): a pipe per
+  // connection, made at the first READ that can use it. Inline READs put
+  // their pages in (in the order their slots enter ready_, since only the
+  // io thread does), the senders take them out in the same order.
+  // pipe_queued_: bytes in the pipe. Closed with the session.
+  bool zero_copy_ = false;
+  int pipe_r_ = -1;
+  int pipe_w_ = -1;
+  std::size_t pipe_capacity_ = 0;
+  std::size_t pipe_queued_ = 0;
   // Receive buffer: one recv can bring many pipelined request headers (and
   // small write payloads), instead of one syscall per 28/32-byte header.
   static constexpr std::size_t kRecvBufferSize = 64u << 10;

@@ -8,6 +8,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <cstring>
 
@@ -38,6 +39,11 @@ awaitable<void> Session::run() {
   socket_.shutdown(Socket::shutdown_both, ec);
   socket_.close(ec);
   log::debug("conn {}: closed", id_);
+}
+
+Session::~Session() {
+  if (pipe_r_ >= 0) ::close(pipe_r_);
+  if (pipe_w_ >= 0) ::close(pipe_w_);
 }
 
 void Session::abort() {
@@ -194,6 +200,7 @@ Slot* Session::get_slot() {
 void Session::retire_slot(Slot* s) {
   inflight_--;
   inflight_bytes_ -= s->charged_bytes;
+  s->pipe_junk = 0;
   s->meta.clear();
   s->pieces.clear();
   // Keep small buffers with the slot; give big ones back to the shared pool.
@@ -239,6 +246,13 @@ awaitable<void> Session::transmission() {
                  }));
   const auto hsize = request_header_size(neg_.mode);
   rbuf_ = std::make_unique_for_overwrite<std::byte[]>(kRecvBufferSize);
+  if (!stream_.tls()) {
+    // send_some's sendmsg and splice must never wait: the socket itself is
+    // made non-blocking (splice has no per-call flag for the socket side).
+    boost::system::error_code nbec;
+    socket_.native_non_blocking(true, nbec);
+    zero_copy_ = !nbec;
+  }
   const auto& opts = server_.options();
   for (;;) {
     if (write_failed_) break;

@@ -60,6 +60,11 @@ class File {
   // called concurrently with itself (I/O may run meanwhile). The default
   // (files that are not host files) has nothing to lock.
   [[nodiscard]] virtual Result<void> set_lock(const LockRequest& /*request*/) { return ok(); }
+  // A descriptor whose page cache holds exactly this file's bytes, for
+  // splice(2) (BlockDevice::host_run); -1 where reads must go through
+  // pread(): memory files, O_DIRECT files, and wrappers (which change what
+  // a read returns or see every call).
+  virtual int splice_fd() const { return -1; }
   // Name for messages (the path for real files).
   virtual const std::string& name() const = 0;
 

@@ -207,6 +207,8 @@ class PosixFile final : public File {
     return ok();
   }
 
+  // O_DIRECT files keep their bytes out of the page cache: no splice.
+  int splice_fd() const override { return cache_ == CacheMode::none ? -1 : fd_; }
   const std::string& name() const override { return name_; }
 
  private:

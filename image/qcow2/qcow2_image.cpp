@@ -292,6 +292,23 @@ Result<LayerStatus> Qcow2Image::layer_status(std::uint64_t offset, std::uint64_t
   return st;
 }
 
+Result<HostRun> Qcow2Image::host_run(std::uint64_t offset, std::uint64_t max_length) {
+  if (!range_within(offset, max_length, size_) || max_length == 0) {
+    return make_error(EINVAL, "{}: host run {:#x}+{} is outside the image", path_, offset, max_length);
+  }
+  std::lock_guard lock(mutex_);
+  const Mapping m = QNBD_TRY(get_host_offset_locked(offset, max_length));
+  HostRun run{m.bytes, -1, 0};
+  // writable_ is set once, by the open, before any request. A writable
+  // image frees clusters (discard, zeroing with unmap, COW of shared
+  // clusters) and hands them out again, so its mapping is never lent out.
+  if (!writable_ && m.type == SubclusterType::normal) {
+    run.fd = data_file().splice_fd();
+    run.host_offset = m.host_offset;
+  }
+  return run;
+}
+
 Result<std::size_t> Qcow2Image::block_status(std::uint64_t offset, std::uint64_t length, std::span<Extent> out) {
   if (!range_within(offset, length, size_)) {
     return make_error(EINVAL, "{}: block status {:#x}+{} is outside the image", path_, offset, length);

@@ -73,6 +73,9 @@ class Qcow2Image final : public BlockDevice {
   Result<void> close() override;
   Result<std::size_t> block_status(std::uint64_t offset, std::uint64_t length, std::span<Extent> out) override;
   Result<LayerStatus> layer_status(std::uint64_t offset, std::uint64_t max_length) override;
+  // Plain data clusters of an image opened read-only (nothing can free and
+  // reuse a cluster then); everything else goes through read().
+  Result<HostRun> host_run(std::uint64_t offset, std::uint64_t max_length) override;
   BlockDevice* backing() const override { return backing_.get(); }
   ImageInfo info() const override;
 

@@ -125,6 +125,11 @@ Result<LayerStatus> RawDevice::layer_status(std::uint64_t offset, std::uint64_t 
   return st;
 }
 
+Result<HostRun> RawDevice::host_run(std::uint64_t offset, std::uint64_t max_length) {
+  QNBD_TRY(check_range(offset, max_length));
+  return HostRun{max_length, file_->splice_fd(), offset};
+}
+
 Result<std::size_t> RawDevice::block_status(std::uint64_t offset, std::uint64_t length, std::span<Extent> out) {
   QNBD_TRY(check_range(offset, length));
   return chain_block_status(*this, offset, length, out);

@@ -32,6 +32,8 @@ class RawDevice final : public BlockDevice {
   Result<void> flush() override;
   Result<std::size_t> block_status(std::uint64_t offset, std::uint64_t length, std::span<Extent> out) override;
   Result<LayerStatus> layer_status(std::uint64_t offset, std::uint64_t max_length) override;
+  // Guest offset = host offset, always: every run is the file's.
+  Result<HostRun> host_run(std::uint64_t offset, std::uint64_t max_length) override;
   ImageInfo info() const override;
 
   File& file() { return *file_; }
