@@ -44,6 +44,7 @@
 
 #include <sys/resource.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -68,6 +69,7 @@
 #include "server/buffer_pool.hpp"
 #include "server/control.hpp"
 #include "server/export_registry.hpp"
+#include "server/poll_window.hpp"
 #include "server/server.hpp"
 #include "server/stream.hpp"
 #include "server/tls.hpp"
@@ -275,6 +277,10 @@ class Session : public std::enable_shared_from_this<Session> {
   awaitable<boost::system::error_code> fill(std::size_t need);
   // What the socket holds now, without waiting; true if `need` bytes are buffered.
   bool fill_now(std::size_t need);
+  // Adaptive polling for the next request (session.cpp says why).
+  using Clock = std::chrono::steady_clock;
+  PollWindow poll_;
+  void poll_for_request(std::size_t need);
   std::vector<std::unique_ptr<Slot>> slots_;
   std::vector<Slot*> free_slots_;
 };
@@ -343,6 +349,10 @@ class Server : public ExportCatalog, public ControlTarget {
   static constexpr auto kAbortedDrainLimit = std::chrono::seconds(60);
 
   ExportRegistry& registry() { return registry_; }
+  // More than one CPU online: a session may spin briefly for its client's
+  // next request (Session::poll_for_request). The client may run on a CPU
+  // this process is not allowed (taskset), so this counts them all.
+  bool may_poll() const { return cpus_online_ > 1; }
   const ServerOptions& options() const { return opts_; }
   asio::thread_pool& pool() { return pool_; }
 
@@ -369,6 +379,7 @@ class Server : public ExportCatalog, public ControlTarget {
   void stop_io();
 
   ServerOptions opts_;  // exports moved to registry_ by add_exports()
+  long cpus_online_ = ::sysconf(_SC_NPROCESSORS_ONLN);
   ExportRegistry registry_;
   unsigned threads_;
   // Destroyed after ctx_: operations still queued in ctx_ at exit (an

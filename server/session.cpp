@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "common/log.hpp"
@@ -220,6 +221,25 @@ bool Session::fill_now(std::size_t need) {
   return rend_ - rpos_ >= need;
 }
 
+// Adaptive polling, as QEMU's event loop does for qemu-nbd (util/aio-posix.c,
+// the iothread's poll-max-ns): a client that sends one request at a time
+// (QEMU's REQ_ONE block status, a guest's queue-depth-1 reads) sends the
+// next one a few microseconds after its reply, and sleeping in epoll and
+// being woken for it costs more than that on a VM (qemu-img map of a
+// fragmented image, 131,072 requests: 5.6 s sleeping, 3.6-4.3 s polling,
+// qemu-nbd 5.6-6.3 s). So a connection with nothing in flight first looks
+// for its next request without sleeping, for the PollWindow, which grows
+// while the waits after it stay short and shrinks to 0 after long ones: an
+// idle or slow client costs at most a few tens of microseconds of spinning.
+// Never over TLS (GnuTLS reads the socket), nor with a single CPU online
+// (the client could not run meanwhile).
+void Session::poll_for_request(std::size_t need) {
+  if (poll_.window().count() == 0) return;
+  const auto until = Clock::now() + poll_.window();
+  while (!fill_now(need) && Clock::now() < until) {
+  }
+}
+
 awaitable<boost::system::error_code> Session::fill(std::size_t need) {
   if (rpos_ > 0 && rend_ - rpos_ < need) {
     std::memmove(rbuf_.get(), rbuf_.get() + rpos_, rend_ - rpos_);
@@ -268,7 +288,11 @@ awaitable<void> Session::transmission() {
     // (send_ready_now), unless more requests are already in the socket: then
     // they join this batch first, and their replies leave together.
     if (buffered() < hsize && !ready_.empty() && !fill_now(hsize)) send_ready_now();
+    if (buffered() < hsize && ready_.empty() && inflight_ == 0) poll_for_request(hsize);
+    const bool waits = buffered() < hsize;
+    const auto wait_start = waits ? Clock::now() : Clock::time_point{};
     auto ec = co_await fill(hsize);
+    if (waits && !stream_.tls() && server_.may_poll()) poll_.after_wait(Clock::now() - wait_start);
     if (ec == asio::error::operation_aborted && stopping_) continue;
     if (ec) break;
     Request req;
