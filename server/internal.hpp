@@ -280,6 +280,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // Adaptive polling for the next request (session.cpp says why).
   using Clock = std::chrono::steady_clock;
   PollWindow poll_;
+  unsigned requests_since_empty_ = 0;  // requests since the receive buffer last ran dry
   void poll_for_request(std::size_t need);
   std::vector<std::unique_ptr<Slot>> slots_;
   std::vector<Slot*> free_slots_;

@@ -288,7 +288,14 @@ awaitable<void> Session::transmission() {
     // (send_ready_now), unless more requests are already in the socket: then
     // they join this batch first, and their replies leave together.
     if (buffered() < hsize && !ready_.empty() && !fill_now(hsize)) send_ready_now();
-    if (buffered() < hsize && ready_.empty() && inflight_ == 0) poll_for_request(hsize);
+    // Polling serves a client that sends one request per round trip; one
+    // that sent a batch keeps its batches (a wake-up per batch, not a
+    // spinning recv per request as they trickle in: fio 4 KiB random
+    // writes at queue depth 32 ran 4-5 % slower polling).
+    if (buffered() < hsize) {
+      const unsigned batch = std::exchange(requests_since_empty_, 0);
+      if (batch <= 1 && ready_.empty() && inflight_ == 0) poll_for_request(hsize);
+    }
     const bool waits = buffered() < hsize;
     const auto wait_start = waits ? Clock::now() : Clock::time_point{};
     auto ec = co_await fill(hsize);
@@ -296,6 +303,7 @@ awaitable<void> Session::transmission() {
     if (ec == asio::error::operation_aborted && stopping_) continue;
     if (ec) break;
     Request req;
+    ++requests_since_empty_;
     auto st = parse_request_header(std::span(rbuf_.get() + rpos_, hsize), neg_.mode, neg_.max_payload, req);
     rpos_ += hsize;
     if (st == ParseStatus::bad_magic) {
