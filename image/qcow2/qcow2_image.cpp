@@ -297,12 +297,14 @@ Result<HostRun> Qcow2Image::host_run(std::uint64_t offset, std::uint64_t max_len
     return make_error(EINVAL, "{}: host run {:#x}+{} is outside the image", path_, offset, max_length);
   }
   std::lock_guard lock(mutex_);
-  const Mapping m = QNBD_TRY(get_host_offset_locked(offset, max_length));
-  HostRun run{m.bytes, -1, 0};
   // writable_ is set once, by the open, before any request. A writable
   // image frees clusters (discard, zeroing with unmap, COW of shared
-  // clusters) and hands them out again, so its mapping is never lent out.
-  if (!writable_ && m.type == SubclusterType::normal) {
+  // clusters) and hands them out again, so its mapping is never lent out
+  // (and not looked up here: read() does that).
+  if (writable_) return HostRun{max_length, -1, 0};
+  const Mapping m = QNBD_TRY(get_host_offset_locked(offset, max_length));
+  HostRun run{m.bytes, -1, 0};
+  if (m.type == SubclusterType::normal) {
     run.fd = data_file().splice_fd();
     run.host_offset = m.host_offset;
   }
