@@ -197,6 +197,53 @@ compare reftable-unrefd "set_rc(rt//cs, 0)"
 compare compressed-copied "put_l2e(16, l2e(16) | (1 << 63))"
 # Data cluster beyond the end of the file.
 compare beyond-eof "put_l2e(22, (1 << 63) | (len(d) + 64*cs))" unfixable
+# L1 entries as qemu-img check reads them: reserved bits are reported; a
+# nonzero entry whose offset field is zero names the header cluster as its
+# L2 table (counted and walked); a table past the end of the file reads as
+# zeroes.
+compare l1-reserved-bits "put64(l1, be64(l1) | 0x6)" unfixable
+compare l1-offset-zero "put64(l1 + 8, 1 << 63)" unfixable
+compare l1-past-eof "put64(l1 + 8, (1 << 63) | (len(d) + 64*cs))" unfixable
+
+# Extended L2 entries (qcow2.txt "Extended L2 Entries"): an unallocated
+# cluster whose bitmap claims allocated subclusters is a corruption that no
+# repair clears.
+mv base.qcow2 base-std.qcow2
+qemu-img create -q -f qcow2 -o cluster_size=64k,extended_l2=on base.qcow2 4M
+qemu-io -f qcow2 -c "write -P 1 0 64k" -c "write -P 4 1M 8k" base.qcow2 >/dev/null
+compare ext-unallocated-bitmap "put64(l2(0) + 16*3 + 8, 0x3)" unfixable
+compare ext-unallocated-bitmap-and-reserved "put64(l2(0) + 16*5, 0x10); put64(l2(0) + 16*5 + 8, 0x1)" unfixable
+mv base-std.qcow2 base.qcow2
+
+# A repair write that would land on metadata is refused, as qemu-img check
+# -r all refuses it: L1[1] has a zero offset field, so the header cluster is
+# walked as its L2 table, and a "preallocated, unaligned" entry planted in
+# the header cluster's unused tail asks for a repair there. qemu-img marks
+# the image corrupt, prints the same lines and fails; qnbd used to write
+# the fix into the header cluster. (No persistent bitmap here: opening an
+# image with one read-write makes qemu-img rewrite the header cluster first,
+# which clears the planted entry.)
+cases=$((cases + 1))
+rm -f hdr.qcow2
+qemu-img create -q -f qcow2 -o cluster_size=4k hdr.qcow2 4M
+qemu-io -f qcow2 -c "write -P 1 0 32k" -c "write -P 4 1M 8k" hdr.qcow2 >/dev/null
+cp hdr.qcow2 hdr-orig.qcow2
+patch hdr.qcow2 "put64(l1 + 8, 1 << 63); put64(cs - 8, 0x201)"
+cp hdr.qcow2 hdr-r.qcow2
+"$QNBD" check -r all hdr.qcow2 >q.txt 2>&1
+qrc=$?
+qemu-img check -r all hdr-r.qcow2 >r.txt 2>&1
+rrc=$?
+sed -i 's/^qemu-img: /qnbd: /' r.txt
+[ "$qrc" = "$rrc" ] || fail "header-repair: exit status qnbd=$qrc qemu-img=$rrc"
+cmp -s q.txt r.txt || fail "header-repair: output differs: $(diff q.txt r.txt | head -6)"
+grep -q "overlaps with qcow2_header" q.txt || fail "header-repair: no overlap refusal: $(tail -3 q.txt)"
+qemu-img info --output=json hdr.qcow2 | grep -q '"corrupt": true' || fail "header-repair: not marked corrupt"
+python3 -c '
+import struct, sys
+a, b = (open(f, "rb").read(4088) for f in sys.argv[1:])
+# The header and its extensions are untouched but for the corrupt bit.
+sys.exit(a[:72] != b[:72] or a[80:] != b[80:])' hdr.qcow2 hdr-orig.qcow2 || fail "header-repair: header cluster rewritten"
 
 # Bigger, fragmented image with 512-byte clusters and refcount_bits=1 made
 # by qemu-img itself: must be clean for both, same statistics.

@@ -17,6 +17,7 @@
 #include "image/qcow2/cluster.hpp"
 #include "image/qcow2/format.hpp"
 #include "image/qcow2/header.hpp"
+#include "image/qcow2/overlap.hpp"
 #include "image/qcow2/refcount.hpp"
 
 namespace qnbd::image::qcow2 {
@@ -43,6 +44,7 @@ class Checker {
     load_refcount_table();
 
     calculate_refcounts();
+    if (aborted_) return res_;
     // A first pass only reports (QEMU's pre-compare); repairs follow.
     const std::uint64_t errors_before_compare = res_.check_errors;
     compare_refcounts(RepairMode::none);
@@ -51,7 +53,7 @@ class Checker {
       res_.check_errors = errors_before_compare;
       say("Rebuilding refcount structure");
       if (auto r = rebuild_refcount_structure(); !r) {
-        say(fmt::format("ERROR rebuilding refcount structure: {}", r.error().message));
+        say("ERROR rebuilding refcount structure: {}", r.error().message);
         res_.check_errors++;
         return res_;
       }
@@ -85,10 +87,16 @@ class Checker {
         QNBD_TRY(apply_in_place_fixes());
       }
     }
+    if (aborted_) return res_;
     QNBD_TRY(check_oflag_copied());
+    if (aborted_) return res_;
     for (const auto& [where, entry] : compressed_copied_fixes_) {
       std::byte e[8];
       store_be64(e, entry);
+      if (!write_allowed(where, 8, MetadataKind::active_l2)) {
+        res_.check_errors++;
+        continue;
+      }
       if (file_.pwrite(e, where)) {
         // Counted as a corruption by the walk (and so kept by the repair
         // paths above): it is fixed now.
@@ -119,6 +127,13 @@ class Checker {
   void say(const std::string& line) {
     if (sink_) sink_(line);
   }
+  // Formats only for a caller that listens: a crafted image can make check
+  // report hundreds of thousands of defects, and a caller that passes no
+  // sink (the fuzz target) should not pay for their text.
+  template <typename... Args>
+  void say(fmt::format_string<Args...> format, Args&&... args) {
+    if (sink_) sink_(fmt::format(format, std::forward<Args>(args)...));
+  }
 
   // ---- computed refcounts --------------------------------------------
   void inc(std::uint64_t offset, std::uint64_t length) {
@@ -130,9 +145,9 @@ class Checker {
     }
     if (*end > file_size_ && *end - file_size_ >= cs_) {
       // QEMU refuses to count these; the reference itself is the defect.
-      say(fmt::format("ERROR: counting reference for region exceeding the end of the file by one "
-                      "cluster or more: offset {} size {}",
-                      c_hex(offset), c_hex(length)));
+      say("ERROR: counting reference for region exceeding the end of the file by one "
+          "cluster or more: offset {} size {}",
+          c_hex(offset), c_hex(length));
       res_.corruptions++;
       // The rebuild must not place refcount structures there: growing the
       // file would make that reference valid and the cluster doubly used.
@@ -160,6 +175,7 @@ class Checker {
   void load_refcount_table() {
     rt_.clear();
     drop_cached_blocks();
+    metadata_.reset();  // the refcount structure it names may have moved
     const std::uint64_t bytes = std::uint64_t{h_.refcount_table_clusters} * cs_;
     std::vector<std::byte> raw(bytes);
     if (!file_.read_exact(raw, h_.refcount_table_offset, "refcount table")) {
@@ -184,9 +200,9 @@ class Checker {
     if (offset != 0 && !is_aligned(offset, cs_)) {
       if (!reported_bad_refblock_) {
         reported_bad_refblock_ = true;
-        say(fmt::format("qcow2: Image is corrupt: Refblock offset {} unaligned (reftable "
-                        "index: {}); further non-fatal corruption events will be suppressed",
-                        c_hex(offset), c_hex(ti)));
+        say("qcow2: Image is corrupt: Refblock offset {} unaligned (reftable "
+            "index: {}); further non-fatal corruption events will be suppressed",
+            c_hex(offset), c_hex(ti));
       }
       return std::nullopt;
     }
@@ -222,6 +238,51 @@ class Checker {
     block_order_.clear();
   }
 
+  // ---- repair writes ---------------------------------------------------
+  // Every in-place repair write goes through QEMU's pre-write overlap
+  // check first. A corrupt image can name its header or its L1 table as an
+  // L2 table (an L1 entry with a zero offset field names the header), and a
+  // repair of "that L2 table" would rewrite the header or the L1 table
+  // (fuzz/corpus/check/8dfcb632...: the header's l1_size was overwritten
+  // and the image no longer opened). On a hit, as qemu-img check -r: the
+  // image is marked corrupt, the write is refused and the check stops.
+  // Registered: the structures QEMU knows at open time that this check
+  // can name cheaply (header, active L1, refcount table and blocks, bitmap
+  // directory); snapshot tables and inactive L1 tables are not.
+  bool write_allowed(std::uint64_t offset, std::uint64_t bytes, MetadataKind target) {
+    if (!metadata_) {
+      metadata_.emplace(cb_);
+      metadata_->add(MetadataKind::header, 0, cs_);
+      metadata_->add(MetadataKind::active_l1, h_.l1_table_offset, std::uint64_t{h_.l1_size} * 8);
+      metadata_->add(MetadataKind::refcount_table, h_.refcount_table_offset,
+                     std::uint64_t{h_.refcount_table_clusters} * cs_);
+      for (std::uint64_t e : rt_) {
+        const std::uint64_t block = e & REFT_OFFSET_MASK;
+        if (block && is_aligned(block, cs_) && block < file_size_)
+          metadata_->add(MetadataKind::refcount_block, block, cs_);
+      }
+      if (h_.bitmaps && (h_.autoclear_features & AUTOCLEAR_BITMAPS) &&
+          h_.bitmaps->bitmap_directory_size <= MAX_BITMAP_DIRECTORY_SIZE)
+        metadata_->add(MetadataKind::bitmap_directory, h_.bitmaps->bitmap_directory_offset,
+                       h_.bitmaps->bitmap_directory_size);
+    }
+    const auto hit = metadata_->find(offset, bytes, kind_bit(target));
+    if (!hit) return true;
+    if (!marked_corrupt_) {
+      marked_corrupt_ = true;
+      say("qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with {}); further "
+          "corruption events will be suppressed",
+          // QEMU's name for the header in this message.
+          hit->kind == MetadataKind::header ? "qcow2_header" : metadata_kind_name(hit->kind));
+      if (h_.version >= 3) {
+        std::byte e[8];
+        store_be64(e, h_.incompatible_features | INCOMPAT_CORRUPT);
+        if (!file_.pwrite(e, 72) || !file_.flush()) res_.check_errors++;
+      }
+    }
+    return false;
+  }
+
   // ---- the metadata walk ---------------------------------------------
   void calculate_refcounts() {
     computed_.assign(nb_clusters_, 0);
@@ -230,12 +291,14 @@ class Checker {
     refstruct_blocks_.clear();
     inc(0, cs_);  // header cluster
     check_refcounts_l1(h_.l1_table_offset, h_.l1_size, true);
+    if (aborted_) return;
 
     if (h_.has_data_file() && h_.nb_snapshots) {
-      say(fmt::format("ERROR {} snapshots in image with data file", h_.nb_snapshots));
+      say("ERROR {} snapshots in image with data file", h_.nb_snapshots);
       res_.corruptions++;
     }
     check_snapshots();
+    if (aborted_) return;
     inc(h_.refcount_table_offset, std::uint64_t{h_.refcount_table_clusters} * cs_);
     if (h_.crypto_header) inc(h_.crypto_header->offset, h_.crypto_header->length);
     check_bitmaps();
@@ -264,38 +327,62 @@ class Checker {
       return;
     }
     for (std::uint64_t i = 0; i < l1_size; i++) {
-      const std::uint64_t l2_offset = (*l1)[i] & L1E_OFFSET_MASK;
-      if (!l2_offset) continue;
+      const std::uint64_t l1e = (*l1)[i];
+      if (!l1e) continue;
+      if (l1e & L1E_RESERVED_MASK) {
+        say("ERROR found L1 entry with reserved bits set: {:x}", l1e);
+        res_.corruptions++;
+      }
+      // A nonzero entry whose offset field is zero still names the table
+      // at offset 0 (the header cluster): QEMU counts and walks it, so the
+      // header's refcount comes out too high and the entry shows up.
+      const std::uint64_t l2_offset = l1e & L1E_OFFSET_MASK;
       inc(l2_offset, cs_);
       if (!is_aligned(l2_offset, cs_)) {
-        say(fmt::format("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted", l2_offset));
+        say("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted", l2_offset);
         res_.corruptions++;
       }
       check_refcounts_l2(l2_offset, active);
+      if (aborted_) return;
     }
+  }
+
+  // How many of the L2 table's entries at l2_offset lie (at least in part)
+  // inside the file; the rest read as zero entries, which check skips.
+  std::uint64_t entries_in_file(std::uint64_t l2_offset, std::uint32_t esize) const {
+    if (l2_offset >= file_size_) return 0;
+    return std::min<std::uint64_t>(cs_ / esize, div_round_up(file_size_ - l2_offset, esize));
   }
 
   void check_refcounts_l2(std::uint64_t l2_offset, bool active) {
     // Fragmentation is judged within one L2 table, as QEMU does.
     std::uint64_t next_contiguous = 0;
-    std::vector<std::byte> l2(cs_);
-    // Like QEMU's block layer, bytes past the end of the file read as zeroes.
+    const std::uint32_t esize = h_.l2_entry_size();
+    const bool ext = h_.extended_l2();
+    // Like QEMU's block layer, bytes past the end of the file read as
+    // zeroes, and a zero entry (unallocated, empty bitmap) changes nothing
+    // below: read and walk only the entries the file holds. Without this,
+    // an L1 table naming a table past EOF from each of its 65,000 slots
+    // cost 65,000 zeroed 64 KiB buffers and 535 million empty iterations
+    // per pass (fuzz/corpus/check/slow-l1-of-tables-past-eof).
+    const std::uint64_t in_file = entries_in_file(l2_offset, esize);
+    if (in_file == 0) return;
+    std::vector<std::byte>& l2 = l2_buf_;  // one cluster, reused for every table
+    l2.resize(cs_);
     if (!file_.read_zero_fill(l2, l2_offset)) {
       say("ERROR: I/O error in check_refcounts_l2");
       res_.check_errors++;
       return;
     }
-    const std::uint32_t esize = h_.l2_entry_size();
-    const bool ext = h_.extended_l2();
-    for (std::uint64_t i = 0; i < cs_ / esize; i++) {
+    for (std::uint64_t i = 0; i < in_file; i++) {
       const std::uint64_t e = load_be64(l2.data() + i * esize);
       const std::uint64_t bitmap = ext ? load_be64(l2.data() + i * esize + 8) : 0;
       if (e & QCOW_OFLAG_COMPRESSED) {
         const CompressedDescriptor d = parse_compressed_descriptor(e, cb_);
         if (e & QCOW_OFLAG_COPIED) {
-          say(fmt::format("ERROR: coffset=0x{:x}: copied flag must never be set for compressed "
-                          "clusters",
-                          d.host_offset));
+          say("ERROR: coffset=0x{:x}: copied flag must never be set for compressed "
+              "clusters",
+              d.host_offset);
           res_.corruptions++;
           // QEMU only reports this; with -r all we also clear the flag.
           if (fix_ == RepairMode::all && !recounting_) {
@@ -303,14 +390,15 @@ class Checker {
           }
         }
         if (h_.has_data_file()) {
-          say(fmt::format("ERROR compressed cluster {} with data file, entry=0x{:x}", i, e));
+          say("ERROR compressed cluster {} with data file, entry=0x{:x}", i, e & ~QCOW_OFLAG_COPIED);
           res_.corruptions++;
           continue;
         }
         if (bitmap) {
-          say(fmt::format("ERROR compressed cluster {} with non-zero subcluster allocation "
-                          "bitmap, entry=0x{:x}",
-                          i, e));
+          // QEMU prints the entry with the copied flag already cleared.
+          say("ERROR compressed cluster {} with non-zero subcluster allocation "
+              "bitmap, entry=0x{:x}",
+              i, e & ~QCOW_OFLAG_COPIED);
           res_.corruptions++;
           continue;
         }
@@ -324,25 +412,33 @@ class Checker {
         continue;
       }
       if (e & L2E_STD_RESERVED_MASK) {
-        say(fmt::format("ERROR found l2 entry with reserved bits set: {:x}", e));
+        say("ERROR found l2 entry with reserved bits set: {:x}", e);
         res_.corruptions++;
       }
       const std::uint64_t offset = e & L2E_OFFSET_MASK;
       const bool zero_flag = !ext && (e & QCOW_OFLAG_ZERO);
       const bool allocated = offset != 0 || (h_.has_data_file() && (e & QCOW_OFLAG_COPIED));
-      if (!allocated) continue;  // unallocated or plain zero
+      if (!allocated) {
+        // qcow2.txt "Extended L2 Entries": an unallocated cluster has no
+        // allocated subclusters. QEMU reports this and no repair clears it.
+        if (ext && !offset && (bitmap & QCOW_L2_BITMAP_ALL_ALLOC)) {
+          say("ERROR: Unallocated cluster has non-zero subcluster allocation map");
+          res_.corruptions++;
+        }
+        continue;  // unallocated or plain zero
+      }
       if (!is_aligned(offset, cs_)) {
         res_.corruptions++;
         const bool contains_data = ext ? (bitmap & QCOW_L2_BITMAP_ALL_ALLOC) != 0 : !zero_flag;
         if (contains_data) {
-          say(fmt::format("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry "
-                          "corrupted.",
-                          offset));
+          say("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry "
+              "corrupted.",
+              offset);
         } else {
           const bool repair = fix_ == RepairMode::all;
-          say(fmt::format("{} offset={:x}: Preallocated cluster is not properly aligned; L2 "
-                          "entry corrupted.",
-                          repair ? "Repairing" : "ERROR", offset));
+          say("{} offset={:x}: Preallocated cluster is not properly aligned; L2 "
+              "entry corrupted.",
+              repair ? "Repairing" : "ERROR", offset);
           if (repair) {
             // Nothing is stored there: turn it into a plain zero cluster.
             std::byte fixed[16] = {};
@@ -350,6 +446,12 @@ class Checker {
               store_be64(fixed + 8, QCOW_L2_BITMAP_ALL_ZEROES);
             } else {
               store_be64(fixed, QCOW_OFLAG_ZERO);
+            }
+            if (!write_allowed(l2_offset + i * esize, esize, MetadataKind::active_l2)) {
+              say("ERROR: Overlap check failed");
+              res_.check_errors++;
+              aborted_ = true;  // as QEMU, stop checking: something is seriously wrong
+              return;
             }
             if (file_.pwrite(std::span<const std::byte>(fixed, esize), l2_offset + i * esize) && file_.flush()) {
               res_.corruptions--;
@@ -408,20 +510,21 @@ class Checker {
         return;
       }
       if (!is_aligned(l1_offset, cs_)) {
-        say(fmt::format("ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster "
-                        "aligned; snapshot table entry corrupted",
-                        id, name, c_hex(l1_offset)));
+        say("ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster "
+            "aligned; snapshot table entry corrupted",
+            id, name, c_hex(l1_offset));
         res_.corruptions++;
         continue;
       }
       if (std::uint64_t{l1_size} * 8 > MAX_L1_BYTES) {
-        say(fmt::format("ERROR snapshot {} ({}) l1_size={}: L1 table is too large; snapshot "
-                        "table entry corrupted",
-                        id, name, c_hex(l1_size)));
+        say("ERROR snapshot {} ({}) l1_size={}: L1 table is too large; snapshot "
+            "table entry corrupted",
+            id, name, c_hex(l1_size));
         res_.corruptions++;
         continue;
       }
       check_refcounts_l1(l1_offset, l1_size, false);
+      if (aborted_) return;
     }
     inc(h_.snapshots_offset, total);
   }
@@ -454,7 +557,7 @@ class Checker {
       // §12.7 bounds keep a hostile directory from making us allocate
       // gigabytes for one table.
       if (table_size > MAX_BITMAP_TABLE_SIZE || std::uint64_t{table_size} * cs_ > MAX_BITMAP_DATA_BYTES) {
-        say(fmt::format("ERROR bitmap {} table is too large ({} entries)", i, table_size));
+        say("ERROR bitmap {} table is too large ({} entries)", i, table_size);
         res_.check_errors++;
         continue;
       }
@@ -477,22 +580,22 @@ class Checker {
       if (!offset) continue;
       refstruct_blocks_.push_back(offset);
       if (!is_aligned(offset, cs_)) {
-        say(fmt::format("ERROR refcount block {} is not cluster aligned; refcount table entry "
-                        "corrupted",
-                        i));
+        say("ERROR refcount block {} is not cluster aligned; refcount table entry "
+            "corrupted",
+            i);
         res_.corruptions++;
         rebuild_ = true;
         continue;
       }
       if ((offset >> cb_) >= nb_clusters_) {
-        say(fmt::format("ERROR refcount block {} is outside image", i));
+        say("ERROR refcount block {} is outside image", i);
         res_.corruptions++;
         rebuild_ = true;
         continue;
       }
       inc(offset, cs_);
       if (computed_[offset >> cb_] != 1) {
-        say(fmt::format("ERROR refcount block {} refcount={}", i, computed_[offset >> cb_]));
+        say("ERROR refcount block {} refcount={}", i, computed_[offset >> cb_]);
         res_.corruptions++;
         rebuild_ = true;
       }
@@ -512,7 +615,7 @@ class Checker {
     for_each_cluster([&](std::uint64_t k, std::uint64_t reference) {
       const std::optional<std::uint64_t> got = stored(k);
       if (!got) {
-        say(fmt::format("Can't get refcount for cluster {}: Input/output error", k));
+        say("Can't get refcount for cluster {}: Input/output error", k);
         res_.check_errors++;
         return;
       }
@@ -529,11 +632,11 @@ class Checker {
       } else if (refcount < reference && fix == RepairMode::all) {
         num_fixed = &res_.corruptions_fixed;
       }
-      say(fmt::format("{} cluster {} refcount={} reference={}",
-                      num_fixed              ? "Repairing"
-                      : refcount < reference ? "ERROR"
-                                             : "Leaked",
-                      k, refcount, reference));
+      say("{} cluster {} refcount={} reference={}",
+          num_fixed              ? "Repairing"
+          : refcount < reference ? "ERROR"
+                                 : "Leaked",
+          k, refcount, reference);
       if (num_fixed && writer) {
         if (writer->set(k, reference)) {
           (*num_fixed)++;
@@ -553,7 +656,7 @@ class Checker {
     auto r = Refcounts::load(file_, RefcountGeometry{cb_, h_.refcount_order}, h_.refcount_table_offset,
                              h_.refcount_table_clusters);
     if (!r) {
-      say(fmt::format("ERROR cannot load refcount table: {}", r.error().message));
+      say("ERROR cannot load refcount table: {}", r.error().message);
       res_.check_errors++;
       return ok();
     }
@@ -730,11 +833,16 @@ class Checker {
       const std::uint64_t refcount = got.value_or(0);
       if (got && (refcount == 1) != ((l1e & QCOW_OFLAG_COPIED) != 0)) {
         res_.corruptions++;
-        say(fmt::format("{} OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={}",
-                        repair ? "Repairing" : "ERROR", i, l1e, refcount));
+        say("{} OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={}", repair ? "Repairing" : "ERROR", i, l1e,
+            refcount);
         if (repair) {
           std::byte e[8];
           store_be64(e, refcount == 1 ? l1e | QCOW_OFLAG_COPIED : l1e & ~QCOW_OFLAG_COPIED);
+          if (!write_allowed(h_.l1_table_offset + i * 8, 8, MetadataKind::active_l1)) {
+            res_.check_errors++;
+            aborted_ = true;
+            return ok();
+          }
           if (file_.pwrite(e, h_.l1_table_offset + i * 8)) {
             res_.corruptions--;
             res_.corruptions_fixed++;
@@ -744,14 +852,19 @@ class Checker {
         }
       }
       if (!is_aligned(l2_offset, cs_)) continue;  // reported by the walk
-      std::vector<std::byte> l2(cs_);
-      if (!file_.read_exact(l2, l2_offset, "L2 table")) {
+      // Past the end of the file the table reads as zeroes (no entry to
+      // check), as in the walk.
+      const std::uint64_t in_file = entries_in_file(l2_offset, esize);
+      if (in_file == 0) continue;
+      std::vector<std::byte>& l2 = l2_buf_;
+      l2.resize(cs_);
+      if (!file_.read_zero_fill(l2, l2_offset)) {
         say("ERROR: Could not read L2 table");
         res_.check_errors++;
         return ok();
       }
       std::uint64_t dirty = 0;
-      for (std::uint64_t j = 0; j < cs_ / esize; j++) {
+      for (std::uint64_t j = 0; j < in_file; j++) {
         const std::uint64_t e = load_be64(l2.data() + j * esize);
         if (e & QCOW_OFLAG_COMPRESSED) continue;
         const std::uint64_t data_offset = e & L2E_OFFSET_MASK;
@@ -763,8 +876,7 @@ class Checker {
         const std::uint64_t rc = *got_rc;
         if ((rc == 1) != ((e & QCOW_OFLAG_COPIED) != 0)) {
           res_.corruptions++;
-          say(fmt::format("{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}", repair ? "Repairing" : "ERROR", e,
-                          rc));
+          say("{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}", repair ? "Repairing" : "ERROR", e, rc);
           if (repair) {
             store_be64(l2.data() + j * esize, rc == 1 ? e | QCOW_OFLAG_COPIED : e & ~QCOW_OFLAG_COPIED);
             dirty++;
@@ -772,6 +884,12 @@ class Checker {
         }
       }
       if (dirty) {
+        if (!write_allowed(l2_offset, cs_, MetadataKind::active_l2)) {
+          say("ERROR: Could not write L2 table; metadata overlap check failed: Input/output error");
+          res_.check_errors++;
+          aborted_ = true;
+          return ok();
+        }
         if (file_.pwrite(l2, l2_offset)) {
           res_.corruptions -= dirty;
           res_.corruptions_fixed += dirty;
@@ -794,6 +912,10 @@ class Checker {
   std::uint64_t cs_ = 0;
   unsigned cb_ = 0;
   std::vector<std::uint64_t> computed_;
+  std::vector<std::byte> l2_buf_;        // the L2 table being walked
+  std::optional<MetadataMap> metadata_;  // for write_allowed, built at the first repair write
+  bool marked_corrupt_ = false;
+  bool aborted_ = false;  // a repair write was refused: the check stops
   std::map<std::uint64_t, std::uint64_t> beyond_;
   std::vector<std::uint64_t> rt_;
   static constexpr std::size_t kBlockCacheBytes = 16u << 20;
