@@ -64,7 +64,18 @@ class Checker {
       res_ = CheckResult{};
       recounting_ = true;
       calculate_refcounts();
-      compare_refcounts(RepairMode::none);
+      // And as QEMU, fix the leaks this recount finds against the new
+      // structure (a table or block of the old one that something else
+      // still names keeps the count the rebuild gave it): only leaks it
+      // cannot fix are left.
+      if (auto w = Refcounts::load(file_, RefcountGeometry{cb_, h_.refcount_order}, h_.refcount_table_offset,
+                                   h_.refcount_table_clusters)) {
+        compare_refcounts(RepairMode::leaks, &*w);
+        if (!w->flush()) res_.check_errors++;
+        drop_cached_blocks();  // re-read what was just written
+      } else {
+        compare_refcounts(RepairMode::none);
+      }
       recounting_ = false;
       if (rebuild_) say("ERROR rebuilt refcount structure is still broken");
       const std::uint64_t left = res_.corruptions, leaks_left = res_.leaks;
