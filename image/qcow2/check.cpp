@@ -267,11 +267,16 @@ class Checker {
       metadata_->add(MetadataKind::active_l1, h_.l1_table_offset, std::uint64_t{h_.l1_size} * 8);
       metadata_->add(MetadataKind::refcount_table, h_.refcount_table_offset,
                      std::uint64_t{h_.refcount_table_clusters} * cs_);
+      // A hostile table can name one block from every slot: register each
+      // block once, in ascending order (each add is then cheap).
+      std::vector<std::uint64_t> blocks;
       for (std::uint64_t e : rt_) {
         const std::uint64_t block = e & REFT_OFFSET_MASK;
-        if (block && is_aligned(block, cs_) && block < file_size_)
-          metadata_->add(MetadataKind::refcount_block, block, cs_);
+        if (block && is_aligned(block, cs_) && block < file_size_) blocks.push_back(block);
       }
+      std::sort(blocks.begin(), blocks.end());
+      blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
+      for (std::uint64_t block : blocks) metadata_->add(MetadataKind::refcount_block, block, cs_);
       if (h_.bitmaps && (h_.autoclear_features & AUTOCLEAR_BITMAPS) &&
           h_.bitmaps->bitmap_directory_size <= MAX_BITMAP_DIRECTORY_SIZE)
         metadata_->add(MetadataKind::bitmap_directory, h_.bitmaps->bitmap_directory_offset,
