@@ -15,6 +15,7 @@
 #include "image/qcow2/bitmap_intent.hpp"
 #include "image/qcow2/check.hpp"
 #include "image/qcow2/format.hpp"
+#include "image/qcow2/header.hpp"
 
 namespace qnbd::cli {
 namespace {
@@ -137,6 +138,14 @@ int run_check(const std::string& filename, const std::string& repair_text, const
     // qemu-img's exit status for "this format has no consistency checks".
     std::fprintf(stderr, "qnbd: This image format does not support checks\n");
     return 63;
+  }
+  // A header the engine refuses is an image that does not open, as
+  // qemu-img reports it (check itself never starts).
+  auto size = (*file)->size();
+  auto header = size ? qc::read_header(**file, *size) : Result<qc::Header>(size.error());
+  if (!header) {
+    std::fprintf(stderr, "qnbd: Could not open '%s': %s\n", filename.c_str(), header.error().message.c_str());
+    return 1;
   }
   // qemu-img check holds what qemu-io would: reads, or writes with -r.
   if (auto locked =

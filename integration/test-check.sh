@@ -33,6 +33,7 @@ path, code = sys.argv[1], sys.argv[2]
 d = bytearray(open(path, 'rb').read())
 be64 = lambda o: struct.unpack('>Q', d[o:o+8])[0]
 be32 = lambda o: struct.unpack('>I', d[o:o+4])[0]
+be16 = lambda o: struct.unpack('>H', d[o:o+2])[0]
 def put64(o, v): d[o:o+8] = struct.pack('>Q', v)
 def put32(o, v): d[o:o+4] = struct.pack('>I', v)
 cb = be32(20); cs = 1 << cb
@@ -204,6 +205,25 @@ compare beyond-eof "put_l2e(22, (1 << 63) | (len(d) + 64*cs))" unfixable
 compare l1-reserved-bits "put64(l1, be64(l1) | 0x6)" unfixable
 compare l1-offset-zero "put64(l1 + 8, 1 << 63)" unfixable
 compare l1-past-eof "put64(l1 + 8, (1 << 63) | (len(d) + 64*cs))" unfixable
+# Refcount table entries with reserved bits are reported before anything
+# else about them, and force a rebuild (qemu-img repairs them).
+compare reftable-reserved-bits "put64(rt, be64(rt) | 0x5)"
+compare reftable-reserved-bits-zero-entry "put64(rt + 8, 0x1)"
+# COPIED flags are checked in an L2 table at an unaligned offset too.
+compare misaligned-l2-copied "o = l2(); put64(l1, be64(l1) + 512); put64(o + 512 + 8*5, be64(o + 8*2) & ~(1 << 63))" unfixable
+# Snapshot id and name print as C strings (up to the first NUL): zeroed
+# id and name, and an unaligned L1 offset so that check names the snapshot.
+# (Human output and status only: qemu-img -r all drops such a snapshot,
+# which qnbd's repair does not do.)
+cases=$((cases + 1))
+cp base.qcow2 snapnul.qcow2
+patch snapnul.qcow2 "o = be64(64); put64(o, be64(o) | 1); s = o + 40 + be32(o + 36); d[s:s + be16(o + 12) + be16(o + 14)] = bytes(be16(o + 12) + be16(o + 14))"
+"$QNBD" check snapnul.qcow2 >q.txt 2>&1
+qrc=$?
+qemu-img check snapnul.qcow2 >r.txt 2>&1
+[ "$qrc" = "$?" ] || fail "snapshot-nul-name: exit status differs"
+grep -q "^ERROR snapshot  () l1_offset=" r.txt || fail "snapshot-nul-name: the damage did not apply: $(head -2 r.txt)"
+cmp -s q.txt r.txt || fail "snapshot-nul-name: human output differs: $(diff q.txt r.txt | head -4)"
 
 # Extended L2 entries (qcow2.txt "Extended L2 Entries"): an unallocated
 # cluster whose bitmap claims allocated subclusters is a corruption that no
@@ -213,6 +233,15 @@ qemu-img create -q -f qcow2 -o cluster_size=64k,extended_l2=on base.qcow2 4M
 qemu-io -f qcow2 -c "write -P 1 0 64k" -c "write -P 4 1M 8k" base.qcow2 >/dev/null
 compare ext-unallocated-bitmap "put64(l2(0) + 16*3 + 8, 0x3)" unfixable
 compare ext-unallocated-bitmap-and-reserved "put64(l2(0) + 16*5, 0x10); put64(l2(0) + 16*5 + 8, 0x1)" unfixable
+compare ext-alloc-and-zero "put64(l2(0) + 8, 0x0000000100000001)" unfixable
+mv base-std.qcow2 base.qcow2
+
+# A reference count the image's refcount width cannot hold (refcount_bits=1,
+# a data cluster named twice) is an overflow, as qemu-img reports it.
+mv base.qcow2 base-std.qcow2
+qemu-img create -q -f qcow2 -o cluster_size=4k,refcount_bits=1 base.qcow2 4M
+qemu-io -f qcow2 -c "write -P 1 0 32k" -c "write -P 4 1M 8k" base.qcow2 >/dev/null
+compare refcount-overflow "put_l2e(5, l2e(4))" unfixable
 mv base-std.qcow2 base.qcow2
 
 # A repair write that would land on metadata is refused, as qemu-img check

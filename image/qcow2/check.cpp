@@ -170,15 +170,27 @@ class Checker {
       }
       return;
     }
+    const std::uint64_t max = max_refcount(h_.refcount_order);
     for (std::uint64_t k = offset >> cb_; k <= (*end - 1) >> cb_; k++) {
+      std::uint64_t* count;
       if (k < computed_.size()) {
-        computed_[k]++;
+        count = &computed_[k];
       } else if (beyond_.size() < kMaxBeyondEof || beyond_.count(k)) {
-        beyond_[k]++;
+        count = &beyond_[k];
       } else {
         res_.check_errors++;
         return;
       }
+      // As QEMU: a count the image's refcount width cannot hold is a
+      // corruption (refcount_bits=1 and a cluster shared by a snapshot).
+      if (*count == max) {
+        say("ERROR: overflow cluster offset=0x{:x}", k << cb_);
+        say("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if "
+            "the image cannot be opened for writing");
+        res_.corruptions++;
+        continue;
+      }
+      ++*count;
     }
   }
 
@@ -201,8 +213,8 @@ class Checker {
     return offset != 0 && is_aligned(offset, cs_) && (offset >> cb_) < nb_clusters_;
   }
 
-  // The stored refcount, or nullopt if its refcount block is misaligned
-  // (QEMU's qcow2_get_refcount fails with EIO then).
+  // The stored refcount, or nullopt if its refcount block is misaligned or
+  // beyond what QEMU can read (QEMU's qcow2_get_refcount fails with EIO).
   std::optional<std::uint64_t> stored(std::uint64_t k) {
     const unsigned bits = cb_ + 3 - h_.refcount_order;
     const std::uint64_t ti = k >> bits;
@@ -217,6 +229,11 @@ class Checker {
       }
       return std::nullopt;
     }
+    // QEMU's block layer refuses a read that ends past its largest length
+    // (INT64_MAX rounded down to 1 GiB): EIO, where a block merely past the
+    // end of the file reads as zeroes.
+    constexpr std::uint64_t kBdrvMaxLength = 0x7fffffffc0000000ull;
+    if (offset > kBdrvMaxLength || cs_ > kBdrvMaxLength - offset) return std::nullopt;
     if (!block_usable(offset)) return 0;  // blocks past EOF read as zeroes
     return get_refcount_entry(cached_block(offset), h_.refcount_order, k & ((1ull << bits) - 1));
   }
@@ -443,6 +460,12 @@ class Checker {
         }
         continue;  // unallocated or plain zero
       }
+      // qcow2.txt "Extended L2 Entries": a subcluster cannot be both
+      // allocated and zero.
+      if (ext && ((bitmap >> 32) & bitmap)) {
+        say("ERROR offset={:x}: Allocated cluster has corrupted subcluster allocation bitmap", offset);
+        res_.corruptions++;
+      }
       if (!is_aligned(offset, cs_)) {
         res_.corruptions++;
         const bool contains_data = ext ? (bitmap & QCOW_L2_BITMAP_ALL_ALLOC) != 0 : !zero_flag;
@@ -517,6 +540,9 @@ class Checker {
       // Both may be empty (then strings.data() is null, not a memcpy source).
       if (id_len) std::memcpy(id.data(), strings.data(), id_len);
       if (name_len) std::memcpy(name.data(), strings.data() + id_len, name_len);
+      // QEMU prints them as C strings: up to the first NUL.
+      id.resize(std::strlen(id.c_str()));
+      name.resize(std::strlen(name.c_str()));
       const std::uint64_t entry = align_up(40 + extra + id_len + name_len, 8);
       total += entry;
       pos += entry;
@@ -593,6 +619,14 @@ class Checker {
   void check_refblocks() {
     for (std::uint64_t i = 0; i < rt_.size(); i++) {
       const std::uint64_t offset = rt_[i] & REFT_OFFSET_MASK;
+      if (rt_[i] & REFT_RESERVED_MASK) {
+        // As QEMU: reported first, and the entry is not looked at further.
+        say("ERROR refcount table entry {} has reserved bits set", i);
+        res_.corruptions++;
+        rebuild_ = true;
+        if (offset) refstruct_blocks_.push_back(offset);
+        continue;
+      }
       if (!offset) continue;
       refstruct_blocks_.push_back(offset);
       if (!is_aligned(offset, cs_)) {
@@ -867,7 +901,8 @@ class Checker {
           }
         }
       }
-      if (!is_aligned(l2_offset, cs_)) continue;  // reported by the walk
+      // An unaligned table is read where it claims to be, as QEMU does
+      // (the walk has reported it already).
       // Past the end of the file the table reads as zeroes (no entry to
       // check), as in the walk.
       const std::uint64_t in_file = entries_in_file(l2_offset, esize);
