@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """qnbd check against qemu-img check on randomly damaged images.
 
-  check_differential.py QNBD WORKDIR CASES SEED
+  check_differential.py QNBD WORKDIR CASES SEED [REPAIR]
 
 Builds five small images with qemu-img and qemu-io (4 KiB clusters with a
 snapshot and compressed clusters, 64 KiB clusters with extended L2 entries,
@@ -13,6 +13,13 @@ unaligned offsets inside and past the file, random bits), and runs
 `check` (no repair) with both tools. The exit status and the whole output
 (stdout and stderr, with the program name normalised) must be identical.
 
+With REPAIR (leaks or all), each tool repairs its own copy with `check -r
+REPAIR` instead, and qemu-img check then judges both results: qnbd's
+repair may leave no more corruptions and leaks than qemu-img's, and qnbd
+may exit 0 only when what it leaves is clean. (Where qemu-img's repair
+stops on its metadata overlap check, qnbd's usually gets further; the
+outputs are not compared.)
+
 The header and the snapshot table are not damaged here: where a damaged
 header stops the image from opening, qnbd's one-line reasons are worded
 differently from qemu-img's on purpose (test-malformed.sh covers them), and
@@ -20,6 +27,7 @@ qemu-img's snapshot-table diagnostics at open are not all reproduced.
 Prints one line per mismatch (the image is kept in WORKDIR) and a summary;
 exits 1 on any mismatch.
 """
+import json
 import os
 import random
 import shutil
@@ -28,6 +36,7 @@ import subprocess
 import sys
 
 qnbd, work, cases, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+repair = sys.argv[5] if len(sys.argv) > 5 else None
 os.makedirs(work, exist_ok=True)
 
 
@@ -103,6 +112,18 @@ def damage(rng, size, cs):
     ][kind]
 
 
+def problems_left(path):
+    """corruptions + leaks that qemu-img check finds, None if it cannot say."""
+    r = run("qemu-img", "check", "--output=json", path)
+    try:
+        j = json.loads(r.stdout)
+    except ValueError:
+        return None
+    if j.get("check-errors", 0):
+        return None
+    return j.get("corruptions", 0) + j.get("leaks", 0)
+
+
 rng = random.Random(seed)
 mismatches = 0
 for case in range(cases):
@@ -116,6 +137,26 @@ for case in range(cases):
     path = os.path.join(work, "case.qcow2")
     with open(path, "wb") as f:
         f.write(d)
+    if repair:
+        theirs_path = os.path.join(work, "case-qemu.qcow2")
+        shutil.copy(path, theirs_path)
+        ours = run(qnbd, "check", "-r", repair, path)
+        run("qemu-img", "check", "-r", repair, theirs_path)
+        left, theirs_left = problems_left(path), problems_left(theirs_path)
+        why = None
+        if left is None:
+            why = "qemu-img check cannot read qnbd's result"
+        elif theirs_left is not None and left > theirs_left:
+            why = f"qnbd leaves {left} corruptions + leaks, qemu-img {theirs_left}"
+        elif ours.returncode == 0 and left != 0:
+            why = f"qnbd exits 0 but leaves {left} corruptions + leaks"
+        if why:
+            mismatches += 1
+            kept = os.path.join(work, f"mismatch-{seed}-{case}.qcow2")
+            with open(kept, "wb") as f:
+                f.write(d)
+            print(f"MISMATCH case {case} ({os.path.basename(base)}), -r {repair}: {why}; image kept: {kept}")
+        continue
     ours, theirs = run(qnbd, "check", path), run("qemu-img", "check", path)
     a = (ours.returncode, ours.stdout, ours.stderr.replace("qnbd: ", "PROG: "))
     b = (theirs.returncode, theirs.stdout, theirs.stderr.replace("qemu-img: ", "PROG: "))
@@ -126,5 +167,5 @@ for case in range(cases):
         first = next((x for x, y in zip((a[2] + a[1]).splitlines(), (b[2] + b[1]).splitlines()) if x != y), "")
         print(f"MISMATCH case {case} ({os.path.basename(base)}): status qnbd={a[0]} qemu-img={b[0]}; "
               f"first differing line of qnbd: {first[:160]!r}; image kept: {kept}")
-print(f"{cases} cases (seed {seed}), {mismatches} mismatches")
+print(f"{cases} cases (seed {seed}{', -r ' + repair if repair else ''}), {mismatches} mismatches")
 sys.exit(1 if mismatches else 0)

@@ -70,7 +70,8 @@ class Checker {
       // cannot fix are left.
       if (auto w = Refcounts::load(file_, RefcountGeometry{cb_, h_.refcount_order}, h_.refcount_table_offset,
                                    h_.refcount_table_clusters)) {
-        compare_refcounts(RepairMode::leaks, &*w);
+        compare_refcounts(RepairMode::leaks,
+                          [&](std::uint64_t k, std::uint64_t v) { return w->set(k, v).has_value(); });
         if (!w->flush()) res_.check_errors++;
         drop_cached_blocks();  // re-read what was just written
       } else {
@@ -94,7 +95,7 @@ class Checker {
       }
       if (res_.leaks || res_.corruptions) {
         res_.leaks = 0;
-        res_.corruptions = unrepairable_;
+        res_.corruptions = unrepairable_ + overflows_;
         QNBD_TRY(apply_in_place_fixes());
       }
     }
@@ -188,6 +189,7 @@ class Checker {
         say("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if "
             "the image cannot be opened for writing");
         res_.corruptions++;
+        overflows_++;  // no repair fixes it: the refcount width is too small
         continue;
       }
       ++*count;
@@ -319,6 +321,7 @@ class Checker {
   // ---- the metadata walk ---------------------------------------------
   void calculate_refcounts() {
     computed_.assign(nb_clusters_, 0);
+    overflows_ = 0;
     beyond_.clear();
     refused_.clear();
     refstruct_blocks_.clear();
@@ -338,7 +341,7 @@ class Checker {
     // Defects of the references themselves (past the end of the file,
     // reserved bits, misaligned clusters, ...): no refcount repair removes
     // them, and qemu-img check -r reports them again.
-    unrepairable_ = res_.corruptions;
+    unrepairable_ = res_.corruptions - overflows_;
     check_refblocks();
   }
 
@@ -624,7 +627,9 @@ class Checker {
         say("ERROR refcount table entry {} has reserved bits set", i);
         res_.corruptions++;
         rebuild_ = true;
-        if (offset) refstruct_blocks_.push_back(offset);
+        // Not counted as a block of the structure either (QEMU does not
+        // count it): the rebuild must not take a reference off it, which
+        // would free a data cluster the entry happens to name.
         continue;
       }
       if (!offset) continue;
@@ -640,7 +645,14 @@ class Checker {
       if ((offset >> cb_) >= nb_clusters_) {
         say("ERROR refcount block {} is outside image", i);
         res_.corruptions++;
-        rebuild_ = true;
+        // QEMU repairs this under -r all (it grows the file; qnbd rebuilds
+        // the structure instead) and otherwise only reports it: -r leaks
+        // still fixes the leaks.
+        if (fix_ == RepairMode::all) {
+          rebuild_ = true;
+        } else {
+          unrepairable_++;  // what -r leaks leaves reported
+        }
         continue;
       }
       inc(offset, cs_);
@@ -660,7 +672,10 @@ class Checker {
   }
 
   // QEMU's compare_refcounts. With RepairMode::none only counts.
-  void compare_refcounts(RepairMode fix, Refcounts* writer = nullptr) {
+  // Sets the stored refcount of a cluster; false if it could not.
+  using RefcountSetter = std::function<bool(std::uint64_t cluster, std::uint64_t value)>;
+
+  void compare_refcounts(RepairMode fix, const RefcountSetter& set = {}) {
     std::uint64_t highest = 0;
     for_each_cluster([&](std::uint64_t k, std::uint64_t reference) {
       const std::optional<std::uint64_t> got = stored(k);
@@ -687,8 +702,8 @@ class Checker {
           : refcount < reference ? "ERROR"
                                  : "Leaked",
           k, refcount, reference);
-      if (num_fixed && writer) {
-        if (writer->set(k, reference)) {
+      if (num_fixed && set) {
+        if (set(k, reference)) {
           (*num_fixed)++;
           return;
         }
@@ -705,15 +720,34 @@ class Checker {
   Result<void> apply_in_place_fixes() {
     auto r = Refcounts::load(file_, RefcountGeometry{cb_, h_.refcount_order}, h_.refcount_table_offset,
                              h_.refcount_table_clusters);
-    if (!r) {
-      say("ERROR cannot load refcount table: {}", r.error().message);
-      res_.check_errors++;
-      return ok();
+    if (r) {
+      compare_refcounts(fix_, [&](std::uint64_t k, std::uint64_t v) { return r->set(k, v).has_value(); });
+      QNBD_TRY(r->flush());
+    } else {
+      // The engine will not load a structure with a block outside the
+      // file or misaligned; QEMU still fixes, in place, every cluster
+      // whose own block is sound (and reports the rest as left).
+      compare_refcounts(fix_, [&](std::uint64_t k, std::uint64_t v) { return set_in_place(k, v); });
+      QNBD_TRY(file_.flush());
     }
-    compare_refcounts(fix_, &*r);
-    QNBD_TRY(r->flush());
     drop_cached_blocks();  // re-read what was just written
     return ok();
+  }
+
+  // The stored refcount of cluster k set to v in its existing block, when
+  // that block is sound (aligned, inside the file, no reserved bits) and
+  // may be written; never allocates a block.
+  bool set_in_place(std::uint64_t k, std::uint64_t v) {
+    const unsigned bits = cb_ + 3 - h_.refcount_order;
+    const std::uint64_t ti = k >> bits;
+    if (ti >= rt_.size() || (rt_[ti] & REFT_RESERVED_MASK) || v > max_refcount(h_.refcount_order)) return false;
+    const std::uint64_t offset = rt_[ti] & REFT_OFFSET_MASK;
+    if (!block_usable(offset) || !write_allowed(offset, cs_, MetadataKind::refcount_block)) return false;
+    std::vector<std::byte> block = cached_block(offset);
+    set_refcount_entry(block, h_.refcount_order, k & ((1ull << bits) - 1), v);
+    if (!file_.pwrite(block, offset)) return false;
+    blocks_[offset] = std::move(block);
+    return true;
   }
 
   // Write a complete new refcount table and blocks from the recomputed
@@ -980,6 +1014,7 @@ class Checker {
   std::map<std::uint64_t, std::uint64_t> refused_;
   static constexpr std::uint64_t kMaxRebuildSkipBytes = 64ull << 20;
   std::uint64_t unrepairable_ = 0;  // corruptions of the reference walk, which repair leaves
+  std::uint64_t overflows_ = 0;     // references the refcount width cannot count, which repair leaves too
   bool reported_bad_refblock_ = false;
 };
 
