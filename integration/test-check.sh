@@ -242,6 +242,11 @@ mv base.qcow2 base-std.qcow2
 qemu-img create -q -f qcow2 -o cluster_size=4k,refcount_bits=1 base.qcow2 4M
 qemu-io -f qcow2 -c "write -P 1 0 32k" -c "write -P 4 1M 8k" base.qcow2 >/dev/null
 compare refcount-overflow "put_l2e(5, l2e(4))" unfixable
+# The same overflow on the refcount block itself (a data cluster that is
+# also the block), then a rebuild (a reserved bit in another table entry):
+# the rebuild must not take the old block's reference off a count that
+# overflowed, or the data cluster comes out with refcount 0.
+compare refcount-overflow-rebuild "put_l2e(20, (1 << 63) | (be64(rt) & ~0x1ff)); put64(rt + 8, 0x1)" unfixable
 mv base-std.qcow2 base.qcow2
 
 # A repair write that would land on metadata is refused, as qemu-img check

@@ -765,18 +765,21 @@ class Checker {
       if (v) used[k] = v;
     });
     std::map<std::uint64_t, std::uint64_t> refs = used;  // what the new blocks say
+    const std::uint64_t max = max_refcount(h_.refcount_order);
     auto drop = [&](std::uint64_t offset, std::uint64_t length) {
       if (length == 0) return;
       for (std::uint64_t k = offset >> cb_; k <= (offset + length - 1) >> cb_; k++) {
         auto it = refs.find(k);
-        if (it != refs.end() && --it->second == 0) refs.erase(it);
+        // A count at the width's maximum may stand for more references
+        // than it holds (an overflow): taking one off could free a cluster
+        // still in use. It stays; the recount's leak repair settles it.
+        if (it != refs.end() && it->second < max && --it->second == 0) refs.erase(it);
       }
     };
     drop(h_.refcount_table_offset, std::uint64_t{h_.refcount_table_clusters} * cs_);
     for (std::uint64_t off : refstruct_blocks_) {
       if (is_aligned(off, cs_) && (off >> cb_) < nb_clusters_) drop(off, cs_);
     }
-    const std::uint64_t max = max_refcount(h_.refcount_order);
     for (auto& [k, v] : refs) {
       if (v > max) return make_error(EOVERFLOW, "cluster {} is referenced {} times", k, v);
     }
