@@ -10,6 +10,7 @@
 #include <optional>
 #include <set>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "common/checked.hpp"
@@ -191,6 +192,7 @@ class Checker {
             "the image cannot be opened for writing");
         res_.corruptions++;
         overflows_++;  // no repair fixes it: the refcount width is too small
+        overflowed_.insert(k);
         continue;
       }
       ++*count;
@@ -323,6 +325,7 @@ class Checker {
   void calculate_refcounts() {
     computed_.assign(nb_clusters_, 0);
     overflows_ = 0;
+    overflowed_.clear();
     beyond_.clear();
     refused_.clear();
     refstruct_blocks_.clear();
@@ -790,21 +793,21 @@ class Checker {
       if (v) used[k] = v;
     });
     std::map<std::uint64_t, std::uint64_t> refs = used;  // what the new blocks say
-    const std::uint64_t max = max_refcount(h_.refcount_order);
     auto drop = [&](std::uint64_t offset, std::uint64_t length) {
       if (length == 0) return;
       for (std::uint64_t k = offset >> cb_; k <= (offset + length - 1) >> cb_; k++) {
         auto it = refs.find(k);
-        // A count at the width's maximum may stand for more references
-        // than it holds (an overflow): taking one off could free a cluster
-        // still in use. It stays; the recount's leak repair settles it.
-        if (it != refs.end() && it->second < max && --it->second == 0) refs.erase(it);
+        // A count that overflowed stands for more references than it
+        // holds: taking one off could free a cluster still in use. It
+        // stays; the recount's leak repair settles it.
+        if (it != refs.end() && !overflowed_.count(k) && --it->second == 0) refs.erase(it);
       }
     };
     drop(h_.refcount_table_offset, std::uint64_t{h_.refcount_table_clusters} * cs_);
     for (std::uint64_t off : refstruct_blocks_) {
       if (is_aligned(off, cs_) && (off >> cb_) < nb_clusters_) drop(off, cs_);
     }
+    const std::uint64_t max = max_refcount(h_.refcount_order);
     for (auto& [k, v] : refs) {
       if (v > max) return make_error(EOVERFLOW, "cluster {} is referenced {} times", k, v);
     }
@@ -1041,8 +1044,9 @@ class Checker {
   // Refused references (see inc), first cluster -> one past the last.
   std::map<std::uint64_t, std::uint64_t> refused_;
   static constexpr std::uint64_t kMaxRebuildSkipBytes = 64ull << 20;
-  std::uint64_t unrepairable_ = 0;  // corruptions of the reference walk, which repair leaves
-  std::uint64_t overflows_ = 0;     // references the refcount width cannot count, which repair leaves too
+  std::uint64_t unrepairable_ = 0;                // corruptions of the reference walk, which repair leaves
+  std::uint64_t overflows_ = 0;                   // references the refcount width cannot count, which repair leaves too
+  std::unordered_set<std::uint64_t> overflowed_;  // clusters whose count overflowed (at most one per cluster)
   bool reported_bad_refblock_ = false;
 };
 
