@@ -81,7 +81,9 @@ class Checker {
       }
       recounting_ = false;
       if (rebuild_) say("ERROR rebuilt refcount structure is still broken");
-      const std::uint64_t left = res_.corruptions, leaks_left = res_.leaks;
+      // The recount walks the structure only; incomplete snapshot entries,
+      // reported once before it, are still there.
+      const std::uint64_t left = res_.corruptions + incomplete_snapshots_, leaks_left = res_.leaks;
       const std::uint64_t errors = res_.check_errors;
       res_ = old;
       res_.check_errors += errors;
@@ -533,6 +535,7 @@ class Checker {
       if (extra < 16) {
         say("ERROR snapshot table entry {} is incomplete", i);
         res_.corruptions++;
+        incomplete_snapshots_++;
       }
       const std::uint64_t entry = align_up(40 + extra + load_be16(fixed + 12) + load_be16(fixed + 14), 8);
       total += entry;
@@ -1045,6 +1048,7 @@ class Checker {
   std::map<std::uint64_t, std::uint64_t> refused_;
   static constexpr std::uint64_t kMaxRebuildSkipBytes = 64ull << 20;
   std::uint64_t unrepairable_ = 0;                // corruptions of the reference walk, which repair leaves
+  std::uint64_t incomplete_snapshots_ = 0;        // version 3 snapshot entries without disk_size, which repair leaves
   std::uint64_t overflows_ = 0;                   // references the refcount width cannot count, which repair leaves too
   std::unordered_set<std::uint64_t> overflowed_;  // clusters whose count overflowed (at most one per cluster)
   bool reported_bad_refblock_ = false;
