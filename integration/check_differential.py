@@ -11,7 +11,8 @@ active L1 table, an L2 table, the refcount table or a refcount block with a
 value drawn from what damage looks like (zero, flags alone, aligned and
 unaligned offsets inside and past the file, random bits), and runs
 `check` (no repair) with both tools. The exit status and the whole output
-(stdout and stderr, with the program name normalised) must be identical.
+(stdout and stderr, with the program name normalised) must be identical,
+and so must the status and counts of `check --output=json`.
 
 With REPAIR (leaks or all), each tool repairs its own copy with `check -r
 REPAIR` instead, and qemu-img check then judges both results: qnbd's
@@ -112,6 +113,17 @@ def damage(rng, size, cs):
     ][kind]
 
 
+def json_counts(result):
+    """The exit status and the counts of a `check --output=json` run."""
+    try:
+        j = json.loads(result.stdout)
+    except ValueError:
+        return (result.returncode, None)
+    keys = ("check-errors", "corruptions", "leaks", "corruptions-fixed", "leaks-fixed", "image-end-offset",
+            "total-clusters", "allocated-clusters", "fragmented-clusters", "compressed-clusters")
+    return (result.returncode,) + tuple(j.get(k) for k in keys)
+
+
 def problems_left(path):
     """corruptions + leaks that qemu-img check finds, None if it cannot say."""
     r = run("qemu-img", "check", "--output=json", path)
@@ -156,6 +168,15 @@ for case in range(cases):
             with open(kept, "wb") as f:
                 f.write(d)
             print(f"MISMATCH case {case} ({os.path.basename(base)}), -r {repair}: {why}; image kept: {kept}")
+        continue
+    ours_json = run(qnbd, "check", "--output=json", path)
+    theirs_json = run("qemu-img", "check", "--output=json", path)
+    if json_counts(ours_json) != json_counts(theirs_json):
+        mismatches += 1
+        kept = os.path.join(work, f"mismatch-{seed}-{case}.qcow2")
+        shutil.copy(path, kept)
+        print(f"MISMATCH case {case} ({os.path.basename(base)}), --output=json: qnbd {json_counts(ours_json)}, "
+              f"qemu-img {json_counts(theirs_json)}; image kept: {kept}")
         continue
     ours, theirs = run(qnbd, "check", path), run("qemu-img", "check", path)
     a = (ours.returncode, ours.stdout, ours.stderr.replace("qnbd: ", "PROG: "))
