@@ -774,10 +774,17 @@ class Checker {
     if (ti >= rt_.size() || (rt_[ti] & REFT_RESERVED_MASK) || v > max_refcount(h_.refcount_order)) return false;
     const std::uint64_t offset = rt_[ti] & REFT_OFFSET_MASK;
     if (!block_usable(offset) || !write_allowed(offset, cs_, MetadataKind::refcount_block)) return false;
-    std::vector<std::byte> block = cached_block(offset);
-    set_refcount_entry(block, h_.refcount_order, k & ((1ull << bits) - 1), v);
-    if (!file_.pwrite(block, offset)) return false;
-    blocks_[offset] = std::move(block);
+    // The cached copy is changed in place and only the bytes that hold the
+    // entry are written (a repair may fix many clusters of one block).
+    auto& block = const_cast<std::vector<std::byte>&>(cached_block(offset));
+    const std::uint64_t index = k & ((1ull << bits) - 1);
+    set_refcount_entry(block, h_.refcount_order, index, v);
+    const std::uint64_t first = (index << h_.refcount_order) / 8;
+    const std::uint64_t bytes = std::max<std::uint64_t>(1, (1ull << h_.refcount_order) / 8);
+    if (!file_.pwrite(std::span<const std::byte>(block).subspan(first, bytes), offset + first)) {
+      drop_cached_blocks();  // the cached copy no longer matches the file
+      return false;
+    }
     return true;
   }
 
