@@ -9,16 +9,13 @@
 
 #include "cli/commands.hpp"
 #include "cli/image_cli.hpp"
+#include "common/zero.hpp"
 
 namespace qnbd::cli {
 namespace {
 
 constexpr std::size_t kChunk = 2 << 20;
 constexpr std::size_t kSparseBlock = 4096;
-
-bool all_zero(const std::byte* p, std::size_t n) {
-  return std::all_of(p, p + n, [](std::byte b) { return b == std::byte{0}; });
-}
 
 Result<void> convert_to_raw(image::BlockDevice& src, image::File& out) {
   const std::uint64_t size = src.size();
@@ -43,12 +40,12 @@ Result<void> convert_to_raw(image::BlockDevice& src, image::File& out) {
         QNBD_TRY(src.read(part, offset));
         for (std::size_t pos = 0; pos < len;) {
           std::size_t blk = std::min(kSparseBlock - static_cast<std::size_t>((offset + pos) % kSparseBlock), len - pos);
-          if (!all_zero(part.data() + pos, blk)) {
+          if (!is_zero({part.data() + pos, blk})) {
             // Write the run of non-zero blocks in one go.
             std::size_t run = blk;
             while (pos + run < len) {
               std::size_t b2 = std::min(kSparseBlock, len - pos - run);
-              if (all_zero(part.data() + pos + run, b2)) break;
+              if (is_zero({part.data() + pos + run, b2})) break;
               run += b2;
             }
             QNBD_TRY(out.pwrite(part.subspan(pos, run), offset + pos));

@@ -36,8 +36,11 @@ struct ServeArgs {
   bool allocation_depth = false;
   bool fork = false;
   std::string pid_file;
-  std::string cache = "writeback";
+  std::string cache;  // "" = writeback (qemu-nbd's default); -n means none
+  bool nocache = false;
   std::string discard = "ignore";
+  std::string detect_zeroes = "off";
+  std::string aio = "threads";
   int verbose = 0;
   std::vector<std::string> bitmaps;
   std::string config;
@@ -54,6 +57,16 @@ struct ServeArgs {
   std::uint64_t recovery_chunk = 0;
   std::string view_scratch_dir;
   std::uint64_t view_scratch_max = 0;
+};
+
+// How an export's image is opened and written, in qemu-nbd's words (its
+// --cache, --discard, --detect-zeroes and --aio; the config file's keys of
+// the same names).
+struct IoModes {
+  std::string cache = "writeback";
+  std::string discard = "ignore";
+  std::string detect_zeroes = "off";
+  std::string aio = "threads";
 };
 
 // --recover-bitmaps / recover_bitmaps (docs/crash-safe-bitmaps.md).
@@ -77,13 +90,42 @@ Result<image::ImageFormat> parse_format(const std::string& s) {
   return make_error(EINVAL, "unknown format '{}' (raw, qcow2)", s);
 }
 
+Result<server::DetectZeroes> parse_detect_zeroes(const std::string& s) {
+  if (s == "off") return server::DetectZeroes::off;
+  if (s == "on") return server::DetectZeroes::on;
+  if (s == "unmap") return server::DetectZeroes::unmap;
+  return make_error(EINVAL, "Failed to parse detect_zeroes mode: invalid parameter value: {}", s);
+}
+
+// Checks the modes as qemu-nbd does, with its messages: detect-zeroes=unmap
+// needs discard=unmap, aio=native needs O_DIRECT (cache none or
+// directsync). The aio mode itself changes nothing here: qnbd's I/O
+// threads and inline page-cache I/O serve every mode.
+Result<void> check_io_modes(const std::string& path, const IoModes& m, bool discard_unmap) {
+  auto detect = QNBD_TRY(parse_detect_zeroes(m.detect_zeroes));
+  if (detect == server::DetectZeroes::unmap && !discard_unmap)
+    return make_error(EINVAL,
+                      "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap");
+  if (m.aio != "threads" && m.aio != "native" && m.aio != "io_uring")
+    return make_error(EINVAL, "Invalid aio mode '{}'", m.aio);
+  if (m.aio == "native" && m.cache != "none" && m.cache != "directsync")
+    return make_error(EINVAL,
+                      "Failed to blk_new_open '{}': aio=native was specified, but it requires cache.direct=on, which "
+                      "was not specified.",
+                      path);
+  return {};
+}
+
 Result<server::ExportSpec> open_export(const std::string& path, const std::string& format, bool read_only,
-                                       const std::string& cache, const std::string& discard, std::string name,
-                                       std::string description, bool multi_conn, bool allocation_depth,
-                                       const std::vector<std::string>& bitmaps, image::LockOptions lock,
-                                       BitmapRecovery recovery = {}, image::ViewOptions views = {}) {
+                                       const IoModes& modes, std::string name, std::string description, bool multi_conn,
+                                       bool allocation_depth, const std::vector<std::string>& bitmaps,
+                                       image::LockOptions lock, BitmapRecovery recovery = {},
+                                       image::ViewOptions views = {}) {
+  const std::string& discard = modes.discard;
   if (discard != "ignore" && discard != "unmap" && discard != "off" && discard != "on")
     return make_error(EINVAL, "invalid discard mode '{}' (ignore, unmap)", discard);
+  const bool discard_unmap = discard == "unmap" || discard == "on";
+  QNBD_TRY(check_io_modes(path, modes, discard_unmap));
   const std::uint64_t c = recovery.chunk_size;
   if (c && ((c & (c - 1)) || c < (64u << 10) || c > (1ull << 40))) {
     return make_error(EINVAL, "invalid recovery chunk size {} (a power of two from 65536 to 1 TiB)", c);
@@ -91,8 +133,8 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
   image::OpenOptions oo;
   oo.format = QNBD_TRY(parse_format(format));
   oo.read_only = read_only;
-  oo.cache = QNBD_TRY(parse_cache(cache));
-  oo.discard_unmap = discard == "unmap" || discard == "on";
+  oo.cache = QNBD_TRY(parse_cache(modes.cache));
+  oo.discard_unmap = discard_unmap;
   oo.recover_bitmaps = recovery.enabled;
   oo.recovery_chunk = recovery.chunk_size;
   // qemu-nbd's permissions: a writable export holds write and shares it
@@ -123,6 +165,7 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
   }
   spec.image = path;
   spec.discard_unmap = oo.discard_unmap;
+  spec.detect_zeroes = *parse_detect_zeroes(modes.detect_zeroes);
   // With O_DIRECT or a sync per write every call waits for the disk.
   spec.inline_io = oo.cache == image::CacheMode::writeback || oo.cache == image::CacheMode::unsafe;
   return spec;
@@ -150,8 +193,19 @@ image::ViewOptions view_options(const std::string& dir, std::uint64_t max, const
   return v;
 }
 
+IoModes io_modes(const ServeArgs& a) {
+  IoModes m;
+  m.cache = a.nocache ? "none" : a.cache.empty() ? "writeback" : a.cache;
+  m.discard = a.discard;
+  m.detect_zeroes = a.detect_zeroes;
+  m.aio = a.aio;
+  return m;
+}
+
 Result<server::ServerOptions> build_options(const ServeArgs& a) {
   server::ServerOptions o;
+  // qemu-nbd: -n is --cache=none, and the two may not both be given.
+  if (a.nocache && !a.cache.empty()) return make_error(EINVAL, "-n and --cache can only be specified once");
   // --object / --tls-creds / --tls-authz: TLS for the command line's listener.
   std::shared_ptr<const server::TlsCredentials> cli_tls;
   if (!a.tls_creds.empty() || !a.tls_authz.empty()) {
@@ -173,10 +227,11 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     for (const auto& e : cfg.exports) {
       image::LockOptions lock;
       if (!image::parse_locking(e.locking, lock.locking)) return make_error(EINVAL, "bad locking '{}'", e.locking);
-      auto spec = QNBD_TRY(open_export(e.image, e.format, e.read_only, e.cache, e.discard, e.name, e.description, true,
-                                       e.allocation_depth, e.bitmaps, lock,
-                                       BitmapRecovery{e.recover_bitmaps, e.recovery_chunk_size},
-                                       view_options(e.view_scratch_dir, e.view_scratch_max, a)));
+      const IoModes modes{e.cache, e.discard, e.detect_zeroes, e.aio};
+      auto spec =
+          QNBD_TRY(open_export(e.image, e.format, e.read_only, modes, e.name, e.description, true, e.allocation_depth,
+                               e.bitmaps, lock, BitmapRecovery{e.recover_bitmaps, e.recovery_chunk_size},
+                               view_options(e.view_scratch_dir, e.view_scratch_max, a)));
       o.exports.push_back(std::move(spec));
     }
     for (const auto& l : cfg.listeners) {
@@ -212,16 +267,16 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
       const config::ExportConfig d;
       image::LockOptions lock;
       (void)image::parse_locking(d.locking, lock.locking);
-      return open_export(r.image, r.format, r.read_only, d.cache, d.discard, r.name, d.description, true,
-                         r.allocation_depth, r.bitmaps, lock, BitmapRecovery{d.recover_bitmaps, d.recovery_chunk_size},
-                         view_options("", 0, a));
+      return open_export(r.image, r.format, r.read_only, IoModes{d.cache, d.discard, d.detect_zeroes, d.aio}, r.name,
+                         d.description, true, r.allocation_depth, r.bitmaps, lock,
+                         BitmapRecovery{d.recover_bitmaps, d.recovery_chunk_size}, view_options("", 0, a));
     };
   } else {
     if (a.image.empty()) return make_error(EINVAL, "an IMAGE (or --config FILE) is required");
-    auto spec = QNBD_TRY(
-        open_export(a.image, a.format, a.read_only, a.cache, a.discard, a.export_name, a.description, a.shared != 1,
-                    a.allocation_depth, a.bitmaps, lock_options(a.lock, image::LockUse::export_),
-                    BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}, view_options("", 0, a)));
+    auto spec =
+        QNBD_TRY(open_export(a.image, a.format, a.read_only, io_modes(a), a.export_name, a.description, a.shared != 1,
+                             a.allocation_depth, a.bitmaps, lock_options(a.lock, image::LockUse::export_),
+                             BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}, view_options("", 0, a)));
     o.exports.push_back(std::move(spec));
     server::ListenerSpec ls;
     if (!a.socket.empty()) {
@@ -236,10 +291,11 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     o.persistent = a.persistent;
     o.max_connections = a.shared;
     // export-add opens its image as this command line opened IMAGE: the
-    // same cache, discard, locking, bitmap recovery and multi-conn choice.
+    // same cache, discard, detect-zeroes, locking, bitmap recovery and
+    // multi-conn choice.
     o.open_export = [a](const server::ExportRequest& r) {
-      return open_export(r.image, r.format, r.read_only, a.cache, a.discard, r.name, "", a.shared != 1,
-                         r.allocation_depth, r.bitmaps, lock_options(a.lock, image::LockUse::export_),
+      return open_export(r.image, r.format, r.read_only, io_modes(a), r.name, "", a.shared != 1, r.allocation_depth,
+                         r.bitmaps, lock_options(a.lock, image::LockUse::export_),
                          BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}, view_options("", 0, a));
     };
   }
@@ -333,8 +389,14 @@ void add_serve_command(CLI::App& app, int& status) {
   cmd->add_flag("-A,--allocation-depth", args->allocation_depth, "Offer the qemu:allocation-depth context");
   cmd->add_flag("--fork", args->fork, "Fork into the background once listening");
   cmd->add_option("--pid-file", args->pid_file, "Write the server PID here once listening");
-  cmd->add_option("--cache", args->cache, "Cache mode: writeback, writethrough, none, unsafe");
+  cmd->add_option("--cache", args->cache, "Cache mode: writeback (default), writethrough, none, directsync, unsafe");
+  cmd->add_flag("-n,--nocache", args->nocache, "Same as --cache=none");
+  cmd->add_option("--aio", args->aio,
+                  "AIO mode, as qemu-nbd: threads (default), native (needs --cache=none) or io_uring; qnbd's own "
+                  "I/O threads serve every mode");
   cmd->add_option("--discard", args->discard, "Discard mode: ignore (default) or unmap");
+  cmd->add_option("--detect-zeroes", args->detect_zeroes,
+                  "Write all-zero WRITE payloads as zeroes: off (default), on, or unmap (needs --discard=unmap)");
   cmd->add_option("--recover-bitmaps", args->recover_bitmaps,
                   "Keep enabled bitmaps crash-safe with a write-intent record beside the image and recover "
                   "them after a crash: yes (default) or no")
@@ -365,6 +427,7 @@ void add_serve_command(CLI::App& app, int& status) {
   cmd->add_option("--max-connections-per-address", args->max_per_address,
                   "Connections one client IP address may hold at once (0 = unlimited)");
   add_lock_options(cmd, args->lock, true);
+  cmd->set_version_flag("-V,--version", qnbd::cli::kVersionText);
   cmd->callback([args, &status] { status = serve(*args); });
 }
 

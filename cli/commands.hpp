@@ -7,6 +7,9 @@
 
 namespace qnbd::cli {
 
+// What -V/--version prints (the version is CMake's project version).
+inline constexpr const char* kVersionText = "qnbd " QNBD_VERSION;
+
 void add_serve_command(CLI::App& app, int& status);    // cli/cmd_serve.cpp
 void add_info_command(CLI::App& app, int& status);     // cli/cmd_info.cpp
 void add_map_command(CLI::App& app, int& status);      // cli/cmd_map.cpp

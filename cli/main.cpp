@@ -8,7 +8,7 @@
 int main(int argc, char** argv) {
   CLI::App app{"qnbd: serve qcow2 and raw disk images over NBD, with persistent dirty bitmaps", "qnbd"};
   app.require_subcommand(1);
-  app.set_version_flag("-V,--version", "qnbd 0.1.0");
+  app.set_version_flag("-V,--version", qnbd::cli::kVersionText);
   int status = 0;
   qnbd::cli::add_serve_command(app, status);
   qnbd::cli::add_info_command(app, status);

@@ -156,8 +156,8 @@ Result<std::string> as_enum(const json& v, const std::string& pointer, std::init
 Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   QNBD_TRY(expect_object(v, pointer,
                          {"name", "image", "format", "read_only", "description", "allocation_depth", "bitmaps", "cache",
-                          "discard", "locking", "recover_bitmaps", "recovery_chunk_size", "view_scratch_dir",
-                          "view_scratch_max"}));
+                          "discard", "detect_zeroes", "aio", "locking", "recover_bitmaps", "recovery_chunk_size",
+                          "view_scratch_dir", "view_scratch_max"}));
   ExportConfig e;
   const json* name = find(v, "name");
   if (name == nullptr) return fail(child(pointer, "name"), "required key is missing");
@@ -197,6 +197,18 @@ Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   }
   if (const json* x = find(v, "discard")) {
     e.discard = QNBD_TRY(as_enum(*x, child(pointer, "discard"), {"ignore", "unmap"}));
+  }
+  // qemu-nbd's --detect-zeroes and --aio, refused where qemu-nbd refuses
+  // them: unmapping zeroes needs discard unmap, native AIO needs O_DIRECT.
+  if (const json* x = find(v, "detect_zeroes")) {
+    e.detect_zeroes = QNBD_TRY(as_enum(*x, child(pointer, "detect_zeroes"), {"off", "on", "unmap"}));
+    if (e.detect_zeroes == "unmap" && e.discard != "unmap")
+      return fail(child(pointer, "detect_zeroes"), "\"unmap\" needs \"discard\": \"unmap\"");
+  }
+  if (const json* x = find(v, "aio")) {
+    e.aio = QNBD_TRY(as_enum(*x, child(pointer, "aio"), {"threads", "native", "io_uring"}));
+    if (e.aio == "native" && e.cache != "none")
+      return fail(child(pointer, "aio"), "\"native\" needs \"cache\": \"none\" (O_DIRECT)");
   }
   if (const json* x = find(v, "locking")) {
     e.locking = QNBD_TRY(as_enum(*x, child(pointer, "locking"), {"auto", "on", "off"}));

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/zero.hpp"
 #include "fuzz_image.hpp"
 
 using namespace qnbd;
@@ -35,10 +36,6 @@ std::vector<std::byte>& buffer(std::uint64_t n) {
   static std::vector<std::byte> b;
   b.resize(n);
   return b;
-}
-
-bool all_zero(std::span<const std::byte> s) {
-  return std::all_of(s.begin(), s.end(), [](std::byte b) { return b == std::byte{0}; });
 }
 
 void do_read(qcow2::Qcow2Image& img, const fuzz::Range& g) {
@@ -68,7 +65,7 @@ void do_block_status(qcow2::Qcow2Image& img, const fuzz::Range& g, std::size_t s
       const std::uint64_t n = std::min({out[i].length, kMaxRead, budget});
       budget -= n;
       auto& b = buffer(n);
-      if (img.read(b, pos)) QNBD_FUZZ_CHECK(all_zero(b));
+      if (img.read(b, pos)) QNBD_FUZZ_CHECK(is_zero(b));
     }
     pos += out[i].length;
   }

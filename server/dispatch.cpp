@@ -14,6 +14,7 @@
 #include "common/checked.hpp"
 #include "common/endian.hpp"
 #include "common/log.hpp"
+#include "common/zero.hpp"
 #include "protocol/constants.hpp"
 
 namespace qnbd::server {
@@ -110,7 +111,21 @@ void Session::execute(Slot& s, bool on_io_thread) {
   switch (r.type) {
     case NBD_CMD_READ: return do_read(s, on_io_thread);
     case NBD_CMD_BLOCK_STATUS: return do_block_status(s);
-    case NBD_CMD_WRITE: res = dev.write(std::span<const std::byte>(s.data.data.get(), r.length), r.offset, fua); break;
+    case NBD_CMD_WRITE: {
+      const std::span<const std::byte> payload(s.data.data.get(), r.length);
+      if (export_->detect_zeroes() != DetectZeroes::off && r.length && is_zero(payload)) {
+        // As qemu's block layer does for detect-zeroes (bdrv_aligned_pwritev):
+        // the same request as a write of zeroes, unmapping only with
+        // detect-zeroes=unmap on an export whose discard is unmap.
+        image::ZeroFlags zf;
+        zf.may_unmap = export_->detect_zeroes() == DetectZeroes::unmap && export_->discard_unmap();
+        zf.fua = fua;
+        res = dev.write_zeroes(r.offset, r.length, zf);
+      } else {
+        res = dev.write(payload, r.offset, fua);
+      }
+      break;
+    }
     case NBD_CMD_FLUSH: res = dev.flush(); break;
     case NBD_CMD_TRIM:
       // --discard=ignore (qemu-nbd's default): TRIM is a successful no-op.

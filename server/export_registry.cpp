@@ -23,6 +23,7 @@ Result<std::shared_ptr<const Export>> Export::make(ExportSpec spec) {
   e->device_ = std::move(spec.device);
   e->bitmaps_ = std::move(spec.bitmaps);
   e->discard_unmap_ = spec.discard_unmap;
+  e->detect_zeroes_ = spec.detect_zeroes;
   e->inline_io_ = spec.inline_io;
   e->image_ = std::move(spec.image);
   return std::shared_ptr<const Export>(std::move(e));

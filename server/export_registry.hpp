@@ -75,6 +75,7 @@ class Export {
   const std::shared_ptr<image::BlockDevice>& device_ptr() const { return device_; }
   const std::string& image() const { return image_; }
   bool discard_unmap() const { return discard_unmap_; }
+  DetectZeroes detect_zeroes() const { return detect_zeroes_; }
   bool inline_io() const { return inline_io_; }
   // True once remove() took the export out of the registry: long requests
   // stop between steps (as on shutdown) so a forced removal is not held up
@@ -94,6 +95,7 @@ class Export {
   std::shared_ptr<image::BlockDevice> device_;
   std::vector<ExportedBitmap> bitmaps_;  // info_.bitmaps[i] == bitmaps_[i].name
   bool discard_unmap_ = false;
+  DetectZeroes detect_zeroes_ = DetectZeroes::off;
   bool inline_io_ = true;
   std::string image_;
   mutable std::atomic<bool> retiring_{false};

@@ -31,10 +31,17 @@ struct ExportedBitmap {
   std::size_t handle = 0;
 };
 
+// qemu's detect-zeroes (qemu-nbd --detect-zeroes): a WRITE whose payload
+// is all zero bytes is done as a write of zeroes, which on qcow2 sets zero
+// clusters instead of storing data; with unmap (only with --discard=unmap)
+// it may also release the space, as a WRITE_ZEROES without NO_HOLE does.
+enum class DetectZeroes : std::uint8_t { off, on, unmap };
+
 struct ExportSpec {
   protocol::ExportInfo info;                   // as advertised (info.bitmaps is filled from `bitmaps`)
   std::shared_ptr<image::BlockDevice> device;  // shared by every connection
   bool discard_unmap = false;                  // TRIM releases space (else ignored)
+  DetectZeroes detect_zeroes = DetectZeroes::off;
   // At most kMaxBitmapsPerExport (export_registry.hpp); run_server refuses more.
   std::vector<ExportedBitmap> bitmaps;
   // Cheap requests may run on the io threads (false for O_DIRECT images,

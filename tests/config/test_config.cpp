@@ -63,8 +63,8 @@ TEST_CASE("every field is read") {
     "exports": [
       {"name": "a", "image": "/srv/a.qcow2", "format": "qcow2", "read_only": true,
        "description": "disk A", "allocation_depth": true, "bitmaps": ["b0", "b1"],
-       "cache": "none", "discard": "unmap", "locking": "off", "recover_bitmaps": false,
-       "recovery_chunk_size": 1048576},
+       "cache": "none", "discard": "unmap", "detect_zeroes": "unmap", "aio": "native", "locking": "off",
+       "recover_bitmaps": false, "recovery_chunk_size": 1048576},
       {"name": "b", "image": "b.img", "format": "raw", "cache": "unsafe"}
     ],
     "listeners": [
@@ -86,6 +86,10 @@ TEST_CASE("every field is read") {
   CHECK(c.exports[0].bitmaps == std::vector<std::string>{"b0", "b1"});
   CHECK(c.exports[0].cache == "none");
   CHECK(c.exports[0].discard == "unmap");
+  CHECK(c.exports[0].detect_zeroes == "unmap");
+  CHECK(c.exports[0].aio == "native");
+  CHECK(c.exports[1].detect_zeroes == "off");
+  CHECK(c.exports[1].aio == "threads");
   CHECK(c.exports[1].format == "raw");
   CHECK(c.exports[1].cache == "unsafe");
   CHECK(c.exports[0].locking == "off");
@@ -128,7 +132,7 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
        R"(/exports/1/read_only: expected a boolean, got "yes")"},
       {R"({"exports": [{"name": "a", "image": "a", "readonly": true}]})",
        "/exports/0/readonly: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
+       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
        "view_scratch_max)"},
       {R"({"exports": [{"name": "a", "image": "a", "recover_bitmaps": "no"}]})",
        R"(/exports/0/recover_bitmaps: expected a boolean, got "no")"},
@@ -154,6 +158,14 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
        R"(/exports/0/cache: expected one of "writeback", "writethrough", "none", "unsafe", got "directsync")"},
       {R"({"exports": [{"name": "a", "image": "a", "discard": true}]})",
        R"(/exports/0/discard: expected one of "ignore", "unmap", got true)"},
+      {R"({"exports": [{"name": "a", "image": "a", "detect_zeroes": "yes"}]})",
+       R"(/exports/0/detect_zeroes: expected one of "off", "on", "unmap", got "yes")"},
+      {R"({"exports": [{"name": "a", "image": "a", "detect_zeroes": "unmap"}]})",
+       R"(/exports/0/detect_zeroes: "unmap" needs "discard": "unmap")"},
+      {R"({"exports": [{"name": "a", "image": "a", "aio": "posix"}]})",
+       R"(/exports/0/aio: expected one of "threads", "native", "io_uring", got "posix")"},
+      {R"({"exports": [{"name": "a", "image": "a", "aio": "native"}]})",
+       R"(/exports/0/aio: "native" needs "cache": "none" (O_DIRECT))"},
       {R"({"exports": [{"name": "a", "image": "a", "locking": false}]})",
        R"(/exports/0/locking: expected one of "auto", "on", "off", got false)"},
       {R"({"exports": [{"name": "a", "image": "a", "locking": "yes"}]})",
@@ -223,12 +235,12 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
       // keys needing RFC 6901 escapes
       {R"({"exports": [{"name": "", "image": "a", "a/b~c": 1}]})",
        "/exports/0/a~1b~0c: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
+       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
        "view_scratch_max)"},
       // control characters from the file are shown escaped: one line
       {R"({"exports": [{"name": "", "image": "a", "x\ny": 1}]})",
        "/exports/0/x\\ny: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
+       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
        "view_scratch_max)"},
       {R"({"exports": [{"name": "a\u0001", "image": "a"}, {"name": "a\u0001", "image": "b"}]})",
        R"(/exports/1/name: duplicate export name "a\x01" (also /exports/0/name))"},
@@ -323,6 +335,8 @@ TEST_CASE("the schema is valid JSON naming every key the loader accepts") {
                           "bitmaps",
                           "cache",
                           "discard",
+                          "detect_zeroes",
+                          "aio",
                           "locking",
                           "type",
                           "host",

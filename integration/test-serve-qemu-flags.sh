@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# qemu-nbd's I/O flags, beside qemu-nbd: tools that spawn qemu-nbd (oVirt
+# imageio passes --cache, --aio, --discard and --detect-zeroes) must be able
+# to spawn qnbd with the same words.
+# 1. Each combination is accepted or refused as qemu-nbd accepts or refuses
+#    it (--detect-zeroes=unmap without --discard=unmap, --aio=native without
+#    O_DIRECT, unknown values, -n with --cache), with qemu-nbd's message.
+# 2. --detect-zeroes: the same WRITEs of all-zero payloads (aligned,
+#    unaligned, FUA, into never-written space) on qcow2 and raw leave the
+#    same base:allocation map, the same dirty bitmap and the same data as
+#    under qemu-nbd, for off, on and unmap; and on/unmap must differ from
+#    off (zero clusters instead of stored zeroes), so the comparison cannot
+#    pass with the flag ignored.
+# 3. -V prints the version and exits 0, as qemu-nbd -V does.
+source "$(dirname "$0")/lib-serve.sh"
+requires qemu-img qemu-io qemu-nbd nbdinfo python3
+requires_qnbd
+requires_python_nbd
+
+T=$TMPDIR_TEST
+cmp_map=$INTEGRATION_DIR/map-norm.py
+
+qemu-img create -q -f qcow2 "$T/flags.qcow2" 8M
+
+# outcome TOOL ARGS...: "serves" if the server comes up on its socket (then
+# stopped by its PID), else "refused" with its first stderr line in
+# $T/outcome.err.
+outcome() {
+  local tool=$1
+  shift
+  rm -f "$T/o.sock" "$T/o.pid"
+  "$tool" "$@" -k "$T/o.sock" --pid-file "$T/o.pid" "$T/flags.qcow2" 2>"$T/outcome.err" &
+  local pid=$! st=0
+  wait_ready -s "$T/o.pid" "$pid" || st=$?
+  if ((st == 0)); then
+    nbdinfo --size "nbd+unix:///?socket=$T/o.sock" >/dev/null || fail "$tool $*: serves but nbdinfo fails"
+    # (qemu-nbd without -t has already ended with nbdinfo's disconnect)
+    kill -TERM "$pid" 2>/dev/null
+    wait "$pid" || true
+    echo serves
+  else
+    kill -9 "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    echo refused
+  fi
+}
+
+# check_flags EXPECTED QEMU_PHRASE ARGS...: both servers agree with EXPECTED;
+# a refusal by qnbd carries qemu-nbd's phrase.
+check_flags() {
+  local expected=$1 phrase=$2
+  shift 2
+  local q n
+  q=$(outcome qemu-nbd "$@")
+  [[ $q == "$expected" ]] || fail "qemu-nbd $*: $q, the test expects $expected (qemu-nbd changed?)"
+  n=$(outcome "$QNBD" serve "$@")
+  [[ $n == "$q" ]] || { cat "$T/outcome.err" >&2; fail "qnbd serve $*: $n, qemu-nbd $q"; }
+  if [[ $n == refused ]]; then
+    grep -qF -- "$phrase" "$T/outcome.err" ||
+      { cat "$T/outcome.err" >&2; fail "qnbd serve $*: refusal without '$phrase'"; }
+  fi
+  echo "flags $*: $n"
+}
+
+check_flags refused "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap" \
+  --detect-zeroes=unmap
+check_flags refused "Failed to parse detect_zeroes mode" --detect-zeroes=bogus
+check_flags refused "aio=native was specified, but it requires cache.direct=on" --aio=native
+check_flags refused "aio=native was specified, but it requires cache.direct=on" --cache=writeback --aio=native
+check_flags refused "Invalid aio mode 'bogus'" --aio=bogus
+check_flags refused "-n and --cache can only be specified once" -n --cache=none
+check_flags serves "" --aio=threads
+check_flags serves "" --aio=io_uring
+check_flags serves "" -n --aio=native
+check_flags serves "" --nocache
+check_flags serves "" --cache=none --aio=native
+check_flags serves "" --detect-zeroes=on
+check_flags serves "" --detect-zeroes=off
+check_flags serves "" --discard=unmap --detect-zeroes=unmap
+
+# The zero-payload WRITEs: aligned 1 MiB, unaligned 32 KiB, a FUA 64 KiB,
+# 128 KiB into never-written space, and one nonzero write beside them.
+writes() {
+  "$PY" - "$1" <<'PY' || fail "writes on $1 failed"
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+Z = bytes
+h.pwrite(Z(1 << 20), 0)
+h.pwrite(Z(32 << 10), (2 << 20) + 512)
+h.pwrite(Z(64 << 10), 3 << 20, nbd.CMD_FLAG_FUA)
+h.pwrite(Z(128 << 10), 5 << 20)
+h.pwrite(b"\x01" * 4096, (3 << 20) + (256 << 10))
+h.flush()
+PY
+}
+
+# img_runs QCOW2: `qemu-img map --output=json` as merged runs "START END
+# data zero allocated" (allocated: the range has host clusters, as zero
+# clusters keep theirs with detect-zeroes=on and lose them with unmap;
+# nbdinfo --map shows both as hole,zero).
+img_runs() {
+  qemu-img map --output=json -f qcow2 "$1" | python3 -c '
+import json, sys
+runs = []
+for e in json.load(sys.stdin):
+    cls = (e["data"], e["zero"], "offset" in e)
+    if runs and runs[-1][2] == cls and runs[-1][1] == e["start"]:
+        runs[-1][1] += e["length"]
+    else:
+        runs.append([e["start"], e["start"] + e["length"], cls])
+for a, b, (d, z, al) in runs:
+    print(a, b, "data" if d else "-", "zero" if z else "-", "allocated" if al else "-")
+'
+}
+
+# zero_case FMT MODE [serve args...]
+zero_case() {
+  local fmt=$1 mode=$2
+  shift 2
+  local name=$fmt-$mode a b
+  a=$T/$name.qemu.$fmt
+  b=$T/$name.qnbd.$fmt
+  if [[ $fmt == qcow2 ]]; then
+    qemu-img create -q -f qcow2 "$a" 8M
+    qemu-img bitmap --add "$a" b0
+  else
+    truncate -s 8M "$a"
+  fi
+  qemu-io -f "$fmt" -c 'write -P 0x55 0 4M' "$a" >/dev/null
+  cp "$a" "$b"
+  local bm=()
+  [[ $fmt == qcow2 ]] && bm=(-B b0)
+  # qemu-nbd checks --detect-zeroes=unmap against the --discard given
+  # before it: the serve args (--discard) come first.
+  start_server "$T/q.pid" qemu-nbd -t -f "$fmt" "$@" --detect-zeroes="$mode" "${bm[@]}" \
+    -k "$T/q.sock" --pid-file "$T/q.pid" "$a" || fail "$name: qemu-nbd did not start"
+  local qpid=$SERVER_PID quri="nbd+unix:///?socket=$T/q.sock"
+  start_serve -f "$fmt" "$@" --detect-zeroes="$mode" "${bm[@]}" "$b"
+  writes "$quri"
+  writes "$SERVE_URI"
+  nbdinfo --map "$quri" >"$T/$name.qemu.map"
+  nbdinfo --map "$SERVE_URI" >"$T/$name.qnbd.map"
+  if [[ $fmt == qcow2 ]]; then
+    nbdinfo --json --map=qemu:dirty-bitmap:b0 "$quri" >"$T/$name.qemu.bm"
+    nbdinfo --json --map=qemu:dirty-bitmap:b0 "$SERVE_URI" >"$T/$name.qnbd.bm"
+  fi
+  stop_server "$qpid" || fail "$name: qemu-nbd did not stop cleanly"
+  stop_serve
+  if [[ $fmt == qcow2 ]]; then
+    # (raw: what SEEK_HOLE reports for a FALLOC_FL_ZERO_RANGE'd range on
+    # ext4 depends on the page cache, so the two servers' raw maps may
+    # differ run to run; the raw cases compare data, and the hole below)
+    python3 "$cmp_map" nbdinfo "$T/$name.qemu.map" "$T/$name.qnbd.map" >"$T/$name.cmp" ||
+      { cat "$T/$name.cmp" >&2; fail "$name: base:allocation map differs from qemu-nbd's"; }
+    expect_eq "$(python3 "$cmp_map" bitmap "$T/$name.qnbd.bm")" "$(python3 "$cmp_map" bitmap "$T/$name.qemu.bm")" \
+      "$name: dirty bitmap b0"
+    [[ $(python3 "$cmp_map" bitmap "$T/$name.qnbd.bm") == *dirty* ]] || fail "$name: the writes left b0 clean"
+    img_runs "$a" >"$T/$name.qemu.img"
+    img_runs "$b" >"$T/$name.qnbd.img"
+    diff -u "$T/$name.qemu.img" "$T/$name.qnbd.img" >&2 ||
+      fail "$name: qemu-img map of the file (data, zero, allocated) differs from qemu-nbd's"
+    qemu-img check -q "$b" || fail "$name: qemu-img check finds errors"
+  fi
+  qemu-img compare -q -f "$fmt" -F "$fmt" "$a" "$b" || fail "$name: data differs from qemu-nbd's"
+  echo "$name: $(head -n 1 "$T/$name.cmp" 2>/dev/null || echo "same data")"
+}
+
+zero_case qcow2 off
+zero_case qcow2 on
+zero_case qcow2 unmap --discard=unmap
+zero_case raw off
+zero_case raw on
+zero_case raw unmap --discard=unmap
+# The flag is not ignored: with it, the zeroed MiB at 0 of the qcow2 is
+# zero clusters (allocated ones with on, released with unmap), without it
+# stored data.
+expect_eq "$(head -n 1 "$T/qcow2-off.qnbd.img")" "0 4194304 data - allocated" "qcow2 detect-zeroes=off: first run"
+expect_eq "$(head -n 1 "$T/qcow2-on.qnbd.img")" "0 1048576 - zero allocated" "qcow2 detect-zeroes=on: first run"
+expect_eq "$(head -n 1 "$T/qcow2-unmap.qnbd.img")" "0 1048576 - zero -" "qcow2 detect-zeroes=unmap: first run"
+# raw: the aligned zero MiB at 0 is a punched hole with unmap, the stored
+# bytes without the flag.
+first_run() { head -n 1 "$1" | awk '{print $1, $2, $4}'; }
+expect_eq "$(first_run "$T/raw-unmap.qnbd.map")" "0 1048576 hole,zero" "raw --detect-zeroes=unmap: first run"
+expect_eq "$(first_run "$T/raw-off.qnbd.map")" "0 4194304 data" "raw --detect-zeroes=off: first run"
+
+# The config file's keys do the same as the flags.
+cfg_img=$T/cfg.qcow2
+qemu-img create -q -f qcow2 "$cfg_img" 8M
+qemu-io -f qcow2 -c 'write -P 0x55 0 4M' "$cfg_img" >/dev/null
+cat >"$T/cfg.json" <<EOF
+{"exports": [{"name": "", "image": "$cfg_img", "format": "qcow2", "discard": "unmap",
+              "detect_zeroes": "unmap", "cache": "none", "aio": "native"}]}
+EOF
+start_serve --config "$T/cfg.json"
+writes "$SERVE_URI"
+nbdinfo --map "$SERVE_URI" >"$T/cfg.map"
+stop_serve
+python3 "$cmp_map" nbdinfo "$T/qcow2-unmap.qemu.map" "$T/cfg.map" >"$T/cfg.cmp" ||
+  { cat "$T/cfg.cmp" >&2; fail "config detect_zeroes=unmap: map differs from qemu-nbd --detect-zeroes=unmap"; }
+
+version=$("$QNBD" serve -V) || fail "qnbd serve -V failed"
+[[ $version == "qnbd "[0-9]* ]] || fail "qnbd serve -V printed '$version'"
+echo PASS
