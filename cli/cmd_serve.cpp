@@ -41,6 +41,7 @@ struct ServeArgs {
   std::string discard = "ignore";
   std::string detect_zeroes = "off";
   std::string aio = "threads";
+  std::optional<std::string> load_snapshot;  // -l (an empty argument is a snapshot id, as for qemu-nbd)
   int verbose = 0;
   std::vector<std::string> bitmaps;
   std::string config;
@@ -60,14 +61,46 @@ struct ServeArgs {
 };
 
 // How an export's image is opened and written, in qemu-nbd's words (its
-// --cache, --discard, --detect-zeroes and --aio; the config file's keys of
-// the same names).
-struct IoModes {
+// --cache, --discard, --detect-zeroes, --aio and -l; the config file's keys
+// of the same names).
+struct OpenModes {
   std::string cache = "writeback";
   std::string discard = "ignore";
   std::string detect_zeroes = "off";
   std::string aio = "threads";
+  std::optional<std::string> load_snapshot;  // none: the active layer
 };
+
+// qemu-nbd -l's argument: "snapshot.id=ID[,snapshot.name=NAME]" (either
+// key alone too), or a bare id or name.
+Result<image::SnapshotRef> parse_snapshot_ref(const std::string& s) {
+  image::SnapshotRef ref;
+  constexpr std::string_view kPrefix = "snapshot.";
+  if (s.compare(0, kPrefix.size(), kPrefix) != 0) {
+    ref.id = s;
+    ref.id_or_name = true;
+    return ref;
+  }
+  std::size_t pos = 0;
+  while (pos <= s.size()) {
+    const std::size_t comma = std::min(s.find(',', pos), s.size());
+    const std::string item = s.substr(pos, comma - pos);
+    const std::size_t eq = item.find('=');
+    const std::string key = item.substr(0, eq);
+    const std::string value = eq == std::string::npos ? "" : item.substr(eq + 1);
+    if (key == "snapshot.id" && eq != std::string::npos) {
+      ref.id = value;
+      ref.has_id = true;
+    } else if (key == "snapshot.name" && eq != std::string::npos) {
+      ref.name = value;
+      ref.has_name = true;
+    } else {
+      return make_error(EINVAL, "Invalid parameter '{}'", key);
+    }
+    pos = comma + 1;
+  }
+  return ref;
+}
 
 // --recover-bitmaps / recover_bitmaps (docs/crash-safe-bitmaps.md).
 struct BitmapRecovery {
@@ -101,7 +134,7 @@ Result<server::DetectZeroes> parse_detect_zeroes(const std::string& s) {
 // needs discard=unmap, aio=native needs O_DIRECT (cache none or
 // directsync). The aio mode itself changes nothing here: qnbd's I/O
 // threads and inline page-cache I/O serve every mode.
-Result<void> check_io_modes(const std::string& path, const IoModes& m, bool discard_unmap) {
+Result<void> check_open_modes(const std::string& path, const OpenModes& m, bool discard_unmap) {
   auto detect = QNBD_TRY(parse_detect_zeroes(m.detect_zeroes));
   if (detect == server::DetectZeroes::unmap && !discard_unmap)
     return make_error(EINVAL,
@@ -117,21 +150,25 @@ Result<void> check_io_modes(const std::string& path, const IoModes& m, bool disc
 }
 
 Result<server::ExportSpec> open_export(const std::string& path, const std::string& format, bool read_only,
-                                       const IoModes& modes, std::string name, std::string description, bool multi_conn,
-                                       bool allocation_depth, const std::vector<std::string>& bitmaps,
+                                       const OpenModes& modes, std::string name, std::string description,
+                                       bool multi_conn, bool allocation_depth, const std::vector<std::string>& bitmaps,
                                        image::LockOptions lock, BitmapRecovery recovery = {},
                                        image::ViewOptions views = {}) {
   const std::string& discard = modes.discard;
   if (discard != "ignore" && discard != "unmap" && discard != "off" && discard != "on")
     return make_error(EINVAL, "invalid discard mode '{}' (ignore, unmap)", discard);
   const bool discard_unmap = discard == "unmap" || discard == "on";
-  QNBD_TRY(check_io_modes(path, modes, discard_unmap));
+  QNBD_TRY(check_open_modes(path, modes, discard_unmap));
   const std::uint64_t c = recovery.chunk_size;
   if (c && ((c & (c - 1)) || c < (64u << 10) || c > (1ull << 40))) {
     return make_error(EINVAL, "invalid recovery chunk size {} (a power of two from 65536 to 1 TiB)", c);
   }
   image::OpenOptions oo;
   oo.format = QNBD_TRY(parse_format(format));
+  if (modes.load_snapshot) {
+    if (!read_only) return make_error(EINVAL, "a snapshot (-l) can only be served read-only");
+    oo.load_snapshot = QNBD_TRY(parse_snapshot_ref(*modes.load_snapshot));
+  }
   oo.read_only = read_only;
   oo.cache = QNBD_TRY(parse_cache(modes.cache));
   oo.discard_unmap = discard_unmap;
@@ -193,12 +230,13 @@ image::ViewOptions view_options(const std::string& dir, std::uint64_t max, const
   return v;
 }
 
-IoModes io_modes(const ServeArgs& a) {
-  IoModes m;
+OpenModes open_modes(const ServeArgs& a) {
+  OpenModes m;
   m.cache = a.nocache ? "none" : a.cache.empty() ? "writeback" : a.cache;
   m.discard = a.discard;
   m.detect_zeroes = a.detect_zeroes;
   m.aio = a.aio;
+  m.load_snapshot = a.load_snapshot;
   return m;
 }
 
@@ -227,7 +265,8 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     for (const auto& e : cfg.exports) {
       image::LockOptions lock;
       if (!image::parse_locking(e.locking, lock.locking)) return make_error(EINVAL, "bad locking '{}'", e.locking);
-      const IoModes modes{e.cache, e.discard, e.detect_zeroes, e.aio};
+      const OpenModes modes{e.cache, e.discard, e.detect_zeroes, e.aio,
+                            e.load_snapshot.empty() ? std::nullopt : std::optional(e.load_snapshot)};
       auto spec =
           QNBD_TRY(open_export(e.image, e.format, e.read_only, modes, e.name, e.description, true, e.allocation_depth,
                                e.bitmaps, lock, BitmapRecovery{e.recover_bitmaps, e.recovery_chunk_size},
@@ -267,14 +306,17 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
       const config::ExportConfig d;
       image::LockOptions lock;
       (void)image::parse_locking(d.locking, lock.locking);
-      return open_export(r.image, r.format, r.read_only, IoModes{d.cache, d.discard, d.detect_zeroes, d.aio}, r.name,
-                         d.description, true, r.allocation_depth, r.bitmaps, lock,
+      return open_export(r.image, r.format, r.read_only,
+                         OpenModes{d.cache, d.discard, d.detect_zeroes, d.aio, std::nullopt}, r.name, d.description,
+                         true, r.allocation_depth, r.bitmaps, lock,
                          BitmapRecovery{d.recover_bitmaps, d.recovery_chunk_size}, view_options("", 0, a));
     };
   } else {
     if (a.image.empty()) return make_error(EINVAL, "an IMAGE (or --config FILE) is required");
+    // qemu-nbd: -l implies -r.
+    const bool read_only = a.read_only || a.load_snapshot.has_value();
     auto spec =
-        QNBD_TRY(open_export(a.image, a.format, a.read_only, io_modes(a), a.export_name, a.description, a.shared != 1,
+        QNBD_TRY(open_export(a.image, a.format, read_only, open_modes(a), a.export_name, a.description, a.shared != 1,
                              a.allocation_depth, a.bitmaps, lock_options(a.lock, image::LockUse::export_),
                              BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}, view_options("", 0, a)));
     o.exports.push_back(std::move(spec));
@@ -294,7 +336,9 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     // same cache, discard, detect-zeroes, locking, bitmap recovery and
     // multi-conn choice.
     o.open_export = [a](const server::ExportRequest& r) {
-      return open_export(r.image, r.format, r.read_only, io_modes(a), r.name, "", a.shared != 1, r.allocation_depth,
+      OpenModes modes = open_modes(a);
+      modes.load_snapshot.reset();  // -l names a snapshot of IMAGE, not of this one
+      return open_export(r.image, r.format, r.read_only, modes, r.name, "", a.shared != 1, r.allocation_depth,
                          r.bitmaps, lock_options(a.lock, image::LockUse::export_),
                          BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}, view_options("", 0, a));
     };
@@ -383,6 +427,9 @@ void add_serve_command(CLI::App& app, int& status) {
   cmd->add_option("-x,--export-name", args->export_name, "Export name (default \"\")");
   cmd->add_option("-D,--description", args->description, "Export description");
   cmd->add_flag("-r,--read-only", args->read_only, "Export read-only");
+  cmd->add_option("-l,--load-snapshot", args->load_snapshot,
+                  "Serve an internal snapshot of the qcow2 image, read-only: an id or name, or "
+                  "snapshot.id=ID[,snapshot.name=NAME]");
   cmd->add_option("-f,--format", args->format, "Image format: raw or qcow2 (default: detect)");
   cmd->add_flag("-t,--persistent", args->persistent, "Keep serving after the last client disconnects");
   cmd->add_option("-e,--shared", args->shared, "Allow NUM clients at once (default 1, 0 = unlimited)");

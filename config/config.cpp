@@ -156,8 +156,8 @@ Result<std::string> as_enum(const json& v, const std::string& pointer, std::init
 Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   QNBD_TRY(expect_object(v, pointer,
                          {"name", "image", "format", "read_only", "description", "allocation_depth", "bitmaps", "cache",
-                          "discard", "detect_zeroes", "aio", "locking", "recover_bitmaps", "recovery_chunk_size",
-                          "view_scratch_dir", "view_scratch_max"}));
+                          "discard", "detect_zeroes", "aio", "load_snapshot", "locking", "recover_bitmaps",
+                          "recovery_chunk_size", "view_scratch_dir", "view_scratch_max"}));
   ExportConfig e;
   const json* name = find(v, "name");
   if (name == nullptr) return fail(child(pointer, "name"), "required key is missing");
@@ -209,6 +209,11 @@ Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
     e.aio = QNBD_TRY(as_enum(*x, child(pointer, "aio"), {"threads", "native", "io_uring"}));
     if (e.aio == "native" && e.cache != "none")
       return fail(child(pointer, "aio"), "\"native\" needs \"cache\": \"none\" (O_DIRECT)");
+  }
+  if (const json* x = find(v, "load_snapshot")) {
+    const std::string p = child(pointer, "load_snapshot");
+    e.load_snapshot = QNBD_TRY(as_string(*x, p, max_name_bytes, false));
+    if (!e.read_only) return fail(p, "a snapshot is served read-only: needs \"read_only\": true");
   }
   if (const json* x = find(v, "locking")) {
     e.locking = QNBD_TRY(as_enum(*x, child(pointer, "locking"), {"auto", "on", "off"}));

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -221,6 +222,18 @@ class BlockDevice {
 
 enum class ImageFormat { detect, raw, qcow2 };
 
+// Which internal snapshot to serve (qemu-nbd -l/--load-snapshot). QEMU's
+// rules: a bare argument is tried as an id, then as a name
+// (bdrv_snapshot_load_tmp_by_id_or_name); with snapshot.id= and/or
+// snapshot.name= each one given must match (find_snapshot_by_id_and_name).
+struct SnapshotRef {
+  std::string id;
+  std::string name;
+  bool has_id = false;
+  bool has_name = false;
+  bool id_or_name = false;  // the bare form: `id` holds the argument
+};
+
 struct OpenOptions {
   ImageFormat format = ImageFormat::detect;
   bool read_only = true;
@@ -239,6 +252,10 @@ struct OpenOptions {
   // power of two, 64 KiB to 1 TiB; 0 = the default, 64 MiB).
   bool recover_bitmaps = true;
   std::uint64_t recovery_chunk = 0;
+  // Serve this internal snapshot of the top image instead of its active
+  // layer (read-only only; a qcow2 image only). The disk keeps the image's
+  // current size, as qemu's qcow2_snapshot_load_tmp leaves it.
+  std::optional<SnapshotRef> load_snapshot;
 };
 
 // block_status() for any device, from layer_status() walked down the

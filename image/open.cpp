@@ -58,6 +58,12 @@ Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const Ope
   QNBD_TRY(file->set_lock(lock_request(options.lock, depth == 0 ? LockRole::image : LockRole::backing,
                                        format == ImageFormat::qcow2, !options.read_only)));
   if (format == ImageFormat::raw) {
+    if (options.load_snapshot && depth == 0) {
+      return make_error(ENOTSUP,
+                        "Failed to load snapshot: Block format 'raw' used by '{}' does not support temporarily "
+                        "loading internal snapshots",
+                        path);
+    }
     if (probed && !options.read_only) {
       log::warn("{}: format not given and probed as raw: writes that would make the first sector probe as "
                 "another format are refused; give the format (-f raw) to lift that",
@@ -86,6 +92,7 @@ Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const Ope
     OpenOptions bo = options;
     bo.read_only = true;  // backing files are never written
     bo.data_file.clear();
+    bo.load_snapshot.reset();  // the snapshot is the top image's
     auto b = open_one(full_backing, bo, f, depth + 1, visited);
     if (!b) return make_error(b.error().code, "could not open backing file: {}", b.error().message);
     return std::move(*b);

@@ -118,6 +118,10 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
   if (h.has_data_file() && !img->snapshots_.empty()) {
     return make_error(EINVAL, "internal snapshots are not allowed with an external data file");
   }
+  if (options.load_snapshot) {
+    if (!options.read_only) return make_error(EINVAL, "a snapshot can only be loaded read-only");
+    QNBD_TRY(img->load_snapshot_l1(*options.load_snapshot));
+  }
   img->bitmaps_ = QNBD_TRY(read_bitmap_directory(file, h, img->file_size_));
   img->intent_ = std::move(parts.intent);
   img->bitmap_store_ = std::make_unique<BitmapStore>(file, img->header_, img->bitmaps_, img->file_size_,
@@ -146,6 +150,42 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
   img->full_backing_filename_ = parts.full_backing_filename;
   if (!options.read_only) QNBD_TRY(img->init_writer());
   return img;
+}
+
+// qemu-nbd -l: the snapshot's L1 table becomes the one reads walk, as
+// qcow2_snapshot_load_tmp switches it (qcow2.txt "Snapshots": each
+// snapshot keeps its own L1 table; its L2 tables and clusters are shared
+// and kept by their refcounts). The image is read-only, so nothing is ever
+// written through it; its size stays the image's.
+Result<void> Qcow2Image::load_snapshot_l1(const SnapshotRef& ref) {
+  auto find = [&](bool by_id, bool by_name, const std::string& id, const std::string& name) -> const SnapshotInfo* {
+    for (const auto& s : snapshots_) {
+      if (by_id && s.id != id) continue;
+      if (by_name && s.name != name) continue;
+      return &s;
+    }
+    return nullptr;
+  };
+  const SnapshotInfo* sn = nullptr;
+  if (ref.id_or_name) {
+    sn = find(true, false, ref.id, "");
+    if (!sn) sn = find(false, true, "", ref.id);
+  } else if (ref.has_id || ref.has_name) {
+    sn = find(ref.has_id, ref.has_name, ref.id, ref.name);
+  }
+  if (!sn) return make_error(ENOENT, "Failed to load snapshot: Can't find snapshot");
+  // read_snapshot_table checked the offset's alignment and the entry count
+  // (at most QCOW_MAX_L1_SIZE / 8); the read fails past the end of the file.
+  std::vector<std::uint64_t> l1(sn->l1_size);
+  if (sn->l1_size) {
+    std::vector<std::byte> raw(std::size_t{sn->l1_size} * 8);
+    auto r = file_->read_exact(raw, sn->l1_table_offset, "snapshot L1 table");
+    if (!r) return make_error(r.error().code, "Failed to load snapshot: {}", r.error().message);
+    for (std::size_t i = 0; i < sn->l1_size; ++i) l1[i] = load_be64(raw.data() + i * 8);
+  }
+  l1_ = std::move(l1);
+  log::info("{}: serving internal snapshot id '{}' name '{}' (read-only)", path_, sn->id, sn->name);
+  return ok();
 }
 
 Capabilities Qcow2Image::capabilities() const {

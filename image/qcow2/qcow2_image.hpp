@@ -153,6 +153,7 @@ class Qcow2Image final : public BlockDevice {
     bool l2_table;
   };
   Result<void> init_writer();
+  Result<void> load_snapshot_l1(const SnapshotRef& ref);
   Result<void> repair_dirty_image(File& file);
   Result<void> check_writable(std::uint64_t offset, std::uint64_t length, const char* what);
   Result<void> sync_dependencies_locked();

@@ -65,7 +65,8 @@ TEST_CASE("every field is read") {
        "description": "disk A", "allocation_depth": true, "bitmaps": ["b0", "b1"],
        "cache": "none", "discard": "unmap", "detect_zeroes": "unmap", "aio": "native", "locking": "off",
        "recover_bitmaps": false, "recovery_chunk_size": 1048576},
-      {"name": "b", "image": "b.img", "format": "raw", "cache": "unsafe"}
+      {"name": "b", "image": "b.img", "format": "raw", "cache": "unsafe"},
+      {"name": "c", "image": "c.qcow2", "read_only": true, "load_snapshot": "snapshot.name=s1"}
     ],
     "listeners": [
       {"type": "tcp", "host": "::1", "port": 10810},
@@ -76,7 +77,9 @@ TEST_CASE("every field is read") {
   })");
   REQUIRE_MESSAGE(r, (r ? "" : r.error().message));
   const auto& c = *r;
-  REQUIRE(c.exports.size() == 2);
+  REQUIRE(c.exports.size() == 3);
+  CHECK(c.exports[2].load_snapshot == "snapshot.name=s1");
+  CHECK(c.exports[1].load_snapshot.empty());
   CHECK(c.exports[0].name == "a");
   CHECK(c.exports[0].image == "/srv/a.qcow2");
   CHECK(c.exports[0].format == "qcow2");
@@ -132,7 +135,7 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
        R"(/exports/1/read_only: expected a boolean, got "yes")"},
       {R"({"exports": [{"name": "a", "image": "a", "readonly": true}]})",
        "/exports/0/readonly: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
+       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, load_snapshot, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
        "view_scratch_max)"},
       {R"({"exports": [{"name": "a", "image": "a", "recover_bitmaps": "no"}]})",
        R"(/exports/0/recover_bitmaps: expected a boolean, got "no")"},
@@ -164,6 +167,10 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
        R"(/exports/0/detect_zeroes: "unmap" needs "discard": "unmap")"},
       {R"({"exports": [{"name": "a", "image": "a", "aio": "posix"}]})",
        R"(/exports/0/aio: expected one of "threads", "native", "io_uring", got "posix")"},
+      {R"({"exports": [{"name": "a", "image": "a", "load_snapshot": "s1"}]})",
+       R"(/exports/0/load_snapshot: a snapshot is served read-only: needs "read_only": true)"},
+      {R"({"exports": [{"name": "a", "image": "a", "read_only": true, "load_snapshot": ""}]})",
+       R"(/exports/0/load_snapshot: must not be empty)"},
       {R"({"exports": [{"name": "a", "image": "a", "aio": "native"}]})",
        R"(/exports/0/aio: "native" needs "cache": "none" (O_DIRECT))"},
       {R"({"exports": [{"name": "a", "image": "a", "locking": false}]})",
@@ -235,12 +242,12 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
       // keys needing RFC 6901 escapes
       {R"({"exports": [{"name": "", "image": "a", "a/b~c": 1}]})",
        "/exports/0/a~1b~0c: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
+       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, load_snapshot, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
        "view_scratch_max)"},
       // control characters from the file are shown escaped: one line
       {R"({"exports": [{"name": "", "image": "a", "x\ny": 1}]})",
        "/exports/0/x\\ny: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
+       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, load_snapshot, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
        "view_scratch_max)"},
       {R"({"exports": [{"name": "a\u0001", "image": "a"}, {"name": "a\u0001", "image": "b"}]})",
        R"(/exports/1/name: duplicate export name "a\x01" (also /exports/0/name))"},
@@ -337,6 +344,7 @@ TEST_CASE("the schema is valid JSON naming every key the loader accepts") {
                           "discard",
                           "detect_zeroes",
                           "aio",
+                          "load_snapshot",
                           "locking",
                           "type",
                           "host",
