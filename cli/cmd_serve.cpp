@@ -42,6 +42,7 @@ struct ServeArgs {
   std::string detect_zeroes = "off";
   std::string aio = "threads";
   std::optional<std::string> load_snapshot;  // -l (an empty argument is a snapshot id, as for qemu-nbd)
+  bool snapshot = false;                     // -s
   int verbose = 0;
   std::vector<std::string> bitmaps;
   std::string config;
@@ -69,6 +70,7 @@ struct OpenModes {
   std::string detect_zeroes = "off";
   std::string aio = "threads";
   std::optional<std::string> load_snapshot;  // none: the active layer
+  bool snapshot = false;                     // -s: writes go to a temporary overlay
 };
 
 // qemu-nbd -l's argument: "snapshot.id=ID[,snapshot.name=NAME]" (either
@@ -166,6 +168,8 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
   image::OpenOptions oo;
   oo.format = QNBD_TRY(parse_format(format));
   if (modes.load_snapshot) {
+    // qemu-nbd -s -l looks for the snapshot in its new, empty overlay.
+    if (modes.snapshot) return make_error(ENOENT, "Failed to load snapshot: Can't find snapshot");
     if (!read_only) return make_error(EINVAL, "a snapshot (-l) can only be served read-only");
     oo.load_snapshot = QNBD_TRY(parse_snapshot_ref(*modes.load_snapshot));
   }
@@ -178,7 +182,8 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
   // with nobody (qcow2), a read-only one lets readers in.
   lock.use = image::LockUse::export_;
   oo.lock = lock;
-  auto dev = QNBD_TRY(image::open_image(path, oo));
+  auto dev =
+      QNBD_TRY(modes.snapshot ? image::open_image_with_temporary_overlay(path, oo) : image::open_image(path, oo));
   if (lock.force_share) warn_force_share(path);
   server::ExportSpec spec;
   spec.info =
@@ -196,8 +201,9 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
   if (!read_only && spec.device->write_gate()) {
     // A writable export that can take checkpoints can have point-in-time
     // views (docs/backup-views.md). We hold its write lock now, so scratch
-    // files named after it are a dead server's.
-    image::remove_stale_scratch(path, views.scratch_dir);
+    // files named after it are a dead server's (not with -s: the image is
+    // only our backing file, and a writer of it may be creating one).
+    if (!modes.snapshot) image::remove_stale_scratch(path, views.scratch_dir);
     spec.device = std::make_shared<image::CbwDevice>(std::move(spec.device), path, views);
   }
   spec.image = path;
@@ -237,6 +243,7 @@ OpenModes open_modes(const ServeArgs& a) {
   m.detect_zeroes = a.detect_zeroes;
   m.aio = a.aio;
   m.load_snapshot = a.load_snapshot;
+  m.snapshot = a.snapshot;
   return m;
 }
 
@@ -265,8 +272,12 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     for (const auto& e : cfg.exports) {
       image::LockOptions lock;
       if (!image::parse_locking(e.locking, lock.locking)) return make_error(EINVAL, "bad locking '{}'", e.locking);
-      const OpenModes modes{e.cache, e.discard, e.detect_zeroes, e.aio,
-                            e.load_snapshot.empty() ? std::nullopt : std::optional(e.load_snapshot)};
+      const OpenModes modes{e.cache,
+                            e.discard,
+                            e.detect_zeroes,
+                            e.aio,
+                            e.load_snapshot.empty() ? std::nullopt : std::optional(e.load_snapshot),
+                            e.snapshot};
       auto spec =
           QNBD_TRY(open_export(e.image, e.format, e.read_only, modes, e.name, e.description, true, e.allocation_depth,
                                e.bitmaps, lock, BitmapRecovery{e.recover_bitmaps, e.recovery_chunk_size},
@@ -337,7 +348,8 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     // multi-conn choice.
     o.open_export = [a](const server::ExportRequest& r) {
       OpenModes modes = open_modes(a);
-      modes.load_snapshot.reset();  // -l names a snapshot of IMAGE, not of this one
+      modes.load_snapshot.reset();  // -l and -s are about IMAGE, not this one
+      modes.snapshot = false;
       return open_export(r.image, r.format, r.read_only, modes, r.name, "", a.shared != 1, r.allocation_depth,
                          r.bitmaps, lock_options(a.lock, image::LockUse::export_),
                          BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}, view_options("", 0, a));
@@ -427,6 +439,8 @@ void add_serve_command(CLI::App& app, int& status) {
   cmd->add_option("-x,--export-name", args->export_name, "Export name (default \"\")");
   cmd->add_option("-D,--description", args->description, "Export description");
   cmd->add_flag("-r,--read-only", args->read_only, "Export read-only");
+  cmd->add_flag("-s,--snapshot", args->snapshot,
+                "Write to a temporary qcow2 overlay (in $TMPDIR, else /var/tmp) instead of the image");
   cmd->add_option("-l,--load-snapshot", args->load_snapshot,
                   "Serve an internal snapshot of the qcow2 image, read-only: an id or name, or "
                   "snapshot.id=ID[,snapshot.name=NAME]");

@@ -156,7 +156,7 @@ Result<std::string> as_enum(const json& v, const std::string& pointer, std::init
 Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   QNBD_TRY(expect_object(v, pointer,
                          {"name", "image", "format", "read_only", "description", "allocation_depth", "bitmaps", "cache",
-                          "discard", "detect_zeroes", "aio", "load_snapshot", "locking", "recover_bitmaps",
+                          "discard", "detect_zeroes", "aio", "load_snapshot", "snapshot", "locking", "recover_bitmaps",
                           "recovery_chunk_size", "view_scratch_dir", "view_scratch_max"}));
   ExportConfig e;
   const json* name = find(v, "name");
@@ -215,6 +215,7 @@ Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
     e.load_snapshot = QNBD_TRY(as_string(*x, p, max_name_bytes, false));
     if (!e.read_only) return fail(p, "a snapshot is served read-only: needs \"read_only\": true");
   }
+  if (const json* x = find(v, "snapshot")) e.snapshot = QNBD_TRY(as_bool(*x, child(pointer, "snapshot")));
   if (const json* x = find(v, "locking")) {
     e.locking = QNBD_TRY(as_enum(*x, child(pointer, "locking"), {"auto", "on", "off"}));
   }

@@ -31,6 +31,7 @@ struct ExportConfig {
   std::string detect_zeroes = "off";      // "off" | "on" | "unmap" (needs discard unmap), qemu-nbd --detect-zeroes
   std::string aio = "threads";            // "threads" | "native" (needs cache none) | "io_uring", qemu-nbd --aio
   std::string load_snapshot;              // qemu-nbd -l: internal snapshot to serve (needs read_only); "" = none
+  bool snapshot = false;                  // qemu-nbd -s: writes go to a temporary overlay
   std::string locking = "auto";           // "auto" | "on" | "off": QEMU-compatible image locks
   bool recover_bitmaps = true;            // crash-safe bitmaps (docs/crash-safe-bitmaps.md)
   std::uint64_t recovery_chunk_size = 0;  // bytes per record bit, power of two; 0 = default

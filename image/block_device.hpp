@@ -287,4 +287,12 @@ struct MapEntry {
 // naming the file and the defect.
 [[nodiscard]] Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, const OpenOptions& options);
 
+// qemu-nbd -s/--snapshot: the image opened read-only as the backing file of
+// a new, writable qcow2 overlay in $TMPDIR (else /var/tmp), so writes never
+// reach the image. The overlay file is unlinked before this returns (its
+// descriptor keeps it); `options` apply to both, read_only and
+// recover_bitmaps aside.
+[[nodiscard]] Result<std::unique_ptr<BlockDevice>> open_image_with_temporary_overlay(const std::string& path,
+                                                                                     const OpenOptions& options);
+
 }  // namespace qnbd::image

@@ -5,14 +5,19 @@
 // OpenOptions::max_backing_depth, and an image that is already in the chain
 // (same device and inode) is a loop; both are errors, as is a missing file.
 #include <sys/stat.h>
+#include <unistd.h>
 
+#include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <utility>
 #include <vector>
 
+#include "common/checked.hpp"
 #include "common/endian.hpp"
 #include "common/log.hpp"
 #include "image/block_device.hpp"
+#include "image/qcow2/create.hpp"
 #include "image/qcow2/format.hpp"
 #include "image/qcow2/qcow2_image.hpp"
 #include "image/raw/raw_device.hpp"
@@ -112,6 +117,61 @@ Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, const O
   }
   Visited visited;
   return open_one(path, options, options.format, 0, visited);
+}
+
+Result<std::unique_ptr<BlockDevice>> open_image_with_temporary_overlay(const std::string& path,
+                                                                       const OpenOptions& options) {
+  // The image's format and size, from a read-only open whose locks let
+  // other readers in, as the backing file's will.
+  OpenOptions base_options = options;
+  base_options.read_only = true;
+  base_options.recover_bitmaps = false;
+  base_options.load_snapshot.reset();
+  std::string format;
+  std::uint64_t size = 0;
+  {
+    auto base = QNBD_TRY(open_image(path, base_options));
+    format = base->format();
+    size = base->size();
+  }
+  char* real = ::realpath(path.c_str(), nullptr);
+  if (real == nullptr) return make_error(errno, "{}: {}", path, std::strerror(errno));
+  const std::string backing(real);
+  std::free(real);
+
+  // QEMU's get_tmp_filename: $TMPDIR, else /var/tmp.
+  const char* tmpdir = std::getenv("TMPDIR");
+  std::string overlay = std::string(tmpdir && *tmpdir ? tmpdir : "/var/tmp") + "/qnbd-snapshot.XXXXXX";
+  const int fd = ::mkstemp(overlay.data());
+  if (fd < 0) {
+    return make_error(errno, "could not create the temporary overlay in {}: {}", overlay.substr(0, overlay.rfind('/')),
+                      std::strerror(errno));
+  }
+  ::close(fd);
+  // Removed on every path out of here: once the overlay is open its
+  // descriptor keeps it alive, so nothing is left behind, even after a
+  // SIGKILL (QEMU deletes its overlay only at close).
+  struct Unlink {
+    std::string p;
+    ~Unlink() { ::unlink(p.c_str()); }
+  } unlink_overlay{overlay};
+  {
+    auto file = QNBD_TRY(open_posix_file(overlay, OpenMode::read_write, CacheMode::unsafe));
+    qcow2::CreateOptions co;
+    co.size = align_up(size, 512);
+    co.backing_file = backing;
+    co.backing_format = format;
+    QNBD_TRY(qcow2::create_qcow2(*file, co));
+  }
+  OpenOptions top = options;
+  top.format = ImageFormat::qcow2;
+  top.read_only = false;
+  top.recover_bitmaps = false;  // nothing of it outlives the process
+  top.load_snapshot.reset();
+  auto dev = open_image(overlay, top);
+  if (!dev) return make_error(dev.error().code, "temporary overlay: {}", dev.error().message);
+  log::info("{}: writes go to a temporary overlay (-s), the image is opened read-only", path);
+  return dev;
 }
 
 }  // namespace qnbd::image

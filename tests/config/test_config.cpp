@@ -65,7 +65,7 @@ TEST_CASE("every field is read") {
        "description": "disk A", "allocation_depth": true, "bitmaps": ["b0", "b1"],
        "cache": "none", "discard": "unmap", "detect_zeroes": "unmap", "aio": "native", "locking": "off",
        "recover_bitmaps": false, "recovery_chunk_size": 1048576},
-      {"name": "b", "image": "b.img", "format": "raw", "cache": "unsafe"},
+      {"name": "b", "image": "b.img", "format": "raw", "cache": "unsafe", "snapshot": true},
       {"name": "c", "image": "c.qcow2", "read_only": true, "load_snapshot": "snapshot.name=s1"}
     ],
     "listeners": [
@@ -80,6 +80,8 @@ TEST_CASE("every field is read") {
   REQUIRE(c.exports.size() == 3);
   CHECK(c.exports[2].load_snapshot == "snapshot.name=s1");
   CHECK(c.exports[1].load_snapshot.empty());
+  CHECK(c.exports[1].snapshot);
+  CHECK_FALSE(c.exports[0].snapshot);
   CHECK(c.exports[0].name == "a");
   CHECK(c.exports[0].image == "/srv/a.qcow2");
   CHECK(c.exports[0].format == "qcow2");
@@ -135,7 +137,7 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
        R"(/exports/1/read_only: expected a boolean, got "yes")"},
       {R"({"exports": [{"name": "a", "image": "a", "readonly": true}]})",
        "/exports/0/readonly: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, load_snapshot, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
+       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, load_snapshot, snapshot, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
        "view_scratch_max)"},
       {R"({"exports": [{"name": "a", "image": "a", "recover_bitmaps": "no"}]})",
        R"(/exports/0/recover_bitmaps: expected a boolean, got "no")"},
@@ -242,12 +244,12 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
       // keys needing RFC 6901 escapes
       {R"({"exports": [{"name": "", "image": "a", "a/b~c": 1}]})",
        "/exports/0/a~1b~0c: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, load_snapshot, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
+       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, load_snapshot, snapshot, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
        "view_scratch_max)"},
       // control characters from the file are shown escaped: one line
       {R"({"exports": [{"name": "", "image": "a", "x\ny": 1}]})",
        "/exports/0/x\\ny: unknown key (allowed: name, image, format, read_only, description, "
-       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, load_snapshot, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
+       "allocation_depth, bitmaps, cache, discard, detect_zeroes, aio, load_snapshot, snapshot, locking, recover_bitmaps, recovery_chunk_size, view_scratch_dir, "
        "view_scratch_max)"},
       {R"({"exports": [{"name": "a\u0001", "image": "a"}, {"name": "a\u0001", "image": "b"}]})",
        R"(/exports/1/name: duplicate export name "a\x01" (also /exports/0/name))"},
@@ -345,6 +347,7 @@ TEST_CASE("the schema is valid JSON naming every key the loader accepts") {
                           "detect_zeroes",
                           "aio",
                           "load_snapshot",
+                          "snapshot",
                           "locking",
                           "type",
                           "host",
