@@ -282,8 +282,14 @@ class Checker {
   // and the image no longer opened). On a hit, as qemu-img check -r: the
   // image is marked corrupt, the write is refused and the check stops.
   // Registered: the structures QEMU knows at open time that this check
-  // can name cheaply (header, active L1, refcount table and blocks, bitmap
-  // directory); snapshot tables and inactive L1 tables are not.
+  // can name cheaply (header, active L1 and the L2 tables it names,
+  // refcount table and blocks, bitmap directory); snapshot tables and
+  // inactive L1 tables are not. The L2 tables matter when the L1 table
+  // names its own cluster as an L2 table: a COPIED repair of an L1 entry
+  // then rewrites "L2 entries" (fuzz/corpus/check/repair-l1-entry-in-an-
+  // active-l2-table: they became compressed entries with COPIED set, four
+  // new corruptions), and qemu-img refuses that write (overlaps with
+  // active L2 table).
   bool write_allowed(std::uint64_t offset, std::uint64_t bytes, MetadataKind target) {
     if (!metadata_) {
       metadata_.emplace(cb_);
@@ -301,6 +307,18 @@ class Checker {
       std::sort(blocks.begin(), blocks.end());
       blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
       for (std::uint64_t block : blocks) metadata_->add(MetadataKind::refcount_block, block, cs_);
+      // QEMU's QCOW2_OL_ACTIVE_L2: every nonzero offset field of the
+      // in-memory L1 table, aligned or not, inside the file or past it.
+      if (h_.l1_size) {
+        if (auto l1 = read_table(h_.l1_table_offset, h_.l1_size)) {
+          std::vector<std::uint64_t> tables;
+          for (std::uint64_t e : *l1)
+            if (e & L1E_OFFSET_MASK) tables.push_back(e & L1E_OFFSET_MASK);
+          std::sort(tables.begin(), tables.end());
+          tables.erase(std::unique(tables.begin(), tables.end()), tables.end());
+          for (std::uint64_t t : tables) metadata_->add(MetadataKind::active_l2, t, cs_);
+        }
+      }
       if (h_.bitmaps && (h_.autoclear_features & AUTOCLEAR_BITMAPS) &&
           h_.bitmaps->bitmap_directory_size <= MAX_BITMAP_DIRECTORY_SIZE)
         metadata_->add(MetadataKind::bitmap_directory, h_.bitmaps->bitmap_directory_offset,
