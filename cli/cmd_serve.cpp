@@ -62,7 +62,7 @@ struct ServeArgs {
 };
 
 // How an export's image is opened and written, in qemu-nbd's words (its
-// --cache, --discard, --detect-zeroes, --aio and -l; the config file's keys
+// --cache, --discard, --detect-zeroes, --aio, -l and -s; the config file's keys
 // of the same names).
 struct OpenModes {
   std::string cache = "writeback";
