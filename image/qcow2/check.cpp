@@ -65,12 +65,12 @@ class Checker {
       const CheckResult old = res_;
       res_ = CheckResult{};
       // The fixes the first walk queued may name entries the new structure
-      // no longer reaches (a table past the old end of the file that the
-      // rebuild's blocks now fill): fixing one would count a corruption as
-      // fixed that the recount never counted (fuzz/corpus/check/
-      // repair-compressed-copied-fix-after-rebuild: 36 reported left, 37
-      // found) and write into whatever is there now. The recount queues
-      // its own.
+      // no longer reaches (fuzz/corpus/check/repair-compressed-copied-fix-
+      // after-rebuild: the L1 table lies in the header cluster, so the new
+      // refcount_table_offset changed L1 entries and an L2 table fell out
+      // of the walk). Fixing one would count a corruption as fixed that
+      // the recount never counted (36 reported left, 37 found) and write
+      // into a cluster that is free now. The recount queues its own.
       compressed_copied_fixes_.clear();
       calculate_refcounts();
       // And as QEMU, fix the leaks this recount finds against the new
