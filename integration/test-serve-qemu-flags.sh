@@ -46,12 +46,20 @@ outcome() {
 }
 
 # check_flags EXPECTED QEMU_PHRASE ARGS...: both servers agree with EXPECTED;
-# a refusal by qnbd carries qemu-nbd's phrase.
+# a refusal by qnbd carries qemu-nbd's phrase. EXPECTED "host-serves": the
+# host decides whether qemu-nbd can serve (io_uring, Linux AIO and
+# O_DIRECT may be unavailable in a container); qnbd, which uses none of
+# them for the flag, must serve.
 check_flags() {
   local expected=$1 phrase=$2
   shift 2
   local q n
   q=$(outcome qemu-nbd "$@")
+  if [[ $expected == host-serves ]]; then
+    [[ $q == serves ]] || echo "note: qemu-nbd $* is refused on this host: $(head -n 1 "$T/outcome.err")"
+    expected=serves
+    q=serves
+  fi
   [[ $q == "$expected" ]] || fail "qemu-nbd $*: $q, the test expects $expected (qemu-nbd changed?)"
   n=$(outcome "$QNBD" serve "$@")
   [[ $n == "$q" ]] || { cat "$T/outcome.err" >&2; fail "qnbd serve $*: $n, qemu-nbd $q"; }
@@ -70,10 +78,10 @@ check_flags refused "aio=native was specified, but it requires cache.direct=on" 
 check_flags refused "Invalid aio mode 'bogus'" --aio=bogus
 check_flags refused "-n and --cache can only be specified once" -n --cache=none
 check_flags serves "" --aio=threads
-check_flags serves "" --aio=io_uring
-check_flags serves "" -n --aio=native
+check_flags host-serves "" --aio=io_uring
+check_flags host-serves "" -n --aio=native
 check_flags serves "" --nocache
-check_flags serves "" --cache=none --aio=native
+check_flags host-serves "" --cache=none --aio=native
 check_flags serves "" --detect-zeroes=on
 check_flags serves "" --detect-zeroes=off
 check_flags serves "" --discard=unmap --detect-zeroes=unmap
