@@ -8,7 +8,9 @@
 # base:allocation map and the same size and read-only flag, and the bytes
 # must be the snapshot's (qemu-img convert -l), not the active layer's.
 # Names qemu-nbd cannot find (a wrong pair, an unknown name, an empty
-# argument), an unknown key and a raw image are refused by both. -l makes
+# argument), an unknown key and a raw image are refused by both; a
+# snapshot whose L1 table lies past the end of the file by qnbd with one
+# line (qemu-nbd reads it as zeroes). -l makes
 # the export read-only (a write gets EPERM from both); the config key
 # load_snapshot does what -l does.
 source "$(dirname "$0")/lib-serve.sh"
@@ -113,6 +115,28 @@ check_refused snapshot.foo=1
 # A raw image has no internal snapshots.
 img=$T/base.raw
 check_refused s1 "does not support temporarily loading internal snapshots"
+img=$T/s.qcow2
+
+# A hostile snapshot table: snapshot s1's L1 table moved past the end of
+# the file. Both refuse to serve it with one line; qnbd keeps no server.
+cp "$img" "$T/bad.qcow2"
+"$PY" - "$T/bad.qcow2" <<'PY'
+import struct, sys
+f = open(sys.argv[1], "r+b")
+hdr = f.read(72)
+snap_off = struct.unpack(">Q", hdr[64:72])[0]
+f.seek(0, 2)
+end = f.tell()
+f.seek(snap_off)
+f.write(struct.pack(">Q", (end + (1 << 20)) & ~0xffff))
+PY
+# (qemu-nbd 7.2 serves it, reading the missing table as zeroes; qnbd
+# refuses an L1 table it cannot read, as for the active one.)
+img=$T/bad.qcow2
+serve_one qnbd s1 "$T/n" && fail "qnbd serve -l s1 served a snapshot whose L1 table is past the end of the file"
+[[ $(wc -l <"$T/n.err") -eq 1 ]] || { cat "$T/n.err" >&2; fail "hostile snapshot L1: not one line"; }
+grep -q "Failed to load snapshot" "$T/n.err" || { cat "$T/n.err" >&2; fail "hostile snapshot L1: unclear error"; }
+echo "snapshot L1 past the end of the file: refused ($(cat "$T/n.err"))"
 img=$T/s.qcow2
 
 # The config file's key.
