@@ -23,13 +23,29 @@
 
 namespace qnbd::image::qcow2 {
 namespace {
+// printf's "%#x": like {:#x} but plain "0" for zero, as QEMU's messages.
+// A value, not a string, so that a message nobody listens to (say() with no
+// sink) formats nothing: a crafted image reports one message per reference.
+struct CHex {
+  std::uint64_t v;
+};
+}  // namespace
+}  // namespace qnbd::image::qcow2
+
+template <>
+struct fmt::formatter<qnbd::image::qcow2::CHex> : fmt::formatter<std::uint64_t> {
+  template <typename FormatContext>
+  auto format(qnbd::image::qcow2::CHex h, FormatContext& ctx) const {
+    return h.v ? fmt::format_to(ctx.out(), "{:#x}", h.v) : fmt::format_to(ctx.out(), "0");
+  }
+};
+
+namespace qnbd::image::qcow2 {
+namespace {
 
 // References past the end of the file are counted in a map; this many
 // distinct ones means the metadata is garbage and we stop counting.
 constexpr std::size_t kMaxBeyondEof = 1 << 20;
-
-// printf's "%#x": like {:#x} but plain "0" for zero, as QEMU's messages.
-std::string c_hex(std::uint64_t v) { return v ? fmt::format("{:#x}", v) : "0"; }
 
 class Checker {
  public:
@@ -169,7 +185,7 @@ class Checker {
       // QEMU refuses to count these; the reference itself is the defect.
       say("ERROR: counting reference for region exceeding the end of the file by one "
           "cluster or more: offset {} size {}",
-          c_hex(offset), c_hex(length));
+          CHex{offset}, CHex{length});
       res_.corruptions++;
       // The rebuild must not place refcount structures there: growing the
       // file would make that reference valid and the cluster doubly used.
@@ -238,7 +254,7 @@ class Checker {
         reported_bad_refblock_ = true;
         say("qcow2: Image is corrupt: Refblock offset {} unaligned (reftable "
             "index: {}); further non-fatal corruption events will be suppressed",
-            c_hex(offset), c_hex(ti));
+            CHex{offset}, CHex{ti});
       }
       return std::nullopt;
     }
@@ -614,14 +630,14 @@ class Checker {
       if (!is_aligned(l1_offset, cs_)) {
         say("ERROR snapshot {} ({}) l1_offset={}: L1 table is not cluster "
             "aligned; snapshot table entry corrupted",
-            id, name, c_hex(l1_offset));
+            id, name, CHex{l1_offset});
         res_.corruptions++;
         continue;
       }
       if (std::uint64_t{l1_size} * 8 > MAX_L1_BYTES) {
         say("ERROR snapshot {} ({}) l1_size={}: L1 table is too large; snapshot "
             "table entry corrupted",
-            id, name, c_hex(l1_size));
+            id, name, CHex{l1_size});
         res_.corruptions++;
         continue;
       }
