@@ -8,6 +8,7 @@
 
 #include "common/checked.hpp"
 #include "common/endian.hpp"
+#include "common/log.hpp"
 #include "image/qcow2/qcow2_image.hpp"
 #include "image/qcow2/refcount.hpp"
 
@@ -274,6 +275,21 @@ Result<std::uint64_t> Qcow2Image::allocate_cluster_locked() {
   return host;
 }
 
+// QEMU's qcow2_alloc_cluster_abort: a data write that fails (ENOSPC on a
+// full host file system or past the end of a fixed-size range, EIO, an
+// overlap refusal) would otherwise leave its new clusters counted but
+// unreferenced, a leak in every later check. Nothing points at them, so
+// the refcount can drop at once (in the cache; whichever value reaches the
+// disk, the image is consistent: 1 is a leak, 0 is free).
+void Qcow2Image::abort_allocation_locked(std::uint64_t host, std::uint64_t bytes, std::uint64_t old_file_size) {
+  if (auto r = refcounts_->free(host, bytes); !r) {
+    log::warn("{}: could not give back {} bytes at {:#x} after a failed write ({}); they stay allocated (a leak)",
+              path_, bytes, host, r.error().message);
+    return;
+  }
+  if (file_size_ == host + bytes) file_size_ = old_file_size;
+}
+
 void Qcow2Image::queue_free_locked(std::uint64_t l2_entry) {
   if (data_file_ || l2_entry == 0) return;  // no refcounts for the external data file
   if (l2_entry & QCOW_OFLAG_COMPRESSED) {
@@ -305,14 +321,22 @@ Result<TableCache::Handle> Qcow2Image::l2_for_write_locked(std::uint64_t l1_inde
     TableCache::Handle h = QNBD_TRY(l2_cache_->get(old));
     std::memcpy(table.data(), h.data().data(), table.size());
   }
+  const std::uint64_t old_file_size = file_size_;
   const std::uint64_t host = QNBD_TRY(allocate_cluster_locked());
   // The table's refcount (and every dirty dependency) first, then the table,
-  // then the L1 entry.
-  QNBD_TRY(sync_dependencies_locked());
+  // then the L1 entry. Until the L1 entry names it, a failure gives the
+  // cluster back (abort_allocation_locked).
+  auto placed = [&]() -> Result<void> {
+    QNBD_TRY(sync_dependencies_locked());
+    QNBD_TRY(metadata_->check(host, cs, kind_bit(MetadataKind::active_l2)));
+    QNBD_TRY(file_->pwrite(table, host));
+    return file_->flush();
+  }();
+  if (!placed) {
+    abort_allocation_locked(host, cs, old_file_size);
+    return placed.error();
+  }
   metadata_->add(MetadataKind::active_l2, host, cs);
-  QNBD_TRY(metadata_->check(host, cs, kind_bit(MetadataKind::active_l2)));
-  QNBD_TRY(file_->pwrite(table, host));
-  QNBD_TRY(file_->flush());
   QNBD_TRY(metadata_->check(header_.l1_table_offset + l1_index * 8, 8, kind_bit(MetadataKind::active_l1)));
   l1_[l1_index] = host | QCOW_OFLAG_COPIED;
   QNBD_TRY(write_be64_at(*file_, header_.l1_table_offset + l1_index * 8, l1_[l1_index]));
@@ -407,27 +431,35 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
     we = in + length;
   }
 
+  const bool fresh = !in_place && !data_file_;
+  const std::uint64_t old_file_size = file_size_;
   const std::uint64_t host = in_place ? old_host : data_file_ ? gc : QNBD_TRY(allocate_cluster_locked());
-  std::vector<std::byte> buf;
-  std::span<const std::byte> out;
-  if (ws == in && we == in + length && data) {
-    out = std::span(data, static_cast<std::size_t>(length));
-  } else {
-    buf.resize(static_cast<std::size_t>(we - ws));
-    // Copy-on-write: what the guest sees now (backing file, compressed or
-    // zero cluster, old shared cluster), then the new bytes.
-    if (ws < in || we > in + length) QNBD_TRY(read_guest_locked(buf, gc + ws));
-    if (data) {
-      std::memcpy(buf.data() + (in - ws), data, static_cast<std::size_t>(length));
+  auto placed = [&]() -> Result<void> {
+    std::vector<std::byte> buf;
+    std::span<const std::byte> out;
+    if (ws == in && we == in + length && data) {
+      out = std::span(data, static_cast<std::size_t>(length));
     } else {
-      std::memset(buf.data() + (in - ws), 0, static_cast<std::size_t>(length));
+      buf.resize(static_cast<std::size_t>(we - ws));
+      // Copy-on-write: what the guest sees now (backing file, compressed or
+      // zero cluster, old shared cluster), then the new bytes.
+      if (ws < in || we > in + length) QNBD_TRY(read_guest_locked(buf, gc + ws));
+      if (data) {
+        std::memcpy(buf.data() + (in - ws), data, static_cast<std::size_t>(length));
+      } else {
+        std::memset(buf.data() + (in - ws), 0, static_cast<std::size_t>(length));
+      }
+      out = buf;
     }
-    out = buf;
+    // In place: the L2 entry may name a metadata cluster (a corrupt image);
+    // new: the allocator checked it, the observer still sees the write.
+    QNBD_TRY(check_guest_write_locked(host + ws, we - ws));
+    return data_file().pwrite(out, host + ws);
+  }();
+  if (!placed) {
+    if (fresh) abort_allocation_locked(host, cs, old_file_size);
+    return placed;
   }
-  // In place: the L2 entry may name a metadata cluster (a corrupt image);
-  // new: the allocator checked it, the observer still sees the write.
-  QNBD_TRY(check_guest_write_locked(host + ws, we - ws));
-  QNBD_TRY(data_file().pwrite(out, host + ws));
   file_size_ = std::max(file_size_, data_file_ ? file_size_ : host + cs);
 
   // The new entry: COPIED (refcount 1, or the external data file).
@@ -461,14 +493,21 @@ Result<std::size_t> Qcow2Image::write_new_clusters_locked(std::span<const std::b
     if (has_host && (m->l2_entry & QCOW_OFLAG_COPIED)) break;  // overwritten in place
   }
   if (run < 2) return std::size_t{0};
+  const std::uint64_t old_file_size = file_size_;
   const std::uint64_t host = QNBD_TRY(refcounts_->allocate(run));
   l2_cache_->depends_on_flush();
   file_size_ = std::max(file_size_, host + run * cs);
   const std::size_t bytes = static_cast<std::size_t>(run * cs);
   // Data first; the L2 entries reach the disk only after the refcounts and
   // this data are synced (the L2 cache's dependency, before any write-back).
-  QNBD_TRY(check_guest_write_locked(host, bytes));
-  QNBD_TRY(data_file().pwrite(buf.first(bytes), host));
+  auto placed = [&]() -> Result<void> {
+    QNBD_TRY(check_guest_write_locked(host, bytes));
+    return data_file().pwrite(buf.first(bytes), host);
+  }();
+  if (!placed) {
+    abort_allocation_locked(host, run * cs, old_file_size);
+    return placed.error();
+  }
   for (std::uint64_t i = 0; i < run; ++i) {
     L2Slot s = QNBD_TRY(l2_slot_for_write_locked(offset + i * cs));
     queue_free_locked(s.entry.entry);

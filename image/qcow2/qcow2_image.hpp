@@ -170,6 +170,10 @@ class Qcow2Image final : public BlockDevice {
   // must already point at that directory), for overlap checks.
   void register_bitmaps(const std::vector<BitmapInfo>& directory);
   Result<std::uint64_t> allocate_cluster_locked();
+  // Give back clusters that allocate handed out but no L2 entry names yet,
+  // after the write meant for them failed; `old_file_size` is file_size_
+  // from before the allocation.
+  void abort_allocation_locked(std::uint64_t host, std::uint64_t bytes, std::uint64_t old_file_size);
   void queue_free_locked(std::uint64_t l2_entry);
   Result<TableCache::Handle> l2_for_write_locked(std::uint64_t l1_index);
   // The L2 entry of guest cluster gc, in a table the writer may change
