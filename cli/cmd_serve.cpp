@@ -31,6 +31,7 @@ struct ServeArgs {
   std::string description;
   bool read_only = false;
   std::string format;  // "" = detect
+  bool image_opts = false;
   bool persistent = false;
   std::uint32_t shared = 1;  // qemu-nbd's default
   bool allocation_depth = false;
@@ -71,6 +72,7 @@ struct OpenModes {
   std::string aio = "threads";
   std::optional<std::string> load_snapshot;  // none: the active layer
   bool snapshot = false;                     // -s: writes go to a temporary overlay
+  bool image_opts = false;                   // --image-opts: IMAGE is block options
 };
 
 // qemu-nbd -l's argument: "snapshot.id=ID[,snapshot.name=NAME]" (either
@@ -151,11 +153,14 @@ Result<void> check_open_modes(const std::string& path, const OpenModes& m, bool 
   return {};
 }
 
-Result<server::ExportSpec> open_export(const std::string& path, const std::string& format, bool read_only,
+Result<server::ExportSpec> open_export(const std::string& image, std::string format, bool read_only,
                                        const OpenModes& modes, std::string name, std::string description,
                                        bool multi_conn, bool allocation_depth, const std::vector<std::string>& bitmaps,
                                        image::LockOptions lock, BitmapRecovery recovery = {},
                                        image::ViewOptions views = {}) {
+  image::OpenOptions oo;
+  // json:{...} or --image-opts: the file, its format, range and backing.
+  const std::string path = QNBD_TRY(resolve_image_argument(image, modes.image_opts, format, oo));
   const std::string& discard = modes.discard;
   if (discard != "ignore" && discard != "unmap" && discard != "off" && discard != "on")
     return make_error(EINVAL, "invalid discard mode '{}' (ignore, unmap)", discard);
@@ -165,7 +170,6 @@ Result<server::ExportSpec> open_export(const std::string& path, const std::strin
   if (c && ((c & (c - 1)) || c < (64u << 10) || c > (1ull << 40))) {
     return make_error(EINVAL, "invalid recovery chunk size {} (a power of two from 65536 to 1 TiB)", c);
   }
-  image::OpenOptions oo;
   oo.format = QNBD_TRY(parse_format(format));
   if (modes.load_snapshot) {
     // qemu-nbd -s -l looks for the snapshot in its new, empty overlay.
@@ -244,6 +248,7 @@ OpenModes open_modes(const ServeArgs& a) {
   m.aio = a.aio;
   m.load_snapshot = a.load_snapshot;
   m.snapshot = a.snapshot;
+  m.image_opts = a.image_opts;
   return m;
 }
 
@@ -350,6 +355,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
       OpenModes modes = open_modes(a);
       modes.load_snapshot.reset();  // -l and -s are about IMAGE, not this one
       modes.snapshot = false;
+      modes.image_opts = false;  // a json: image is still read as one
       return open_export(r.image, r.format, r.read_only, modes, r.name, "", a.shared != 1, r.allocation_depth,
                          r.bitmaps, lock_options(a.lock, image::LockUse::export_),
                          BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}, view_options("", 0, a));
@@ -445,6 +451,9 @@ void add_serve_command(CLI::App& app, int& status) {
                   "Serve an internal snapshot of the qcow2 image, read-only: an id or name, or "
                   "snapshot.id=ID[,snapshot.name=NAME]");
   cmd->add_option("-f,--format", args->format, "Image format: raw or qcow2 (default: detect)");
+  cmd->add_flag("--image-opts", args->image_opts,
+                "IMAGE is block options (driver=qcow2,file.filename=PATH,...), as qemu-nbd's; a json:{...} IMAGE is "
+                "read the same way without it");
   cmd->add_flag("-t,--persistent", args->persistent, "Keep serving after the last client disconnects");
   cmd->add_option("-e,--shared", args->shared, "Allow NUM clients at once (default 1, 0 = unlimited)");
   cmd->add_flag("-A,--allocation-depth", args->allocation_depth, "Offer the qemu:allocation-depth context");

@@ -11,6 +11,7 @@
 
 #include "common/log.hpp"
 #include "common/result.hpp"
+#include "config/image_spec.hpp"
 #include "image/block_device.hpp"
 
 namespace qnbd::cli {
@@ -27,6 +28,25 @@ inline bool parse_image_format(const std::string& name, image::ImageFormat& out)
     return false;
   }
   return true;
+}
+
+// An IMAGE argument as QEMU reads it: a `json:{...}` pseudo-filename, or
+// with --image-opts block options (config/image_spec.hpp). Fills the
+// format (-f's value: "" = probe) and the range and backing choice of `oo`,
+// and returns the file to open; a plain file name comes back unchanged.
+inline Result<std::string> resolve_image_argument(const std::string& image, bool image_opts, std::string& format,
+                                                  image::OpenOptions& oo) {
+  if (!image_opts && !config::is_json_filename(image)) return image;
+  if (image_opts && !format.empty()) return make_error(EINVAL, "--image-opts and -f are mutually exclusive");
+  auto spec = image_opts ? config::parse_image_opts(image) : config::parse_image_json(image);
+  if (!spec) return make_error(spec.error().code, "{}: {}", image, spec.error().message);
+  if (!format.empty() && !spec->format.empty() && format != spec->format)
+    return make_error(EINVAL, "{}: -f {} contradicts the driver '{}'", image, format, spec->format);
+  for (const auto& w : spec->warnings) log::warn("{}", w);
+  if (!spec->format.empty()) format = spec->format;
+  if (spec->offset || spec->size) oo.file_range = image::OpenOptions::FileRange{spec->offset.value_or(0), spec->size};
+  oo.no_backing = spec->no_backing;
+  return spec->filename;
 }
 
 // Image locking options in qemu-img's spelling: -U/--force-share (read-only

@@ -1,5 +1,8 @@
 // qnbd: an NBD server for qcow2 and raw images, and the tools around it.
+#include <cstddef>
 #include <cstdio>
+#include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -19,8 +22,23 @@ int main(int argc, char** argv) {
   qnbd::cli::add_bitmap_command(app, status);
   qnbd::cli::add_bench_command(app, status);
   qnbd::cli::add_ctl_command(app, status);
+  // `--export-name=` (an empty value, as oVirt imageio passes it to
+  // qemu-nbd): CLI11 2.1 would take the next argument as the value, so
+  // `--export-name= --persistent` named the export "--persistent". Split
+  // such an argument into the option and an empty value, up to "--".
+  std::vector<std::string> args(argv, argv + argc);
+  for (std::size_t i = 1; i < args.size() && args[i] != "--"; ++i) {
+    const std::string& a = args[i];
+    if (a.size() > 3 && a.compare(0, 2, "--") == 0 && a.find('=') == a.size() - 1) {
+      args[i].pop_back();
+      args.insert(args.begin() + static_cast<std::ptrdiff_t>(i) + 1, std::string());
+      ++i;
+    }
+  }
+  std::vector<char*> cargs;
+  for (auto& a : args) cargs.push_back(a.data());
   try {
-    app.parse(argc, argv);
+    app.parse(static_cast<int>(cargs.size()), cargs.data());
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }

@@ -1,6 +1,7 @@
 // Strict JSON configuration loader. nlohmann::json stays inside this file;
 // every exception it may throw is caught here and turned into an Error.
 #include "config/config.hpp"
+#include "config/image_spec.hpp"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -165,6 +166,11 @@ Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   const json* image = find(v, "image");
   if (image == nullptr) return fail(child(pointer, "image"), "required key is missing");
   e.image = QNBD_TRY(as_string(*image, child(pointer, "image"), PATH_MAX, false));
+  // A json: image (QEMU's block options, config/image_spec.hpp) is checked
+  // now, as every other key is.
+  if (is_json_filename(e.image)) {
+    if (auto spec = parse_image_json(e.image); !spec) return fail(child(pointer, "image"), "{}", spec.error().message);
+  }
   if (const json* x = find(v, "format")) {
     e.format = QNBD_TRY(as_enum(*x, child(pointer, "format"), {"raw", "qcow2", ""}));
   }
@@ -512,6 +518,10 @@ Result<Config> load_config(const std::string& path) {
   // directory the server happens to be started from.
   const std::filesystem::path base = std::filesystem::path(path).parent_path();
   for (auto& e : config.exports) {
+    if (is_json_filename(e.image)) {
+      e.image = rebase_image_json(e.image, base.string());
+      continue;
+    }
     std::filesystem::path image(e.image);
     if (image.is_relative() && !base.empty()) e.image = (base / image).string();
   }

@@ -14,8 +14,7 @@ const std::string* QemuObject::get(std::string_view key) const {
   return nullptr;
 }
 
-Result<QemuObject> parse_qemu_object(std::string_view text) {
-  if (text.size() > 64 * 1024) return make_error(EINVAL, "--object: longer than 64 KiB");
+std::vector<std::string> split_qemu_opts(std::string_view text) {
   // Split at single commas; ",," stays as one comma inside the field.
   std::vector<std::string> fields(1);
   for (std::size_t i = 0; i < text.size(); ++i) {
@@ -30,6 +29,12 @@ Result<QemuObject> parse_qemu_object(std::string_view text) {
     }
     fields.back() += text[i];
   }
+  return fields;
+}
+
+Result<QemuObject> parse_qemu_object(std::string_view text) {
+  if (text.size() > 64 * 1024) return make_error(EINVAL, "--object: longer than 64 KiB");
+  const std::vector<std::string> fields = split_qemu_opts(text);
   QemuObject o;
   // qemu accepts the type either first or as qom-type=.
   std::size_t first = 0;

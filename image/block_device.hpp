@@ -256,6 +256,18 @@ struct OpenOptions {
   // layer (read-only only; a qcow2 image only). The disk keeps the image's
   // current size, as qemu's qcow2_snapshot_load_tmp leaves it.
   std::optional<SnapshotRef> load_snapshot;
+  // The top image is a range of its file (QEMU's raw node with offset and
+  // size under the format: json:/--image-opts, image/io/range_file.hpp):
+  // it starts `offset` bytes in and is `size` bytes long (else runs to the
+  // end of the file). Checked against the file as QEMU checks it.
+  struct FileRange {
+    std::uint64_t offset = 0;
+    std::optional<std::uint64_t> size;
+  };
+  std::optional<FileRange> file_range;
+  // qcow2 "backing": null: the top image's backing file is not opened;
+  // what it would have supplied reads as zeroes, unallocated.
+  bool no_backing = false;
 };
 
 // block_status() for any device, from layer_status() walked down the

@@ -17,6 +17,7 @@
 #include "common/endian.hpp"
 #include "common/log.hpp"
 #include "image/block_device.hpp"
+#include "image/io/range_file.hpp"
 #include "image/qcow2/create.hpp"
 #include "image/qcow2/format.hpp"
 #include "image/qcow2/qcow2_image.hpp"
@@ -32,6 +33,26 @@ std::string combine_path(const std::string& base, const std::string& name) {
   auto slash = base.rfind('/');
   if (slash == std::string::npos) return name;
   return base.substr(0, slash + 1) + name;
+}
+
+// QEMU's raw node checks (raw_apply_options), with its numbers in the
+// messages.
+Result<std::unique_ptr<File>> open_range(std::unique_ptr<File> file, const OpenOptions::FileRange& range) {
+  const std::uint64_t file_size = QNBD_TRY(file->size());
+  if (range.offset > file_size) {
+    return make_error(EINVAL, "{}: Offset ({}) cannot be greater than size of the containing file ({})", file->name(),
+                      range.offset, file_size);
+  }
+  if (range.size) {
+    if (*range.size % 512) return make_error(EINVAL, "{}: Specified size is not multiple of 512", file->name());
+    if (*range.size > file_size - range.offset) {
+      return make_error(EINVAL,
+                        "{}: The sum of offset ({}) and size ({}) has to be smaller or equal to the actual size of "
+                        "the containing file ({})",
+                        file->name(), range.offset, *range.size, file_size);
+    }
+  }
+  return std::unique_ptr<File>(std::make_unique<RangeFile>(std::move(file), range.offset, range.size));
 }
 
 Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const OpenOptions& options, ImageFormat format,
@@ -51,6 +72,7 @@ Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const Ope
 
   auto mode = options.read_only ? OpenMode::read_only : OpenMode::read_write;
   std::unique_ptr<File> file = QNBD_TRY(open_posix_file(path, mode, options.cache));
+  if (depth == 0 && options.file_range) file = QNBD_TRY(open_range(std::move(file), *options.file_range));
 
   const bool probed = format == ImageFormat::detect;
   if (probed) {
@@ -85,6 +107,9 @@ Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const Ope
   parts.path = path;
   parts.open_backing = [&](const std::string& name,
                            const std::string& backing_format) -> Result<std::unique_ptr<BlockDevice>> {
+    // "backing": null: QEMU opens no backing node; the image reads as if
+    // it had none.
+    if (depth == 0 && options.no_backing) return std::unique_ptr<BlockDevice>();
     full_backing = combine_path(path, name);
     ImageFormat f = ImageFormat::detect;
     if (backing_format == "qcow2") {
@@ -98,6 +123,8 @@ Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const Ope
     bo.read_only = true;  // backing files are never written
     bo.data_file.clear();
     bo.load_snapshot.reset();  // the snapshot is the top image's
+    bo.file_range.reset();     // so are the range and "backing": null
+    bo.no_backing = false;
     auto b = open_one(full_backing, bo, f, depth + 1, visited);
     if (!b) return make_error(b.error().code, "could not open backing file: {}", b.error().message);
     return std::move(*b);
@@ -121,6 +148,12 @@ Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, const O
 
 Result<std::unique_ptr<BlockDevice>> open_image_with_temporary_overlay(const std::string& path,
                                                                        const OpenOptions& options) {
+  // The overlay names its backing file by path alone, which cannot carry
+  // a range of that file or the choice to drop its own backing chain.
+  if (options.file_range || options.no_backing) {
+    return make_error(ENOTSUP, "{}: -s/--snapshot with a range (offset, size) or \"backing\": null is not supported",
+                      path);
+  }
   // The image's format and size, from a read-only open whose locks let
   // other readers in, as the backing file's will.
   OpenOptions base_options = options;

@@ -6,6 +6,7 @@
 #include <array>
 
 #include "image/io/mem_file.hpp"
+#include "image/io/range_file.hpp"
 #include "image_test_support.hpp"
 
 using namespace qnbd;
@@ -103,4 +104,49 @@ TEST_CASE("PosixFile: cache=none handles unaligned requests") {
   CHECK(buf[1] == std::byte{0xfe});
   CHECK(buf[11] == std::byte((4094 + 11) % 251));
   REQUIRE((*f)->flush().has_value());
+}
+
+TEST_CASE("RangeFile: a fixed range of a file reads, writes and probes only inside it") {
+  std::vector<std::byte> init(64 * 1024);
+  for (std::size_t i = 0; i < init.size(); ++i) init[i] = std::byte(static_cast<std::uint8_t>(i / 256));
+  auto owned = std::make_unique<MemFile>("inner", init);
+  MemFile& inner = *owned;
+  RangeFile f(std::move(owned), 4096, 8192);
+  CHECK(*f.size() == 8192);
+  std::vector<std::byte> r(1000);
+  REQUIRE(*f.pread(r, 0) == 1000);
+  CHECK(r[0] == std::byte{16});  // inner byte 4096
+  CHECK(*f.pread(r, 8000) == 192);  // the end of the range is an end of file
+  CHECK(*f.pread(r, 9000) == 0);
+  std::vector<std::byte> w(100, std::byte{0xaa});
+  REQUIRE(f.pwrite(w, 8092).has_value());
+  CHECK(inner.contents()[4096 + 8092] == std::byte{0xaa});
+  // Nothing above may reach past the range: ENOSPC, as QEMU's raw node.
+  auto before = inner.contents();
+  CHECK(f.pwrite(w, 8093).error().code == ENOSPC);
+  CHECK(f.write_zeroes(8000, 1000, false).error().code == ENOSPC);
+  CHECK(f.discard(9000, 1).error().code == ENOSPC);
+  CHECK(f.truncate(4096).error().code == ENOTSUP);
+  CHECK(inner.contents() == before);
+  auto e = f.probe_extent(9000, 512);
+  REQUIRE(e);
+  CHECK(e->hole);
+  e = f.probe_extent(8000, 4096);
+  REQUIRE(e);
+  CHECK(e->length <= 192);
+}
+
+TEST_CASE("RangeFile: without a size the range runs to the end of the file and grows with it") {
+  auto owned = std::make_unique<MemFile>("inner", std::vector<std::byte>(10000, std::byte{1}));
+  MemFile& inner = *owned;
+  RangeFile f(std::move(owned), 1000, std::nullopt);
+  CHECK(*f.size() == 9000);
+  std::vector<std::byte> w(100, std::byte{2});
+  REQUIRE(f.pwrite(w, 9000).has_value());
+  CHECK(*inner.size() == 10100);
+  CHECK(*f.size() == 9100);
+  REQUIRE(f.truncate(500).has_value());
+  CHECK(*inner.size() == 1500);
+  RangeFile past(std::make_unique<MemFile>("small", std::vector<std::byte>(10)), 100, std::nullopt);
+  CHECK(*past.size() == 0);
 }
