@@ -9,6 +9,11 @@ namespace qnbd::cli {
 
 // What -V/--version prints (the version is CMake's project version).
 inline constexpr const char* kVersionText = "qnbd " QNBD_VERSION;
+// Run as `qemu-nbd` (a link of that name to qnbd), qnbd is `qnbd serve`
+// and says which qemu-nbd command line it takes in the form qemu-nbd
+// prints: tools such as oVirt imageio read the version to decide which
+// flags they may pass (--allocation-depth needs 5.2).
+inline constexpr const char* kQemuNbdVersionText = "qemu-nbd 7.2.0 (qnbd " QNBD_VERSION ")";
 
 void add_serve_command(CLI::App& app, int& status);    // cli/cmd_serve.cpp
 void add_info_command(CLI::App& app, int& status);     // cli/cmd_info.cpp

@@ -27,6 +27,17 @@ int main(int argc, char** argv) {
   // `--export-name= --persistent` named the export "--persistent". Split
   // such an argument into the option and an empty value, up to "--".
   std::vector<std::string> args(argv, argv + argc);
+  // Called as qemu-nbd: the arguments are serve's (see kQemuNbdVersionText).
+  const std::string self = argc > 0 ? argv[0] : "";
+  if (self.substr(self.rfind('/') + 1) == "qemu-nbd") {
+    for (std::size_t i = 1; i < args.size() && args[i] != "--"; ++i) {
+      if (args[i] == "-V" || args[i] == "--version") {
+        std::printf("%s\n", qnbd::cli::kQemuNbdVersionText);
+        return 0;
+      }
+    }
+    args.insert(args.begin() + 1, "serve");
+  }
   for (std::size_t i = 1; i < args.size() && args[i] != "--"; ++i) {
     const std::string& a = args[i];
     if (a.size() > 3 && a.compare(0, 2, "--") == 0 && a.find('=') == a.size() - 1) {

@@ -20,6 +20,9 @@
 # 6. What neither opens is refused by both, qnbd with one line.
 # 7. A config file's json: image with a relative file name is opened next
 #    to the config, and a bad one is refused at load.
+# 8. Run through a link named qemu-nbd, qnbd is `qnbd serve` and prints a
+#    version imageio parses as qemu-nbd 5.2 or later (so it passes
+#    --allocation-depth), naming qnbd.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo nbdcopy python3
 requires_qnbd
@@ -216,5 +219,21 @@ cmp <(tail -c +$((1048576 + 1)) "$T/cfg/d.raw" | head -c 2097152) "$T/cfg-out.bi
 echo '{"exports": [{"name": "", "image": "json:{\"driver\": \"qcow2\"}"}]}' >"$T/cfg/bad.json"
 if "$QNBD" serve --config "$T/cfg/bad.json" 2>"$T/cfg.err"; then fail "a bad json: image in a config was accepted"; fi
 grep -q '/exports/0/image' "$T/cfg.err" || { cat "$T/cfg.err" >&2; fail "config json: error without its pointer"; }
+
+echo "== 8. run as qemu-nbd (a link named qemu-nbd, as QEMU_NBD= points imageio at it)"
+mkdir -p "$T/bin"
+ln -s "$QNBD" "$T/bin/qemu-nbd"
+version=$("$T/bin/qemu-nbd" --version)
+# imageio's qemu_nbd.version(): the second word of the first line, as ints;
+# 5.2 or later makes it pass --allocation-depth and allow "backing": null.
+"$PY" -c 'import sys
+v = tuple(int(n) for n in sys.argv[1].splitlines()[0].split(None, 2)[1].split("."))
+assert v >= (5, 2, 0), v' "$version" || fail "imageio would not take '$version' for qemu-nbd 5.2 or later"
+[[ $version == *qnbd* ]] || fail "the qemu-nbd version line does not say it is qnbd: $version"
+start_server "$T/l.pid" "$T/bin/qemu-nbd" -t -k "$T/l.sock" --pid-file "$T/l.pid" --export-name= --shared=8 \
+  --allocation-depth -r "$null_spec" || fail "qnbd as qemu-nbd did not start"
+nbdinfo --map=qemu:allocation-depth "nbd+unix:///?socket=$T/l.sock" >"$T/link-depth.txt"
+stop_server "$SERVER_PID"
+cmp "$T/null-depth-qemu-nbd.txt" "$T/link-depth.txt" || fail "qnbd as qemu-nbd serves another allocation depth"
 
 echo PASS
