@@ -11,6 +11,7 @@
 
 #include "common/log.hpp"
 #include "common/result.hpp"
+#include "config/config.hpp"
 #include "config/image_spec.hpp"
 #include "image/block_device.hpp"
 
@@ -39,7 +40,7 @@ inline Result<std::string> resolve_image_argument(const std::string& image, bool
   if (!image_opts && !config::is_json_filename(image)) return image;
   if (image_opts && !format.empty()) return make_error(EINVAL, "--image-opts and -f are mutually exclusive");
   auto spec = image_opts ? config::parse_image_opts(image) : config::parse_image_json(image);
-  if (!spec) return make_error(spec.error().code, "{}: {}", image, spec.error().message);
+  if (!spec) return make_error(spec.error().code, "{}: {}", config::one_line(image), spec.error().message);
   if (!format.empty() && !spec->format.empty() && format != spec->format)
     return make_error(EINVAL, "{}: -f {} contradicts the driver '{}'", image, format, spec->format);
   for (const auto& w : spec->warnings) log::warn("{}", w);

@@ -19,6 +19,25 @@
 #include <nlohmann/json.hpp>
 
 namespace qnbd::config {
+// Keys and names come from the file and may hold control characters; the
+// message must stay one printable line, so those are shown escaped.
+std::string one_line(std::string_view text) {
+  std::string out;
+  for (char c : text) {
+    const auto u = static_cast<unsigned char>(c);
+    if (c == '\n') {
+      out += "\\n";
+    } else if (c == '\t') {
+      out += "\\t";
+    } else if (u < 0x20 || u == 0x7f) {
+      out += fmt::format("\\x{:02x}", u);
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
 namespace {
 
 using nlohmann::json;
@@ -58,25 +77,6 @@ std::string describe(const json& v) {
     s += "...";
   }
   return s;
-}
-
-// Keys and names come from the file and may hold control characters; the
-// message must stay one printable line, so those are shown escaped.
-std::string one_line(std::string_view text) {
-  std::string out;
-  for (char c : text) {
-    const auto u = static_cast<unsigned char>(c);
-    if (c == '\n') {
-      out += "\\n";
-    } else if (c == '\t') {
-      out += "\\t";
-    } else if (u < 0x20 || u == 0x7f) {
-      out += fmt::format("\\x{:02x}", u);
-    } else {
-      out += c;
-    }
-  }
-  return out;
 }
 
 template <typename... Args>

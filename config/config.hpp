@@ -99,6 +99,9 @@ struct QemuObject {
   const std::string* get(std::string_view key) const;
 };
 [[nodiscard]] Result<QemuObject> parse_qemu_object(std::string_view text);
+// TEXT with control characters escaped (\n, \t, \xNN): user strings in
+// a one-line message.
+[[nodiscard]] std::string one_line(std::string_view text);
 // QemuOpts fields: TEXT split at single commas, ",," kept as one comma.
 [[nodiscard]] std::vector<std::string> split_qemu_opts(std::string_view text);
 // Build the TlsConfig from all --object arguments and the two ids. Errors

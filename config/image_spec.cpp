@@ -210,6 +210,12 @@ void rebase_filenames(nlohmann::json& obj, const std::filesystem::path& base, in
   }
 }
 
+// Messages quote keys and values from the argument: one line, always.
+Result<ImageSpec> printable(Result<ImageSpec> r) {
+  if (!r) return make_error(r.error().code, "{}", one_line(r.error().message));
+  return r;
+}
+
 }  // namespace
 
 std::string rebase_image_json(const std::string& image, const std::string& base_dir) {
@@ -229,8 +235,8 @@ Result<ImageSpec> parse_image_json(std::string_view image) {
   if (doc.is_discarded()) return make_error(EINVAL, "Could not parse the JSON options");
   if (!doc.is_object()) return make_error(EINVAL, "Invalid JSON object given");
   Options o;
-  QNBD_TRY(flatten(doc, "", 0, o));
-  return interpret(o);
+  if (auto r = flatten(doc, "", 0, o); !r) return printable(r.error());
+  return printable(interpret(o));
 }
 
 Result<ImageSpec> parse_image_opts(std::string_view text) {
@@ -239,12 +245,14 @@ Result<ImageSpec> parse_image_opts(std::string_view text) {
   for (const std::string& field : split_qemu_opts(text)) {
     const auto eq = field.find('=');
     if (eq == std::string::npos || eq == 0)
-      return make_error(EINVAL, "'{}' is not KEY=VALUE (--image-opts takes block options, e.g. "
-                                "driver=qcow2,file.filename=PATH)",
-                        field);
-    QNBD_TRY(o.put(field.substr(0, eq), Scalar{Scalar::Kind::string, field.substr(eq + 1)}));
+      return printable(make_error(EINVAL,
+                                  "'{}' is not KEY=VALUE (--image-opts takes block options, e.g. "
+                                  "driver=qcow2,file.filename=PATH)",
+                                  field));
+    if (auto r = o.put(field.substr(0, eq), Scalar{Scalar::Kind::string, field.substr(eq + 1)}); !r)
+      return printable(r.error());
   }
-  return interpret(o);
+  return printable(interpret(o));
 }
 
 }  // namespace qnbd::config

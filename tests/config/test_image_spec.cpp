@@ -35,6 +35,7 @@ std::string json_error(const std::string& text) {
 std::string opts_error(const std::string& text) {
   auto r = parse_image_opts(text);
   REQUIRE_MESSAGE(!r, "accepted: " << text);
+  CHECK(r.error().message.find('\n') == std::string::npos);
   return r.error().message;
 }
 
@@ -135,6 +136,11 @@ TEST_CASE("image spec: refusals, one line each, in QEMU's words where it has the
   CHECK(json_error(deep).find("nested") != std::string::npos);
   CHECK(json_error("json:" + std::string(70000, ' ') + "{}").find("64 KiB") != std::string::npos);
 
+  // Keys and values are quoted on one line (the config fuzz target found
+  // a key with a newline in it).
+  CHECK(json_error(R"(json:{"driver": "qcow2", "file.filename": "t", "bo\ngus": 1})") ==
+        "Block format 'qcow2' doesn't support the option 'bo\\ngus'");
+  CHECK(opts_error("a\nb").find("'a\\nb' is not KEY=VALUE") == 0);
   CHECK(opts_error("top.qcow2").find("is not KEY=VALUE") != std::string::npos);
   CHECK(opts_error("driver=qcow2,file.filename=t,backing=null") == "Cannot find device='null' nor node-name='null'");
   CHECK(opts_error("driver=qcow2,file.filename=t,file.filename=u") == "Duplicate option 'file.filename'");
