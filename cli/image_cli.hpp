@@ -42,7 +42,7 @@ inline Result<std::string> resolve_image_argument(const std::string& image, bool
   auto spec = image_opts ? config::parse_image_opts(image) : config::parse_image_json(image);
   if (!spec) return make_error(spec.error().code, "{}: {}", config::one_line(image), spec.error().message);
   if (!format.empty() && !spec->format.empty() && format != spec->format)
-    return make_error(EINVAL, "{}: -f {} contradicts the driver '{}'", image, format, spec->format);
+    return make_error(EINVAL, "{}: -f {} contradicts the driver '{}'", config::one_line(image), format, spec->format);
   for (const auto& w : spec->warnings) log::warn("{}", w);
   if (!spec->format.empty()) format = spec->format;
   if (spec->offset || spec->size) oo.file_range = image::OpenOptions::FileRange{spec->offset.value_or(0), spec->size};

@@ -22,10 +22,6 @@ int main(int argc, char** argv) {
   qnbd::cli::add_bitmap_command(app, status);
   qnbd::cli::add_bench_command(app, status);
   qnbd::cli::add_ctl_command(app, status);
-  // `--export-name=` (an empty value, as oVirt imageio passes it to
-  // qemu-nbd): CLI11 2.1 would take the next argument as the value, so
-  // `--export-name= --persistent` named the export "--persistent". Split
-  // such an argument into the option and an empty value, up to "--".
   std::vector<std::string> args(argv, argv + argc);
   // Called as qemu-nbd: the arguments are serve's (see kQemuNbdVersionText).
   const std::string self = argc > 0 ? argv[0] : "";
@@ -38,6 +34,10 @@ int main(int argc, char** argv) {
     }
     args.insert(args.begin() + 1, "serve");
   }
+  // `--export-name=` (an empty value, as oVirt imageio passes it to
+  // qemu-nbd): CLI11 2.1 would take the next argument as the value, so
+  // `--export-name= --persistent` named the export "--persistent". Split
+  // such an argument into the option and an empty value, up to "--".
   for (std::size_t i = 1; i < args.size() && args[i] != "--"; ++i) {
     const std::string& a = args[i];
     if (a.size() > 3 && a.compare(0, 2, "--") == 0 && a.find('=') == a.size() - 1) {
