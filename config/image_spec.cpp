@@ -43,8 +43,7 @@ class Options {
   }
   // The first key under `prefix` nothing used (its name relative to it).
   std::optional<std::string> unused_under(const std::string& prefix) const {
-    for (auto it = map_.lower_bound(prefix); it != map_.end() && it->first.compare(0, prefix.size(), prefix) == 0;
-         ++it)
+    for (auto it = map_.lower_bound(prefix); it != map_.end() && it->first.compare(0, prefix.size(), prefix) == 0; ++it)
       if (!used_.count(it->first)) return it->first.substr(prefix.size());
     return std::nullopt;
   }
@@ -84,7 +83,8 @@ Result<void> flatten(const nlohmann::json& obj, const std::string& prefix, int d
 Result<std::string> string_option(Options& o, const std::string& key) {
   const Scalar* s = o.find(key);
   if (!s) return std::string();
-  if (s->kind != Scalar::Kind::string) return make_error(EINVAL, "Invalid parameter type for '{}', expected: string", key);
+  if (s->kind != Scalar::Kind::string)
+    return make_error(EINVAL, "Invalid parameter type for '{}', expected: string", key);
   if (s->text.empty()) return make_error(EINVAL, "Parameter '{}' is empty", key);
   return s->text;
 }

@@ -105,8 +105,7 @@ bool adds_marker(std::span<const std::byte> b, std::span<const std::byte> old, c
   while (const void* hit = memmem(p, static_cast<std::size_t>(end - p), kMarker.data(), kMarker.size())) {
     const std::size_t i = static_cast<std::size_t>(static_cast<const std::byte*>(hit) - b.data());
     p = static_cast<const std::byte*>(hit) + 1;
-    if (i + kMarker.size() <= old.size() && std::memcmp(old.data() + i, kMarker.data(), kMarker.size()) == 0)
-      continue;
+    if (i + kMarker.size() <= old.size() && std::memcmp(old.data() + i, kMarker.data(), kMarker.size()) == 0) continue;
     // fill_guest's blocks carry the op number (1 to 32) in their last four
     // bytes; a planted marker whose payload came out otherwise (a record of
     // the input ended inside it) is no guest block.

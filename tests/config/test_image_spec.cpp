@@ -54,7 +54,8 @@ TEST_CASE("image spec: imageio's trees") {
   CHECK(s.warnings.empty());
 
   // A range of a raw file, and a qcow2 image stored at an offset in one.
-  s = json_ok(R"(json:{"driver": "raw", "file": {"driver": "file", "filename": "r"}, "offset": 1048576, "size": 4096})");
+  s = json_ok(
+      R"(json:{"driver": "raw", "file": {"driver": "file", "filename": "r"}, "offset": 1048576, "size": 4096})");
   CHECK(s.format == "raw");
   CHECK(s.offset == 1048576u);
   CHECK(s.size == 4096u);
@@ -94,8 +95,7 @@ TEST_CASE("image spec: refusals, one line each, in QEMU's words where it has the
   CHECK(json_error(R"(json:{"driver": "qcow2", "file": {"driver": "file", "filename": "t"})") ==
         "Could not parse the JSON options");
   CHECK(json_error("json:[1]") == "Invalid JSON object given");
-  CHECK(json_error(R"(json:{"driver": "qcow2", "filename": "t"})") ==
-        "A block device must be specified for \"file\"");
+  CHECK(json_error(R"(json:{"driver": "qcow2", "filename": "t"})") == "A block device must be specified for \"file\"");
   CHECK(json_error(R"(json:{"driver": "qcow2"})") == "A block device must be specified for \"file\"");
   CHECK(json_error(R"(json:{"driver": "qcow2", "file": "t"})") == "Cannot find device='t' nor node-name='t'");
   CHECK(json_error(R"(json:{"driver": "qcow2", "file.filename": "t", "backing": "base"})") ==
@@ -123,8 +123,8 @@ TEST_CASE("image spec: refusals, one line each, in QEMU's words where it has the
   CHECK(json_error(R"(json:{"driver": "raw", "offset": 512, "file": {"driver": "raw", "offset": 512,
                             "file": {"driver": "file", "filename": "r"}}})")
             .find("not supported") != std::string::npos);
-  CHECK(json_error(R"(json:{"driver": "qcow2", "file": {"driver": "nbd", "filename": "x"}})")
-            .find("'nbd'") != std::string::npos);
+  CHECK(json_error(R"(json:{"driver": "qcow2", "file": {"driver": "nbd", "filename": "x"}})").find("'nbd'") !=
+        std::string::npos);
   CHECK(json_error(R"(json:{"driver": "qcow2", "file.filename": "t", "file": {"filename": "u"}})")
             .find("Duplicate option 'file.filename'") == 0);
   CHECK(json_error(R"(json:{"driver": ["qcow2"], "file.filename": "t"})").find("scalar") != std::string::npos);

@@ -115,7 +115,7 @@ TEST_CASE("RangeFile: a fixed range of a file reads, writes and probes only insi
   CHECK(*f.size() == 8192);
   std::vector<std::byte> r(1000);
   REQUIRE(*f.pread(r, 0) == 1000);
-  CHECK(r[0] == std::byte{16});  // inner byte 4096
+  CHECK(r[0] == std::byte{16});     // inner byte 4096
   CHECK(*f.pread(r, 8000) == 192);  // the end of the range is an end of file
   CHECK(*f.pread(r, 9000) == 0);
   std::vector<std::byte> w(100, std::byte{0xaa});
