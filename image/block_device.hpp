@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -268,6 +269,10 @@ struct OpenOptions {
   // qcow2 "backing": null: the top image's backing file is not opened;
   // what it would have supplied reads as zeroes, unallocated.
   bool no_backing = false;
+  // Opens the top image's backing device instead of the file its header
+  // names: -s/--snapshot's overlay over an image given with a range or
+  // "backing": null, which a file name in the overlay cannot express.
+  std::function<Result<std::unique_ptr<BlockDevice>>()> open_top_backing;
 };
 
 // block_status() for any device, from layer_status() walked down the

@@ -111,6 +111,7 @@ Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const Ope
     // it had none.
     if (depth == 0 && options.no_backing) return std::unique_ptr<BlockDevice>();
     full_backing = combine_path(path, name);
+    if (depth == 0 && options.open_top_backing) return options.open_top_backing();
     ImageFormat f = ImageFormat::detect;
     if (backing_format == "qcow2") {
       f = ImageFormat::qcow2;
@@ -125,6 +126,7 @@ Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const Ope
     bo.load_snapshot.reset();  // the snapshot is the top image's
     bo.file_range.reset();     // so are the range and "backing": null
     bo.no_backing = false;
+    bo.open_top_backing = nullptr;
     auto b = open_one(full_backing, bo, f, depth + 1, visited);
     if (!b) return make_error(b.error().code, "could not open backing file: {}", b.error().message);
     return std::move(*b);
@@ -148,18 +150,13 @@ Result<std::unique_ptr<BlockDevice>> open_image(const std::string& path, const O
 
 Result<std::unique_ptr<BlockDevice>> open_image_with_temporary_overlay(const std::string& path,
                                                                        const OpenOptions& options) {
-  // The overlay names its backing file by path alone, which cannot carry
-  // a range of that file or the choice to drop its own backing chain.
-  if (options.file_range || options.no_backing) {
-    return make_error(ENOTSUP, "{}: -s/--snapshot with a range (offset, size) or \"backing\": null is not supported",
-                      path);
-  }
   // The image's format and size, from a read-only open whose locks let
   // other readers in, as the backing file's will.
   OpenOptions base_options = options;
   base_options.read_only = true;
   base_options.recover_bitmaps = false;
   base_options.load_snapshot.reset();
+  base_options.open_top_backing = nullptr;
   std::string format;
   std::uint64_t size = 0;
   {
@@ -201,6 +198,13 @@ Result<std::unique_ptr<BlockDevice>> open_image_with_temporary_overlay(const std
   top.read_only = false;
   top.recover_bitmaps = false;  // nothing of it outlives the process
   top.load_snapshot.reset();
+  top.file_range.reset();
+  top.no_backing = false;
+  if (options.file_range || options.no_backing) {
+    // The overlay's header can name the file but not a range of it or
+    // "backing": null: its backing device is the image opened as given.
+    top.open_top_backing = [path, base_options]() { return open_image(path, base_options); };
+  }
   auto dev = open_image(overlay, top);
   if (!dev) return make_error(dev.error().code, "temporary overlay: {}", dev.error().message);
   log::info("{}: writes go to a temporary overlay (-s), the image is opened read-only", path);

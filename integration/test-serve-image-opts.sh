@@ -14,6 +14,7 @@
 # 4. "backing": null: the backing file's data reads as zeroes, with the same
 #    base:allocation and qemu:allocation-depth maps as qemu-nbd's, and
 #    differs from the same image served with its chain.
+#    -s over both (writes to a temporary overlay) reads as qemu-nbd -s.
 # 5. imageio's command line (--shared=8, --cache=none --aio=native where
 #    the host allows O_DIRECT, --discard=unmap --detect-zeroes=unmap,
 #    --allocation-depth, --bitmap) serves the same dirty bitmap.
@@ -147,6 +148,23 @@ nbdinfo --map=qemu:allocation-depth "$URI" >"$T/chain-depth.txt"
 stop_server "$SERVER_PID"
 cmp -s "$T/chain.bin" "$T/null-qnbd.bin" && fail "the image reads the same with and without its backing chain"
 cmp -s "$T/chain-depth.txt" "$T/null-depth-qnbd.txt" && fail "allocation depth ignores backing null"
+
+echo "== 4b. -s over a range and over \"backing\": null"
+for tool in qemu-nbd qnbd; do
+  cp "$T/r.raw" "$T/s-$tool.raw"
+  start_tool "$tool" -s "json:{\"driver\": \"raw\", \"file.filename\": \"$T/s-$tool.raw\", \"offset\": \"1M\", \"size\": \"2M\"}"
+  expect_eq "$(pwrite_at "$URI" 65536 65536 0xb1)" ok "$tool -s write"
+  nbdcopy "$URI" "$T/s-out-$tool.bin"
+  stop_server "$SERVER_PID"
+  cmp "$T/r.raw" "$T/s-$tool.raw" || fail "$tool -s wrote to the image"
+  start_tool "$tool" -s "$null_spec"
+  nbdcopy "$URI" "$T/s-null-$tool.bin"
+  stop_server "$SERVER_PID"
+done
+cmp "$T/s-out-qemu-nbd.bin" "$T/s-out-qnbd.bin" || fail "-s over a range: data differs from qemu-nbd's"
+cmp -s <(tail -c +$((1048576 + 1)) "$T/r.raw" | head -c 2097152) "$T/s-out-qnbd.bin" && fail "-s: the write is not seen"
+cmp "$T/s-null-qemu-nbd.bin" "$T/s-null-qnbd.bin" || fail "-s over backing null: data differs from qemu-nbd's"
+cmp "$T/null-qnbd.bin" "$T/s-null-qnbd.bin" || fail "-s over backing null: other data than without -s"
 
 echo "== 5. imageio's command line"
 qemu-img create -q -f qcow2 "$T/bm.qcow2" 8M
