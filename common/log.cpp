@@ -20,4 +20,6 @@ void set_level(Level level) { spdlog::set_level(static_cast<spdlog::level::level
 
 bool trace_enabled() { return spdlog::should_log(spdlog::level::trace); }
 
+bool debug_enabled() { return spdlog::should_log(spdlog::level::debug); }
+
 }  // namespace qnbd::log

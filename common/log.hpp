@@ -14,6 +14,7 @@ enum class Level { trace = 0, debug = 1, info = 2, warn = 3, error = 4, off = 6 
 void init(int verbosity);
 void set_level(Level level);
 bool trace_enabled();
+bool debug_enabled();
 
 template <typename... Args>
 void error(spdlog::format_string_t<Args...> f, Args&&... args) {
