@@ -5,7 +5,9 @@
 // bench), DEPTH of them in flight. qemu keeps DEPTH requests in flight from
 // one coroutine loop; here DEPTH threads each take the next request, which
 // is how the server's pool issues concurrent requests to the engine too.
+#include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cinttypes>
 #include <cmath>
@@ -25,33 +27,15 @@
 namespace qnbd::cli {
 namespace {
 
-// qemu's size syntax for -o/-s/-S: a whole number with an optional binary
-// suffix k/M/G/T (upper or lower case).
-std::optional<std::uint64_t> parse_bench_size(const std::string& text) {
-  if (text.empty() || text[0] < '0' || text[0] > '9') return std::nullopt;
+// qemu-img bench's -c and -d: qemu_strtoul in base 0 (decimal, 0x hex or
+// 0 octal; no suffix), the whole text, nothing negative.
+std::optional<std::uint64_t> parse_c_number(const std::string& text) {
+  if (text.empty() || text.find('-') != std::string::npos) return std::nullopt;
   char* end = nullptr;
   errno = 0;
-  const unsigned long long number = std::strtoull(text.c_str(), &end, 10);
-  if (errno != 0) return std::nullopt;
-  unsigned shift = 0;
-  if (*end != '\0') {
-    if (end[1] != '\0') return std::nullopt;
-    switch (*end) {
-      case 'b':
-      case 'B': shift = 0; break;
-      case 'k':
-      case 'K': shift = 10; break;
-      case 'm':
-      case 'M': shift = 20; break;
-      case 'g':
-      case 'G': shift = 30; break;
-      case 't':
-      case 'T': shift = 40; break;
-      default: return std::nullopt;
-    }
-  }
-  if (shift != 0 && number > (UINT64_MAX >> shift)) return std::nullopt;
-  return static_cast<std::uint64_t>(number) << shift;
+  const unsigned long long number = std::strtoull(text.c_str(), &end, 0);
+  if (errno != 0 || end == text.c_str() || *end != '\0') return std::nullopt;
+  return static_cast<std::uint64_t>(number);
 }
 
 struct BenchArgs {
@@ -63,22 +47,29 @@ struct BenchArgs {
 };
 
 int run_bench(const BenchArgs& a) {
-  auto fail = [](const char* what, const std::string& value) {
-    std::fprintf(stderr, "qnbd: Invalid %s specified: %s\n", what, value.c_str());
+  auto fail = [](const char* what) {
+    std::fprintf(stderr, "qnbd: Invalid %s specified\n", what);
     return 1;
   };
-  const auto count = parse_bench_size(a.count);
-  if (!count || *count == 0 || *count > INT32_MAX) return fail("request count", a.count);
-  const auto depth = parse_bench_size(a.depth);
-  if (!depth || *depth == 0 || *depth > 1024) return fail("queue depth", a.depth);
-  const auto offset = parse_bench_size(a.offset);
-  if (!offset) return fail("offset", a.offset);
-  const auto bufsize = parse_bench_size(a.buffer_size);
-  if (!bufsize || *bufsize == 0 || *bufsize > INT32_MAX) return fail("buffer size", a.buffer_size);
-  // As in qemu-img bench, the step defaults to the buffer size.
-  const auto step = a.step_size.empty() ? bufsize : parse_bench_size(a.step_size);
-  if (!step || *step > INT32_MAX) return fail("step size", a.step_size);
-  if (a.pattern < 0 || a.pattern > 0xff) return fail("pattern byte", std::to_string(a.pattern));
+  const auto count = parse_c_number(a.count);
+  if (!count || *count > INT32_MAX) return fail("request count");
+  // qemu-img takes any depth up to INT_MAX (and never finishes with 0);
+  // qnbd runs a thread per request in flight, so it takes 1 to 1024.
+  const auto depth = parse_c_number(a.depth);
+  if (!depth || *depth == 0 || *depth > 1024) return fail("queue depth");
+  const auto offset = cvtnum("offset", a.offset, 0, INT64_MAX);
+  if (!offset) return 1;
+  const auto bufsize = cvtnum("buffer size", a.buffer_size, 0, INT32_MAX);
+  if (!bufsize) return 1;
+  // As in qemu-img bench, the step defaults to the buffer size (and so does
+  // a step of 0).
+  std::uint64_t step = *bufsize;
+  if (!a.step_size.empty()) {
+    const auto given = cvtnum("step_size", a.step_size, 0, INT32_MAX);
+    if (!given) return 1;
+    if (*given) step = *given;
+  }
+  if (a.pattern < 0 || a.pattern > 0xff) return fail("pattern byte");
 
   image::OpenOptions options;
   if (!parse_image_format(a.format, options.format)) {
@@ -110,19 +101,21 @@ int run_bench(const BenchArgs& a) {
   if (!a.quiet) {
     std::printf("Sending %" PRIu64 " %s requests, %" PRIu64 " bytes each, %" PRIu64
                 " in parallel (starting at offset %" PRIu64 ", step size %" PRIu64 ")\n",
-                *count, a.write ? "write" : "read", *bufsize, *depth, *offset, *step);
+                *count, a.write ? "write" : "read", *bufsize, *depth, *offset, step);
     std::fflush(stdout);
   }
 
   // Request i goes to the offset qemu-img bench gives its i-th request:
   // start, then += step modulo the image size. Like qemu, a request that
   // does not fit is not refused up front; it fails when it is issued.
-  std::vector<std::uint64_t> offsets(*count);
-  std::uint64_t next = *offset;
-  for (auto& o : offsets) {
-    o = next;
-    next = image_size == 0 ? 0 : (next % image_size + *step % image_size) % image_size;
-  }
+  // Computed per request (up to 2^31 of them), not stored.
+  const auto offset_of = [&](std::uint64_t i) -> std::uint64_t {
+    if (i == 0) return *offset;
+    if (image_size == 0) return 0;
+    const unsigned __int128 o =
+        static_cast<unsigned __int128>(*offset % image_size) + static_cast<unsigned __int128>(i) * (step % image_size);
+    return static_cast<std::uint64_t>(o % image_size);
+  };
 
   const std::size_t threads = static_cast<std::size_t>(std::min<std::uint64_t>(*depth, *count));
   std::atomic<std::uint64_t> issued{0};
@@ -131,7 +124,9 @@ int run_bench(const BenchArgs& a) {
   std::string first_error;
   auto worker = [&] {
     // Aligned for cache=none (O_DIRECT) like qemu's blk_blockalign.
-    const std::size_t alloc = static_cast<std::size_t>((*bufsize + 4095) / 4096 * 4096);
+    // (At least one page: a 0-byte buffer, which qemu-img takes, is still
+    // a valid pointer.)
+    const std::size_t alloc = std::max<std::size_t>(4096, static_cast<std::size_t>((*bufsize + 4095) / 4096 * 4096));
     std::unique_ptr<std::byte, decltype(&std::free)> buf(static_cast<std::byte*>(std::aligned_alloc(4096, alloc)),
                                                          &std::free);
     if (!buf) {
@@ -144,10 +139,11 @@ int run_bench(const BenchArgs& a) {
       const std::uint64_t i = issued.fetch_add(1, std::memory_order_relaxed);
       if (i >= *count || failed.load(std::memory_order_relaxed)) return;
       Result<void> r = ok();
-      if (offsets[i] > image_size || *bufsize > image_size - offsets[i]) {
+      const std::uint64_t at = offset_of(i);
+      if (at > image_size || *bufsize > image_size - at) {
         r = make_error(EIO, "Input/output error");
       } else {
-        r = a.write ? dev.write(span, offsets[i], false) : dev.read(span, offsets[i]);
+        r = a.write ? dev.write(span, at, false) : dev.read(span, at);
       }
       if (!r) {
         std::lock_guard lock(error_lock);

@@ -20,33 +20,6 @@ namespace {
 
 using image::qcow2::BitmapOp;
 
-// qemu-img's size syntax for -g: a number with an optional binary suffix.
-bool parse_size(const std::string& s, std::uint64_t& out) {
-  if (s.empty() || !std::isdigit(static_cast<unsigned char>(s[0]))) return false;
-  std::size_t pos = 0;
-  unsigned long long v = 0;
-  try {
-    v = std::stoull(s, &pos);
-  } catch (...) {
-    return false;
-  }
-  unsigned shift = 0;
-  if (pos < s.size()) {
-    if (pos + 1 != s.size()) return false;
-    switch (std::tolower(static_cast<unsigned char>(s[pos]))) {
-      case 'b': shift = 0; break;
-      case 'k': shift = 10; break;
-      case 'm': shift = 20; break;
-      case 'g': shift = 30; break;
-      case 't': shift = 40; break;
-      default: return false;
-    }
-  }
-  if (shift && v > (~0ull >> shift)) return false;
-  out = v << shift;
-  return true;
-}
-
 // Is the file a qcow2 image (by its magic)?
 Result<bool> is_qcow2(image::File& file) {
   std::byte magic[4]{};
@@ -115,9 +88,10 @@ void add_bitmap_command(CLI::App& app, int& status) {
     image::qcow2::BitmapEdit edit;
     edit.bitmap = a.bitmap;
     edit.ops = a.ops;
-    if (!a.granularity.empty() && !parse_size(a.granularity, edit.granularity)) {
-      std::fprintf(stderr, "qnbd: Invalid granularity specified\n");
-      return;
+    if (!a.granularity.empty()) {
+      const auto granularity = cvtnum("granularity", a.granularity, 0, INT64_MAX);
+      if (!granularity) return;
+      edit.granularity = *granularity;
     }
     image::ImageFormat fmt;
     if (!parse_image_format(a.format, fmt)) {

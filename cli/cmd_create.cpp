@@ -10,8 +10,10 @@
 #include <vector>
 
 #include "cli/commands.hpp"
+#include "cli/image_cli.hpp"
 #include "common/checked.hpp"
 #include "common/endian.hpp"
+#include "common/size.hpp"
 #include "image/io/file.hpp"
 #include "image/qcow2/create.hpp"
 
@@ -20,44 +22,18 @@ namespace {
 
 namespace qc = qnbd::image::qcow2;
 
-// qemu's size syntax: a number (fraction allowed) with an optional binary
-// suffix b/k/M/G/T/P/E (upper or lower case).
-std::optional<std::uint64_t> parse_size(const std::string& text) {
-  if (text.empty() || text[0] == '-' || text[0] == '+') return std::nullopt;
-  std::size_t pos = 0;
-  double number = 0;
-  try {
-    number = std::stod(text, &pos);
-  } catch (...) {
-    return std::nullopt;
+// A size option in -o (QemuOpts' parse_option_size): QEMU's syntax
+// (common/size.hpp), with QEMU's messages.
+Result<std::uint64_t> option_size(const std::string& key, const std::string& value) {
+  const ParsedSize p = parse_qemu_size(value);
+  if (p.hex_with_suffix) {
+    std::fprintf(stderr, "qnbd: warning: Using a multiplier suffix on hex numbers is deprecated: %s\n", value.c_str());
   }
-  if (pos == 0 || std::isnan(number) || number < 0) return std::nullopt;
-  std::uint64_t multiplier = 1;
-  if (pos < text.size()) {
-    if (pos + 1 != text.size()) return std::nullopt;
-    switch (text[pos]) {
-      case 'b':
-      case 'B': multiplier = 1; break;
-      case 'k':
-      case 'K': multiplier = 1ull << 10; break;
-      case 'm':
-      case 'M': multiplier = 1ull << 20; break;
-      case 'g':
-      case 'G': multiplier = 1ull << 30; break;
-      case 't':
-      case 'T': multiplier = 1ull << 40; break;
-      case 'p':
-      case 'P': multiplier = 1ull << 50; break;
-      case 'e':
-      case 'E': multiplier = 1ull << 60; break;
-      default: return std::nullopt;
-    }
+  if (p.status == ParsedSize::Status::out_of_range) {
+    return make_error(ERANGE, "Value '{}' is out of range for parameter '{}'", value, key);
   }
-  const double bytes = number * static_cast<double>(multiplier);
-  if (bytes >= 9223372036854775808.0) return std::nullopt;
-  // A fraction must still give whole bytes, as in qemu.
-  if (bytes != std::floor(bytes)) return std::nullopt;
-  return static_cast<std::uint64_t>(bytes);
+  if (!p.ok()) return make_error(EINVAL, "Parameter '{}' expects a non-negative number below 2^64", key);
+  return p.bytes;
 }
 
 // Split "-o a=b,c=d" (",," escapes a comma, as in qemu's option syntax).
@@ -111,9 +87,19 @@ Result<std::uint64_t> backing_size(const std::string& path, const std::string& f
 }
 
 int run_create(const std::string& format, const std::vector<std::string>& option_strings, std::string backing,
-               std::string backing_format, const std::string& filename, const std::string& size_text, bool quiet) {
+               std::string backing_format, const std::string& filename, const std::optional<std::string>& size_text,
+               bool quiet) {
   auto fail = [&](const std::string& msg) {
     std::fprintf(stderr, "qnbd: %s: %s\n", filename.c_str(), msg.c_str());
+    return 1;
+  };
+  // A size option that is not a size gets QemuOpts' hint after the error.
+  auto fail_size_option = [&](const Error& e) {
+    fail(e.message);
+    if (e.code == EINVAL) {
+      std::fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+                           "and exabytes, respectively.\n");
+    }
     return 1;
   };
   if (format != "qcow2" && format != "raw") {
@@ -131,19 +117,16 @@ int run_create(const std::string& format, const std::vector<std::string>& option
   std::string size_display;
   bool compat_given = false, prealloc_given = false;
   std::string prealloc_text = "off", compat_text;
-  if (!size_text.empty()) {
-    size = parse_size(size_text);
-    if (!size) {
-      std::fprintf(stderr, "qnbd: Invalid image size specified. You may use k, M, G, T, P or E suffixes "
-                           "for\nqnbd: kilobytes, megabytes, gigabytes, terabytes, petabytes and "
-                           "exabytes.\n");
-      return 1;
-    }
+  // Given, even empty, the size is parsed (qemu-img: "" is an invalid size).
+  if (size_text) {
+    size = cvtnum("image size", *size_text, 0, INT64_MAX);
+    if (!size) return 1;
   }
   for (const auto& [key, value] : opts) {
     if (key == "size") {
-      size = parse_size(value);
-      if (!size) return fail(fmt::format("Parameter 'size' expects a non-negative number below 2^64"));
+      auto v = option_size(key, value);
+      if (!v) return fail_size_option(v.error());
+      size = *v;
     } else if (key == "preallocation") {
       if (value == "off")
         o.preallocation = qc::Preallocation::off;
@@ -173,8 +156,8 @@ int run_create(const std::string& format, const std::vector<std::string>& option
     } else if (key == "backing_fmt") {
       backing_format = value;
     } else if (key == "cluster_size") {
-      auto v = parse_size(value);
-      if (!v) return fail("Parameter 'cluster_size' expects a non-negative number below 2^64");
+      auto v = option_size(key, value);
+      if (!v) return fail_size_option(v.error());
       o.cluster_size = *v;
     } else if (key == "refcount_bits") {
       char* end = nullptr;
@@ -307,10 +290,10 @@ void add_create_command(CLI::App& app, int& status) {
   cmd->add_option("-F", args->backing_format, "backing file format");
   cmd->add_flag("-q", args->quiet, "quiet");
   cmd->add_option("FILE", args->filename, "image to create")->required();
-  cmd->add_option("SIZE", args->size, "virtual size (k, M, G, T, P, E suffixes)");
-  cmd->callback([args, &status] {
-    status = run_create(args->format, args->options, args->backing, args->backing_format, args->filename, args->size,
-                        args->quiet);
+  auto* size = cmd->add_option("SIZE", args->size, "virtual size (k, M, G, T, P, E suffixes)");
+  cmd->callback([args, size, &status] {
+    status = run_create(args->format, args->options, args->backing, args->backing_format, args->filename,
+                        size->count() ? std::optional<std::string>(args->size) : std::nullopt, args->quiet);
   });
 }
 

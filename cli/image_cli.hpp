@@ -3,19 +3,46 @@
 // "qnbd: IMAGE: <defect>".
 #pragma once
 
+#include <cstdint>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <CLI/CLI.hpp>
 
 #include "common/log.hpp"
 #include "common/result.hpp"
+#include "common/size.hpp"
 #include "config/config.hpp"
 #include "config/image_spec.hpp"
 #include "image/block_device.hpp"
 
 namespace qnbd::cli {
+
+// qemu-img's cvtnum_full: a size or count in QEMU's syntax (common/size.hpp)
+// between min and max; on failure, qemu-img's two messages and nothing.
+inline std::optional<std::uint64_t> cvtnum(const char* name, const std::string& value, std::uint64_t min,
+                                           std::uint64_t max) {
+  const ParsedSize p = parse_qemu_size(value);
+  // QEMU warns while parsing, before it judges the value.
+  if (p.hex_with_suffix) {
+    std::fprintf(stderr, "qnbd: warning: Using a multiplier suffix on hex numbers is deprecated: %s\n", value.c_str());
+  }
+  if (p.status == ParsedSize::Status::invalid) {
+    std::fprintf(stderr,
+                 "qnbd: Invalid %s specified. You may use k, M, G, T, P or E suffixes for\n"
+                 "qnbd: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.\n",
+                 name);
+    return std::nullopt;
+  }
+  if (!p.ok() || p.bytes < min || p.bytes > max) {
+    std::fprintf(stderr, "qnbd: Invalid %s specified. Must be between %llu and %llu.\n", name,
+                 static_cast<unsigned long long>(min), static_cast<unsigned long long>(max));
+    return std::nullopt;
+  }
+  return p.bytes;
+}
 
 // Parse a -f value; false if unknown.
 inline bool parse_image_format(const std::string& name, image::ImageFormat& out) {

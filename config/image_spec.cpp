@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "common/size.hpp"
 #include "config/config.hpp"
 
 namespace qnbd::config {
@@ -89,8 +90,8 @@ Result<std::string> string_option(Options& o, const std::string& key) {
   return s->text;
 }
 
-// QEMU's size parameters: a non-negative integer, as a JSON number or a
-// string with an optional suffix k, M, G, T, P or E (powers of 1024).
+// QEMU's size parameters: a JSON number, or a string in QEMU's size syntax
+// (common/size.hpp), with QemuOpts' messages.
 Result<std::optional<std::uint64_t>> size_option(Options& o, const std::string& key) {
   const Scalar* s = o.find(key);
   if (!s) return std::optional<std::uint64_t>{};
@@ -100,28 +101,12 @@ Result<std::optional<std::uint64_t>> size_option(Options& o, const std::string& 
                       key);
   };
   if (s->kind != Scalar::Kind::number && s->kind != Scalar::Kind::string) return bad();
-  const std::string& t = s->text;
-  std::size_t i = 0;
-  std::uint64_t v = 0;
-  for (; i < t.size() && t[i] >= '0' && t[i] <= '9'; ++i) {
-    const std::uint64_t d = static_cast<std::uint64_t>(t[i] - '0');
-    if (v > (UINT64_MAX - d) / 10) return bad();
-    v = v * 10 + d;
+  const ParsedSize p = parse_qemu_size(s->text);
+  if (p.status == ParsedSize::Status::out_of_range) {
+    return make_error(ERANGE, "Value '{}' is out of range for parameter '{}'", one_line(s->text), key);
   }
-  if (i == 0) return bad();
-  if (i < t.size()) {
-    if (s->kind != Scalar::Kind::string || i + 1 != t.size()) return bad();
-    static constexpr std::string_view kSuffixes = "kmgtpe";
-    const char c = static_cast<char>(t[i] | 0x20);
-    const std::size_t power = kSuffixes.find(c);
-    if (power == std::string_view::npos && c != 'b') return bad();
-    if (c != 'b') {
-      const unsigned shift = 10 * static_cast<unsigned>(power + 1);
-      if (v > (UINT64_MAX >> shift)) return bad();
-      v <<= shift;
-    }
-  }
-  return std::optional<std::uint64_t>{v};
+  if (!p.ok()) return bad();
+  return std::optional<std::uint64_t>{p.bytes};
 }
 
 Result<void> no_leftovers(const Options& o, const std::string& prefix, std::string_view what) {
