@@ -241,8 +241,10 @@ class Checker {
       std::uint64_t* count;
       if (k < computed_.size()) {
         count = &computed_[k];
-      } else if (beyond_.size() < kMaxBeyondEof || beyond_.count(k)) {
-        count = &beyond_[k];
+      } else if (auto at = beyond_.lower_bound(k); at != beyond_.end() && at->first == k) {
+        count = &at->second;
+      } else if (beyond_.size() < kMaxBeyondEof) {
+        count = &beyond_.emplace_hint(at, k, 0)->second;
       } else {
         res_.check_errors++;
         return;
@@ -268,13 +270,13 @@ class Checker {
     drop_cached_blocks();
     metadata_.reset();  // the refcount structure it names may have moved
     const std::uint64_t bytes = std::uint64_t{h_.refcount_table_clusters} * cs_;
-    std::vector<std::byte> raw(bytes);
-    if (!file_.read_exact(raw, h_.refcount_table_offset, "refcount table")) {
+    rt_.resize(bytes / 8);
+    if (!file_.read_exact(std::as_writable_bytes(std::span(rt_)), h_.refcount_table_offset, "refcount table")) {
+      rt_.clear();
       res_.check_errors++;
       return;
     }
-    rt_.resize(bytes / 8);
-    for (std::size_t i = 0; i < rt_.size(); i++) rt_[i] = load_be64(raw.data() + 8 * i);
+    decode_be64_table(rt_.data(), rt_.size());
   }
 
   bool block_usable(std::uint64_t offset) const {
