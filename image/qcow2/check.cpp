@@ -369,7 +369,7 @@ class Checker {
       }
       std::sort(blocks.begin(), blocks.end());
       blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
-      for (std::uint64_t block : blocks) metadata_->add(MetadataKind::refcount_block, block, cs_);
+      metadata_->add_clusters(MetadataKind::refcount_block, blocks, cs_);
       // QEMU's QCOW2_OL_ACTIVE_L2: every nonzero offset field of the
       // in-memory L1 table, aligned or not, inside the file or past it.
       if (h_.l1_size) {
@@ -379,7 +379,7 @@ class Checker {
             if (e & L1E_OFFSET_MASK) tables.push_back(e & L1E_OFFSET_MASK);
           std::sort(tables.begin(), tables.end());
           tables.erase(std::unique(tables.begin(), tables.end()), tables.end());
-          for (std::uint64_t t : tables) metadata_->add(MetadataKind::active_l2, t, cs_);
+          metadata_->add_clusters(MetadataKind::active_l2, tables, cs_);
         }
       }
       if (h_.bitmaps && (h_.autoclear_features & AUTOCLEAR_BITMAPS) &&

@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -72,6 +73,8 @@ class MetadataMap {
   // A cluster may be registered more than once (as QEMU, nothing forbids a
   // corrupt image from naming it twice); remove() drops one registration.
   void add(MetadataKind kind, std::uint64_t offset, std::uint64_t bytes);
+  // add() for many ranges of `bytes` each, in one pass (in any order).
+  void add_clusters(MetadataKind kind, std::span<const std::uint64_t> offsets, std::uint64_t bytes);
   void remove(MetadataKind kind, std::uint64_t offset, std::uint64_t bytes);
   void remove_all(MetadataKind kind);
 

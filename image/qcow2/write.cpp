@@ -162,9 +162,11 @@ Result<void> Qcow2Image::build_metadata_map() {
   // As QEMU's overlap check, one past the end of the file counts too: once
   // the file grows there, guest data in that cluster would be read as the
   // L2 table.
+  std::vector<std::uint64_t> l2_tables;
   for (std::uint64_t e : l1_) {
-    if (std::uint64_t l2 = e & L1E_OFFSET_MASK) m.add(MetadataKind::active_l2, l2, cs);
+    if (std::uint64_t l2 = e & L1E_OFFSET_MASK) l2_tables.push_back(l2);
   }
+  m.add_clusters(MetadataKind::active_l2, l2_tables, cs);
   register_bitmaps();
   // The bitmap directory is updated in place (in_use) outside the metadata
   // mutex, so it is checked here once rather than on that write.

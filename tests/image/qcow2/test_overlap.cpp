@@ -6,6 +6,7 @@
 
 #include <cstring>
 #include <set>
+#include <vector>
 
 #include "common/endian.hpp"
 #include "image/io/mem_file.hpp"
@@ -131,6 +132,42 @@ TEST_CASE("overlap: MetadataMap agrees with a plain set through growth, removals
       if (m.find(c << 9, 1024).has_value() != two || m.find(c << 9, 4096).has_value() != eight) FAIL("range at ", c);
     }
   }
+}
+
+TEST_CASE("overlap: add_clusters registers like one add per range, in any order and with duplicates") {
+  // The batch path (one sort and merge instead of an insert per cluster)
+  // must leave the same multiset of registrations, and find must agree.
+  MetadataMap one(9), batch(9);
+  std::uint64_t seed = 7;
+  auto next = [&] { return seed = seed * 6364136223846793005ull + 1442695040888963407ull; };
+  one.add(MetadataKind::header, 0, 512);
+  batch.add(MetadataKind::header, 0, 512);
+  one.add(MetadataKind::active_l1, 100 << 9, 4096);  // 8 clusters
+  batch.add(MetadataKind::active_l1, 100 << 9, 4096);
+  for (int round = 0; round < 3; ++round) {
+    std::vector<std::uint64_t> offsets;
+    for (int i = 0; i < 5000; ++i) offsets.push_back(((next() >> 33) % 50000) << 9);
+    offsets.push_back(offsets.front());  // a duplicate: registered twice, as add() twice
+    offsets.push_back(103 << 9);         // inside the L1 table: both kinds stay registered
+    const auto kind = round == 1 ? MetadataKind::refcount_block : MetadataKind::active_l2;
+    for (std::uint64_t o : offsets) one.add(kind, o, 1024);  // 2 clusters each
+    batch.add_clusters(kind, offsets, 1024);
+    REQUIRE(batch.registered_clusters() == one.registered_clusters());
+  }
+  for (std::uint64_t c = 0; c < 50002; ++c) {
+    const auto a = one.find(c << 9, 512), b = batch.find(c << 9, 512);
+    if (a.has_value() != b.has_value() || (a && (a->kind != b->kind || a->cluster_offset != b->cluster_offset)))
+      FAIL("cluster ", c);
+    const auto ia = one.find(c << 9, 512, kind_bit(MetadataKind::active_l2));
+    const auto ib = batch.find(c << 9, 512, kind_bit(MetadataKind::active_l2));
+    if (ia.has_value() != ib.has_value()) FAIL("cluster ", c, " ignoring active_l2");
+  }
+  // One removal drops one of the duplicate registrations in both.
+  const std::uint64_t dup = 103 << 9;
+  one.remove(MetadataKind::active_l2, dup, 512);
+  batch.remove(MetadataKind::active_l2, dup, 512);
+  CHECK(batch.registered_clusters() == one.registered_clusters());
+  CHECK(batch.find(dup, 512).has_value());
 }
 
 TEST_CASE("overlap: a refcount block overlapping other metadata is refused at a writable open") {
