@@ -25,10 +25,7 @@ namespace qc = qnbd::image::qcow2;
 // A size option in -o (QemuOpts' parse_option_size): QEMU's syntax
 // (common/size.hpp), with QEMU's messages.
 Result<std::uint64_t> option_size(const std::string& key, const std::string& value) {
-  const ParsedSize p = parse_qemu_size(value);
-  if (p.hex_with_suffix) {
-    std::fprintf(stderr, "qnbd: warning: Using a multiplier suffix on hex numbers is deprecated: %s\n", value.c_str());
-  }
+  const ParsedSize p = parse_qemu_size_warning(value);
   if (p.status == ParsedSize::Status::out_of_range) {
     return make_error(ERANGE, "Value '{}' is out of range for parameter '{}'", value, key);
   }

@@ -20,15 +20,21 @@
 
 namespace qnbd::cli {
 
+// parse_qemu_size, printing QEMU's warning for a suffix on a hex number as
+// QEMU does: while parsing, before the value is judged.
+inline ParsedSize parse_qemu_size_warning(const std::string& value) {
+  const ParsedSize p = parse_qemu_size(value);
+  if (p.hex_with_suffix) {
+    std::fprintf(stderr, "qnbd: warning: Using a multiplier suffix on hex numbers is deprecated: %s\n", value.c_str());
+  }
+  return p;
+}
+
 // qemu-img's cvtnum_full: a size or count in QEMU's syntax (common/size.hpp)
 // between min and max; on failure, qemu-img's two messages and nothing.
 inline std::optional<std::uint64_t> cvtnum(const char* name, const std::string& value, std::uint64_t min,
                                            std::uint64_t max) {
-  const ParsedSize p = parse_qemu_size(value);
-  // QEMU warns while parsing, before it judges the value.
-  if (p.hex_with_suffix) {
-    std::fprintf(stderr, "qnbd: warning: Using a multiplier suffix on hex numbers is deprecated: %s\n", value.c_str());
-  }
+  const ParsedSize p = parse_qemu_size_warning(value);
   if (p.status == ParsedSize::Status::invalid) {
     std::fprintf(stderr,
                  "qnbd: Invalid %s specified. You may use k, M, G, T, P or E suffixes for\n"
