@@ -87,6 +87,8 @@ def sparse_decode(blob):
         if off >= MAX_IMAGE:
             continue
         data = data[:MAX_IMAGE - off]
+        if not data:
+            continue  # as decode_image_input: an empty record sets no size
         if off + len(data) > len(image):
             image.extend(bytes(off + len(data) - len(image)))
         image[off:off + len(data)] = data
