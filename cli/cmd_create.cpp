@@ -215,7 +215,7 @@ int run_create(const std::string& format, const std::vector<std::string>& option
     return fail("Image size must be less than 8 EiB!");
   }
   const std::uint64_t requested = *size;
-  // qemu rounds the virtual size up to whole 512-byte sectors (§14.11).
+  // qemu rounds the virtual size up to whole 512-byte sectors (qcow2_co_create_opts).
   o.size = align_up(requested, 512);
   o.backing_file = backing;
   o.backing_format = backing_format;

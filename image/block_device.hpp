@@ -175,7 +175,7 @@ class BlockDevice {
     return i;
   }
 
-  // ---- Persistent dirty bitmaps (qcow2 bitmaps extension, §12) ----
+  // ---- Persistent dirty bitmaps (qcow2 bitmaps extension, qcow2.txt "Bitmaps") ----
   // The server exports a bitmap as the NBD context qemu:dirty-bitmap:NAME.
   //
   // Find bitmap `name` and make it exportable: loads its data on first use.

@@ -9,8 +9,8 @@
 
 namespace qnbd::image {
 
-// One persistent dirty bitmap of a qcow2 image (§12.2), as parsed and
-// validated at open. Serving it comes later.
+// One persistent dirty bitmap of a qcow2 image (qcow2.txt "Bitmap directory"),
+// as parsed and validated at open. Serving it comes later.
 struct BitmapInfo {
   std::string name;
   std::uint64_t granularity = 0;   // bytes
@@ -20,7 +20,7 @@ struct BitmapInfo {
   std::uint32_t table_size = 0;    // bitmap_table_size (entries)
 };
 
-// One internal snapshot (§11.2/§11.3).
+// One internal snapshot (qcow2.txt "Snapshots", snapshot table entry).
 struct SnapshotInfo {
   std::string id;
   std::string name;

@@ -80,7 +80,7 @@ for name, x in expect.items():
         if e.get(f) != want:
             errors.append(f"{name}: {f} {e.get(f)}")
     mn, pref, mx = e["block_size_minimum"], e["block_size_preferred"], e["block_size_maximum"]
-    # §4 block size constraints: powers of two, min <= pref <= max, min <= 64 KiB.
+    # proto.md "Size constraints": powers of two, min <= pref <= max, min <= 64 KiB.
     for v in (mn, pref):
         if v & (v - 1): errors.append(f"{name}: block size {v} not a power of two")
     if not (1 <= mn <= 65536 and mn <= pref <= mx): errors.append(f"{name}: block sizes {mn} {pref} {mx}")

@@ -21,8 +21,9 @@ struct ExportInfo {
   std::string name;
   std::string description;
   std::uint64_t size = 0;
-  // Inputs of the transmission flags (§8.1); per-connection bits (SEND_DF,
-  // BLOCK_STATUS_PAYLOAD) are added by the Negotiator from the reply mode.
+  // Inputs of the transmission flags (proto.md "Transmission flags");
+  // per-connection bits (SEND_DF, BLOCK_STATUS_PAYLOAD) are added by the
+  // Negotiator from the reply mode.
   bool read_only = true;
   bool can_flush = true;
   bool can_fua = true;
@@ -32,12 +33,12 @@ struct ExportInfo {
   bool can_multi_conn = false;
   bool can_cache = true;
   bool rotational = false;
-  // §9 size constraints. min_block is advertised only to clients that asked
-  // for NBD_INFO_BLOCK_SIZE in GO (like qemu); others see 1.
+  // proto.md "Size constraints". min_block is advertised only to clients that
+  // asked for NBD_INFO_BLOCK_SIZE in GO (like qemu); others see 1.
   std::uint32_t min_block = 1;
   std::uint32_t preferred_block = 4096;
   std::uint32_t max_payload = 32u << 20;
-  // Metadata contexts (§13).
+  // Metadata contexts (proto.md "Metadata querying").
   bool allocation_depth = false;
   std::vector<std::string> bitmaps;
   // Set by the catalog: tells apart two exports of the same name, one

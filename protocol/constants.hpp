@@ -1,6 +1,6 @@
 // NBD wire constants, spelled as in NetworkBlockDevice/nbd doc/proto.md (and
 // its extension-ext-header branch) so they can be grepped against the spec.
-// See /work/shared/spec/nbd.md sections 2-12.
+// Each group names the proto.md section it comes from.
 #pragma once
 
 #include <cstddef>
@@ -8,7 +8,7 @@
 
 namespace qnbd::protocol {
 
-// §2 Magic numbers.
+// Magic numbers (proto.md "Handshake" and "Transmission" message layouts).
 inline constexpr std::uint64_t NBDMAGIC = 0x4e42444d41474943ULL;
 inline constexpr std::uint64_t IHAVEOPT = 0x49484156454F5054ULL;
 inline constexpr std::uint64_t NBD_REP_MAGIC = 0x0003e889045565a9ULL;
@@ -18,14 +18,14 @@ inline constexpr std::uint32_t NBD_SIMPLE_REPLY_MAGIC = 0x67446698;
 inline constexpr std::uint32_t NBD_STRUCTURED_REPLY_MAGIC = 0x668e33ef;
 inline constexpr std::uint32_t NBD_EXTENDED_REPLY_MAGIC = 0x6e8a278c;
 
-// §3.4 Handshake flags (server, 16 bit).
+// proto.md "Handshake flags" (server, 16 bit).
 inline constexpr std::uint16_t NBD_FLAG_FIXED_NEWSTYLE = 1u << 0;
 inline constexpr std::uint16_t NBD_FLAG_NO_ZEROES = 1u << 1;
-// §3.5 Client flags (32 bit).
+// proto.md "Client flags" (32 bit).
 inline constexpr std::uint32_t NBD_FLAG_C_FIXED_NEWSTYLE = 1u << 0;
 inline constexpr std::uint32_t NBD_FLAG_C_NO_ZEROES = 1u << 1;
 
-// §4 Options.
+// proto.md "Option types".
 inline constexpr std::uint32_t NBD_OPT_EXPORT_NAME = 1;
 inline constexpr std::uint32_t NBD_OPT_ABORT = 2;
 inline constexpr std::uint32_t NBD_OPT_LIST = 3;
@@ -38,7 +38,7 @@ inline constexpr std::uint32_t NBD_OPT_LIST_META_CONTEXT = 9;
 inline constexpr std::uint32_t NBD_OPT_SET_META_CONTEXT = 10;
 inline constexpr std::uint32_t NBD_OPT_EXTENDED_HEADERS = 11;
 
-// §5 Option reply types.
+// proto.md "Option reply types".
 inline constexpr std::uint32_t NBD_REP_ACK = 1;
 inline constexpr std::uint32_t NBD_REP_SERVER = 2;
 inline constexpr std::uint32_t NBD_REP_INFO = 3;
@@ -55,13 +55,13 @@ inline constexpr std::uint32_t NBD_REP_ERR_BLOCK_SIZE_REQD = NBD_REP_FLAG_ERROR 
 inline constexpr std::uint32_t NBD_REP_ERR_TOO_BIG = NBD_REP_FLAG_ERROR | 9;
 inline constexpr std::uint32_t NBD_REP_ERR_EXT_HEADER_REQD = NBD_REP_FLAG_ERROR | 10;
 
-// §5.2 Info types.
+// Info types (proto.md "Option reply types", NBD_REP_INFO).
 inline constexpr std::uint16_t NBD_INFO_EXPORT = 0;
 inline constexpr std::uint16_t NBD_INFO_NAME = 1;
 inline constexpr std::uint16_t NBD_INFO_DESCRIPTION = 2;
 inline constexpr std::uint16_t NBD_INFO_BLOCK_SIZE = 3;
 
-// §8.1 Transmission flags (16 bit).
+// proto.md "Transmission flags" (16 bit).
 inline constexpr std::uint16_t NBD_FLAG_HAS_FLAGS = 1u << 0;
 inline constexpr std::uint16_t NBD_FLAG_READ_ONLY = 1u << 1;
 inline constexpr std::uint16_t NBD_FLAG_SEND_FLUSH = 1u << 2;
@@ -76,7 +76,7 @@ inline constexpr std::uint16_t NBD_FLAG_SEND_CACHE = 1u << 10;
 inline constexpr std::uint16_t NBD_FLAG_SEND_FAST_ZERO = 1u << 11;
 inline constexpr std::uint16_t NBD_FLAG_BLOCK_STATUS_PAYLOAD = 1u << 12;
 
-// §8.2 Command flags (16 bit).
+// proto.md "Command flags" (16 bit).
 inline constexpr std::uint16_t NBD_CMD_FLAG_FUA = 1u << 0;
 inline constexpr std::uint16_t NBD_CMD_FLAG_NO_HOLE = 1u << 1;
 inline constexpr std::uint16_t NBD_CMD_FLAG_DF = 1u << 2;
@@ -84,10 +84,10 @@ inline constexpr std::uint16_t NBD_CMD_FLAG_REQ_ONE = 1u << 3;
 inline constexpr std::uint16_t NBD_CMD_FLAG_FAST_ZERO = 1u << 4;
 inline constexpr std::uint16_t NBD_CMD_FLAG_PAYLOAD_LEN = 1u << 5;
 
-// §8.3 Reply flags.
+// proto.md "Structured reply flags".
 inline constexpr std::uint16_t NBD_REPLY_FLAG_DONE = 1u << 0;
 
-// §10.7 Chunk types.
+// proto.md "Structured reply types".
 inline constexpr std::uint16_t NBD_REPLY_TYPE_NONE = 0;
 inline constexpr std::uint16_t NBD_REPLY_TYPE_OFFSET_DATA = 1;
 inline constexpr std::uint16_t NBD_REPLY_TYPE_OFFSET_HOLE = 2;
@@ -96,7 +96,7 @@ inline constexpr std::uint16_t NBD_REPLY_TYPE_BLOCK_STATUS_EXT = 6;
 inline constexpr std::uint16_t NBD_REPLY_TYPE_ERROR = (1u << 15) | 1;
 inline constexpr std::uint16_t NBD_REPLY_TYPE_ERROR_OFFSET = (1u << 15) | 2;
 
-// §11 Commands.
+// proto.md "Request types".
 inline constexpr std::uint16_t NBD_CMD_READ = 0;
 inline constexpr std::uint16_t NBD_CMD_WRITE = 1;
 inline constexpr std::uint16_t NBD_CMD_DISC = 2;
@@ -106,7 +106,7 @@ inline constexpr std::uint16_t NBD_CMD_CACHE = 5;
 inline constexpr std::uint16_t NBD_CMD_WRITE_ZEROES = 6;
 inline constexpr std::uint16_t NBD_CMD_BLOCK_STATUS = 7;
 
-// §12 Error values.
+// proto.md "Error values".
 inline constexpr std::uint32_t NBD_EPERM = 1;
 inline constexpr std::uint32_t NBD_EIO = 5;
 inline constexpr std::uint32_t NBD_ENOMEM = 12;
@@ -116,7 +116,8 @@ inline constexpr std::uint32_t NBD_EOVERFLOW = 75;
 inline constexpr std::uint32_t NBD_ENOTSUP = 95;
 inline constexpr std::uint32_t NBD_ESHUTDOWN = 108;
 
-// §13.2 base:allocation status bits; §13.3 qemu:dirty-bitmap.
+// proto.md "base:allocation metadata context" status bits; qemu:dirty-bitmap
+// (qemu docs/interop/nbd.rst "qemu namespace").
 inline constexpr std::uint32_t NBD_STATE_HOLE = 1u << 0;
 inline constexpr std::uint32_t NBD_STATE_ZERO = 1u << 1;
 inline constexpr std::uint32_t NBD_STATE_DIRTY = 1u << 0;
@@ -135,20 +136,21 @@ inline constexpr std::size_t kExtendedChunkHeaderSize = 32;
 // spec's 4096-byte ceiling.
 inline constexpr std::uint32_t kMaxPayload = 32u << 20;
 inline constexpr std::size_t kMaxString = 4096;
-// Option data (§3.6) is held whole while an option is processed, so it is
-// capped per connection. qemu-nbd reads option data piecewise and accepts
-// up to 32 MiB, nbdkit buffers up to 64 MiB; real clients send far less
-// (a SET_META_CONTEXT of 3,000 bitmap queries is about 72 KB), so 1 MiB
-// serves them with room to spare. Above it, up to kMaxOptionDrain (qemu's
-// cap), the data is read and dropped without being stored and the option
-// fails with NBD_REP_ERR_TOO_BIG (EXPORT_NAME, which has no error reply,
+// Option data (proto.md "Newstyle negotiation") is held whole while an option
+// is processed, so it is capped per connection. qemu-nbd reads option data
+// piecewise and accepts up to 32 MiB, nbdkit buffers up to 64 MiB; real clients
+// send far less (a SET_META_CONTEXT of 3,000 bitmap queries is about 72 KB), so
+// 1 MiB serves them with room to spare. Above it, up to kMaxOptionDrain (qemu's
+// cap), the data is read and dropped without being stored and the option fails
+// with NBD_REP_ERR_TOO_BIG (EXPORT_NAME, which has no error reply,
 // disconnects); above that the connection is dropped, as qemu does.
 inline constexpr std::uint32_t kMaxOptionLength = 1u << 20;
 inline constexpr std::uint32_t kMaxOptionDrain = 32u << 20;
-// Status descriptors per chunk: qemu caps at 1 MiB / 8 (§13.3); spec allows 2^20.
+// Status descriptors per chunk: qemu caps at 1 MiB / 8
+// (NBD_MAX_BLOCK_STATUS_EXTENTS); spec allows 2^20.
 inline constexpr std::size_t kMaxExtentsPerChunk = (1u << 20) / 8;
 
-// Metadata context ids, stable like qemu's (§13.4).
+// Metadata context ids, stable like qemu's (NBD_META_ID_* in nbd/server.c).
 inline constexpr std::uint32_t kContextIdBaseAllocation = 0;
 inline constexpr std::uint32_t kContextIdAllocationDepth = 1;
 inline constexpr std::uint32_t kContextIdFirstBitmap = 2;

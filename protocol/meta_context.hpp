@@ -1,6 +1,7 @@
-// Metadata context names and query matching (§13.4), matching qemu-nbd:
-// fixed order (base, allocation-depth, bitmaps), stable ids, duplicates
-// collapse, unknown namespaces and leaves are ignored.
+// Metadata context names and query matching (proto.md "Metadata querying";
+// qemu's nbd/server.c nbd_negotiate_meta_queries), matching qemu-nbd: fixed
+// order (base, allocation-depth, bitmaps), stable ids, duplicates collapse,
+// unknown namespaces and leaves are ignored.
 #pragma once
 
 #include <cstdint>

@@ -58,7 +58,8 @@ struct Cursor {
 }  // namespace
 
 Negotiator::Negotiator(const ExportCatalog& catalog, TlsMode tls) : catalog_(catalog), tls_mode_(tls) {
-  // §3.2 greeting: fixed newstyle, and we can omit the zeroes.
+  // Greeting (proto.md "Newstyle negotiation"): fixed newstyle, and we can omit
+  // the zeroes.
   put64(out_, NBDMAGIC);
   put64(out_, IHAVEOPT);
   put16(out_, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
@@ -132,10 +133,10 @@ void Negotiator::process() {
     case Stage::client_flags: {
       auto flags = load_be32(in_.data());
       in_.clear();
-      // §3.5: unknown or unadvertised bits are a MUST-close.
+      // proto.md "Client flags": unknown or unadvertised bits are a MUST-close.
       if (flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) return fail("client flags contain unknown bits");
-      // Non-fixed newstyle clients are served like fixed ones (allowed by §3.5);
-      // they can only send EXPORT_NAME anyway.
+      // Non-fixed newstyle clients are served like fixed ones (allowed by
+      // proto.md "Client flags"); they can only send EXPORT_NAME anyway.
       no_zeroes_ = (flags & NBD_FLAG_C_NO_ZEROES) != 0;
       stage_ = Stage::option_header;
       need_ = kOptionHeaderSize;
@@ -177,7 +178,7 @@ void Negotiator::skipped_option() {
   switch (opt_) {
     case NBD_OPT_EXPORT_NAME: return fail("EXPORT_NAME data above limit");
     case NBD_OPT_ABORT:
-      reply(NBD_REP_ACK);  // §4.2: data ignored
+      reply(NBD_REP_ACK);  // proto.md "NBD_OPT_ABORT": data ignored
       close_after_send_ = true;
       return;
     default:
@@ -187,8 +188,9 @@ void Negotiator::skipped_option() {
 }
 
 std::uint16_t Negotiator::transmission_flags(const ExportInfo& exp, ReplyMode mode, bool has_contexts) {
-  // qemu-nbd's set (§13.3): HAS_FLAGS, FLUSH, FUA, CACHE always; then either
-  // READ_ONLY or the write-side features; per-connection DF / BS payload.
+  // qemu-nbd's set (nbd/server.c nbd_export_create): HAS_FLAGS, FLUSH, FUA,
+  // CACHE always; then either READ_ONLY or the write-side features;
+  // per-connection DF / BS payload.
   std::uint16_t f = NBD_FLAG_HAS_FLAGS;
   if (exp.can_flush) f |= NBD_FLAG_SEND_FLUSH;
   if (exp.can_fua) f |= NBD_FLAG_SEND_FUA;
@@ -247,7 +249,7 @@ void Negotiator::process_option() {
   switch (opt_) {
     case NBD_OPT_EXPORT_NAME: return opt_export_name();
     case NBD_OPT_ABORT:
-      // §4.2: data ignored; ACK then close.
+      // proto.md "NBD_OPT_ABORT": data ignored; ACK then close.
       reply(NBD_REP_ACK);
       close_after_send_ = true;
       return;
@@ -277,7 +279,8 @@ void Negotiator::process_option() {
 }
 
 void Negotiator::opt_export_name() {
-  // §4.1: failures cannot be reported; the only answer is a hard disconnect.
+  // proto.md "NBD_OPT_EXPORT_NAME": failures cannot be reported; the only
+  // answer is a hard disconnect.
   if (mode_ == ReplyMode::extended) return fail("NBD_OPT_EXPORT_NAME after extended headers");
   if (in_.size() > kMaxString) return fail("export name too long");
   std::string_view name(reinterpret_cast<const char*>(in_.data()), in_.size());
@@ -311,7 +314,8 @@ void Negotiator::opt_list() {
 }
 
 void Negotiator::opt_info_go(bool go) {
-  // §4.5 layout: name length, name, count of info requests, requests.
+  // proto.md "NBD_OPT_INFO" / "NBD_OPT_GO" layout: name length, name, count of
+  // info requests, requests.
   Cursor c{in_};
   std::uint32_t name_len;
   std::string_view name;
@@ -329,7 +333,7 @@ void Negotiator::opt_info_go(bool go) {
       want_desc = true;
     else if (r == NBD_INFO_BLOCK_SIZE)
       want_bs = true;
-    // unknown info requests are ignored (§4.5)
+    // unknown info requests are ignored (proto.md "NBD_OPT_INFO")
   }
   const auto exp = catalog_.find(name);
   if (!exp) return reply_error(NBD_REP_ERR_UNKNOWN, "export not present");
@@ -372,7 +376,8 @@ void Negotiator::opt_info_go(bool go) {
   result_.export_info = exp;
   result_.transmission_flags = flags;
   result_.mode = mode_;
-  // §4.7: the selection counts only if the last SET named this export.
+  // proto.md "Metadata querying": the selection counts only if the last SET
+  // named this export.
   if (selection_for(*exp)) result_.contexts = selected_;
   result_.block_size_committed = want_bs;
   result_.min_block = min_block;
@@ -382,7 +387,8 @@ void Negotiator::opt_info_go(bool go) {
 
 void Negotiator::opt_meta_context(bool set) {
   if (set) {
-    // §4.7: SET replaces the previous selection even when it fails.
+    // proto.md "NBD_OPT_SET_META_CONTEXT": SET replaces the previous selection
+    // even when it fails.
     selected_.clear();
     selected_export_.clear();
     has_selection_ = false;

@@ -1,6 +1,7 @@
-// Negotiator: the server side of the NBD handshake (§3-§7) as a pure state
-// machine. Bytes in, actions out; no sockets, so it can be unit-tested with
-// scripts split at every byte boundary and fuzzed.
+// Negotiator: the server side of the NBD handshake (proto.md "Handshake",
+// "Option types", "Option reply types", "TLS support") as a pure state machine.
+// Bytes in, actions out; no sockets, so it can be unit-tested with scripts
+// split at every byte boundary and fuzzed.
 //
 // Use: loop { a = next(); send a.data / read exactly a.bytes and feed() them /
 // start transmission with result() / close }. The negotiator never asks for
@@ -105,9 +106,10 @@ class Negotiator {
   bool no_zeroes_ = false;
   std::uint32_t opt_ = 0;
   ReplyMode mode_ = ReplyMode::simple;
-  // Last SET_META_CONTEXT selection and the export it named (§4.7), with
-  // that export's instance: a selection made on an export that was then
-  // removed and added again (same name, other bitmaps) does not carry over.
+  // Last SET_META_CONTEXT selection and the export it named (proto.md
+  // "NBD_OPT_SET_META_CONTEXT"), with that export's instance: a selection made
+  // on an export that was then removed and added again (same name, other
+  // bitmaps) does not carry over.
   std::vector<MetaContext> selected_;
   std::string selected_export_;
   std::uint64_t selected_instance_ = 0;

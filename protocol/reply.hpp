@@ -1,5 +1,7 @@
-// Transmission-phase reply encoders (§10.4-§10.7) and block-status extent
-// accumulation (merge of equal neighbours, REQ_ONE and per-chunk caps).
+// Transmission-phase reply encoders (proto.md "Simple reply message",
+// "Structured reply chunk message", "Structured reply types"; extended chunks
+// from its extension-ext-header branch) and block-status extent accumulation
+// (merge of equal neighbours, REQ_ONE and per-chunk caps).
 //
 // Header encoders write into caller-provided buffers (no allocation) and
 // return the number of bytes written; payload data is sent separately
@@ -22,11 +24,12 @@ namespace qnbd::protocol {
 inline constexpr std::size_t kMaxChunkPrefix = 32 + 16;
 using ChunkPrefix = std::array<std::byte, kMaxChunkPrefix>;
 
-// §10.4: 16 bytes.
+// proto.md "Simple reply message": 16 bytes.
 std::size_t encode_simple_reply(std::span<std::byte> out, std::uint32_t error, std::uint64_t cookie);
 
-// §10.5 / §10.6: 20 or 32 bytes. `offset` is the request's offset (only on
-// the wire in extended mode).
+// proto.md "Structured reply chunk message" / "Extended reply chunk message"
+// (extension-ext-header branch): 20 or 32 bytes. `offset` is the request's
+// offset (only on the wire in extended mode).
 std::size_t encode_chunk_header(std::span<std::byte> out, ReplyMode mode, std::uint16_t flags, std::uint16_t type,
                                 std::uint64_t cookie, std::uint64_t offset, std::uint64_t payload_length);
 
@@ -76,7 +79,7 @@ class ExtentList {
 };
 
 // Largest extent length for the mode: compact descriptors are 32-bit; keep
-// them 512-aligned (§11.8 SHOULD).
+// them 512-aligned (a SHOULD of proto.md "NBD_CMD_BLOCK_STATUS").
 inline std::uint64_t max_extent_length(ReplyMode mode) {
   return mode == ReplyMode::extended ? (UINT64_C(1) << 62) : UINT64_C(0xFFFFFE00);
 }

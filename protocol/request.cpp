@@ -20,13 +20,14 @@ ParseStatus parse_request_header(std::span<const std::byte> h, ReplyMode mode, s
   r.length = ext ? load_be64(h.data() + 24) : load_be32(h.data() + 24);
   r.payload_length = 0;
   if (ext) {
-    // §10.3: payload iff PAYLOAD_LEN; qemu also tolerates a WRITE without it.
+    // Extended request (proto.md "Request message", extension-ext-header
+    // branch): payload iff PAYLOAD_LEN; qemu also tolerates a WRITE without it.
     if ((r.flags & NBD_CMD_FLAG_PAYLOAD_LEN) || r.type == NBD_CMD_WRITE) r.payload_length = r.length;
   } else if (r.type == NBD_CMD_WRITE) {
     r.payload_length = r.length;
   }
   // A payload above the maximum cannot be a legitimate request; qemu drops
-  // the connection for WRITE above 32 MiB too (§15.2 #25).
+  // the connection for WRITE above 32 MiB too (proto.md "Size constraints").
   if (r.payload_length > max_payload) return ParseStatus::payload_too_large;
   return ParseStatus::ok;
 }
@@ -61,7 +62,8 @@ Validation validate_request(const Request& r, const ValidationContext& c) {
     case NBD_CMD_BLOCK_STATUS: break;
     default: return inval("unknown command");
   }
-  // #21: flags not defined for the command, or needing an unadvertised feature.
+  // proto.md "Command flags": flags not defined for the command, or needing an
+  // unadvertised feature.
   if (r.flags & ~allowed_flags(r.type)) return inval("flag not valid for this command");
   if ((r.flags & NBD_CMD_FLAG_FUA) && !(tf & NBD_FLAG_SEND_FUA)) return inval("FUA not negotiated");
   if ((r.flags & NBD_CMD_FLAG_DF) && !(tf & NBD_FLAG_SEND_DF)) return inval("DF not negotiated");
@@ -71,10 +73,11 @@ Validation validate_request(const Request& r, const ValidationContext& c) {
     if (r.type == NBD_CMD_BLOCK_STATUS && !(tf & NBD_FLAG_BLOCK_STATUS_PAYLOAD))
       return inval("block status payload not negotiated");
   }
-  // #24: qemu rejects writes to a read-only export before any range check.
+  // Read-only export: NBD_EPERM (proto.md "Error values"); qemu rejects writes
+  // to a read-only export before any range check.
   const bool writes = r.type == NBD_CMD_WRITE || r.type == NBD_CMD_TRIM || r.type == NBD_CMD_WRITE_ZEROES;
   if (writes && (tf & NBD_FLAG_READ_ONLY)) return {NBD_EPERM, "export is read-only"};
-  // #26: commands that need an advertised feature.
+  // Commands that need an advertised feature (proto.md "Transmission flags").
   if (r.type == NBD_CMD_FLUSH && !(tf & NBD_FLAG_SEND_FLUSH)) return inval("flush not supported");
   // NBD proto.md "NBD_CMD_FLUSH": offset and length are reserved and MUST
   // be zero. (qemu 7.2 refuses them only past the end of the export.)
@@ -82,29 +85,31 @@ Validation validate_request(const Request& r, const ValidationContext& c) {
   if (r.type == NBD_CMD_TRIM && !(tf & NBD_FLAG_SEND_TRIM)) return inval("trim not supported");
   if (r.type == NBD_CMD_WRITE_ZEROES && !(tf & NBD_FLAG_SEND_WRITE_ZEROES)) return inval("write zeroes not supported");
   if (r.type == NBD_CMD_BLOCK_STATUS) {
-    // #27, #28
+    // proto.md "Metadata querying": structured replies and a selected context.
     if (c.mode == ReplyMode::simple) return inval("block status needs structured replies");
     if (!c.has_contexts) return inval("no metadata context selected");
   }
-  // A payload on a command that has none is consumed, then refused (§10.3).
+  // A payload on a command that has none is consumed, then refused (proto.md
+  // "Request message", extension-ext-header branch).
   if (r.payload_length && r.type != NBD_CMD_WRITE && r.type != NBD_CMD_BLOCK_STATUS) return inval("unexpected payload");
   // The payload form of BLOCK_STATUS carries its own effect length; the
   // server checks it after reading the payload.
   const bool bs_payload = r.type == NBD_CMD_BLOCK_STATUS && (r.flags & NBD_CMD_FLAG_PAYLOAD_LEN);
   if (r.type != NBD_CMD_FLUSH && !bs_payload) {
-    // #22: overflow-free range check.
+    // Overflow-free range check (proto.md "Size constraints", "Error values").
     if (!range_within(r.offset, r.length, c.export_size)) {
       if (r.type == NBD_CMD_WRITE || r.type == NBD_CMD_WRITE_ZEROES)
         return {NBD_ENOSPC, "request beyond end of export"};
       return inval("request beyond end of export");
     }
-    // #23: only for clients that committed to our block sizes.
+    // Minimum block size (proto.md "Size constraints"): only for clients that
+    // committed to our block sizes.
     if (c.block_size_committed && c.min_block > 1 &&
         (!is_aligned(r.offset, c.min_block) || !is_aligned(r.length, c.min_block)))
       return inval("request not aligned to the minimum block size");
   }
-  // #25: client-controlled payloads (simple READ) above the maximum fail;
-  // structured READs we do not split above it either.
+  // proto.md "Size constraints": client-controlled payloads (simple READ) above
+  // the maximum fail; structured READs we do not split above it either.
   if (r.type == NBD_CMD_READ && r.length > c.max_payload) {
     if (c.mode == ReplyMode::simple) return inval("read larger than maximum payload");
     return {NBD_EOVERFLOW, "read larger than maximum payload"};
@@ -130,7 +135,7 @@ std::uint32_t errno_to_nbd(int err, bool fast_zero) {
 #if EOPNOTSUPP != ENOTSUP
     case EOPNOTSUPP:
 #endif
-      // ENOTSUP is only meaningful as a fast-zero refusal (§12).
+      // ENOTSUP is only meaningful as a fast-zero refusal (proto.md "Error values").
       return fast_zero ? NBD_ENOTSUP : NBD_EINVAL;
     case ESHUTDOWN: return NBD_ESHUTDOWN;
     case EINVAL: return NBD_EINVAL;

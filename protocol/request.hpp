@@ -1,6 +1,8 @@
-// Transmission-phase requests (§10.2, §10.3): header parsing, the single
-// validate_request that applies every rule of §15.2 once, and the one
-// errno -> NBD_E* map (§12, §15.3 #38).
+// Transmission-phase requests (proto.md "Request message"; the 32-byte form
+// from its extension-ext-header branch): header parsing, the single
+// validate_request that applies every per-request rule once ("Request types",
+// "Command flags", "Error values", "Size constraints"), and the one
+// errno -> NBD_E* map ("Error values").
 #pragma once
 
 #include <cstddef>
@@ -25,8 +27,8 @@ inline std::size_t request_header_size(ReplyMode mode) { return mode == ReplyMod
 
 enum class ParseStatus : std::uint8_t {
   ok,
-  bad_magic,          // framing lost: hard disconnect (§15.2 #17)
-  payload_too_large,  // payload cannot be consumed sensibly: hard disconnect (#18, #25)
+  bad_magic,          // framing lost: hard disconnect (proto.md "Terminating the transmission phase")
+  payload_too_large,  // payload cannot be consumed sensibly: hard disconnect (proto.md "Size constraints")
 };
 
 // Parse one header of the negotiated mode from exactly request_header_size()
@@ -50,12 +52,14 @@ struct Validation {
   std::string_view message;  // static text for the error chunk
 };
 
-// Decide whether a parsed request may be executed (§15.2 #19-#28). DISC is
-// always valid. The payload has been (or will be) consumed regardless.
+// Decide whether a parsed request may be executed (proto.md "Request types",
+// "Command flags", "Size constraints", "Metadata querying"). DISC is always
+// valid. The payload has been (or will be) consumed regardless.
 Validation validate_request(const Request& req, const ValidationContext& ctx);
 
 // errno -> NBD_E*. fast_zero: whether the request asked for
-// NBD_CMD_FLAG_FAST_ZERO (only then may ENOTSUP go out, §11.7).
+// NBD_CMD_FLAG_FAST_ZERO (only then may ENOTSUP go out, proto.md
+// "NBD_CMD_WRITE_ZEROES").
 std::uint32_t errno_to_nbd(int err, bool fast_zero = false);
 
 const char* command_name(std::uint16_t type);

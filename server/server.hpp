@@ -107,7 +107,8 @@ std::vector<ListenerSpec> systemd_listeners();
 // are returned before anything is served.
 [[nodiscard]] Result<int> run_server(ServerOptions options);
 
-// ExportInfo for a device, with qemu-nbd's flag choices (§13.3 of the spec).
+// ExportInfo for a device, with qemu-nbd's flag choices (qemu's nbd/server.c
+// nbd_export_create).
 protocol::ExportInfo describe_export(const image::BlockDevice& device, std::string name, std::string description,
                                      bool read_only, bool multi_conn, bool allocation_depth);
 

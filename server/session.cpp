@@ -21,7 +21,7 @@ namespace qnbd::server {
 awaitable<void> Session::run() {
   auto self = shared_from_this();
   {
-    // TCP peers SHOULD set TCP_NODELAY (§1).
+    // TCP peers SHOULD set TCP_NODELAY (proto.md "Protocol phases").
     boost::system::error_code ec;
     auto ep = socket_.local_endpoint(ec);
     if (!ec && (ep.protocol().family() == AF_INET || ep.protocol().family() == AF_INET6)) {
@@ -278,8 +278,9 @@ awaitable<void> Session::transmission() {
     if (write_failed_) break;
     if (stopping_) {
       // Server shutdown: answer what the client already sent (with
-      // NBD_ESHUTDOWN, §14) so closing does not reset the connection under
-      // unread data, but do not wait for more.
+      // NBD_ESHUTDOWN, proto.md "Terminating the transmission phase") so
+      // closing does not reset the connection under unread data, but do not
+      // wait for more.
       boost::system::error_code aec;
       auto avail = socket_.available(aec) + stream_.pending();
       if (aec || buffered() + avail < hsize) break;
@@ -345,8 +346,9 @@ awaitable<void> Session::transmission() {
         s->data = buffer_pool().get(req.payload_length);
       }
       // Payload is always consumed before replying, even for requests that
-      // will be rejected, so the stream stays in sync (§15.2 #18). What the
-      // receive buffer already holds is copied; the rest is read in place.
+      // will be rejected, so the stream stays in sync (as qemu's
+      // nbd_co_receive_request). What the receive buffer already holds is
+      // copied; the rest is read in place.
       const std::size_t have = std::min<std::size_t>(buffered(), req.payload_length);
       std::memcpy(s->data.data.get(), rbuf_.get() + rpos_, have);
       rpos_ += have;

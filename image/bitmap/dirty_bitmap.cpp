@@ -12,8 +12,8 @@ namespace {
 
 constexpr std::uint64_t kMaxBits = 1ull << 32;
 
-// Serialized byte j of a leaf is bits 8j..8j+7, LSB first (§12.5): on a
-// little-endian host that is the leaf's memory as is.
+// Serialized byte j of a leaf is bits 8j..8j+7, LSB first (qcow2.txt
+// "Bitmap data"): on a little-endian host that is the leaf's memory as is.
 constexpr bool kLittle = std::endian::native == std::endian::little;
 
 std::uint64_t word_mask(unsigned lo, std::uint64_t n) { return (n == 64 ? ~0ull : ((1ull << n) - 1)) << lo; }

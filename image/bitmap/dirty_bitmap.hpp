@@ -1,6 +1,7 @@
-// DirtyBitmap: one in-memory dirty bitmap over a virtual disk (§12.1, §12.8
-// of ../shared/spec/qcow2.md). Bit k covers guest bytes [k*g, (k+1)*g); a
-// write touching any byte of a granule dirties the whole granule.
+// DirtyBitmap: one in-memory dirty bitmap over a virtual disk (qcow2.txt
+// "Bitmaps", "Dirty tracking bitmaps"). Bit k covers guest bytes
+// [k*g, (k+1)*g); a write touching any byte of a granule dirties the whole
+// granule.
 //
 // Thread-safety: every method takes the bitmap's own mutex, which is never
 // held over file I/O (callers copy bytes in/out with load_bytes/store_bytes
@@ -55,7 +56,7 @@ class DirtyBitmap {
   std::uint64_t granularity() const { return granularity_; }
   // ceil(size / granularity)
   std::uint64_t bit_count() const { return bits_; }
-  // Bytes of serialized data (§12.5 data_bytes = ceil(bits / 8)).
+  // Bytes of serialized data (qcow2.txt "Bitmap data": ceil(bits / 8)).
   std::uint64_t byte_count() const { return (bits_ + 7) / 8; }
 
   // Byte ranges are clipped at size(); empty ranges do nothing.
@@ -102,9 +103,10 @@ class DirtyBitmap {
   // differ (every dirty run of `other` dirties the granules it touches here).
   [[nodiscard]] Result<void> merge(const DirtyBitmap& other);
 
-  // Serialized form (§12.5): byte j holds bits 8j..8j+7, least significant
-  // first. load_bytes ORs nothing: it overwrites bytes [first, first+n) and
-  // clears the unused tail bits after bit_count(). store_bytes copies out.
+  // Serialized form (qcow2.txt "Bitmap data"): byte j holds bits 8j..8j+7,
+  // least significant first. load_bytes ORs nothing: it overwrites bytes
+  // [first, first+n) and clears the unused tail bits after bit_count().
+  // store_bytes copies out.
   void load_bytes(std::uint64_t first_byte, std::span<const std::byte> data);
   // Sets bytes [first, first+n) to all ones (0xff) or all zeroes.
   void fill_bytes(std::uint64_t first_byte, std::uint64_t n, bool ones);

@@ -8,7 +8,7 @@
 namespace qnbd::image::qcow2 {
 namespace {
 
-// §12.4/§12.7: every entry of one bitmap table.
+// Every entry of one bitmap table (qcow2.txt "Bitmap table"; QEMU's check_table_entry).
 Result<void> check_bitmap_table(File& file, const Header& h, const BitmapInfo& b, std::uint64_t file_size) {
   const std::uint64_t cluster_size = h.cluster_size();
   const std::uint64_t bytes = std::uint64_t{b.table_size} * 8;
@@ -70,7 +70,7 @@ Result<std::vector<BitmapInfo>> read_bitmap_directory(File& file, const Header& 
     b.granularity = granularity_bits < 64 ? 1ull << granularity_bits : 0;
     b.in_use = flags & BME_FLAG_IN_USE;
     b.auto_enabled = flags & BME_FLAG_AUTO;
-    // §12.7, as QEMU's check_dir_entry.
+    // As QEMU's check_dir_entry (block/qcow2-bitmap.c).
     if (name_size == 0 || name_size > MAX_BITMAP_NAME_SIZE) {
       return make_error(EINVAL, "bitmap directory entry {}: invalid name size {}", i, name_size);
     }

@@ -1,6 +1,7 @@
-// Persistent bitmap directory (§12): parsed and validated in full at open
-// (§12.2-§12.7), including every bitmap table entry. Serving bitmap contents
-// comes later.
+// Persistent bitmap directory (qcow2.txt "Bitmaps"): parsed and validated in
+// full at open ("Bitmap directory", "Bitmap table", and the limits of QEMU's
+// block/qcow2-bitmap.c), including every bitmap table entry. Serving bitmap
+// contents comes later.
 #pragma once
 
 #include <vector>

@@ -1,7 +1,8 @@
 // Editing the persistent bitmaps of a qcow2 image at rest, as `qemu-img
 // bitmap` does: add, remove, clear, enable, disable, merge, applied in the
 // order given, then written with one crash-safe directory replacement
-// (rewrite_bitmap_directory, §12.6). Error messages use qemu-img's words.
+// (rewrite_bitmap_directory, as QEMU's update_ext_header_and_dir). Error
+// messages use qemu-img's words.
 //
 // Thread-safety: none; the image must not be open elsewhere.
 #pragma once

@@ -6,10 +6,10 @@
 // data loaded: the I/O), committed in memory while the device's write gate
 // holds writes back (so a write is marked wholly before or wholly after
 // the switch), then persisted with writes running again. Enabled bitmaps
-// stay in_use on disk as at any time a writer has the image open (§12.6:
-// their data is stored at close); a bitmap that is disabled, cleared or
-// merged into is written with its contents and, when disabled, without
-// in_use, so it is consistent on disk from then on.
+// stay in_use on disk as at any time a writer has the image open (as in QEMU's
+// block/qcow2-bitmap.c: their data is stored at close); a bitmap that is
+// disabled, cleared or merged into is written with its contents and, when
+// disabled, without in_use, so it is consistent on disk from then on.
 #include <algorithm>
 
 #include "common/log.hpp"

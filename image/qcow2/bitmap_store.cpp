@@ -45,7 +45,7 @@ Result<DirtyBitmap> load_bitmap_data(File& file, std::uint64_t cluster_size, std
     const std::uint64_t host = e & BME_TABLE_ENTRY_OFFSET_MASK;
     const std::uint64_t first = i * cluster_size;
     const std::uint64_t n = std::min(cluster_size, data_bytes - first);
-    // §12.4, as QEMU's check_table_entry.
+    // qcow2.txt "Bitmap table", as QEMU's check_table_entry.
     if ((e & BME_TABLE_ENTRY_RESERVED_MASK) ||
         (host != 0 && ((e & BME_TABLE_ENTRY_FLAG_ALL_ONES) || !is_aligned(host, cluster_size) ||
                        !range_within(host, cluster_size, file_size)))) {
@@ -95,9 +95,9 @@ struct TablePlan {
 
 }  // namespace
 
-// Crash ordering (§12.6 full directory replacement, §14.3 "refcounts before
-// pointers"), true at every point whether or not guest writes run
-// meanwhile (`live`):
+// Crash ordering (QEMU's full directory replacement, update_ext_header_and_dir,
+// and its rule "refcounts before pointers"), true at every point whether or not
+// guest writes run meanwhile (`live`):
 //   phase 0  plan (which clusters are dirty), read the old tables: reads only.
 //   phase 1  allocate every new cluster; the refcount blocks that count them
 //            are written back. A crash from here to phase 3 leaks these
@@ -121,9 +121,10 @@ struct TablePlan {
 // fsyncs run without it, so guest writes (which need it to look up or
 // allocate clusters) are not held up behind the syncs. Data of an enabled
 // bitmap may change meanwhile: a cluster that became dirty after phase 0 is
-// stored as clean, which only an in_use bitmap can see (§12.6: its stored
-// contents mean nothing); disabled bitmaps only change in commit_live,
-// which the caller's edit lock excludes, so they are stored exactly.
+// stored as clean, which only an in_use bitmap can see (qcow2.txt
+// "Bitmap directory", in_use: its stored contents mean nothing); disabled
+// bitmaps only change in commit_live, which the caller's edit lock excludes, so
+// they are stored exactly.
 Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& refcounts,
                                       const std::vector<BitmapInfo>& old_directory, std::vector<BitmapUpdate>& updated,
                                       const LiveRewrite* live) {
@@ -200,7 +201,7 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
     std::vector<std::byte> table(static_cast<std::size_t>(p.table_bytes));
     for (std::size_t k = 0; k < p.dirty.size(); ++k) {
       // store_bytes zero-fills past the data, so the unused tail bits and
-      // the rest of the last cluster are zero (§12.5).
+      // the rest of the last cluster are zero (qcow2.txt "Bitmap data").
       bits.store_bytes(p.dirty[k] * cs, cluster);
       QNBD_TRY(file.pwrite(cluster, p.hosts[k]));
       store_be64(table.data() + p.dirty[k] * 8, p.hosts[k]);
@@ -340,9 +341,10 @@ Result<void> BitmapStore::before_write(std::uint64_t offset, std::uint64_t lengt
   return ok();
 }
 
-// §12.6: load every enabled, consistent bitmap, then set in_use for them in
-// the file with the crash-safe in-place directory update. Disabled bitmaps
-// never change, so they stay consistent on disk (and usable after a crash).
+// Load every enabled, consistent bitmap, then set in_use for them in the file
+// with the crash-safe in-place directory update (QEMU's
+// update_ext_header_and_dir_in_place). Disabled bitmaps never change, so they
+// stay consistent on disk (and usable after a crash).
 Result<void> BitmapStore::mark_in_use_locked() {
   std::vector<std::size_t> tracking;
   for (std::size_t i = 0; i < entries_.size(); ++i) {

@@ -1,7 +1,8 @@
-// BitmapStore: the persistent dirty bitmaps of one open qcow2 image (§12,
-// §15.3 of ../shared/spec/qcow2.md): loads bitmap data on demand, answers
-// qemu:dirty-bitmap:NAME status, records guest writes in the enabled
-// bitmaps and marks them in_use on disk before the first change.
+// BitmapStore: the persistent dirty bitmaps of one open qcow2 image (qcow2.txt
+// "Bitmaps"; exported as QEMU's nbd/server.c does, docs/interop/nbd.rst
+// "qemu namespace"): loads bitmap data on demand, answers
+// qemu:dirty-bitmap:NAME status, records guest writes in the enabled bitmaps
+// and marks them in_use on disk before the first change.
 //
 // Thread-safety: export_bitmap/status/before_write may be called from any
 // thread. load_mutex_ serializes loading and the one-time in_use update (it
@@ -31,20 +32,20 @@
 
 namespace qnbd::image::qcow2 {
 
-// §12.4/§12.5: read bitmap `info`'s table and data clusters into a new
-// DirtyBitmap of `disk_size` bytes. Every table entry is checked again
-// (reserved bits, alignment, inside the file); all-ones entries (bit 0 with
-// no offset) set their whole cluster of data. Unused tail bits are ignored,
-// as QEMU does.
+// qcow2.txt "Bitmap table", "Bitmap data": read bitmap `info`'s table and data
+// clusters into a new DirtyBitmap of `disk_size` bytes. Every table entry is
+// checked again (reserved bits, alignment, inside the file); all-ones entries
+// (bit 0 with no offset) set their whole cluster of data. Unused tail bits are
+// ignored, as QEMU does.
 [[nodiscard]] Result<DirtyBitmap> load_bitmap_data(File& file, std::uint64_t cluster_size, std::uint64_t disk_size,
                                                    const BitmapInfo& info, std::uint64_t file_size);
 
 class Refcounts;
 
-// One entry of a bitmap directory to write (§12.2): `info` gives name,
-// granularity and flags (in_use, auto). With `data`, its contents are
-// written to newly allocated clusters and a new table replaces the old one;
-// without, the existing table at info.table_offset/table_size is kept.
+// One entry of a bitmap directory to write (qcow2.txt "Bitmap directory"):
+// `info` gives name, granularity and flags (in_use, auto). With `data`, its
+// contents are written to newly allocated clusters and a new table replaces the
+// old one; without, the existing table at info.table_offset/table_size is kept.
 struct BitmapUpdate {
   BitmapInfo info;
   const DirtyBitmap* data = nullptr;
@@ -63,14 +64,15 @@ struct LiveRewrite {
 };
 
 // Replace the image's bitmap directory by `updated` (any order, may be
-// empty), as QEMU's full directory replacement (§12.6):
+// empty), as QEMU's full directory replacement (update_ext_header_and_dir):
 //   1. write new bitmap data (all-zero clusters become table entry 0) and
 //      tables into newly allocated clusters, then the new directory;
 //   2. flush refcounts and the file (the clusters are referenced by nothing
 //      yet: a crash here only leaks them);
 //   3. rewrite the header (bitmaps extension, autoclear bit 0 set; with no
 //      bitmaps left the extension is dropped and the bit cleared; unknown
-//      autoclear bits are cleared as §3.3 requires of a writer) and flush;
+//      autoclear bits are cleared as qcow2.txt "Header" requires of a writer)
+//      and flush;
 //   4. free the old directory and the tables and data clusters no longer
 //      referenced, and flush the refcounts (a failure here leaks only).
 // (bitmap_store.cpp gives the crash-ordering argument phase by phase.)
@@ -124,18 +126,20 @@ class BitmapStore {
 
   // Record a guest change of [offset, offset+length) in every enabled,
   // consistent bitmap. The first call (only) loads those bitmaps and sets
-  // in_use for them on disk (§12.6 in-place update) before returning; a
-  // failure there fails this write and the next call tries again.
+  // in_use for them on disk (QEMU's in-place directory update,
+  // update_ext_header_and_dir_in_place) before returning; a failure there fails
+  // this write and the next call tries again.
   [[nodiscard]] Result<void> before_write(std::uint64_t offset, std::uint64_t length);
 
   // True once before_write has set in_use on disk (close must store them).
   bool marked_in_use() const { return marked_.load(std::memory_order_acquire); }
 
-  // Clean close (§12.6): if before_write marked bitmaps in_use, store their
-  // contents with rewrite_bitmap_directory and clear in_use; otherwise no
-  // I/O. Call with no write in flight, after guest data, L2 tables and
-  // refcounts are flushed, under the image's metadata mutex. `header` is the
-  // image's header (updated in place).
+  // Clean close (as QEMU's qcow2_store_persistent_dirty_bitmaps): if
+  // before_write marked bitmaps in_use, store their contents with
+  // rewrite_bitmap_directory and clear in_use; otherwise no I/O. Call with no
+  // write in flight, after guest data, L2 tables and refcounts are flushed,
+  // under the image's metadata mutex. `header` is the image's header (updated
+  // in place).
   [[nodiscard]] Result<void> store(Refcounts& refcounts, Header& header);
 
   // ---- Live edits (bitmap_live.cpp) ----

@@ -10,11 +10,11 @@
 // are written back (through the writeback hook, or straight to the file)
 // before eviction and by flush().
 //
-// Write-back order (§14.3; QEMU's qcow2_cache_set_dependency and
-// qcow2_cache_depends_on_flush). An L2 entry may point at a cluster whose
-// refcount is only raised in the refcount block cache, or whose data was
-// written but not synced. So before this cache writes back ANY entry, it
-// runs flush_dependency():
+// Write-back order (QEMU's refcounts before pointers; its
+// qcow2_cache_set_dependency and qcow2_cache_depends_on_flush). An L2 entry may
+// point at a cluster whose refcount is only raised in the refcount block cache,
+// or whose data was written but not synced. So before this cache writes back
+// ANY entry, it runs flush_dependency():
 //  1. the dependency cache (set_dependency: the L2 cache depends on the
 //     refcount block cache) writes back all its dirty entries, then
 //  2. if step 1 wrote anything, or depends_on_flush() was called since the

@@ -727,8 +727,8 @@ class Checker {
       const std::uint16_t name_size = load_be16(dir.data() + pos + 18);
       const std::uint32_t extra = load_be32(dir.data() + pos + 20);
       pos += align_up(std::uint64_t{24} + extra + name_size, 8);
-      // §12.7 bounds keep a hostile directory from making us allocate
-      // gigabytes for one table.
+      // QEMU's bitmap limits (block/qcow2-bitmap.c) keep a hostile directory
+      // from making us allocate gigabytes for one table.
       if (table_size > MAX_BITMAP_TABLE_SIZE || std::uint64_t{table_size} * cs_ > MAX_BITMAP_DATA_BYTES) {
         say("ERROR bitmap {} table is too large ({} entries)", i, table_size);
         res_.check_errors++;

@@ -1,5 +1,5 @@
 // Consistency check and repair of a qcow2 image (qemu-img check
-// equivalent, spec §13.3 #37; modelled on QEMU's qcow2_check_refcounts).
+// equivalent, modelled on QEMU's qcow2_check_refcounts).
 //
 // The check recounts every host cluster from a full walk of the metadata
 // (header, active and snapshot L1/L2 tables, data and compressed clusters,

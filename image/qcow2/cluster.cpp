@@ -1,5 +1,6 @@
-// L1/L2 entries (§6, §7): decoding, and the image's cluster layer: lookup,
-// allocation and L2 updates (QEMU's qcow2-cluster.c). See cluster.hpp.
+// L1/L2 entries (qcow2.txt "Cluster mapping", "Extended L2 Entries"): decoding,
+// and the image's cluster layer: lookup, allocation and L2 updates (QEMU's
+// qcow2-cluster.c). See cluster.hpp.
 #include "image/qcow2/cluster.hpp"
 
 #include <algorithm>
@@ -27,7 +28,8 @@ const char* to_string(SubclusterType type) {
 }
 
 CompressedDescriptor parse_compressed_descriptor(std::uint64_t entry, std::uint32_t cluster_bits) {
-  // §6.5: x = 62 - (cluster_bits - 8) splits offset and sector count.
+  // qcow2.txt "Cluster mapping": x = 62 - (cluster_bits - 8) splits the
+  // compressed descriptor into offset and sector count.
   const unsigned csize_shift = 62 - (cluster_bits - 8);
   const std::uint64_t offset_mask = (1ull << csize_shift) - 1;
   const std::uint64_t size_mask = (1ull << (cluster_bits - 8)) - 1;
@@ -42,7 +44,8 @@ Result<SubclusterType> get_subcluster_type(const L2Geometry& g, L2Entry e, unsig
                                            std::uint64_t guest_cluster_offset) {
   const std::uint64_t entry = e.entry;
   if (entry & QCOW_OFLAG_COMPRESSED) {
-    // §13.3 #30/#31
+    // qcow2.txt "Header" bit 2, "Cluster mapping", "Extended L2 Entries": no
+    // external data file, COPIED clear, subcluster bitmap zero.
     if (g.external_data_file) {
       return make_error(EIO, "compressed cluster entry found in image with external data file (guest offset {:#x})",
                         guest_cluster_offset);
@@ -74,7 +77,8 @@ Result<SubclusterType> get_subcluster_type(const L2Geometry& g, L2Entry e, unsig
     return make_error(EIO, "cluster allocation offset {:#x} unaligned (guest offset {:#x})", host,
                       guest_cluster_offset);
   }
-  // Offset 0 is a real cluster only in an external data file (§6.4, §10).
+  // Offset 0 is a real cluster only in an external data file (qcow2.txt
+  // "Cluster mapping").
   const bool has_host = host != 0 || (g.external_data_file && (entry & QCOW_OFLAG_COPIED));
   if (has_host && g.external_data_file && host != guest_cluster_offset) {
     return make_error(EIO, "external data file host cluster offset {:#x} does not match guest cluster offset {:#x}",
@@ -91,7 +95,7 @@ Result<SubclusterType> get_subcluster_type(const L2Geometry& g, L2Entry e, unsig
     return has_host ? SubclusterType::normal : SubclusterType::unallocated_plain;
   }
 
-  // §7: word 0 bit 0 is unused with extended L2 entries.
+  // qcow2.txt "Extended L2 Entries": word 0 bit 0 is unused with extended L2 entries.
   if (entry & QCOW_OFLAG_ZERO) {
     return make_error(EIO, "extended L2 entry {:#018x} has the zero flag set (guest offset {:#x})", entry,
                       guest_cluster_offset);
@@ -138,7 +142,8 @@ Result<std::uint64_t> l1_entry_l2_offset(std::uint64_t l1_entry, std::uint32_t c
 // runs under the metadata mutex (mutex_) except get_host_offset, which takes
 // it.
 //
-// Crash ordering (§14.3) of the steps here, without a flush per request:
+// Crash ordering (QEMU's: refcounts and data before the L2 entry, L2 before L1)
+// of the steps here, without a flush per request:
 //  * a new cluster gets its refcount in Refcounts' cache
 //    (allocate_cluster_locked); the guest data goes to the data file; the
 //    L2 entry changes only in the L2 cache (set_l2_entry_locked), which
@@ -216,8 +221,9 @@ Result<Mapping> Qcow2Image::get_host_offset_locked(std::uint64_t offset, std::ui
   if (!type_r) return make_error(EIO, "image is corrupt: {}", type_r.error().message);
   m.type = *type_r;
   m.l2_entry = first.entry;
-  // §6.2/§6.4 COPIED on both levels: the L2 table and the host cluster have
-  // refcount 1, so the writer may change them without copying.
+  // COPIED (bit 63, qcow2.txt "Cluster mapping") on both levels: the L2 table
+  // and the host cluster have refcount 1, so the writer may change them without
+  // copying.
   m.copied = (l1_[l1_index] & QCOW_OFLAG_COPIED) && (first.entry & QCOW_OFLAG_COPIED);
 
   const bool has_host = m.type == SubclusterType::normal || m.type == SubclusterType::zero_alloc ||
@@ -353,7 +359,8 @@ Result<Qcow2Image::L2Slot> Qcow2Image::l2_slot_for_write_locked(std::uint64_t gc
   s.slot = s.table.mutable_data().data() + idx * g.l2_entry_size();
   s.entry = L2Entry{load_be64(s.slot), g.extended_l2 ? load_be64(s.slot + 8) : 0};
   // An entry about to be rewritten must make sense first: a corrupt one
-  // (§13.3) stops all writing rather than being built upon.
+  // (what QEMU's qcow2_get_host_offset rejects) stops all writing rather than
+  // being built upon.
   if (auto t = get_subcluster_type(g, s.entry, 0, gc); !t) return set_corrupt_locked(t.error().message);
   return s;
 }

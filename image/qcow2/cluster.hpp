@@ -1,8 +1,8 @@
 // The cluster layer of the qcow2 engine, QEMU's qcow2-cluster.c counterpart.
 //
-// This header: L1/L2 entry decoding (§6, §7) as pure functions, no I/O, so
-// every rule is unit-testable on its own, and Mapping, the answer of the
-// lookup.
+// This header: L1/L2 entry decoding (qcow2.txt "Cluster mapping",
+// "Extended L2 Entries") as pure functions, no I/O, so every rule is
+// unit-testable on its own, and Mapping, the answer of the lookup.
 //
 // cluster.cpp also holds the Qcow2Image members that walk and change the
 // tables (declared in qcow2_image.hpp, private): the one L1/L2 lookup
@@ -55,10 +55,10 @@ struct L2Entry {
   std::uint64_t bitmap = 0;
 };
 
-// §6.4: host cluster offset of a standard entry (0 = none).
+// Host cluster offset of a standard entry (0 = none; qcow2.txt "Cluster mapping").
 inline std::uint64_t l2_entry_host_offset(std::uint64_t entry) { return entry & L2E_OFFSET_MASK; }
 
-// §6.5 compressed cluster descriptor.
+// Compressed cluster descriptor (qcow2.txt "Cluster mapping").
 struct CompressedDescriptor {
   std::uint64_t host_offset = 0;  // coffset: byte offset of the compressed data
   std::uint64_t nb_sectors = 0;   // 512-byte sectors spanned, counting the first
@@ -66,9 +66,10 @@ struct CompressedDescriptor {
 };
 CompressedDescriptor parse_compressed_descriptor(std::uint64_t entry, std::uint32_t cluster_bits);
 
-// Decode and validate the entry for subcluster sc_index (§6.4, §7, §13.3
-// #28-#32) of guest cluster starting at guest_cluster_offset. Errors are
-// EIO with a message naming the defect (the image is corrupt).
+// Decode and validate the entry for subcluster sc_index (qcow2.txt
+// "Cluster mapping", "Extended L2 Entries"; what QEMU's qcow2_get_host_offset
+// reports as corruption) of guest cluster starting at guest_cluster_offset.
+// Errors are EIO with a message naming the defect (the image is corrupt).
 [[nodiscard]] Result<SubclusterType> get_subcluster_type(const L2Geometry& g, L2Entry e, unsigned sc_index,
                                                          std::uint64_t guest_cluster_offset);
 
@@ -78,14 +79,15 @@ struct Mapping {
   SubclusterType type = SubclusterType::unallocated_plain;
   std::uint64_t host_offset = 0;  // normal/zero_alloc/unallocated_alloc: host byte of the queried offset
   std::uint64_t l2_entry = 0;  // word 0 of the queried offset's L2 entry (0: no L2 table); compressed: the descriptor
-  // The L1 and the L2 entry are both COPIED (§6.2, §6.4): the L2 table and
-  // the host cluster have refcount 1, so the data may be overwritten in
-  // place (the write path's fast path).
+  // The L1 and the L2 entry are both COPIED (bit 63, qcow2.txt
+  // "Cluster mapping"): the L2 table and the host cluster have refcount 1, so
+  // the data may be overwritten in place (the write path's fast path).
   bool copied = false;
 };
 
-// Validate an L1 entry (§6.2, §13.3 #27); returns the L2 table offset (0 =
-// unallocated). file_size bounds the L2 table.
+// Validate an L1 entry (qcow2.txt "Cluster mapping": reserved bits zero, L2
+// offset aligned); returns the L2 table offset (0 = unallocated). file_size
+// bounds the L2 table.
 [[nodiscard]] Result<std::uint64_t> l1_entry_l2_offset(std::uint64_t l1_entry, std::uint32_t cluster_bits,
                                                        std::uint64_t file_size);
 

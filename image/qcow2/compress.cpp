@@ -50,7 +50,8 @@ Result<void> unzstd_cluster(std::span<const std::byte> src, std::span<std::byte>
   ZSTD_inBuffer in{src.data(), src.size(), 0};
   ZSTD_outBuffer out{dst.data(), dst.size(), 0};
   size_t ret = 0;
-  // Several frames may make up one cluster (§8); stop when it is full.
+  // Several frames may make up one cluster (as QEMU's qcow2_zstd_decompress
+  // accepts); stop when it is full.
   while (out.pos < out.size) {
     size_t in_before = in.pos, out_before = out.pos;
     ret = ZSTD_decompressStream(d.ctx, &out, &in);

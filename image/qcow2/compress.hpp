@@ -1,4 +1,5 @@
-// Compressed cluster payloads (§8): raw deflate and zstd.
+// Compressed cluster payloads (qcow2.txt "Header", compression_type; as QEMU's
+// block/qcow2-threads.c): raw deflate and zstd.
 //
 // Thread-safe: decompression contexts are per thread and reused, so the read
 // path does not allocate per cluster.

@@ -114,7 +114,7 @@ Result<void> create_qcow2(File& file, const CreateOptions& o, File* data_file) {
     if (o.lazy_refcounts) h.compatible_features |= COMPAT_LAZY_REFCOUNTS;
     if (o.extended_l2) h.incompatible_features |= INCOMPAT_EXTL2;
     if (o.compression_type != COMPRESSION_DEFLATE) {
-      h.incompatible_features |= INCOMPAT_COMPRESSION;  // §14.9
+      h.incompatible_features |= INCOMPAT_COMPRESSION;  // qcow2.txt "Header", bit 3
       h.compression_type = o.compression_type;
     }
     if (!o.data_file.empty()) {
@@ -128,7 +128,8 @@ Result<void> create_qcow2(File& file, const CreateOptions& o, File* data_file) {
   h.backing_file = o.backing_file;
   h.backing_format = o.backing_format;
 
-  // L1 size for the virtual size (§6.1); QEMU's limits (§13.1 #15, #16).
+  // L1 size for the virtual size (qcow2.txt "Cluster mapping"); QEMU's limits
+  // (qcow2_do_open: active L1 at most 32 MiB, L1 index within INT_MAX).
   const std::uint64_t l2_entries = cs / (o.extended_l2 ? 16 : 8);
   const std::uint64_t l1_size = div_round_up(o.size, cs * l2_entries);
   if (l1_size * 8 > MAX_L1_BYTES || l1_size > INT32_MAX) {
@@ -179,7 +180,7 @@ Result<void> create_qcow2(File& file, const CreateOptions& o, File* data_file) {
       std::fill(l2.begin(), l2.end(), std::byte{0});
       for (std::uint64_t i = 0; i < n; i++) {
         // External data file: identity mapping, guest cluster 0 encoded as
-        // offset 0 with COPIED (§10).
+        // offset 0 with COPIED (qcow2.txt "Cluster mapping").
         const std::uint64_t off = data_file ? (first + i) * cs : host + i * cs;
         store_be64(l2.data() + i * entry_size, off | QCOW_OFLAG_COPIED);
       }

@@ -38,7 +38,7 @@ struct CreateOptions {
 [[nodiscard]] Result<void> validate_create_options(const CreateOptions& options);
 
 // The feature name table QEMU writes into version 3 images with clusters
-// larger than 4 KiB (§4.3).
+// larger than 4 KiB (qcow2.txt "Feature name table").
 std::vector<FeatureName> qemu_feature_names();
 
 // Write a fresh image into `file` (expected empty). `data_file` must be

@@ -1,6 +1,6 @@
 // qcow2 on-disk constants: magic numbers, feature bits, entry masks and the
 // limits enforced on untrusted images. Names follow qemu/qemu
-// docs/interop/qcow2.txt; see ../shared/spec/qcow2.md for the sections cited.
+// docs/interop/qcow2.txt (sections cited by heading) and QEMU's block/qcow2.h.
 #pragma once
 
 #include <cstdint>
@@ -9,26 +9,26 @@ namespace qnbd::image::qcow2 {
 
 inline constexpr std::uint32_t QCOW2_MAGIC = 0x514649fb;  // "QFI\xfb"
 
-// §2: header sizes.
+// qcow2.txt "Header": header sizes.
 inline constexpr std::uint32_t V2_HEADER_LENGTH = 72;
 inline constexpr std::uint32_t V3_MIN_HEADER_LENGTH = 104;
 inline constexpr std::uint32_t V3_HEADER_LENGTH = 112;  // with compression_type + padding
 
-// §3.1 incompatible features.
+// qcow2.txt "Header", incompatible_features.
 inline constexpr std::uint64_t INCOMPAT_DIRTY = 1ull << 0;
 inline constexpr std::uint64_t INCOMPAT_CORRUPT = 1ull << 1;
 inline constexpr std::uint64_t INCOMPAT_DATA_FILE = 1ull << 2;
 inline constexpr std::uint64_t INCOMPAT_COMPRESSION = 1ull << 3;
 inline constexpr std::uint64_t INCOMPAT_EXTL2 = 1ull << 4;
 inline constexpr std::uint64_t INCOMPAT_MASK = 0x1f;
-// §3.2 compatible features.
+// qcow2.txt "Header", compatible_features.
 inline constexpr std::uint64_t COMPAT_LAZY_REFCOUNTS = 1ull << 0;
-// §3.3 autoclear features.
+// qcow2.txt "Header", autoclear_features.
 inline constexpr std::uint64_t AUTOCLEAR_BITMAPS = 1ull << 0;
 inline constexpr std::uint64_t AUTOCLEAR_DATA_FILE_RAW = 1ull << 1;
 inline constexpr std::uint64_t AUTOCLEAR_MASK = 0x3;
 
-// §4.2 header extension types.
+// qcow2.txt "Header extensions": extension types.
 inline constexpr std::uint32_t EXT_END = 0x00000000;
 inline constexpr std::uint32_t EXT_BACKING_FORMAT = 0xe2792aca;
 inline constexpr std::uint32_t EXT_FEATURE_TABLE = 0x6803f857;
@@ -36,36 +36,36 @@ inline constexpr std::uint32_t EXT_BITMAPS = 0x23852875;
 inline constexpr std::uint32_t EXT_CRYPTO_HEADER = 0x0537be77;
 inline constexpr std::uint32_t EXT_DATA_FILE = 0x44415441;
 
-// §8 compression_type values.
+// qcow2.txt "Header", compression_type values.
 inline constexpr std::uint8_t COMPRESSION_DEFLATE = 0;
 inline constexpr std::uint8_t COMPRESSION_ZSTD = 1;
 
-// §9 crypt_method values.
+// qcow2.txt "Header", crypt_method values (see "Data encryption").
 inline constexpr std::uint32_t CRYPT_NONE = 0;
 inline constexpr std::uint32_t CRYPT_AES = 1;
 inline constexpr std::uint32_t CRYPT_LUKS = 2;
 
-// §5.3 refcount table entries.
+// qcow2.txt "Host cluster management": refcount table entries.
 inline constexpr std::uint64_t REFT_OFFSET_MASK = 0xfffffffffffffe00ull;
 inline constexpr std::uint64_t REFT_RESERVED_MASK = 0x1ffull;
 
-// §6.2 L1 entries.
+// qcow2.txt "Cluster mapping": L1 table entries.
 inline constexpr std::uint64_t L1E_OFFSET_MASK = 0x00fffffffffffe00ull;
 inline constexpr std::uint64_t L1E_RESERVED_MASK = 0x7f000000000001ffull;
 
-// §6.3/§6.4 L2 entries.
+// qcow2.txt "Cluster mapping": L2 table entries, standard cluster descriptor.
 inline constexpr std::uint64_t QCOW_OFLAG_COPIED = 1ull << 63;
 inline constexpr std::uint64_t QCOW_OFLAG_COMPRESSED = 1ull << 62;
 inline constexpr std::uint64_t QCOW_OFLAG_ZERO = 1ull << 0;
 inline constexpr std::uint64_t L2E_OFFSET_MASK = 0x00fffffffffffe00ull;
 inline constexpr std::uint64_t L2E_STD_RESERVED_MASK = 0x3f000000000001feull;
 
-// §7 extended L2 subcluster bitmap.
+// qcow2.txt "Extended L2 Entries": subcluster allocation bitmap.
 inline constexpr unsigned SUBCLUSTERS_PER_CLUSTER = 32;
 inline constexpr std::uint64_t QCOW_L2_BITMAP_ALL_ALLOC = 0x00000000ffffffffull;
 inline constexpr std::uint64_t QCOW_L2_BITMAP_ALL_ZEROES = 0xffffffff00000000ull;
 
-// §12.3 bitmap directory entry flags, §12.4 bitmap table entries.
+// qcow2.txt "Bitmap directory" entry flags and type, "Bitmap table" entries.
 inline constexpr std::uint32_t BME_FLAG_IN_USE = 1u << 0;
 inline constexpr std::uint32_t BME_FLAG_AUTO = 1u << 1;
 inline constexpr std::uint32_t BME_RESERVED_FLAGS = 0xfffffffcu;
@@ -74,7 +74,9 @@ inline constexpr std::uint64_t BME_TABLE_ENTRY_OFFSET_MASK = 0x00fffffffffffe00u
 inline constexpr std::uint64_t BME_TABLE_ENTRY_RESERVED_MASK = 0xff000000000001feull;
 inline constexpr std::uint64_t BME_TABLE_ENTRY_FLAG_ALL_ONES = 1ull << 0;
 
-// §13 limits enforced on open (QEMU's, so images QEMU refuses are refused).
+// Limits enforced on open: QEMU's (block/qcow2.h, qcow2_do_open,
+// qcow2_read_extensions, block/qcow2-bitmap.c), so images QEMU refuses are
+// refused.
 inline constexpr std::uint32_t MIN_CLUSTER_BITS = 9;
 inline constexpr std::uint32_t MAX_CLUSTER_BITS = 21;
 inline constexpr std::uint32_t MIN_EXTL2_CLUSTER_BITS = 14;

@@ -1,4 +1,6 @@
-// parse_header: decode and validate cluster 0 (§2-§4, checks of §13.1/§13.2).
+// parse_header: decode and validate cluster 0 (qcow2.txt "Header",
+// "Header extensions" and the extension sections), with the checks of QEMU's
+// qcow2_do_open and qcow2_read_extensions.
 #include <algorithm>
 #include <climits>
 #include <cstring>
@@ -15,7 +17,8 @@ namespace {
 constexpr std::uint64_t kInt64Max = static_cast<std::uint64_t>(INT64_MAX);
 
 // Built-in names for the bits QEMU knows, used when the image has no
-// feature name table entry for a bit (§3, §4.3).
+// feature name table entry for a bit (qcow2.txt "Header" feature bits,
+// "Feature name table").
 const char* builtin_feature_name(std::uint8_t type, std::uint8_t bit) {
   static const char* const incompat[] = {"dirty bit", "corrupt bit", "external data file", "compression type",
                                          "extended L2 entries"};
@@ -136,7 +139,7 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
   h.nb_snapshots = load_be32(p + 60);
   h.snapshots_offset = load_be64(p + 64);
 
-  // §13.1 #3
+  // Clusters of 512 B (the spec's minimum) to 2 MiB (QEMU's maximum, qcow2_do_open).
   if (h.cluster_bits < MIN_CLUSTER_BITS || h.cluster_bits > MAX_CLUSTER_BITS) {
     return make_error(EINVAL, "unsupported cluster size: cluster_bits {} (must be {}..{})", h.cluster_bits,
                       MIN_CLUSTER_BITS, MAX_CLUSTER_BITS);
@@ -147,7 +150,7 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
   // end of the file read as zeroes.
 
   if (h.version == 2) {
-    // §13.1 #5: v2 has none of the v3 fields.
+    // qcow2.txt "Header": v2 has none of the v3 fields.
     h.incompatible_features = h.compatible_features = h.autoclear_features = 0;
     h.refcount_order = 4;
     h.header_length = V2_HEADER_LENGTH;
@@ -162,7 +165,8 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
     h.autoclear_features = load_be64(p + 88);
     h.refcount_order = load_be32(p + 96);
     h.header_length = load_be32(p + 100);
-    // §13.1 #4
+    // qcow2.txt "Header": v3 header_length >= 104 and a multiple of 8; QEMU's
+    // qcow2_do_open also keeps it inside the first cluster.
     if (h.header_length < V3_MIN_HEADER_LENGTH) {
       return make_error(EINVAL, "header_length {} is too small (version 3 needs at least {})", h.header_length,
                         V3_MIN_HEADER_LENGTH);
@@ -177,19 +181,21 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
       return make_error(EINVAL, "header_length {} runs past the end of the file", h.header_length);
     }
     p = c0.at(0, h.header_length);
-    // §2.1: the optional compression_type byte exists only if header_length > 104.
+    // qcow2.txt "Additional fields (version 3 and higher)": the optional
+    // compression_type byte exists only if header_length > 104.
     h.compression_type = h.header_length > 104 ? static_cast<std::uint8_t>(p[104]) : 0;
     if (h.header_length > V3_HEADER_LENGTH) {
       h.unknown_header_fields.assign(p + V3_HEADER_LENGTH, p + h.header_length);
     }
   }
 
-  // §13.1 #10
+  // qcow2.txt "Header": refcount_order may not exceed 6.
   if (h.refcount_order > MAX_REFCOUNT_ORDER) {
     return make_error(EINVAL, "refcount_order {} is too large (refcount width above 64 bits)", h.refcount_order);
   }
 
-  // §13.1 #12: the backing file name lives in cluster 0, after the extensions.
+  // qcow2.txt "Header", "Header extensions": the backing file name (at most
+  // 1023 bytes) lives in cluster 0, after the extensions.
   if (h.backing_file_offset != 0) {
     if (h.backing_file_size > MAX_BACKING_FILE_SIZE) {
       return make_error(EINVAL, "backing file name too long ({} bytes, limit {})", h.backing_file_size,
@@ -209,7 +215,8 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
     if (h.backing_file.empty()) return make_error(EINVAL, "backing file name is empty");
   }
 
-  // §4.1, §13.2 #21: header extensions, from header_length to the backing
+  // Header extensions (qcow2.txt "Header extensions"; each record must fit, as
+  // QEMU's qcow2_read_extensions checks), from header_length to the backing
   // file name (or the end of cluster 0).
   const std::uint64_t ext_end = h.backing_file_offset ? h.backing_file_offset : cluster_size;
   bool seen_backing_format = false, seen_features = false, seen_data_file = false;
@@ -233,7 +240,7 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
       return make_error(EINVAL, "header extension '{}' ({:#010x}) appears twice", name, type);
     };
     switch (type) {
-      case EXT_BACKING_FORMAT:  // §13.2 #22
+      case EXT_BACKING_FORMAT:  // QEMU's qcow2_read_extensions: < 16 bytes
         if (seen_backing_format) return duplicate("backing file format");
         seen_backing_format = true;
         if (len > MAX_BACKING_FORMAT_LENGTH) {
@@ -254,7 +261,7 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
           h.feature_names.push_back(std::move(f));
         }
         break;
-      case EXT_BITMAPS: {  // §4.4, §13.2 #24
+      case EXT_BITMAPS: {  // qcow2.txt "Bitmaps extension", QEMU's checks
         if (h.bitmaps) return duplicate("bitmaps");
         if (len != 24) return make_error(EINVAL, "bitmaps extension has length {} (must be 24)", len);
         BitmapsExtension b;
@@ -284,7 +291,7 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
         h.bitmaps = b;
         break;
       }
-      case EXT_CRYPTO_HEADER: {  // §4.5, §13.2 #23
+      case EXT_CRYPTO_HEADER: {  // qcow2.txt "Full disk encryption header pointer"
         if (h.crypto_header) return duplicate("full disk encryption header pointer");
         if (h.crypt_method != CRYPT_LUKS) {
           return make_error(EINVAL, "full disk encryption header pointer extension without LUKS encryption");
@@ -304,11 +311,11 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
     if (pos > ext_end) pos = ext_end;  // padding may run to the very end
   }
 
-  // §13.1 #6: unknown incompatible bits, named from the feature table.
+  // qcow2.txt "Header": unknown incompatible bits, named from the feature table.
   if (std::uint64_t unknown = h.incompatible_features & ~INCOMPAT_MASK) {
     return make_error(ENOTSUP, "{}", describe_unknown_incompat(h, unknown));
   }
-  // §13.1 #11, §9: this engine implements no encryption.
+  // qcow2.txt "Data encryption": this engine implements no encryption.
   if (h.crypt_method != CRYPT_NONE) {
     if (h.crypt_method == CRYPT_AES || h.crypt_method == CRYPT_LUKS) {
       return make_error(ENOTSUP, "encrypted images are not supported (crypt_method {}: {})", h.crypt_method,
@@ -316,7 +323,7 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
     }
     return make_error(ENOTSUP, "unsupported encryption method {}", h.crypt_method);
   }
-  // §13.1 #8, §8
+  // qcow2.txt "Header", compression_type (QEMU's validate_compression_type).
   if (h.incompatible_features & INCOMPAT_COMPRESSION) {
     if (h.header_length <= 104) {
       return make_error(EINVAL, "compression type feature bit is set but the header has no compression_type field");
@@ -330,25 +337,25 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
   if (h.compression_type != COMPRESSION_DEFLATE && h.compression_type != COMPRESSION_ZSTD) {
     return make_error(ENOTSUP, "unknown compression type {}", h.compression_type);
   }
-  // §13.1 #9
+  // qcow2.txt "Header", cluster_bits: extended L2 entries need 16 KiB clusters.
   if (h.extended_l2() && h.cluster_bits < MIN_EXTL2_CLUSTER_BITS) {
     return make_error(EINVAL, "unsupported subcluster size: extended L2 entries need clusters of at least {} bytes",
                       1u << MIN_EXTL2_CLUSTER_BITS);
   }
-  // §13.1 #17, §3.3
+  // qcow2.txt "Header", autoclear bit 1 (raw external data).
   if (h.data_file_raw() && !h.has_data_file()) {
     return make_error(EINVAL, "data-file-raw requires a data file (autoclear bit 1 without incompatible bit 2)");
   }
   if (h.data_file_raw() && h.backing_file_offset != 0) {
     return make_error(EINVAL, "data-file-raw cannot be combined with a backing file");
   }
-  // §13.2 #25
+  // qcow2.txt "Header", autoclear bit 0: an error without the bitmaps extension.
   if (h.version >= 3 && (h.autoclear_features & AUTOCLEAR_BITMAPS) && !h.bitmaps) {
     return make_error(EINVAL, "bitmaps autoclear bit is set but there is no bitmaps extension");
   }
 
-  // §13.1 #16: size limits. QEMU rejects sizes that do not fit its sector
-  // arithmetic; the L1 table must cover the whole disk.
+  // Size limits of QEMU's qcow2_do_open: QEMU rejects sizes that do not fit its
+  // sector arithmetic; the L1 table must cover the whole disk.
   if (h.size > kInt64Max) return make_error(EFBIG, "image is too big (size {:#x})", h.size);
   const unsigned shift = h.cluster_bits + h.l2_bits();
   const std::uint64_t l1_vm_state_index = (h.size >> shift) + ((h.size & ((1ull << shift) - 1)) != 0);
@@ -358,7 +365,8 @@ Result<Header> parse_cluster0(Cluster0& c0, std::uint64_t file_size) {
   if (h.l1_size < l1_vm_state_index) {
     return make_error(EINVAL, "L1 table is too small ({} entries for a disk needing {})", h.l1_size, l1_vm_state_index);
   }
-  // §13.1 #13, #14, #15
+  // QEMU's qcow2_do_open and qcow2_validate_table: refcount table <= 8 MiB,
+  // active L1 <= 32 MiB, <= 65536 snapshots; each aligned and inside the file.
   if (h.refcount_table_clusters == 0) return make_error(EINVAL, "refcount table has zero clusters");
   QNBD_TRY(validate_table("refcount table", h.refcount_table_offset,
                           std::uint64_t{h.refcount_table_clusters} * (cluster_size / 8), 8, MAX_REFTABLE_BYTES,

@@ -1,8 +1,10 @@
 // The qcow2 header (cluster 0): fixed fields, optional v3 fields and header
-// extensions, decoded into plain data (§2-§4 of ../shared/spec/qcow2.md).
+// extensions, decoded into plain data (qcow2.txt "Header",
+// "Header extensions").
 //
-// parse_header() validates everything it can check from cluster 0 alone
-// (§13.1, §13.2); the driver checks what needs the file size or other tables.
+// parse_header() validates everything it can check from cluster 0 alone (the
+// checks of QEMU's qcow2_do_open and qcow2_read_extensions); the driver checks
+// what needs the file size or other tables.
 // serialize_header() is its inverse, used by create and by every header
 // rewrite, and keeps unknown fields and extensions so a writer preserves them.
 #pragma once
@@ -23,18 +25,18 @@ class File;
 
 namespace qnbd::image::qcow2 {
 
-struct BitmapsExtension {  // §4.4
+struct BitmapsExtension {  // qcow2.txt "Bitmaps extension"
   std::uint32_t nb_bitmaps = 0;
   std::uint64_t bitmap_directory_size = 0;
   std::uint64_t bitmap_directory_offset = 0;
 };
 
-struct CryptoHeaderPointer {  // §4.5
+struct CryptoHeaderPointer {  // qcow2.txt "Full disk encryption header pointer"
   std::uint64_t offset = 0;
   std::uint64_t length = 0;
 };
 
-struct FeatureName {      // §4.3
+struct FeatureName {      // qcow2.txt "Feature name table"
   std::uint8_t type = 0;  // 0 incompatible, 1 compatible, 2 autoclear
   std::uint8_t bit = 0;
   std::string name;
@@ -46,7 +48,7 @@ struct UnknownExtension {
 };
 
 struct Header {
-  // §2 fixed fields, spec names.
+  // qcow2.txt "Header" fixed fields, spec names.
   std::uint32_t version = 3;
   std::uint64_t backing_file_offset = 0;
   std::uint32_t backing_file_size = 0;
@@ -66,10 +68,11 @@ struct Header {
   std::uint32_t refcount_order = 4;
   std::uint32_t header_length = V3_HEADER_LENGTH;
   std::uint8_t compression_type = COMPRESSION_DEFLATE;
-  // Bytes from offset 112 up to header_length, kept verbatim (§2.1).
+  // Bytes from offset 112 up to header_length, kept verbatim (qcow2.txt
+  // "Additional fields").
   std::vector<std::byte> unknown_header_fields;
 
-  // §4 extensions.
+  // qcow2.txt "Header extensions".
   std::string backing_file;                 // from backing_file_offset/size
   std::string backing_format;               // EXT_BACKING_FORMAT
   std::string data_file;                    // EXT_DATA_FILE

@@ -1,5 +1,5 @@
-// serialize_header(): the inverse of parse_header() (§2-§4, §14.6 of
-// ../shared/spec/qcow2.md).
+// serialize_header(): the inverse of parse_header() (qcow2.txt "Header",
+// "Additional fields", "Header padding", "Header extensions").
 //
 // Layout, in the order QEMU's qcow2_update_header() uses so that images we
 // write are byte-identical to qemu-img's: fixed header, optional v3 fields and
@@ -37,7 +37,7 @@ class Writer {
   }
 
   // One extension record; the padding to 8 bytes stays zero (the buffer
-  // starts zeroed), as §14.6 requires.
+  // starts zeroed), as QEMU's qcow2_update_header writes it.
   Result<void> extension(std::uint32_t type, std::span<const std::byte> data) {
     std::byte* p = QNBD_TRY(reserve(8 + align_up(data.size(), 8)));
     store_be32(p, type);
@@ -67,7 +67,7 @@ Result<std::vector<std::byte>> serialize_header(const Header& h) {
   const bool v3 = h.version == 3;
   if (!v3 && (h.incompatible_features || h.compatible_features || h.autoclear_features || h.refcount_order != 4 ||
               h.compression_type != COMPRESSION_DEFLATE || !h.unknown_header_fields.empty())) {
-    // §14.12: a version 2 header has no room for these.
+    // qcow2.txt "Header": a version 2 header has no room for these.
     return make_error(EINVAL, "version 2 qcow2 header cannot carry v3 features");
   }
   if (h.refcount_order > MAX_REFCOUNT_ORDER) {
@@ -81,8 +81,8 @@ Result<std::vector<std::byte>> serialize_header(const Header& h) {
   std::vector<std::byte> buf(h.cluster_size(), std::byte{0});
   Writer w(buf);
 
-  // §2 fixed header. backing_file_offset/size are patched once the
-  // extensions' length is known.
+  // Fixed header (qcow2.txt "Header"). backing_file_offset/size are patched
+  // once the extensions' length is known.
   std::byte* p = QNBD_TRY(w.reserve(V2_HEADER_LENGTH));
   store_be32(p + 0, QCOW2_MAGIC);
   store_be32(p + 4, h.version);
@@ -97,14 +97,15 @@ Result<std::vector<std::byte>> serialize_header(const Header& h) {
   store_be64(p + 64, h.snapshots_offset);
 
   if (v3) {
-    // §2.1: always write the 112-byte header QEMU writes (compression_type
-    // plus zero padding), followed verbatim by fields we do not know.
+    // qcow2.txt "Additional fields", "Header padding": always write the
+    // 112-byte header QEMU writes (compression_type plus zero padding),
+    // followed verbatim by fields we do not know.
     // header_length must be a multiple of 8; the pad bytes stay zero.
     const std::uint64_t header_length = align_up(V3_HEADER_LENGTH + h.unknown_header_fields.size(), 8);
     std::byte* q = QNBD_TRY(w.reserve(header_length - V2_HEADER_LENGTH));
     store_be64(q + 0, h.incompatible_features);
     store_be64(q + 8, h.compatible_features);
-    // §3.3: unknown autoclear bits are cleared by any writer.
+    // qcow2.txt "Header", autoclear_features: unknown bits are cleared by any writer.
     store_be64(q + 16, h.autoclear_features & AUTOCLEAR_MASK);
     store_be32(q + 24, h.refcount_order);
     store_be32(q + 28, static_cast<std::uint32_t>(header_length));
@@ -115,7 +116,7 @@ Result<std::vector<std::byte>> serialize_header(const Header& h) {
     }
   }
 
-  // §4 extensions.
+  // Extensions (qcow2.txt "Header extensions").
   if (!h.backing_format.empty()) {
     QNBD_TRY(w.extension(EXT_BACKING_FORMAT, as_bytes(h.backing_format)));
   }
@@ -135,13 +136,14 @@ Result<std::vector<std::byte>> serialize_header(const Header& h) {
       std::byte* e = table.data() + i * 48;
       e[0] = std::byte{f.type};
       e[1] = std::byte{f.bit};
-      // 46 bytes, zero padded; a 46-byte name has no NUL (§4.3).
+      // 46 bytes, zero padded; a 46-byte name has no NUL (qcow2.txt
+      // "Feature name table").
       std::memcpy(e + 2, f.name.data(), std::min<std::size_t>(f.name.size(), 46));
     }
     QNBD_TRY(w.extension(EXT_FEATURE_TABLE, table));
   }
-  // §3.3: the bitmaps extension is only meaningful with autoclear bit 0;
-  // QEMU drops it on rewrite when the bit is clear, and so do we.
+  // The bitmaps extension is only meaningful with autoclear bit 0 (qcow2.txt
+  // "Header"); QEMU drops it on rewrite when the bit is clear, and so do we.
   if (h.bitmaps && (h.autoclear_features & AUTOCLEAR_BITMAPS)) {
     std::byte data[24] = {};
     store_be32(data, h.bitmaps->nb_bitmaps);
@@ -155,8 +157,8 @@ Result<std::vector<std::byte>> serialize_header(const Header& h) {
   }
   QNBD_TRY(w.extension(EXT_END, {}));
 
-  // The backing file name directly follows the extension area (§4.1), so
-  // nothing else can hide between them.
+  // The backing file name directly follows the extension area (qcow2.txt
+  // "Header extensions"), so nothing else can hide between them.
   if (!h.backing_file.empty()) {
     const std::uint64_t offset = w.pos();
     std::byte* name = QNBD_TRY(w.reserve(h.backing_file.size()));

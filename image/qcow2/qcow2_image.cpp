@@ -18,8 +18,8 @@ namespace {
 // QEMU's default: enough L2 cache to map the whole disk, up to 32 MiB.
 constexpr std::uint64_t kMaxL2CacheBytes = 32ull << 20;
 
-// §13.3 #36: the top-level metadata regions must not overlap each other
-// (cluster granularity, as QEMU's overlap checks).
+// The top-level metadata regions must not overlap each other (cluster
+// granularity, as QEMU's overlap checks, qcow2_check_metadata_overlap).
 Result<void> check_metadata_overlaps(const Header& h) {
   struct Region {
     const char* name;
@@ -84,7 +84,7 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
   img->geometry_ = L2Geometry{h.cluster_bits, h.version, h.extended_l2(), h.has_data_file()};
   img->size_ = align_down(h.size, 512);
 
-  // §10: the external data file.
+  // The external data file (qcow2.txt "Header", incompatible bit 2).
   if (h.has_data_file()) {
     img->data_file_name_ = options.data_file.empty() ? h.data_file : options.data_file;
     if (parts.data_file) {

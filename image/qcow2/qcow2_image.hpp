@@ -79,7 +79,7 @@ class Qcow2Image final : public BlockDevice {
   BlockDevice* backing() const override { return backing_.get(); }
   ImageInfo info() const override;
 
-  // Persistent dirty bitmaps (§12; implemented in bitmap_store.cpp).
+  // Persistent dirty bitmaps (qcow2.txt "Bitmaps"; implemented in bitmap_store.cpp).
   Result<std::size_t> export_bitmap(const std::string& name) override;
   Result<void> start_tracking() override;
   Result<std::size_t> bitmap_status(std::size_t handle, std::uint64_t offset, std::uint64_t length,
@@ -95,8 +95,8 @@ class Qcow2Image final : public BlockDevice {
   // data write, before any allocation or L2 update), WITHOUT mutex_ held,
   // and fail the request if it fails. It marks every touched granule in
   // every enabled bitmap; the first call also loads those bitmaps and sets
-  // in_use for them on disk (§12.6 in-place update, flushed) — once per
-  // open. Cheap afterwards (one bitmap lock per enabled bitmap).
+  // in_use for them on disk (QEMU's in-place directory update, flushed) — once
+  // per open. Cheap afterwards (one bitmap lock per enabled bitmap).
   [[nodiscard]] Result<void> bitmaps_before_write(std::uint64_t offset, std::uint64_t length);
   // close() of a writable image MUST, once no write is in flight and guest
   // data, L2 tables and refcounts are flushed, with mutex_ held and before

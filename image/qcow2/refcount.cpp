@@ -1,5 +1,6 @@
-// Refcount entries, table/block management and the cluster allocator (§5,
-// §14.1, §14.3 of ../shared/spec/qcow2.md).
+// Refcount entries, table/block management and the cluster allocator (qcow2.txt
+// "Host cluster management"; table growth and crash ordering as QEMU's
+// block/qcow2-refcount.c).
 #include "image/qcow2/refcount.hpp"
 
 #include <algorithm>
@@ -64,7 +65,7 @@ Result<Refcounts> Refcounts::load(File& file, RefcountGeometry geometry, std::ui
   const std::uint64_t cluster_size = geometry.cluster_size();
   const std::uint64_t file_size = QNBD_TRY(file.size());
   const std::uint64_t table_bytes = std::uint64_t{refcount_table_clusters} * cluster_size;
-  // §13.1 #13.
+  // QEMU's qcow2_do_open: at least one cluster, at most 8 MiB.
   if (refcount_table_clusters == 0 || table_bytes > MAX_REFTABLE_BYTES) {
     return make_error(EIO, "refcount table size {} clusters is invalid", refcount_table_clusters);
   }
@@ -82,7 +83,8 @@ Result<Refcounts> Refcounts::load(File& file, RefcountGeometry geometry, std::ui
   for (std::size_t i = 0; i < r.table_.size(); i++) {
     const std::uint64_t e = load_be64(raw.data() + 8 * i);
     const std::uint64_t offset = e & REFT_OFFSET_MASK;
-    // §13.3 #33: reserved bits zero, aligned, inside the file.
+    // Reserved bits zero, aligned (qcow2.txt "Host cluster management"), inside
+    // the file.
     if (e & REFT_RESERVED_MASK) {
       return make_error(EIO, "refcount table entry {} has reserved bits set ({:#x})", i, e);
     }
@@ -269,7 +271,7 @@ Result<void> Refcounts::create_block(std::uint64_t ti, unsigned depth) {
   const std::uint64_t offset = c << geometry_.cluster_bits;
   std::vector<std::byte> data(geometry_.cluster_size(), std::byte{0});
   if (c_ti == ti) {
-    // The block describes itself (§14.1).
+    // The block describes itself (as QEMU's alloc_refcount_block allows).
     set_refcount_entry(data, geometry_.refcount_order, c & (geometry_.block_entries() - 1), 1);
   } else {
     // Another block covers the new one: raise that refcount and make it

@@ -1,6 +1,6 @@
-// Refcounts (§5 of ../shared/spec/qcow2.md): entry encoding for every
-// refcount_order, the two-level table/block structure over the File seam,
-// and the cluster allocator used by create, check -r and the write path.
+// Refcounts (qcow2.txt "Host cluster management"): entry encoding for every
+// refcount_order, the two-level table/block structure over the File seam, and
+// the cluster allocator used by create, check -r and the write path.
 //
 // Thread-safety: none. A Refcounts object is owned by one image and used
 // under that image's metadata mutex.
@@ -22,7 +22,8 @@
 
 namespace qnbd::image::qcow2 {
 
-// §5.4: entry `index` of a refcount block of width 1 << refcount_order bits.
+// Entry `index` of a refcount block of width 1 << refcount_order bits
+// (qcow2.txt "Host cluster management", refcount block entry).
 // Callers guarantee index < block.size() * 8 >> refcount_order and, for set,
 // value <= max_refcount(refcount_order).
 std::uint64_t get_refcount_entry(std::span<const std::byte> block, unsigned refcount_order, std::uint64_t index);
@@ -45,14 +46,14 @@ struct RefcountGeometry {
 
 // The refcount structure of one open image.
 //
-// The table is held in memory (it is ≤ 8 MiB, §5.5); refcount blocks go
+// The table is held in memory (QEMU caps it at 8 MiB); refcount blocks go
 // through a TableCache (cache.hpp, the class that also caches L2 tables)
 // whose dirty blocks are written back by flush() or when evicted. An early
 // write-back is safe: refcounts are raised before any pointer to the
 // cluster is written, and lowered only after the pointer's removal is on
 // disk, so a block on disk is never behind what a pointer there needs.
 //
-// Crash ordering (§14.3), enforced here:
+// Crash ordering (QEMU's: refcounts before pointers), enforced here:
 //  * a new refcount block is written (and the file flushed) before the
 //    table entry pointing to it; if it is not self-describing, the refcount
 //    covering it is raised and flushed first;
@@ -72,8 +73,9 @@ class Refcounts {
     bool ordered_flushes = true;
   };
 
-  // Load and validate the refcount table (§13.3 #33: reserved bits zero,
-  // block offsets aligned and inside the file). `file_size` bounds offsets.
+  // Load and validate the refcount table (qcow2.txt "Host cluster management":
+  // reserved bits zero, block offsets aligned and inside the file). `file_size`
+  // bounds offsets.
   [[nodiscard]] static Result<Refcounts> load(File& file, RefcountGeometry geometry,
                                               std::uint64_t refcount_table_offset,
                                               std::uint32_t refcount_table_clusters, Options options);
@@ -145,9 +147,10 @@ class Refcounts {
   Result<TableCache::Handle> block(std::uint64_t ti);
   // Put a block just written to the file into the cache (clean).
   Result<void> cache_new_block(std::uint64_t offset, std::span<const std::byte> data);
-  // Create the refcount block for table index `ti` (§14.1).
+  // Create the refcount block for table index `ti` (as QEMU's alloc_refcount_block).
   Result<void> create_block(std::uint64_t ti, unsigned depth);
-  // Grow the table to at least `min_entries` entries by moving it (§14.1).
+  // Grow the table to at least `min_entries` entries by moving it (as QEMU's
+  // qcow2_refcount_area).
   Result<void> grow_table(std::uint64_t min_entries);
   Result<void> write_table_entry(std::uint64_t ti);
   Result<void> set_internal(std::uint64_t cluster_index, std::uint64_t value, unsigned depth);

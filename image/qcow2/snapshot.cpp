@@ -12,8 +12,9 @@ Result<std::vector<SnapshotInfo>> read_snapshot_table(File& file, const Header& 
   std::vector<SnapshotInfo> out;
   if (table_bytes) *table_bytes = 0;
   if (h.nb_snapshots == 0) return out;
-  // §11.4: entries are read one by one (the table is at most 64 MiB and
-  // must lie inside the file); nothing is allocated beyond one entry.
+  // Entries are read one by one (the table is at most 64 MiB, QEMU's
+  // qcow2_read_snapshots limit, and must lie inside the file); nothing is
+  // allocated beyond one entry.
   const std::uint64_t table_limit =
       std::min<std::uint64_t>(file_size - std::min(file_size, h.snapshots_offset), MAX_SNAPSHOTS_TABLE_BYTES);
   out.reserve(h.nb_snapshots);

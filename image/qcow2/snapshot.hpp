@@ -1,5 +1,6 @@
-// Internal snapshot table (§11): parsed and validated at open. Snapshots are
-// listed by `info`; the active layer is what the engine reads.
+// Internal snapshot table (qcow2.txt "Snapshots"): parsed and validated at
+// open. Snapshots are listed by `info`; the active layer is what the engine
+// reads.
 #pragma once
 
 #include <vector>

@@ -17,7 +17,7 @@ using V = std::vector<std::string>;
 
 }  // namespace
 
-TEST_CASE("meta-context queries follow the spec §13.4 table") {
+TEST_CASE("meta-context queries follow proto.md \"Metadata querying\" and qemu nbd/server.c") {
   ExportInfo e;
   e.allocation_depth = true;
   e.bitmaps = {"b0", "b1"};

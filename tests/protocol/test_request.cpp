@@ -51,7 +51,7 @@ TEST_CASE("compact and extended request headers parse field by field") {
   CHECK(r.payload_length == 12);
 }
 
-TEST_CASE("validate_request: errors exactly per spec §15.2") {
+TEST_CASE("validate_request: errors exactly per proto.md \"Request message\" and the command sections") {
   const std::uint16_t rw_flags = NBD_FLAG_HAS_FLAGS | NBD_FLAG_SEND_FLUSH | NBD_FLAG_SEND_FUA | NBD_FLAG_SEND_TRIM |
                                  NBD_FLAG_SEND_WRITE_ZEROES | NBD_FLAG_SEND_FAST_ZERO | NBD_FLAG_SEND_CACHE;
   ValidationContext rw{1ull << 30, rw_flags, ReplyMode::simple, false, false, 1, kMaxPayload};

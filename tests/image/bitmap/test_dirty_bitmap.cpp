@@ -1,5 +1,6 @@
 // DirtyBitmap against a naive per-granule model: random set/clear/merge, run
-// queries from arbitrary offsets, and the serialized (§12.5) byte order.
+// queries from arbitrary offsets, and the serialized (qcow2.txt "Bitmap data")
+// byte order.
 #include <doctest/doctest.h>
 
 #include <random>

@@ -1,7 +1,7 @@
 // Persistent bitmaps on qcow2 images made by qemu-img/qemu-io: table entry
 // decoding (incl. all-ones and invalid entries), in_use marking on the first
-// write (§12.6 in-place update), and storing on close compared with what
-// qemu-io records for the same writes; the result passes qemu-img check.
+// write (QEMU's in-place directory update), and storing on close compared with
+// what qemu-io records for the same writes; the result passes qemu-img check.
 #include <doctest/doctest.h>
 
 #include <fstream>
@@ -261,7 +261,8 @@ TEST_CASE("bitmaps: crash ordering of the in_use update and of the store on clos
   BitmapStore store(rec, l.header, l.dir, l.file->contents().size(), true);
   REQUIRE(store.before_write(4096, 1));
   REQUIRE(store.before_write(8192, 1));
-  // §12.6 in-place: autoclear off + flush, directory + flush, autoclear on + flush.
+  // QEMU's in-place update (update_ext_header_and_dir_in_place): autoclear bit
+  // off + flush, directory + flush, autoclear bit on + flush.
   REQUIRE(rec.log.size() == 6);
   CHECK((rec.log[0].kind == 'w' && rec.log[0].offset == 88));
   CHECK(rec.log[1].kind == 'f');

@@ -1,5 +1,6 @@
-// L2 entry decoding (§6, §7): standard, zero, unallocated, compressed
-// descriptors for several cluster sizes, extended L2 subclusters.
+// L2 entry decoding (qcow2.txt "Cluster mapping", "Extended L2 Entries"):
+// standard, zero, unallocated, compressed descriptors for several cluster
+// sizes, extended L2 subclusters.
 #include <doctest/doctest.h>
 
 #include "image/qcow2/cluster.hpp"
@@ -49,7 +50,7 @@ TEST_CASE("external data file: identity mapping, offset 0 with COPIED") {
 TEST_CASE("compressed descriptors for every cluster size") {
   for (std::uint32_t bits = 9; bits <= 21; ++bits) {
     CAPTURE(bits);
-    const unsigned x = 70 - bits;  // §6.5
+    const unsigned x = 70 - bits;  // qcow2.txt "Cluster mapping"
     const std::uint64_t coffset = 0x123456789ull & ((1ull << (x < 56 ? x : 56)) - 1) & ~0ull;
     const std::uint64_t max_additional = (1ull << (bits - 8)) - 1;
     for (std::uint64_t additional : {std::uint64_t{0}, std::uint64_t{1}, max_additional}) {
@@ -73,7 +74,7 @@ TEST_CASE("compressed offset bits above 56 are refused for small clusters") {
   CHECK(error_of(g, QCOW_OFLAG_COMPRESSED | (1ull << 57) | 0x1000).find("56 bits") != std::string::npos);
 }
 
-TEST_CASE("extended L2 subclusters (§7)") {
+TEST_CASE("extended L2 subclusters (qcow2.txt \"Extended L2 Entries\")") {
   L2Geometry g{16, 3, true, false};
   const std::uint64_t host = QCOW_OFLAG_COPIED | 0x70000;
   // Allocated cluster: alloc bit 3, zero bit 4, neither for 5.

@@ -1,5 +1,5 @@
-// serialize_header (§2-§4, §14.6) against parse_header, and create_qcow2's
-// layout.
+// serialize_header (qcow2.txt "Header", "Header extensions"; QEMU's rewrite
+// rules) against parse_header, and create_qcow2's layout.
 #include <doctest/doctest.h>
 
 #include <cstring>
@@ -81,7 +81,8 @@ TEST_CASE("serialize_header: round trips through parse_header") {
     h.backing_format = "qcow2";
     round_trip(h);
     auto bytes = *serialize_header(h);
-    // The name sits right after the end-of-extensions marker (§4.1).
+    // The name sits right after the end-of-extensions marker (qcow2.txt
+    // "Header extensions").
     const std::uint64_t off = load_be64(bytes.data() + 8);
     CHECK(load_be32(bytes.data() + 16) == h.backing_file.size());
     CHECK(load_be32(bytes.data() + off - 8) == EXT_END);
@@ -151,7 +152,8 @@ TEST_CASE("serialize_header: limits and rules") {
   v2.compatible_features = COMPAT_LAZY_REFCOUNTS;
   CHECK(serialize_header(v2).error().code == EINVAL);
 
-  // Unknown autoclear bits are cleared on rewrite (§3.3).
+  // Unknown autoclear bits are cleared on rewrite (qcow2.txt "Header",
+  // autoclear_features).
   Header a = sample_v3();
   a.autoclear_features = 0x80 | AUTOCLEAR_DATA_FILE_RAW;
   a.incompatible_features = INCOMPAT_DATA_FILE;

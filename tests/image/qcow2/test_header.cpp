@@ -1,4 +1,5 @@
-// parse_header: golden decoding and every §13.1/§13.2 reject, each with a
+// parse_header: golden decoding and every header and extension reject (the
+// checks of QEMU's qcow2_do_open and qcow2_read_extensions), each with a
 // message naming the defect.
 #include <doctest/doctest.h>
 

@@ -255,7 +255,7 @@ class OrderFile final : public ForwardingFile {
 
 }  // namespace
 
-TEST_CASE("TableCache: a table is written back only after its dependency and a sync (§14.3)") {
+TEST_CASE("TableCache: a table is written back only after its dependency and a sync (refcounts before pointers)") {
   // The L2 cache depends on the refcount block cache, as QEMU's
   // qcow2_cache_set_dependency: an L2 entry on disk must never point at a
   // cluster whose refcount is not on disk.

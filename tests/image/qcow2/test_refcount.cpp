@@ -1,5 +1,6 @@
-// Refcount entry encoding (§5.4), the refcount structure and its allocator:
-// block creation and a refcount table that has to move (§14.1).
+// Refcount entry encoding (qcow2.txt "Host cluster management"), the refcount
+// structure and its allocator: block creation and a refcount table that has to
+// move (as QEMU's alloc_refcount_block and qcow2_refcount_area).
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -223,7 +224,7 @@ TEST_CASE("allocator: reserved predicate is honoured and small caches still work
   for (std::uint64_t ci = 4; ci < 10; ci++) CHECK(rc[ci] == 0);
 }
 
-TEST_CASE("refcount table load rejects bad entries (§13.3 #33)") {
+TEST_CASE("refcount table load rejects bad entries (reserved bits, misaligned, outside the file)") {
   Image img = make_image(65536, 16, 1 << 20);
   store_be64(img.file.data.data() + 65536 + 8, 0x30001);  // reserved bit set
   CHECK(!Refcounts::load(img.file, RefcountGeometry{16, 4}, 65536, 1));
@@ -239,8 +240,8 @@ TEST_CASE("refcount table load rejects bad entries (§13.3 #33)") {
 
 namespace {
 
-// Records every write and flush so the crash ordering of §14.3 can be
-// asserted on the sequence.
+// Records every write and flush so the crash ordering (refcounts before
+// pointers) can be asserted on the sequence.
 class RecordingFile final : public qnbd::image::ForwardingFile {
  public:
   struct Event {
@@ -281,7 +282,7 @@ bool flush_between(const std::vector<RecordingFile::Event>& ev, long a, long b) 
 
 }  // namespace
 
-TEST_CASE("allocator: crash ordering of new blocks and a moved table (§14.1, §14.3)") {
+TEST_CASE("allocator: crash ordering of new blocks and a moved table (refcounts before pointers)") {
   Image img = make_image(512, 1, 1 << 20);
   RecordingFile rec(img.file);
   const std::uint64_t old_table = load_be64(img.file.data.data() + 48);
