@@ -1,6 +1,7 @@
 #include "image/qcow2/overlap.hpp"
 
 #include <algorithm>
+#include <bit>
 
 namespace qnbd::image::qcow2 {
 namespace {
@@ -50,8 +51,15 @@ void MetadataMap::rebuild_filter() {
   removed_since_rebuild_ = 0;
 }
 
+std::pair<std::uint64_t, std::uint64_t> MetadataMap::cluster_range(std::uint64_t offset, std::uint64_t bytes) const {
+  // An end past 2^64 is clipped: no cluster lies there.
+  const std::uint64_t end = bytes - 1 > UINT64_MAX - offset ? UINT64_MAX : offset + bytes - 1;
+  return {offset >> cluster_bits_, end >> cluster_bits_};
+}
+
 void MetadataMap::add(MetadataKind kind, std::uint64_t offset, std::uint64_t bytes) {
-  add_clusters(kind, std::span<const std::uint64_t>(&offset, 1), bytes);
+  const std::pair<std::uint64_t, std::uint64_t> range{offset, bytes};
+  add_ranges(kind, std::span(&range, 1));
 }
 
 void MetadataMap::add_clusters(MetadataKind kind, std::span<const std::uint64_t> offsets, std::uint64_t bytes) {
@@ -62,35 +70,96 @@ void MetadataMap::add_clusters(MetadataKind kind, std::span<const std::uint64_t>
   // image whose L1 table names a million scattered L2 tables took hours
   // (fuzz/corpus/qcow2_write/slow-open-scattered-l2-tables).
   const std::size_t old_size = keys_.size();
+  std::vector<Span> spans;
   for (std::uint64_t offset : offsets) {
-    const std::uint64_t first = offset >> cluster_bits_;
-    const std::uint64_t last = (offset + bytes - 1) >> cluster_bits_;
-    for (std::uint64_t c = first; c <= last; ++c) keys_.push_back(make_key(c, kind));
+    const auto [first, last] = cluster_range(offset, bytes);
+    if (first == last)
+      keys_.push_back(make_key(first, kind));
+    else
+      spans.push_back({first, last});  // an unaligned table of a corrupt image
   }
+  add_keys(old_size);
+  add_spans(kind, spans);
+}
+
+void MetadataMap::add_ranges(MetadataKind kind, std::span<const std::pair<std::uint64_t, std::uint64_t>> ranges) {
+  const std::size_t old_size = keys_.size();
+  std::vector<Span> spans;
+  for (const auto& [offset, bytes] : ranges) {
+    if (bytes == 0) continue;
+    const auto [first, last] = cluster_range(offset, bytes);
+    if (first == last)
+      keys_.push_back(make_key(first, kind));
+    else
+      spans.push_back({first, last});
+  }
+  add_keys(old_size);
+  add_spans(kind, spans);
+}
+
+void MetadataMap::add_keys(std::size_t old_size) {
+  if (keys_.size() == old_size) return;
   const auto mid = keys_.begin() + static_cast<std::ptrdiff_t>(old_size);
+  if ((std::uint64_t{keys_.size()} << 6) <= (std::uint64_t{1} << filter_bits_log2_) && !filter_.empty()) {
+    for (auto it = mid; it != keys_.end(); ++it) filter_set(*it >> kKindBits);
+  }
   if (!std::is_sorted(mid, keys_.end())) std::sort(mid, keys_.end());
-  if (old_size != 0 && *(mid - 1) > *mid) std::inplace_merge(keys_.begin(), mid, keys_.end());
+  const auto sorted_mid = keys_.begin() + static_cast<std::ptrdiff_t>(old_size);
+  if (old_size != 0 && *(sorted_mid - 1) > *sorted_mid) std::inplace_merge(keys_.begin(), sorted_mid, keys_.end());
   if ((std::uint64_t{keys_.size()} << 6) > (std::uint64_t{1} << filter_bits_log2_) || filter_.empty()) {
     rebuild_filter();  // doubles it: amortized O(1) per registration
-  } else {
-    for (std::uint64_t offset : offsets) {
-      const std::uint64_t first = offset >> cluster_bits_;
-      const std::uint64_t last = (offset + bytes - 1) >> cluster_bits_;
-      for (std::uint64_t c = first; c <= last; ++c) filter_set(c);
-    }
   }
+}
+
+void MetadataMap::add_spans(MetadataKind kind, std::vector<Span>& spans) {
+  if (spans.empty()) return;
+  SpanList& list = spans_[static_cast<std::size_t>(kind)];
+  const auto by_first = [](const Span& a, const Span& b) { return a.first < b.first; };
+  std::sort(spans.begin(), spans.end(), by_first);
+  // Merged in, and the running maximum redone from the first position that
+  // changed: appending in order (the usual case) costs only the new spans.
+  std::size_t from = list.spans.size();
+  if (from != 0 && spans.front().first < list.spans.back().first) {
+    from = static_cast<std::size_t>(std::upper_bound(list.spans.begin(), list.spans.end(), spans.front(), by_first) -
+                                    list.spans.begin());
+  }
+  const std::size_t old_size = list.spans.size();
+  list.spans.insert(list.spans.end(), spans.begin(), spans.end());
+  std::inplace_merge(list.spans.begin(), list.spans.begin() + static_cast<std::ptrdiff_t>(old_size), list.spans.end(),
+                     by_first);
+  list.max_last.resize(list.spans.size());
+  for (std::size_t i = from; i < list.spans.size(); ++i) {
+    list.max_last[i] = i == 0 ? list.spans[i].last : std::max(list.max_last[i - 1], list.spans[i].last);
+  }
+  for (const Span& sp : spans) span_clusters_ += sp.last - sp.first + 1;
+  span_kinds_ |= kind_bit(kind);
 }
 
 void MetadataMap::remove(MetadataKind kind, std::uint64_t offset, std::uint64_t bytes) {
   if (bytes == 0) return;
-  const std::uint64_t first = offset >> cluster_bits_;
-  const std::uint64_t last = (offset + bytes - 1) >> cluster_bits_;
-  for (std::uint64_t c = first; c <= last; ++c) {
-    auto it = std::lower_bound(keys_.begin(), keys_.end(), make_key(c, kind));
-    if (it != keys_.end() && *it == make_key(c, kind)) {
-      keys_.erase(it);
-      ++removed_since_rebuild_;
+  const auto [first, last] = cluster_range(offset, bytes);
+  if (first != last) {
+    SpanList& list = spans_[static_cast<std::size_t>(kind)];
+    for (auto it = std::lower_bound(list.spans.begin(), list.spans.end(), first,
+                                    [](const Span&a, std::uint64_t f) { return a.first < f; });
+         it != list.spans.end() && it->first == first; ++it) {
+      if (it->last != last) continue;
+      const auto i = static_cast<std::size_t>(it - list.spans.begin());
+      list.spans.erase(it);
+      list.max_last.resize(list.spans.size());
+      for (std::size_t j = i; j < list.spans.size(); ++j) {
+        list.max_last[j] = j == 0 ? list.spans[j].last : std::max(list.max_last[j - 1], list.spans[j].last);
+      }
+      span_clusters_ -= last - first + 1;
+      if (list.spans.empty()) span_kinds_ &= ~kind_bit(kind);
+      return;
     }
+    return;
+  }
+  auto it = std::lower_bound(keys_.begin(), keys_.end(), make_key(first, kind));
+  if (it != keys_.end() && *it == make_key(first, kind)) {
+    keys_.erase(it);
+    ++removed_since_rebuild_;
   }
   if (removed_since_rebuild_ > keys_.size() + 64) rebuild_filter();
 }
@@ -99,25 +168,43 @@ void MetadataMap::remove_all(MetadataKind kind) {
   std::erase_if(keys_,
                 [&](std::uint64_t k) { return (k & ((1u << kKindBits) - 1)) == static_cast<std::uint64_t>(kind); });
   rebuild_filter();
+  SpanList& list = spans_[static_cast<std::size_t>(kind)];
+  for (const Span& sp : list.spans) span_clusters_ -= sp.last - sp.first + 1;
+  list = SpanList{};
+  span_kinds_ &= ~kind_bit(kind);
 }
 
 std::optional<MetadataHit> MetadataMap::find(std::uint64_t offset, std::uint64_t bytes, KindMask ignore) const {
   if (bytes == 0) return std::nullopt;
-  const std::uint64_t first = offset >> cluster_bits_;
-  // An end past 2^64 is clipped: no cluster lies there.
-  const std::uint64_t last = (bytes - 1 > UINT64_MAX - offset ? UINT64_MAX : offset + bytes - 1) >> cluster_bits_;
-  if (last - first < 4) {
-    // The guest write case: a few bit tests say "not metadata" almost always.
-    bool maybe = false;
-    for (std::uint64_t c = first; c <= last && !maybe; ++c) maybe = maybe_registered(c);
-    if (!maybe) return std::nullopt;
+  const auto [first, last] = cluster_range(offset, bytes);
+  // The lowest (cluster, kind) key registered in [first, last] and not
+  // ignored, from the single clusters and from the spans.
+  std::optional<std::uint64_t> best;
+  // The guest write case: a few bit tests say "not metadata" almost always.
+  bool maybe = last - first >= 4;
+  for (std::uint64_t c = first; c <= last && !maybe; ++c) maybe = maybe_registered(c);
+  if (maybe) {
+    for (auto it = std::lower_bound(keys_.begin(), keys_.end(), make_key(first, MetadataKind{0}));
+         it != keys_.end() && (*it >> kKindBits) <= last; ++it) {
+      if (!(ignore & kind_bit(static_cast<MetadataKind>(*it & ((1u << kKindBits) - 1))))) {
+        best = *it;
+        break;
+      }
+    }
   }
-  for (auto it = std::lower_bound(keys_.begin(), keys_.end(), make_key(first, MetadataKind{0}));
-       it != keys_.end() && (*it >> kKindBits) <= last; ++it) {
-    const auto kind = static_cast<MetadataKind>(*it & ((1u << kKindBits) - 1));
-    if (!(ignore & kind_bit(kind))) return MetadataHit{kind, (*it >> kKindBits) << cluster_bits_};
+  for (KindMask kinds = span_kinds_ & ~ignore; kinds != 0; kinds &= kinds - 1) {
+    const auto k = static_cast<unsigned>(std::countr_zero(kinds));
+    const SpanList& list = spans_[k];
+    // The first span (by first cluster) that reaches `first`: no span
+    // before it overlaps, and none after it starts earlier.
+    const auto i = static_cast<std::size_t>(std::lower_bound(list.max_last.begin(), list.max_last.end(), first) -
+                                            list.max_last.begin());
+    if (i == list.spans.size() || list.spans[i].first > last) continue;
+    const std::uint64_t key = make_key(std::max(list.spans[i].first, first), static_cast<MetadataKind>(k));
+    if (!best || key < *best) best = key;
   }
-  return std::nullopt;
+  if (!best) return std::nullopt;
+  return MetadataHit{static_cast<MetadataKind>(*best & ((1u << kKindBits) - 1)), (*best >> kKindBits) << cluster_bits_};
 }
 
 Result<void> MetadataMap::check(std::uint64_t offset, std::uint64_t bytes, KindMask ignore) const {

@@ -1,11 +1,12 @@
-// qcow2 write path (§5-§7, §10, §14 of the qcow2 spec, qcow2.txt): writer
-// setup, the request loops (write, write_zeroes, discard), flush and close,
-// and the crash-safe ordering of metadata updates. The per-cluster steps
-// (lookup, allocation, copy-on-write, L2 updates) are the cluster layer in
-// cluster.cpp. Locking is documented in qcow2_image.hpp.
+// qcow2 write path (qcow2.txt "Host cluster management", "Cluster mapping",
+// "Extended L2 Entries", the external data file; QEMU's writer rules): writer
+// setup, the request loops (write, write_zeroes, discard), flush and close, and
+// the crash-safe ordering of metadata updates. The per-cluster steps (lookup,
+// allocation, copy-on-write, L2 updates) are the cluster layer in cluster.cpp.
+// Locking is documented in qcow2_image.hpp.
 //
-// Ordering (§14.3) without a flush per request (each rule is spelled out
-// where it is enforced):
+// Ordering (QEMU's: refcounts before pointers) without a flush per request
+// (each rule is spelled out where it is enforced):
 //  * new clusters get their refcount in Refcounts' cache; new data goes to
 //    the data file; the L2 entry changes only in the L2 cache (cluster.cpp).
 //    Before any L2 table is written back (cache flush or eviction), the
@@ -36,7 +37,7 @@
 namespace qnbd::image::qcow2 {
 namespace {
 
-// Byte offsets of the v3 feature words in the header (§2).
+// Byte offsets of the v3 feature words in the header (qcow2.txt "Header").
 constexpr std::uint64_t kIncompatibleFeaturesOffset = 72;
 constexpr std::uint64_t kAutoclearFeaturesOffset = 88;
 // Apply queued frees once this many are pending, so memory stays bounded
@@ -56,10 +57,10 @@ Result<void> Qcow2Image::init_writer() {
   refcounts_ = std::make_unique<Refcounts>(
       QNBD_TRY(Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters)));
   QNBD_TRY(build_metadata_map());
-  // §14.3 through the caches (cache.hpp): an L2 table is written back only
-  // after the refcount blocks (the dependency) and then the image file and
-  // the data file are synced, so every cluster a written-back entry points
-  // at has its refcount and its data on disk.
+  // Crash ordering through the caches (cache.hpp): an L2 table is written back
+  // only after the refcount blocks (the dependency) and then the image file and
+  // the data file are synced, so every cluster a written-back entry points at
+  // has its refcount and its data on disk.
   l2_cache_->set_dependency(&refcounts_->block_cache());
   l2_cache_->set_sync([this]() -> Result<void> {
     QNBD_TRY(file_->flush());  // refcount blocks and guest data in the image file
@@ -90,7 +91,7 @@ Result<void> Qcow2Image::init_writer() {
     return file_->pwrite(table, offset);
   });
   // Unknown autoclear bits mean another writer's structures we do not
-  // maintain: clear them (§2, as QEMU on a writable open).
+  // maintain: clear them (qcow2.txt "Header", as QEMU on a writable open).
   if (header_.version >= 3 && (header_.autoclear_features & ~AUTOCLEAR_MASK)) {
     header_.autoclear_features &= AUTOCLEAR_MASK;
     QNBD_TRY(write_be64_at(*file_, kAutoclearFeaturesOffset, header_.autoclear_features));
@@ -101,8 +102,8 @@ Result<void> Qcow2Image::init_writer() {
 }
 
 Result<void> Qcow2Image::repair_dirty_image(File& file) {
-  // §5.7 / QEMU: a dirty lazy-refcounts image has stale refcounts; rebuild
-  // them before trusting the allocator.
+  // qcow2.txt "Header" dirty bit / QEMU's qcow2_do_open: a dirty lazy-refcounts
+  // image has stale refcounts; rebuild them before trusting the allocator.
   log::info("{}: dirty bit set, repairing refcounts", path_);
   // The checker's lines go to the debug log; with debug off, pass no sink,
   // so that none of them is formatted (a crafted dirty image can make the
@@ -154,9 +155,12 @@ Result<void> Qcow2Image::build_metadata_map() {
   m.add(MetadataKind::header, 0, cs);
   m.add(MetadataKind::active_l1, header_.l1_table_offset, std::uint64_t{header_.l1_size} * 8);
   m.add(MetadataKind::snapshot_table, header_.snapshots_offset, snapshots_size_);
-  for (const SnapshotInfo& s : snapshots_) {
-    m.add(MetadataKind::inactive_l1, s.l1_table_offset, std::uint64_t{s.l1_size} * 8);
-  }
+  // One registration per snapshot, in one pass (as many as 65,536, each
+  // up to 32 MiB: metadata_map keeps each as one span, not per cluster).
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> inactive_l1;
+  inactive_l1.reserve(snapshots_.size());
+  for (const SnapshotInfo& s : snapshots_) inactive_l1.emplace_back(s.l1_table_offset, std::uint64_t{s.l1_size} * 8);
+  m.add_ranges(MetadataKind::inactive_l1, inactive_l1);
   // The L2 table of every active L1 entry, valid or not (an invalid entry
   // is reported, and the image marked corrupt, when a request reaches it).
   // As QEMU's overlap check, one past the end of the file counts too: once
@@ -194,9 +198,10 @@ void Qcow2Image::register_bitmaps(const std::vector<BitmapInfo>& directory) {
   if (!header_.bitmaps) return;
   m.add(MetadataKind::bitmap_directory, header_.bitmaps->bitmap_directory_offset,
         header_.bitmaps->bitmap_directory_size);
-  for (const BitmapInfo& b : directory) {
-    m.add(MetadataKind::bitmap_table, b.table_offset, std::uint64_t{b.table_size} * 8);
-  }
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> tables;
+  tables.reserve(directory.size());
+  for (const BitmapInfo& b : directory) tables.emplace_back(b.table_offset, std::uint64_t{b.table_size} * 8);
+  m.add_ranges(MetadataKind::bitmap_table, tables);
 }
 
 Result<void> Qcow2Image::check_guest_write_locked(std::uint64_t host, std::uint64_t bytes) {

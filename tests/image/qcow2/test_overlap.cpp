@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <cstring>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -21,6 +22,7 @@ namespace {
 
 using namespace qnbd;
 using image::qcow2::kind_bit;
+using image::qcow2::KindMask;
 using image::qcow2::MetadataKind;
 using image::qcow2::MetadataMap;
 using image::qcow2::Qcow2Image;
@@ -170,6 +172,129 @@ TEST_CASE("overlap: add_clusters registers like one add per range, in any order 
   batch.remove(MetadataKind::active_l2, dup, 512);
   CHECK(batch.registered_clusters() == one.registered_clusters());
   CHECK(batch.find(dup, 512).has_value());
+}
+
+TEST_CASE("overlap: multi-cluster registrations answer as a per-cluster reference, kinds and ignores included") {
+  // Spans (one per multi-cluster registration) and single-cluster keys
+  // against a brute-force multiset of (cluster, kind): find() must name the
+  // lowest registered cluster of the range, the lowest kind there, and skip
+  // ignored kinds.
+  MetadataMap m(9);
+  std::multiset<std::pair<std::uint64_t, unsigned>> ref;
+  struct Added {
+    MetadataKind kind;
+    std::uint64_t offset, bytes;
+  };
+  std::vector<Added> added;
+  std::uint64_t seed = 7;
+  auto next = [&] { return (seed = seed * 6364136223846793005ull + 1442695040888963407ull) >> 33; };
+  const MetadataKind kinds[] = {MetadataKind::active_l1, MetadataKind::inactive_l1, MetadataKind::bitmap_table,
+                                MetadataKind::active_l2};
+  auto reg = [&](const Added& a, int delta) {
+    const std::uint64_t first = a.offset >> 9, last = (a.offset + a.bytes - 1) >> 9;
+    for (std::uint64_t c = first; c <= last; ++c) {
+      if (delta > 0)
+        ref.insert({c, static_cast<unsigned>(a.kind)});
+      else
+        ref.erase(ref.find({c, static_cast<unsigned>(a.kind)}));
+    }
+  };
+  for (int round = 0; round < 4; ++round) {
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> batch;
+    const MetadataKind batch_kind = kinds[round % 4];
+    for (int i = 0; i < 300; ++i) {
+      // Unaligned offsets and lengths from 1 byte to 40 clusters.
+      const Added a{kinds[next() % 4], next() % 4000 * 512 + next() % 512, 1 + next() % (40 * 512)};
+      if (i % 3 == 0) {
+        batch.emplace_back(a.offset, a.bytes);
+        added.push_back({batch_kind, a.offset, a.bytes});
+        reg(added.back(), 1);
+      } else {
+        m.add(a.kind, a.offset, a.bytes);
+        added.push_back(a);
+        reg(a, 1);
+      }
+    }
+    m.add_ranges(batch_kind, batch);
+    for (int i = 0; i < 120 && !added.empty(); ++i) {
+      const std::size_t k = next() % added.size();
+      m.remove(added[k].kind, added[k].offset, added[k].bytes);
+      reg(added[k], -1);
+      added.erase(added.begin() + static_cast<std::ptrdiff_t>(k));
+    }
+    REQUIRE(m.registered_clusters() == ref.size());
+    for (int q = 0; q < 4000; ++q) {
+      const std::uint64_t off = next() % 4100 * 512 + next() % 512, len = 1 + next() % (8 * 512);
+      const KindMask ignore =
+          q % 3 == 0 ? 0 : kind_bit(kinds[next() % 4]) | (q % 3 == 2 ? kind_bit(kinds[next() % 4]) : 0);
+      const std::uint64_t first = off >> 9, last = (off + len - 1) >> 9;
+      std::optional<std::pair<std::uint64_t, unsigned>> want;
+      for (auto it = ref.lower_bound({first, 0}); it != ref.end() && it->first <= last; ++it) {
+        if (!(ignore & kind_bit(static_cast<MetadataKind>(it->second)))) {
+          want = *it;
+          break;
+        }
+      }
+      const auto got = m.find(off, len, ignore);
+      if (got.has_value() != want.has_value() ||
+          (got && (got->cluster_offset != want->first << 9 || static_cast<unsigned>(got->kind) != want->second)))
+        FAIL("round ", round, " query ", off, "+", len, " ignore ", ignore);
+    }
+  }
+  // remove_all drops a kind's spans and keys together.
+  for (MetadataKind k : kinds) m.remove_all(k);
+  CHECK(m.registered_clusters() == 0);
+  CHECK_FALSE(m.find(0, UINT64_MAX));
+  // A span reaching past 2^64 is clipped there, never wrapped onto cluster 0.
+  m.add(MetadataKind::inactive_l1, UINT64_MAX - 511, 32 << 20);
+  CHECK_FALSE(m.find(0, 512));
+  const auto top = m.find(UINT64_MAX - 511, 1);
+  REQUIRE(top);
+  CHECK(top->kind == MetadataKind::inactive_l1);
+}
+
+TEST_CASE("overlap: 4,096 snapshots each naming a 32 MiB L1 table open writable, and guard it") {
+  // 2^28 clusters claimed at 512-byte clusters: registered cluster by
+  // cluster that was 2 GiB and minutes at open (65,536 snapshots, 34 GiB);
+  // as one span per snapshot it is 4,096 entries.
+  constexpr std::uint32_t kSnapshots = 4096;
+  constexpr std::uint32_t kL1Entries = 4u << 20;  // 32 MiB, QEMU's limit
+  test::HandImage h;
+  h.cluster_bits = 9;
+  h.size = 32 << 10;
+  h.build();
+  const std::uint64_t cs = h.cs();
+  const std::uint64_t table_offset = h.bytes.size();
+  const std::uint64_t l1 = h.data_offset(4);  // every snapshot names the same L1 table
+  h.bytes.resize(table_offset + 64 * kSnapshots);
+  for (std::uint32_t i = 0; i < kSnapshots; ++i) {
+    std::byte* e = h.bytes.data() + table_offset + 64 * i;
+    store_be64(e, l1);
+    store_be32(e + 8, kL1Entries);
+    store_be16(e + 12, 1);       // id_str_size
+    store_be32(e + 36, 16);      // extra_data_size: vm_state_size_large, disk_size
+    store_be64(e + 48, h.size);  // disk_size
+    e[56] = std::byte{'1'};      // id
+  }
+  store_be32(h.bytes.data() + 60, kSnapshots);
+  store_be64(h.bytes.data() + 64, table_offset);
+  // Guest cluster 0 points, in place, at a cluster inside the L1 table past
+  // the snapshot table (where the snapshot table, the lower kind, is named).
+  const std::uint64_t target = l1 + 1000 * cs;
+  h.bytes.resize(target + cs);
+  h.set_l2(0, target | image::qcow2::QCOW_OFLAG_COPIED);
+  auto img = open_mem(h.file(), true);
+  if (!img) FAIL(img.error().message);
+  const MetadataMap* map = (*img)->metadata_map();
+  REQUIRE(map != nullptr);
+  // Header, L1, L2, refcount table and block; the snapshot table; the L1s.
+  CHECK(map->registered_clusters() == 5 + 64 * kSnapshots / cs + std::uint64_t{kSnapshots} * (kL1Entries * 8 / cs));
+  std::vector<std::byte> data(512, std::byte{0x5a});
+  auto r = (*img)->write(data, 0, false);
+  REQUIRE_FALSE(r);
+  CHECK(r.error().code == EIO);
+  CHECK(r.error().message.find("overlaps with the inactive L1 table at " + fmt::format("{:#x}", target)) !=
+        std::string::npos);
 }
 
 TEST_CASE("overlap: a refcount block overlapping other metadata is refused at a writable open") {
