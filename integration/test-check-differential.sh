@@ -24,4 +24,40 @@ done
 # qemu-img's repair, exit 0 only when clean).
 python3 "$here/check_differential.py" "$(realpath "$QNBD")" "$tmp/wa" 100 3 all || status=1
 python3 "$here/check_differential.py" "$(realpath "$QNBD")" "$tmp/wl" 100 4 leaks || status=1
+# Snapshot L1 tables past the end of the file: QEMU reads the missing part
+# as zeroes and finds nothing to walk; qnbd used to fail the read and report
+# an internal error per snapshot (exit 3 against qemu-img's 2).
+img="$tmp/snap-l1-past-eof.qcow2"
+qemu-img create -q -f qcow2 -o cluster_size=4096 "$img" 1M
+qemu-io -f qcow2 -c "write -q -P 0x5a 0 64k" "$img"
+for s in a b c; do qemu-img snapshot -c "$s" "$img"; done
+python3 - "$img" <<'PY'
+import os, struct, sys
+path = sys.argv[1]
+with open(path, "r+b") as f:
+    nb, table = struct.unpack(">IQ", f.read(72)[60:72])
+    end = (os.path.getsize(path) + 4095) // 4096 * 4096
+    pos = table
+    for i in range(nb):
+        f.seek(pos)
+        e = f.read(40)
+        l1, l1_size, id_len, name_len = struct.unpack(">QIHH", e[:16])
+        (extra,) = struct.unpack(">I", e[36:40])
+        if i != 1:  # the middle snapshot keeps its table
+            f.seek(pos)
+            f.write(struct.pack(">Q", end + (i + 1) * (1 << 20)))
+        pos += (40 + extra + id_len + name_len + 7) // 8 * 8
+PY
+"$QNBD" check "$img" >"$tmp/ours.out" 2>"$tmp/ours.err"
+ours=$?
+qemu-img check "$img" >"$tmp/theirs.out" 2>"$tmp/theirs.err"
+theirs=$?
+if [ "$ours" != "$theirs" ] || ! cmp -s "$tmp/ours.out" "$tmp/theirs.out" ||
+  ! diff <(sed 's/^qnbd: /PROG: /' "$tmp/ours.err") <(sed 's/^qemu-img: /PROG: /' "$tmp/theirs.err") >/dev/null; then
+  echo "FAIL: snapshot L1 tables past the end of the file: qnbd exit $ours, qemu-img exit $theirs"
+  diff "$tmp/ours.out" "$tmp/theirs.out" | head -20
+  status=1
+else
+  echo "ok: snapshot L1 tables past the end of the file, as qemu-img (exit $ours)"
+fi
 exit $status
