@@ -6,7 +6,16 @@
 // image it describes can be several MiB (all integers little endian):
 //   u32 file_size
 //   repeated: u32 offset, u16 n, then
-//     n < 0x8000: n literal bytes
+//     n < 0x7f00: n literal bytes
+//     0x7f00 <= n < 0x8000: a sequence of big-endian 64-bit words, for
+//     tables naming many distinct clusters in a scattered order (what a
+//     literal or a fill cannot say in 4 KiB, and where two defects hid: a
+//     quadratic registration of scattered refcount blocks and a per-cluster
+//     registration of 65,536 snapshot L1 tables): u16 count, u64 start,
+//     u32 step, u16 mult; word i < count goes to offset + i * stride,
+//     stride = 8 * ((n & 0xff) + 1), and is start + ((i * mult) % count) *
+//     step (a mult coprime to count names each value once, scattered). At
+//     most kMaxSequenceWords words per input.
 //     n >= 0x8000: one byte b; (n - 0x8000) * 64 bytes of value b (a fill:
 //     qemu-io -P data and refcount blocks of 8-bit refcounts are runs)
 // The file is file_size bytes (at least the end of the last record), but at
@@ -43,6 +52,7 @@ namespace qnbd::fuzz {
 
 inline constexpr std::size_t kMaxImageBytes = 16u << 20;
 inline constexpr std::size_t kSlackBytes = 1u << 20;
+inline constexpr std::size_t kMaxSequenceWords = 1u << 18;
 
 struct ImageInput {
   std::span<const std::uint8_t> ops;
@@ -55,12 +65,29 @@ inline void decode_image_input(const std::uint8_t* data, std::size_t size, Image
   in.ops = r.take(r.u16());
   const std::size_t size_field = r.u32();
   std::size_t records_end = 0;
+  std::size_t sequence_words = 0;
   while (!r.empty()) {
     const std::size_t offset = r.u32();
     const std::uint16_t n = r.u16();
     std::span<const std::uint8_t> bytes;
     std::uint8_t fill = 0;
     std::size_t length;
+    if (n >= 0x7f00 && n < 0x8000) {
+      const std::uint32_t count = r.u16();
+      const std::uint64_t start = r.u64();
+      const std::uint64_t step = r.u32();
+      const std::uint32_t mult = r.u16();
+      const std::size_t stride = 8 * ((n & 0xffu) + 1);
+      for (std::uint32_t i = 0; i < count && sequence_words < kMaxSequenceWords; ++i, ++sequence_words) {
+        const std::size_t at = offset + std::size_t{i} * stride;
+        if (at + 8 > kMaxImageBytes) break;
+        std::byte word[8];
+        store_be64(word, start + (std::uint64_t{i} * mult % count) * step);
+        (void)in.image.pwrite(word, at);
+        records_end = std::max(records_end, at + 8);
+      }
+      continue;
+    }
     if (n >= 0x8000) {
       fill = r.u8();
       length = std::size_t{n - 0x8000u} * 64;

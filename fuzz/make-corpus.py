@@ -30,6 +30,7 @@ import tempfile
 
 MAX_IMAGE = 16 << 20   # fuzz_image.hpp kMaxImageBytes
 SLACK = 1 << 20        # fuzz_image.hpp kSlackBytes
+MAX_SEQUENCE_WORDS = 1 << 18  # fuzz_image.hpp kMaxSequenceWords
 MAX_SEED = 64 << 10    # keep every committed seed small
 
 
@@ -43,7 +44,7 @@ def sparse_encode(data, ops=b""):
         for m in re.finditer(rb"[^\x00](?:[^\x00]|\x00{1,31}(?=[^\x00]))*", data[start:end], re.S):
             s, e = start + m.start(), start + m.end()
             while s < e:
-                n = min(e - s, 0x7FFF)
+                n = min(e - s, 0x7EFF)  # 0x7F00-0x7FFF are sequence records
                 out.extend(struct.pack("<IH", s, n) + data[s:s + n])
                 s += n
 
@@ -77,8 +78,27 @@ def sparse_decode(blob):
     pos += ops_len
     (size_field,) = struct.unpack("<I", take(4))
     image = bytearray()
+    sequence_words = 0
+
+    def put(off, data):
+        if off + len(data) > len(image):
+            image.extend(bytes(off + len(data) - len(image)))
+        image[off:off + len(data)] = data
+
     while pos < len(blob):
         off, n = struct.unpack("<IH", take(6))
+        if 0x7F00 <= n < 0x8000:
+            count, start, step, mult = struct.unpack("<HQIH", take(16))
+            stride = 8 * ((n & 0xFF) + 1)
+            for i in range(count):
+                if sequence_words >= MAX_SEQUENCE_WORDS:
+                    break
+                at = off + i * stride
+                if at + 8 > MAX_IMAGE:
+                    break
+                put(at, struct.pack(">Q", (start + (i * mult % count) * step) % (1 << 64)))
+                sequence_words += 1
+            continue
         if n >= 0x8000:
             data = take(1) * ((n - 0x8000) * 64)
         else:
@@ -89,9 +109,7 @@ def sparse_decode(blob):
         data = data[:MAX_IMAGE - off]
         if not data:
             continue  # as decode_image_input: an empty record sets no size
-        if off + len(data) > len(image):
-            image.extend(bytes(off + len(data) - len(image)))
-        image[off:off + len(data)] = data
+        put(off, data)
     end = len(image)
     size = max(end, min(size_field, end + SLACK, MAX_IMAGE))
     return bytes(image) + bytes(size - end)
@@ -115,6 +133,58 @@ def bitmap_images(tmp):
     return out
 
 
+def sequence_record(offset, count, start, step, mult, stride=8):
+    """A fuzz_image.hpp sequence record: big-endian words start +
+    ((i * mult) % count) * step at offset + i * stride."""
+    assert stride % 8 == 0 and 8 <= stride <= 2048
+    return struct.pack("<IHHQIH", offset, 0x7F00 + stride // 8 - 1, count, start, step, mult)
+
+
+def scattered_seeds(tmp):
+    """Images whose tables name many distinct clusters in a scattered order,
+    which literal and fill records cannot say within a 4 KiB input."""
+    path = os.path.join(tmp, "small-c512.qcow2")
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path, "32K")
+    with open(path, "rb") as f:
+        base = f.read()
+    (reftable,) = struct.unpack(">Q", base[48:56])
+    cs = 512
+    end = (len(base) + cs - 1) // cs * cs
+    seeds = {}
+    # A refcount table of 8,192 entries (the image's own block first, then
+    # distinct blocks every other cluster in a shuffled order).
+    n = 8192
+    table = end
+    first_block = (table + n * 8) // cs
+    (block0,) = struct.unpack(">Q", base[reftable:reftable + 8])
+    blob = bytearray(sparse_encode(base))
+    blob += sequence_record(table + 8, n - 1, first_block * cs, 2 * cs, 4099)
+    blob += struct.pack("<IH", table, 8) + struct.pack(">Q", block0)
+    blob += struct.pack("<IH", 48, 12) + struct.pack(">QI", table, n * 8 // cs)
+    # One byte at the end, so that the file covers every block (the size
+    # field alone is capped at 1 MiB past the last record).
+    blob += struct.pack("<IH", (first_block + 2 * n) * cs - 1, 1) + b"\0"
+    seeds["scattered-refcount-blocks"] = bytes(blob)
+    # 4,096 snapshots of 64-byte entries, each naming a 512 KiB L1 table at a
+    # scattered cluster (one record per field).
+    n = 4096
+    snap = end
+    blob = bytearray(sparse_encode(base))
+    entry = [
+        (0, snap + n * 64, 3 * cs, 1031),  # l1_table_offset
+        (8, (64 << 10) << 32 | 1 << 16, 0, 1),  # l1_size 64 Ki entries, id_str_size 1, name_size 0
+        (32, 16, 0, 1),  # vm_state_size 0, extra_data_size 16
+        (48, 32 << 10, 0, 1),  # disk_size
+        (56, ord("1") << 56, 0, 1),  # id "1"
+    ]
+    for field, start, step, mult in entry:
+        blob += sequence_record(snap + field, n, start, step, mult, stride=64)
+    blob += struct.pack("<IH", 60, 12) + struct.pack(">IQ", n, snap)
+    blob[2:6] = struct.pack("<I", snap + n * 64)
+    seeds["snapshots-scattered-l1"] = bytes(blob)
+    return seeds
+
+
 def image_seeds(fuzz_dir, tmp):
     spec = importlib.util.spec_from_file_location(
         "make_read_matrix", os.path.join(fuzz_dir, "..", "integration", "make-read-matrix.py"))
@@ -129,7 +199,7 @@ def image_seeds(fuzz_dir, tmp):
             if fmt == "qcow2":
                 images.append((name, path))
     images += bitmap_images(tmp)
-    seeds = {}
+    seeds = scattered_seeds(tmp)
     for name, path in images:
         with open(path, "rb") as f:
             seeds[name] = sparse_encode(f.read())
