@@ -57,6 +57,21 @@ std::pair<std::uint64_t, std::uint64_t> MetadataMap::cluster_range(std::uint64_t
   return {offset >> cluster_bits_, end >> cluster_bits_};
 }
 
+void MetadataMap::stage(MetadataKind kind, std::uint64_t offset, std::uint64_t bytes, std::vector<Span>& spans) {
+  const auto [first, last] = cluster_range(offset, bytes);
+  if (first == last)
+    keys_.push_back(make_key(first, kind));  // merged in by add_keys
+  else
+    spans.push_back({first, last});  // a table of several clusters (or an unaligned one)
+}
+
+void MetadataMap::update_max_last(SpanList& list, std::size_t from) {
+  list.max_last.resize(list.spans.size());
+  for (std::size_t i = from; i < list.spans.size(); ++i) {
+    list.max_last[i] = i == 0 ? list.spans[i].last : std::max(list.max_last[i - 1], list.spans[i].last);
+  }
+}
+
 void MetadataMap::add(MetadataKind kind, std::uint64_t offset, std::uint64_t bytes) {
   const std::pair<std::uint64_t, std::uint64_t> range{offset, bytes};
   add_ranges(kind, std::span(&range, 1));
@@ -71,13 +86,7 @@ void MetadataMap::add_clusters(MetadataKind kind, std::span<const std::uint64_t>
   // (fuzz/corpus/qcow2_write/slow-open-scattered-l2-tables).
   const std::size_t old_size = keys_.size();
   std::vector<Span> spans;
-  for (std::uint64_t offset : offsets) {
-    const auto [first, last] = cluster_range(offset, bytes);
-    if (first == last)
-      keys_.push_back(make_key(first, kind));
-    else
-      spans.push_back({first, last});  // an unaligned table of a corrupt image
-  }
+  for (std::uint64_t offset : offsets) stage(kind, offset, bytes, spans);
   add_keys(old_size);
   add_spans(kind, spans);
 }
@@ -86,12 +95,7 @@ void MetadataMap::add_ranges(MetadataKind kind, std::span<const std::pair<std::u
   const std::size_t old_size = keys_.size();
   std::vector<Span> spans;
   for (const auto& [offset, bytes] : ranges) {
-    if (bytes == 0) continue;
-    const auto [first, last] = cluster_range(offset, bytes);
-    if (first == last)
-      keys_.push_back(make_key(first, kind));
-    else
-      spans.push_back({first, last});
+    if (bytes != 0) stage(kind, offset, bytes, spans);
   }
   add_keys(old_size);
   add_spans(kind, spans);
@@ -127,10 +131,7 @@ void MetadataMap::add_spans(MetadataKind kind, std::vector<Span>& spans) {
   list.spans.insert(list.spans.end(), spans.begin(), spans.end());
   std::inplace_merge(list.spans.begin(), list.spans.begin() + static_cast<std::ptrdiff_t>(old_size), list.spans.end(),
                      by_first);
-  list.max_last.resize(list.spans.size());
-  for (std::size_t i = from; i < list.spans.size(); ++i) {
-    list.max_last[i] = i == 0 ? list.spans[i].last : std::max(list.max_last[i - 1], list.spans[i].last);
-  }
+  update_max_last(list, from);
   for (const Span& sp : spans) span_clusters_ += sp.last - sp.first + 1;
   span_kinds_ |= kind_bit(kind);
 }
@@ -146,10 +147,7 @@ void MetadataMap::remove(MetadataKind kind, std::uint64_t offset, std::uint64_t 
       if (it->last != last) continue;
       const auto i = static_cast<std::size_t>(it - list.spans.begin());
       list.spans.erase(it);
-      list.max_last.resize(list.spans.size());
-      for (std::size_t j = i; j < list.spans.size(); ++j) {
-        list.max_last[j] = j == 0 ? list.spans[j].last : std::max(list.max_last[j - 1], list.spans[j].last);
-      }
+      update_max_last(list, i);
       span_clusters_ -= last - first + 1;
       if (list.spans.empty()) span_kinds_ &= ~kind_bit(kind);
       return;

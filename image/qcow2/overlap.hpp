@@ -122,6 +122,9 @@ class MetadataMap {
 
   // The clusters [first, last] of [offset, offset + bytes), bytes > 0.
   std::pair<std::uint64_t, std::uint64_t> cluster_range(std::uint64_t offset, std::uint64_t bytes) const;
+  // One range: a key appended to keys_ (one cluster) or a span to `spans`.
+  void stage(MetadataKind kind, std::uint64_t offset, std::uint64_t bytes, std::vector<Span>& spans);
+  static void update_max_last(SpanList& list, std::size_t from);
   void add_keys(std::size_t old_size);
   void add_spans(MetadataKind kind, std::vector<Span>& spans);
   bool maybe_registered(std::uint64_t cluster) const;
