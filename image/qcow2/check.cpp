@@ -10,6 +10,8 @@
 #include <optional>
 #include <set>
 #include <span>
+#include <string>
+#include <string_view>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -208,8 +210,11 @@ class Checker {
   }
 
  private:
-  void say(const std::string& line) {
-    if (sink_) sink_(line);
+  // A view, not a string: the fixed lines come from loops a crafted image
+  // can run millions of times (one overflow line per reference), and a
+  // caller without a sink should not pay for building each one.
+  void say(std::string_view line) {
+    if (sink_) sink_(std::string(line));
   }
   // Formats only for a caller that listens: a crafted image can make check
   // report hundreds of thousands of defects, and a caller that passes no
