@@ -481,16 +481,23 @@ class Checker {
     }
     const std::uint64_t entries =
         l1_offset >= *file_size ? 0 : std::min<std::uint64_t>(l1_size, div_round_up(*file_size - l1_offset, 8));
-    std::vector<std::uint64_t> l1(entries);
-    if (!file_.read_zero_fill(std::as_writable_bytes(std::span(l1)), l1_offset)) {
+    // One buffer for every table (never shrunk, not zeroed on reuse): a
+    // crafted image can name a 32 MiB L1 table from each of thousands of
+    // snapshots, and a fresh vector each time cost a zeroed mapping, its
+    // page faults and its unmapping per snapshot, most of the walk's time.
+    // The table is still read whole before its walk, as QEMU reads it.
+    if (l1_buf_.size() < entries) l1_buf_.resize(entries);
+    const std::span l1(l1_buf_.data(), entries);
+    if (!file_.read_zero_fill(std::as_writable_bytes(l1), l1_offset)) {
       say("ERROR: I/O error in check_refcounts_l1");
       res_.check_errors++;
       return;
     }
-    decode_be64_table(l1.data(), l1.size());
+    // Most of a sparse table is zero entries, so entries are decoded as the
+    // walk reaches them rather than all at once.
     for (std::uint64_t i = next_nonzero_entry(l1.data(), 1, 0, entries); i < entries;
          i = next_nonzero_entry(l1.data(), 1, i + 1, entries)) {
-      const std::uint64_t l1e = l1[i];
+      const std::uint64_t l1e = load_be64(&l1[i]);
       if (l1e & L1E_RESERVED_MASK) {
         say("ERROR found L1 entry with reserved bits set: {:x}", l1e);
         res_.corruptions++;
@@ -1177,6 +1184,7 @@ class Checker {
   std::uint64_t cs_ = 0;
   unsigned cb_ = 0;
   std::vector<std::uint64_t> computed_;
+  std::vector<std::uint64_t> l1_buf_;    // the L1 table being walked (big-endian)
   std::vector<std::byte> l2_buf_;        // the L2 table being walked
   std::optional<MetadataMap> metadata_;  // for write_allowed, built at the first repair write
   bool marked_corrupt_ = false;
