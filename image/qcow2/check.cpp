@@ -481,39 +481,64 @@ class Checker {
     }
     const std::uint64_t entries =
         l1_offset >= *file_size ? 0 : std::min<std::uint64_t>(l1_size, div_round_up(*file_size - l1_offset, 8));
-    // One buffer for every table (never shrunk, not zeroed on reuse): a
-    // crafted image can name a 32 MiB L1 table from each of thousands of
-    // snapshots, and a fresh vector each time cost a zeroed mapping, its
-    // page faults and its unmapping per snapshot, most of the walk's time.
-    // The table is still read whole before its walk, as QEMU reads it.
-    if (l1_buf_.size() < entries) l1_buf_.resize(entries);
-    const std::span l1(l1_buf_.data(), entries);
-    if (!file_.read_zero_fill(std::as_writable_bytes(l1), l1_offset)) {
-      say("ERROR: I/O error in check_refcounts_l1");
-      res_.check_errors++;
-      return;
-    }
-    // Most of a sparse table is zero entries, so entries are decoded as the
-    // walk reaches them rather than all at once.
-    for (std::uint64_t i = next_nonzero_entry(l1.data(), 1, 0, entries); i < entries;
-         i = next_nonzero_entry(l1.data(), 1, i + 1, entries)) {
-      const std::uint64_t l1e = load_be64(&l1[i]);
-      if (l1e & L1E_RESERVED_MASK) {
-        say("ERROR found L1 entry with reserved bits set: {:x}", l1e);
-        res_.corruptions++;
+    // The table is walked in chunks of one reused buffer, and the host
+    // file's holes in it are skipped (they read as zero entries): a crafted
+    // image can name a mostly empty 32 MiB L1 table from each of thousands
+    // of snapshots, and reading each whole into a fresh buffer cost minutes.
+    // QEMU reads the table whole before walking it; chunks see the same
+    // bytes, because nothing writes an L1 table during the walk (the no-
+    // repair pass writes nothing; a repair's L2 entry fix is refused where
+    // it would overlap any L1 table: write_allowed).
+    for (std::uint64_t pos = 0; pos < entries;) {
+      const std::uint64_t at = l1_offset + pos * 8;
+      auto extent = file_.probe_extent(at, (entries - pos) * 8);
+      if (!extent) {
+        say("ERROR: I/O error in check_refcounts_l1");
+        res_.check_errors++;
+        return;
       }
-      // A nonzero entry whose offset field is zero still names the table
-      // at offset 0 (the header cluster): QEMU counts and walks it, so the
-      // header's refcount comes out too high and the entry shows up.
-      const std::uint64_t l2_offset = l1e & L1E_OFFSET_MASK;
-      inc(l2_offset, cs_);
-      if (!is_aligned(l2_offset, cs_)) {
-        say("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted", l2_offset);
-        res_.corruptions++;
+      // Only entries wholly inside a hole are skipped; one that straddles
+      // its end is read with the data after it.
+      if (extent->hole && extent->length >= 8) {
+        pos += extent->length / 8;
+        continue;
       }
-      check_refcounts_l2(l2_offset, active);
-      if (aborted_) return;
+      const std::uint64_t n = std::min<std::uint64_t>(
+          {entries - pos, kL1ChunkEntries, std::max<std::uint64_t>(1, div_round_up(extent->length, 8))});
+      if (l1_buf_.size() < n) l1_buf_.resize(kL1ChunkEntries);
+      const std::span chunk(l1_buf_.data(), n);
+      if (!file_.read_zero_fill(std::as_writable_bytes(chunk), at)) {
+        say("ERROR: I/O error in check_refcounts_l1");
+        res_.check_errors++;
+        return;
+      }
+      // Entries are decoded as the walk reaches them: most are zero.
+      for (std::uint64_t k = next_nonzero_entry(chunk.data(), 1, 0, n); k < n;
+           k = next_nonzero_entry(chunk.data(), 1, k + 1, n)) {
+        if (!check_l1_entry(load_be64(&chunk[k]), active)) return;
+      }
+      pos += n;
     }
+  }
+
+  // One nonzero L1 entry of check_refcounts_l1: false when the check was
+  // aborted.
+  bool check_l1_entry(std::uint64_t l1e, bool active) {
+    if (l1e & L1E_RESERVED_MASK) {
+      say("ERROR found L1 entry with reserved bits set: {:x}", l1e);
+      res_.corruptions++;
+    }
+    // A nonzero entry whose offset field is zero still names the table
+    // at offset 0 (the header cluster): QEMU counts and walks it, so the
+    // header's refcount comes out too high and the entry shows up.
+    const std::uint64_t l2_offset = l1e & L1E_OFFSET_MASK;
+    inc(l2_offset, cs_);
+    if (!is_aligned(l2_offset, cs_)) {
+      say("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted", l2_offset);
+      res_.corruptions++;
+    }
+    check_refcounts_l2(l2_offset, active);
+    return !aborted_;
   }
 
   // How many of the L2 table's entries at l2_offset lie (at least in part)
@@ -1184,7 +1209,8 @@ class Checker {
   std::uint64_t cs_ = 0;
   unsigned cb_ = 0;
   std::vector<std::uint64_t> computed_;
-  std::vector<std::uint64_t> l1_buf_;    // the L1 table being walked (big-endian)
+  static constexpr std::uint64_t kL1ChunkEntries = 64 * 1024;
+  std::vector<std::uint64_t> l1_buf_;    // a chunk of the L1 table being walked (big-endian)
   std::vector<std::byte> l2_buf_;        // the L2 table being walked
   std::optional<MetadataMap> metadata_;  // for write_allowed, built at the first repair write
   bool marked_corrupt_ = false;
