@@ -97,8 +97,10 @@ PY
 # qemu-nbd reads the stored bitmap back: exactly the written ranges are dirty.
 qsock=$TMPDIR_TEST/q.sock
 # (qemu-nbd loads the 512 MiB bitmap before listening: slow on a busy
-# machine, so it gets a minute rather than start_server's 10 s.)
-qemu-nbd -r -f qcow2 -B b5 -k "$qsock" --pid-file "$TMPDIR_TEST/q.pid" big.qcow2 2>qemu-nbd.log &
+# machine, so it gets a minute rather than start_server's 10 s. -t: without
+# it qemu-nbd exits when nbdinfo disconnects, and the kill below raced that
+# exit; a CI run lost the race and failed on "No such process".)
+qemu-nbd -t -r -f qcow2 -B b5 -k "$qsock" --pid-file "$TMPDIR_TEST/q.pid" big.qcow2 2>qemu-nbd.log &
 qpid=$!
 cleanup_fn "kill $qpid 2>/dev/null"
 for ((i = 0; i < 600; i++)); do [[ -s $TMPDIR_TEST/q.pid ]] && break; sleep 0.1; done
