@@ -491,12 +491,12 @@ class Checker {
     // buffer per snapshot, minutes for 4,096 snapshots naming L1 tables
     // past the end, and failed the read (an internal error per snapshot,
     // where qemu-img reports none: test-check-differential.sh).
-    auto file_size = file_.size();
-    if (!file_size) {
+    auto io_error = [this] {
       say("ERROR: I/O error in check_refcounts_l1");
       res_.check_errors++;
-      return;
-    }
+    };
+    auto file_size = file_.size();
+    if (!file_size) return io_error();
     const std::uint64_t entries =
         l1_offset >= *file_size ? 0 : std::min<std::uint64_t>(l1_size, div_round_up(*file_size - l1_offset, 8));
     // The table is walked in chunks of one reused buffer, and the host
@@ -510,11 +510,7 @@ class Checker {
     for (std::uint64_t pos = 0; pos < entries;) {
       const std::uint64_t at = l1_offset + pos * 8;
       auto extent = file_.probe_extent(at, (entries - pos) * 8);
-      if (!extent) {
-        say("ERROR: I/O error in check_refcounts_l1");
-        res_.check_errors++;
-        return;
-      }
+      if (!extent) return io_error();
       // Only entries wholly inside a hole are skipped; one that straddles
       // its end is read with the data after it.
       if (extent->hole && extent->length >= 8) {
@@ -525,11 +521,7 @@ class Checker {
           {entries - pos, kL1ChunkEntries, std::max<std::uint64_t>(1, div_round_up(extent->length, 8))});
       if (l1_buf_.size() < n) l1_buf_.resize(kL1ChunkEntries);
       const std::span chunk(l1_buf_.data(), n);
-      if (!file_.read_zero_fill(std::as_writable_bytes(chunk), at)) {
-        say("ERROR: I/O error in check_refcounts_l1");
-        res_.check_errors++;
-        return;
-      }
+      if (!file_.read_zero_fill(std::as_writable_bytes(chunk), at)) return io_error();
       // Entries are decoded as the walk reaches them: most are zero.
       for (std::uint64_t k = next_nonzero_entry(chunk.data(), 1, 0, n); k < n;
            k = next_nonzero_entry(chunk.data(), 1, k + 1, n)) {
