@@ -5,7 +5,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <memory>
 
@@ -14,6 +17,7 @@
 #include "common/log.hpp"
 #include "config/config.hpp"
 #include "image/block_device.hpp"
+#include "image/offset_device.hpp"
 #include "image/view/cbw.hpp"
 #include "server/server.hpp"
 #include "server/tls.hpp"
@@ -32,6 +36,7 @@ struct ServeArgs {
   bool read_only = false;
   std::string format;  // "" = detect
   bool image_opts = false;
+  std::optional<std::string> offset;  // -o, as qemu-nbd parses it (decimal, 0x hex, 0 octal)
   bool persistent = false;
   std::uint32_t shared = 1;  // qemu-nbd's default
   bool allocation_depth = false;
@@ -73,6 +78,7 @@ struct OpenModes {
   std::optional<std::string> load_snapshot;  // none: the active layer
   bool snapshot = false;                     // -s: writes go to a temporary overlay
   bool image_opts = false;                   // --image-opts: IMAGE is block options
+  std::uint64_t offset = 0;                  // -o: the export starts this far into the image
 };
 
 // qemu-nbd -l's argument: "snapshot.id=ID[,snapshot.name=NAME]" (either
@@ -104,6 +110,18 @@ Result<image::SnapshotRef> parse_snapshot_ref(const std::string& s) {
     pos = comma + 1;
   }
   return ref;
+}
+
+// qemu-nbd -o's argument, read as its qemu_strtou64(..., 0): decimal, or
+// hex after 0x, or octal after 0; nothing else in the string.
+Result<std::uint64_t> parse_offset(const std::string& s) {
+  const auto bad = [&] { return make_error(EINVAL, "Invalid offset '{}'", s); };
+  if (s.empty() || s[0] == '-' || s[0] == '+' || std::isspace(static_cast<unsigned char>(s[0]))) return bad();
+  errno = 0;
+  char* end = nullptr;
+  const unsigned long long v = std::strtoull(s.c_str(), &end, 0);
+  if (errno != 0 || end != s.c_str() + s.size()) return bad();
+  return static_cast<std::uint64_t>(v);
 }
 
 // --recover-bitmaps / recover_bitmaps (docs/crash-safe-bitmaps.md).
@@ -186,9 +204,11 @@ Result<server::ExportSpec> open_export(const std::string& image, std::string for
   // with nobody (qcow2), a read-only one lets readers in.
   lock.use = image::LockUse::export_;
   oo.lock = lock;
-  auto dev =
+  std::shared_ptr<image::BlockDevice> dev =
       QNBD_TRY(modes.snapshot ? image::open_image_with_temporary_overlay(path, oo) : image::open_image(path, oo));
   if (lock.force_share) warn_force_share(path);
+  // qemu-nbd -o: a raw node with that offset on top of the image.
+  if (modes.offset) dev = QNBD_TRY(image::offset_device(std::move(dev), modes.offset, path));
   server::ExportSpec spec;
   spec.info =
       server::describe_export(*dev, std::move(name), std::move(description), read_only, multi_conn, allocation_depth);
@@ -201,7 +221,7 @@ Result<server::ExportSpec> open_export(const std::string& image, std::string for
   if (!read_only) {
     if (auto r = dev->start_tracking(); !r) return make_error(r.error().code, "{}: {}", path, r.error().message);
   }
-  spec.device = std::shared_ptr<image::BlockDevice>(std::move(dev));
+  spec.device = std::move(dev);
   if (!read_only && spec.device->write_gate()) {
     // A writable export that can take checkpoints can have point-in-time
     // views (docs/backup-views.md). We hold its write lock now, so scratch
@@ -273,6 +293,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
   o.inline_io = !a.no_inline_io;
   if (!a.config.empty()) {
     if (!a.image.empty()) return make_error(EINVAL, "give either --config or an IMAGE, not both");
+    if (a.offset) return make_error(EINVAL, "-o/--offset is for an IMAGE, not for --config");
     auto cfg = QNBD_TRY(config::load_config(a.config));
     for (const auto& e : cfg.exports) {
       image::LockOptions lock;
@@ -331,8 +352,10 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     if (a.image.empty()) return make_error(EINVAL, "an IMAGE (or --config FILE) is required");
     // qemu-nbd: -l implies -r.
     const bool read_only = a.read_only || a.load_snapshot.has_value();
+    OpenModes modes = open_modes(a);
+    if (a.offset) modes.offset = QNBD_TRY(parse_offset(*a.offset));
     auto spec =
-        QNBD_TRY(open_export(a.image, a.format, read_only, open_modes(a), a.export_name, a.description, a.shared != 1,
+        QNBD_TRY(open_export(a.image, a.format, read_only, modes, a.export_name, a.description, a.shared != 1,
                              a.allocation_depth, a.bitmaps, lock_options(a.lock, image::LockUse::export_),
                              BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}, view_options("", 0, a)));
     o.exports.push_back(std::move(spec));
@@ -450,6 +473,8 @@ void add_serve_command(CLI::App& app, int& status) {
   cmd->add_option("-l,--load-snapshot", args->load_snapshot,
                   "Serve an internal snapshot of the qcow2 image, read-only: an id or name, or "
                   "snapshot.id=ID[,snapshot.name=NAME]");
+  cmd->add_option("-o,--offset", args->offset,
+                  "Serve the image from this byte offset on (a multiple of 512), as qemu-nbd -o");
   cmd->add_option("-f,--format", args->format, "Image format: raw or qcow2 (default: detect)");
   cmd->add_flag("--image-opts", args->image_opts,
                 "IMAGE is block options (driver=qcow2,file.filename=PATH,...), as qemu-nbd's; a json:{...} IMAGE is "
