@@ -446,8 +446,11 @@ Result<void> Qcow2Image::discard(std::uint64_t offset, std::uint64_t length, boo
   const WriteGate::Pass pass = gate_.enter();  // held until the data is written
   QNBD_TRY(bitmaps_before_write(offset, length));
   // Only whole clusters are discarded (NBD allows ignoring the rest); a
-  // raw external data file keeps its data so it stays the guest view.
-  if (!header_.data_file_raw()) {
+  // raw external data file keeps its data so it stays the guest view. A
+  // v2 image over a backing file has no zero flag to hide the backing file
+  // with, so it keeps everything (QEMU's qcow2_co_pdiscard refuses those
+  // with ENOTSUP, which its block layer turns into success).
+  if (!header_.data_file_raw() && !(header_.version < 3 && backing_)) {
     {
       std::lock_guard lock(mutex_);
       if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
@@ -455,17 +458,22 @@ Result<void> Qcow2Image::discard(std::uint64_t offset, std::uint64_t length, boo
     for (std::uint64_t gc = align_up(offset, cs); gc < end && (gc + cs <= end || end == size_); gc += cs) {
       std::lock_guard lock(mutex_);
       if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
-      const bool backing_visible = backing_ && gc < backing_->size();
       if (skips_unallocated_span_locked(gc, end)) {
         gc = next_l2_span(gc) - cs;  // the loop steps to the next span
         continue;
       }
-      if (!backing_visible) {
-        QNBD_TRY(zero_cluster_locked(gc, true, true));
-      } else if (header_.version >= 3) {
-        // Unallocating would expose the backing file: zero instead.
-        QNBD_TRY(zero_cluster_locked(gc, true, false));
-      }
+      // As QEMU's discard_in_l2_slice for a discard request (full_discard
+      // false): a cluster holding a host cluster, or any cluster of an image
+      // with a backing file, becomes a zero cluster on v3 (zero bits with
+      // extended L2), so it reads as zeroes and not as the backing file, and
+      // its host cluster is freed; on v2 (no backing file here) it is
+      // unallocated. A cluster with neither already reads as zeroes and is
+      // left alone.
+      const Mapping m = QNBD_TRY(get_host_offset_locked(gc, std::min(cs, size_ - gc)));
+      const bool has_host = m.type == SubclusterType::normal || m.type == SubclusterType::compressed ||
+                            m.type == SubclusterType::zero_alloc || m.type == SubclusterType::unallocated_alloc;
+      if (!has_host && !backing_) continue;
+      QNBD_TRY(zero_cluster_locked(gc, true, header_.version < 3));
       QNBD_TRY(maybe_flush_frees_locked());
     }
   }
