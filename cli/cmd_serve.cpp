@@ -190,6 +190,12 @@ Result<server::ExportSpec> open_export(const std::string& image, std::string for
   }
   oo.format = QNBD_TRY(parse_format(format));
   if (modes.load_snapshot) {
+    // qemu-nbd -o -l asks the raw node it put on top for the snapshot.
+    if (modes.offset) {
+      return make_error(ENOTSUP,
+                        "Failed to load snapshot: Block format 'raw' used by device '' does not support temporarily "
+                        "loading internal snapshots");
+    }
     // qemu-nbd -s -l looks for the snapshot in its new, empty overlay.
     if (modes.snapshot) return make_error(ENOENT, "Failed to load snapshot: Can't find snapshot");
     if (!read_only) return make_error(EINVAL, "a snapshot (-l) can only be served read-only");

@@ -14,8 +14,9 @@
 #    offset node does not take the probed node's 512), and the first-sector
 #    guard stays on the image's own first sector, so a qcow2 header written
 #    at export offset 0 lands 512 bytes in, in both.
-# 4. Refusals: an offset past the end and -B with -o (both refuse, qnbd in
-#    one line in qemu's words), a malformed offset, and an offset that is
+# 4. Refusals: an offset past the end, -B with -o, -l with -o (qemu-nbd
+#    asks its raw node for the snapshot) (both refuse, qnbd in one line in
+#    qemu's words), a malformed offset, and an offset that is
 #    not a multiple of 512 (qemu-nbd 7.2 serves one, then aborts on the
 #    read of its last partial sector: not run here).
 source "$(dirname "$0")/lib-serve.sh"
@@ -174,6 +175,8 @@ qnbd_refuses() {
 }
 refused "Offset (9437184) cannot be greater than size of the containing file (8388608)" -f raw -o 9437184 "$T/r.raw"
 refused "Bitmap 'b0' is not found" -f qcow2 -o 512 -B b0 "$T/b.qcow2"
+qemu-img snapshot -c snap1 "$T/b.qcow2"
+refused "does not support temporarily loading internal snapshots" -f qcow2 -o 512 -l snap1 "$T/b.qcow2"
 refused "Invalid offset 'abc'" -f raw -o abc "$T/r.raw"
 refused "Invalid offset '-512'" -f raw -o -512 "$T/r.raw"
 qnbd_refuses "offset 1000 is not a multiple of 512" -f raw -o 1000 "$T/r.raw"
