@@ -63,3 +63,63 @@ stop_serve() {
     fail "qnbd serve exited with status $status after SIGTERM"
   fi
 }
+
+# ---- Side by side with qemu-nbd: one tool at a time on $TMPDIR_TEST/s.sock
+# (nbd+unix:///?socket=$TMPDIR_TEST/s.sock) ----
+
+# start_tool TOOL ARGS...: TOOL (qemu-nbd or qnbd) serving ARGS, --persistent;
+# sets SERVER_PID (stop it with stop_server "$SERVER_PID").
+start_tool() {
+  local tool=$1 d=$TMPDIR_TEST
+  shift
+  if [[ $tool == qemu-nbd ]]; then
+    start_server "$d/s.pid" qemu-nbd -t -k "$d/s.sock" --pid-file "$d/s.pid" "$@" || fail "qemu-nbd $* did not start"
+  else
+    start_server "$d/s.pid" "$QNBD" serve -t -k "$d/s.sock" --pid-file "$d/s.pid" "$@" || fail "qnbd $* did not start"
+  fi
+}
+
+# pwrite_at URI OFFSET LENGTH BYTE: write LENGTH bytes of BYTE and flush;
+# prints "ok" or the errno name the server answered.
+pwrite_at() {
+  "$PY" - "$@" <<'EOF'
+import nbd, sys
+uri, off, n, b = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4], 0)
+h = nbd.NBD()
+h.connect_uri(uri)
+try:
+    h.pwrite(bytes([b]) * n, off)
+    h.flush()
+    print("ok")
+except nbd.Error as e:
+    print(e.errno)
+h.shutdown()
+EOF
+}
+
+# qnbd_refuses PHRASE ARGS...: `qnbd serve ARGS` refuses to start, with one
+# line of error that holds PHRASE.
+qnbd_refuses() {
+  local phrase=$1 err=$TMPDIR_TEST/x.err
+  shift
+  if timeout 10 "$QNBD" serve -k "$TMPDIR_TEST/x.sock" "$@" 2>"$err" >/dev/null; then fail "qnbd serve $*: served"; fi
+  expect_eq "$(wc -l <"$err")" 1 "qnbd serve $*: lines of error"
+  grep -qF -- "$phrase" "$err" || { cat "$err" >&2; fail "qnbd serve $*: no '$phrase'"; }
+  echo "refused: $*"
+}
+
+# refused_by_both PHRASE ARGS...: qemu-nbd refuses ARGS too (it does not get as far
+# as writing its pid file), then qnbd_refuses.
+refused_by_both() {
+  local phrase=$1 st=0 d=$TMPDIR_TEST
+  shift
+  rm -f "$d/x.pid"
+  qemu-nbd -k "$d/x.sock" --pid-file "$d/x.pid" "$@" >/dev/null 2>&1 &
+  local pid=$!
+  wait_ready -s "$d/x.pid" "$pid" || st=$?
+  kill -9 "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  rm -f "$d/x.sock"
+  ((st != 0)) || fail "qemu-nbd serves $* (the test expects a refusal)"
+  qnbd_refuses "$phrase" "$@"
+}

@@ -32,35 +32,6 @@ requires_python_nbd
 T=$TMPDIR_TEST
 URI="nbd+unix:///?socket=$T/s.sock"
 
-# start_tool TOOL ARGS...: TOOL (qemu-nbd or qnbd) serving ARGS on $T/s.sock.
-start_tool() {
-  local tool=$1
-  shift
-  if [[ $tool == qemu-nbd ]]; then
-    start_server "$T/s.pid" qemu-nbd -t -k "$T/s.sock" --pid-file "$T/s.pid" "$@" || fail "qemu-nbd $* did not start"
-  else
-    start_server "$T/s.pid" "$QNBD" serve -t -k "$T/s.sock" --pid-file "$T/s.pid" "$@" || fail "qnbd $* did not start"
-  fi
-}
-
-# pwrite_at URI OFFSET LENGTH BYTE: write LENGTH bytes of BYTE; prints "ok"
-# or the errno name the server answered.
-pwrite_at() {
-  "$PY" - "$@" <<'EOF'
-import nbd, sys
-uri, off, n, b = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4], 0)
-h = nbd.NBD()
-h.connect_uri(uri)
-try:
-    h.pwrite(bytes([b]) * n, off)
-    h.flush()
-    print("ok")
-except nbd.Error as e:
-    print(e.errno)
-h.shutdown()
-EOF
-}
-
 head -c 8M /dev/urandom >"$T/r.raw"
 
 echo "== 1. a range of a raw file"
@@ -194,35 +165,18 @@ cmp "$T/bm-map-qemu-nbd.txt" "$T/bm-map-qnbd.txt" || fail "imageio: the dirty bi
 cmp "$T/bm-depth-qemu-nbd.txt" "$T/bm-depth-qnbd.txt" || fail "imageio: allocation depth differs"
 
 echo "== 6. refusals"
-# refused PHRASE ARGS...: both refuse to start; qnbd says PHRASE in one line.
-refused() {
-  local phrase=$1 st=0
-  shift
-  rm -f "$T/x.pid"
-  qemu-nbd -k "$T/x.sock" --pid-file "$T/x.pid" "$@" >/dev/null 2>&1 &
-  local pid=$!
-  wait_ready -s "$T/x.pid" "$pid" || st=$?
-  kill -9 "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  rm -f "$T/x.sock"
-  ((st != 0)) || fail "qemu-nbd serves $* (the test expects a refusal)"
-  if timeout 10 "$QNBD" serve -k "$T/x.sock" "$@" 2>"$T/x.err" >/dev/null; then fail "qnbd serve $*: served"; fi
-  expect_eq "$(wc -l <"$T/x.err")" 1 "qnbd serve $*: lines of error"
-  grep -qF -- "$phrase" "$T/x.err" || { cat "$T/x.err" >&2; fail "qnbd serve $*: no '$phrase'"; }
-  echo "refused: $*"
-}
-refused 'A block device must be specified for "file"' 'json:{"driver": "qcow2"}'
-refused "doesn't support the option 'bogus'" "json:{\"driver\": \"qcow2\", \"file.filename\": \"$T/q.qcow2\", \"bogus\": 1}"
-refused "Cannot find device='$T/q.qcow2'" "json:{\"driver\": \"qcow2\", \"file\": \"$T/q.qcow2\"}"
-refused "Could not parse the JSON options" "json:{\"driver\": \"qcow2\""
-refused "Specified size is not multiple of 512" "json:{\"driver\": \"raw\", \"file.filename\": \"$T/r.raw\", \"size\": 1000}"
-refused "cannot be greater than size of the containing file" \
+refused_by_both 'A block device must be specified for "file"' 'json:{"driver": "qcow2"}'
+refused_by_both "doesn't support the option 'bogus'" "json:{\"driver\": \"qcow2\", \"file.filename\": \"$T/q.qcow2\", \"bogus\": 1}"
+refused_by_both "Cannot find device='$T/q.qcow2'" "json:{\"driver\": \"qcow2\", \"file\": \"$T/q.qcow2\"}"
+refused_by_both "Could not parse the JSON options" "json:{\"driver\": \"qcow2\""
+refused_by_both "Specified size is not multiple of 512" "json:{\"driver\": \"raw\", \"file.filename\": \"$T/r.raw\", \"size\": 1000}"
+refused_by_both "cannot be greater than size of the containing file" \
   "json:{\"driver\": \"raw\", \"file.filename\": \"$T/r.raw\", \"offset\": 20971520}"
-refused "has to be smaller or equal to the" \
+refused_by_both "has to be smaller or equal to the" \
   "json:{\"driver\": \"raw\", \"file.filename\": \"$T/r.raw\", \"offset\": 7340032, \"size\": 2097152}"
-refused "Cannot find device='null'" --image-opts "driver=qcow2,file.filename=$T/top.qcow2,backing=null"
-refused "--image-opts and -f are mutually exclusive" --image-opts -f qcow2 "driver=qcow2,file.filename=$T/q.qcow2"
-refused "No such file" "json:{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": \"$T/nonexistent\"}}"
+refused_by_both "Cannot find device='null'" --image-opts "driver=qcow2,file.filename=$T/top.qcow2,backing=null"
+refused_by_both "--image-opts and -f are mutually exclusive" --image-opts -f qcow2 "driver=qcow2,file.filename=$T/q.qcow2"
+refused_by_both "No such file" "json:{\"driver\": \"qcow2\", \"file\": {\"driver\": \"file\", \"filename\": \"$T/nonexistent\"}}"
 
 echo "== 7. a config file's json: image"
 mkdir -p "$T/cfg"

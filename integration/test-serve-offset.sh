@@ -14,11 +14,11 @@
 #    offset node does not take the probed node's 512), and the first-sector
 #    guard stays on the image's own first sector, so a qcow2 header written
 #    at export offset 0 lands 512 bytes in, in both.
-# 4. Refusals: an offset past the end, -B with -o, -l with -o (qemu-nbd
-#    asks its raw node for the snapshot) (both refuse, qnbd in one line in
-#    qemu's words), a malformed offset, and an offset that is
-#    not a multiple of 512 (qemu-nbd 7.2 serves one, then aborts on the
-#    read of its last partial sector: not run here).
+# 4. Refusals: an offset past the end, -B with -o, and -l with -o (qemu-nbd
+#    asks its raw node for the snapshot) are refused by both, qnbd in one
+#    line in qemu's words; so are malformed offsets. An offset that is not
+#    a multiple of 512 is refused by qnbd (qemu-nbd 7.2 serves one, then
+#    aborts on the read of its last partial sector: not run here).
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo nbdcopy python3
 requires_qnbd
@@ -27,40 +27,11 @@ requires_python_nbd
 T=$TMPDIR_TEST
 URI="nbd+unix:///?socket=$T/s.sock"
 
-# start_tool TOOL ARGS...: TOOL (qemu-nbd or qnbd) serving ARGS on $T/s.sock.
-start_tool() {
-  local tool=$1
-  shift
-  if [[ $tool == qemu-nbd ]]; then
-    start_server "$T/s.pid" qemu-nbd -t -k "$T/s.sock" --pid-file "$T/s.pid" "$@" || fail "qemu-nbd $* did not start"
-  else
-    start_server "$T/s.pid" "$QNBD" serve -t -k "$T/s.sock" --pid-file "$T/s.pid" "$@" || fail "qnbd $* did not start"
-  fi
-}
-
 # describe TOOL: what a client sees of the export (the URI line left out:
 # it names the socket).
 describe() {
   nbdinfo --json "$URI" | grep -v '"uri"' >"$T/$1.info"
   nbdinfo --map "$URI" >>"$T/$1.info"
-}
-
-# pwrite_at URI OFFSET LENGTH BYTE: write LENGTH bytes of BYTE and flush;
-# prints "ok" or the errno name the server answered.
-pwrite_at() {
-  "$PY" - "$@" <<'EOF'
-import nbd, sys
-uri, off, n, b = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4], 0)
-h = nbd.NBD()
-h.connect_uri(uri)
-try:
-    h.pwrite(bytes([b]) * n, off)
-    h.flush()
-    print("ok")
-except nbd.Error as e:
-    print(e.errno)
-h.shutdown()
-EOF
 }
 
 size=$((8 << 20))
@@ -150,35 +121,12 @@ cmp "$T/p-qemu-nbd.raw" "$T/p-qnbd.raw" || fail "probed raw -o 512: the files di
 echo "== 4. refusals"
 qemu-img create -q -f qcow2 "$T/b.qcow2" 8M
 qemu-img bitmap --add "$T/b.qcow2" b0
-# refused PHRASE ARGS...: both refuse to start; qnbd says PHRASE in one line.
-refused() {
-  local phrase=$1 st=0
-  shift
-  rm -f "$T/x.pid"
-  qemu-nbd -k "$T/x.sock" --pid-file "$T/x.pid" "$@" >/dev/null 2>&1 &
-  local pid=$!
-  wait_ready -s "$T/x.pid" "$pid" || st=$?
-  kill -9 "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  rm -f "$T/x.sock"
-  ((st != 0)) || fail "qemu-nbd serves $* (the test expects a refusal)"
-  qnbd_refuses "$phrase" "$@"
-}
-# qnbd_refuses PHRASE ARGS...: qnbd alone refuses, in one line with PHRASE.
-qnbd_refuses() {
-  local phrase=$1
-  shift
-  if timeout 10 "$QNBD" serve -k "$T/x.sock" "$@" 2>"$T/x.err" >/dev/null; then fail "qnbd serve $*: served"; fi
-  expect_eq "$(wc -l <"$T/x.err")" 1 "qnbd serve $*: lines of error"
-  grep -qF -- "$phrase" "$T/x.err" || { cat "$T/x.err" >&2; fail "qnbd serve $*: no '$phrase'"; }
-  echo "refused: $*"
-}
-refused "Offset (9437184) cannot be greater than size of the containing file (8388608)" -f raw -o 9437184 "$T/r.raw"
-refused "Bitmap 'b0' is not found" -f qcow2 -o 512 -B b0 "$T/b.qcow2"
+refused_by_both "Offset (9437184) cannot be greater than size of the containing file (8388608)" -f raw -o 9437184 "$T/r.raw"
+refused_by_both "Bitmap 'b0' is not found" -f qcow2 -o 512 -B b0 "$T/b.qcow2"
 qemu-img snapshot -c snap1 "$T/b.qcow2"
-refused "does not support temporarily loading internal snapshots" -f qcow2 -o 512 -l snap1 "$T/b.qcow2"
-refused "Invalid offset 'abc'" -f raw -o abc "$T/r.raw"
-refused "Invalid offset '-512'" -f raw -o -512 "$T/r.raw"
+refused_by_both "does not support temporarily loading internal snapshots" -f qcow2 -o 512 -l snap1 "$T/b.qcow2"
+refused_by_both "Invalid offset 'abc'" -f raw -o abc "$T/r.raw"
+refused_by_both "Invalid offset '-512'" -f raw -o -512 "$T/r.raw"
 qnbd_refuses "offset 1000 is not a multiple of 512" -f raw -o 1000 "$T/r.raw"
 [[ $(od -An -tx1 -N4 "$T/b.qcow2" | tr -d ' ') == 514649fb ]] || fail "the refused image changed"
 echo "PASS"
