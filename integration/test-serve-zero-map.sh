@@ -7,8 +7,9 @@
 # base:allocation and qemu:allocation-depth maps must agree (which clusters
 # the image itself decides: a TRIM on v3 leaves a zero cluster, as QEMU's
 # discard does; on v2 over a backing file it changes nothing) and the images
-# must hold the same data (qemu-img compare). First the reproduction: a 32 KiB
-# zero, plain and FAST_ZERO, on an unallocated cluster stays sparse.
+# must hold the same data (qemu-img compare). First the issue's
+# reproduction: a 32 KiB zero, plain and FAST_ZERO, on an unallocated
+# cluster stays sparse.
 # A FAST_ZERO refused with ENOTSUP is followed by a plain zero, as copying
 # clients do: qemu-nbd may have zeroed the leading part of the range before
 # refusing (its block layer splits the request); qnbd decides before it
