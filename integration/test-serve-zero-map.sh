@@ -142,4 +142,44 @@ run_case extl2-backing 16 "-o extended_l2=on -b $T/base.raw -F raw"
 run_case v2 17 "-o compat=0.10" --discard=unmap
 run_case v2-backing 18 "-o compat=0.10 -b $T/base.raw -F raw"
 run_case v2-backing-unmap 19 "-o compat=0.10 -b $T/base.raw -F raw" --discard=unmap
+
+# Zeroing without unmap keeps a host cluster that an internal snapshot
+# shares (QEMU's zero_in_l2_slice keeps it, without OFLAG_COPIED), and a
+# later write into that cluster copies it: the snapshot keeps its data.
+# `offset` in qemu-img map says whether a zero cluster kept its host
+# cluster. NO_HOLE zeroes (qemu-io write -z) keep it, others (write -z -u,
+# with --discard=unmap) release it, in both servers.
+echo "== zeroes over clusters an internal snapshot shares"
+for ext in off on; do
+  qemu-img create -q -f qcow2 -o extended_l2=$ext "$T/s.a.qcow2" 8M
+  qemu-io -c 'write -P 2 1M 1M' -c 'write -c -P 1 0 64k' "$T/s.a.qcow2" >/dev/null
+  qemu-img snapshot -c s1 "$T/s.a.qcow2"
+  cp "$T/s.a.qcow2" "$T/s.b.qcow2"
+  qemu-img convert -l s1 -O raw "$T/s.a.qcow2" "$T/s1.raw"
+  serve_both "$T/s.a.qcow2" "$T/s.b.qcow2" --discard=unmap
+  for uri in "$QURI" "$SERVE_URI"; do
+    qemu-io -f raw -c 'write -z 0 64k' -c 'write -z 1M 128k' -c 'write -z -u 1280k 64k' "$uri" >"$T/io.out" 2>&1
+    grep -q 'failed' "$T/io.out" && { cat "$T/io.out" >&2; fail "extended_l2=$ext: a zero failed on $uri"; }
+  done
+  stop_both
+  for f in a b; do
+    qemu-img map --output=json "$T/s.$f.qcow2" |
+      sed -E 's/"offset": [0-9]+/"offset"/' >"$T/s.$f.map"
+  done
+  diff "$T/s.a.map" "$T/s.b.map" || fail "extended_l2=$ext: the image's layout after zeroing differs from qemu-nbd's"
+  grep -q '"zero": true, "data": false, "offset"' "$T/s.b.map" ||
+    fail "extended_l2=$ext: no zero cluster kept its host cluster (nothing compared)"
+  serve_both "$T/s.a.qcow2" "$T/s.b.qcow2"
+  for uri in "$QURI" "$SERVE_URI"; do
+    qemu-io -f raw -c 'write -P 7 1M 64k' -c 'write -P 8 1088k 4k' "$uri" >/dev/null 2>&1
+  done
+  stop_both
+  for f in a b; do
+    qemu-img convert -l s1 -O raw "$T/s.$f.qcow2" "$T/s1.$f.raw"
+    cmp "$T/s1.raw" "$T/s1.$f.raw" || fail "extended_l2=$ext: a write after the zeroes changed snapshot s1 ($f)"
+    qemu-img check -q "$T/s.$f.qcow2" || fail "extended_l2=$ext: qemu-img check ($f)"
+  done
+  qemu-img compare -q "$T/s.a.qcow2" "$T/s.b.qcow2" || fail "extended_l2=$ext: data differs"
+  echo "extended_l2=$ext: the same layout as qemu-nbd's, the snapshot intact"
+done
 echo PASS

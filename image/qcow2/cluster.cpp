@@ -526,6 +526,9 @@ Result<std::size_t> Qcow2Image::write_new_clusters_locked(std::span<const std::b
 // Make a whole cluster read as zeroes (v3 zero flag, or extended L2 zero
 // bits), keeping its host cluster when !may_unmap. If `unallocate`, the
 // entry becomes unallocated instead (no backing file shows through).
+// As QEMU's zero_in_l2_slice, a host cluster is kept even when an internal
+// snapshot shares it (no OFLAG_COPIED): the entry keeps that state, so a
+// later write copies the cluster rather than writing the shared one.
 Result<void> Qcow2Image::zero_cluster_locked(std::uint64_t gc, bool may_unmap, bool unallocate) {
   const L2Geometry& g = geometry_;
   const std::uint64_t l1_index = gc >> (g.cluster_bits + header_.l2_bits());
@@ -534,11 +537,12 @@ Result<void> Qcow2Image::zero_cluster_locked(std::uint64_t gc, bool may_unmap, b
   const L2Entry e = s.entry;
   const bool compressed = e.entry & QCOW_OFLAG_COMPRESSED;
   const std::uint64_t old_host = compressed ? 0 : e.entry & L2E_OFFSET_MASK;
-  const bool keep = !may_unmap && old_host && ((e.entry & QCOW_OFLAG_COPIED) || data_file_);
+  const bool keep = !may_unmap && old_host;
 
   std::uint64_t entry = 0, bitmap = 0;
   if (keep) {
-    entry = old_host | QCOW_OFLAG_COPIED | (g.extended_l2 ? 0 : QCOW_OFLAG_ZERO);
+    const std::uint64_t copied = data_file_ ? QCOW_OFLAG_COPIED : e.entry & QCOW_OFLAG_COPIED;
+    entry = old_host | copied | (g.extended_l2 ? 0 : QCOW_OFLAG_ZERO);
     bitmap = g.extended_l2 ? QCOW_L2_BITMAP_ALL_ZEROES : 0;
   } else if (!unallocate) {
     entry = g.extended_l2 ? 0 : QCOW_OFLAG_ZERO;
