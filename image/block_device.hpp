@@ -282,6 +282,11 @@ struct OpenOptions {
 [[nodiscard]] Result<std::size_t> chain_block_status(BlockDevice& top, std::uint64_t offset, std::uint64_t length,
                                                      std::span<Extent> out);
 
+// Append `x` to out[0, n), merged into the last extent when its status
+// (allocated, zero, depth) is the same; false when a new extent is needed
+// and `out` is full (n unchanged).
+[[nodiscard]] bool append_extent(std::span<Extent> out, std::size_t& n, const Extent& x);
+
 // One entry of `qemu-img map --output=json` (its MapEntry): depth is
 // 0-based here, as qemu-img prints it.
 struct MapEntry {

@@ -50,12 +50,7 @@ Result<std::size_t> OffsetDevice::block_status(std::uint64_t offset, std::uint64
       return make_error(EIO, "block status of {:#x} returned a bad length {}", at - offset_, st.length);
     }
     const Extent x{st.length, st.data, st.zero, st.present ? 1u : 0u};
-    if (n > 0 && out[n - 1].allocated == x.allocated && out[n - 1].zero == x.zero && out[n - 1].depth == x.depth) {
-      out[n - 1].length += x.length;
-    } else {
-      if (n == out.size()) break;
-      out[n++] = x;
-    }
+    if (!append_extent(out, n, x)) break;
     at += x.length;
     length -= x.length;
   }

@@ -86,6 +86,16 @@ static Result<Extent> chain_extent(BlockDevice& top, std::uint64_t offset, std::
   return x;
 }
 
+bool append_extent(std::span<Extent> out, std::size_t& n, const Extent& x) {
+  if (n > 0 && out[n - 1].allocated == x.allocated && out[n - 1].zero == x.zero && out[n - 1].depth == x.depth) {
+    out[n - 1].length += x.length;
+    return true;
+  }
+  if (n == out.size()) return false;
+  out[n++] = x;
+  return true;
+}
+
 Result<std::size_t> chain_block_status(BlockDevice& top, std::uint64_t offset, std::uint64_t length,
                                        std::span<Extent> out) {
   if (offset >= top.size() || length > top.size() - offset) {
@@ -93,16 +103,10 @@ Result<std::size_t> chain_block_status(BlockDevice& top, std::uint64_t offset, s
   }
   std::size_t n = 0;
   while (length > 0) {
-    Extent x = QNBD_TRY(chain_extent(top, offset, length));
-    const std::uint64_t len = x.length;
-    if (n > 0 && out[n - 1].allocated == x.allocated && out[n - 1].zero == x.zero && out[n - 1].depth == x.depth) {
-      out[n - 1].length += len;
-    } else {
-      if (n == out.size()) break;
-      out[n++] = x;
-    }
-    offset += len;
-    length -= len;
+    const Extent x = QNBD_TRY(chain_extent(top, offset, length));
+    if (!append_extent(out, n, x)) break;
+    offset += x.length;
+    length -= x.length;
   }
   return n;
 }

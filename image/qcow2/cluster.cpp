@@ -226,8 +226,7 @@ Result<Mapping> Qcow2Image::get_host_offset_locked(std::uint64_t offset, std::ui
   // copying.
   m.copied = (l1_[l1_index] & QCOW_OFLAG_COPIED) && (first.entry & QCOW_OFLAG_COPIED);
 
-  const bool has_host = m.type == SubclusterType::normal || m.type == SubclusterType::zero_alloc ||
-                        m.type == SubclusterType::unallocated_alloc;
+  const bool has_host = has_host_cluster(m.type);
   std::uint64_t host_cluster = 0;
   if (has_host) {
     host_cluster = first.entry & L2E_OFFSET_MASK;

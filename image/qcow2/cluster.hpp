@@ -36,6 +36,14 @@ enum class SubclusterType {
 
 const char* to_string(SubclusterType type);
 
+// Whether the L2 entry names a host cluster (data, reserved zeroes, or an
+// extended-L2 cluster with reserved unallocated subclusters): the types
+// for which QEMU's qcow2_get_host_offset returns an offset. Compressed
+// clusters have a host range of their own, not a cluster.
+inline bool has_host_cluster(SubclusterType t) {
+  return t == SubclusterType::normal || t == SubclusterType::zero_alloc || t == SubclusterType::unallocated_alloc;
+}
+
 // What the decoder needs to know about the image.
 struct L2Geometry {
   std::uint32_t cluster_bits = 16;

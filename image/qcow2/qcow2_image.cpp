@@ -296,8 +296,7 @@ Result<LayerStatus> Qcow2Image::layer_status(std::uint64_t offset, std::uint64_t
   LayerStatus st;
   st.length = m.bytes;
   // As qcow2_co_block_status: an offset for every type with a host cluster.
-  if (m.type == SubclusterType::normal || m.type == SubclusterType::zero_alloc ||
-      m.type == SubclusterType::unallocated_alloc) {
+  if (has_host_cluster(m.type)) {
     st.offset_valid = true;
     st.host_offset = m.host_offset;
     st.file = data_file_ ? data_file_.get() : file_.get();

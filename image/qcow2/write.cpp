@@ -470,9 +470,7 @@ Result<void> Qcow2Image::discard(std::uint64_t offset, std::uint64_t length, boo
       // unallocated. A cluster with neither already reads as zeroes and is
       // left alone.
       const Mapping m = QNBD_TRY(get_host_offset_locked(gc, std::min(cs, size_ - gc)));
-      const bool has_host = m.type == SubclusterType::normal || m.type == SubclusterType::compressed ||
-                            m.type == SubclusterType::zero_alloc || m.type == SubclusterType::unallocated_alloc;
-      if (!has_host && !backing_) continue;
+      if (!has_host_cluster(m.type) && m.type != SubclusterType::compressed && !backing_) continue;
       QNBD_TRY(zero_cluster_locked(gc, true, header_.version < 3));
       QNBD_TRY(maybe_flush_frees_locked());
     }

@@ -384,17 +384,9 @@ Result<std::size_t> PointInTimeView::block_status(std::uint64_t offset, std::uin
   });
   if (!live()) return dead_error();
   std::size_t count = 0;
-  auto emit = [&](const Extent& x, std::uint64_t len) {
-    if (count && out[count - 1].allocated == x.allocated && out[count - 1].zero == x.zero &&
-        out[count - 1].depth == x.depth) {
-      out[count - 1].length += len;
-      return true;
-    }
-    if (count == out.size()) return false;
-    out[count] = x;
-    out[count].length = len;
-    ++count;
-    return true;
+  auto emit = [&](Extent x, std::uint64_t len) {
+    x.length = len;
+    return append_extent(out, count, x);
   };
   std::uint64_t pos = offset;
   std::size_t i = 0;
