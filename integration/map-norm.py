@@ -7,6 +7,11 @@ empty runs.
 usage: map-norm.py img REFERENCE.json CANDIDATE.json
            `map --output=json` of qemu-img vs qnbd: every byte in the same
            (data, zero) class in both.
+       map-norm.py layout REFERENCE.json CANDIDATE.json
+           `qemu-img map --output=json` of two images (one qemu-nbd wrote,
+           one qnbd wrote): every byte with the same depth, presence,
+           data and zero flags, and a host offset in both or in neither
+           (where a host cluster lands is each writer's own choice).
        map-norm.py nbdinfo REFERENCE.txt CANDIDATE.txt
            `nbdinfo --map` ("OFFSET LENGTH TYPE DESCRIPTION") of qemu-nbd vs
            qnbd: the same ranges with the same TYPE.
@@ -55,6 +60,20 @@ def img_runs(path):
 def img_describe(r):
     start, end, (data, zero) = r
     return f"[{start}, {end}) data={str(data).lower()} zero={str(zero).lower()}"
+
+
+def layout_runs(path):
+    with open(path) as f:
+        entries = json.load(f)
+    return entries, [(int(e["start"]), int(e["length"]),
+                      (int(e["depth"]), bool(e["present"]), bool(e["data"]), bool(e["zero"]), "offset" in e))
+                     for e in entries]
+
+
+def layout_describe(r):
+    start, end, (depth, present, data, zero, offset) = r
+    return (f"[{start}, {end}) depth={depth} present={str(present).lower()} data={str(data).lower()} "
+            f"zero={str(zero).lower()} offset={'yes' if offset else 'no'}")
 
 
 # --- nbdinfo: nbdinfo --map text ------------------------------------------
@@ -126,6 +145,8 @@ def main(argv):
     mode = argv[1] if len(argv) > 1 else ""
     if mode == "img" and len(argv) == 4:
         return compare(img_runs, ("qemu-img", "qnbd"), img_describe, argv[2], argv[3])
+    if mode == "layout" and len(argv) == 4:
+        return compare(layout_runs, ("qemu-nbd", "qnbd"), layout_describe, argv[2], argv[3])
     if mode == "nbdinfo" and len(argv) == 4:
         return compare(nbdinfo_runs, ("qemu-nbd", "qnbd"), str, argv[2], argv[3])
     if mode == "bitmap" and len(argv) >= 3:

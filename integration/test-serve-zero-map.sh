@@ -7,7 +7,10 @@
 # base:allocation and qemu:allocation-depth maps must agree (which clusters
 # the image itself decides: a TRIM on v3 leaves a zero cluster, as QEMU's
 # discard does; on v2 over a backing file it changes nothing) and the images
-# must hold the same data (qemu-img compare). First the issue's
+# must hold the same data (qemu-img compare), with the same layout (qemu-img
+# map: which zero clusters kept a host cluster). Last, the space freed
+# clusters give back to the file system, --discard=ignore and unmap, beside
+# qemu-nbd's. First the issue's
 # reproduction: a 32 KiB zero, plain and FAST_ZERO, on an unallocated
 # cluster stays sparse.
 # A FAST_ZERO refused with ENOTSUP is followed by a plain zero, as copying
@@ -125,6 +128,12 @@ run_case() {
     { cat "$T/$name.dcmp" >&2; fail "$name: qemu:allocation-depth map differs from qemu-nbd's"; }
   qemu-img compare -q -f qcow2 -F qcow2 "$T/$name.a.qcow2" "$T/$name.b.qcow2" || fail "$name: data differs"
   qemu-img check -q "$T/$name.b.qcow2" || fail "$name: qemu-img check finds errors"
+  # Which zero clusters kept a host cluster (`offset` present): a zero
+  # without NO_HOLE releases it even without --discard=unmap, in both.
+  qemu-img map --output=json "$T/$name.a.qcow2" >"$T/$name.a.layout"
+  qemu-img map --output=json "$T/$name.b.qcow2" >"$T/$name.b.layout"
+  python3 "$cmp_map" layout "$T/$name.a.layout" "$T/$name.b.layout" >"$T/$name.lcmp" ||
+    { cat "$T/$name.lcmp" >&2; fail "$name: the image's layout (qemu-img map) differs from qemu-nbd's"; }
   echo "$name: $(wc -l <"$T/$name.qnbd.txt") requests, $(grep -c 'zero-fast .* ok$' "$T/$name.qnbd.txt") fast zeroes ok, $(head -n 1 "$T/$name.cmp")"
 }
 
@@ -162,11 +171,10 @@ for ext in off on; do
     grep -q 'failed' "$T/io.out" && { cat "$T/io.out" >&2; fail "extended_l2=$ext: a zero failed on $uri"; }
   done
   stop_both
-  for f in a b; do
-    qemu-img map --output=json "$T/s.$f.qcow2" |
-      sed -E 's/"offset": [0-9]+/"offset"/' >"$T/s.$f.map"
-  done
-  diff "$T/s.a.map" "$T/s.b.map" || fail "extended_l2=$ext: the image's layout after zeroing differs from qemu-nbd's"
+  qemu-img map --output=json "$T/s.a.qcow2" >"$T/s.a.map"
+  qemu-img map --output=json "$T/s.b.qcow2" >"$T/s.b.map"
+  python3 "$cmp_map" layout "$T/s.a.map" "$T/s.b.map" >"$T/s.lcmp" ||
+    { cat "$T/s.lcmp" >&2; fail "extended_l2=$ext: the image's layout after zeroing differs from qemu-nbd's"; }
   grep -q '"zero": true, "data": false, "offset"' "$T/s.b.map" ||
     fail "extended_l2=$ext: no zero cluster kept its host cluster (nothing compared)"
   serve_both "$T/s.a.qcow2" "$T/s.b.qcow2"
@@ -181,5 +189,66 @@ for ext in off on; do
   done
   qemu-img compare -q "$T/s.a.qcow2" "$T/s.b.qcow2" || fail "extended_l2=$ext: data differs"
   echo "extended_l2=$ext: the same layout as qemu-nbd's, the snapshot intact"
+done
+# The space of freed clusters: a zero without NO_HOLE and a TRIM drop
+# clusters from the image's metadata; only with --discard=unmap is their
+# space given back to the host file system (QEMU's pass-discard-request),
+# a cluster at a time once no snapshot shares it. Judged by the blocks the
+# image file occupies, beside qemu-nbd's.
+echo "== space of freed clusters"
+blocks() { stat -c %b "$1"; }
+for discard in ignore unmap; do
+  qemu-img create -q -f qcow2 "$T/f.a.qcow2" 16M
+  qemu-io -c 'write -P 3 0 6M' "$T/f.a.qcow2" >/dev/null
+  qemu-img snapshot -c s1 "$T/f.a.qcow2"
+  qemu-io -c 'write -P 4 4M 4M' "$T/f.a.qcow2" >/dev/null
+  cp --sparse=always "$T/f.a.qcow2" "$T/f.b.qcow2"
+  before=$(blocks "$T/f.a.qcow2")
+  serve_both "$T/f.a.qcow2" "$T/f.b.qcow2" --discard=$discard
+  for uri in "$QURI" "$SERVE_URI"; do
+    # 0-2M: shared with s1 (kept); 4M-6M zeroed and 6M-8M trimmed: unshared.
+    qemu-io -f raw -c 'write -z -u 0 2M' -c 'write -z -u 4M 2M' -c 'discard 6M 2M' "$uri" >"$T/io.out" 2>&1
+    grep -q 'failed' "$T/io.out" && { cat "$T/io.out" >&2; fail "discard=$discard: a request failed on $uri"; }
+  done
+  stop_both
+  for f in a b; do
+    qemu-img map --output=json "$T/f.$f.qcow2" >"$T/f.$f.layout"
+    qemu-img check -q "$T/f.$f.qcow2" || fail "discard=$discard: qemu-img check ($f)"
+  done
+  python3 "$cmp_map" layout "$T/f.a.layout" "$T/f.b.layout" >"$T/f.lcmp" ||
+    { cat "$T/f.lcmp" >&2; fail "discard=$discard: the image's layout differs from qemu-nbd's"; }
+  freed_q=$(((before - $(blocks "$T/f.a.qcow2")) * 512 / 1048576))
+  freed_b=$(((before - $(blocks "$T/f.b.qcow2")) * 512 / 1048576))
+  if [[ $discard == unmap ]]; then
+    ((freed_q >= 4)) || fail "qemu-nbd gave back only $freed_q MiB with --discard=unmap (nothing compared)"
+  fi
+  expect_eq "$freed_b" "$freed_q" "discard=$discard: MiB given back to the file system"
+  echo "discard=$discard: qnbd and qemu-nbd gave back $freed_b MiB"
+
+  # An external data file has no refcounts: a released cluster's range in
+  # it is discarded at once (QEMU's qcow2_free_any_cluster), cluster 0 too.
+  for f in a b; do
+    rm -f "$T/d.$f.qcow2" "$T/d.$f.raw"
+    qemu-img create -q -f qcow2 -o data_file="$T/d.$f.raw" "$T/d.$f.qcow2" 16M
+    qemu-io -c 'write -P 5 0 8M' "$T/d.$f.qcow2" >/dev/null
+  done
+  before=$(blocks "$T/d.a.raw")
+  serve_both "$T/d.a.qcow2" "$T/d.b.qcow2" --discard=$discard
+  for uri in "$QURI" "$SERVE_URI"; do
+    qemu-io -f raw -c 'write -z -u 0 2M' -c 'discard 2M 1M' -c 'write -z 4M 1M' "$uri" >"$T/io.out" 2>&1
+    grep -q 'failed' "$T/io.out" && { cat "$T/io.out" >&2; fail "data file, discard=$discard: a request failed on $uri"; }
+  done
+  stop_both
+  for f in a b; do qemu-img map --output=json "$T/d.$f.qcow2" >"$T/d.$f.layout"; done
+  python3 "$cmp_map" layout "$T/d.a.layout" "$T/d.b.layout" >"$T/d.lcmp" ||
+    { cat "$T/d.lcmp" >&2; fail "data file, discard=$discard: the image's layout differs from qemu-nbd's"; }
+  qemu-img compare -q "$T/d.a.qcow2" "$T/d.b.qcow2" || fail "data file, discard=$discard: data differs"
+  freed_q=$(((before - $(blocks "$T/d.a.raw")) * 512 / 65536))
+  freed_b=$(((before - $(blocks "$T/d.b.raw")) * 512 / 65536))
+  if [[ $discard == unmap ]]; then
+    ((freed_q >= 48)) || fail "qemu-nbd gave back only $freed_q clusters of the data file (nothing compared)"
+  fi
+  expect_eq "$freed_b" "$freed_q" "data file, discard=$discard: 64 KiB clusters given back"
+  echo "data file, discard=$discard: qnbd and qemu-nbd gave back $freed_b clusters"
 done
 echo PASS

@@ -139,8 +139,12 @@ void Session::execute(Slot& s, bool on_io_thread) {
       }
       break;
     case NBD_CMD_WRITE_ZEROES: {
+      // Without NO_HOLE the device may release allocation (QEMU's
+      // BDRV_REQ_MAY_UNMAP): a qcow2 image drops the cluster from its
+      // metadata either way, as qemu-nbd does; only --discard=unmap lets
+      // the device give the space back to the host file system.
       image::ZeroFlags zf;
-      zf.may_unmap = !r.no_hole() && export_->discard_unmap();
+      zf.may_unmap = !r.no_hole();
       zf.fast_only = r.fast_zero();
       if (r.length && !in_steps(
                           s,

@@ -295,13 +295,13 @@ void Qcow2Image::abort_allocation_locked(std::uint64_t host, std::uint64_t bytes
   if (file_size_ == host + bytes) file_size_ = old_file_size;
 }
 
-void Qcow2Image::queue_free_locked(std::uint64_t l2_entry) {
+void Qcow2Image::queue_free_locked(std::uint64_t l2_entry, bool by_request) {
   if (data_file_ || l2_entry == 0) return;  // no refcounts for the external data file
   if (l2_entry & QCOW_OFLAG_COMPRESSED) {
     CompressedDescriptor d = parse_compressed_descriptor(l2_entry, header_.cluster_bits);
-    pending_free_.push_back({align_down(d.host_offset, 512), d.nb_sectors * 512, false});
+    pending_free_.push_back({align_down(d.host_offset, 512), d.nb_sectors * 512, false, by_request});
   } else if (std::uint64_t host = l2_entry & L2E_OFFSET_MASK) {
-    pending_free_.push_back({host, header_.cluster_size(), false});
+    pending_free_.push_back({host, header_.cluster_size(), false, by_request});
   }
 }
 
@@ -536,7 +536,10 @@ Result<void> Qcow2Image::zero_cluster_locked(std::uint64_t gc, bool may_unmap, b
   const L2Entry e = s.entry;
   const bool compressed = e.entry & QCOW_OFLAG_COMPRESSED;
   const std::uint64_t old_host = compressed ? 0 : e.entry & L2E_OFFSET_MASK;
-  const bool keep = !may_unmap && old_host;
+  // Offset 0 names a host cluster only in an external data file, with
+  // OFLAG_COPIED set (qcow2.txt "Cluster mapping").
+  const bool has_host = !compressed && (old_host || (data_file_ && (e.entry & QCOW_OFLAG_COPIED)));
+  const bool keep = !may_unmap && has_host;
 
   std::uint64_t entry = 0, bitmap = 0;
   if (keep) {
@@ -548,11 +551,23 @@ Result<void> Qcow2Image::zero_cluster_locked(std::uint64_t gc, bool may_unmap, b
     bitmap = g.extended_l2 ? QCOW_L2_BITMAP_ALL_ZEROES : 0;
   }
   if (header_.data_file_raw()) {
-    // The raw data file must read the same as the image.
-    QNBD_TRY(data_file_->write_zeroes(gc, g.cluster_size(), may_unmap));
+    // The raw data file must read the same as the image; its space is
+    // released only where a freed cluster's would be (pass-discard-request).
+    QNBD_TRY(data_file_->write_zeroes(gc, g.cluster_size(), may_unmap && pass_discard_request_));
   }
   if (e.entry == entry && e.bitmap == bitmap) return ok();
-  if (!keep) queue_free_locked(e.entry);
+  if (!keep && has_host && data_file_ && !header_.data_file_raw() && pass_discard_request_) {
+    // QEMU's qcow2_free_any_cluster with an external data file: there are
+    // no refcounts to wait for, so the range is discarded now (best effort).
+    // Not deferred: a data-file cluster sits at its guest offset, so a
+    // later write to this guest cluster reuses the range at once, and a
+    // deferred discard would erase it. A crash before the L2 change is on
+    // disk leaves the old entry reading zeroes, which this request allows.
+    if (auto d = data_file_->discard(old_host, g.cluster_size()); !d) {
+      log::debug("{}: discarding {:#x}+{} in the data file: {}", path_, old_host, g.cluster_size(), d.error().message);
+    }
+  }
+  if (!keep) queue_free_locked(e.entry, true);
   set_l2_entry_locked(s, entry, bitmap);
   return ok();
 }

@@ -148,6 +148,7 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
     img->backing_ = QNBD_TRY(parts.open_backing(h.backing_file, h.backing_format));
   }
   img->full_backing_filename_ = parts.full_backing_filename;
+  img->pass_discard_request_ = options.discard_unmap;
   if (!options.read_only) QNBD_TRY(img->init_writer());
   return img;
 }

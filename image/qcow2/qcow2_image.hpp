@@ -151,6 +151,10 @@ class Qcow2Image final : public BlockDevice {
   struct PendingFree {
     std::uint64_t host_offset, bytes;
     bool l2_table;
+    // Dropped by a guest's TRIM or unmapping WRITE_ZEROES (QEMU's
+    // QCOW2_DISCARD_REQUEST): a cluster it leaves unreferenced is discarded
+    // in the image file when pass_discard_request_.
+    bool by_request = false;
   };
   Result<void> init_writer();
   Result<void> load_snapshot_l1(const SnapshotRef& ref);
@@ -174,7 +178,7 @@ class Qcow2Image final : public BlockDevice {
   // after the write meant for them failed; `old_file_size` is file_size_
   // from before the allocation.
   void abort_allocation_locked(std::uint64_t host, std::uint64_t bytes, std::uint64_t old_file_size);
-  void queue_free_locked(std::uint64_t l2_entry);
+  void queue_free_locked(std::uint64_t l2_entry, bool by_request = false);
   Result<TableCache::Handle> l2_for_write_locked(std::uint64_t l1_index);
   // The L2 entry of guest cluster gc, in a table the writer may change
   // (l2_for_write_locked), validated (a corrupt entry sets the corrupt bit).
@@ -236,7 +240,11 @@ class Qcow2Image final : public BlockDevice {
   bool closed_ = false;
   std::unique_ptr<Refcounts> refcounts_;
   std::vector<PendingFree> pending_free_;  // references dropped, applied after the pointers are on disk
-  std::shared_mutex data_lock_;            // shared: in-place data writes; exclusive: applying frees
+  // Give the space of clusters a guest's TRIM or WRITE_ZEROES freed back to
+  // the host file system (QEMU's pass-discard-request, on with
+  // --discard=unmap). Off, they stay in the file for reuse.
+  bool pass_discard_request_ = false;
+  std::shared_mutex data_lock_;  // shared: in-place data writes; exclusive: applying frees
   bool metadata_prealloc_ = false;
   std::unique_ptr<MetadataMap> metadata_;  // writable only
   GuestWriteObserver guest_write_observer_;

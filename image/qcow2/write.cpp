@@ -17,7 +17,9 @@
 //    it is written (cluster.cpp, l2_for_write_locked);
 //  * references dropped by COW, zeroing or discard are queued in
 //    pending_free_ and applied only after the L2/L1 updates that removed the
-//    pointers are on disk (flush_locked), with in-place writers excluded.
+//    pointers are on disk (flush_locked), with in-place writers excluded;
+//    with --discard=unmap, clusters a guest's request left unreferenced are
+//    then discarded in the image file, after their refcounts are on disk.
 // A crash therefore leaks clusters at worst.
 #include <algorithm>
 #include <array>
@@ -222,6 +224,9 @@ Result<void> Qcow2Image::flush_locked() {
     std::unique_lock data(data_lock_);
     std::vector<PendingFree> frees;
     frees.swap(pending_free_);
+    // Host ranges whose last reference a guest's request dropped, coalesced.
+    std::vector<std::pair<std::uint64_t, std::uint64_t>> released;
+    const std::uint64_t cs = header_.cluster_size();
     for (const PendingFree& f : frees) {
       if (f.l2_table) {
         l2_cache_->discard(f.host_offset);
@@ -234,8 +239,29 @@ Result<void> Qcow2Image::flush_locked() {
         }
         return r;
       }
+      if (!f.by_request || !pass_discard_request_) continue;
+      // A cluster an internal snapshot still shares keeps its data.
+      for (std::uint64_t c = align_down(f.host_offset, cs); c < f.host_offset + f.bytes; c += cs) {
+        if (QNBD_TRY(refcounts_->get(c / cs)) != 0) continue;
+        if (!released.empty() && released.back().first + released.back().second == c) {
+          released.back().second += cs;
+        } else {
+          released.emplace_back(c, cs);
+        }
+      }
     }
     QNBD_TRY(refcounts_->flush());
+    // As QEMU's pass-discard-request: give the freed space back to the host
+    // file system. Crash ordering: no L2 entry names these clusters on disk
+    // any more (the L2 flush above) and their refcount of 0 is durable, so
+    // a crash before or after the discard leaves the same consistent image;
+    // mutex_ is still held, so none of them has been handed out again. Best
+    // effort, as in QEMU: a file system that cannot discard keeps the bytes.
+    for (auto [off, len] : released) {
+      if (auto d = file_->discard(off, len); !d) {
+        log::debug("{}: discarding freed clusters {:#x}+{}: {}", path_, off, len, d.error().message);
+      }
+    }
   }
   if (data_file_) QNBD_TRY(data_file_->flush());
   return ok();

@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <cstring>
+#include <set>
 #include <thread>
 
 #include "common/checked.hpp"
@@ -383,4 +384,80 @@ TEST_CASE("write: a failed data write gives its new clusters back (QEMU's alloc 
   const auto after = check_mem(mem);
   CHECK(after.leaks == 0);
   CHECK(after.corruptions == 0);
+}
+
+namespace {
+
+// Records every discard that reaches the image file.
+class RecordDiscards final : public image::ForwardingFile {
+ public:
+  using ForwardingFile::ForwardingFile;
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> discards;
+  Result<void> discard(std::uint64_t offset, std::uint64_t length) override {
+    discards.emplace_back(offset, length);
+    return ForwardingFile::discard(offset, length);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("write: freed clusters are discarded in the image file only with discard unmap (pass-discard-request)") {
+  if (!qnbd::test::have_qemu_img()) return;
+  constexpr std::uint64_t cs = 65536;
+  for (bool unmap : {false, true}) {
+    CAPTURE(unmap);
+    TempDir d;
+    const std::string img = d / "img.qcow2";
+    // 0-1M shared with snapshot s1; 1M-2M in the active layer only.
+    REQUIRE(run("qemu-img create -q -f qcow2 " + img + " 8M && qemu-io -c 'write -P 0x11 0 1M' " + img +
+                " >/dev/null && qemu-img snapshot -c s1 " + img + " && qemu-io -c 'write -P 0x22 1M 1M' " + img +
+                " >/dev/null") == 0);
+    std::set<std::uint64_t> unshared_hosts;
+    {
+      auto file = image::open_posix_file(img, image::OpenMode::read_write, image::CacheMode::writeback);
+      REQUIRE(file);
+      auto rec = std::make_unique<RecordDiscards>(std::move(*file));
+      RecordDiscards* seen = rec.get();
+      image::OpenOptions o;
+      o.read_only = false;
+      o.discard_unmap = unmap;
+      q::Qcow2Image::Parts parts;
+      parts.file = std::move(rec);
+      parts.path = img;
+      auto opened = q::Qcow2Image::open(std::move(parts), o);
+      REQUIRE_MESSAGE(opened, (opened ? "" : opened.error().message));
+      auto& dev = **opened;
+      for (std::uint64_t off = 1 << 20; off < 2u << 20; off += cs) {
+        auto m = image::map_block_status(dev, off, cs);
+        REQUIRE(m);
+        REQUIRE(m->has_offset);
+        unshared_hosts.insert(m->offset);
+      }
+      image::ZeroFlags zf;  // may_unmap: no NO_HOLE
+      REQUIRE(dev.write_zeroes(0, 2 << 20, zf));
+      // Queued until the L2 tables that dropped the clusters are on disk.
+      CHECK(seen->discards.empty());
+      REQUIRE(dev.close());
+      std::set<std::uint64_t> discarded;
+      for (auto [off, len] : seen->discards) {
+        CHECK(off % cs == 0);
+        CHECK(len % cs == 0);
+        for (std::uint64_t c = off; c < off + len; c += cs) discarded.insert(c);
+      }
+      // The snapshot's clusters keep their data; the others are given back.
+      CHECK(discarded == (unmap ? unshared_hosts : std::set<std::uint64_t>{}));
+    }
+    std::string out;
+    CHECK(qemu_check(img, &out) == 0);
+    INFO(out);
+    // Released from the metadata either way (QEMU's zero_in_l2_slice with
+    // BDRV_REQ_MAY_UNMAP): no zero cluster keeps a host cluster.
+    auto [rc, map] = run_capture("qemu-img map --output=json " + img);
+    REQUIRE(rc == 0);
+    CHECK(map.find("\"offset\"") == std::string::npos);
+    CHECK(run("qemu-img convert -l s1 -O raw " + img + " " + d / "s1.raw") == 0);
+    auto snap = qnbd::test::read_whole(d / "s1.raw");
+    REQUIRE(snap.size() >= (1u << 20));
+    CHECK(std::all_of(snap.begin(), snap.begin() + (1 << 20), [](std::byte b) { return b == std::byte{0x11}; }));
+  }
 }
