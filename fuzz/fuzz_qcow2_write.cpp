@@ -255,7 +255,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   fuzz::decode_image_input(data, size, in);
   // The same backing and data-file setup as fuzz_image.hpp, but keeping the
   // files so the result can be opened again.
-  auto open = [&in](std::unique_ptr<File> file, std::unique_ptr<File> data_file, bool writable) {
+  // Bit 7 of the first op byte (unused by the ops) picks --discard=unmap,
+  // so freed clusters are also discarded in the image file; seeds (no ops)
+  // get it.
+  const bool discard_unmap = in.ops.empty() || (in.ops[0] & 0x80);
+  auto open = [&in, discard_unmap](std::unique_ptr<File> file, std::unique_ptr<File> data_file, bool writable) {
     qcow2::Qcow2Image::Parts parts;
     parts.file = std::move(file);
     parts.path = "fuzz.qcow2";
@@ -264,6 +268,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     OpenOptions o;
     o.format = ImageFormat::qcow2;
     o.read_only = !writable;
+    o.discard_unmap = discard_unmap;
     return qcow2::Qcow2Image::open(std::move(parts), o);
   };
   std::vector<HostWrite> guest_writes;
@@ -291,6 +296,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (img.metadata_map()->find(host, bytes))
       qnbd::fuzz::fail("guest data write on a metadata cluster (metadata_map)");
   });
+  // The engine discards only clusters it freed (pass-discard-request):
+  // never one that holds metadata now, nor one the image named at open.
+  file->on_discard = [&img, &guest_writes](std::uint64_t offset, std::uint64_t length) {
+    QNBD_FUZZ_CHECK(img.metadata_map() != nullptr);
+    if (img.metadata_map()->find(offset, length)) qnbd::fuzz::fail("discard of a metadata cluster (metadata_map)");
+    guest_writes.push_back({offset, length});
+  };
   const std::uint64_t dev = img.size();
   const std::uint64_t w = std::min(dev, kWindow);
   Shadow shadow(w);

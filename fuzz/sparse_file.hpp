@@ -43,6 +43,9 @@ class SparseFile final : public image::File {
   // Called with every write's bytes and offset before it is stored (the
   // write target records where guest data went).
   std::function<void(std::span<const std::byte>, std::uint64_t)> on_write;
+  // Called with every discard's range before it is applied (the write
+  // target checks that no discard reaches metadata).
+  std::function<void(std::uint64_t, std::uint64_t)> on_discard;
 
   // Fill [offset, offset + length) with `value` without going through
   // on_write or the size limit checks of pwrite (building an input).
@@ -164,6 +167,7 @@ class SparseFile final : public image::File {
     return write_zeroes(offset, length, may_unmap);
   }
   Result<void> discard(std::uint64_t offset, std::uint64_t length) override {
+    if (on_discard) on_discard(offset, length);
     std::lock_guard lock(mutex_);
     ++mutations_;
     if (offset >= size_) return ok();

@@ -14,7 +14,8 @@
 # file as it was, log "Preventing invalid write on metadata", and keep
 # serving reads; (d) is refused when the image is opened for writing (one
 # line naming the overlap), as QEMU's open-time checks, and still serves
-# read-only. After (b), a restart must not show /etc/passwd.
+# read-only. After (b), a restart must not show /etc/passwd. Last, a zero
+# or TRIM that would free (and discard) the refcount block of image c.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-nbd
 requires_python_nbd
@@ -109,4 +110,22 @@ assert h.pread(65536, 0) == b"\x11" * 65536, "guest data at 0 changed"
 assert h.pread(65536, 1 << 20) == bytes(65536), "the refused write shows at 1 MiB"
 PYEOF
 stop_serve
+
+# Dropping the reference would free the metadata cluster: image c's L2
+# entry names the refcount block. A WRITE_ZEROES without NO_HOLE, and a
+# TRIM with --discard=unmap (which would also discard the freed cluster in
+# the file), get EIO and the corrupt bit; nothing else changes. (qemu-nbd
+# 7.2 frees it: qemu-img check then finds the refcount block's own
+# refcount wrong, and with --discard=unmap the block punched out.)
+for op in --zero --trim; do
+  cp "$img/c.orig" "$img/c.free.qcow2"
+  start_serve -f qcow2 --discard=unmap "$img/c.free.qcow2"
+  got=$("$PY" "$INTEGRATION_DIR/overlap_write.py" "$SERVE_URI" 0 65536 $op)
+  expect_eq "$got" "EIO ok" "qnbd: $op of the cluster naming the refcount block, then READ"
+  serve_alive || fail "qnbd exited after $op on image c"
+  stop_serve
+  grep -q 'Preventing invalid free of metadata (overlaps with the refcount block at 0x20000)' "$SERVE_LOG" ||
+    fail "$op on image c: no log line: $(cat "$SERVE_LOG")"
+  same_but_corrupt_bit "$img/c.orig" "$img/c.free.qcow2" || fail "$op on image c: metadata changed"
+done
 echo "PASS: overlap"

@@ -167,6 +167,21 @@ Result<void> write_be64_at(File& f, std::uint64_t offset, std::uint64_t value) {
   return f.pwrite(raw, offset);
 }
 
+// The host range whose refcounts an L2 entry holds a reference to (in the
+// image file; nothing for an external data file): the sectors of a
+// compressed cluster, or the host cluster. bytes is 0 if there is none.
+struct HostRange {
+  std::uint64_t offset = 0, bytes = 0;
+};
+HostRange referenced_range(std::uint64_t l2_entry, std::uint32_t cluster_bits) {
+  if (l2_entry & QCOW_OFLAG_COMPRESSED) {
+    const CompressedDescriptor d = parse_compressed_descriptor(l2_entry, cluster_bits);
+    return {align_down(d.host_offset, 512), d.nb_sectors * 512};
+  }
+  const std::uint64_t host = l2_entry & L2E_OFFSET_MASK;
+  return {host, host ? std::uint64_t{1} << cluster_bits : 0};
+}
+
 }  // namespace
 
 Result<Mapping> Qcow2Image::get_host_offset(std::uint64_t offset, std::uint64_t max_bytes) {
@@ -296,13 +311,9 @@ void Qcow2Image::abort_allocation_locked(std::uint64_t host, std::uint64_t bytes
 }
 
 void Qcow2Image::queue_free_locked(std::uint64_t l2_entry, bool by_request) {
-  if (data_file_ || l2_entry == 0) return;  // no refcounts for the external data file
-  if (l2_entry & QCOW_OFLAG_COMPRESSED) {
-    CompressedDescriptor d = parse_compressed_descriptor(l2_entry, header_.cluster_bits);
-    pending_free_.push_back({align_down(d.host_offset, 512), d.nb_sectors * 512, false, by_request});
-  } else if (std::uint64_t host = l2_entry & L2E_OFFSET_MASK) {
-    pending_free_.push_back({host, header_.cluster_size(), false, by_request});
-  }
+  if (data_file_) return;  // no refcounts for the external data file
+  const HostRange r = referenced_range(l2_entry, header_.cluster_bits);
+  if (r.bytes) pending_free_.push_back({r.offset, r.bytes, false, by_request});
 }
 
 Result<TableCache::Handle> Qcow2Image::l2_for_write_locked(std::uint64_t l1_index) {
@@ -540,6 +551,17 @@ Result<void> Qcow2Image::zero_cluster_locked(std::uint64_t gc, bool may_unmap, b
   // OFLAG_COPIED set (qcow2.txt "Cluster mapping").
   const bool has_host = !compressed && (old_host || (data_file_ && (e.entry & QCOW_OFLAG_COPIED)));
   const bool keep = !may_unmap && has_host;
+  if (!keep && !data_file_) {
+    // A corrupt image's L2 entry may name a metadata cluster: dropping the
+    // reference would free it (and, with --discard=unmap, discard it), so
+    // it is refused as a write on it would be.
+    const HostRange r = referenced_range(e.entry, g.cluster_bits);
+    if (auto hit = r.bytes ? metadata_->find(r.offset, r.bytes) : std::nullopt) {
+      return set_corrupt_locked(
+          fmt::format("Preventing invalid free of metadata (overlaps with the {} at {:#x}): host range {:#x}+{}",
+                      metadata_kind_name(hit->kind), hit->cluster_offset, r.offset, r.bytes));
+    }
+  }
 
   std::uint64_t entry = 0, bitmap = 0;
   if (keep) {

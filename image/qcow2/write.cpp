@@ -240,9 +240,15 @@ Result<void> Qcow2Image::flush_locked() {
         return r;
       }
       if (!f.by_request || !pass_discard_request_) continue;
-      // A cluster an internal snapshot still shares keeps its data.
+      // A cluster an internal snapshot still shares keeps its data. One
+      // that holds metadata (a corrupt image's L2 entry pointing at it) is
+      // never discarded.
       for (std::uint64_t c = align_down(f.host_offset, cs); c < f.host_offset + f.bytes; c += cs) {
         if (QNBD_TRY(refcounts_->get(c / cs)) != 0) continue;
+        if (metadata_->find(c, cs)) {
+          log::warn("{}: freed cluster {:#x} holds metadata; not discarding it", path_, c);
+          continue;
+        }
         if (!released.empty() && released.back().first + released.back().second == c) {
           released.back().second += cs;
         } else {
