@@ -57,6 +57,7 @@ std::vector<Kind> kinds() {
 struct Totals {
   unsigned points = 0, mid_stream = 0, between_requests = 0, during_open = 0;
   unsigned leaked = 0, repaired = 0, flushes_survived = 0;
+  unsigned discards = 0;  // freed clusters discarded in the file (--discard=unmap)
 };
 
 // The expected guest view: `cur` as the engine acknowledged it, `durable`
@@ -118,7 +119,14 @@ bool crash_op(image::BlockDevice& dev, Expect& e, std::mt19937_64& rng) {
 // can be taken even when open() fails and destroys what it was given.
 class Borrowed final : public image::ForwardingFile {
  public:
-  using ForwardingFile::ForwardingFile;
+  Borrowed(image::File& inner, unsigned* discards = nullptr) : ForwardingFile(inner), discards_(discards) {}
+  Result<void> discard(std::uint64_t offset, std::uint64_t length) override {
+    if (discards_) ++*discards_;
+    return ForwardingFile::discard(offset, length);
+  }
+
+ private:
+  unsigned* discards_;
 };
 
 bool dirty_bit(const std::vector<std::byte>& img) {
@@ -146,6 +154,8 @@ void run_point(const std::vector<std::byte>& fresh, std::uint64_t seed, const Te
   {
     image::OpenOptions options;
     options.read_only = false;
+    // Half the points also discard freed clusters in the file (--discard=unmap).
+    options.discard_unmap = (seed & 1) != 0;
     Result<std::unique_ptr<image::BlockDevice>> dev = make_error(EINVAL, "unset");
     if (raw) {
       auto r = image::RawDevice::open(std::make_unique<Borrowed>(*cf), options);
@@ -153,7 +163,7 @@ void run_point(const std::vector<std::byte>& fresh, std::uint64_t seed, const Te
               : make_error(r.error().code, "{}", r.error().message);
     } else {
       q::Qcow2Image::Parts parts;
-      parts.file = std::make_unique<Borrowed>(*cf);
+      parts.file = std::make_unique<Borrowed>(*cf, &t.discards);
       parts.path = "crash.qcow2";
       auto r = q::Qcow2Image::open(std::move(parts), options);
       dev = r ? Result<std::unique_ptr<image::BlockDevice>>(std::move(*r))
@@ -249,8 +259,9 @@ TEST_CASE("crash: power loss at seeded points keeps the image consistent and flu
   }
   MESSAGE("crash points: ", t.points, " (", t.mid_stream, " mid-stream, ", t.between_requests, " between requests, ",
           t.during_open, " during open); ", t.leaked, " with leaks, ", t.repaired, " repaired (dirty), ",
-          t.flushes_survived, " successful flushes verified");
+          t.flushes_survived, " successful flushes verified; ", t.discards, " discards of freed clusters");
   CHECK(t.points >= 500);
+  CHECK(t.discards > 0);
   CHECK(t.mid_stream > 0);
   CHECK(t.between_requests > 0);
 }
