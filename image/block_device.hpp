@@ -115,6 +115,12 @@ struct ZeroFlags {
   bool may_unmap = true;   // may release allocation (NBD: NO_HOLE not set)
   bool fast_only = false;  // fail with ENOTSUP unless it is cheap (NBD FAST_ZERO)
   bool fua = false;
+  // Leave ranges that already read as zeroes and hold nothing (qcow2: whole
+  // L2 spans without a table) as they are, instead of marking them zero in
+  // this layer as QEMU does. For requests QEMU could never receive (longer
+  // than a compact request header carries), so that zeroing a whole huge
+  // sparse image stays cheap.
+  bool skip_empty_spans = false;
 };
 
 class BlockDevice {

@@ -152,6 +152,52 @@ run_case v2 17 "-o compat=0.10" --discard=unmap
 run_case v2-backing 18 "-o compat=0.10 -b $T/base.raw -F raw"
 run_case v2-backing-unmap 19 "-o compat=0.10 -b $T/base.raw -F raw" --discard=unmap
 
+# Zeroes over whole L2 spans with no L2 table yet: as QEMU's
+# zero_in_l2_slice, the clusters become zero clusters in this layer (new L2
+# tables), so qemu:allocation-depth says "local", not "absent". 512-byte
+# clusters make a span 32 KiB, so qemu-io's requests cover many; on 64 KiB
+# clusters a 1 GiB nbdsh request covers two 512 MiB spans.
+echo "== zeroes over whole L2 spans"
+spans() {
+  local name=$1 create=$2
+  shift 2
+  # shellcheck disable=SC2086 # CREATE_ARGS is a word list
+  qemu-img create -q -f qcow2 $create "$T/$name.a.qcow2" 2G
+  cp "$T/$name.a.qcow2" "$T/$name.b.qcow2"
+  serve_both "$T/$name.a.qcow2" "$T/$name.b.qcow2"
+  for uri in "$QURI" "$SERVE_URI"; do
+    "$@" "$uri" || fail "$name: the zeroes failed on $uri"
+  done
+  nbdinfo --map=qemu:allocation-depth "$QURI" >"$T/$name.qemu.depth"
+  nbdinfo --map=qemu:allocation-depth "$SERVE_URI" >"$T/$name.qnbd.depth"
+  stop_both
+  grep -q local "$T/$name.qemu.depth" || fail "$name: qemu-nbd made nothing local (nothing compared)"
+  python3 "$cmp_map" nbdinfo "$T/$name.qemu.depth" "$T/$name.qnbd.depth" >"$T/$name.dcmp" ||
+    { cat "$T/$name.dcmp" >&2; fail "$name: qemu:allocation-depth map differs from qemu-nbd's"; }
+  qemu-img map --output=json "$T/$name.a.qcow2" >"$T/$name.a.layout"
+  qemu-img map --output=json "$T/$name.b.qcow2" >"$T/$name.b.layout"
+  python3 "$cmp_map" layout "$T/$name.a.layout" "$T/$name.b.layout" >"$T/$name.lcmp" ||
+    { cat "$T/$name.lcmp" >&2; fail "$name: the image's layout differs from qemu-nbd's"; }
+  qemu-img check -q "$T/$name.b.qcow2" || fail "$name: qemu-img check finds errors"
+  echo "$name: the same allocation-depth map and layout as qemu-nbd's"
+}
+qemu_io_zeroes() {
+  qemu-io -f raw -c 'write -z 0 1M' -c 'write -z -u 2M 1M' -c 'write -z -n 5M 3M' "$1" >"$T/io.out" 2>&1 &&
+    ! grep -q 'failed' "$T/io.out"
+}
+nbdsh_zeroes() {
+  "$PY" - "$1" <<'PY'
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.zero(1 << 30, 0)
+h.zero(512 << 20, 1 << 30, nbd.CMD_FLAG_NO_HOLE)
+h.shutdown()
+PY
+}
+spans spans-512 "-o cluster_size=512" qemu_io_zeroes
+spans spans-64k "" nbdsh_zeroes
+
 # Zeroing without unmap keeps a host cluster that an internal snapshot
 # shares (QEMU's zero_in_l2_slice keeps it, without OFLAG_COPIED), and a
 # later write into that cluster copies it: the snapshot keeps its data.

@@ -146,6 +146,9 @@ void Session::execute(Slot& s, bool on_io_thread) {
       image::ZeroFlags zf;
       zf.may_unmap = !r.no_hole();
       zf.fast_only = r.fast_zero();
+      // Only an extended header carries a longer request; qemu-nbd 7.2
+      // cannot receive one, so there is no allocation-depth map to match.
+      zf.skip_empty_spans = r.length > UINT32_MAX;
       if (r.length && !in_steps(
                           s,
                           [&](std::uint64_t off, std::uint64_t len, bool last) {

@@ -332,9 +332,12 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
 // reads as zeroes and stays unallocated: skip the span whole instead of
 // cluster by cluster (a 1 PiB request over an empty image is ~2 M spans,
 // not 16 G clusters). Only spans the request covers to their end (or to
-// the image end) qualify. For WRITE_ZEROES on v3 QEMU would write zero
-// flags into new L2 tables there (qemu:allocation-depth then says "local"
-// where we say "unallocated"); base:allocation and the data are the same.
+// the image end) qualify. Discard always skips them (QEMU would allocate
+// an empty L2 table there: only the file's size differs). WRITE_ZEROES
+// skips them only with ZeroFlags::skip_empty_spans (requests past 4 GiB,
+// which QEMU 7.2 cannot receive): otherwise, as QEMU's zero_in_l2_slice,
+// it writes zero flags into new L2 tables there, so qemu:allocation-depth
+// says "local" as qemu-nbd's does.
 std::uint64_t Qcow2Image::next_l2_span(std::uint64_t gc) const {
   const unsigned span_bits = geometry_.cluster_bits + header_.l2_bits();
   return ((gc >> span_bits) + 1) << span_bits;
@@ -429,9 +432,11 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
     std::lock_guard lock(mutex_);
     if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
     // A whole L2 span that stores nothing and shows no backing data already
-    // reads as zeroes: skip it in one step. Not for v2 with a backing file,
-    // where qemu writes zeroes as data even past the backing file's end.
-    if (pos == gc && !(header_.version < 3 && backing_) && skips_unallocated_span_locked(gc, end)) {
+    // reads as zeroes: skip it in one step when the caller asks (above).
+    // Not for v2 with a backing file, where qemu writes zeroes as data even
+    // past the backing file's end.
+    if (flags.skip_empty_spans && pos == gc && !(header_.version < 3 && backing_) &&
+        skips_unallocated_span_locked(gc, end)) {
       pos = std::min(end, next_l2_span(gc));
       continue;
     }
