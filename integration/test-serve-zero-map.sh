@@ -151,6 +151,12 @@ run_case extl2-backing 16 "-o extended_l2=on -b $T/base.raw -F raw"
 run_case v2 17 "-o compat=0.10" --discard=unmap
 run_case v2-backing 18 "-o compat=0.10 -b $T/base.raw -F raw"
 run_case v2-backing-unmap 19 "-o compat=0.10 -b $T/base.raw -F raw" --discard=unmap
+# Other cluster sizes: 512-byte clusters (an L2 span is 32 KiB, so requests
+# cover whole spans), 16 KiB with extended L2 (1 KiB subclusters), 2 MiB.
+run_case c512-backing 22 "-o cluster_size=512 -b $T/base.raw -F raw" --discard=unmap
+run_case c16k-extl2 23 "-o cluster_size=16k,extended_l2=on" --discard=unmap
+run_case c2m-extl2-backing 25 "-o cluster_size=2M,extended_l2=on -b $T/base.raw -F raw"
+run_case v2-c512 26 "-o cluster_size=512,compat=0.10" --discard=unmap
 
 # Zeroes over whole L2 spans with no L2 table yet: as QEMU's
 # zero_in_l2_slice, the clusters become zero clusters in this layer (new L2
