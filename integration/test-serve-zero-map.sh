@@ -99,11 +99,22 @@ PY
 
 # run_case NAME SEED CREATE_ARGS [serve args...]: two identical fresh images,
 # the workload on each, then compare answers, maps and data.
+# With MAKE=compressed the image starts as compressed clusters (0-3M, 5-6M)
+# that internal snapshot s1 shares, then 2-4M rewritten in the active layer.
 run_case() {
   local name=$1 seed=$2 create=$3
   shift 3
-  # shellcheck disable=SC2086 # CREATE_ARGS is a word list
-  qemu-img create -q -f qcow2 $create "$T/$name.a.qcow2" 8M
+  if [[ ${MAKE:-} == compressed ]]; then
+    truncate -s 8M "$T/src.raw"
+    qemu-io -f raw -c 'write -P 0x33 0 3M' -c 'write -P 0x44 5M 1M' "$T/src.raw" >/dev/null
+    # shellcheck disable=SC2086 # CREATE_ARGS is a word list
+    qemu-img convert -c -f raw -O qcow2 $create "$T/src.raw" "$T/$name.a.qcow2"
+    qemu-img snapshot -c s1 "$T/$name.a.qcow2"
+    qemu-io -c 'write -P 0x55 2M 2M' "$T/$name.a.qcow2" >/dev/null
+  else
+    # shellcheck disable=SC2086 # CREATE_ARGS is a word list
+    qemu-img create -q -f qcow2 $create "$T/$name.a.qcow2" 8M
+  fi
   cp "$T/$name.a.qcow2" "$T/$name.b.qcow2"
   serve_both "$T/$name.a.qcow2" "$T/$name.b.qcow2" "$@"
   workload "$QURI" "$seed" "$T/$name.qemu.txt" &
@@ -128,6 +139,10 @@ run_case() {
     { cat "$T/$name.dcmp" >&2; fail "$name: qemu:allocation-depth map differs from qemu-nbd's"; }
   qemu-img compare -q -f qcow2 -F qcow2 "$T/$name.a.qcow2" "$T/$name.b.qcow2" || fail "$name: data differs"
   qemu-img check -q "$T/$name.b.qcow2" || fail "$name: qemu-img check finds errors"
+  if [[ ${MAKE:-} == compressed ]]; then
+    qemu-img convert -l s1 -O raw "$T/$name.b.qcow2" "$T/$name.s1.raw"
+    cmp -s "$T/src.raw" "$T/$name.s1.raw" || fail "$name: snapshot s1 changed"
+  fi
   # Which zero clusters kept a host cluster (`offset` present): a zero
   # without NO_HOLE releases it even without --discard=unmap, in both.
   qemu-img map --output=json "$T/$name.a.qcow2" >"$T/$name.a.layout"
@@ -157,6 +172,12 @@ run_case c512-backing 22 "-o cluster_size=512 -b $T/base.raw -F raw" --discard=u
 run_case c16k-extl2 23 "-o cluster_size=16k,extended_l2=on" --discard=unmap
 run_case c2m-extl2-backing 25 "-o cluster_size=2M,extended_l2=on -b $T/base.raw -F raw"
 run_case v2-c512 26 "-o cluster_size=512,compat=0.10" --discard=unmap
+# Compressed clusters with extended L2: a zero whose subcluster-aligned
+# middle starts or ends inside a compressed cluster writes that whole
+# middle as data (QEMU's qcow2_subcluster_zeroize is all or nothing), and a
+# FAST_ZERO there is refused.
+MAKE=compressed run_case extl2-compressed 34 "-o extended_l2=on"
+MAKE=compressed run_case extl2-compressed-unmap 35 "-o extended_l2=on" --discard=unmap
 
 # Zeroes over whole L2 spans with no L2 table yet: as QEMU's
 # zero_in_l2_slice, the clusters become zero clusters in this layer (new L2

@@ -407,6 +407,28 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
     if (flags.fast_only) return make_error(ENOTSUP, "fast zeroing needs whole clusters or ones reading as zeroes");
     return false;
   };
+  // Extended L2: QEMU's block layer gives the driver the partly covered
+  // subclusters at either end apart from the subcluster-aligned middle
+  // [m_start, m_end), and qcow2_subcluster_zeroize does that middle all or
+  // nothing: if the partly covered cluster at either end of it is
+  // compressed (its subclusters cannot be zeroed one by one,
+  // zero_l2_subclusters' ENOTSUP), the whole middle is written as zeroes,
+  // as data. Decided when the loop reaches the middle, after the head
+  // subcluster (which may have turned that cluster into a normal one).
+  std::uint64_t m_start = end, m_end = end;
+  if (g.extended_l2) {
+    m_start = std::min(end, align_up(offset, sc));
+    m_end = end == size_ ? end : std::max(m_start, align_down(end, sc));
+  }
+  auto middle_as_data_locked = [&]() -> Result<bool> {
+    if (m_end <= m_start) return false;
+    auto compressed = [&](std::uint64_t at) -> Result<bool> {
+      const Mapping m = QNBD_TRY(get_host_offset_locked(align_down(at, cs), sc));
+      return m.type == SubclusterType::compressed;
+    };
+    if (m_start % cs && QNBD_TRY(compressed(m_start))) return true;
+    return m_end % cs && m_end != size_ && m_end > align_up(m_start, cs) && QNBD_TRY(compressed(m_end));
+  };
   if (flags.fast_only) {
     // Metadata only: v3 zero flags on whole clusters/subclusters.
     if (header_.version < 3 || header_.data_file_raw()) return make_error(ENOTSUP, "fast zeroing is not possible");
@@ -419,7 +441,12 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
       }
       if (!empty) return make_error(ENOTSUP, "fast zeroing needs whole clusters or ones reading as zeroes");
     }
+    std::lock_guard lock(mutex_);
+    if (QNBD_TRY(middle_as_data_locked())) {
+      return make_error(ENOTSUP, "fast zeroing cannot zero part of a compressed cluster");
+    }
   }
+  std::optional<bool> middle_as_data;
   const WriteGate::Pass pass = gate_.enter();  // held until the data is written
   QNBD_TRY(bitmaps_before_write(offset, length));
   std::uint64_t pos = offset;
@@ -440,7 +467,33 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
       pos = std::min(end, next_l2_span(gc));
       continue;
     }
-    if (pos == gc && whole(gc, cs)) {
+    if (g.extended_l2) {
+      // This cluster's part of the head subcluster [pos, h_end), of the
+      // middle [h_end, t_start) and of the tail subcluster [t_start, stop).
+      // Partly covered subclusters are data unless already empty; the
+      // middle is zero bits, or a zero cluster when it covers the cluster
+      // (the subcluster past the image end counts as covered).
+      const std::uint64_t stop = pos + n;
+      const std::uint64_t h_end = std::min(stop, std::max(pos, m_start));
+      const std::uint64_t t_start = std::max(h_end, std::min(stop, m_end));
+      if (h_end > pos && !QNBD_TRY(zero_partial_locked(head, head_zero))) {
+        QNBD_TRY(write_cluster_locked(nullptr, pos, h_end - pos));
+      }
+      if (t_start > h_end) {
+        if (!middle_as_data) middle_as_data = QNBD_TRY(middle_as_data_locked());
+        if (*middle_as_data) {
+          QNBD_TRY(write_cluster_locked(nullptr, h_end, t_start - h_end));
+        } else if (h_end == gc && (t_start == gc + cs || t_start == size_)) {
+          QNBD_TRY(zero_cluster_locked(gc, flags.may_unmap, false));
+        } else {
+          QNBD_TRY(zero_subclusters_locked(gc, static_cast<unsigned>((h_end - gc) / sc),
+                                           static_cast<unsigned>((t_start - 1 - gc) / sc)));
+        }
+      }
+      if (stop > t_start && !QNBD_TRY(zero_partial_locked(tail, tail_zero))) {
+        QNBD_TRY(write_cluster_locked(nullptr, t_start, stop - t_start));
+      }
+    } else if (pos == gc && whole(gc, cs)) {
       if (header_.version >= 3) {
         QNBD_TRY(zero_cluster_locked(gc, flags.may_unmap, false));
       } else if (!backing_) {
@@ -449,21 +502,6 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
         QNBD_TRY(zero_cluster_locked(gc, true, true));
       } else {
         QNBD_TRY(write_cluster_locked(nullptr, pos, n));
-      }
-    } else if (g.extended_l2) {
-      // Partial subclusters as data (unless already empty), whole ones as zero bits.
-      const std::uint64_t a = std::min(align_up(pos, sc), pos + n);
-      std::uint64_t b = align_down(pos + n, sc);
-      if (pos + n == size_) b = pos + n;  // the tail subcluster past the end is whole
-      if (a > pos && !QNBD_TRY(zero_partial_locked(head, head_zero))) {
-        QNBD_TRY(write_cluster_locked(nullptr, pos, a - pos));
-      }
-      if (b > a) {
-        QNBD_TRY(zero_subclusters_locked(gc, static_cast<unsigned>((a - gc) / sc),
-                                         static_cast<unsigned>((b - 1 - gc) / sc)));
-      }
-      if (pos + n > std::max(a, b) && !QNBD_TRY(zero_partial_locked(tail, tail_zero))) {
-        QNBD_TRY(write_cluster_locked(nullptr, std::max(a, b), pos + n - std::max(a, b)));
       }
     } else if (!QNBD_TRY(zero_partial_locked(gc, head_zero))) {
       QNBD_TRY(write_cluster_locked(nullptr, pos, n));
