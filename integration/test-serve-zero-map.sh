@@ -99,7 +99,8 @@ PY
 
 # run_case NAME SEED CREATE_ARGS [serve args...]: two identical fresh images,
 # the workload on each, then compare answers, maps and data.
-# With MAKE=compressed the image starts as compressed clusters (0-3M, 5-6M)
+# With MAKE=datafile (or datafile-raw) the images have external data files;
+# with MAKE=compressed the image starts as compressed clusters (0-3M, 5-6M)
 # that internal snapshot s1 shares, then 2-4M rewritten in the active layer.
 run_case() {
   local name=$1 seed=$2 create=$3
@@ -111,11 +112,20 @@ run_case() {
     qemu-img convert -c -f raw -O qcow2 $create "$T/src.raw" "$T/$name.a.qcow2"
     qemu-img snapshot -c s1 "$T/$name.a.qcow2"
     qemu-io -c 'write -P 0x55 2M 2M' "$T/$name.a.qcow2" >/dev/null
+  elif [[ ${MAKE:-} == datafile* ]]; then
+    # Each image its own external data file (raw: data_file_raw=on).
+    local raw=off f
+    [[ $MAKE == datafile-raw ]] && raw=on
+    for f in a b; do
+      rm -f "$T/$name.$f.qcow2" "$T/$name.$f.raw"
+      # shellcheck disable=SC2086 # CREATE_ARGS is a word list
+      qemu-img create -q -f qcow2 -o data_file="$T/$name.$f.raw",data_file_raw=$raw $create "$T/$name.$f.qcow2" 8M
+    done
   else
     # shellcheck disable=SC2086 # CREATE_ARGS is a word list
     qemu-img create -q -f qcow2 $create "$T/$name.a.qcow2" 8M
   fi
-  cp "$T/$name.a.qcow2" "$T/$name.b.qcow2"
+  [[ ${MAKE:-} == datafile* ]] || cp "$T/$name.a.qcow2" "$T/$name.b.qcow2"
   serve_both "$T/$name.a.qcow2" "$T/$name.b.qcow2" "$@"
   workload "$QURI" "$seed" "$T/$name.qemu.txt" &
   local wq=$!
@@ -178,6 +188,12 @@ run_case v2-c512 26 "-o cluster_size=512,compat=0.10" --discard=unmap
 # FAST_ZERO there is refused.
 MAKE=compressed run_case extl2-compressed 34 "-o extended_l2=on"
 MAKE=compressed run_case extl2-compressed-unmap 35 "-o extended_l2=on" --discard=unmap
+# External data files: a FAST_ZERO over a raw one is the file system's
+# cheap zeroing (QEMU's NO_FALLBACK on the data file), and a TRIM with
+# --discard=unmap leaves zero clusters there too, the file zeroed.
+MAKE=datafile run_case datafile-extl2 43 "-o extended_l2=on" --discard=unmap
+MAKE=datafile-raw run_case datafile-raw 44 ""
+MAKE=datafile-raw run_case datafile-raw-unmap 45 "" --discard=unmap
 
 # Zeroes over whole L2 spans with no L2 table yet: as QEMU's
 # zero_in_l2_slice, the clusters become zero clusters in this layer (new L2

@@ -430,8 +430,9 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
     return m_end % cs && m_end != size_ && m_end > align_up(m_start, cs) && QNBD_TRY(compressed(m_end));
   };
   if (flags.fast_only) {
-    // Metadata only: v3 zero flags on whole clusters/subclusters.
-    if (header_.version < 3 || header_.data_file_raw()) return make_error(ENOTSUP, "fast zeroing is not possible");
+    // Metadata only: v3 zero flags on whole clusters/subclusters (and,
+    // with a raw data file, a cheap zeroing of its range, below).
+    if (header_.version < 3) return make_error(ENOTSUP, "fast zeroing is not possible");
     for (std::uint64_t u : {align_down(offset, sc), align_down(end - 1, sc)}) {
       if (whole(u, sc)) continue;
       bool empty = QNBD_TRY(rest_reads_zero(u));
@@ -444,6 +445,12 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
     std::lock_guard lock(mutex_);
     if (QNBD_TRY(middle_as_data_locked())) {
       return make_error(ENOTSUP, "fast zeroing cannot zero part of a compressed cluster");
+    }
+    if (header_.data_file_raw()) {
+      // QEMU's qcow2_subcluster_zeroize zeroes a raw data file's range
+      // first, with the request's NO_FALLBACK: the file system decides.
+      // Nothing else has changed if it cannot.
+      QNBD_TRY(data_file_->write_zeroes_fast(offset, length, flags.may_unmap && pass_discard_request_));
     }
   }
   std::optional<bool> middle_as_data;
@@ -520,12 +527,14 @@ Result<void> Qcow2Image::discard(std::uint64_t offset, std::uint64_t length, boo
   const std::uint64_t end = offset + length;
   const WriteGate::Pass pass = gate_.enter();  // held until the data is written
   QNBD_TRY(bitmaps_before_write(offset, length));
-  // Only whole clusters are discarded (NBD allows ignoring the rest); a
-  // raw external data file keeps its data so it stays the guest view. A
+  // Only whole clusters are discarded (NBD allows ignoring the rest). A
   // v2 image over a backing file has no zero flag to hide the backing file
   // with, so it keeps everything (QEMU's qcow2_co_pdiscard refuses those
-  // with ENOTSUP, which its block layer turns into success).
-  if (!header_.data_file_raw() && !(header_.version < 3 && backing_)) {
+  // with ENOTSUP, which its block layer turns into success). A raw
+  // external data file is zeroed where its clusters become zero clusters
+  // (QEMU discards the range; zeroing keeps the file the guest view even
+  // where the file system cannot discard).
+  if (!(header_.version < 3 && backing_)) {
     {
       std::lock_guard lock(mutex_);
       if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
