@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -130,7 +131,18 @@ class PosixFile final : public File {
       data_runs_.forget(offset, offset + length);
       return ok();
     }
-    if (fallocate_ok(FALLOC_FL_ZERO_RANGE, offset, length)) {
+    if (!no_zero_range_.load(std::memory_order_relaxed)) {
+      if (fallocate_ok(FALLOC_FL_ZERO_RANGE, offset, length)) {
+        data_runs_.forget(offset, offset + length);
+        return ok();
+      }
+      if (errno == EOPNOTSUPP) no_zero_range_.store(true, std::memory_order_relaxed);
+    }
+    // Without ZERO_RANGE (tmpfs, older file systems), as QEMU's file-posix
+    // does for a write of zeroes that must not fall back to writing: punch
+    // the range out, then allocate it again, which leaves it allocated and
+    // reading as zeroes (and extends the file where it reaches past EOF).
+    if (fallocate_ok(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) && fallocate_ok(0, offset, length)) {
       data_runs_.forget(offset, offset + length);
       return ok();
     }
@@ -234,6 +246,8 @@ class PosixFile final : public File {
   int buffered_fd_;
   CacheMode cache_;
   DataRunCache data_runs_;
+  // FALLOC_FL_ZERO_RANGE answered EOPNOTSUPP once: not asked again.
+  std::atomic<bool> no_zero_range_{false};
   // Closing the descriptors releases the locks; ImageLock needs no cleanup.
   ImageLock lock_;
   bool lock_attempted_ = false;

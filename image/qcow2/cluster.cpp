@@ -4,6 +4,7 @@
 #include "image/qcow2/cluster.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <vector>
 
@@ -401,6 +402,41 @@ Result<void> Qcow2Image::read_guest_locked(std::span<std::byte> buf, std::uint64
   return ok();
 }
 
+// Zero (sub)clusters, and unallocated ones over no backing file, past its
+// end, or over backing ranges whose block status says zero. Data, and
+// compressed clusters, are not looked into.
+Result<bool> Qcow2Image::reads_zero_fast_locked(std::uint64_t offset, std::uint64_t length) {
+  while (length > 0) {
+    const Mapping m = QNBD_TRY(get_host_offset_locked(offset, length));
+    const std::uint64_t n = std::min(m.bytes, length);
+    if (n == 0) return false;
+    switch (m.type) {
+      case SubclusterType::zero_plain:
+      case SubclusterType::zero_alloc: break;
+      case SubclusterType::unallocated_plain:
+      case SubclusterType::unallocated_alloc:
+        if (backing_ && offset < backing_->size()) {
+          std::uint64_t a = offset;
+          const std::uint64_t b = std::min(offset + n, backing_->size());
+          std::array<Extent, 8> ext;
+          while (a < b) {
+            const std::size_t k = QNBD_TRY(chain_block_status(*backing_, a, b - a, ext));
+            if (k == 0) return false;
+            for (std::size_t i = 0; i < k && a < b; ++i) {
+              if (!ext[i].zero) return false;
+              a += ext[i].length;
+            }
+          }
+        }
+        break;
+      default: return false;
+    }
+    offset += n;
+    length -= n;
+  }
+  return true;
+}
+
 // Write guest bytes [offset, offset+length) inside one cluster (data null:
 // zeroes), allocating or copying the cluster as needed. mutex_ held.
 Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length) {
@@ -454,6 +490,24 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
   auto placed = [&]() -> Result<void> {
     std::vector<std::byte> buf;
     std::span<const std::byte> out;
+    // QEMU's handle_alloc_space: when what the guest sees around the new
+    // bytes reads as zeroes anyway, the host range is zeroed by the file
+    // system (no data written; ZERO_RANGE leaves unwritten extents) and
+    // only the new bytes are written, instead of a whole cluster of
+    // copied zeroes (2 MiB for one 4 KiB write on 2 MiB clusters). Bytes
+    // past the image end are nobody's. Crash ordering is unchanged: the L2
+    // entry still reaches the disk only after this range is synced.
+    const std::uint64_t after = in + length;
+    const std::uint64_t cow_end = std::max(after, std::min(we, size_ > gc ? size_ - gc : 0));
+    const bool zero_around = data && (ws < in || we > after) && QNBD_TRY(reads_zero_fast_locked(gc + ws, in - ws)) &&
+                             QNBD_TRY(reads_zero_fast_locked(gc + after, cow_end - after));
+    if (zero_around) {
+      QNBD_TRY(check_guest_write_locked(host + ws, we - ws));
+      auto zeroed = data_file().write_zeroes_fast(host + ws, we - ws, false);
+      if (zeroed) return data_file().pwrite(std::span(data, static_cast<std::size_t>(length)), host + in);
+      if (zeroed.error().code != ENOTSUP) return zeroed.error();
+      // The file system cannot: copy zeroes as below.
+    }
     if (ws == in && we == in + length && data) {
       out = std::span(data, static_cast<std::size_t>(length));
     } else {
@@ -573,9 +627,10 @@ Result<void> Qcow2Image::zero_cluster_locked(std::uint64_t gc, bool may_unmap, b
     bitmap = g.extended_l2 ? QCOW_L2_BITMAP_ALL_ZEROES : 0;
   }
   if (header_.data_file_raw()) {
-    // The raw data file must read the same as the image; its space is
-    // released only where a freed cluster's would be (pass-discard-request).
-    QNBD_TRY(data_file_->write_zeroes(gc, g.cluster_size(), may_unmap && pass_discard_request_));
+    // The raw data file must read the same as the image. As for a raw
+    // image, a zero that may unmap punches it whatever --discard says
+    // (QEMU's data-file child is opened with discard=unmap).
+    QNBD_TRY(data_file_->write_zeroes(gc, g.cluster_size(), may_unmap));
   }
   if (e.entry == entry && e.bitmap == bitmap) return ok();
   if (!keep && has_host && data_file_ && !header_.data_file_raw() && pass_discard_request_) {
@@ -595,7 +650,7 @@ Result<void> Qcow2Image::zero_cluster_locked(std::uint64_t gc, bool may_unmap, b
 }
 
 // Zero whole subclusters [first, last] of an extended-L2 cluster in place.
-Result<void> Qcow2Image::zero_subclusters_locked(std::uint64_t gc, unsigned first, unsigned last) {
+Result<void> Qcow2Image::zero_subclusters_locked(std::uint64_t gc, unsigned first, unsigned last, bool may_unmap) {
   const L2Geometry& g = geometry_;
   L2Slot s = QNBD_TRY(l2_slot_for_write_locked(gc));
   const L2Entry e = s.entry;
@@ -607,7 +662,7 @@ Result<void> Qcow2Image::zero_subclusters_locked(std::uint64_t gc, unsigned firs
   }
   const std::uint64_t touched = ((last == 31 ? 0xffffffffull : (1ull << (last + 1)) - 1) >> first) << first;
   std::uint64_t bitmap = (e.bitmap & ~touched) | (touched << 32);
-  if (header_.data_file_raw()) QNBD_TRY(data_file_->write_zeroes(gc + first * sc, (last - first + 1) * sc, false));
+  if (header_.data_file_raw()) QNBD_TRY(data_file_->write_zeroes(gc + first * sc, (last - first + 1) * sc, may_unmap));
   set_l2_entry_locked(s, e.entry, bitmap);
   return ok();
 }

@@ -138,6 +138,9 @@ class Qcow2Image final : public BlockDevice {
  private:
   Qcow2Image() = default;
   Result<Mapping> get_host_offset_locked(std::uint64_t offset, std::uint64_t max_bytes);
+  // Whether guest bytes [offset, offset + length) read as zeroes, judged by
+  // metadata alone (QEMU's bdrv_co_is_zero_fast in is_zero_cow). mutex_ held.
+  Result<bool> reads_zero_fast_locked(std::uint64_t offset, std::uint64_t length);
   Result<void> read_compressed(std::span<std::byte> buf, std::uint64_t offset, std::uint64_t l2_entry);
   Result<void> read_unallocated(std::span<std::byte> buf, std::uint64_t offset);
   // Read `part` (guest bytes at offset) as mapping `m` says: data, compressed,
@@ -198,7 +201,7 @@ class Qcow2Image final : public BlockDevice {
   // Returns the bytes written (0: no run of two or more clusters here).
   Result<std::size_t> write_new_clusters_locked(std::span<const std::byte> buf, std::uint64_t offset);
   Result<void> zero_cluster_locked(std::uint64_t guest_cluster, bool may_unmap, bool unallocate);
-  Result<void> zero_subclusters_locked(std::uint64_t guest_cluster, unsigned first, unsigned last);
+  Result<void> zero_subclusters_locked(std::uint64_t guest_cluster, unsigned first, unsigned last, bool may_unmap);
   Result<void> flush_locked();
   Result<void> maybe_flush_frees_locked();
 

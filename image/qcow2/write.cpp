@@ -398,7 +398,7 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
       const std::uint64_t gc = align_down(u, cs);
       if (g.extended_l2) {
         const auto i = static_cast<unsigned>((u - gc) / sc);
-        QNBD_TRY(zero_subclusters_locked(gc, i, i));
+        QNBD_TRY(zero_subclusters_locked(gc, i, i, flags.may_unmap));
       } else {
         QNBD_TRY(zero_cluster_locked(gc, flags.may_unmap, false));
       }
@@ -450,7 +450,7 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
       // QEMU's qcow2_subcluster_zeroize zeroes a raw data file's range
       // first, with the request's NO_FALLBACK: the file system decides.
       // Nothing else has changed if it cannot.
-      QNBD_TRY(data_file_->write_zeroes_fast(offset, length, flags.may_unmap && pass_discard_request_));
+      QNBD_TRY(data_file_->write_zeroes_fast(offset, length, flags.may_unmap));
     }
   }
   std::optional<bool> middle_as_data;
@@ -494,7 +494,7 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
           QNBD_TRY(zero_cluster_locked(gc, flags.may_unmap, false));
         } else {
           QNBD_TRY(zero_subclusters_locked(gc, static_cast<unsigned>((h_end - gc) / sc),
-                                           static_cast<unsigned>((t_start - 1 - gc) / sc)));
+                                           static_cast<unsigned>((t_start - 1 - gc) / sc), flags.may_unmap));
         }
       }
       if (stop > t_start && !QNBD_TRY(zero_partial_locked(tail, tail_zero))) {

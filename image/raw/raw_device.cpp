@@ -89,8 +89,11 @@ Result<void> RawDevice::write(std::span<const std::byte> buf, std::uint64_t offs
 Result<void> RawDevice::write_zeroes(std::uint64_t offset, std::uint64_t length, ZeroFlags flags) {
   if (!writable_) return make_error(EROFS, "{}: image is read-only", file_->name());
   QNBD_TRY(check_range(offset, length));
-  // Unmapping is only allowed when the export was set up with discard=unmap.
-  const bool unmap = flags.may_unmap && discard_unmap_;
+  // A zero that may unmap punches a hole whatever --discard says, as
+  // qemu-nbd's: QEMU opens the protocol node under a format node with
+  // discard=unmap by default (bdrv_inherited_options), so the request's
+  // MAY_UNMAP reaches file-posix; --discard only governs TRIM.
+  const bool unmap = flags.may_unmap;
   if (flags.fast_only) {
     QNBD_TRY(file_->write_zeroes_fast(offset, length, unmap));
   } else {

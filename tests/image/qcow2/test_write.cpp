@@ -14,6 +14,7 @@
 #include "image/qcow2/check.hpp"
 #include "image/qcow2/create.hpp"
 #include "image/qcow2/qcow2_image.hpp"
+#include "image/raw/raw_device.hpp"
 #include "image_test_support.hpp"
 #include "test_write_random_support.hpp"
 
@@ -459,5 +460,95 @@ TEST_CASE("write: freed clusters are discarded in the image file only with disca
     auto snap = qnbd::test::read_whole(d / "s1.raw");
     REQUIRE(snap.size() >= (1u << 20));
     CHECK(std::all_of(snap.begin(), snap.begin() + (1 << 20), [](std::byte b) { return b == std::byte{0x11}; }));
+  }
+}
+
+namespace {
+
+// Records the data writes and cheap zeroings that reach the image file
+// (a MemFile cannot zero cheaply itself: this one can, by writing zeroes).
+class RecordWrites final : public image::ForwardingFile {
+ public:
+  using ForwardingFile::ForwardingFile;
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> writes, fast_zeroes;
+  Result<void> pwrite(std::span<const std::byte> buf, std::uint64_t offset) override {
+    writes.emplace_back(offset, buf.size());
+    return ForwardingFile::pwrite(buf, offset);
+  }
+  Result<void> write_zeroes_fast(std::uint64_t offset, std::uint64_t length, bool may_unmap) override {
+    fast_zeroes.emplace_back(offset, length);
+    return ForwardingFile::write_zeroes(offset, length, may_unmap);
+  }
+  // Bytes written by pwrite inside [from, from + length).
+  std::uint64_t written_in(std::uint64_t from, std::uint64_t length) const {
+    std::uint64_t n = 0;
+    for (auto [o, l] : writes) {
+      const std::uint64_t a = std::max(o, from), b = std::min(o + l, from + length);
+      if (a < b) n += b - a;
+    }
+    return n;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("write: a partial write into a new cluster that reads as zeroes writes only its bytes (handle_alloc_space)") {
+  constexpr std::uint64_t cs = 2 << 20;
+  constexpr std::uint64_t at = (2 << 20) + 12288;  // inside cluster 1
+  enum class Below { none, data, short_backing };
+  for (Below below : {Below::none, Below::data, Below::short_backing}) {
+    CAPTURE(static_cast<int>(below));
+    image::MemFile mem("img.qcow2");
+    q::CreateOptions co;
+    co.size = 8 << 20;
+    co.cluster_size = cs;
+    if (below != Below::none) {
+      co.backing_file = "base.raw";
+      co.backing_format = "raw";
+    }
+    REQUIRE(q::create_qcow2(mem, co));
+    // The backing file: 8 MiB of 0x5a, or only its first MiB (cluster 1 lies past its end).
+    const std::vector<std::byte> base_bytes(below == Below::data ? (8u << 20) : (1u << 20), std::byte{0x5a});
+    auto rec_owned = std::make_unique<RecordWrites>(mem);
+    RecordWrites& rec = *rec_owned;
+    q::Qcow2Image::Parts parts;
+    parts.file = std::move(rec_owned);
+    parts.path = "img.qcow2";
+    parts.open_backing = [&](const std::string&, const std::string&) -> Result<std::unique_ptr<image::BlockDevice>> {
+      auto raw = image::RawDevice::open(std::make_unique<image::MemFile>("base.raw", base_bytes), image::OpenOptions{});
+      if (!raw) return raw.error();
+      return std::unique_ptr<image::BlockDevice>(std::move(*raw));
+    };
+    image::OpenOptions o;
+    o.read_only = false;
+    auto opened = q::Qcow2Image::open(std::move(parts), o);
+    REQUIRE_MESSAGE(opened, (opened ? "" : opened.error().message));
+    auto& dev = **opened;
+    const auto data = pattern(4096, 7);
+    REQUIRE(dev.write(data, at, false));
+    auto m = image::map_block_status(dev, at, 4096);
+    REQUIRE(m);
+    REQUIRE(m->has_offset);
+    const std::uint64_t host = m->offset - (at - (2 << 20));
+    if (below == Below::data) {
+      // The backing data around the write is copied into the cluster.
+      CHECK(rec.fast_zeroes.empty());
+      CHECK(rec.written_in(host, cs) == cs);
+    } else {
+      // The file system zeroes the cluster; only the 4 KiB are written.
+      REQUIRE(rec.fast_zeroes.size() == 1);
+      CHECK(rec.fast_zeroes[0] == std::pair<std::uint64_t, std::uint64_t>{host, cs});
+      CHECK(rec.written_in(host, cs) == 4096);
+    }
+    // What the guest reads: the write, and around it what was there.
+    std::vector<std::byte> got(cs);
+    REQUIRE(dev.read(got, 2 << 20));
+    const std::byte around = below == Below::data ? std::byte{0x5a} : std::byte{0};
+    for (std::uint64_t i = 0; i < cs; ++i) {
+      const std::uint64_t g = (2 << 20) + i;
+      const std::byte want = g >= at && g < at + 4096 ? data[g - at] : around;
+      if (got[i] != want) FAIL("guest byte ", g, " reads ", int(got[i]), ", expected ", int(want));
+    }
+    REQUIRE(dev.close());
   }
 }
