@@ -140,9 +140,10 @@ void Session::execute(Slot& s, bool on_io_thread) {
       break;
     case NBD_CMD_WRITE_ZEROES: {
       // Without NO_HOLE the device may release allocation (QEMU's
-      // BDRV_REQ_MAY_UNMAP): a qcow2 image drops the cluster from its
-      // metadata either way, as qemu-nbd does; only --discard=unmap lets
-      // the device give the space back to the host file system.
+      // BDRV_REQ_MAY_UNMAP), whatever --discard says, as at qemu-nbd: a
+      // raw image punches a hole; a qcow2 image drops the cluster from its
+      // metadata, and gives its space back to the file system only with
+      // --discard=unmap (pass-discard-request).
       image::ZeroFlags zf;
       zf.may_unmap = !r.no_hole();
       zf.fast_only = r.fast_zero();
