@@ -288,6 +288,10 @@ struct OpenOptions {
 [[nodiscard]] Result<std::size_t> chain_block_status(BlockDevice& top, std::uint64_t offset, std::uint64_t length,
                                                      std::span<Extent> out);
 
+// Whether block status through the chain calls every byte of
+// [offset, offset + length) zero (a range inside top).
+[[nodiscard]] Result<bool> chain_reads_zero(BlockDevice& top, std::uint64_t offset, std::uint64_t length);
+
 // Append `x` to out[0, n), merged into the last extent when its status
 // (allocated, zero, depth) is the same; false when a new extent is needed
 // and `out` is full (n unchanged).

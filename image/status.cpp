@@ -1,6 +1,7 @@
 // Backing-chain walks shared by every driver: block status for NBD and the
 // per-range entries of `qnbd map` (mirroring qemu-img's get_block_status).
 #include <algorithm>
+#include <array>
 
 #include "image/block_device.hpp"
 
@@ -84,6 +85,20 @@ static Result<Extent> chain_extent(BlockDevice& top, std::uint64_t offset, std::
   if (!flags_set) x.zero = true;  // nothing below: reads as zeroes
   x.length = length;
   return x;
+}
+
+Result<bool> chain_reads_zero(BlockDevice& top, std::uint64_t offset, std::uint64_t length) {
+  std::array<Extent, 8> ext;
+  const std::uint64_t end = offset + length;
+  while (offset < end) {
+    const std::size_t k = QNBD_TRY(chain_block_status(top, offset, end - offset, ext));
+    if (k == 0) return false;
+    for (std::size_t i = 0; i < k && offset < end; ++i) {
+      if (!ext[i].zero) return false;
+      offset += ext[i].length;
+    }
+  }
+  return true;
 }
 
 bool append_extent(std::span<Extent> out, std::size_t& n, const Extent& x) {

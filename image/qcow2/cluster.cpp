@@ -4,7 +4,6 @@
 #include "image/qcow2/cluster.hpp"
 
 #include <algorithm>
-#include <array>
 #include <cstring>
 #include <vector>
 
@@ -415,18 +414,10 @@ Result<bool> Qcow2Image::reads_zero_fast_locked(std::uint64_t offset, std::uint6
       case SubclusterType::zero_alloc: break;
       case SubclusterType::unallocated_plain:
       case SubclusterType::unallocated_alloc:
-        if (backing_ && offset < backing_->size()) {
-          std::uint64_t a = offset;
-          const std::uint64_t b = std::min(offset + n, backing_->size());
-          std::array<Extent, 8> ext;
-          while (a < b) {
-            const std::size_t k = QNBD_TRY(chain_block_status(*backing_, a, b - a, ext));
-            if (k == 0) return false;
-            for (std::size_t i = 0; i < k && a < b; ++i) {
-              if (!ext[i].zero) return false;
-              a += ext[i].length;
-            }
-          }
+        // Past the backing file's end nothing shows through.
+        if (backing_ && offset < backing_->size() &&
+            !QNBD_TRY(chain_reads_zero(*backing_, offset, std::min(offset + n, backing_->size()) - offset))) {
+          return false;
         }
         break;
       default: return false;

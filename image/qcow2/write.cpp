@@ -371,14 +371,7 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
   auto rest_reads_zero = [&](std::uint64_t u) -> Result<bool> {
     const std::uint64_t ue = std::min(u + sc, size_);
     for (auto [a, b] : {std::pair{u, std::max(u, offset)}, std::pair{std::min(end, ue), ue}}) {
-      std::array<Extent, 8> ext;
-      while (a < b) {
-        const std::size_t k = QNBD_TRY(chain_block_status(*this, a, b - a, ext));
-        for (std::size_t i = 0; i < k && a < b; ++i) {
-          if (!ext[i].zero) return false;
-          a += ext[i].length;
-        }
-      }
+      if (a < b && !QNBD_TRY(chain_reads_zero(*this, a, b - a))) return false;
     }
     return true;
   };
