@@ -346,13 +346,17 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         f.may_unmap = op & 0x10;
         f.fast_only = op & 0x20;
         f.fua = op & 0x40;
+        f.skip_empty_spans = op & 0x08;
         auto r = img.write_zeroes(g.offset, g.length, f);
         ok = bool(r);
         if (in_window) ok ? shadow.zero(g.offset, g.length) : shadow.forget(g.offset, g.length);
         break;
       }
       case 3: {
-        auto r = img.discard(g.offset, g.length, op & 0x40);
+        DiscardFlags f;
+        f.fua = op & 0x40;
+        f.skip_empty_spans = op & 0x08;
+        auto r = img.discard(g.offset, g.length, f);
         ok = bool(r);
         if (in_window) shadow.forget(g.offset, g.length);
         break;

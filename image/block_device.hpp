@@ -123,6 +123,12 @@ struct ZeroFlags {
   bool skip_empty_spans = false;
 };
 
+struct DiscardFlags {
+  bool fua = false;
+  // As ZeroFlags::skip_empty_spans: for requests QEMU could never receive.
+  bool skip_empty_spans = false;
+};
+
 class BlockDevice {
  public:
   virtual ~BlockDevice() = default;
@@ -136,7 +142,7 @@ class BlockDevice {
   [[nodiscard]] virtual Result<void> read(std::span<std::byte> buf, std::uint64_t offset) = 0;
   [[nodiscard]] virtual Result<void> write(std::span<const std::byte> buf, std::uint64_t offset, bool fua) = 0;
   [[nodiscard]] virtual Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length, ZeroFlags flags) = 0;
-  [[nodiscard]] virtual Result<void> discard(std::uint64_t offset, std::uint64_t length, bool fua) = 0;
+  [[nodiscard]] virtual Result<void> discard(std::uint64_t offset, std::uint64_t length, DiscardFlags flags) = 0;
   [[nodiscard]] virtual Result<void> flush() = 0;
 
   // Fill `out` with consecutive extents starting at offset, covering at most

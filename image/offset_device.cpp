@@ -37,8 +37,8 @@ Result<void> OffsetDevice::write_zeroes(std::uint64_t offset, std::uint64_t leng
   return inner_->write_zeroes(QNBD_TRY(inner_offset(offset, length)), length, flags);
 }
 
-Result<void> OffsetDevice::discard(std::uint64_t offset, std::uint64_t length, bool fua) {
-  return inner_->discard(QNBD_TRY(inner_offset(offset, length)), length, fua);
+Result<void> OffsetDevice::discard(std::uint64_t offset, std::uint64_t length, DiscardFlags flags) {
+  return inner_->discard(QNBD_TRY(inner_offset(offset, length)), length, flags);
 }
 
 Result<std::size_t> OffsetDevice::block_status(std::uint64_t offset, std::uint64_t length, std::span<Extent> out) {

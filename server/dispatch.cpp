@@ -130,8 +130,14 @@ void Session::execute(Slot& s, bool on_io_thread) {
     case NBD_CMD_TRIM:
       // --discard=ignore (qemu-nbd's default): TRIM is a successful no-op.
       if (export_->discard_unmap() && r.length) {
+        image::DiscardFlags df;
+        df.skip_empty_spans = r.length > UINT32_MAX;  // as for WRITE_ZEROES below
         if (!in_steps(
-                s, [&](std::uint64_t off, std::uint64_t len, bool last) { return dev.discard(off, len, fua && last); },
+                s,
+                [&](std::uint64_t off, std::uint64_t len, bool last) {
+                  df.fua = fua && last;
+                  return dev.discard(off, len, df);
+                },
                 res))
           return;
       } else if (fua) {

@@ -68,7 +68,7 @@ class Qcow2Image final : public BlockDevice {
   Result<void> read(std::span<std::byte> buf, std::uint64_t offset) override;
   Result<void> write(std::span<const std::byte> buf, std::uint64_t offset, bool fua) override;
   Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length, ZeroFlags flags) override;
-  Result<void> discard(std::uint64_t offset, std::uint64_t length, bool fua) override;
+  Result<void> discard(std::uint64_t offset, std::uint64_t length, DiscardFlags flags) override;
   Result<void> flush() override;
   Result<void> close() override;
   Result<std::size_t> block_status(std::uint64_t offset, std::uint64_t length, std::span<Extent> out) override;

@@ -332,11 +332,12 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
 // reads as zeroes and stays unallocated: skip the span whole instead of
 // cluster by cluster (a 1 PiB request over an empty image is ~2 M spans,
 // not 16 G clusters). Only spans the request covers to their end (or to
-// the image end) qualify. Discard always skips them (QEMU would allocate
-// an empty L2 table there: only the file's size differs). WRITE_ZEROES
-// skips them only with ZeroFlags::skip_empty_spans (requests past 4 GiB,
-// which QEMU 7.2 cannot receive): otherwise, as QEMU's zero_in_l2_slice,
-// it writes zero flags into new L2 tables there, so qemu:allocation-depth
+// the image end) qualify. Discard without a backing file always skips
+// them (QEMU would allocate an empty L2 table there: only the file's size
+// differs). WRITE_ZEROES, and discard over a backing file, skip them only
+// with skip_empty_spans (requests past 4 GiB, which QEMU 7.2 cannot
+// receive): otherwise, as QEMU's zero_in_l2_slice and discard_in_l2_slice,
+// they write zero flags into new L2 tables there, so qemu:allocation-depth
 // says "local" as qemu-nbd's does.
 std::uint64_t Qcow2Image::next_l2_span(std::uint64_t gc) const {
   const unsigned span_bits = geometry_.cluster_bits + header_.l2_bits();
@@ -513,7 +514,7 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
   return ok();
 }
 
-Result<void> Qcow2Image::discard(std::uint64_t offset, std::uint64_t length, bool fua) {
+Result<void> Qcow2Image::discard(std::uint64_t offset, std::uint64_t length, DiscardFlags flags) {
   QNBD_TRY(check_writable(offset, length, "discard"));
   if (length == 0) return ok();
   const std::uint64_t cs = header_.cluster_size();
@@ -535,7 +536,13 @@ Result<void> Qcow2Image::discard(std::uint64_t offset, std::uint64_t length, boo
     for (std::uint64_t gc = align_up(offset, cs); gc < end && (gc + cs <= end || end == size_); gc += cs) {
       std::lock_guard lock(mutex_);
       if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
-      if (skips_unallocated_span_locked(gc, end)) {
+      // With a backing file QEMU writes zero flags over a whole span that
+      // has no table, even past the backing file's end (so
+      // qemu:allocation-depth says "local"): skip such spans only for the
+      // requests QEMU could never receive. Without one it allocates an
+      // empty table and leaves the clusters alone: only the file's size
+      // differs from skipping.
+      if ((!backing_ || flags.skip_empty_spans) && skips_unallocated_span_locked(gc, end)) {
         gc = next_l2_span(gc) - cs;  // the loop steps to the next span
         continue;
       }
@@ -552,7 +559,7 @@ Result<void> Qcow2Image::discard(std::uint64_t offset, std::uint64_t length, boo
       QNBD_TRY(maybe_flush_frees_locked());
     }
   }
-  if (fua) QNBD_TRY(flush());
+  if (flags.fua) QNBD_TRY(flush());
   return ok();
 }
 

@@ -103,12 +103,12 @@ Result<void> RawDevice::write_zeroes(std::uint64_t offset, std::uint64_t length,
   return ok();
 }
 
-Result<void> RawDevice::discard(std::uint64_t offset, std::uint64_t length, bool fua) {
+Result<void> RawDevice::discard(std::uint64_t offset, std::uint64_t length, DiscardFlags flags) {
   if (!writable_) return make_error(EROFS, "{}: image is read-only", file_->name());
   QNBD_TRY(check_range(offset, length));
   if (!discard_unmap_) return ok();  // discard=ignore, as qemu-nbd's default
   QNBD_TRY(file_->discard(offset, length));
-  if (fua) QNBD_TRY(file_->flush());
+  if (flags.fua) QNBD_TRY(file_->flush());
   return ok();
 }
 

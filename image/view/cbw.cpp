@@ -189,7 +189,7 @@ Result<void> PointInTimeView::write(std::span<const std::byte>, std::uint64_t, b
 Result<void> PointInTimeView::write_zeroes(std::uint64_t, std::uint64_t, ZeroFlags) {
   return make_error(EPERM, "view @{} is read-only", checkpoint_);
 }
-Result<void> PointInTimeView::discard(std::uint64_t, std::uint64_t, bool) {
+Result<void> PointInTimeView::discard(std::uint64_t, std::uint64_t, DiscardFlags) {
   return make_error(EPERM, "view @{} is read-only", checkpoint_);
 }
 
@@ -481,10 +481,10 @@ Result<void> CbwDevice::write_zeroes(std::uint64_t offset, std::uint64_t length,
   return inner_->write_zeroes(offset, length, flags);
 }
 
-Result<void> CbwDevice::discard(std::uint64_t offset, std::uint64_t length, bool fua) {
+Result<void> CbwDevice::discard(std::uint64_t offset, std::uint64_t length, DiscardFlags flags) {
   const WriteGate::Pass pass = gate_.enter();
   if (nviews_.load(std::memory_order_relaxed)) save_for_views(offset, length);
-  return inner_->discard(offset, length, fua);
+  return inner_->discard(offset, length, flags);
 }
 
 Result<void> CbwDevice::close() {

@@ -91,7 +91,7 @@ class PointInTimeView final : public BlockDevice {
   Result<void> read(std::span<std::byte> buf, std::uint64_t offset) override;
   Result<void> write(std::span<const std::byte>, std::uint64_t, bool) override;
   Result<void> write_zeroes(std::uint64_t, std::uint64_t, ZeroFlags) override;
-  Result<void> discard(std::uint64_t, std::uint64_t, bool) override;
+  Result<void> discard(std::uint64_t, std::uint64_t, DiscardFlags) override;
   Result<void> flush() override { return ok(); }
   Result<std::size_t> block_status(std::uint64_t offset, std::uint64_t length, std::span<Extent> out) override;
   // The image's disabled bitmaps, frozen at the checkpoint (--disable PREV).
@@ -173,7 +173,7 @@ class CbwDevice final : public BlockDevice {
   Result<void> read(std::span<std::byte> buf, std::uint64_t offset) override { return inner_->read(buf, offset); }
   Result<void> write(std::span<const std::byte> buf, std::uint64_t offset, bool fua) override;
   Result<void> write_zeroes(std::uint64_t offset, std::uint64_t length, ZeroFlags flags) override;
-  Result<void> discard(std::uint64_t offset, std::uint64_t length, bool fua) override;
+  Result<void> discard(std::uint64_t offset, std::uint64_t length, DiscardFlags flags) override;
   Result<void> flush() override { return inner_->flush(); }
   Result<std::size_t> block_status(std::uint64_t offset, std::uint64_t length, std::span<Extent> out) override {
     return inner_->block_status(offset, length, out);

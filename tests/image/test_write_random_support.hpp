@@ -94,7 +94,7 @@ inline void random_op(image::BlockDevice& dev, Model& m, std::mt19937_64& rng, s
     std::memset(m.data.data() + off, 0, len);
     ++stats.zeroes;
   } else if (kind < 85 || !allow_flush) {
-    auto r = dev.discard(off, len, false);
+    auto r = dev.discard(off, len, {});
     REQUIRE_MESSAGE(r, "discard ", off, "+", len, ": ", (r ? "" : r.error().message));
     std::vector<std::byte> got(len);
     auto rr = dev.read(got, off);

@@ -106,7 +106,7 @@ bool crash_op(image::BlockDevice& dev, Expect& e, std::mt19937_64& rng) {
     if (!dev.write_zeroes(off, len, f)) return false;
     std::memset(e.cur.data() + off, 0, len);
   } else {
-    if (!dev.discard(off, len, false)) return false;
+    if (!dev.discard(off, len, {})) return false;
     // Discarded contents are unspecified: adopt what the device reads.
     std::vector<std::byte> got(len);
     if (!dev.read(got, off)) return false;

@@ -255,7 +255,7 @@ bool op(image::BlockDevice& dev, std::vector<std::pair<std::uint64_t, std::uint6
     f.may_unmap = rng() % 2 == 0;
     return static_cast<bool>(dev.write_zeroes(off, len, f));
   }
-  return static_cast<bool>(dev.discard(off, len, false));
+  return static_cast<bool>(dev.discard(off, len, {}));
 }
 
 void run_point(const Fixture& f, std::uint64_t seed, const TempDir& dir, Totals& t, bool check_bound = true) {

@@ -482,7 +482,7 @@ TEST_CASE("overlap: valid images never trip the check; every guest write misses 
     std::memset(buf.data(), static_cast<int>(i), n);
     switch (next() % 4) {
       case 0: REQUIRE((*img)->write_zeroes(off, n, {})); break;
-      case 1: REQUIRE((*img)->discard(off, n, false)); break;
+      case 1: REQUIRE((*img)->discard(off, n, {})); break;
       default: REQUIRE((*img)->write(std::span(buf).first(n), off, false)); break;
     }
     if (i % 50 == 0) REQUIRE((*img)->flush());

@@ -101,7 +101,7 @@ TEST_CASE("write: internal snapshot keeps its data; writes COW shared clusters")
     auto data = pattern(70000, 3);
     REQUIRE(dev->write(data, 1000, false));            // partial COW of shared clusters
     REQUIRE(dev->write_zeroes(1 << 20, 1 << 20, {}));  // zero shared clusters
-    REQUIRE(dev->discard(2 << 20, 65536, false));
+    REQUIRE(dev->discard(2 << 20, 65536, {}));
     REQUIRE(dev->write(data, 5 << 20, true));  // new clusters
     REQUIRE(dev->close());
   }
@@ -337,7 +337,7 @@ TEST_CASE("write: a failed data write gives its new clusters back (QEMU's alloc 
     REQUIRE(m);
     REQUIRE(m->has_offset);
     freed_host = m->offset;
-    REQUIRE(dev->discard(cs, cs, false));
+    REQUIRE(dev->discard(cs, cs, {}));
     REQUIRE(dev->flush());
     REQUIRE(dev->close());
   }

@@ -175,7 +175,7 @@ void multi_thread_run(const Kind& kind, std::uint64_t seed, unsigned ops_per_thr
               r = dev->write_zeroes(off, len, f);
               if (r) std::memset(m.data.data() + off, 0, len);
             } else if (kind < 9) {
-              r = dev->discard(off, len, false);
+              r = dev->discard(off, len, {});
               if (r) {
                 buf.resize(len);
                 r = dev->read(buf, off);

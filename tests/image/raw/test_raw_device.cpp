@@ -48,7 +48,7 @@ TEST_CASE("RawDevice: holes are zero and present, data is data") {
   REQUIRE(rw.has_value());
   CHECK((*rw)->capabilities().can_trim);
   REQUIRE((*rw)->write(w, 4096, true).has_value());
-  REQUIRE((*rw)->discard(512 * 1024, 64 * 1024, false).has_value());
+  REQUIRE((*rw)->discard(512 * 1024, 64 * 1024, {}).has_value());
   std::vector<std::byte> back(64 * 1024);
   REQUIRE((*rw)->read(back, 512 * 1024).has_value());
   CHECK(std::all_of(back.begin(), back.end(), [](std::byte b) { return b == std::byte{0}; }));

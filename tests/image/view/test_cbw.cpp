@@ -105,7 +105,7 @@ void writer(BlockDevice& d, std::uint32_t seed, std::atomic<bool>& stop, std::at
     } else if (what < 9) {
       r = d.write_zeroes(off, len, ZeroFlags{});
     } else {
-      r = d.discard(off, len, false);
+      r = d.discard(off, len, {});
     }
     if (!r) ++errors;
   }
@@ -209,7 +209,7 @@ TEST_CASE("write_zeroes and discard save the old content on first touch") {
   std::vector<std::byte> at;
   auto v = f.view("c1", &at);
   REQUIRE(f.dev->write_zeroes(100, kG, ZeroFlags{}));  // unaligned, granules 0-1
-  REQUIRE(f.dev->discard(2 * kG, 2 * kG, false));      // granules 2-3
+  REQUIRE(f.dev->discard(2 * kG, 2 * kG, {}));         // granules 2-3
   CHECK(v->state().saved_granules == 4);
   CHECK(equal(f.read_all(*v), at));
   // A second touch copies nothing more.
