@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Zeroing that needs no allocation, beside qemu-nbd: on fresh qcow2 images
-# (with and without a backing file, extended L2, v2) the same seeded nbdsh
+# (with and without a backing file, extended L2, v2, preallocated) the same seeded nbdsh
 # workload of unaligned WRITE_ZEROES (plain, NO_HOLE, FAST_ZERO), TRIMs and
 # WRITEs runs against qnbd and qemu-nbd on identical copies. Every request
 # must get the same answer (FAST_ZERO: success or ENOTSUP), the
@@ -135,6 +135,7 @@ run_case() {
     qemu-img convert -c -f raw -O qcow2 $create "$T/src.raw" "$T/$name.a.qcow2"
     qemu-img snapshot -c s1 "$T/$name.a.qcow2"
     qemu-io -c 'write -P 0x55 2M 2M' "$T/$name.a.qcow2" >/dev/null
+    cp "$T/$name.a.qcow2" "$T/$name.b.qcow2"
   elif [[ ${MAKE:-} == datafile* ]]; then
     # Each image its own external data file (raw: data_file_raw=on).
     local raw=off f
@@ -145,10 +146,14 @@ run_case() {
       qemu-img create -q -f qcow2 -o data_file="$T/$name.$f.raw",data_file_raw=$raw $create "$T/$name.$f.qcow2" 8M
     done
   else
-    # shellcheck disable=SC2086 # CREATE_ARGS is a word list
-    qemu-img create -q -f qcow2 $create "$T/$name.a.qcow2" 8M
+    # Not a copy: cp leaves holes for runs of zeroes in a sparse file, and a
+    # metadata-preallocated image's space is what qemu-img map reports from.
+    local f
+    for f in a b; do
+      # shellcheck disable=SC2086 # CREATE_ARGS is a word list
+      qemu-img create -q -f qcow2 $create "$T/$name.$f.qcow2" 8M
+    done
   fi
-  [[ ${MAKE:-} == datafile* ]] || cp "$T/$name.a.qcow2" "$T/$name.b.qcow2"
   serve_both "$T/$name.a.qcow2" "$T/$name.b.qcow2" "$@"
   workload "$QURI" "$seed" "$T/$name.qemu.txt" &
   local wq=$!
@@ -202,6 +207,12 @@ run_case c512-backing 22 "-o cluster_size=512 -b $T/base.raw -F raw" --discard=u
 run_case c16k-extl2 23 "-o cluster_size=16k,extended_l2=on" --discard=unmap
 run_case c2m-extl2-backing 25 "-o cluster_size=2M,extended_l2=on -b $T/base.raw -F raw"
 run_case v2-c512 26 "-o cluster_size=512,compat=0.10" --discard=unmap
+# Preallocated images: every cluster already has a host cluster (metadata:
+# a hole in the file, which qemu-img map reports as zero; falloc: space
+# reserved).
+run_case prealloc-metadata 52 "-o preallocation=metadata" --discard=unmap
+run_case prealloc-metadata-backing 53 "-o preallocation=metadata,extended_l2=on -b $T/base.raw -F raw" --discard=unmap
+run_case prealloc-falloc 54 "-o preallocation=falloc" --discard=unmap
 # Compressed clusters with extended L2: a zero whose subcluster-aligned
 # middle starts or ends inside a compressed cluster writes that whole
 # middle as data (QEMU's qcow2_subcluster_zeroize is all or nothing), and a
