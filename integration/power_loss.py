@@ -138,11 +138,13 @@ def read_log(path):
     with open(path, "rb") as f:
         data = f.read()
     pos = 0
-    while pos < len(data):
+    while pos + REC.size <= len(data):
         t, op, file, off, ln, mode, tid = REC.unpack_from(data, pos)
         pos += REC.size
         payload = None
         if op in (OPEN, WRITE):
+            if pos + ln > len(data):
+                break  # the SIGKILL came in the middle of this record
             payload = data[pos : pos + ln]
             pos += ln
         recs.append((t, op, file, off, ln, mode, tid, payload))
