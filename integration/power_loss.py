@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Power loss at the system-call level, for test-serve-power-loss.sh.
 
-  power_loss.py client URI EVENTS SEED SIZE THREADS OPS
+  power_loss.py client URI EVENTS SEED SIZE THREADS OPS [QNBD CONTROL_SOCKET]
       A seeded libnbd workload on THREADS connections (one thread each,
       one request in flight per connection): 512-byte-aligned WRITEs (some
       FUA), WRITE_ZEROES, TRIMs and FLUSHes, each thread on its own 64 KiB
       chunks, so the order of the changes to a sector is known. Every
       sector a WRITE stores is tagged with the request and the sector. One
       JSON line per request to EVENTS: send and reply times
-      (CLOCK_MONOTONIC), the request, and whether it succeeded.
+      (CLOCK_MONOTONIC), the request, and whether it succeeded. With
+      QNBD and CONTROL_SOCKET, a further thread takes checkpoints while
+      they run (`qnbd ctl checkpoint`: c1 disables b0, c2 disables c1...).
 
   power_loss.py check LOG INITDIR EVENTS WORK IMAGE FMT SIZE POINTS SEED QNBD BITMAP
       LOG is what write_log_shim.c recorded while the server ran. For
@@ -22,19 +24,22 @@
           is durable (a FLUSH answered after the write was answered, on any
           connection, or FUA), or a value written later, and nothing else
           (no other request's data, no stale data);
-        - with BITMAP (not "-"): `QNBD serve` (writable, -B BITMAP) must
-          recover the crash-safe bitmap, and every 64 KiB granule that
-          differs from the start must be dirty in it; qemu-img check is
-          clean after that too.
+        - with BITMAP (not "-"; the image starts with the enabled bitmap
+          b0): a writable `QNBD serve` must recover every bitmap
+          (judge_bitmaps says what each must hold, with and without
+          checkpoints), and qemu-img check is clean after that too.
       Prints one summary line; exit 1 with the reason at the first failure.
 
 The model: a change is durable once a sync of its file that started after
 the change returned has returned; anything else may be on the disk or not,
 in any combination, a write torn at 512-byte sectors (a disk keeps each
-sector whole). That is what POSIX promises the server and no more. Left
-out: directory entries (a file the log names exists after the crash) and
-the file system's own metadata (a file's size follows the changes kept).
+sector whole). Names (a file created, renamed or removed) change in order:
+those a sync of the folder covers, then any prefix of the rest. That is
+what POSIX (and a journaling file system's ordered metadata) promises the
+server and no more. Left out: the file system's own metadata beyond that
+(a file's size follows the changes kept).
 """
+import bisect
 import json
 import os
 import random
@@ -49,7 +54,7 @@ import time
 SECTOR = 512
 CHUNK = 64 << 10
 REC = struct.Struct("<QIIQQII")
-OPEN, WRITE, FALLOCATE, TRUNCATE, SYNC_START, SYNC_END = 1, 2, 3, 4, 5, 6
+OPEN, WRITE, FALLOCATE, TRUNCATE, SYNC_START, SYNC_END, RENAME, UNLINK = 1, 2, 3, 4, 5, 6, 7, 8
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 TAG = struct.Struct("<8sII")  # magic, request id, sector
 
@@ -64,7 +69,7 @@ def tagged(req, first_sector, count):
 # ---------------------------------------------------------------- client
 
 
-def client(uri, events_path, seed, size, threads, ops):
+def client(uri, events_path, seed, size, threads, ops, ctl=None):
     import nbd
 
     chunks = size // CHUNK
@@ -115,18 +120,47 @@ def client(uri, events_path, seed, size, threads, ops):
                 events.append(ev)
         h.shutdown()
 
+    done = threading.Event()
+
+    def checkpoints(qnbd, sock):
+        # Checkpoint c1 disables b0, c2 disables c1, ... while the writers
+        # run (qnbd ctl checkpoint, docs/control.md).
+        rnd = random.Random(seed * 100 + 99)
+        prev, n = "b0", 0
+        while not done.wait(rnd.uniform(0.002, 0.02)):
+            n += 1
+            name = f"c{n}"
+            t0 = time.monotonic_ns()
+            r = subprocess.run([qnbd, "ctl", "-s", sock, "checkpoint", "--name", name, "--disable", prev, ""],
+                               capture_output=True, text=True)
+            ev = {"id": 0, "op": "checkpoint", "name": name, "prev": prev, "ok": r.returncode == 0,
+                  "t0": t0, "t1": time.monotonic_ns()}
+            with lock:
+                events.append(ev)
+            if r.returncode:
+                errors.append(f"checkpoint {name}: {r.stderr.strip()}")
+                return
+            prev = name
+
     ts = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
     for t in ts:
         t.start()
+    cp = threading.Thread(target=checkpoints, args=ctl) if ctl else None
+    if cp:
+        cp.start()
     for t in ts:
         t.join()
+    done.set()
+    if cp:
+        cp.join()
     with open(events_path, "w") as f:
         for ev in sorted(events, key=lambda e: e["t0"]):
             f.write(json.dumps(ev) + "\n")
     if errors:
         print("requests failed:", *errors[:5], sep="\n  ")
         return 1
-    print(f"{len(events)} requests on {threads} connections")
+    cps = sum(1 for e in events if e["op"] == "checkpoint")
+    print(f"{len(events) - cps} requests on {threads} connections" + (f", {cps} checkpoints" if ctl else ""))
     return 0
 
 
@@ -142,7 +176,7 @@ def read_log(path):
         t, op, file, off, ln, mode, tid = REC.unpack_from(data, pos)
         pos += REC.size
         payload = None
-        if op in (OPEN, WRITE):
+        if op in (OPEN, WRITE, RENAME):
             if pos + ln > len(data):
                 break  # the SIGKILL came in the middle of this record
             payload = data[pos : pos + ln]
@@ -166,20 +200,46 @@ def covered_until(recs):
 
 
 def rebuild(recs, upto, ends, init, rnd):
-    """The files as a power loss right after record `upto` may leave them."""
+    """The folder as a power loss right after record `upto` may leave it:
+    {name: bytes} of the files the log touched, and the names it removed."""
     durable = {}
     for end_i, file, start_i in ends:
         if end_i <= upto:
             durable[file] = max(durable.get(file, -1), start_i)
+    folder = next((r[2] for r in recs[: upto + 1] if r[1] == OPEN and r[7] == b"."), None)
+    # Names change in order (a journaling file system keeps its metadata
+    # operations in order): those a sync of the folder covers, then any
+    # prefix of the rest. Opening a file that existed before is no change.
+    existed = lambda r: os.path.exists(os.path.join(init, r[7].decode()))  # noqa: E731
+    name_ops = [
+        i
+        for i in range(upto + 1)
+        if recs[i][1] in (RENAME, UNLINK) or (recs[i][1] == OPEN and recs[i][7] != b"." and not existed(recs[i]))
+    ]
+    covered = sum(1 for i in name_ops if i < durable.get(folder, -1))
+    applied = set(name_ops[: covered + rnd.randint(0, len(name_ops) - covered)])
     names = {}
     files = {}
+    removed = set()
     for i in range(upto + 1):
         t, op, file, off, ln, mode, tid, payload = recs[i]
         if op == OPEN:
             name = payload.decode()
-            names[file] = name
+            if name == ".":
+                continue
             p = os.path.join(init, name)
             files[file] = bytearray(open(p, "rb").read()) if os.path.exists(p) else bytearray()
+            names[file] = name if (os.path.exists(p) or i in applied) else None
+            continue
+        if op in (RENAME, UNLINK):
+            if i in applied:
+                if names.get(file):
+                    removed.add(names[file])
+                new = payload.decode() if op == RENAME else None
+                for f in names:
+                    if new and names[f] == new:
+                        names[f] = None
+                names[file] = new
             continue
         if op not in (WRITE, FALLOCATE, TRUNCATE):
             continue
@@ -215,14 +275,15 @@ def rebuild(recs, upto, ends, init, rnd):
                     buf[off:z] = bytes(z - off)
             if not (mode & FALLOC_FL_KEEP_SIZE) and len(buf) < end:
                 buf.extend(bytes(end - len(buf)))
-    return names, files
+    out = {name: files[f] for f, name in names.items() if name}
+    return out, removed - set(out)
 
 
 def sector_history(events, size):
     """Per sector, the successful requests that changed it, in order."""
     hist = [[] for _ in range(size // SECTOR)]
     for ev in events:
-        if ev["op"] == "flush" or not ev["ok"]:
+        if ev["op"] in ("flush", "checkpoint") or not ev["ok"]:
             continue
         for s in range(ev["off"] // SECTOR, (ev["off"] + ev["len"]) // SECTOR):
             hist[s].append(ev)
@@ -278,7 +339,8 @@ def bitmap_dirty(uri, bitmap):
     return [(e["offset"], e["length"]) for e in json.loads(out.stdout) if e["type"] & 1]
 
 
-def serve_and_read_bitmap(qnbd, image, fmt, bitmap, work):
+def serve_and_read_bitmaps(qnbd, image, fmt, bitmaps, work):
+    """Recover (a writable `qnbd serve`) and read each bitmap's dirty extents."""
     sock = os.path.join(work, "recover.sock")
     pidfile = os.path.join(work, "recover.pid")
     for p in (sock, pidfile):
@@ -286,7 +348,9 @@ def serve_and_read_bitmap(qnbd, image, fmt, bitmap, work):
             os.unlink(p)
     log = open(os.path.join(work, "recover.log"), "w")
     proc = subprocess.Popen(
-        [qnbd, "serve", "-k", sock, "--pid-file", pidfile, "-t", "-f", fmt, "-B", bitmap, image],
+        [qnbd, "serve", "-k", sock, "--pid-file", pidfile, "-t", "-f", fmt]
+        + [a for b in bitmaps for a in ("-B", b)]
+        + [image],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -299,7 +363,7 @@ def serve_and_read_bitmap(qnbd, image, fmt, bitmap, work):
             time.sleep(0.025)
         else:
             raise RuntimeError("qnbd serve did not start")
-        return bitmap_dirty(f"nbd+unix:///?socket={sock}", bitmap)
+        return {b: bitmap_dirty(f"nbd+unix:///?socket={sock}", b) for b in bitmaps}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -311,6 +375,77 @@ def serve_and_read_bitmap(qnbd, image, fmt, bitmap, work):
         log.close()
         if proc.returncode != 0:
             raise RuntimeError(f"qnbd serve exited {proc.returncode}: " + open(log.name).read().strip())
+
+
+def bitmap_flags(d, image):
+    out = run(["qemu-img", "info", "-U", "--output=json", image], cwd=d)
+    out.check_returncode()
+    data = json.loads(out.stdout).get("format-specific", {}).get("data", {})
+    return {b["name"]: b["flags"] for b in data.get("bitmaps", [])}
+
+
+def covered(extents, a, b):
+    """Whether the sorted, merged extents cover [a, b)."""
+    i = bisect.bisect_right(extents, (a, float("inf"))) - 1
+    return i >= 0 and extents[i][0] <= a and extents[i][1] >= b
+
+
+def merged(*lists):
+    out = []
+    for off, ln in sorted(x for lst in lists for x in lst):
+        if out and off <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], off + ln)
+        else:
+            out.append([off, off + ln])
+    return [tuple(x) for x in out]
+
+
+def judge_bitmaps(d, image, fmt, qnbd, work, events, crash_t, got, init_raw, size):
+    """The crash-safe bitmaps after recovery. Without checkpoints: every
+    granule whose data changed is dirty in b0. With them (c1 disables b0, c2
+    disables c1, ...): each checkpoint that returned exists and its PREV is
+    disabled, consistent, and dirty wherever a request answered before the
+    checkpoint was called (and started after the one before it returned)
+    wrote; and the bitmaps newer than the last checkpoint that returned are
+    dirty, between them, wherever a request started after it returned was
+    answered, or left its data in the image."""
+    names = bitmap_flags(d, image)
+    dirty = serve_and_read_bitmaps(qnbd, os.path.join(d, image), fmt, sorted(names), work)
+    after = bitmap_flags(d, image)
+    for name, flags in after.items():
+        if "in-use" in flags:
+            return f"bitmap {name} is still in use after the recovery"
+    cps = sorted((e for e in events if e["op"] == "checkpoint" and e["ok"]), key=lambda e: e["t0"])
+    returned = [c for c in cps if c["t1"] < crash_t]
+    data_reqs = [e for e in events if e["op"] not in ("flush", "checkpoint") and e["ok"]]
+    start = -1
+    for c in returned:
+        for n in (c["name"], c["prev"]):
+            if n not in after:
+                return f"checkpoint {c['name']} returned but bitmap {n} is gone: {sorted(after)}"
+        if "auto" in after[c["prev"]]:
+            return f"checkpoint {c['name']} returned but {c['prev']} is still enabled"
+        prev = merged(dirty[c["prev"]])
+        for r in data_reqs:
+            if start < r["t0"] and r["t1"] < c["t0"] and not covered(prev, r["off"], r["off"] + r["len"]):
+                return f"{r['op']} {r['id']} at {r['off']}+{r['len']}, answered before {c['name']}, not dirty in {c['prev']}"
+        start = c["t1"]
+    newest = returned[-1]["name"] if returned else "b0"
+    newer = [c["name"] for c in cps if c["t1"] >= crash_t and c["name"] in after]
+    live = merged(*(dirty[n] for n in [newest] + newer))
+    for r in data_reqs:
+        if r["t0"] > start and r["t1"] < crash_t and not covered(live, r["off"], r["off"] + r["len"]):
+            return f"{r['op']} {r['id']} at {r['off']}+{r['len']}, answered after the last checkpoint, not dirty in {newest}"
+    # Data that reached the image, answered or not.
+    later = {r["id"] for r in data_reqs if r["t0"] > start}
+    for s in range(size // SECTOR):
+        magic, rid, _ = TAG.unpack_from(got, s * SECTOR)
+        if magic == b"QNBDPWR!" and rid in later and not covered(live, s * SECTOR, (s + 1) * SECTOR):
+            return f"sector {s} holds request {rid}'s data but is not dirty in {newest}"
+        if not returned and got[s * SECTOR : (s + 1) * SECTOR] != init_raw[s * SECTOR : (s + 1) * SECTOR]:
+            if not covered(live, s * SECTOR, (s + 1) * SECTOR):
+                return f"sector {s} changed but is not dirty in b0"
+    return len(returned)
 
 
 def check(log, init, events_path, work, image, fmt, size, points, seed, qnbd, bitmap):
@@ -333,16 +468,19 @@ def check(log, init, events_path, work, image, fmt, size, points, seed, qnbd, bi
     picks = sorted({rnd.randrange(n) for _ in range(points - 1)} | {n - 1})
     syncs = sum(1 for r in recs if r[1] == SYNC_END)
     writes = sum(1 for r in recs if r[1] == WRITE)
-    total_checked = leaks = recovered = 0
+    total_checked = leaks = recovered = checkpoints_seen = 0
     for k in picks:
         crash_t = recs[k][0]
-        names, files = rebuild(recs, k, ends, init, rnd)
+        files, removed = rebuild(recs, k, ends, init, rnd)
         d = os.path.join(work, "crash")
         shutil.rmtree(d, ignore_errors=True)
         shutil.copytree(init, d)
-        for fid, name in names.items():
+        for name, content in files.items():
             with open(os.path.join(d, name), "wb") as f:
-                f.write(files[fid])
+                f.write(content)
+        for name in removed:
+            if os.path.exists(os.path.join(d, name)):
+                os.unlink(os.path.join(d, name))
         img = os.path.join(d, image)
         where = f"crash after record {k} of {n}"
         if fmt == "qcow2":
@@ -364,19 +502,13 @@ def check(log, init, events_path, work, image, fmt, size, points, seed, qnbd, bi
         total_checked += res
         if bitmap != "-":
             try:
-                dirty = serve_and_read_bitmap(qnbd, img, fmt, bitmap, work)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                print(f"{where}: {e}")
+                res = judge_bitmaps(d, image, fmt, qnbd, work, events, crash_t, got, init_raw, size)
+            except (RuntimeError, subprocess.TimeoutExpired, subprocess.CalledProcessError) as e:
+                res = str(e)
+            if isinstance(res, str):
+                print(f"{where}: {res}")
                 return 1
-            marked = bytearray(size // CHUNK)
-            for off, ln in dirty:
-                for c_ in range(off // CHUNK, (off + ln + CHUNK - 1) // CHUNK):
-                    marked[c_] = 1
-            for c_ in range(size // CHUNK):
-                a, b = c_ * CHUNK, (c_ + 1) * CHUNK
-                if got[a:b] != init_raw[a:b] and not marked[c_]:
-                    print(f"{where}: granule {a} changed but is not dirty in bitmap {bitmap}")
-                    return 1
+            checkpoints_seen += res
             c = run(["qemu-img", "check", "-q", "-f", "qcow2", image], cwd=d)
             if c.returncode not in (0, 3):
                 print(f"{where}: after the recovery: qemu-img check exit {c.returncode}: {c.stdout.strip()[:2000]}")
@@ -385,13 +517,15 @@ def check(log, init, events_path, work, image, fmt, size, points, seed, qnbd, bi
     print(
         f"{len(picks)} crash points over {n} records ({writes} writes, {syncs} syncs); "
         f"{total_checked} sector checks; {leaks} with leaks only; {recovered} bitmap recoveries"
+        + (f" ({checkpoints_seen} checkpoints judged)" if checkpoints_seen else "")
     )
     return 0
 
 
 def main(argv):
-    if len(argv) == 8 and argv[1] == "client":
-        return client(argv[2], argv[3], int(argv[4]), int(argv[5]), int(argv[6]), int(argv[7]))
+    if len(argv) in (8, 10) and argv[1] == "client":
+        ctl = (argv[8], argv[9]) if len(argv) == 10 else None
+        return client(argv[2], argv[3], int(argv[4]), int(argv[5]), int(argv[6]), int(argv[7]), ctl)
     if len(argv) == 13 and argv[1] == "check":
         a = argv[2:]
         return check(a[0], a[1], a[2], a[3], a[4], a[5], int(a[6]), int(a[7]), int(a[8]), a[9], a[10])

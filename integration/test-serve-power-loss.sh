@@ -12,7 +12,11 @@
 #     flush answered on either connection, or FUA) or a value written after
 #     it, never another request's or stale data;
 #   - the crash-safe bitmap, recovered by the next `qnbd serve`, marks every
-#     granule whose data changed.
+#     granule whose data changed; with checkpoints taken through the control
+#     socket while the writers run (c1 disables b0, c2 c1, ...), each one
+#     that returned left its PREV disabled and dirty wherever a request
+#     answered before it wrote, and the bitmaps after it cover every
+#     request answered since and all data that reached the image.
 # Cases: qcow2 with 64 KiB and 4 KiB clusters, extended L2 over a backing
 # file, an external data file, cache=writethrough and none, and a raw image.
 # What the model of the disk leaves out: power_loss.py.
@@ -38,9 +42,18 @@ one() {
   cp -a "$d/disk" "$d/init"
   # (Assignments before a function call reach the commands it runs. An
   # ASan build of qnbd wants its runtime first in the preload list.)
+  # A recovery chunk of one bitmap granule (64 KiB), so that a recovered
+  # bitmap is no coarser than the bitmap itself and the check below means
+  # something (the default, 64 MiB, would mark this whole disk).
+  local extra=() ctl=()
+  [[ $fmt == qcow2 ]] && extra+=(--recovery-chunk-size 65536)
+  if [[ ${CHECKPOINTS:-0} == 1 ]]; then
+    extra+=(--control "$d/ctl.sock")
+    ctl=("$QNBD" "$d/ctl.sock")
+  fi
   LD_PRELOAD=$T/wlog.so ASAN_OPTIONS=${ASAN_OPTIONS:-}:verify_asan_link_order=0 \
-    QNBD_WLOG=$d/wlog QNBD_WLOG_DIR=$d/disk start_serve -f "$fmt" -e 2 --discard=unmap "$@" "$d/disk/d"
-  "$PY" "$here/power_loss.py" client "$SERVE_URI" "$d/events" "$seed" "$SIZE" 2 150 >"$d/client.out" ||
+    QNBD_WLOG=$d/wlog QNBD_WLOG_DIR=$d/disk start_serve -f "$fmt" -e 2 --discard=unmap "${extra[@]}" "$@" "$d/disk/d"
+  "$PY" "$here/power_loss.py" client "$SERVE_URI" "$d/events" "$seed" "$SIZE" 2 "${OPS:-150}" "${ctl[@]}" >"$d/client.out" ||
     fail "$name: the workload failed: $(cat "$d/client.out")"
   kill -9 "$SERVE_PID"
   wait "$SERVE_PID" 2>/dev/null || true
@@ -63,6 +76,7 @@ for ((r = 0; r < ${QNBD_POWER_ROUNDS:-1}; r++)); do
   one qcow2-writethrough.$r $((s + 5)) qcow2 b0 "$(qcow2 "")" --cache=writethrough
   one qcow2-cache-none.$r $((s + 7)) qcow2 b0 "$(qcow2 "-o cluster_size=4k")" --cache=none
   one raw.$r $((s + 6)) raw - "truncate -s 16M d"
+  CHECKPOINTS=1 OPS=400 one qcow2-checkpoints.$r $((s + 8)) qcow2 b0 "$(qcow2 "")"
   rm -rf "${T:?}"/*."$r"
 done
 echo PASS

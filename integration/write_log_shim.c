@@ -5,17 +5,19 @@
  *
  *   u64 time_ns (CLOCK_MONOTONIC), u32 op, u32 file, u64 offset, u64 length,
  *   u32 mode, u32 thread id, then `length` bytes for WRITE and the path
- *   (length bytes) for OPEN.
+ *   (length bytes) for OPEN and RENAME.
  *
- * op: 1 OPEN (file ids are given per path, first open first), 2 WRITE,
- * 3 FALLOCATE (mode = fallocate's mode), 4 TRUNCATE (offset = new size),
- * 5 SYNC_START, 6 SYNC_END (fsync/fdatasync of that file; a write made
- * through an O_SYNC/O_DSYNC descriptor is followed by its own pair).
+ * op: 1 OPEN (file ids are given per name, first open first; the folder
+ * itself is ".", opened to sync it), 2 WRITE, 3 FALLOCATE (mode =
+ * fallocate's mode), 4 TRUNCATE (offset = new size), 5 SYNC_START,
+ * 6 SYNC_END (fsync/fdatasync of that file; a write made through an
+ * O_SYNC/O_DSYNC descriptor is followed by its own pair), 7 RENAME (the
+ * file's new name as payload; a file it replaces loses its name), 8 UNLINK.
  *
  * A WRITE is logged after the call returns, a sync's START before it and
  * its END after it (the thread id pairs them): a write is durable once a
- * sync of its file that started after it has ended. Directory entries are not modelled (files named are taken to
- * exist after a crash).
+ * sync of its file that started after it has ended; a name (a creating
+ * OPEN, RENAME, UNLINK) once a sync of the folder did the same.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -24,6 +26,7 @@
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -31,7 +34,16 @@
 #include <time.h>
 #include <unistd.h>
 
-enum { OP_OPEN = 1, OP_WRITE = 2, OP_FALLOCATE = 3, OP_TRUNCATE = 4, OP_SYNC_START = 5, OP_SYNC_END = 6 };
+enum {
+  OP_OPEN = 1,
+  OP_WRITE = 2,
+  OP_FALLOCATE = 3,
+  OP_TRUNCATE = 4,
+  OP_SYNC_START = 5,
+  OP_SYNC_END = 6,
+  OP_RENAME = 7,
+  OP_UNLINK = 8
+};
 enum { MAX_FD = 65536, MAX_FILES = 64 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -91,6 +103,22 @@ static void emit(uint32_t op, int file, uint64_t offset, uint64_t length, uint32
 
 static int tracked(int fd) { return fd >= 0 && fd < MAX_FD ? fd_file[fd] - 1 : -1; }
 
+#define REAL(name)                                                                                                     \
+  static __typeof__(name)* real_##name;                                                                                \
+  if (!real_##name) real_##name = dlsym(RTLD_NEXT, #name)
+
+/* The id of the file now named `rel`; with create, a new one (an OPEN
+ * record) when none is. Called with `lock` held. */
+static int file_id(const char* rel, int create) {
+  for (int i = 0; i < nfiles; ++i)
+    if (strcmp(paths[i], rel) == 0) return i;
+  if (!create || nfiles >= MAX_FILES) return -1;
+  int id = nfiles++;
+  paths[id] = strdup(rel);
+  emit(OP_OPEN, id, 0, strlen(rel), 0, rel, strlen(rel));
+  return id;
+}
+
 static void note_open(int fd, const char* path, int flags) {
   if (fd < 0 || fd >= MAX_FD) return;
   pthread_mutex_lock(&lock);
@@ -98,25 +126,95 @@ static void note_open(int fd, const char* path, int flags) {
   char real[PATH_MAX];
   if (logging() && realpath(path, real) && strncmp(real, dir, dir_len) == 0 && real[dir_len] == '/') {
     const char* rel = real + dir_len + 1;
-    int id = -1;
-    for (int i = 0; i < nfiles; ++i)
-      if (strcmp(paths[i], rel) == 0) id = i;
-    if (id < 0 && nfiles < MAX_FILES) {
-      id = nfiles++;
-      paths[id] = strdup(rel);
-      emit(OP_OPEN, id, 0, strlen(rel), 0, rel, strlen(rel));
-    }
+    int id = file_id(rel, 1);
     if (id >= 0 && (flags & O_ACCMODE) != O_RDONLY) {
       fd_file[fd] = id + 1;
       fd_sync[fd] = (flags & (O_SYNC | O_DSYNC)) != 0;
+    }
+  } else if (logging() && realpath(path, real) && strcmp(real, dir) == 0) {
+    /* The folder itself: its fsync makes renames and unlinks durable. */
+    int id = file_id(".", 1);
+    if (id >= 0) fd_file[fd] = id + 1;
+  }
+  pthread_mutex_unlock(&lock);
+}
+
+/* The name below the folder of an absolute or cwd-relative path, or NULL.
+ * (The name need not exist: the target of a rename.) */
+static const char* below(const char* path, char* buf) {
+  if (path[0] == '/') {
+    if (snprintf(buf, PATH_MAX, "%s", path) >= PATH_MAX) return NULL;
+  } else {
+    char cwd[PATH_MAX];
+    if (!getcwd(cwd, sizeof cwd) || snprintf(buf, PATH_MAX, "%s/%s", cwd, path) >= PATH_MAX) return NULL;
+  }
+  char parent[PATH_MAX], real[PATH_MAX];
+  memcpy(parent, buf, PATH_MAX);
+  char* slash = strrchr(parent, '/');
+  if (!slash) return NULL;
+  *slash = 0;
+  if (!realpath(parent[0] ? parent : "/", real) || strcmp(real, dir) != 0) return NULL;
+  return strrchr(buf, '/') + 1;
+}
+
+static void note_rename(const char* from, const char* to) {
+  char a[PATH_MAX], b[PATH_MAX];
+  pthread_mutex_lock(&lock);
+  const char *ra, *rb;
+  if (logging() && (ra = below(from, a)) && (rb = below(to, b))) {
+    int id = file_id(ra, 0);
+    if (id >= 0) {
+      int gone = file_id(rb, 0);
+      if (gone >= 0) paths[gone][0] = 0; /* replaced: no name any more */
+      free(paths[id]);
+      paths[id] = strdup(rb);
+      emit(OP_RENAME, id, 0, strlen(rb), 0, rb, strlen(rb));
     }
   }
   pthread_mutex_unlock(&lock);
 }
 
-#define REAL(name)                                                                                                     \
-  static __typeof__(name)* real_##name;                                                                                \
-  if (!real_##name) real_##name = dlsym(RTLD_NEXT, #name)
+static void note_unlink(const char* path) {
+  char a[PATH_MAX];
+  pthread_mutex_lock(&lock);
+  const char* ra;
+  if (logging() && (ra = below(path, a))) {
+    int id = file_id(ra, 0);
+    if (id >= 0) {
+      paths[id][0] = 0;
+      emit(OP_UNLINK, id, 0, 0, 0, NULL, 0);
+    }
+  }
+  pthread_mutex_unlock(&lock);
+}
+
+int rename(const char* from, const char* to) {
+  REAL(rename);
+  int r = real_rename(from, to);
+  if (r == 0) note_rename(from, to);
+  return r;
+}
+
+int renameat(int fromfd, const char* from, int tofd, const char* to) {
+  REAL(renameat);
+  int r = real_renameat(fromfd, from, tofd, to);
+  if (r == 0 && (fromfd == AT_FDCWD || from[0] == '/') && (tofd == AT_FDCWD || to[0] == '/')) note_rename(from, to);
+  return r;
+}
+
+int unlink(const char* path) {
+  REAL(unlink);
+  int r = real_unlink(path);
+  if (r == 0) note_unlink(path);
+  return r;
+}
+
+int unlinkat(int dirfd, const char* path, int flags) {
+  REAL(unlinkat);
+  int r = real_unlinkat(dirfd, path, flags);
+  if (r == 0 && (dirfd == AT_FDCWD || path[0] == '/')) note_unlink(path);
+  return r;
+}
 
 int open(const char* path, int flags, ...) {
   REAL(open);

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 #include "common/checked.hpp"
@@ -57,8 +58,32 @@ IntentAccess intent_access(const std::string& image_path, std::uint64_t chunk_si
     if (!f && f.error().code == ENOENT) return std::unique_ptr<File>();
     return f;
   };
-  a.remove = [name = a.name] {
+  const std::string next = a.name + ".next";
+  a.remove = [name = a.name, next] {
     if (::unlink(name.c_str()) == 0) (void)sync_parent(name);
+    if (::unlink(next.c_str()) == 0) (void)sync_parent(next);
+  };
+  a.open_next = [next](bool create) -> Result<std::unique_ptr<File>> {
+    if (create) {
+      std::unique_ptr<File> f = QNBD_TRY(create_posix_file(next));
+      QNBD_TRY(sync_parent(next));
+      return f;
+    }
+    auto f = open_posix_file(next, OpenMode::read_only);
+    if (!f && f.error().code == ENOENT) return std::unique_ptr<File>();
+    return f;
+  };
+  // rename(2) replaces the record atomically: a crash leaves one name or
+  // the other, and recovery reads both.
+  a.promote_next = [name = a.name, next]() -> Result<void> {
+    if (::rename(next.c_str(), name.c_str()) != 0) {
+      const int e = errno;
+      return make_error(e, "rename {} to {}: {}", next, name, std::strerror(e));
+    }
+    return sync_parent(name);
+  };
+  a.remove_next = [next] {
+    if (::unlink(next.c_str()) == 0) (void)sync_parent(next);
   };
   return a;
 }
@@ -157,6 +182,34 @@ Result<std::unique_ptr<IntentRecord>> IntentRecord::arm(std::unique_ptr<File> fi
   QNBD_TRY(file->flush());
   r->file_ = std::move(file);
   return r;
+}
+
+Result<void> IntentRecord::mark_from(IntentRecord& other) {
+  if (other.chunk_size_ != chunk_size_ || other.disk_size_ != disk_size_) {
+    return make_error(EINVAL, "write-intent record: chunk size or disk size differs");
+  }
+  std::vector<std::byte> bits;
+  {
+    // Under its mutex every set bit is durable there (a mark that fails
+    // clears its bits before it lets go).
+    std::lock_guard lock(other.mutex_);
+    bits = other.bits_;
+  }
+  std::lock_guard lock(mutex_);
+  std::uint64_t added = 0;
+  for (std::size_t i = 0; i < bits_.size(); ++i) {
+    added += static_cast<std::uint64_t>(std::popcount(static_cast<unsigned>(bits[i] & ~bits_[i])));
+    bits_[i] |= bits[i];
+  }
+  if (added == 0) return ok();
+  QNBD_TRY(file_->pwrite(bits_, bits_offset_));
+  QNBD_TRY(file_->flush());
+  marked_count_.fetch_add(added, std::memory_order_relaxed);
+  const std::uint64_t chunks = chunk_count(disk_size_, chunk_size_);
+  for (std::uint64_t k = 0; k < chunks; ++k) {
+    if ((static_cast<unsigned>(bits_[k / 8]) >> (k % 8)) & 1) done_[k / 64].fetch_or(1ull << (k % 64));
+  }
+  return ok();
 }
 
 Result<void> IntentRecord::mark(std::uint64_t offset, std::uint64_t length) {

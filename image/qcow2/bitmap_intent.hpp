@@ -67,7 +67,15 @@ std::uint64_t fnv1a64(std::span<const std::byte> data, std::uint64_t h = 0xcbf29
 // one, returning null if there is none. remove() deletes it (best effort).
 struct IntentAccess {
   std::function<Result<std::unique_ptr<File>>(bool create)> open;
-  std::function<void()> remove;
+  std::function<void()> remove;  // the record and the next one
+  // The next record, armed for the directory a live edit is about to switch
+  // to while the record still covers the one on disk
+  // (docs/crash-safe-bitmaps.md, "Live edits"); promote_next makes it the
+  // record (an atomic rename). Optional: without them a live edit retires
+  // the record.
+  std::function<Result<std::unique_ptr<File>>(bool create)> open_next;
+  std::function<Result<void>()> promote_next;
+  std::function<void()> remove_next;
   std::uint64_t chunk_size = INTENT_DEFAULT_CHUNK;
   std::string name;  // for messages and info
   explicit operator bool() const { return static_cast<bool>(open); }
@@ -114,6 +122,11 @@ class IntentRecord {
   // Make every chunk touched by [offset, offset+length) durable in the
   // record; returns once it is (no I/O when all were already marked).
   [[nodiscard]] Result<void> mark(std::uint64_t offset, std::uint64_t length);
+
+  // Mark the chunks `other` has marked (same chunk size), with one write
+  // and one sync: a record armed for a new directory starts with every
+  // chunk the old one covers.
+  [[nodiscard]] Result<void> mark_from(IntentRecord& other);
 
   std::uint64_t chunk_size() const { return chunk_size_; }
   std::uint64_t marked_chunks() const { return marked_count_.load(std::memory_order_relaxed); }

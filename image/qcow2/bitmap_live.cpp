@@ -162,8 +162,72 @@ Result<void> BitmapStore::write_directory(Refcounts& refcounts, Header& header, 
   // the edit lock that a live caller holds and that close excludes (no
   // edit runs once the device is being closed). Each DirtyBitmap stays
   // where it is (entries_ holds unique_ptrs) and has its own lock.
-  QNBD_TRY(rewrite_bitmap_directory(file_, header, refcounts, old_directory, updated, live));
+  // A live edit keeps the bitmaps crash-safe across its switch
+  // (docs/crash-safe-bitmaps.md, "Live edits"): once the new directory is
+  // durable, a record armed for it, holding every chunk the current record
+  // holds, is marked by every write from then on; the header switch keeps
+  // AUTOCLEAR_QNBD_INTENT; afterwards the new record replaces the old one
+  // (rename). A crash before the switch is durable finds the old directory
+  // and the old record; after it, the new directory and the new record
+  // (under either name). Without the record, or if arming fails, the switch
+  // clears the bit as before.
+  LiveRewrite with_intent;
+  if (live) with_intent = *live;
+  bool have_record;
+  {
+    std::shared_lock lock(live_mu_);
+    have_record = record_ != nullptr;
+  }
+  if (live && !closing && have_record && intent_.open_next && intent_.promote_next) {
+    with_intent.before_switch = [&](std::uint64_t dir_offset, std::span<const std::byte> dir) {
+      std::vector<bool> tracked(updated.size());
+      bool any = false;
+      for (std::size_t k = 0; k < updated.size(); ++k) any |= tracked[k] = updated[k].info.in_use;
+      if (!any) return false;
+      auto armed = [&]() -> Result<std::unique_ptr<IntentRecord>> {
+        const std::uint64_t sum = fnv1a64(dir);
+        // No directory on disk is this one with in_use cleared: "before"
+        // never matches (read_intent then expects the tracked ones in_use).
+        IntentIdentity id{header.size, dir_offset, dir.size(), sum, ~sum, static_cast<std::uint32_t>(updated.size())};
+        std::unique_ptr<File> f = QNBD_TRY(intent_.open_next(true));
+        return IntentRecord::arm(std::move(f), id, record_->chunk_size(), tracked);
+      }();
+      if (armed) {
+        IntentRecord* next = armed->get();
+        {
+          std::unique_lock lock(live_mu_);
+          next_record_ = std::move(*armed);
+        }
+        // From here every write marks both; then the new record gets what
+        // the old one had.
+        if (auto m = next->mark_from(*record_); m)
+          return true;
+        else
+          log::warn("{}: cannot fill the next write-intent record: {}", file_.name(), m.error().message);
+        std::unique_lock lock(live_mu_);
+        next_record_.reset();
+      } else {
+        log::warn("{}: cannot arm the next write-intent record: {}", file_.name(), armed.error().message);
+      }
+      intent_.remove_next();
+      return false;
+    };
+  }
+  auto rewritten =
+      rewrite_bitmap_directory(file_, header, refcounts, old_directory, updated, live ? &with_intent : nullptr);
+  if (!rewritten) {
+    // The switch did not happen (or is not known to be durable): the old
+    // record still covers what is on disk; drop the next one.
+    std::unique_ptr<IntentRecord> next;
+    {
+      std::unique_lock lock(live_mu_);
+      next = std::move(next_record_);
+    }
+    if (next && intent_.remove_next) intent_.remove_next();
+    return rewritten;
+  }
   std::unique_ptr<IntentRecord> dropped;
+  bool promoted = false;
   {
     std::lock_guard lock(load_mutex_);
     directory_.clear();
@@ -176,17 +240,22 @@ Result<void> BitmapStore::write_directory(Refcounts& refcounts, Header& header, 
       e.changed = false;
       directory_.push_back(updated[k].info);
     }
-    // The header switch above cleared AUTOCLEAR_QNBD_INTENT (not in
-    // AUTOCLEAR_MASK), so the write-intent record is no longer trusted
-    // (docs/crash-safe-bitmaps.md): at close because the stored bitmaps are
-    // consistent now; after a live edit because the directory it names is
-    // gone. Drop it rather than keep paying its syncs. Until the next open, a
-    // crash after a live edit leaves the enabled bitmaps in_use, as without
-    // the feature (never a bitmap that missed a write). before_write uses
-    // record_ under live_mu_ (shared), so it is taken out under live_mu_.
+    // At close the header switch above cleared AUTOCLEAR_QNBD_INTENT (not
+    // in AUTOCLEAR_MASK) and the stored bitmaps are consistent: the record
+    // is dropped and removed. After a live edit that armed the next record
+    // (and kept the bit), the next record replaces this one; if it could not
+    // be armed, the bit is clear and this record names a directory that is
+    // gone: dropped too, and until the next open a crash leaves the enabled
+    // bitmaps in_use, as without the feature (never a bitmap that missed a
+    // write). before_write uses the records under live_mu_ (shared), so they
+    // change under live_mu_.
     if (record_) {
       std::unique_lock live_lock(live_mu_);
       dropped = std::move(record_);
+      if (next_record_) {
+        record_ = std::move(next_record_);
+        promoted = true;
+      }
     }
     if (closing) {
       tracking_.clear();
@@ -195,7 +264,12 @@ Result<void> BitmapStore::write_directory(Refcounts& refcounts, Header& header, 
   }
   if (dropped) {
     dropped.reset();
-    if (intent_.remove) intent_.remove();
+    if (promoted) {
+      if (auto r = intent_.promote_next(); !r)
+        log::warn("{}: {} (recovery reads the record under either name)", file_.name(), r.error().message);
+    } else if (intent_.remove) {
+      intent_.remove();
+    }
   }
   return ok();
 }

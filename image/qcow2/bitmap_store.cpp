@@ -212,6 +212,7 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
     b.table_offset = p.table_offset;
     b.table_size = static_cast<std::uint32_t>(p.entries);
   }
+  std::vector<std::byte> dir_bytes;
   if (dir_alloc) {
     std::vector<std::byte> dir(static_cast<std::size_t>(dir_alloc));
     std::size_t pos = 0;
@@ -229,8 +230,13 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
       pos += static_cast<std::size_t>(align_up(24 + b.name.size(), 8));
     }
     QNBD_TRY(file.pwrite(dir, dir_offset));
+    dir.resize(static_cast<std::size_t>(dir_size));
+    dir_bytes = std::move(dir);
   }
   QNBD_TRY(file.flush());
+  // A live edit with a write-intent record arms the next record for this
+  // directory now (it is durable), so the switch can keep the record bit.
+  const bool keep_intent = live && live->before_switch && dir_alloc && live->before_switch(dir_offset, dir_bytes);
 
   // Phase 3: switch the header (from the current in-memory one: a refcount
   // table move or any other header change made meanwhile is kept).
@@ -241,6 +247,7 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
     h.refcount_table_offset = refcounts.table_offset();
     h.refcount_table_clusters = refcounts.table_clusters();
     h.autoclear_features &= AUTOCLEAR_MASK;
+    if (keep_intent) h.autoclear_features |= AUTOCLEAR_QNBD_INTENT;
     if (updated.empty()) {
       h.bitmaps.reset();
       h.autoclear_features &= ~AUTOCLEAR_BITMAPS;
@@ -336,8 +343,10 @@ Result<void> BitmapStore::before_write(std::uint64_t offset, std::uint64_t lengt
   std::shared_lock lock(live_mu_);
   for (std::size_t i : tracking_) entries_[i].bits->set_range(offset, length);
   // Crash safety: the chunk is durable in the record before the caller
-  // issues anything for this request (docs/crash-safe-bitmaps.md, step 3).
+  // issues anything for this request (docs/crash-safe-bitmaps.md, step 3);
+  // during a live edit's switch in the next record too.
   if (record_) QNBD_TRY(record_->mark(offset, length));
+  if (next_record_) QNBD_TRY(next_record_->mark(offset, length));
   return ok();
 }
 
@@ -393,6 +402,9 @@ Result<void> BitmapStore::mark_in_use_locked() {
                         static_cast<std::uint32_t>(entries_.size())};
       std::vector<bool> tracked(entries_.size());
       for (std::size_t i : tracking) tracked[i] = true;
+      // A next record left by a crash inside a live edit (recovered or
+      // retired since) must not outlive this arming.
+      if (intent_.remove_next) intent_.remove_next();
       auto armed = [&]() -> Result<std::unique_ptr<IntentRecord>> {
         std::unique_ptr<File> f = QNBD_TRY(intent_.open(true));
         return IntentRecord::arm(std::move(f), id, intent_.chunk_size, tracked);
@@ -455,13 +467,6 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
   if (!h.bitmaps) return stale("the image has no bitmaps extension");
   auto directory = read_bitmap_directory(file, h, file_size);
   if (!directory) return stale(directory.error().message);
-  auto f = intent.open(false);
-  if (!f) return stale(fmt::format("cannot open {}: {}", intent.name, f.error().message));
-  if (!*f) {
-    out.state = "missing";
-    out.detail = fmt::format("{} does not exist", intent.name);
-    return out;
-  }
   const BitmapsExtension& ext = *h.bitmaps;
   std::vector<std::byte> dir(static_cast<std::size_t>(ext.bitmap_directory_size));
   QNBD_TRY(file.read_exact(dir, ext.bitmap_directory_offset, "bitmap directory"));
@@ -471,8 +476,35 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
                     fnv1a64(dir),
                     0,
                     static_cast<std::uint32_t>(directory->size())};
-  auto rec = read_intent(**f, id);
-  if (!rec) return stale(rec.error().message);
+  // The record, or (a crash inside a live edit, after its header switch and
+  // before the rename: docs/crash-safe-bitmaps.md, "Live edits") the next
+  // record: the one armed for the directory on disk.
+  std::optional<IntentContents> rec;
+  std::string why;
+  bool found = false;
+  for (int which = 0; which < 2 && !rec; ++which) {
+    if (which == 1 && !intent.open_next) break;
+    const std::string name = which == 0 ? intent.name : intent.name + ".next";
+    auto f = which == 0 ? intent.open(false) : intent.open_next(false);
+    if (!f) {
+      if (why.empty()) why = fmt::format("cannot open {}: {}", name, f.error().message);
+      continue;
+    }
+    if (!*f) continue;
+    found = true;
+    auto r = read_intent(**f, id);
+    if (r) {
+      rec = std::move(*r);
+    } else if (why.empty() || which == 0) {
+      why = r.error().message;
+    }
+  }
+  if (!rec && !found && why.empty()) {
+    out.state = "missing";
+    out.detail = fmt::format("{} does not exist", intent.name);
+    return out;
+  }
+  if (!rec) return stale(why);
   for (std::size_t i = 0; i < directory->size(); ++i) {
     // Tracked bitmaps were enabled and consistent when armed, and in_use
     // once the directory was switched; anything else means this is not the

@@ -61,6 +61,11 @@ struct BitmapUpdate {
 struct LiveRewrite {
   std::function<std::unique_lock<std::mutex>()> lock;
   std::function<void(const std::vector<BitmapUpdate>&)> switched;
+  // Called once the new directory is durable and before the header switch,
+  // with the directory's offset and bytes: true keeps AUTOCLEAR_QNBD_INTENT
+  // set in the switch (a write-intent record for the new directory is
+  // armed; docs/crash-safe-bitmaps.md, "Live edits").
+  std::function<bool(std::uint64_t offset, std::span<const std::byte> directory)> before_switch;
 };
 
 // Replace the image's bitmap directory by `updated` (any order, may be
@@ -200,6 +205,10 @@ class BitmapStore {
   std::vector<std::size_t> tracking_;
   IntentAccess intent_;
   std::unique_ptr<IntentRecord> record_;  // armed with marked_, under load_mutex_
+  // During a live edit's switch: the record armed for the new directory,
+  // marked by every write as record_ is, until it replaces record_. Set and
+  // cleared under live_mu_ (exclusive).
+  std::unique_ptr<IntentRecord> next_record_;
 };
 
 }  // namespace qnbd::image::qcow2

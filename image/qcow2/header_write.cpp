@@ -11,6 +11,7 @@
 
 #include "common/checked.hpp"
 #include "common/endian.hpp"
+#include "image/qcow2/bitmap_intent.hpp"
 #include "image/qcow2/header.hpp"
 
 namespace qnbd::image::qcow2 {
@@ -105,8 +106,10 @@ Result<std::vector<std::byte>> serialize_header(const Header& h) {
     std::byte* q = QNBD_TRY(w.reserve(header_length - V2_HEADER_LENGTH));
     store_be64(q + 0, h.incompatible_features);
     store_be64(q + 8, h.compatible_features);
-    // qcow2.txt "Header", autoclear_features: unknown bits are cleared by any writer.
-    store_be64(q + 16, h.autoclear_features & AUTOCLEAR_MASK);
+    // qcow2.txt "Header", autoclear_features: unknown bits are cleared by any
+    // writer. Bit 63 is ours (the write-intent record), kept only where the
+    // caller set it: a live bitmap edit's header switch.
+    store_be64(q + 16, h.autoclear_features & (AUTOCLEAR_MASK | AUTOCLEAR_QNBD_INTENT));
     store_be32(q + 24, h.refcount_order);
     store_be32(q + 28, static_cast<std::uint32_t>(header_length));
     q[32] = std::byte{h.compression_type};
