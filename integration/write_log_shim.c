@@ -216,15 +216,21 @@ int unlinkat(int dirfd, const char* path, int flags) {
   return r;
 }
 
+/* open(2)'s mode: passed only with O_CREAT or O_TMPFILE. */
+#define MODE_ARG(flags, m)                                                                                             \
+  do {                                                                                                                 \
+    if ((flags) & (O_CREAT | O_TMPFILE)) {                                                                             \
+      va_list a;                                                                                                       \
+      va_start(a, flags);                                                                                              \
+      m = va_arg(a, mode_t);                                                                                           \
+      va_end(a);                                                                                                       \
+    }                                                                                                                  \
+  } while (0)
+
 int open(const char* path, int flags, ...) {
   REAL(open);
   mode_t m = 0;
-  if (flags & (O_CREAT | O_TMPFILE)) {
-    va_list a;
-    va_start(a, flags);
-    m = va_arg(a, mode_t);
-    va_end(a);
-  }
+  MODE_ARG(flags, m);
   int fd = real_open(path, flags, m);
   note_open(fd, path, flags);
   return fd;
@@ -234,12 +240,7 @@ int open64(const char* path, int flags, ...) __attribute__((alias("open")));
 int openat(int dirfd, const char* path, int flags, ...) {
   REAL(openat);
   mode_t m = 0;
-  if (flags & (O_CREAT | O_TMPFILE)) {
-    va_list a;
-    va_start(a, flags);
-    m = va_arg(a, mode_t);
-    va_end(a);
-  }
+  MODE_ARG(flags, m);
   int fd = real_openat(dirfd, path, flags, m);
   if (fd >= 0 && (path[0] == '/' || dirfd == AT_FDCWD)) note_open(fd, path, flags);
   return fd;

@@ -42,37 +42,32 @@ Result<void> sync_parent(const std::string& path) {
   return ok();
 }
 
+// Create (empty, its name synced) or open read-only a record file; a null
+// file when it does not exist.
+Result<std::unique_ptr<File>> open_record_file(const std::string& name, bool create) {
+  if (create) {
+    std::unique_ptr<File> f = QNBD_TRY(create_posix_file(name));
+    QNBD_TRY(sync_parent(name));
+    return f;
+  }
+  auto f = open_posix_file(name, OpenMode::read_only);
+  if (!f && f.error().code == ENOENT) return std::unique_ptr<File>();
+  return f;
+}
+
 }  // namespace
 
 IntentAccess intent_access(const std::string& image_path, std::uint64_t chunk_size) {
   IntentAccess a;
   a.name = image_path + INTENT_SUFFIX;
   a.chunk_size = chunk_size ? chunk_size : INTENT_DEFAULT_CHUNK;
-  a.open = [name = a.name](bool create) -> Result<std::unique_ptr<File>> {
-    if (create) {
-      std::unique_ptr<File> f = QNBD_TRY(create_posix_file(name));
-      QNBD_TRY(sync_parent(name));
-      return f;
-    }
-    auto f = open_posix_file(name, OpenMode::read_only);
-    if (!f && f.error().code == ENOENT) return std::unique_ptr<File>();
-    return f;
-  };
+  a.open = [name = a.name](bool create) { return open_record_file(name, create); };
   const std::string next = a.name + ".next";
   a.remove = [name = a.name, next] {
     if (::unlink(name.c_str()) == 0) (void)sync_parent(name);
     if (::unlink(next.c_str()) == 0) (void)sync_parent(next);
   };
-  a.open_next = [next](bool create) -> Result<std::unique_ptr<File>> {
-    if (create) {
-      std::unique_ptr<File> f = QNBD_TRY(create_posix_file(next));
-      QNBD_TRY(sync_parent(next));
-      return f;
-    }
-    auto f = open_posix_file(next, OpenMode::read_only);
-    if (!f && f.error().code == ENOENT) return std::unique_ptr<File>();
-    return f;
-  };
+  a.open_next = [next](bool create) { return open_record_file(next, create); };
   // rename(2) replaces the record atomically: a crash leaves one name or
   // the other, and recovery reads both.
   a.promote_next = [name = a.name, next]() -> Result<void> {
