@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Power loss against the real server, at the system-call level. `qnbd serve`
 # runs under an LD_PRELOAD shim (write_log_shim.c) that records every write,
-# fallocate, ftruncate and sync it makes to the files of the image's folder.
+# fallocate, ftruncate, sync, rename and unlink it makes in the image's
+# folder.
 # A seeded libnbd workload on two connections writes (some FUA), zeroes,
 # trims and flushes; then the server is SIGKILLed. power_loss.py rebuilds,
 # at many moments of the log, what a disk could hold after a power loss
@@ -18,10 +19,11 @@
 #     answered before it wrote, and the bitmaps after it cover every
 #     request answered since and all data that reached the image.
 # Cases: qcow2 with 64 KiB and 4 KiB clusters, extended L2 over a backing
-# file, an external data file, cache=writethrough and none, and a raw image.
+# file, an external data file, cache=writethrough and none, a raw image, and
+# qcow2 with checkpoints.
 # What the model of the disk leaves out: power_loss.py.
 source "$(dirname "$0")/lib-serve.sh"
-requires qemu-img cc
+requires qemu-img nbdinfo cc
 requires_qnbd
 requires_python_nbd
 here=$(cd "$(dirname "$0")" && pwd)
