@@ -137,6 +137,45 @@ void BitmapStore::commit_live(LiveEdit& edit) noexcept {
   }
 }
 
+// The next write-intent record for a live edit's new directory
+// (docs/crash-safe-bitmaps.md, "Live edits", step 14): armed, then marked
+// by every write and filled with the current record's chunks. False (the
+// switch clears AUTOCLEAR_QNBD_INTENT) when nothing is tracked or it cannot
+// be written.
+bool BitmapStore::arm_next_record(std::uint64_t disk_size, std::uint64_t dir_offset, std::span<const std::byte> dir,
+                                  const std::vector<BitmapUpdate>& updated) {
+  std::vector<bool> tracked(updated.size());
+  bool any = false;
+  for (std::size_t k = 0; k < updated.size(); ++k) any |= tracked[k] = updated[k].info.in_use;
+  if (!any) return false;
+  auto armed = [&]() -> Result<std::unique_ptr<IntentRecord>> {
+    const std::uint64_t sum = fnv1a64(dir);
+    // No directory on disk is this one with in_use cleared: "before"
+    // never matches (read_intent then expects the tracked ones in_use).
+    IntentIdentity id{disk_size, dir_offset, dir.size(), sum, ~sum, static_cast<std::uint32_t>(updated.size())};
+    std::unique_ptr<File> f = QNBD_TRY(intent_.open_next(true));
+    return IntentRecord::arm(std::move(f), id, record_->chunk_size(), tracked);
+  }();
+  if (armed) {
+    IntentRecord* next = armed->get();
+    {
+      std::unique_lock lock(live_mu_);
+      next_record_ = std::move(*armed);
+    }
+    // From here every write marks both; then the new record gets what
+    // the old one had.
+    auto filled = next->mark_from(*record_);
+    if (filled) return true;
+    log::warn("{}: cannot fill the next write-intent record: {}", file_.name(), filled.error().message);
+    std::unique_lock lock(live_mu_);
+    next_record_.reset();
+  } else {
+    log::warn("{}: cannot arm the next write-intent record: {}", file_.name(), armed.error().message);
+  }
+  intent_.remove_next();
+  return false;
+}
+
 Result<void> BitmapStore::write_directory(Refcounts& refcounts, Header& header, bool closing, const LiveRewrite* live) {
   std::vector<BitmapUpdate> updated;
   std::vector<std::size_t> index;  // entries_ index of each update
@@ -180,37 +219,7 @@ Result<void> BitmapStore::write_directory(Refcounts& refcounts, Header& header, 
   }
   if (live && !closing && have_record && intent_.open_next && intent_.promote_next) {
     with_intent.before_switch = [&](std::uint64_t dir_offset, std::span<const std::byte> dir) {
-      std::vector<bool> tracked(updated.size());
-      bool any = false;
-      for (std::size_t k = 0; k < updated.size(); ++k) any |= tracked[k] = updated[k].info.in_use;
-      if (!any) return false;
-      auto armed = [&]() -> Result<std::unique_ptr<IntentRecord>> {
-        const std::uint64_t sum = fnv1a64(dir);
-        // No directory on disk is this one with in_use cleared: "before"
-        // never matches (read_intent then expects the tracked ones in_use).
-        IntentIdentity id{header.size, dir_offset, dir.size(), sum, ~sum, static_cast<std::uint32_t>(updated.size())};
-        std::unique_ptr<File> f = QNBD_TRY(intent_.open_next(true));
-        return IntentRecord::arm(std::move(f), id, record_->chunk_size(), tracked);
-      }();
-      if (armed) {
-        IntentRecord* next = armed->get();
-        {
-          std::unique_lock lock(live_mu_);
-          next_record_ = std::move(*armed);
-        }
-        // From here every write marks both; then the new record gets what
-        // the old one had.
-        if (auto m = next->mark_from(*record_); m)
-          return true;
-        else
-          log::warn("{}: cannot fill the next write-intent record: {}", file_.name(), m.error().message);
-        std::unique_lock lock(live_mu_);
-        next_record_.reset();
-      } else {
-        log::warn("{}: cannot arm the next write-intent record: {}", file_.name(), armed.error().message);
-      }
-      intent_.remove_next();
-      return false;
+      return arm_next_record(header.size, dir_offset, dir, updated);
     };
   }
   auto rewritten =

@@ -185,6 +185,8 @@ class BitmapStore {
   };
   Result<DirtyBitmap*> load_locked(Entry& e);
   Result<void> mark_in_use_locked();
+  bool arm_next_record(std::uint64_t disk_size, std::uint64_t dir_offset, std::span<const std::byte> dir,
+                       const std::vector<BitmapUpdate>& updated);
 
   File& file_;
   const Header& header_;
