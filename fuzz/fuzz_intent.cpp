@@ -6,8 +6,10 @@
 // changed (the header fields and bitmap directory the record's identity is
 // checked against); the record's bytes are the fuzzer's.
 //
-// Input: u8 select (template = select % count; bit 7: no record file at
-// all), u8 patches (% 5), each u32 offset + u8 xor (offset bit 31: inside
+// Input: u8 select (template = (select & 0x3f) % count; bit 7: no record
+// file at all; bit 6: the record lies under the next record's name,
+// IMAGE.qnbd-intent.next, as a crash inside a live edit leaves it, with
+// no IMAGE.qnbd-intent), u8 patches (% 5), each u32 offset + u8 xor (offset bit 31: inside
 // the first 512 bytes, else anywhere in the image), then the record bytes.
 //
 // Properties checked (each can fail):
@@ -70,7 +72,7 @@ struct Outcome {
   std::vector<std::pair<std::string, bool>> in_use;
 };
 
-Outcome open_once(const fuzz::SparseFile& image, const std::span<const std::uint8_t>* record) {
+Outcome open_once(const fuzz::SparseFile& image, const std::span<const std::uint8_t>* record, bool as_next = false) {
   Outcome out;
   out.file = std::make_unique<fuzz::SparseFile>(image, "f.qcow2");
   qcow2::Qcow2Image::Parts parts;
@@ -78,14 +80,17 @@ Outcome open_once(const fuzz::SparseFile& image, const std::span<const std::uint
   parts.path = "f.qcow2";
   parts.intent.name = "f.qcow2.qnbd-intent";
   parts.intent.chunk_size = 65536;
-  parts.intent.open = [record](bool create) -> Result<std::unique_ptr<File>> {
-    if (create) return std::unique_ptr<File>(std::make_unique<MemFile>("f.qcow2.qnbd-intent"));
-    if (!record) return std::unique_ptr<File>();
+  auto record_file = [record](bool create, bool present, const char* name) -> Result<std::unique_ptr<File>> {
+    if (create) return std::unique_ptr<File>(std::make_unique<MemFile>(name));
+    if (!record || !present) return std::unique_ptr<File>();
     auto b = std::as_bytes(*record);
-    return std::unique_ptr<File>(
-        std::make_unique<MemFile>("f.qcow2.qnbd-intent", std::vector<std::byte>(b.begin(), b.end())));
+    return std::unique_ptr<File>(std::make_unique<MemFile>(name, std::vector<std::byte>(b.begin(), b.end())));
   };
+  parts.intent.open = [=](bool create) { return record_file(create, !as_next, "f.qcow2.qnbd-intent"); };
+  parts.intent.open_next = [=](bool create) { return record_file(create, as_next, "f.qcow2.qnbd-intent.next"); };
+  parts.intent.promote_next = []() -> Result<void> { return ok(); };
   parts.intent.remove = [] {};
+  parts.intent.remove_next = [] {};
   OpenOptions o;
   o.format = ImageFormat::qcow2;
   o.read_only = false;
@@ -127,7 +132,7 @@ void write_seeds(const char* dir) {
   unsigned n = 0;
   auto put = [&](std::uint8_t select, const std::vector<std::uint8_t>& patches, std::vector<std::byte> rec,
                  const char* what) {
-    std::string path = std::string(dir) + "/seed-t" + std::to_string(select & 0x7f) + "-" + what;
+    std::string path = std::string(dir) + "/seed-t" + std::to_string(select & 0x3f) + "-" + what;
     std::ofstream f(path, std::ios::binary);
     f.put(static_cast<char>(select));
     f.put(static_cast<char>(patches.size() / 5));
@@ -140,6 +145,7 @@ void write_seeds(const char* dir) {
     const auto sel = static_cast<std::uint8_t>(i);
     put(sel, {}, t.record, "valid");
     put(sel | 0x80, {}, {}, "no-record");
+    put(sel | 0x40, {}, t.record, "valid-as-next");
     put(sel, {}, std::vector<std::byte>(t.record.begin(), t.record.begin() + 40), "truncated");
     auto bad = t.record;
     bad[0] ^= std::byte{1};
@@ -165,7 +171,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   fuzz::quiet_logs();
   Reader r({data, size});
   const std::uint8_t select = r.u8();
-  const std::size_t which = select % templates().size();
+  const std::size_t which = (select & 0x3f) % templates().size();
   fuzz::SparseFile image(*template_files()[which], "f.qcow2");
   const std::size_t image_size = templates()[which].image.size();
   const unsigned patches = r.u8() % 5;
@@ -180,8 +186,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }
   const std::span<const std::uint8_t> record = r.take(r.left());
   const bool has_record = !(select & 0x80);
+  const bool as_next = select & 0x40;
 
-  const Outcome with = open_once(image, has_record ? &record : nullptr);
+  const Outcome with = open_once(image, has_record ? &record : nullptr, as_next);
   if (with.opened && with.state == "recovered") {
     QNBD_FUZZ_CHECK(has_record && record_plausible(record, image));
     return 0;

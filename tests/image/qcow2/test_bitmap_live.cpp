@@ -595,5 +595,26 @@ TEST_CASE("a crash after a live checkpoint recovers the new bitmap from the hand
   // handed-over record) the chunk written before it in this session.
   CHECK(dirty_of(c, "c1") == "0,1048576,");
   CHECK(run("qemu-img check -q " + c) == 0);
+
+  // The crash came after the switch but before the rename: the record is
+  // found under the next record's name.
+  const std::string n = t / "n.qcow2";
+  REQUIRE(run("cp " + a + " " + n + " && cp " + a + ".qnbd-intent " + n + ".qnbd-intent.next") == 0);
+  // Bad input there: garbage under the next name, and no record, is
+  // refused in one line; the open goes on and c1 stays inconsistent.
+  const std::string g = t / "g.qcow2";
+  REQUIRE(run("cp " + a + " " + g + " && head -c 4096 /dev/urandom > " + g + ".qnbd-intent.next") == 0);
+  for (const auto& [path, want] : {std::pair{n, "recovered"}, std::pair{g, "stale"}}) {
+    auto r = open_image(path, o);
+    REQUIRE_MESSAGE(r, r.error().message);
+    auto* img = dynamic_cast<Qcow2Image*>(r->get());
+    REQUIRE(img != nullptr);
+    INFO(path, ": ", img->intent_detail());
+    CHECK(img->intent_state() == want);
+    CHECK(img->intent_detail().find('\n') == std::string::npos);
+    REQUIRE((*r)->close());
+  }
+  CHECK(dirty_of(n, "c1") == "0,1048576,");
+  CHECK(qemu_bitmaps(g) == "b0 65536\nc1 65536 auto in-use\n");
   REQUIRE(dev.close());
 }
