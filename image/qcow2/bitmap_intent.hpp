@@ -132,9 +132,11 @@ class IntentRecord {
   std::uint64_t marked_chunks() const { return marked_count_.load(std::memory_order_relaxed); }
 
   // Tests only: the mutations the crash tests must detect (the record
-  // write not synced before the guest write; one chunk never recorded).
+  // write not synced before the guest write; one chunk never recorded; a
+  // next record that does not start with the old record's chunks).
   static inline std::atomic<bool> test_drop_sync{false};
   static inline std::atomic<bool> test_skip_mark{false};
+  static inline std::atomic<bool> test_skip_fill{false};
 
  private:
   IntentRecord() = default;
