@@ -82,6 +82,8 @@ int run_bench(const BenchArgs& a) {
     options.cache = image::CacheMode::writeback;
   } else if (a.cache == "writethrough") {
     options.cache = image::CacheMode::writethrough;
+  } else if (a.cache == "directsync") {
+    options.cache = image::CacheMode::directsync;
   } else if (a.cache == "unsafe") {
     options.cache = image::CacheMode::unsafe;
   } else {
@@ -186,7 +188,7 @@ void add_bench_command(CLI::App& app, int& status) {
   cmd->add_option("-o", args->offset, "offset of the first request (default 0)");
   cmd->add_option("-s", args->buffer_size, "bytes per request (default 4096)");
   cmd->add_option("-S", args->step_size, "offset step between requests (default: buffer size)");
-  cmd->add_option("-t", args->cache, "cache mode: none, writeback (default), writethrough, unsafe");
+  cmd->add_option("-t", args->cache, "cache mode: none, writeback (default), writethrough, directsync, unsafe");
   cmd->add_option("--pattern", args->pattern, "byte written by write requests (default 0)");
   cmd->add_flag("-n", args->native_aio, "accepted for qemu-img compatibility; ignored");
   cmd->add_flag("-q", args->quiet, "quiet");

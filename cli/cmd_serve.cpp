@@ -132,10 +132,11 @@ struct BitmapRecovery {
 
 Result<image::CacheMode> parse_cache(const std::string& s) {
   if (s == "writeback") return image::CacheMode::writeback;
-  if (s == "none" || s == "directsync" || s == "off") return image::CacheMode::none;
+  if (s == "none" || s == "off") return image::CacheMode::none;
+  if (s == "directsync") return image::CacheMode::directsync;
   if (s == "writethrough") return image::CacheMode::writethrough;
   if (s == "unsafe") return image::CacheMode::unsafe;
-  return make_error(EINVAL, "invalid cache mode '{}' (writeback, writethrough, none, unsafe)", s);
+  return make_error(EINVAL, "invalid cache mode '{}' (writeback, writethrough, none, directsync, unsafe)", s);
 }
 
 Result<image::ImageFormat> parse_format(const std::string& s) {

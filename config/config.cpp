@@ -199,7 +199,8 @@ Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
     }
   }
   if (const json* x = find(v, "cache")) {
-    e.cache = QNBD_TRY(as_enum(*x, child(pointer, "cache"), {"writeback", "writethrough", "none", "unsafe"}));
+    e.cache =
+        QNBD_TRY(as_enum(*x, child(pointer, "cache"), {"writeback", "writethrough", "none", "directsync", "unsafe"}));
   }
   if (const json* x = find(v, "discard")) {
     e.discard = QNBD_TRY(as_enum(*x, child(pointer, "discard"), {"ignore", "unmap"}));
@@ -213,8 +214,8 @@ Result<ExportConfig> read_export(const json& v, const std::string& pointer) {
   }
   if (const json* x = find(v, "aio")) {
     e.aio = QNBD_TRY(as_enum(*x, child(pointer, "aio"), {"threads", "native", "io_uring"}));
-    if (e.aio == "native" && e.cache != "none")
-      return fail(child(pointer, "aio"), "\"native\" needs \"cache\": \"none\" (O_DIRECT)");
+    if (e.aio == "native" && e.cache != "none" && e.cache != "directsync")
+      return fail(child(pointer, "aio"), "\"native\" needs \"cache\": \"none\" or \"directsync\" (O_DIRECT)");
   }
   if (const json* x = find(v, "load_snapshot")) {
     const std::string p = child(pointer, "load_snapshot");

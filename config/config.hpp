@@ -26,7 +26,7 @@ struct ExportConfig {
   std::string description;                // sent as NBD_INFO_DESCRIPTION when non-empty
   bool allocation_depth = false;          // offer the qemu:allocation-depth context
   std::vector<std::string> bitmaps;       // qcow2 bitmaps offered as qemu:dirty-bitmap:NAME
-  std::string cache = "writeback";        // "writeback" | "writethrough" | "none" | "unsafe"
+  std::string cache = "writeback";        // "writeback" | "writethrough" | "none" | "directsync" | "unsafe"
   std::string discard = "ignore";         // "ignore" | "unmap"
   std::string detect_zeroes = "off";      // "off" | "on" | "unmap" (needs discard unmap), qemu-nbd --detect-zeroes
   std::string aio = "threads";            // "threads" | "native" (needs cache none) | "io_uring", qemu-nbd --aio

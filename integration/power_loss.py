@@ -22,8 +22,10 @@
         - qemu-img check: exit 0 or 3 (leaked clusters only);
         - each sector holds its last value that the client had been told
           is durable (a FLUSH answered after the write was answered, on any
-          connection, or FUA), or a value written later, and nothing else
-          (no other request's data, no stale data);
+          connection, or FUA; with WRITETHROUGH=1 in the environment, for a
+          server run with --cache=writethrough, every answered change, as
+          qemu's writethrough promises), or a value written later, and
+          nothing else (no other request's data, no stale data);
         - with BITMAP (not "-"; the image starts with the enabled bitmap
           b0): a writable `QNBD serve` must recover every bitmap
           (judge_bitmaps says what each must hold, with and without
@@ -294,8 +296,10 @@ def judge_data(raw, events, hist, crash_t, init_raw):
     flush_t0 = [e["t0"] for e in events if e["op"] == "flush" and e["ok"] and e["t1"] < crash_t]
     durable_before = max(flush_t0, default=-1)
 
+    writethrough = os.environ.get("WRITETHROUGH") == "1"
+
     def durable(e):
-        return e["t1"] < durable_before or (e["fua"] and e["t1"] < crash_t)
+        return e["t1"] < durable_before or ((e["fua"] or writethrough) and e["t1"] < crash_t)
 
     checked = 0
     for s, h in enumerate(hist):

@@ -10,8 +10,9 @@
 # asks of each:
 #   - qemu-img check: no corruption (leaked clusters allowed);
 #   - every sector holds the last value the client was told is durable (a
-#     flush answered on either connection, or FUA) or a value written after
-#     it, never another request's or stale data;
+#     flush answered on either connection, or FUA; with cache=writethrough
+#     every answered change) or a value written after it, never another
+#     request's or stale data;
 #   - the crash-safe bitmap, recovered by the next `qnbd serve`, marks every
 #     granule whose data changed; with checkpoints taken through the control
 #     socket while the writers run (c1 disables b0, c2 c1, ...), each one
@@ -19,8 +20,8 @@
 #     answered before it wrote, and the bitmaps after it cover every
 #     request answered since and all data that reached the image.
 # Cases: qcow2 with 64 KiB and 4 KiB clusters, extended L2 over a backing
-# file, an external data file, cache=writethrough and none, a raw image, and
-# qcow2 with checkpoints.
+# file, an external data file, cache=writethrough (qcow2 and raw), directsync
+# and none, a raw image, and qcow2 with checkpoints.
 # What the model of the disk leaves out: power_loss.py.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img nbdinfo cc
@@ -75,7 +76,10 @@ for ((r = 0; r < ${QNBD_POWER_ROUNDS:-1}; r++)); do
     "qemu-img create -q -f raw base 16M && qemu-io -f raw -c 'write -P 0x5a 0 16M' base >/dev/null &&
      $(qcow2 "-o extended_l2=on,cluster_size=32k -b base -F raw")"
   one qcow2-datafile.$r $((s + 4)) qcow2 b0 "$(qcow2 "-o data_file=d.data")"
-  one qcow2-writethrough.$r $((s + 5)) qcow2 b0 "$(qcow2 "")" --cache=writethrough
+  # Writethrough: every answered change must be durable, not only FUA ones.
+  WRITETHROUGH=1 one qcow2-writethrough.$r $((s + 5)) qcow2 b0 "$(qcow2 "")" --cache=writethrough
+  WRITETHROUGH=1 one raw-writethrough.$r $((s + 9)) raw - "truncate -s 16M d" --cache=writethrough
+  WRITETHROUGH=1 one qcow2-directsync.$r $((s + 10)) qcow2 b0 "$(qcow2 "-o cluster_size=4k")" --cache=directsync
   one qcow2-cache-none.$r $((s + 7)) qcow2 b0 "$(qcow2 "-o cluster_size=4k")" --cache=none
   one raw.$r $((s + 6)) raw - "truncate -s 16M d"
   CHECKPOINTS=1 OPS=400 one qcow2-checkpoints.$r $((s + 8)) qcow2 b0 "$(qcow2 "")"

@@ -76,15 +76,25 @@ class File {
 
 enum class OpenMode { read_only, read_write };
 
+// QEMU's cache modes (cache.direct and cache.writeback). The file keeps only
+// the first half: O_DIRECT or not, flushes honoured or not. "Every change
+// durable before it completes" belongs to the device (writes_through):
+// as QEMU's block layer with the write cache off, it makes every write,
+// zeroing and discard FUA (a flush of data and metadata once it is done)
+// rather than opening the file O_DSYNC, which would leave a qcow2 image's
+// cached metadata and every fallocate() out of it.
 enum class CacheMode {
   writeback,     // page cache, flush on request (default, as qemu-nbd)
   none,          // O_DIRECT, flush on request
-  writethrough,  // every write durable before it completes
+  writethrough,  // page cache; every change durable before it completes
+  directsync,    // O_DIRECT; every change durable before it completes
   unsafe,        // flush requests are ignored
 };
+inline bool writes_through(CacheMode c) { return c == CacheMode::writethrough || c == CacheMode::directsync; }
+inline bool opens_direct(CacheMode c) { return c == CacheMode::none || c == CacheMode::directsync; }
 
-// Open a host file. direct = O_DIRECT (cache=none); falls back to buffered
-// I/O with a warning if the filesystem refuses O_DIRECT.
+// Open a host file. O_DIRECT where the mode says (opens_direct); falls back
+// to buffered I/O with a warning if the filesystem refuses O_DIRECT.
 [[nodiscard]] Result<std::unique_ptr<File>> open_posix_file(const std::string& path, OpenMode mode,
                                                             CacheMode cache = CacheMode::writeback);
 // Create (or truncate) a host file for writing.

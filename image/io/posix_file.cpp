@@ -4,8 +4,9 @@
 // several threads; the only mutable state is the DataRunCache of what
 // SEEK_HOLE reported, which is thread-safe itself.
 //
-// Cache modes (as qemu's cache= option): writeback = page cache + fdatasync
-// on flush; writethrough = O_DSYNC; unsafe = flush is a no-op; none =
+// Cache modes (as qemu's cache= option): writeback and writethrough = page
+// cache + fdatasync on flush (writethrough's per-request flushes are the
+// device's: file.hpp); unsafe = flush is a no-op; none and directsync =
 // O_DIRECT. O_DIRECT needs buffer, offset and length aligned to the device's
 // logical block; rather than read-modify-write (which would race with
 // concurrent writers of the same block) unaligned requests go through a
@@ -76,8 +77,6 @@ class PosixFile final : public File {
       if (n == 0) return errno_error(EIO, name_, "write made no progress", offset + done);
       done += static_cast<std::size_t>(n);
     }
-    // The buffered descriptor has no O_DSYNC when O_DIRECT is on, but
-    // writethrough never uses O_DIRECT, so durability semantics hold.
     return ok();
   }
 
@@ -220,7 +219,7 @@ class PosixFile final : public File {
   }
 
   // O_DIRECT files keep their bytes out of the page cache: no splice.
-  int splice_fd() const override { return cache_ == CacheMode::none ? -1 : fd_; }
+  int splice_fd() const override { return opens_direct(cache_) ? -1 : fd_; }
   const std::string& name() const override { return name_; }
 
  private:
@@ -295,10 +294,9 @@ Result<int> open_image_fd(const std::string& path, int flags) {
 
 Result<std::unique_ptr<File>> open_posix_file(const std::string& path, OpenMode mode, CacheMode cache) {
   int flags = mode == OpenMode::read_write ? O_RDWR : O_RDONLY;
-  if (cache == CacheMode::writethrough && mode == OpenMode::read_write) flags |= O_DSYNC;
   int fd = QNBD_TRY(open_image_fd(path, flags));
   int buffered_fd = fd;
-  if (cache == CacheMode::none) {
+  if (opens_direct(cache)) {
     auto direct = open_image_fd(path, flags | O_DIRECT);
     if (direct) {
       fd = *direct;

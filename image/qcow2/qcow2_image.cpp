@@ -149,6 +149,7 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
   }
   img->full_backing_filename_ = parts.full_backing_filename;
   img->pass_discard_request_ = options.discard_unmap;
+  img->writes_through_ = writes_through(options.cache);
   if (!options.read_only) QNBD_TRY(img->init_writer());
   return img;
 }

@@ -241,6 +241,10 @@ class Qcow2Image final : public BlockDevice {
   // Writer state (all under mutex_).
   bool writable_ = false;
   bool closed_ = false;
+  // cache=writethrough/directsync (file.hpp): every write, zeroing and
+  // discard ends with flush(), which writes the cached metadata back and
+  // syncs, as QEMU's FUA emulation with the write cache off.
+  bool writes_through_ = false;
   std::unique_ptr<Refcounts> refcounts_;
   std::vector<PendingFree> pending_free_;  // references dropped, applied after the pointers are on disk
   // Give the space of clusters a guest's TRIM or WRITE_ZEROES freed back to

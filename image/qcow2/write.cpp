@@ -322,7 +322,7 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
     buf = buf.subspan(n);
     offset += n;
   }
-  if (fua) QNBD_TRY(flush());
+  if (fua || writes_through_) QNBD_TRY(flush());
   return ok();
 }
 
@@ -510,7 +510,7 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
     QNBD_TRY(maybe_flush_frees_locked());
     pos += n;
   }
-  if (flags.fua) QNBD_TRY(flush());
+  if (flags.fua || writes_through_) QNBD_TRY(flush());
   return ok();
 }
 
@@ -559,7 +559,7 @@ Result<void> Qcow2Image::discard(std::uint64_t offset, std::uint64_t length, Dis
       QNBD_TRY(maybe_flush_frees_locked());
     }
   }
-  if (flags.fua) QNBD_TRY(flush());
+  if (flags.fua || writes_through_) QNBD_TRY(flush());
   return ok();
 }
 

@@ -16,8 +16,8 @@ constexpr std::uint64_t kProbeBytes = 4;
 }  // namespace
 
 RawDevice::RawDevice(std::unique_ptr<File> file, std::uint64_t size, const OpenOptions& options, bool probed)
-    : file_(std::move(file)), size_(size), writable_(!options.read_only), discard_unmap_(options.discard_unmap),
-      probed_(probed) {}
+    : file_(std::move(file)), size_(size), writable_(!options.read_only),
+      writes_through_(writes_through(options.cache)), discard_unmap_(options.discard_unmap), probed_(probed) {}
 
 Result<std::unique_ptr<RawDevice>> RawDevice::open(std::unique_ptr<File> file, const OpenOptions& options,
                                                    bool probed) {
@@ -82,7 +82,7 @@ Result<void> RawDevice::write(std::span<const std::byte> buf, std::uint64_t offs
     QNBD_TRY(check_probe_bytes(buf, offset));
   }
   QNBD_TRY(file_->pwrite(buf, offset));
-  if (fua) QNBD_TRY(file_->flush());
+  if (fua || writes_through_) QNBD_TRY(file_->flush());
   return ok();
 }
 
@@ -99,7 +99,7 @@ Result<void> RawDevice::write_zeroes(std::uint64_t offset, std::uint64_t length,
   } else {
     QNBD_TRY(file_->write_zeroes(offset, length, unmap));
   }
-  if (flags.fua) QNBD_TRY(file_->flush());
+  if (flags.fua || writes_through_) QNBD_TRY(file_->flush());
   return ok();
 }
 
@@ -108,7 +108,7 @@ Result<void> RawDevice::discard(std::uint64_t offset, std::uint64_t length, Disc
   QNBD_TRY(check_range(offset, length));
   if (!discard_unmap_) return ok();  // discard=ignore, as qemu-nbd's default
   QNBD_TRY(file_->discard(offset, length));
-  if (flags.fua) QNBD_TRY(file_->flush());
+  if (flags.fua || writes_through_) QNBD_TRY(file_->flush());
   return ok();
 }
 

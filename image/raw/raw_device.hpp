@@ -46,6 +46,7 @@ class RawDevice final : public BlockDevice {
   std::unique_ptr<File> file_;
   std::uint64_t size_;
   bool writable_;
+  bool writes_through_;  // cache=writethrough/directsync: every change FUA (file.hpp)
   bool discard_unmap_;
   bool probed_;
   // Serializes writes that touch the probed bytes, so two writes each
