@@ -240,6 +240,7 @@ Result<void> Qcow2Image::read(std::span<std::byte> buf, std::uint64_t offset) {
   if (!range_within(offset, buf.size(), size_)) {
     return make_error(EINVAL, "{}: read {:#x}+{} is outside the image ({} bytes)", path_, offset, buf.size(), size_);
   }
+  if (!buf.empty()) QNBD_TRY(note_status_query());
   while (!buf.empty()) {
     Mapping m = QNBD_TRY(get_host_offset(offset, buf.size()));
     std::span<std::byte> part = buf.first(static_cast<std::size_t>(m.bytes));
@@ -269,24 +270,44 @@ Result<void> Qcow2Image::read_mapped(std::span<std::byte> part, std::uint64_t of
 // with preallocation=metadata, so its data clusters may be holes in the
 // host file. QEMU then asks the host file about each data range
 // (BDRV_BLOCK_RECURSE) and reports holes as zero; `map` must do the same.
+//
+// QEMU guesses once, inside its first qcow2_co_block_status call, and its
+// block layer makes that call earlier than the first BLOCK_STATUS: for
+// every structured READ (nbd/server.c sends holes as such), for the
+// copy-on-write regions of an allocating write (qcow2.c is_zero_cow), for
+// the unaligned head and tail of a zeroing (qcow2_co_pwrite_zeroes). A
+// fresh image with a bitmap reads as preallocated (five or six refcounted
+// clusters, three allocated), one with some data written does not, so the
+// moment decides what a map reports later: the callers of
+// note_status_query() are those moments. The count is QEMU's: the
+// refcounts as the writer holds them (its cache, with this request's
+// allocations), over the clusters of the file as long as it is now.
 Result<bool> Qcow2Image::metadata_preallocated() {
   std::lock_guard lock(mutex_);
-  if (metadata_prealloc_checked_) return metadata_prealloc_;
+  return metadata_preallocated_locked();
+}
+
+Result<bool> Qcow2Image::metadata_preallocated_locked() {
+  if (metadata_prealloc_checked_.load(std::memory_order_relaxed)) return metadata_prealloc_;
   const std::uint64_t real_allocation = QNBD_TRY(file_->allocated_size());
   const std::uint64_t real_clusters = real_allocation >> header_.cluster_bits;
   const std::uint64_t threshold = std::max(real_clusters * 10 / 9, real_clusters + 2);
-  const std::uint64_t end_cluster = div_round_up(file_size_, header_.cluster_size());
-  RefcountGeometry rg{header_.cluster_bits, header_.refcount_order};
-  Refcounts::Options ro;
-  ro.max_cached_blocks = 2;  // a sequential scan
-  Refcounts refcounts =
-      QNBD_TRY(Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters, ro));
+  const std::uint64_t end_cluster = div_round_up(QNBD_TRY(file_->size()), header_.cluster_size());
+  std::optional<Refcounts> loaded;
+  if (!refcounts_) {
+    RefcountGeometry rg{header_.cluster_bits, header_.refcount_order};
+    Refcounts::Options ro;
+    ro.max_cached_blocks = 2;  // a sequential scan
+    loaded.emplace(
+        QNBD_TRY(Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters, ro)));
+  }
+  Refcounts& refcounts = refcounts_ ? *refcounts_ : *loaded;
   std::uint64_t count = 0;
   for (std::uint64_t i = 0; i < end_cluster && count < threshold; ++i) {
     count += QNBD_TRY(refcounts.get(i)) != 0;
   }
   metadata_prealloc_ = count >= threshold;
-  metadata_prealloc_checked_ = true;
+  metadata_prealloc_checked_.store(true, std::memory_order_release);
   return metadata_prealloc_;
 }
 
@@ -294,6 +315,7 @@ Result<LayerStatus> Qcow2Image::layer_status(std::uint64_t offset, std::uint64_t
   if (offset >= size_ || max_length == 0) {
     return make_error(EINVAL, "{}: block status at {:#x} is outside the image", path_, offset);
   }
+  QNBD_TRY(note_status_query());
   Mapping m = QNBD_TRY(get_host_offset(offset, std::min(max_length, size_ - offset)));
   LayerStatus st;
   st.length = m.bytes;

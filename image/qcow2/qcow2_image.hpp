@@ -21,6 +21,7 @@
 // its refcounts (check_qcow2 repair all) and clears the bit first.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -147,7 +148,18 @@ class Qcow2Image final : public BlockDevice {
   // zero or whatever the backing chain shows.
   Result<void> read_mapped(std::span<std::byte> part, std::uint64_t offset, const Mapping& m);
   File& data_file() { return data_file_ ? *data_file_ : *file_; }
+  // QEMU's metadata-preallocation guess (qcow2_image.cpp), made once, at
+  // the first of the moments QEMU makes it: a block status query, a READ, a
+  // write that allocates around a copy-on-write region, a zeroing that is
+  // not subcluster-aligned. note_status_query() makes it now unless it is
+  // made already (one atomic load then).
   Result<bool> metadata_preallocated();
+  Result<bool> metadata_preallocated_locked();
+  Result<void> note_status_query() {
+    if (metadata_prealloc_checked_.load(std::memory_order_acquire)) return ok();
+    QNBD_TRY(metadata_preallocated());
+    return ok();
+  }
 
   // Write path (write.cpp: setup, request loops, flush; cluster.cpp: the
   // cluster layer, see cluster.hpp); *_locked need mutex_ held.
@@ -237,7 +249,7 @@ class Qcow2Image final : public BlockDevice {
   std::vector<std::uint64_t> l1_;  // active L1 table, host byte order
   // L2 tables; writable: depends on refcounts_'s block cache (cache.hpp).
   std::unique_ptr<TableCache> l2_cache_;
-  bool metadata_prealloc_checked_ = false;
+  std::atomic<bool> metadata_prealloc_checked_{false};  // set under mutex_
   // Writer state (all under mutex_).
   bool writable_ = false;
   bool closed_ = false;

@@ -284,6 +284,20 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
   const WriteGate::Pass pass = gate_.enter();  // held until the data is written
   QNBD_TRY(bitmaps_before_write(offset, buf.size()));
   const std::uint64_t cs = geometry_.cluster_size();
+  if (!metadata_prealloc_checked_.load(std::memory_order_acquire)) {
+    // QEMU allocates a run of clusters, then asks block status about its
+    // copy-on-write regions before it writes any of it (cluster.cpp has the
+    // head's case): a tail in a subcluster that is not overwritten in place
+    // makes the guess now, before the whole clusters below are written.
+    const std::uint64_t sc = cs / geometry_.subclusters_per_cluster();
+    const std::uint64_t end = offset + buf.size();
+    if (end % sc != 0 && end != size_) {
+      std::lock_guard lock(mutex_);
+      const std::uint64_t last = align_down(end - 1, sc);
+      const Mapping m = QNBD_TRY(get_host_offset_locked(last, sc));
+      if (!(m.type == SubclusterType::normal && m.copied)) QNBD_TRY(metadata_preallocated_locked());
+    }
+  }
   while (!buf.empty()) {
     const std::uint64_t gc = align_down(offset, cs);
     const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), gc + cs - offset));
@@ -358,6 +372,10 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
   const std::uint64_t cs = g.cluster_size();
   const std::uint64_t sc = cs / g.subclusters_per_cluster();
   const std::uint64_t end = offset + length;
+  // QEMU's qcow2_co_pwrite_zeroes asks block status about an unaligned head
+  // or tail (is_zero) before it changes anything: its metadata-preallocation
+  // guess may be made there (qcow2_image.cpp, metadata_preallocated).
+  if (offset % sc != 0 || (end % sc != 0 && end != size_)) QNBD_TRY(note_status_query());
   // A unit is whole if it is covered, or covered up to the end of the image.
   auto whole = [&](std::uint64_t start, std::uint64_t unit) {
     return offset <= start && (start + unit <= end || end == size_);
@@ -423,6 +441,11 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
     if (m_start % cs && QNBD_TRY(compressed(m_start))) return true;
     return m_end % cs && m_end != size_ && m_end > align_up(m_start, cs) && QNBD_TRY(compressed(m_end));
   };
+  // The bitmaps are marked even for a fast zero refused below: QEMU's block
+  // layer sets dirty bits for every write request it tracked, failed or
+  // not (bdrv_co_write_req_finish), and a spurious bit costs a copy.
+  const WriteGate::Pass pass = gate_.enter();  // held until the data is written
+  QNBD_TRY(bitmaps_before_write(offset, length));
   if (flags.fast_only) {
     // Metadata only: v3 zero flags on whole clusters/subclusters (and,
     // with a raw data file, a cheap zeroing of its range, below).
@@ -448,8 +471,6 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
     }
   }
   std::optional<bool> middle_as_data;
-  const WriteGate::Pass pass = gate_.enter();  // held until the data is written
-  QNBD_TRY(bitmaps_before_write(offset, length));
   std::uint64_t pos = offset;
   while (pos < end) {
     const std::uint64_t gc = align_down(pos, cs);

@@ -90,6 +90,40 @@ TEST_CASE("write: capabilities of a writable qcow2") {
   CHECK(qemu_check(d / "v2.qcow2") == 0);
 }
 
+// QEMU's block layer sets dirty bits for every write request it tracked,
+// whether the driver then refused it or not (bdrv_co_write_req_finish); a
+// refused FAST_ZERO must not leave a qnbd bitmap cleaner than qemu-nbd's
+// (found by test-serve-lockstep: the granule stayed clean).
+TEST_CASE("write: a refused fast zero still marks the enabled bitmaps") {
+  if (!qnbd::test::have_qemu_img()) return;
+  TempDir d;
+  const std::string img = d / "b.qcow2";
+  REQUIRE(run("qemu-img create -q -f qcow2 " + img + " 4M && qemu-io -f qcow2 -c 'write -P 0x11 0 1M' " + img +
+              " >/dev/null && qemu-img bitmap --add -g 4k " + img + " b0") == 0);
+  auto dev = open_rw(img);
+  auto handle = dev->export_bitmap("b0");
+  REQUIRE_MESSAGE(handle, (handle ? "" : handle.error().message));
+  image::ZeroFlags fast;
+  fast.fast_only = true;
+  auto r = dev->write_zeroes(100000, 50000, fast);  // partial clusters holding data
+  REQUIRE_FALSE(r);
+  CHECK(r.error().code == ENOTSUP);
+  std::vector<image::BitmapExtent> ext(8);
+  auto n = dev->bitmap_status(*handle, 0, 1 << 20, ext);
+  REQUIRE(n);
+  std::uint64_t pos = 0, dirty_from = 0, dirty_to = 0;
+  for (std::size_t i = 0; i < *n; ++i) {
+    if (ext[i].dirty) {
+      dirty_from = pos;
+      dirty_to = pos + ext[i].length;
+    }
+    pos += ext[i].length;
+  }
+  CHECK(dirty_from == 98304);  // the 4 KiB granules of [100000, 150000)
+  CHECK(dirty_to == 151552);
+  REQUIRE(dev->close());
+}
+
 TEST_CASE("write: internal snapshot keeps its data; writes COW shared clusters") {
   if (!qnbd::test::have_qemu_img()) return;
   TempDir d;
