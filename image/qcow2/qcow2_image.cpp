@@ -289,24 +289,30 @@ Result<bool> Qcow2Image::metadata_preallocated() {
 
 Result<bool> Qcow2Image::metadata_preallocated_locked() {
   if (metadata_prealloc_checked_.load(std::memory_order_relaxed)) return metadata_prealloc_;
-  const std::uint64_t real_allocation = QNBD_TRY(file_->allocated_size());
-  const std::uint64_t real_clusters = real_allocation >> header_.cluster_bits;
-  const std::uint64_t threshold = std::max(real_clusters * 10 / 9, real_clusters + 2);
-  const std::uint64_t end_cluster = div_round_up(QNBD_TRY(file_->size()), header_.cluster_size());
-  std::optional<Refcounts> loaded;
-  if (!refcounts_) {
-    RefcountGeometry rg{header_.cluster_bits, header_.refcount_order};
-    Refcounts::Options ro;
-    ro.max_cached_blocks = 2;  // a sequential scan
-    loaded.emplace(
-        QNBD_TRY(Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters, ro)));
-  }
-  Refcounts& refcounts = refcounts_ ? *refcounts_ : *loaded;
-  std::uint64_t count = 0;
-  for (std::uint64_t i = 0; i < end_cluster && count < threshold; ++i) {
-    count += QNBD_TRY(refcounts.get(i)) != 0;
-  }
-  metadata_prealloc_ = count >= threshold;
+  auto guess = [&]() -> Result<bool> {
+    const std::uint64_t real_allocation = QNBD_TRY(file_->allocated_size());
+    const std::uint64_t real_clusters = real_allocation >> header_.cluster_bits;
+    const std::uint64_t threshold = std::max(real_clusters * 10 / 9, real_clusters + 2);
+    const std::uint64_t end_cluster = div_round_up(QNBD_TRY(file_->size()), header_.cluster_size());
+    std::optional<Refcounts> loaded;
+    if (!refcounts_) {
+      RefcountGeometry rg{header_.cluster_bits, header_.refcount_order};
+      Refcounts::Options ro;
+      ro.max_cached_blocks = 2;  // a sequential scan
+      loaded.emplace(
+          QNBD_TRY(Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters, ro)));
+    }
+    Refcounts& refcounts = refcounts_ ? *refcounts_ : *loaded;
+    std::uint64_t count = 0;
+    for (std::uint64_t i = 0; i < end_cluster && count < threshold; ++i) {
+      count += QNBD_TRY(refcounts.get(i)) != 0;
+    }
+    return count >= threshold;
+  }();
+  // As QEMU: a guess that fails (unreadable refcounts) is "no", never the
+  // failure of the READ or write that happened to make it.
+  if (!guess) log::debug("{}: metadata preallocation not guessed: {}", path_, guess.error().message);
+  metadata_prealloc_ = guess && *guess;
   metadata_prealloc_checked_.store(true, std::memory_order_release);
   return metadata_prealloc_;
 }
