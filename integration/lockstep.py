@@ -6,7 +6,7 @@
 One libnbd connection to each server (each serving its own copy of the
 same image, with -A, and -B BITMAP unless BITMAP is "-"). The same seeded
 requests go to both, one at a time: WRITEs (some FUA, some not 512-byte
-aligned), WRITE_ZEROES (with and without NO_HOLE, some FAST_ZERO), TRIMs,
+aligned, some of zeroes), WRITE_ZEROES (with and without NO_HOLE, some FAST_ZERO), TRIMs,
 FLUSHes, CACHEs (raw only), READs and BLOCK_STATUS of base:allocation,
 qemu:allocation-depth and the dirty bitmap, with and without REQ_ONE.
 After each one both must have answered alike:
@@ -171,7 +171,8 @@ def main(argv):
         inside = off + ln <= size
         if r < 0.30:
             op = "write"
-            data = rnd.randbytes(ln)
+            # Some payloads are all zeroes (what --detect-zeroes looks for).
+            data = bytes(ln) if rnd.random() < 0.1 else rnd.randbytes(ln)
             flags = nbd.CMD_FLAG_FUA if rnd.random() < 0.15 else 0
             res = [call(lambda h=h: h.pwrite(data, off, flags)) for h in (hq, hn)]
             if res[1][0]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # qnbd and qemu-nbd side by side, in lock step: each serves its own copy of
 # the same image (writable, -A, -B b0 where the image has bitmaps,
-# --discard=unmap), and lockstep.py sends both the same seeded requests one
+# --discard=unmap unless the case says otherwise), and lockstep.py sends both the same seeded requests one
 # at a time and requires the same answers: the same errors, the same
 # bytes (and the bytes of a model of the disk), the same class for every
 # sector in base:allocation, qemu:allocation-depth and the dirty bitmap.
@@ -11,7 +11,8 @@
 # shorter than the disk, extended L2 over a qcow2 backing file holding
 # compressed clusters, a compressed top image, a version 2 image over a
 # backing file, raw, clusters shared with an internal snapshot, an external
-# data file, 2 MiB clusters, one-bit lazy refcounts. LOCKSTEP_ROUNDS=N runs
+# data file, 2 MiB clusters, one-bit lazy refcounts; and with qemu-nbd's
+# default flags (TRIM ignored), --detect-zeroes=unmap and =on. LOCKSTEP_ROUNDS=N runs
 # N seeds of each (default 2), OPS requests each (default 400).
 source "$(dirname "$0")/functions.sh"
 requires qemu-img qemu-io qemu-nbd
@@ -45,10 +46,13 @@ one() {
   [[ $(qemu-img info --output=json "$d/q/d" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["format"])') == raw ]] && fmt=raw
   local b=()
   [[ $bitmap != - ]] && b=(-B "$bitmap")
-  start_server "$d/q.pid" "$QNBD" serve -k "$d/q.sock" --pid-file "$d/q.pid" -f "$fmt" -A --discard=unmap "${b[@]}" \
+  # MODES (default --discard=unmap): the servers' I/O flags, the same for both.
+  local modes
+  read -r -a modes <<<"${MODES:---discard=unmap}"
+  start_server "$d/q.pid" "$QNBD" serve -k "$d/q.sock" --pid-file "$d/q.pid" -f "$fmt" -A "${modes[@]}" "${b[@]}" \
     "$d/q/d" || fail "$name: qnbd did not start"
   local qpid=$SERVER_PID
-  start_server "$d/n.pid" qemu-nbd -k "$d/n.sock" --pid-file "$d/n.pid" -f "$fmt" -A --discard=unmap "${b[@]}" \
+  start_server "$d/n.pid" qemu-nbd -k "$d/n.sock" --pid-file "$d/n.pid" -f "$fmt" -A "${modes[@]}" "${b[@]}" \
     "$d/n/d" || fail "$name: qemu-nbd did not start"
   local npid=$SERVER_PID
   local out
@@ -108,5 +112,11 @@ for ((r = 0; r < ${LOCKSTEP_ROUNDS:-2}; r++)); do
   one qcow2-2m.$r $((s + 9)) b0 "qemu-img create -q -f qcow2 -o cluster_size=2M d 16M && $(bm)"
   one qcow2-refcount1-lazy.$r $((s + 10)) b0 \
     "qemu-img create -q -f qcow2 -o refcount_bits=1,lazy_refcounts=on,cluster_size=4k d 16M && $(bm)"
+  # qemu-nbd's defaults (TRIM ignored), and zero detection that unmaps.
+  MODES=" " one qcow2-defaults.$r $((s + 11)) b0 \
+    "qemu-img create -q -f qcow2 -o cluster_size=4k -b ../../base/base.raw -F raw d 16M && $(bm)"
+  MODES="--discard=unmap --detect-zeroes=unmap" one qcow2-detect-zeroes.$r $((s + 12)) b0 \
+    "qemu-img create -q -f qcow2 -o extended_l2=on -b ../../base/base-c.qcow2 -F qcow2 d 16M && $(bm)"
+  MODES="--detect-zeroes=on" one raw-detect-zeroes.$r $((s + 13)) - "qemu-img convert -q -O raw ../../base/full.qcow2 d"
 done
 echo PASS
