@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """qnbd and qemu-nbd in lock step, for test-serve-lockstep.sh.
 
-  lockstep.py QNBD_URI QEMU_URI FORMAT SEED SIZE OPS BITMAP
+  lockstep.py QNBD_URI QEMU_URI FORMAT SEED SIZE OPS BITMAPS
 
 One libnbd connection to each server (each serving its own copy of the
-same image, with -A, and -B BITMAP unless BITMAP is "-"). The same seeded
+same image, with -A, and -B NAME for each name of the comma-separated
+BITMAPS unless it is "-"). The same seeded
 requests go to both, one at a time: WRITEs (some FUA, some not 512-byte
 aligned, some of zeroes), WRITE_ZEROES (with and without NO_HOLE, some FAST_ZERO), TRIMs,
 FLUSHes, CACHEs (raw only), READs and BLOCK_STATUS of base:allocation,
-qemu:allocation-depth and the dirty bitmap, with and without REQ_ONE.
+qemu:allocation-depth and the dirty bitmaps, with and without REQ_ONE.
 After each one both must have answered alike:
   - success or the same errno (but for a deliberate difference of
     docs/architecture.md: a write or zeroing past the end gets ENOSPC from
@@ -136,7 +137,7 @@ def main(argv):
     uri_q, uri_n, fmt, bitmap = argv[1], argv[2], argv[3], argv[7]
     seed, size, ops = int(argv[4]), int(argv[5]), int(argv[6])
     qcow2 = fmt == "qcow2"
-    contexts = CONTEXTS + ([f"qemu:dirty-bitmap:{bitmap}"] if bitmap != "-" else [])
+    contexts = CONTEXTS + ([f"qemu:dirty-bitmap:{b}" for b in bitmap.split(",")] if bitmap != "-" else [])
     hq, hn = connect(uri_q, contexts), connect(uri_n, contexts)
     for h in (hq, hn):
         h.set_strict_mode(0)  # let out-of-range requests reach the servers

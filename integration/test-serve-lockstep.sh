@@ -11,7 +11,8 @@
 # shorter than the disk, extended L2 over a qcow2 backing file holding
 # compressed clusters, a compressed top image, a version 2 image over a
 # backing file, raw, clusters shared with an internal snapshot, an external
-# data file, 2 MiB clusters, one-bit lazy refcounts; and with qemu-nbd's
+# data file, 2 MiB clusters, one-bit lazy refcounts, three bitmaps (512 B,
+# 2 MiB, one disabled); and with qemu-nbd's
 # default flags (TRIM ignored), --detect-zeroes=unmap and =on. LOCKSTEP_ROUNDS=N runs
 # N seeds of each (default 2), OPS requests each (default 400).
 source "$(dirname "$0")/functions.sh"
@@ -45,7 +46,10 @@ one() {
   (cd "$d/n" && eval "$make") || fail "$name: cannot make the image"
   [[ $(qemu-img info --output=json "$d/q/d" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["format"])') == raw ]] && fmt=raw
   local b=()
-  [[ $bitmap != - ]] && b=(-B "$bitmap")
+  local name_
+  if [[ $bitmap != - ]]; then
+    for name_ in ${bitmap//,/ }; do b+=(-B "$name_"); done
+  fi
   # MODES (default --discard=unmap): the servers' I/O flags, the same for both.
   local modes
   read -r -a modes <<<"${MODES:---discard=unmap}"
@@ -64,13 +68,14 @@ one() {
     qemu-img check -q "$d/q/d" || fail "$name: qemu-img check of qnbd's image"
     qemu-img compare -q "$d/q/d" "$d/n/d" || fail "$name: the images read differently after the servers stopped"
     if [[ $bitmap != - ]]; then
-      # Compare the stored bitmaps through a read-only qnbd... and qemu-nbd,
-      # each on the other server's image too, so both writers' bitmaps
-      # are read by both readers.
+      # The bitmaps each server stored, read back through a read-only
+      # qemu-nbd.
       local m1 m2
-      m1=$(nbdinfo_map_bitmap qemu-nbd "$d/q/d" "$bitmap") || fail "$name: bitmap of qnbd's image"
-      m2=$(nbdinfo_map_bitmap qemu-nbd "$d/n/d" "$bitmap") || fail "$name: bitmap of qemu-nbd's image"
-      [[ $m1 == "$m2" ]] || fail "$name: stored bitmaps differ: qnbd's image $m1; qemu-nbd's $m2"
+      for name_ in ${bitmap//,/ }; do
+        m1=$(nbdinfo_map_bitmap qemu-nbd "$d/q/d" "$name_") || fail "$name: bitmap $name_ of qnbd's image"
+        m2=$(nbdinfo_map_bitmap qemu-nbd "$d/n/d" "$name_") || fail "$name: bitmap $name_ of qemu-nbd's image"
+        [[ $m1 == "$m2" ]] || fail "$name: stored bitmaps $name_ differ: qnbd's image $m1; qemu-nbd's $m2"
+      done
     fi
   else
     cmp -s "$d/q/d" "$d/n/d" || fail "$name: the raw files differ"
@@ -112,6 +117,12 @@ for ((r = 0; r < ${LOCKSTEP_ROUNDS:-2}; r++)); do
   one qcow2-2m.$r $((s + 9)) b0 "qemu-img create -q -f qcow2 -o cluster_size=2M d 16M && $(bm)"
   one qcow2-refcount1-lazy.$r $((s + 10)) b0 \
     "qemu-img create -q -f qcow2 -o refcount_bits=1,lazy_refcounts=on,cluster_size=4k d 16M && $(bm)"
+  # Three bitmaps: 512-byte granularity, 2 MiB, and a disabled one with
+  # dirty bits (which neither server may change).
+  one qcow2-3-bitmaps.$r $((s + 14)) fine,coarse,off \
+    "qemu-img create -q -f qcow2 d 16M && qemu-img bitmap --add -g 512 d fine &&
+     qemu-img bitmap --add -g 2M d coarse && qemu-img bitmap --add d off &&
+     qemu-io -f qcow2 -c 'write -P 9 3M 100k' d >/dev/null && qemu-img bitmap --disable d off"
   # qemu-nbd's defaults (TRIM ignored), and zero detection that unmaps.
   MODES=" " one qcow2-defaults.$r $((s + 11)) b0 \
     "qemu-img create -q -f qcow2 -o cluster_size=4k -b ../../base/base.raw -F raw d 16M && $(bm)"
