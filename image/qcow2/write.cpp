@@ -294,8 +294,9 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
     if (end % sc != 0 && end != size_) {
       std::lock_guard lock(mutex_);
       const std::uint64_t last = align_down(end - 1, sc);
-      const Mapping m = QNBD_TRY(get_host_offset_locked(last, sc));
-      if (!(m.type == SubclusterType::normal && m.copied)) QNBD_TRY(metadata_preallocated_locked());
+      // A corrupt entry there is the loop's to report, as it would be.
+      const auto m = get_host_offset_locked(last, sc);
+      if (m && !(m->type == SubclusterType::normal && m->copied)) QNBD_TRY(metadata_preallocated_locked());
     }
   }
   while (!buf.empty()) {
