@@ -4,7 +4,7 @@ about a data cluster whose head is a hole in the host file.
 
   prealloc_guess.py URI FIRST
 
-FIRST is the first request after the connection (none, read, read_df,
+FIRST is the first request after the connection (none, read,
 zero_partial, zero_full, write_partial, write_full, trim, flush,
 block_status); then 60 whole clusters of data are written (the file's
 allocation now matches its refcounts), then 512 bytes into a fresh cluster
