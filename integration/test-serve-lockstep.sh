@@ -72,8 +72,8 @@ one() {
       # qemu-nbd.
       local m1 m2
       for name_ in ${bitmap//,/ }; do
-        m1=$(nbdinfo_map_bitmap qemu-nbd "$d/q/d" "$name_") || fail "$name: bitmap $name_ of qnbd's image"
-        m2=$(nbdinfo_map_bitmap qemu-nbd "$d/n/d" "$name_") || fail "$name: bitmap $name_ of qemu-nbd's image"
+        m1=$(nbdinfo_map_bitmap "$d/q/d" "$name_") || fail "$name: bitmap $name_ of qnbd's image"
+        m2=$(nbdinfo_map_bitmap "$d/n/d" "$name_") || fail "$name: bitmap $name_ of qemu-nbd's image"
         [[ $m1 == "$m2" ]] || fail "$name: stored bitmaps $name_ differ: qnbd's image $m1; qemu-nbd's $m2"
       done
     fi
@@ -84,14 +84,14 @@ one() {
   rm -rf "$d"
 }
 
-# nbdinfo_map_bitmap SERVER IMAGE NAME: the dirty ranges of bitmap NAME as
+# nbdinfo_map_bitmap IMAGE NAME: the dirty ranges of bitmap NAME as
 # qemu-nbd -r -B reads them, one "start length" per line.
 nbdinfo_map_bitmap() {
   local sock=$T/bm.sock
   rm -f "$sock"
-  start_server "$T/bm.pid" qemu-nbd -r -k "$sock" --pid-file "$T/bm.pid" -f qcow2 -B "$3" "$2" >/dev/null || return 1
+  start_server "$T/bm.pid" qemu-nbd -r -k "$sock" --pid-file "$T/bm.pid" -f qcow2 -B "$2" "$1" >/dev/null || return 1
   local pid=$SERVER_PID
-  nbdinfo --map="qemu:dirty-bitmap:$3" "nbd+unix:///?socket=$sock" | awk '$3 == 1 { print $1, $2 }'
+  nbdinfo --map="qemu:dirty-bitmap:$2" "nbd+unix:///?socket=$sock" | awk '$3 == 1 { print $1, $2 }'
   stop_server "$pid" >/dev/null || true
 }
 

@@ -492,7 +492,7 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
     // A copy-on-write region: where QEMU's handle_alloc_space asks block
     // status (qcow2_image.cpp, metadata_preallocated), its refcounts
     // holding this allocation.
-    if (ws < in || we > after) QNBD_TRY(metadata_preallocated_locked());
+    if (ws < in || we > after) metadata_preallocated_locked();
     const std::uint64_t cow_end = std::max(after, std::min(we, size_ > gc ? size_ - gc : 0));
     const bool zero_around = data && (ws < in || we > after) && QNBD_TRY(reads_zero_fast_locked(gc + ws, in - ws)) &&
                              QNBD_TRY(reads_zero_fast_locked(gc + after, cow_end - after));

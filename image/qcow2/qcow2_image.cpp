@@ -240,7 +240,7 @@ Result<void> Qcow2Image::read(std::span<std::byte> buf, std::uint64_t offset) {
   if (!range_within(offset, buf.size(), size_)) {
     return make_error(EINVAL, "{}: read {:#x}+{} is outside the image ({} bytes)", path_, offset, buf.size(), size_);
   }
-  if (!buf.empty()) QNBD_TRY(note_status_query());
+  if (!buf.empty()) metadata_preallocated();
   while (!buf.empty()) {
     Mapping m = QNBD_TRY(get_host_offset(offset, buf.size()));
     std::span<std::byte> part = buf.first(static_cast<std::size_t>(m.bytes));
@@ -279,15 +279,10 @@ Result<void> Qcow2Image::read_mapped(std::span<std::byte> part, std::uint64_t of
 // fresh image with a bitmap reads as preallocated (five or six refcounted
 // clusters, three allocated), one with some data written does not, so the
 // moment decides what a map reports later: the callers of
-// note_status_query() are those moments. The count is QEMU's: the
+// metadata_preallocated() are those moments. The count is QEMU's: the
 // refcounts as the writer holds them (its cache, with this request's
 // allocations), over the clusters of the file as long as it is now.
-Result<bool> Qcow2Image::metadata_preallocated() {
-  std::lock_guard lock(mutex_);
-  return metadata_preallocated_locked();
-}
-
-Result<bool> Qcow2Image::metadata_preallocated_locked() {
+bool Qcow2Image::metadata_preallocated_locked() {
   if (metadata_prealloc_checked_.load(std::memory_order_relaxed)) return metadata_prealloc_;
   auto guess = [&]() -> Result<bool> {
     const std::uint64_t real_allocation = QNBD_TRY(file_->allocated_size());
@@ -321,7 +316,7 @@ Result<LayerStatus> Qcow2Image::layer_status(std::uint64_t offset, std::uint64_t
   if (offset >= size_ || max_length == 0) {
     return make_error(EINVAL, "{}: block status at {:#x} is outside the image", path_, offset);
   }
-  QNBD_TRY(note_status_query());
+  const bool preallocated = metadata_preallocated();
   Mapping m = QNBD_TRY(get_host_offset(offset, std::min(max_length, size_ - offset)));
   LayerStatus st;
   st.length = m.bytes;
@@ -337,7 +332,7 @@ Result<LayerStatus> Qcow2Image::layer_status(std::uint64_t offset, std::uint64_t
     st.data = true;
   }
   st.compressed = m.type == SubclusterType::compressed;
-  if (st.data && st.offset_valid && QNBD_TRY(metadata_preallocated())) {
+  if (st.data && st.offset_valid && preallocated) {
     // block/io.c BDRV_BLOCK_RECURSE: ask the host file. A hole that runs to
     // its end (or a range past it) is zero for the whole run; otherwise the
     // run is cut where the host file changes between data and hole.

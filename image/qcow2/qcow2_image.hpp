@@ -151,15 +151,15 @@ class Qcow2Image final : public BlockDevice {
   // QEMU's metadata-preallocation guess (qcow2_image.cpp), made once, at
   // the first of the moments QEMU makes it: a block status query, a READ, a
   // write that allocates around a copy-on-write region, a zeroing that is
-  // not subcluster-aligned. note_status_query() makes it now unless it is
-  // made already (one atomic load then).
-  Result<bool> metadata_preallocated();
-  Result<bool> metadata_preallocated_locked();
-  Result<void> note_status_query() {
-    if (metadata_prealloc_checked_.load(std::memory_order_acquire)) return ok();
-    QNBD_TRY(metadata_preallocated());
-    return ok();
+  // not subcluster-aligned. Each call makes it now unless it is made
+  // already (then it is one atomic load, no lock). It cannot fail: a guess
+  // that cannot be made is "no".
+  bool metadata_preallocated() {
+    if (metadata_prealloc_checked_.load(std::memory_order_acquire)) return metadata_prealloc_;
+    std::lock_guard lock(mutex_);
+    return metadata_preallocated_locked();
   }
+  bool metadata_preallocated_locked();
 
   // Write path (write.cpp: setup, request loops, flush; cluster.cpp: the
   // cluster layer, see cluster.hpp); *_locked need mutex_ held.

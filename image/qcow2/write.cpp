@@ -296,7 +296,7 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
       const std::uint64_t last = align_down(end - 1, sc);
       // A corrupt entry there is the loop's to report, as it would be.
       const auto m = get_host_offset_locked(last, sc);
-      if (m && !(m->type == SubclusterType::normal && m->copied)) QNBD_TRY(metadata_preallocated_locked());
+      if (m && !(m->type == SubclusterType::normal && m->copied)) metadata_preallocated_locked();
     }
   }
   while (!buf.empty()) {
@@ -376,7 +376,7 @@ Result<void> Qcow2Image::write_zeroes(std::uint64_t offset, std::uint64_t length
   // QEMU's qcow2_co_pwrite_zeroes asks block status about an unaligned head
   // or tail (is_zero) before it changes anything: its metadata-preallocation
   // guess may be made there (qcow2_image.cpp, metadata_preallocated).
-  if (offset % sc != 0 || (end % sc != 0 && end != size_)) QNBD_TRY(note_status_query());
+  if (offset % sc != 0 || (end % sc != 0 && end != size_)) metadata_preallocated();
   // A unit is whole if it is covered, or covered up to the end of the image.
   auto whole = [&](std::uint64_t start, std::uint64_t unit) {
     return offset <= start && (start + unit <= end || end == size_);
