@@ -7,6 +7,8 @@
 #include <fstream>
 #include <string>
 
+#include <fmt/format.h>
+
 #include "config/config.hpp"
 
 using qnbd::config::load_config;
@@ -112,6 +114,20 @@ TEST_CASE("every field is read") {
   CHECK(c.limits.handshake_timeout_seconds == 30);
   CHECK(c.limits.max_inflight_bytes_per_connection == 1048576);
   CHECK(c.limits.threads == 4);
+}
+
+// qemu-nbd's cache modes, directsync included (O_DIRECT and write-through,
+// so native AIO may go with it too).
+TEST_CASE("every cache mode is read, directsync with native AIO") {
+  for (const char* mode : {"writeback", "writethrough", "none", "directsync", "unsafe"}) {
+    CAPTURE(mode);
+    auto r = parse_config(fmt::format(R"({{"exports": [{{"name": "a", "image": "a", "cache": "{}"}}]}})", mode));
+    REQUIRE_MESSAGE(r, (r ? "" : r.error().message));
+    CHECK(r->exports[0].cache == mode);
+  }
+  auto r = parse_config(R"({"exports": [{"name": "a", "image": "a", "cache": "directsync", "aio": "native"}]})");
+  REQUIRE_MESSAGE(r, (r ? "" : r.error().message));
+  CHECK(r->exports[0].aio == "native");
 }
 
 TEST_CASE("malformed documents name the JSON pointer and the defect") {
