@@ -80,6 +80,7 @@ IntentAccess intent_access(const std::string& image_path, std::uint64_t chunk_si
   a.remove_next = [next] {
     if (::unlink(next.c_str()) == 0) (void)sync_parent(next);
   };
+  a.open_writable = [name = a.name]() { return open_posix_file(name, OpenMode::read_write); };
   return a;
 }
 
@@ -175,6 +176,36 @@ Result<std::unique_ptr<IntentRecord>> IntentRecord::arm(std::unique_ptr<File> fi
   QNBD_TRY(file->truncate(0));
   QNBD_TRY(file->pwrite(img, 0));
   QNBD_TRY(file->flush());
+  r->file_ = std::move(file);
+  return r;
+}
+
+Result<std::unique_ptr<IntentRecord>> IntentRecord::adopt(std::unique_ptr<File> file, const IntentContents& contents,
+                                                          std::uint64_t disk_size, std::uint32_t nb_bitmaps) {
+  // read_intent checked the chunk size and that the chunk bits are whole in
+  // the file; check again, since this record is written to from now on.
+  if (!std::has_single_bit(contents.chunk_size) || contents.chunk_size < INTENT_MIN_CHUNK ||
+      contents.chunk_size > INTENT_MAX_CHUNK) {
+    return make_error(EINVAL, "write-intent chunk size {} is not a power of two in [64 KiB, 1 TiB]",
+                      contents.chunk_size);
+  }
+  const std::uint64_t chunks = chunk_count(disk_size, contents.chunk_size);
+  if (div_round_up(chunks, 8) > kMaxChunkBitsBytes) return make_error(EINVAL, "the record has too many chunks");
+  std::unique_ptr<IntentRecord> r(new IntentRecord());
+  r->chunk_size_ = contents.chunk_size;
+  r->chunk_shift_ = static_cast<unsigned>(std::countr_zero(contents.chunk_size));
+  r->disk_size_ = disk_size;
+  r->bits_offset_ = bits_offset_for(nb_bitmaps);
+  r->bits_.assign(static_cast<std::size_t>(div_round_up(chunks, 8)), std::byte{0});
+  r->done_words_ = static_cast<std::size_t>(div_round_up(chunks, 64));
+  r->done_ = std::make_unique<std::atomic<std::uint64_t>[]>(std::max<std::size_t>(r->done_words_, 1));
+  for (std::uint64_t k : contents.chunks) {
+    if (k >= chunks) return make_error(EINVAL, "the record marks chunk {} past the disk", k);
+    r->bits_[k / 8] |= std::byte(1u << (k % 8));
+    // Already durable: read back from the file just now.
+    r->done_[k / 64].fetch_or(1ull << (k % 64), std::memory_order_relaxed);
+  }
+  r->marked_count_.store(contents.chunks.size(), std::memory_order_relaxed);
   r->file_ = std::move(file);
   return r;
 }

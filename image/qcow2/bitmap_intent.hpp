@@ -76,6 +76,11 @@ struct IntentAccess {
   std::function<Result<std::unique_ptr<File>>(bool create)> open_next;
   std::function<Result<void>()> promote_next;
   std::function<void()> remove_next;
+  // The existing record opened read-write, so that a writable open whose
+  // recovery could not store the bitmaps keeps it armed
+  // (docs/crash-safe-bitmaps.md, "When recovery cannot store"). Optional:
+  // without it that open fails, as it did before.
+  std::function<Result<std::unique_ptr<File>>()> open_writable;
   std::uint64_t chunk_size = INTENT_DEFAULT_CHUNK;
   std::string name;  // for messages and info
   explicit operator bool() const { return static_cast<bool>(open); }
@@ -118,6 +123,14 @@ class IntentRecord {
   [[nodiscard]] static Result<std::unique_ptr<IntentRecord>> arm(std::unique_ptr<File> file, const IntentIdentity& id,
                                                                  std::uint64_t chunk_size,
                                                                  const std::vector<bool>& tracked);
+
+  // Take over a record that read_intent accepted (`contents`, read from
+  // `file` for a directory of `nb_bitmaps` entries and a disk of
+  // `disk_size` bytes): nothing is written; later marks add to the chunks
+  // it already holds. `file` must be open read-write.
+  [[nodiscard]] static Result<std::unique_ptr<IntentRecord>> adopt(std::unique_ptr<File> file,
+                                                                   const IntentContents& contents,
+                                                                   std::uint64_t disk_size, std::uint32_t nb_bitmaps);
 
   // Make every chunk touched by [offset, offset+length) durable in the
   // record; returns once it is (no I/O when all were already marked).

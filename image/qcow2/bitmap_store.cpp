@@ -93,6 +93,52 @@ struct TablePlan {
   std::uint64_t table_bytes = 0;     // whole clusters
 };
 
+// Phase 2 of rewrite_bitmap_directory: each planned bitmap's dirty clusters
+// and table into the clusters phase 1 allocated, then the directory (its
+// first dir_size bytes to `dir_bytes`), then a sync.
+Result<void> write_new_directory(File& file, std::uint64_t cs, std::vector<TablePlan>& plans,
+                                 const std::vector<BitmapUpdate>& updated, std::uint64_t dir_offset,
+                                 std::uint64_t dir_alloc, std::uint64_t dir_size, std::vector<std::byte>& dir_bytes) {
+  std::vector<std::byte> cluster(static_cast<std::size_t>(cs));
+  for (TablePlan& p : plans) {
+    const DirtyBitmap& bits = *p.update->data;
+    std::vector<std::byte> table(static_cast<std::size_t>(p.table_bytes));
+    for (std::size_t k = 0; k < p.dirty.size(); ++k) {
+      // store_bytes zero-fills past the data, so the unused tail bits and
+      // the rest of the last cluster are zero (qcow2.txt "Bitmap data").
+      bits.store_bytes(p.dirty[k] * cs, cluster);
+      QNBD_TRY(file.pwrite(cluster, p.hosts[k]));
+      store_be64(table.data() + p.dirty[k] * 8, p.hosts[k]);
+    }
+    QNBD_TRY(file.pwrite(table, p.table_offset));
+    BitmapInfo& b = p.update->info;
+    b.granularity = bits.granularity();
+    b.table_offset = p.table_offset;
+    b.table_size = static_cast<std::uint32_t>(p.entries);
+  }
+  if (dir_alloc) {
+    std::vector<std::byte> dir(static_cast<std::size_t>(dir_alloc));
+    std::size_t pos = 0;
+    for (const BitmapUpdate& u : updated) {
+      const BitmapInfo& b = u.info;
+      std::byte* q = dir.data() + pos;
+      store_be64(q, b.table_offset);
+      store_be32(q + 8, b.table_size);
+      store_be32(q + 12, (b.in_use ? BME_FLAG_IN_USE : 0) | (b.auto_enabled ? BME_FLAG_AUTO : 0));
+      q[16] = std::byte{BT_DIRTY_TRACKING_BITMAP};
+      q[17] = static_cast<std::byte>(std::countr_zero(b.granularity));
+      store_be16(q + 18, static_cast<std::uint16_t>(b.name.size()));
+      store_be32(q + 20, 0);  // extra_data_size
+      std::memcpy(q + 24, b.name.data(), b.name.size());
+      pos += static_cast<std::size_t>(align_up(24 + b.name.size(), 8));
+    }
+    QNBD_TRY(file.pwrite(dir, dir_offset));
+    dir.resize(static_cast<std::size_t>(dir_size));
+    dir_bytes = std::move(dir);
+  }
+  return file.flush();
+}
+
 }  // namespace
 
 // Crash ordering (QEMU's full directory replacement, update_ext_header_and_dir,
@@ -104,6 +150,9 @@ struct TablePlan {
 //            clusters at worst (nothing points at them).
 //   phase 2  write data, tables and directory into them; fsync. After it the
 //            new structures and the refcounts covering them are on disk.
+//            A failure in phase 1 or 2 (a full disk) frees the new clusters
+//            again: nothing points at them, so lowering their refcounts is
+//            safe whenever it reaches the disk.
 //   phase 3  the header switch: one write of cluster 0 pointing at the new
 //            directory. It may reach the disk at any moment after this (a
 //            guest FLUSH syncs the file too); whenever it does, everything it
@@ -180,60 +229,43 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
     to_free.emplace_back(old.table_offset, std::uint64_t{old.table_size} * 8);
   }
 
+  // Until the header switch (phase 3) nothing points at the clusters
+  // allocated here, so a failure before it gives them back: on a full disk
+  // (the usual failure: the file cannot grow) each attempt would otherwise
+  // leak what it allocated. Best effort; what is not given back leaks.
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> allocated;  // (offset, bytes)
+  auto give_back = [&](Error e) -> Error {
+    auto lk = hold();
+    for (auto [offset, bytes] : allocated) (void)refcounts.free(offset, bytes);
+    (void)refcounts.block_cache().flush();
+    return e;
+  };
+  auto allocate = [&](std::uint64_t n) -> Result<std::uint64_t> {
+    const std::uint64_t at = QNBD_TRY(refcounts.allocate(n));
+    allocated.emplace_back(at, n * cs);
+    return at;
+  };
+
   // Phase 1: allocate; write the refcount blocks back (synced in phase 2).
   std::uint64_t dir_offset = 0;
   const std::uint64_t dir_alloc = align_up(dir_size, cs);
-  {
+  auto phase1 = [&]() -> Result<void> {
     auto lk = hold();
     for (TablePlan& p : plans) {
-      for (std::size_t k = 0; k < p.dirty.size(); ++k) p.hosts.push_back(QNBD_TRY(refcounts.allocate(1)));
-      p.table_offset = QNBD_TRY(refcounts.allocate(p.table_bytes / cs));
+      for (std::size_t k = 0; k < p.dirty.size(); ++k) p.hosts.push_back(QNBD_TRY(allocate(1)));
+      p.table_offset = QNBD_TRY(allocate(p.table_bytes / cs));
     }
-    if (dir_alloc) dir_offset = QNBD_TRY(refcounts.allocate(dir_alloc / cs));
-    QNBD_TRY(refcounts.block_cache().flush());
-  }
+    if (dir_alloc) dir_offset = QNBD_TRY(allocate(dir_alloc / cs));
+    return refcounts.block_cache().flush();
+  };
+  if (auto r = phase1(); !r) return give_back(std::move(r).error());
 
   // Phase 2: data, tables, directory; then sync (data, tables, directory
   // and the refcount blocks of phase 1) before any pointer to them.
-  std::vector<std::byte> cluster(static_cast<std::size_t>(cs));
-  for (TablePlan& p : plans) {
-    const DirtyBitmap& bits = *p.update->data;
-    std::vector<std::byte> table(static_cast<std::size_t>(p.table_bytes));
-    for (std::size_t k = 0; k < p.dirty.size(); ++k) {
-      // store_bytes zero-fills past the data, so the unused tail bits and
-      // the rest of the last cluster are zero (qcow2.txt "Bitmap data").
-      bits.store_bytes(p.dirty[k] * cs, cluster);
-      QNBD_TRY(file.pwrite(cluster, p.hosts[k]));
-      store_be64(table.data() + p.dirty[k] * 8, p.hosts[k]);
-    }
-    QNBD_TRY(file.pwrite(table, p.table_offset));
-    BitmapInfo& b = p.update->info;
-    b.granularity = bits.granularity();
-    b.table_offset = p.table_offset;
-    b.table_size = static_cast<std::uint32_t>(p.entries);
-  }
   std::vector<std::byte> dir_bytes;
-  if (dir_alloc) {
-    std::vector<std::byte> dir(static_cast<std::size_t>(dir_alloc));
-    std::size_t pos = 0;
-    for (const BitmapUpdate& u : updated) {
-      const BitmapInfo& b = u.info;
-      std::byte* q = dir.data() + pos;
-      store_be64(q, b.table_offset);
-      store_be32(q + 8, b.table_size);
-      store_be32(q + 12, (b.in_use ? BME_FLAG_IN_USE : 0) | (b.auto_enabled ? BME_FLAG_AUTO : 0));
-      q[16] = std::byte{BT_DIRTY_TRACKING_BITMAP};
-      q[17] = static_cast<std::byte>(std::countr_zero(b.granularity));
-      store_be16(q + 18, static_cast<std::uint16_t>(b.name.size()));
-      store_be32(q + 20, 0);  // extra_data_size
-      std::memcpy(q + 24, b.name.data(), b.name.size());
-      pos += static_cast<std::size_t>(align_up(24 + b.name.size(), 8));
-    }
-    QNBD_TRY(file.pwrite(dir, dir_offset));
-    dir.resize(static_cast<std::size_t>(dir_size));
-    dir_bytes = std::move(dir);
+  if (auto r = write_new_directory(file, cs, plans, updated, dir_offset, dir_alloc, dir_size, dir_bytes); !r) {
+    return give_back(std::move(r).error());
   }
-  QNBD_TRY(file.flush());
   // A live edit with a write-intent record arms the next record for this
   // directory now (it is durable), so the switch can keep the record bit.
   const bool keep_intent = live && live->before_switch && dir_alloc && live->before_switch(dir_offset, dir_bytes);
@@ -242,7 +274,10 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
   // table move or any other header change made meanwhile is kept).
   {
     auto lk = hold();
-    if (live && header.corrupt()) return make_error(EIO, "image is marked corrupt; writes are refused");
+    if (live && header.corrupt()) {
+      lk.unlock();
+      return give_back(make_error(EIO, "image is marked corrupt; writes are refused"));
+    }
     Header h = header;
     h.refcount_table_offset = refcounts.table_offset();
     h.refcount_table_clusters = refcounts.table_clusters();
@@ -294,6 +329,23 @@ BitmapStore::BitmapStore(File& file, const Header& header, std::vector<BitmapInf
       intent_(std::move(intent)) {
   entries_.resize(directory_.size());
   for (std::size_t i = 0; i < directory_.size(); ++i) entries_[i].info = directory_[i];
+}
+
+void BitmapStore::adopt(std::unique_ptr<IntentRecord> record, std::vector<std::unique_ptr<DirtyBitmap>> recovered) {
+  std::lock_guard lock(load_mutex_);
+  std::unique_lock live_lock(live_mu_);
+  tracking_.clear();
+  for (std::size_t i = 0; i < entries_.size() && i < recovered.size(); ++i) {
+    if (!recovered[i]) continue;
+    Entry& e = entries_[i];
+    e.bits = std::move(recovered[i]);
+    // in_use on disk, but these contents are complete: as a bitmap loaded
+    // consistent and then marked in_use by this session's first write.
+    e.info.in_use = false;
+    tracking_.push_back(i);
+  }
+  record_ = std::move(record);
+  marked_.store(true, std::memory_order_release);
 }
 
 Result<DirtyBitmap*> BitmapStore::load_locked(Entry& e) {
@@ -445,7 +497,7 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
   auto stale = [&](std::string why) {
     out.state = "stale";
     out.detail = std::move(why);
-    return out;
+    return std::move(out);
   };
   if (!intent) {
     out.state = "off";
@@ -482,6 +534,7 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
   std::optional<IntentContents> rec;
   std::string why;
   bool found = false;
+  int found_as = 0;
   for (int which = 0; which < 2 && !rec; ++which) {
     if (which == 1 && !intent.open_next) break;
     const std::string name = which == 0 ? intent.name : intent.name + ".next";
@@ -495,6 +548,7 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
     auto r = read_intent(**f, id);
     if (r) {
       rec = std::move(*r);
+      found_as = which;
     } else if (why.empty() || which == 0) {
       why = r.error().message;
     }
@@ -533,16 +587,30 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
     }
     updated.push_back(std::move(u));
   }
+  auto held = [&] {
+    out.recovered.resize(directory->size());
+    for (std::size_t i = 0, k = 0; i < directory->size(); ++i) {
+      if (rec->tracked[i]) out.recovered[i] = std::move(data[k++]);
+    }
+    out.contents = std::move(*rec);
+    out.from_next = found_as == 1;
+    return std::move(out);
+  };
   if (!refcounts) {
     out.state = "pending";
     out.detail =
         fmt::format("{} is valid: {} chunk(s) of {} bytes marked; the next writable open recovers {} bitmap(s)",
                     intent.name, rec->chunks.size(), rec->chunk_size, n);
-    return out;
+    return held();
   }
   // One header switch stores them consistent, sets AUTOCLEAR_BITMAPS and
   // clears AUTOCLEAR_QNBD_INTENT; a crash before it leaves the record valid.
-  QNBD_TRY(rewrite_bitmap_directory(file, h, *refcounts, *directory, updated));
+  if (auto stored = rewrite_bitmap_directory(file, h, *refcounts, *directory, updated); !stored) {
+    out.state = "unstored";
+    out.detail = fmt::format("cannot store the {} recovered bitmap(s): {}", n, stored.error().message);
+    out.error_code = stored.error().code;
+    return held();
+  }
   header = std::move(h);
   out.state = "recovered";
   out.detail = fmt::format("{} bitmap(s) recovered from {} ({} chunk(s) of {} bytes marked)", n, intent.name,

@@ -100,12 +100,24 @@ struct LiveRewrite {
 // found in_use stay inconsistent, as without the feature). Returns a line
 // for logs and `info`: what was found and done ("" if the bit was clear).
 struct IntentRecovery {
-  std::string state;     // "none", "off", "recovered", "pending", "stale", "missing"
-  std::string detail;    // why stale, or what was recovered
+  // "none", "off", "recovered", "pending", "unstored", "stale", "missing"
+  std::string state;
+  std::string detail;    // why stale or unstored, or what was recovered
   bool rewrote = false;  // the directory was rewritten
+  int error_code = 0;    // "unstored": the rewrite's errno
+  // "pending" and "unstored" (a trusted record, nothing stored): per
+  // directory entry the recovered contents of each tracked bitmap (null
+  // for the others), the record as read, and whether it was found under
+  // the next record's name.
+  std::vector<std::unique_ptr<DirtyBitmap>> recovered;
+  IntentContents contents;
+  bool from_next = false;
 };
 // With refcounts null (a read-only open) nothing is written: a trusted
-// record is reported as "pending".
+// record is reported as "pending". "unstored": the rewrite failed (a full
+// disk, an I/O error) part-way; the file then holds what a crash at that
+// point would leave, and the caller's in-memory header and refcounts may
+// not match it (Qcow2Image reloads them).
 [[nodiscard]] Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts* refcounts,
                                                          std::uint64_t file_size, const IntentAccess& intent);
 
@@ -146,6 +158,15 @@ class BitmapStore {
   // under the image's metadata mutex. `header` is the image's header (updated
   // in place).
   [[nodiscard]] Result<void> store(Refcounts& refcounts, Header& header);
+
+  // Continue a crashed session's armed state (docs/crash-safe-bitmaps.md,
+  // "When recovery cannot store"): the directory on disk has the tracked
+  // bitmaps in_use and `record` covers every change since their last
+  // store. `recovered` (one per directory entry, null where untracked)
+  // holds their stored contents OR the record's chunks; they are exported
+  // and marked as if loaded consistent, writes mark `record`, and store()
+  // at close writes them and retires it. Call before any write.
+  void adopt(std::unique_ptr<IntentRecord> record, std::vector<std::unique_ptr<DirtyBitmap>> recovered);
 
   // ---- Live edits (bitmap_live.cpp) ----
   // A validated edit; holds edit_mutex_ so live edits of one image run one

@@ -154,6 +154,75 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
   return img;
 }
 
+Result<bool> Qcow2Image::continue_unstored_recovery(const IntentRecovery& failed) {
+  // The failed rewrite may have left allocations in the refcount cache, or
+  // a moved refcount table, that never reached the file; what the file
+  // holds is a state its crash ordering makes consistent (a crash at the
+  // failing call leaves the same). So read everything again, as a fresh
+  // open would; the guest's tables (L1, snapshots) are not touched by it.
+  file_size_ = QNBD_TRY(file_->size());
+  header_ = QNBD_TRY(read_header(*file_, file_size_));
+  QNBD_TRY(check_metadata_overlaps(header_));
+  bitmaps_ = QNBD_TRY(read_bitmap_directory(*file_, header_, file_size_));
+  bitmap_store_ = std::make_unique<BitmapStore>(*file_, header_, bitmaps_, file_size_, true, intent_);
+  RefcountGeometry rg{header_.cluster_bits, header_.refcount_order};
+  refcounts_ = std::make_unique<Refcounts>(
+      QNBD_TRY(Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters)));
+  QNBD_TRY(build_metadata_map());
+  l2_cache_->set_dependency(&refcounts_->block_cache());
+
+  IntentRecovery now = QNBD_TRY(recover_from_intent(*file_, header_, nullptr, file_size_, intent_));
+  const Error store_error{failed.error_code ? failed.error_code : EIO, failed.detail};
+  if (now.state == "none") {
+    // The header switch was written before the failure (a sync after it,
+    // or freeing the old clusters, failed): the bitmaps are stored
+    // consistent and the old clusters may leak. The record is removed once
+    // the switch is known durable; until then a power loss may bring back
+    // the old header, which the record still matches.
+    intent_state_ = "recovered";
+    intent_detail_ = fmt::format("bitmaps stored, then the rewrite failed ({}); clusters may leak", failed.detail);
+    log::warn("{}: {}", path_, intent_detail_);
+    if (file_->flush() && intent_.remove) intent_.remove();
+    return false;
+  }
+  if (now.state != "pending" || !intent_.open_writable) return store_error;
+  if (now.contents.before_marking) {
+    // A crash inside arming, before the directory switched to in_use
+    // (docs/crash-safe-bitmaps.md, arming step 2): no guest write was
+    // issued and the directory holds the bitmaps as stored consistent, so
+    // finishing the recovery needs no new cluster: AUTOCLEAR_BITMAPS set
+    // and AUTOCLEAR_QNBD_INTENT cleared in one in-place write.
+    std::byte raw[8];
+    QNBD_TRY(file_->read_exact(raw, 88, "header"));
+    store_be64(raw, (load_be64(raw) | AUTOCLEAR_BITMAPS) & ~AUTOCLEAR_QNBD_INTENT);
+    QNBD_TRY(file_->pwrite(raw, 88));
+    QNBD_TRY(file_->flush());
+    header_ = QNBD_TRY(read_header(*file_, file_size_));
+    bitmaps_ = QNBD_TRY(read_bitmap_directory(*file_, header_, file_size_));
+    bitmap_store_ = std::make_unique<BitmapStore>(*file_, header_, bitmaps_, file_size_, true, intent_);
+    register_bitmaps();
+    if (intent_.remove) intent_.remove();
+    intent_state_ = "recovered";
+    intent_detail_ = fmt::format("arming was interrupted and no bitmap changed; {}", failed.detail);
+    log::warn("{}: {}", path_, intent_detail_);
+    return false;
+  }
+  // The armed state of the crashed session, as on disk: the tracked
+  // bitmaps in_use, the record covering every change since their last
+  // store. Keep it armed and hold the recovered contents in memory; the
+  // store at close writes them (and retires the record) once there is room.
+  if (now.from_next) QNBD_TRY(intent_.promote_next());
+  std::unique_ptr<File> f = QNBD_TRY(intent_.open_writable());
+  auto record = QNBD_TRY(
+      IntentRecord::adopt(std::move(f), now.contents, header_.size, static_cast<std::uint32_t>(bitmaps_.size())));
+  bitmap_store_->adopt(std::move(record), std::move(now.recovered));
+  intent_state_ = "kept";
+  intent_detail_ =
+      fmt::format("{}; they are held in memory and stored at close, and the record stays armed", failed.detail);
+  log::warn("{}: {}", path_, intent_detail_);
+  return true;
+}
+
 // qemu-nbd -l: the snapshot's L1 table becomes the one reads walk, as
 // qcow2_snapshot_load_tmp switches it (qcow2.txt "Snapshots": each
 // snapshot keeps its own L1 table; its L2 tables and clusters are shared

@@ -114,7 +114,7 @@ class Qcow2Image final : public BlockDevice {
   const Header& header() const { return header_; }
   const std::vector<BitmapInfo>& bitmaps() const { return bitmaps_; }
   // The write-intent record as found at open ("none", "pending",
-  // "recovered", "stale", "missing") and why.
+  // "recovered", "kept", "stale", "missing") and why.
   const std::string& intent_state() const { return intent_state_; }
   const std::string& intent_detail() const { return intent_detail_; }
   const std::vector<SnapshotInfo>& snapshots() const { return snapshots_; }
@@ -172,6 +172,13 @@ class Qcow2Image final : public BlockDevice {
     bool by_request = false;
   };
   Result<void> init_writer();
+  // init_writer, when recovery could not store the recovered bitmaps
+  // ("unstored"): read the header, refcounts and bitmap directory again
+  // and keep the crashed session's record armed if it still covers the
+  // directory on disk (docs/crash-safe-bitmaps.md, "When recovery cannot
+  // store"). Sets intent_state_ and logs. Returns whether the record is
+  // kept (AUTOCLEAR_QNBD_INTENT must then stay set); an error fails the open.
+  Result<bool> continue_unstored_recovery(const IntentRecovery& failed);
   Result<void> load_snapshot_l1(const SnapshotRef& ref);
   Result<void> repair_dirty_image(File& file);
   Result<void> check_writable(std::uint64_t offset, std::uint64_t length, const char* what);
@@ -233,7 +240,8 @@ class Qcow2Image final : public BlockDevice {
   std::unique_ptr<BitmapStore> bitmap_store_;  // always set after open
   IntentAccess intent_;
   // What the open found about the write-intent record: "none", "pending"
-  // (read-only open of a crashed image), "recovered", "stale", "missing".
+  // (read-only open of a crashed image), "recovered", "kept" (recovery
+  // could not store; the record stays armed), "stale", "missing".
   std::string intent_state_ = "none";
   std::string intent_detail_;
   WriteGate gate_;

@@ -73,7 +73,10 @@ Result<void> Qcow2Image::init_writer() {
   // recovery): before the unknown autoclear bits are cleared below, since
   // that bit is what says the record can be trusted.
   IntentRecovery rec = QNBD_TRY(recover_from_intent(*file_, header_, refcounts_.get(), file_size_, intent_));
-  if (rec.state != "none") {
+  bool keep_intent = false;
+  if (rec.state == "unstored") {
+    keep_intent = QNBD_TRY(continue_unstored_recovery(rec));
+  } else if (rec.state != "none") {
     intent_state_ = rec.state;
     intent_detail_ = rec.detail;
     if (rec.rewrote) {
@@ -94,8 +97,10 @@ Result<void> Qcow2Image::init_writer() {
   });
   // Unknown autoclear bits mean another writer's structures we do not
   // maintain: clear them (qcow2.txt "Header", as QEMU on a writable open).
-  if (header_.version >= 3 && (header_.autoclear_features & ~AUTOCLEAR_MASK)) {
-    header_.autoclear_features &= AUTOCLEAR_MASK;
+  // A record kept armed is ours and stays trusted.
+  const std::uint64_t known = AUTOCLEAR_MASK | (keep_intent ? AUTOCLEAR_QNBD_INTENT : 0);
+  if (header_.version >= 3 && (header_.autoclear_features & ~known)) {
+    header_.autoclear_features &= known;
     QNBD_TRY(write_be64_at(*file_, kAutoclearFeaturesOffset, header_.autoclear_features));
     QNBD_TRY(file_->flush());
   }

@@ -7,12 +7,16 @@
 // inconsistent the same way. The undamaged record must be recovered from.
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <string>
 
 #include "common/endian.hpp"
+#include "image/io/fault_file.hpp"
+#include "image/io/forwarding_file.hpp"
 #include "image/io/mem_file.hpp"
 #include "image/qcow2/bitmap_edit.hpp"
 #include "image/qcow2/bitmap_intent.hpp"
+#include "image/qcow2/check.hpp"
 #include "image/qcow2/create.hpp"
 #include "image/qcow2/qcow2_image.hpp"
 
@@ -224,5 +228,227 @@ TEST_CASE("intent record: a damaged record is refused and the bitmaps stay as wi
     store_be32(r.data() + 60, 1u << 30);
     reseal(r);
     expect_refused(r, "another bitmap directory");
+  }
+}
+
+// ---- A recovery that cannot store (docs/crash-safe-bitmaps.md, "When
+// recovery cannot store"): the open still serves the image, keeps the
+// crashed session's record armed and the recovered bitmaps in memory, and
+// the store at close (or the next open, after another crash) still finds
+// every change.
+
+namespace {
+
+// A disk that fills up: any pwrite or truncate that would take the file
+// past `room` fails with ENOSPC (the usual way a store fails: the file
+// cannot grow). Overwrites inside it succeed.
+class Filling final : public File {
+ public:
+  explicit Filling(File& f) : f_(f) {}
+  std::uint64_t room = UINT64_MAX;
+  Result<std::size_t> pread(std::span<std::byte> b, std::uint64_t o) override { return f_.pread(b, o); }
+  Result<void> pwrite(std::span<const std::byte> b, std::uint64_t o) override {
+    if (o + b.size() > room) return make_error(ENOSPC, "no space left on device (test)");
+    return f_.pwrite(b, o);
+  }
+  Result<void> flush() override { return f_.flush(); }
+  Result<void> truncate(std::uint64_t s) override {
+    if (s > room) return make_error(ENOSPC, "no space left on device (test)");
+    return f_.truncate(s);
+  }
+  Result<std::uint64_t> size() override { return f_.size(); }
+  const std::string& name() const override { return f_.name(); }
+
+ private:
+  File& f_;
+};
+
+// The record of one test: a shared in-memory file behind every name.
+struct RecordFiles {
+  MemFile rec{"c.qcow2.qnbd-intent"};
+  bool removed = false;
+  q::IntentAccess access() {
+    q::IntentAccess a;
+    a.name = rec.name();
+    a.chunk_size = kChunk;
+    a.open = [this](bool create) -> Result<std::unique_ptr<File>> {
+      if (create) REQUIRE(rec.truncate(0));
+      if (removed && !create) return std::unique_ptr<File>();
+      removed = false;
+      return std::unique_ptr<File>(std::make_unique<Lent>(rec));
+    };
+    a.open_writable = [this]() -> Result<std::unique_ptr<File>> {
+      return std::unique_ptr<File>(std::make_unique<Lent>(rec));
+    };
+    a.remove = [this] { removed = true; };
+    return a;
+  }
+};
+
+Result<std::unique_ptr<q::Qcow2Image>> open_with(std::unique_ptr<File> file, RecordFiles& r) {
+  q::Qcow2Image::Parts parts;
+  parts.file = std::move(file);
+  parts.path = "c.qcow2";
+  parts.intent = r.access();
+  return q::Qcow2Image::open(std::move(parts), writable());
+}
+
+// The dirty 64 KiB granules of bitmap `name` (granularity 64 KiB), by index.
+std::vector<std::uint64_t> dirty_granules(q::Qcow2Image& img, const std::string& name) {
+  auto h = img.export_bitmap(name);
+  REQUIRE_MESSAGE(h, (h ? "" : h.error().message));
+  std::vector<std::uint64_t> out;
+  std::uint64_t at = 0;
+  while (at < kSize) {
+    BitmapExtent e[64];
+    auto n = img.bitmap_status(*h, at, kSize - at, e);
+    REQUIRE(n);
+    REQUIRE(*n > 0);
+    for (std::size_t i = 0; i < *n; ++i) {
+      if (e[i].dirty) {
+        for (std::uint64_t g = at / kChunk; g < (at + e[i].length) / kChunk; ++g) out.push_back(g);
+      }
+      at += e[i].length;
+    }
+  }
+  return out;
+}
+
+// The image read back with no fault, read-only: each bitmap consistent
+// and its dirty granules; no corruption and no leak in the file.
+std::vector<std::vector<std::uint64_t>> stored_bitmaps(const std::vector<std::byte>& image, bool may_leak = false) {
+  MemFile copy("c.qcow2", image);
+  auto c = q::check_qcow2(copy, q::RepairMode::none, {});
+  REQUIRE(c);
+  CHECK(c->corruptions == 0);
+  if (!may_leak) CHECK(c->leaks == 0);
+  q::Qcow2Image::Parts parts;
+  parts.file = std::make_unique<Lent>(copy);
+  parts.path = "c.qcow2";
+  auto img = q::Qcow2Image::open(std::move(parts), OpenOptions{});
+  REQUIRE_MESSAGE(img, (img ? "" : img.error().message));
+  std::vector<std::vector<std::uint64_t>> out;
+  for (const auto& b : (*img)->bitmaps()) {
+    CHECK_FALSE(b.in_use);
+    out.push_back(dirty_granules(**img, b.name));
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("intent record: on a full disk the open keeps the record armed and stores the bitmaps at close") {
+  MemFile file("c.qcow2", crash().image);
+  RecordFiles r;
+  REQUIRE(r.rec.pwrite(crash().record, 0));
+  auto filling = std::make_unique<Filling>(file);
+  Filling& disk = *filling;
+  disk.room = file.size().value();  // full: the file cannot grow
+  auto img = open_with(std::move(filling), r);
+  REQUIRE_MESSAGE(img, (img ? "" : img.error().message));
+  q::Qcow2Image& i = **img;
+  INFO("detail: ", i.intent_detail());
+  CHECK(i.intent_state() == "kept");
+  CHECK(i.intent_detail().find("No space left") == std::string::npos);  // our wording, not strerror
+  CHECK(i.intent_detail().find("no space left on device (test)") != std::string::npos);
+  CHECK(i.info().intent_record == "armed");
+  // The write before the crash (4 KiB at 1 MiB: chunk 16) is in both.
+  CHECK(dirty_granules(i, "b0") == std::vector<std::uint64_t>{16});
+  CHECK(dirty_granules(i, "b1") == std::vector<std::uint64_t>{16});
+
+  // Overwriting an allocated cluster needs no room; it is served.
+  std::vector<std::byte> data(4096, std::byte{0x33});
+  REQUIRE(i.write(data, 1u << 20, false));
+  // Room again: an allocating write at 5 MiB (chunk 80) marks the kept
+  // record before it is issued, so a crash now still finds it.
+  disk.room = UINT64_MAX;
+  REQUIRE(i.write(data, 5u << 20, false));
+  CHECK(dirty_granules(i, "b0") == std::vector<std::uint64_t>{16, 80});
+  {
+    MemFile crashed("c.qcow2", file.contents());
+    RecordFiles r2;
+    REQUIRE(r2.rec.pwrite(r.rec.contents(), 0));
+    auto again = open_with(std::make_unique<Lent>(crashed), r2);
+    REQUIRE_MESSAGE(again, (again ? "" : again.error().message));
+    CHECK((*again)->intent_state() == "recovered");
+    REQUIRE((*again)->close());
+    CHECK(r2.removed);
+    CHECK(stored_bitmaps(crashed.contents()) == std::vector<std::vector<std::uint64_t>>{{16, 80}, {16, 80}});
+  }
+  // The clean close stores them consistent and retires the record.
+  REQUIRE(i.close());
+  CHECK(r.removed);
+  CHECK(stored_bitmaps(file.contents()) == std::vector<std::vector<std::uint64_t>>{{16, 80}, {16, 80}});
+}
+
+namespace {
+
+// The calls FaultFile counts with op_mutating | op_flush, in order: true
+// for the write of the header (offset 0).
+class HeaderWriteRecorder final : public ForwardingFile {
+ public:
+  using ForwardingFile::ForwardingFile;
+  std::vector<bool> header_write;
+  Result<void> pwrite(std::span<const std::byte> b, std::uint64_t o) override {
+    header_write.push_back(o == 0);
+    return ForwardingFile::pwrite(b, o);
+  }
+  Result<void> flush() override { return note(ForwardingFile::flush()); }
+  Result<void> truncate(std::uint64_t s) override { return note(ForwardingFile::truncate(s)); }
+  Result<void> write_zeroes(std::uint64_t o, std::uint64_t n, bool u) override {
+    return note(ForwardingFile::write_zeroes(o, n, u));
+  }
+  Result<void> write_zeroes_fast(std::uint64_t o, std::uint64_t n, bool u) override {
+    return note(ForwardingFile::write_zeroes_fast(o, n, u));
+  }
+  Result<void> discard(std::uint64_t o, std::uint64_t n) override { return note(ForwardingFile::discard(o, n)); }
+
+ private:
+  Result<void> note(Result<void> r) {
+    header_write.push_back(false);
+    return r;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("intent record: a recovery that fails at any write or sync still serves and loses no change") {
+  // The writes, truncates and syncs of a recovery that succeeds...
+  std::vector<bool> header_write;
+  {
+    MemFile file("c.qcow2", crash().image);
+    RecordFiles r;
+    REQUIRE(r.rec.pwrite(crash().record, 0));
+    auto recorder = std::make_unique<HeaderWriteRecorder>(std::make_unique<Lent>(file));
+    HeaderWriteRecorder& f = *recorder;
+    auto img = open_with(std::move(recorder), r);
+    REQUIRE(img);
+    CHECK((*img)->intent_state() == "recovered");
+    header_write = f.header_write;
+  }
+  const std::uint64_t calls = header_write.size();
+  const auto switch_at = std::find(header_write.begin(), header_write.end(), true);
+  REQUIRE(switch_at != header_write.end());
+  const std::uint64_t header_call = static_cast<std::uint64_t>(switch_at - header_write.begin()) + 1;
+  REQUIRE(header_call > 5);
+  // ...then fail each one in turn (once, ENOSPC). Until the header write
+  // the new clusters are given back; from it on they may leak.
+  for (std::uint64_t n = 1; n <= calls; ++n) {
+    CAPTURE(n);
+    MemFile file("c.qcow2", crash().image);
+    RecordFiles r;
+    REQUIRE(r.rec.pwrite(crash().record, 0));
+    FaultFile::Plan plan;
+    plan.ops = FaultFile::op_mutating | FaultFile::op_flush;
+    plan.error = ENOSPC;
+    plan.fail_nth = n;
+    auto img = open_with(std::make_unique<FaultFile>(std::make_unique<Lent>(file), plan), r);
+    REQUIRE_MESSAGE(img, (img ? "" : img.error().message));
+    const std::string state = (*img)->intent_state();
+    CHECK((state == "kept" || state == "recovered"));
+    CHECK(dirty_granules(**img, "b0") == std::vector<std::uint64_t>{16});
+    REQUIRE((*img)->close());
+    CHECK(r.removed);
+    CHECK(stored_bitmaps(file.contents(), n >= header_call) == std::vector<std::vector<std::uint64_t>>{{16}, {16}});
   }
 }
