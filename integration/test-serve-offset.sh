@@ -87,9 +87,11 @@ diff "$T/qemu-nbd.info" "$T/qnbd.info" || fail "qcow2 -o: nbdinfo or a map diffe
 grep -qE '^ +[0-9]+ +[0-9]+ +1 +hole$' "$T/qnbd.info" || fail "qcow2 -o: no backing range mapped as a hole that is not zero"
 cmp "$T/out-qemu-nbd.bin" "$T/out-qnbd.bin" || fail "qcow2 -o: bytes differ from qemu-nbd's"
 qemu-img compare -q "$T/top-qemu-nbd.qcow2" "$T/top-qnbd.qcow2" || fail "qcow2 -o: the guest disk after the writes differs"
-verified=$(qemu-io -r -c 'read -P 0xb1 1M 64k' -c 'read -P 0xb2 11M 4k' -c 'read -P 0xb3 0x3ff0000 64k' \
-  "$T/top-qnbd.qcow2" 2>&1 | grep -c '^read ')
-expect_eq "$verified" 3 "qcow2 -o: the writes read back at guest offset + 1 MiB"
+# qemu-io prints a "read" line after a pattern mismatch too, and exits 1:
+out=$(qemu-io -r -c 'read -P 0xb1 1M 64k' -c 'read -P 0xb2 11M 4k' -c 'read -P 0xb3 0x3ff0000 64k' \
+  "$T/top-qnbd.qcow2" 2>&1) || fail "qcow2 -o: the writes do not read back at guest offset + 1 MiB: $out"
+[[ $out != *"verification failed"* ]] || fail "qcow2 -o: pattern mismatch: $out"
+expect_eq "$(grep -c '^read ' <<<"$out")" 3 "qcow2 -o: the writes read back at guest offset + 1 MiB"
 qemu-img check -q "$T/top-qnbd.qcow2" || fail "qcow2 -o: check after the writes"
 echo "qcow2 -o 1M -A: as qemu-nbd"
 

@@ -13,9 +13,12 @@
 #     alone, each request completes within the time bound (whole empty L2
 #     spans are skipped). (Before: hours; SIGTERM hung in the pool's join.)
 #     The same over a 1 MiB backing file.
+#  4. SIGHUP stops qnbd as SIGTERM does (qemu-nbd too): an unflushed WRITE
+#     is in the image and the bitmap is stored.
 set -euo pipefail
 source "$(dirname "$0")/lib-serve.sh"
-requires qemu-img qemu-nbd nbdinfo python3 timeout
+requires qemu-img qemu-nbd qemu-io nbdinfo python3 timeout
+requires_python_nbd
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$TMPDIR_TEST"
 
@@ -164,5 +167,37 @@ for req in "6 write-zeroes" "4 trim" "6 write-zeroes-backed" "4 trim-backed"; do
   qemu-img check -q "p-$name.qcow2" || fail "p-$name.qcow2 does not pass qemu-img check"
   size=$(stat -c %s "p-$name.qcow2")
   ((size < 64 << 20)) || fail "p-$name.qcow2 grew to $size bytes"
+done
+
+# ---- 4. SIGHUP: the terminal or ssh session went away -----------------------
+# A stop like SIGTERM's, as qemu-nbd's: a WRITE the client never flushed
+# (its L2 entry only in the server's cache) is in the image afterwards, and
+# the bitmap is stored with it. (Before: death by SIGHUP, the write lost
+# and b0 left in_use.)
+hup_write() {  # URI: 4 KiB of 0x22 at 1 MiB, no FLUSH
+  "$PY" - "$1" <<'PY'
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\x22" * 4096, 1 << 20)
+h.shutdown()
+PY
+}
+for tool in qemu-nbd qnbd; do
+  mkimg "h-$tool.qcow2"
+  start_tool "$tool" -f qcow2 "h-$tool.qcow2"
+  hup_write "nbd+unix:///?socket=$TMPDIR_TEST/s.sock"
+  kill -HUP "$SERVER_PID"
+  st=0
+  wait "$SERVER_PID" || st=$?
+  unset "_live_servers[$SERVER_PID]"
+  echo "$tool: status $st after SIGHUP, bitmap flags $(bitmap_flags "h-$tool.qcow2")"
+  expect_eq "$st" 0 "$tool: exit status after SIGHUP"
+  expect_eq "$(bitmap_flags "h-$tool.qcow2")" "auto" "$tool: bitmap flags after SIGHUP"
+  # (qemu-io prints "read 4096/4096" even after a pattern mismatch.)
+  out=$(qemu-io -r -f qcow2 -c "read -P 0x22 1M 4k" "h-$tool.qcow2")
+  [[ $out == *"read 4096/4096"* && $out != *"verification failed"* ]] ||
+    fail "$tool: the unflushed write is not in the image after SIGHUP: $out"
+  qemu-img check -q "h-$tool.qcow2" || fail "h-$tool.qcow2 does not pass qemu-img check"
 done
 echo "PASS"

@@ -314,7 +314,7 @@ class Server : public ExportCatalog, public ControlTarget {
   explicit Server(ServerOptions opts)
       : opts_(std::move(opts)), threads_(opts_.threads ? opts_.threads : usable_cpus()), ctx_(1),
         pool_(std::max(kMinBlockingThreads, threads_)), strand_(asio::make_strand(ctx_)),
-        signals_(ctx_, SIGINT, SIGTERM), slot_freed_(strand_), drained_(strand_) {
+        signals_(ctx_, SIGINT, SIGTERM, SIGHUP), slot_freed_(strand_), drained_(strand_) {
     slot_freed_.expires_at(asio::steady_timer::time_point::max());
     // One io_context per io thread, each run by that thread alone: a
     // connection lives on one of them (round robin), so its reads, inline

@@ -156,7 +156,7 @@ Result<int> run_server(ServerOptions options) {
     QNBD_TRY(server.listen());
     status = server.run();
     // The server has ended (images closed, status known) and run() joined
-    // every thread it started. A SIGINT or SIGTERM arriving now asks for
+    // every thread it started. A SIGINT, SIGTERM or SIGHUP arriving now asks for
     // what is already happening: block them, so neither the signal_set's
     // removal (which restores the default action, death by signal) nor
     // the caller's last steps (pid file removal) turn a clean end into a
@@ -165,6 +165,7 @@ Result<int> run_server(ServerOptions options) {
     sigemptyset(&stop_signals);
     sigaddset(&stop_signals, SIGINT);
     sigaddset(&stop_signals, SIGTERM);
+    sigaddset(&stop_signals, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   }
   return status;

@@ -1,4 +1,4 @@
-// Shutdown and signals: the first SIGINT/SIGTERM (or the last client of a
+// Shutdown and signals: the first SIGINT/SIGTERM/SIGHUP (or the last client of a
 // non-persistent server) closes the listeners, lets sessions answer what
 // they received, cuts off clients that do not read within the grace, waits
 // for the disk work, closes the exports and stops the io threads. A second
@@ -92,7 +92,7 @@ void Server::handle_signal(int sig) {
     log::warn("second signal, exiting immediately");
     ::_exit(1);
   }
-  begin_shutdown(sig == SIGINT ? "SIGINT" : "SIGTERM");
+  begin_shutdown(sig == SIGINT ? "SIGINT" : sig == SIGHUP ? "SIGHUP" : "SIGTERM");
   signals_.async_wait([this](boost::system::error_code ec, int s) {
     if (!ec) handle_signal(s);
   });
