@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -401,6 +402,12 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
 }
 
 int serve(const ServeArgs& a) {
+  // A log line to a stderr pipe whose reader went away (`2>&1 | logger`,
+  // a log collector restarted) must not kill the server mid-request or
+  // mid-shutdown, losing unflushed writes and leaving bitmaps in_use: the
+  // write fails with EPIPE instead. qemu-nbd ignores SIGPIPE too. Sockets
+  // never raise it (Asio sends with MSG_NOSIGNAL).
+  ::signal(SIGPIPE, SIG_IGN);
   log::init(a.verbose);
   auto opts = build_options(a);
   if (!opts) {

@@ -15,6 +15,8 @@
 #     The same over a 1 MiB backing file.
 #  4. SIGHUP stops qnbd as SIGTERM does (qemu-nbd too): an unflushed WRITE
 #     is in the image and the bitmap is stored.
+#  5. The same after SIGTERM with stderr on a pipe that has no reader
+#     (SIGPIPE ignored, as qemu-nbd).
 set -euo pipefail
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-nbd qemu-io nbdinfo python3 timeout
@@ -199,5 +201,39 @@ for tool in qemu-nbd qnbd; do
   [[ $out == *"read 4096/4096"* && $out != *"verification failed"* ]] ||
     fail "$tool: the unflushed write is not in the image after SIGHUP: $out"
   qemu-img check -q "h-$tool.qcow2" || fail "h-$tool.qcow2 does not pass qemu-img check"
+done
+
+# ---- 5. stderr is a pipe whose reader went away -----------------------------
+# (`2>&1 | logger`, a log collector restarted.) The shutdown's log line
+# must not kill the server with SIGPIPE: as case 4, exit 0 with the
+# unflushed write in the image and the bitmap stored, as qemu-nbd. (Before:
+# death by SIGPIPE at "shutting down", the write lost, b0 in_use.)
+for tool in qemu-nbd qnbd; do
+  mkimg "p-$tool.qcow2"
+  rm -f errpipe p.pid
+  mkfifo errpipe
+  # The reader opens the pipe (so the server's open of it returns) and
+  # leaves at once; from then on the pipe has no reader.
+  (exec 3<errpipe) &
+  reader=$!
+  if [[ $tool == qemu-nbd ]]; then
+    qemu-nbd -v -t -f qcow2 -k "$TMPDIR_TEST/p.sock" --pid-file p.pid "p-$tool.qcow2" 2>errpipe &
+  else
+    "$QNBD" serve -v -t -f qcow2 -k "$TMPDIR_TEST/p.sock" --pid-file p.pid "p-$tool.qcow2" 2>errpipe &
+  fi
+  pid=$!
+  cleanup_fn "kill -9 $pid 2>/dev/null"
+  wait "$reader" || true
+  wait_ready -s p.pid "$pid" || fail "$tool did not start with stderr on a pipe"
+  hup_write "nbd+unix:///?socket=$TMPDIR_TEST/p.sock"
+  kill -TERM "$pid"
+  st=0
+  wait "$pid" || st=$?
+  echo "$tool: status $st after SIGTERM with a reader-less stderr, bitmap flags $(bitmap_flags "p-$tool.qcow2")"
+  expect_eq "$st" 0 "$tool: exit status after SIGTERM, stderr without a reader"
+  expect_eq "$(bitmap_flags "p-$tool.qcow2")" "auto" "$tool: bitmap flags, stderr without a reader"
+  out=$(qemu-io -r -f qcow2 -c "read -P 0x22 1M 4k" "p-$tool.qcow2")
+  [[ $out == *"read 4096/4096"* && $out != *"verification failed"* ]] ||
+    fail "$tool: the unflushed write is not in the image: $out"
 done
 echo "PASS"
