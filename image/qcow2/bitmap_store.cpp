@@ -319,6 +319,23 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
   return ok();
 }
 
+Result<void> set_in_use_flags(std::span<std::byte> dir, const std::vector<bool>& which, bool in_use) {
+  // The directory was validated when read and only qnbd writes it; walk
+  // the entries again to find each one's flags field.
+  std::uint64_t pos = 0;
+  for (std::size_t i = 0; i < which.size(); ++i) {
+    if (pos + 24 > dir.size()) return make_error(EIO, "bitmap directory changed under us");
+    std::byte* p = dir.data() + pos;
+    const std::uint64_t len = align_up(24ull + load_be32(p + 20) + load_be16(p + 18), 8);
+    if (which[i]) {
+      const std::uint32_t flags = load_be32(p + 12);
+      store_be32(p + 12, in_use ? flags | BME_FLAG_IN_USE : flags & ~BME_FLAG_IN_USE);
+    }
+    pos += len;
+  }
+  return ok();
+}
+
 Result<void> BitmapStore::store(Refcounts& refcounts, Header& header) {
   return write_directory(refcounts, header, /*closing=*/true);
 }
@@ -419,18 +436,9 @@ Result<void> BitmapStore::mark_in_use_locked() {
     std::vector<std::byte> dir(static_cast<std::size_t>(ext.bitmap_directory_size));
     QNBD_TRY(file_.read_exact(dir, ext.bitmap_directory_offset, "bitmap directory"));
     const std::uint64_t checksum_before = fnv1a64(dir);
-    // The directory was validated at open and only we write it; walk the
-    // entries again to find each one's flags field.
-    std::uint64_t pos = 0;
-    for (std::size_t i = 0; i < entries_.size(); ++i) {
-      if (pos + 24 > dir.size()) return make_error(EIO, "bitmap directory changed under us");
-      std::byte* p = dir.data() + pos;
-      const std::uint64_t len = align_up(24ull + load_be32(p + 20) + load_be16(p + 18), 8);
-      if (std::find(tracking.begin(), tracking.end(), i) != tracking.end()) {
-        store_be32(p + 12, load_be32(p + 12) | BME_FLAG_IN_USE);
-      }
-      pos += len;
-    }
+    std::vector<bool> tracked(entries_.size());
+    for (std::size_t i : tracking) tracked[i] = true;
+    QNBD_TRY(set_in_use_flags(dir, tracked, true));
     // Crash outcomes without a record: after step 1 the extension is
     // ignored (all bitmaps lost as inconsistent, clusters leak); after step
     // 2 the same; after step 3 the tracked bitmaps read as in_use
@@ -452,8 +460,6 @@ Result<void> BitmapStore::mark_in_use_locked() {
                         fnv1a64(dir),
                         checksum_before,
                         static_cast<std::uint32_t>(entries_.size())};
-      std::vector<bool> tracked(entries_.size());
-      for (std::size_t i : tracking) tracked[i] = true;
       // A next record left by a crash inside a live edit (recovered or
       // retired since) must not outlive this arming.
       if (intent_.remove_next) intent_.remove_next();
@@ -594,6 +600,8 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
     }
     out.contents = std::move(*rec);
     out.from_next = found_as == 1;
+    out.directory_offset = ext.bitmap_directory_offset;
+    out.directory_size = ext.bitmap_directory_size;
     return std::move(out);
   };
   if (!refcounts) {

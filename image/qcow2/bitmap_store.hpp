@@ -112,6 +112,10 @@ struct IntentRecovery {
   std::vector<std::unique_ptr<DirtyBitmap>> recovered;
   IntentContents contents;
   bool from_next = false;
+  // Where the directory the record matches is (the header's extension,
+  // read even while AUTOCLEAR_BITMAPS is clear: a crash inside arming).
+  std::uint64_t directory_offset = 0;
+  std::uint64_t directory_size = 0;
 };
 // With refcounts null (a read-only open) nothing is written: a trusted
 // record is reported as "pending". "unstored": the rewrite failed (a full
@@ -120,6 +124,10 @@ struct IntentRecovery {
 // not match it (Qcow2Image reloads them).
 [[nodiscard]] Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts* refcounts,
                                                          std::uint64_t file_size, const IntentAccess& intent);
+
+// Set or clear in_use (qcow2.txt "Bitmap directory", flags bit 0) in
+// `dir`, the bytes of a bitmap directory, for each entry i with which[i].
+[[nodiscard]] Result<void> set_in_use_flags(std::span<std::byte> dir, const std::vector<bool>& which, bool in_use);
 
 class BitmapStore {
  public:

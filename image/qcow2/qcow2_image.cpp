@@ -186,12 +186,20 @@ Result<bool> Qcow2Image::continue_unstored_recovery(const IntentRecovery& failed
     return false;
   }
   if (now.state != "pending" || !intent_.open_writable) return store_error;
-  if (now.contents.before_marking) {
-    // A crash inside arming, before the directory switched to in_use
-    // (docs/crash-safe-bitmaps.md, arming step 2): no guest write was
-    // issued and the directory holds the bitmaps as stored consistent, so
-    // finishing the recovery needs no new cluster: AUTOCLEAR_BITMAPS set
-    // and AUTOCLEAR_QNBD_INTENT cleared in one in-place write.
+  if (now.contents.chunks.empty()) {
+    // No request was issued since arming (a request marks its chunks
+    // first, and marks start after arming's step 4), so the stored
+    // contents are exact and finishing needs no new cluster: the tracked
+    // entries' in_use cleared in place (arming's step 3 undone: the
+    // record matches the directory with and without it), then one write
+    // of the autoclear word sets AUTOCLEAR_BITMAPS and clears
+    // AUTOCLEAR_QNBD_INTENT. This also covers a crash inside arming, when
+    // AUTOCLEAR_BITMAPS is still clear.
+    std::vector<std::byte> dir(static_cast<std::size_t>(now.directory_size));
+    QNBD_TRY(file_->read_exact(dir, now.directory_offset, "bitmap directory"));
+    QNBD_TRY(set_in_use_flags(dir, now.contents.tracked, false));
+    QNBD_TRY(file_->pwrite(dir, now.directory_offset));
+    QNBD_TRY(file_->flush());
     std::byte raw[8];
     QNBD_TRY(file_->read_exact(raw, 88, "header"));
     store_be64(raw, (load_be64(raw) | AUTOCLEAR_BITMAPS) & ~AUTOCLEAR_QNBD_INTENT);
@@ -203,15 +211,21 @@ Result<bool> Qcow2Image::continue_unstored_recovery(const IntentRecovery& failed
     register_bitmaps();
     if (intent_.remove) intent_.remove();
     intent_state_ = "recovered";
-    intent_detail_ = fmt::format("arming was interrupted and no bitmap changed; {}", failed.detail);
+    intent_detail_ =
+        fmt::format("no change since the record was armed; the bitmaps were finished in place ({})", failed.detail);
     log::warn("{}: {}", path_, intent_detail_);
     return false;
   }
+  // Marks exist only once arming has set AUTOCLEAR_BITMAPS again.
+  if (!header_.bitmaps || !(header_.autoclear_features & AUTOCLEAR_BITMAPS)) return store_error;
   // The armed state of the crashed session, as on disk: the tracked
   // bitmaps in_use, the record covering every change since their last
   // store. Keep it armed and hold the recovered contents in memory; the
   // store at close writes them (and retires the record) once there is room.
-  if (now.from_next) QNBD_TRY(intent_.promote_next());
+  if (now.from_next) {
+    if (!intent_.promote_next) return store_error;
+    QNBD_TRY(intent_.promote_next());
+  }
   std::unique_ptr<File> f = QNBD_TRY(intent_.open_writable());
   auto record = QNBD_TRY(
       IntentRecord::adopt(std::move(f), now.contents, header_.size, static_cast<std::uint32_t>(bitmaps_.size())));

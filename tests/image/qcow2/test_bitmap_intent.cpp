@@ -18,6 +18,7 @@
 #include "image/qcow2/bitmap_intent.hpp"
 #include "image/qcow2/check.hpp"
 #include "image/qcow2/create.hpp"
+#include "image/qcow2/header.hpp"
 #include "image/qcow2/qcow2_image.hpp"
 
 using namespace qnbd;
@@ -50,6 +51,7 @@ constexpr std::uint64_t kSize = 8u << 20;
 constexpr std::uint64_t kChunk = 65536;
 
 struct Crash {
+  std::vector<std::byte> before;  // the image before the session's first write
   std::vector<std::byte> image, record;
 };
 
@@ -67,6 +69,7 @@ const Crash& crash() {
       e.ops.push_back({q::BitmapOp::Kind::add, ""});
       REQUIRE(q::edit_bitmaps(file, e));
     }
+    c.before = file.contents();
     MemFile rec("c.qcow2.qnbd-intent");
     q::Qcow2Image::Parts parts;
     parts.file = std::make_unique<Lent>(file);
@@ -450,5 +453,53 @@ TEST_CASE("intent record: a recovery that fails at any write or sync still serve
     REQUIRE((*img)->close());
     CHECK(r.removed);
     CHECK(stored_bitmaps(file.contents(), n >= header_call) == std::vector<std::vector<std::uint64_t>>{{16}, {16}});
+  }
+}
+
+TEST_CASE("intent record: on a full disk a record with no change is finished in place") {
+  // The power went inside arming, or after it and before the first mark:
+  // no request was issued, so the stored contents are exact. Storing them
+  // would need new clusters; undoing in_use and one write of the autoclear
+  // word need none. Three moments: between arming's steps 2 and 3 (the
+  // directory as before, bitmaps bit clear), 3 and 4 (directory in_use,
+  // bitmaps bit clear), and after 4 (both set).
+  MemFile before_file("c.qcow2", crash().before);
+  auto h = q::read_header(before_file, before_file.size().value());
+  REQUIRE(h);
+  REQUIRE(h->bitmaps);
+  const auto dir_at = static_cast<std::ptrdiff_t>(h->bitmaps->bitmap_directory_offset);
+  const auto dir_len = static_cast<std::ptrdiff_t>(h->bitmaps->bitmap_directory_size);
+  std::vector<std::byte> record = crash().record;
+  const std::size_t bits_at = load_be32(record.data() + 60);
+  std::fill(record.begin() + static_cast<std::ptrdiff_t>(bits_at), record.end(), std::byte{0});
+  for (int moment = 0; moment < 3; ++moment) {
+    CAPTURE(moment);
+    std::vector<std::byte> image = crash().before;
+    if (moment >= 1) {  // the armed directory (in_use set in place)
+      std::copy(crash().image.begin() + dir_at, crash().image.begin() + dir_at + dir_len, image.begin() + dir_at);
+    }
+    std::uint64_t autoclear = load_be64(image.data() + 88) | q::AUTOCLEAR_QNBD_INTENT;
+    if (moment < 2) autoclear &= ~std::uint64_t{1};
+    store_be64(image.data() + 88, autoclear);
+    MemFile file("c.qcow2", image);
+    RecordFiles r;
+    REQUIRE(r.rec.pwrite(record, 0));
+    auto filling = std::make_unique<Filling>(file);
+    filling->room = file.size().value();
+    auto img = open_with(std::move(filling), r);
+    REQUIRE_MESSAGE(img, (img ? "" : img.error().message));
+    INFO("detail: ", (*img)->intent_detail());
+    CHECK((*img)->intent_state() == "recovered");
+    CHECK(r.removed);
+    CHECK(file.size().value() == image.size());  // nothing allocated
+    const std::vector<std::byte> after = file.contents();
+    const std::uint64_t now = load_be64(after.data() + 88);
+    CHECK((now & 1) == 1);
+    CHECK((now & q::AUTOCLEAR_QNBD_INTENT) == 0);
+    // The directory is the one before arming again, byte for byte.
+    CHECK(std::equal(after.begin() + dir_at, after.begin() + dir_at + dir_len, crash().before.begin() + dir_at));
+    CHECK(dirty_granules(**img, "b0").empty());
+    REQUIRE((*img)->close());
+    CHECK(stored_bitmaps(file.contents()) == std::vector<std::vector<std::uint64_t>>{{}, {}});
   }
 }
