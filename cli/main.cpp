@@ -1,6 +1,7 @@
 // qnbd: an NBD server for qcow2 and raw images, and the tools around it.
 #include <cstddef>
 #include <cstdio>
+#include <exception>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,11 @@ int main(int argc, char** argv) {
     app.parse(static_cast<int>(cargs.size()), cargs.data());
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
+  } catch (const std::exception& e) {
+    // Errors are Results; an exception reaching here is a defect, but it
+    // still ends with one line and status 1, not an abort.
+    std::fprintf(stderr, "qnbd: %s\n", e.what());
+    return 1;
   }
   return status;
 }

@@ -12,6 +12,7 @@
 #    off (zero clusters instead of stored zeroes), so the comparison cannot
 #    pass with the flag ignored.
 # 3. -V prints the version and exits 0, as qemu-nbd -V does.
+# 4. A Unix socket path too long for the system is refused in one line.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo python3
 requires_qnbd
@@ -85,6 +86,25 @@ check_flags host-serves "" --cache=none --aio=native
 check_flags serves "" --detect-zeroes=on
 check_flags serves "" --detect-zeroes=off
 check_flags serves "" --discard=unmap --detect-zeroes=unmap
+
+# A socket path longer than sockaddr_un holds (107 bytes): refused in one
+# line with status 1, as qemu-nbd refuses it; the same for the control
+# socket. (Before: an uncaught exception from the socket address, abort,
+# status 134.)
+long=$T/$(printf 'd%.0s' {1..60})/$(printf 'e%.0s' {1..60})
+mkdir -p "$long"
+st=0
+timeout 10 qemu-nbd -r -f qcow2 -k "$long/s.sock" "$T/flags.qcow2" 2>"$T/long.err" || st=$?
+expect_eq "$st" 1 "qemu-nbd: exit status for a socket path too long"
+for args in "-k $long/s.sock" "-k $T/l.sock --control $long/c.sock"; do
+  st=0
+  # shellcheck disable=SC2086 # the words of $args are separate options
+  timeout 10 "$QNBD" serve -r -f qcow2 $args "$T/flags.qcow2" 2>"$T/long.err" || st=$?
+  expect_eq "$st" 1 "qnbd serve $args: exit status for a socket path too long"
+  expect_eq "$(wc -l <"$T/long.err")" 1 "qnbd serve $args: lines of stderr"
+  grep -q "too long" "$T/long.err" || fail "qnbd serve $args: $(cat "$T/long.err")"
+done
+echo "socket paths too long: refused in one line"
 
 # The zero-payload WRITEs: aligned 1 MiB, unaligned 32 KiB, a FUA 64 KiB,
 # 128 KiB into never-written space, and one nonzero write beside them.

@@ -15,6 +15,7 @@
 #include "common/log.hpp"
 #include "image/checkpoint.hpp"
 #include "image/view/cbw.hpp"
+#include "server/unix_endpoint.hpp"
 
 namespace qnbd::server {
 
@@ -314,6 +315,8 @@ struct ControlServer::Impl {
 };
 
 Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& path, ControlTarget& target) {
+  auto endpoint = unix_endpoint(path);
+  if (!endpoint) return make_error(endpoint.error().code, "control socket: {}", endpoint.error().message);
   auto impl = std::make_unique<Impl>(path, target);
   struct stat st;
   if (::lstat(path.c_str(), &st) == 0) {
@@ -322,7 +325,7 @@ Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& p
     ::unlink(path.c_str());
   }
   boost::system::error_code ec;
-  asio::local::stream_protocol::endpoint ep(path);
+  const auto& ep = *endpoint;
   impl->acceptor.open(ep.protocol(), ec);
   if (!ec) {
     // Owner only from the start: the umask covers the bind (no moment where

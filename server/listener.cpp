@@ -13,6 +13,7 @@
 #include <cstdlib>
 
 #include "common/log.hpp"
+#include "server/unix_endpoint.hpp"
 
 namespace qnbd::server {
 
@@ -61,8 +62,9 @@ Result<void> Server::listen() {
         struct stat st;
         // Replace a stale socket from an earlier run, never another file type.
         if (::lstat(l.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(l.path.c_str());
-        asio::local::stream_protocol::endpoint uep(l.path);
-        auto res = add_acceptor(asio::generic::stream_protocol::endpoint(uep), false, l.tls);
+        auto uep = unix_endpoint(l.path);
+        if (!uep) return uep.error();
+        auto res = add_acceptor(asio::generic::stream_protocol::endpoint(*uep), false, l.tls);
         if (!res) return make_error(res.error().code, "cannot listen on {}: {}", l.path, res.error().message);
         unix_paths_.push_back(l.path);
         break;
