@@ -10,8 +10,9 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
+#include <cstring>
 #include <memory>
+#include <utility>
 
 #include "cli/commands.hpp"
 #include "cli/image_cli.hpp"
@@ -20,6 +21,7 @@
 #include "image/block_device.hpp"
 #include "image/offset_device.hpp"
 #include "image/view/cbw.hpp"
+#include "protocol/constants.hpp"
 #include "server/server.hpp"
 #include "server/tls.hpp"
 
@@ -358,6 +360,14 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     };
   } else {
     if (a.image.empty()) return make_error(EINVAL, "an IMAGE (or --config FILE) is required");
+    // qemu-nbd's limits and words: NBD strings are at most 4096 bytes
+    // (proto.md "Option types", NBD_OPT_INFO and NBD_INFO_DESCRIPTION).
+    if (a.export_name.size() > protocol::kMaxString) {
+      return make_error(EINVAL, "export name '{}' too long", a.export_name);
+    }
+    if (a.description.size() > protocol::kMaxString) {
+      return make_error(EINVAL, "export description '{}' too long", a.description);
+    }
     // qemu-nbd: -l implies -r.
     const bool read_only = a.read_only || a.load_snapshot.has_value();
     OpenModes modes = open_modes(a);
@@ -414,6 +424,19 @@ int serve(const ServeArgs& a) {
     std::fprintf(stderr, "qnbd serve: %s\n", opts.error().message.c_str());
     return 1;
   }
+  // The pid file is created now, so a path that cannot be created is
+  // refused before anything runs ("Could not create", as qemu-nbd), rather
+  // than leave whoever waits for it waiting; the pid goes in once the
+  // server listens, and a rename makes it appear whole.
+  int pid_fd = -1;
+  const std::string pid_tmp = a.pid_file + ".tmp";
+  if (!a.pid_file.empty()) {
+    pid_fd = ::open(pid_tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (pid_fd < 0) {
+      std::fprintf(stderr, "qnbd serve: Could not create '%s': %s\n", a.pid_file.c_str(), std::strerror(errno));
+      return 1;
+    }
+  }
   int ready_fd = -1;
   if (a.fork) {
     // Daemonize before any thread exists; the parent exits once the child
@@ -438,15 +461,15 @@ int serve(const ServeArgs& a) {
     ::setsid();
     ready_fd = p[1];
   }
-  opts->on_listening = [&a, ready_fd] {
-    if (!a.pid_file.empty()) {
+  opts->on_listening = [&a, &pid_tmp, pid_fd, ready_fd] {
+    if (pid_fd >= 0) {
       // Written only now, so waiting for the file means waiting for the socket.
-      std::string tmp = a.pid_file + ".tmp";
-      {
-        std::ofstream f(tmp);
-        f << ::getpid() << "\n";
+      const std::string pid = std::to_string(::getpid()) + "\n";
+      if (::write(pid_fd, pid.data(), pid.size()) != static_cast<ssize_t>(pid.size()) ||
+          ::rename(pid_tmp.c_str(), a.pid_file.c_str()) != 0) {
+        log::error("cannot write the pid file {}: {}", a.pid_file, std::strerror(errno));
       }
-      std::rename(tmp.c_str(), a.pid_file.c_str());
+      ::close(pid_fd);
     }
     if (ready_fd >= 0) {
       int devnull = ::open("/dev/null", O_RDWR);
@@ -462,7 +485,10 @@ int serve(const ServeArgs& a) {
     }
   };
   auto status = server::run_server(std::move(*opts));
-  if (!a.pid_file.empty()) ::unlink(a.pid_file.c_str());
+  if (!a.pid_file.empty()) {
+    ::unlink(a.pid_file.c_str());
+    ::unlink(pid_tmp.c_str());  // never renamed: the server did not listen
+  }
   if (!status) {
     std::fprintf(stderr, "qnbd serve: %s\n", status.error().message.c_str());
     return 1;
@@ -537,7 +563,24 @@ void add_serve_command(CLI::App& app, int& status) {
                   "Connections one client IP address may hold at once (0 = unlimited)");
   add_lock_options(cmd, args->lock, true);
   cmd->set_version_flag("-V,--version", qnbd::cli::kVersionText);
-  cmd->callback([args, &status] { status = serve(*args); });
+  cmd->callback([args, cmd, &status] {
+    // qemu-nbd takes an option given an empty value (--cache=, -k '') as
+    // that value and refuses it; CLI11 leaves the string empty, as if the
+    // option were absent, which would serve a default instead (-k '' on
+    // TCP). Refuse them here.
+    const std::pair<const char*, const std::string*> strings[] = {
+        {"--socket", &args->socket},       {"--pid-file", &args->pid_file},   {"--cache", &args->cache},
+        {"--tls-creds", &args->tls_creds}, {"--tls-authz", &args->tls_authz}, {"--control", &args->control},
+        {"--config", &args->config}};
+    for (const auto& [name, value] : strings) {
+      if (cmd->count(name) && value->empty()) {
+        std::fprintf(stderr, "qnbd serve: %s: an empty value\n", name);
+        status = 1;
+        return;
+      }
+    }
+    status = serve(*args);
+  });
 }
 
 }  // namespace qnbd::cli

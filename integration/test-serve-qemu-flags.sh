@@ -12,7 +12,8 @@
 #    off (zero clusters instead of stored zeroes), so the comparison cannot
 #    pass with the flag ignored.
 # 3. -V prints the version and exits 0, as qemu-nbd -V does.
-# 4. A Unix socket path too long for the system is refused in one line.
+# 4. A Unix socket path too long for the system is refused in one line; so
+#    are empty values, over-long names and a pid file that cannot be made.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo python3
 requires_qnbd
@@ -105,6 +106,33 @@ for args in "-k $long/s.sock" "-k $T/l.sock --control $long/c.sock"; do
   grep -q "too long" "$T/long.err" || fail "qnbd serve $args: $(cat "$T/long.err")"
 done
 echo "socket paths too long: refused in one line"
+
+# Options qemu-nbd refuses with their value: given empty (CLI11 would have
+# taken an empty value as the option not given: -k '' served on TCP), an
+# export name or description past NBD's 4096 bytes, a pid file that cannot
+# be created (qnbd served and never wrote it: whoever waits for it waits
+# forever). Both refuse, exit status 1.
+long=$(head -c 5000 /dev/zero | tr '\0' a)
+check_flags refused "--cache: an empty value" --cache=
+check_flags refused "--tls-creds: an empty value" --tls-creds=
+refuses() {  # PHRASE ARGS...: qemu-nbd and qnbd serve refuse ARGS, status 1
+  local phrase=$1 st
+  shift
+  st=0
+  timeout 10 qemu-nbd -r -f qcow2 "$@" "$T/flags.qcow2" 2>"$T/refuse.err" || st=$?
+  expect_eq "$st" 1 "qemu-nbd (${#@} arguments) ${1:-}: exit status"
+  st=0
+  timeout 10 "$QNBD" serve -r -f qcow2 "$@" "$T/flags.qcow2" 2>"$T/refuse.err" || st=$?
+  expect_eq "$st" 1 "qnbd serve (${#@} arguments) ${1:-}: exit status"
+  local args="$*"
+  grep -qF -- "$phrase" "$T/refuse.err" || fail "qnbd serve ${args:0:100}: $(head -c 300 "$T/refuse.err")"
+  echo "refused by both: ${args:0:100}"
+}
+refuses "export name 'aaaa" -k "$T/e.sock" -x "$long"
+refuses "export description 'aaaa" -k "$T/e.sock" -D "$long"
+refuses "--socket: an empty value" -k ""
+refuses "--pid-file: an empty value" -k "$T/e.sock" --pid-file=
+refuses "Could not create '$T/no/such/dir/p'" -k "$T/e.sock" --pid-file "$T/no/such/dir/p"
 
 # The zero-payload WRITEs: aligned 1 MiB, unaligned 32 KiB, a FUA 64 KiB,
 # 128 KiB into never-written space, and one nonzero write beside them.
