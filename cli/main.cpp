@@ -1,6 +1,11 @@
 // qnbd: an NBD server for qcow2 and raw images, and the tools around it.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstddef>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <string>
 #include <vector>
@@ -9,7 +14,28 @@
 
 #include "cli/commands.hpp"
 
+namespace {
+
+// Started with stdin, stdout or stderr closed (`2>&-`, a supervisor that
+// closes them), the first file opened would take that number: the image,
+// so every log line would be written into the disk. Hold each closed one
+// on /dev/null first (open returns the lowest free number).
+void hold_standard_fds() {
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (::fcntl(fd, F_GETFD) != -1 || errno != EBADF) continue;
+    const int held = ::open("/dev/null", O_RDWR);
+    if (held != fd) {
+      // Cannot happen (fd is the lowest free number); never go on with
+      // the slot free.
+      std::_Exit(1);
+    }
+  }
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
+  hold_standard_fds();
   CLI::App app{"qnbd: serve qcow2 and raw disk images over NBD, with persistent dirty bitmaps", "qnbd"};
   app.require_subcommand(1);
   app.set_version_flag("-V,--version", qnbd::cli::kVersionText);
