@@ -3,7 +3,8 @@
 # block: a FIFO (or any file that is not a regular file or block device) as
 # backing file, as external data file or as the image itself is refused at
 # once with one line saying why, by every command; so is a --config FIFO. qemu-img info on the top
-# image returns at once too (it does not open the backing file).
+# image returns at once too (it does not open the backing file). A
+# symbolic link or FIFO planted as the write-intent record is never followed.
 source "$(dirname "$0")/functions.sh"
 requires qemu-img timeout mkfifo
 requires_qnbd
@@ -59,4 +60,38 @@ expect_refused "$fifo" "$QNBD" check "$T/b.fifo"
 expect_refused "$fifo" "$QNBD" map "$T/b.fifo"
 # A config file that is a FIFO.
 expect_refused 'b.fifo: not a regular file' "$QNBD" serve --config "$T/b.fifo"
+
+# The write-intent record is a name qnbd makes beside the image: a symbolic
+# link (or a FIFO) planted there is never followed, not even to create or
+# truncate. A writable serve with an enabled bitmap writes through; the
+# link's target is untouched; the server says it cannot keep the record
+# (the bitmaps then work as without it). (The old build truncated the
+# target and wrote the record into it.)
+source "$INTEGRATION_DIR/lib-serve.sh"
+requires_python_nbd
+qemu-img create -q -f qcow2 "$T/rec.qcow2" 1M
+qemu-img bitmap --add "$T/rec.qcow2" b0
+printf 'do not touch\n' >"$T/victim"
+for plant in symlink fifo; do
+  rm -f "$T/rec.qcow2.qnbd-intent"
+  if [[ $plant == symlink ]]; then ln -s "$T/victim" "$T/rec.qcow2.qnbd-intent"; else mkfifo "$T/rec.qcow2.qnbd-intent"; fi
+  start_serve -f qcow2 "$T/rec.qcow2"
+  timeout 20 "$PY" -c '
+import nbd, sys
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\x77" * 4096, 0)
+h.flush()
+h.shutdown()' "$SERVE_URI" || fail "a write with a planted $plant record"
+  stop_serve
+  expect_eq "$(cat "$T/victim")" "do not touch" "the target of a planted record $plant"
+  grep -q "cannot write the write-intent record" "$SERVE_LOG" ||
+    fail "no warning about the planted $plant: $(cat "$SERVE_LOG")"
+  case $plant in
+    symlink) [[ -L $T/rec.qcow2.qnbd-intent ]] || fail "the planted symlink was replaced" ;;
+    fifo) [[ -p $T/rec.qcow2.qnbd-intent ]] || fail "the planted fifo was replaced" ;;
+  esac
+  qemu-img check -q "$T/rec.qcow2" || fail "qemu-img check after a planted $plant"
+  echo "a planted record $plant is not followed"
+done
 echo PASS

@@ -99,5 +99,11 @@ inline bool opens_direct(CacheMode c) { return c == CacheMode::none || c == Cach
                                                             CacheMode cache = CacheMode::writeback);
 // Create (or truncate) a host file for writing.
 [[nodiscard]] Result<std::unique_ptr<File>> create_posix_file(const std::string& path);
+// A file the server names itself beside an image (the write-intent
+// record): never opened through a symbolic link, since a name planted in
+// the image's folder must not make the server truncate or write another
+// file, and only a regular file. `create`: created or truncated (mode
+// 0644). ENOENT when it does not exist and `create` is false.
+[[nodiscard]] Result<std::unique_ptr<File>> open_side_file(const std::string& path, OpenMode mode, bool create);
 
 }  // namespace qnbd::image

@@ -312,4 +312,33 @@ Result<std::unique_ptr<File>> create_posix_file(const std::string& path) {
   return std::unique_ptr<File>(new PosixFile(path, fd, fd, CacheMode::writeback));
 }
 
+Result<std::unique_ptr<File>> open_side_file(const std::string& path, OpenMode mode, bool create) {
+  int flags = (mode == OpenMode::read_write ? O_RDWR : O_RDONLY) | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY;
+  if (create) flags |= O_CREAT;
+  auto opened = open_fd(path, flags);
+  if (!opened) {
+    if (opened.error().code == ELOOP) return make_error(ELOOP, "{}: a symbolic link, not followed", path);
+    return opened.error();
+  }
+  const int fd = *opened;
+  struct stat st;
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    return make_error(EINVAL, "{}: not a regular file", path);
+  }
+  // Truncated only once known to be a regular file (O_TRUNC at open would
+  // act on whatever the name was).
+  if (create && ::ftruncate(fd, 0) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return make_error(err, "{}: {}", path, std::strerror(err));
+  }
+  if (::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return make_error(err, "{}: {}", path, std::strerror(err));
+  }
+  return std::unique_ptr<File>(new PosixFile(path, fd, fd, CacheMode::writeback));
+}
+
 }  // namespace qnbd::image

@@ -42,15 +42,16 @@ Result<void> sync_parent(const std::string& path) {
   return ok();
 }
 
-// Create (empty, its name synced) or open read-only a record file; a null
+// Create (empty, its name synced) or open read-only a record file, never
+// through a symbolic link (open_side_file); a null
 // file when it does not exist.
 Result<std::unique_ptr<File>> open_record_file(const std::string& name, bool create) {
   if (create) {
-    std::unique_ptr<File> f = QNBD_TRY(create_posix_file(name));
+    std::unique_ptr<File> f = QNBD_TRY(open_side_file(name, OpenMode::read_write, true));
     QNBD_TRY(sync_parent(name));
     return f;
   }
-  auto f = open_posix_file(name, OpenMode::read_only);
+  auto f = open_side_file(name, OpenMode::read_only, false);
   if (!f && f.error().code == ENOENT) return std::unique_ptr<File>();
   return f;
 }
@@ -80,7 +81,7 @@ IntentAccess intent_access(const std::string& image_path, std::uint64_t chunk_si
   a.remove_next = [next] {
     if (::unlink(next.c_str()) == 0) (void)sync_parent(next);
   };
-  a.open_writable = [name = a.name]() { return open_posix_file(name, OpenMode::read_write); };
+  a.open_writable = [name = a.name]() { return open_side_file(name, OpenMode::read_write, false); };
   return a;
 }
 
