@@ -427,11 +427,12 @@ int serve(const ServeArgs& a) {
   // The pid file is created now, so a path that cannot be created is
   // refused before anything runs ("Could not create", as qemu-nbd), rather
   // than leave whoever waits for it waiting; the pid goes in once the
-  // server listens, and a rename makes it appear whole.
+  // server listens, and a rename makes it appear whole. The temporary name
+  // is predictable: a symbolic link planted there is not followed.
   int pid_fd = -1;
   const std::string pid_tmp = a.pid_file + ".tmp";
   if (!a.pid_file.empty()) {
-    pid_fd = ::open(pid_tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    pid_fd = ::open(pid_tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
     if (pid_fd < 0) {
       std::fprintf(stderr, "qnbd serve: Could not create '%s': %s\n", a.pid_file.c_str(), std::strerror(errno));
       return 1;

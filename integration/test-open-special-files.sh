@@ -94,4 +94,9 @@ h.shutdown()' "$SERVE_URI" || fail "a write with a planted $plant record"
   qemu-img check -q "$T/rec.qcow2" || fail "qemu-img check after a planted $plant"
   echo "a planted record $plant is not followed"
 done
+# Nor is a link planted at the pid file's temporary name (PIDFILE.tmp, where
+# the pid is written before a rename makes it appear): refused in one line.
+ln -s "$T/victim" "$T/p.pid.tmp"
+expect_refused "Could not create '$T/p.pid'" "$QNBD" serve -r -k "$T/p.sock" --pid-file "$T/p.pid" "$T/rec.qcow2"
+expect_eq "$(cat "$T/victim")" "do not touch" "the target of a link planted at PIDFILE.tmp"
 echo PASS
