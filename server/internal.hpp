@@ -325,6 +325,18 @@ class Server : public ExportCatalog, public ControlTarget {
       workers_.push_back(std::make_unique<asio::io_context>(1));
       worker_guards_.push_back(asio::make_work_guard(*workers_.back()));
     }
+    // Asio makes a context's reactor (an eventfd) and its socket and timer
+    // services the first time they are used. Made lazily at the first
+    // connection a context got, they failed once the descriptor table was
+    // full (EMFILE): the accept threw out of run() and the process aborted.
+    // Made now, while descriptors are free (a failure here is a one-line
+    // startup error).
+    auto warm = [](asio::io_context& c) {
+      asio::generic::stream_protocol::socket socket(c);
+      asio::steady_timer timer(c);
+    };
+    warm(ctx_);
+    for (auto& w : workers_) warm(*w);
   }
 
   std::shared_ptr<const ExportList> exports() const override { return registry_.infos(); }
@@ -370,6 +382,7 @@ class Server : public ExportCatalog, public ControlTarget {
   // False (and logged) when `addr` already holds max_connections_per_address.
   bool admit_address(const std::string& addr, std::uint64_t id);
   void begin_shutdown(const char* why);
+  static void run_context(asio::io_context& ctx);
   awaitable<void> shutdown_sequence();
   // True once no session is left; false if `limit` passed first.
   awaitable<bool> wait_drained(std::chrono::steady_clock::duration limit);
