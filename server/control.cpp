@@ -15,6 +15,7 @@
 #include "common/log.hpp"
 #include "image/checkpoint.hpp"
 #include "image/view/cbw.hpp"
+#include "server/run_context.hpp"
 #include "server/unix_endpoint.hpp"
 
 namespace qnbd::server {
@@ -341,7 +342,7 @@ Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& p
   asio::co_spawn(p->ctx, p->accept_loop(), [](std::exception_ptr e) {
     if (e) log::error("control: accept loop failed; the control socket is deaf");
   });
-  p->thread = std::thread([p] { p->ctx.run(); });
+  p->thread = std::thread([p] { run_context(p->ctx, "control socket thread"); });
   return std::unique_ptr<ControlServer>(new ControlServer(std::move(impl)));
 }
 

@@ -70,6 +70,7 @@
 #include "server/control.hpp"
 #include "server/export_registry.hpp"
 #include "server/poll_window.hpp"
+#include "server/run_context.hpp"
 #include "server/server.hpp"
 #include "server/stream.hpp"
 #include "server/tls.hpp"
@@ -382,7 +383,6 @@ class Server : public ExportCatalog, public ControlTarget {
   // False (and logged) when `addr` already holds max_connections_per_address.
   bool admit_address(const std::string& addr, std::uint64_t id);
   void begin_shutdown(const char* why);
-  static void run_context(asio::io_context& ctx);
   awaitable<void> shutdown_sequence();
   // True once no session is left; false if `limit` passed first.
   awaitable<bool> wait_drained(std::chrono::steady_clock::duration limit);

@@ -129,22 +129,6 @@ Result<void> Server::add_exports() {
   return ok();
 }
 
-void Server::run_context(asio::io_context& ctx) {
-  // A handler that lets an exception escape makes Asio rethrow it out of
-  // run(). That is a defect, but ending the process for it (the joinable
-  // threads' destructors would call std::terminate) would lose unflushed
-  // writes and leave the bitmaps in_use: log it and go on running; a
-  // signal still stops the server cleanly.
-  for (;;) {
-    try {
-      ctx.run();
-      return;
-    } catch (const std::exception& e) {
-      log::error("internal error in an io thread (the operation is abandoned): {}", e.what());
-    }
-  }
-}
-
 int Server::run() {
   signals_.async_wait([this](boost::system::error_code ec, int sig) {
     if (ec) return;
@@ -157,8 +141,8 @@ int Server::run() {
                    log_failure("accept loop", [this] { begin_shutdown("accept loop failed"); }));
   if (opts_.on_listening) opts_.on_listening();
   std::vector<std::thread> threads;
-  for (auto& w : workers_) threads.emplace_back([&w] { run_context(*w); });
-  run_context(ctx_);
+  for (auto& w : workers_) threads.emplace_back([&w] { run_context(*w, "io threads"); });
+  run_context(ctx_, "main io thread");
   for (auto& t : threads) t.join();
   pool_.join();
   return exit_status_;
