@@ -313,9 +313,9 @@ unsigned usable_cpus();
 class Server : public ExportCatalog, public ControlTarget {
  public:
   explicit Server(ServerOptions opts)
-      : opts_(std::move(opts)), threads_(opts_.threads ? opts_.threads : usable_cpus()), ctx_(1),
-        pool_(std::max(kMinBlockingThreads, threads_)), strand_(asio::make_strand(ctx_)),
-        signals_(ctx_, SIGINT, SIGTERM, SIGHUP), slot_freed_(strand_), drained_(strand_) {
+      : opts_(std::move(opts)), threads_(opts_.threads ? opts_.threads : usable_cpus()), ctx_(1), pool_(1),
+        strand_(asio::make_strand(ctx_)), signals_(ctx_, SIGINT, SIGTERM, SIGHUP), slot_freed_(strand_),
+        drained_(strand_) {
     slot_freed_.expires_at(asio::steady_timer::time_point::max());
     // One io_context per io thread, each run by that thread alone: a
     // connection lives on one of them (round robin), so its reads, inline
@@ -338,7 +338,11 @@ class Server : public ExportCatalog, public ControlTarget {
     };
     warm(ctx_);
     for (auto& w : workers_) warm(*w);
+    start_pool_threads(std::max(kMinBlockingThreads, threads_));
   }
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
 
   std::shared_ptr<const ExportList> exports() const override { return registry_.infos(); }
   bool shutting_down() const override { return shutting_down_.load(); }
@@ -402,7 +406,14 @@ class Server : public ExportCatalog, public ControlTarget {
   asio::io_context ctx_;                                    // listeners, signals, shutdown, and connections too
   std::vector<asio::executor_work_guard<asio::io_context::executor_type>> worker_guards_;
   std::atomic<std::size_t> next_ctx_{0};
+  // The blocking pool: one thread of its own, the others attached
+  // (start_pool_threads). asio::thread_pool(N) hangs if it cannot create
+  // all N threads (a pids limit, RLIMIT_NPROC): its constructor joins the
+  // threads it made, which never stop. Threads attached one by one can be
+  // stopped and joined when the next cannot be made.
   asio::thread_pool pool_;
+  std::vector<std::thread> pool_threads_;
+  void start_pool_threads(unsigned n);
   Strand strand_;  // listeners and shutdown
   asio::signal_set signals_;
   // On strand_, used as signals: session_ended cancels slot_freed_ (never

@@ -7,6 +7,7 @@
 
 #include <csignal>
 #include <filesystem>
+#include <stdexcept>
 #include <thread>
 
 #include "common/log.hpp"
@@ -129,6 +130,27 @@ Result<void> Server::add_exports() {
   return ok();
 }
 
+void Server::start_pool_threads(unsigned n) {
+  try {
+    for (unsigned i = 1; i < n; ++i) pool_threads_.emplace_back([this] { pool_.attach(); });
+  } catch (const std::exception& e) {
+    // One line from the caller (main) and status 1; nothing is left running.
+    pool_.stop();
+    for (auto& t : pool_threads_) t.join();
+    const auto made = pool_threads_.size() + 1;
+    pool_threads_.clear();
+    throw std::runtime_error(
+        fmt::format("cannot start thread {} of the blocking pool's {}: {}", made + 1, n, e.what()));
+  }
+}
+
+Server::~Server() {
+  // After run(): the pool has stopped (join) and these have returned.
+  // Without it (listen failed): stop the pool so they return.
+  pool_.stop();
+  for (auto& t : pool_threads_) t.join();
+}
+
 int Server::run() {
   signals_.async_wait([this](boost::system::error_code ec, int sig) {
     if (ec) return;
@@ -141,7 +163,16 @@ int Server::run() {
                    log_failure("accept loop", [this] { begin_shutdown("accept loop failed"); }));
   if (opts_.on_listening) opts_.on_listening();
   std::vector<std::thread> threads;
-  for (auto& w : workers_) threads.emplace_back([&w] { run_context(*w, "io threads"); });
+  try {
+    for (auto& w : workers_) threads.emplace_back([&w] { run_context(*w, "io threads"); });
+  } catch (const std::exception& e) {
+    // A thread that cannot be made (a pids limit): stop what started and
+    // report it, rather than std::terminate from the joinable threads.
+    stop_io();
+    for (auto& t : threads) t.join();
+    throw std::runtime_error(
+        fmt::format("cannot start io thread {} of {}: {}", threads.size() + 2, threads_, e.what()));
+  }
   run_context(ctx_, "main io thread");
   for (auto& t : threads) t.join();
   pool_.join();
