@@ -485,7 +485,15 @@ int serve(const ServeArgs& a) {
       ::close(ready_fd);
     }
   };
-  auto status = server::run_server(std::move(*opts));
+  // A server that cannot even be built (threads, descriptors) throws; it
+  // ends here too, so the pid file is cleaned up.
+  auto status = [&]() -> Result<int> {
+    try {
+      return server::run_server(std::move(*opts));
+    } catch (const std::exception& e) {
+      return make_error(EIO, "{}", e.what());
+    }
+  }();
   if (!a.pid_file.empty()) {
     ::unlink(a.pid_file.c_str());
     ::unlink(pid_tmp.c_str());  // never renamed: the server did not listen

@@ -168,10 +168,11 @@ int Server::run() {
   } catch (const std::exception& e) {
     // A thread that cannot be made (a pids limit): stop what started and
     // report it, rather than std::terminate from the joinable threads.
+    // No client has been served: the exports close untouched.
     stop_io();
     for (auto& t : threads) t.join();
-    throw std::runtime_error(
-        fmt::format("cannot start io thread {} of {}: {}", threads.size() + 2, threads_, e.what()));
+    log::error("cannot start io thread {} of {}: {}", threads.size() + 2, threads_, e.what());
+    return 1;
   }
   run_context(ctx_, "main io thread");
   for (auto& t : threads) t.join();
