@@ -264,6 +264,12 @@ struct ControlServer::Impl {
       if (ec) {
         if (ec == asio::error::operation_aborted || stopping) co_return;
         log::warn("control: accept: {}", ec.message());
+        // A full descriptor table leaves the connection in the backlog:
+        // accepting again at once would spin, logging this line each time.
+        if (ec == asio::error::no_descriptors || ec == asio::error::no_buffer_space) {
+          asio::steady_timer backoff(ctx, std::chrono::milliseconds(100));
+          co_await backoff.async_wait(use_tuple);
+        }
         continue;
       }
       if (clients.size() >= kMaxClients) {
@@ -339,6 +345,10 @@ Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& p
   if (!ec) impl->acceptor.listen(asio::socket_base::max_listen_connections, ec);
   if (ec) return make_error(ec.value(), "control socket {}: {}", path, ec.message());
   Impl* p = impl.get();
+  // The timer service (and its reactor), made now while descriptors are
+  // free, so the backoff above and the clients' deadlines cannot fail for
+  // the lack of one (Server's constructor does the same for its contexts).
+  { asio::steady_timer warm(p->ctx); }
   asio::co_spawn(p->ctx, p->accept_loop(), [](std::exception_ptr e) {
     if (e) log::error("control: accept loop failed; the control socket is deaf");
   });
