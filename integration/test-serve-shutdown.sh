@@ -185,6 +185,20 @@ h.pwrite(b"\x22" * 4096, 1 << 20)
 h.shutdown()
 PY
 }
+# clean_stop WHAT STATUS IMAGE: the server ended with status 0, the bitmap
+# is stored (flags "auto", no in-use), hup_write's write is in the image
+# and it passes qemu-img check.
+clean_stop() {
+  local what=$1 st=$2 img=$3 out
+  echo "$what: status $st, bitmap flags $(bitmap_flags "$img")"
+  expect_eq "$st" 0 "$what: exit status"
+  expect_eq "$(bitmap_flags "$img")" "auto" "$what: bitmap flags"
+  # (qemu-io prints "read 4096/4096" even after a pattern mismatch.)
+  out=$(qemu-io -r -f qcow2 -c "read -P 0x22 1M 4k" "$img")
+  [[ $out == *"read 4096/4096"* && $out != *"verification failed"* ]] ||
+    fail "$what: the unflushed write is not in the image: $out"
+  qemu-img check -q "$img" || fail "$what: $img does not pass qemu-img check"
+}
 for tool in qemu-nbd qnbd; do
   mkimg "h-$tool.qcow2"
   start_tool "$tool" -f qcow2 "h-$tool.qcow2"
@@ -193,14 +207,7 @@ for tool in qemu-nbd qnbd; do
   st=0
   wait "$SERVER_PID" || st=$?
   unset "_live_servers[$SERVER_PID]"
-  echo "$tool: status $st after SIGHUP, bitmap flags $(bitmap_flags "h-$tool.qcow2")"
-  expect_eq "$st" 0 "$tool: exit status after SIGHUP"
-  expect_eq "$(bitmap_flags "h-$tool.qcow2")" "auto" "$tool: bitmap flags after SIGHUP"
-  # (qemu-io prints "read 4096/4096" even after a pattern mismatch.)
-  out=$(qemu-io -r -f qcow2 -c "read -P 0x22 1M 4k" "h-$tool.qcow2")
-  [[ $out == *"read 4096/4096"* && $out != *"verification failed"* ]] ||
-    fail "$tool: the unflushed write is not in the image after SIGHUP: $out"
-  qemu-img check -q "h-$tool.qcow2" || fail "h-$tool.qcow2 does not pass qemu-img check"
+  clean_stop "$tool after SIGHUP" "$st" "h-$tool.qcow2"
 done
 
 # ---- 5. stderr is a pipe whose reader went away -----------------------------
@@ -229,11 +236,6 @@ for tool in qemu-nbd qnbd; do
   kill -TERM "$pid"
   st=0
   wait "$pid" || st=$?
-  echo "$tool: status $st after SIGTERM with a reader-less stderr, bitmap flags $(bitmap_flags "p-$tool.qcow2")"
-  expect_eq "$st" 0 "$tool: exit status after SIGTERM, stderr without a reader"
-  expect_eq "$(bitmap_flags "p-$tool.qcow2")" "auto" "$tool: bitmap flags, stderr without a reader"
-  out=$(qemu-io -r -f qcow2 -c "read -P 0x22 1M 4k" "p-$tool.qcow2")
-  [[ $out == *"read 4096/4096"* && $out != *"verification failed"* ]] ||
-    fail "$tool: the unflushed write is not in the image: $out"
+  clean_stop "$tool after SIGTERM, stderr without a reader" "$st" "p-$tool.qcow2"
 done
 echo "PASS"
