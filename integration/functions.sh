@@ -203,6 +203,12 @@ stop_server() {
   fi
 }
 
+# is_sanitizer_build: true if $QNBD carries ASan or UBSan (g++ links their
+# runtimes dynamically).
+is_sanitizer_build() {
+  ldd "$QNBD" 2>/dev/null | grep -qE 'lib(a|ub)san'
+}
+
 # requires_strace: skip unless strace is installed and may trace here.
 requires_strace() {
   requires strace

@@ -18,6 +18,14 @@ source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img nbdinfo prlimit timeout python3
 requires_qnbd
 
+if is_sanitizer_build; then
+  # The sanitizer runtime needs descriptors of its own (it reads
+  # /proc/self/maps for its checks) and reports false errors once the
+  # table is full; the Release run covers this test.
+  echo "SKIP: $0: a sanitizer build cannot run with a full descriptor table"
+  exit 77
+fi
+
 T=$TMPDIR_TEST
 qemu-img create -q -f qcow2 "$T/d.qcow2" 16M
 
