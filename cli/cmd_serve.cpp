@@ -361,7 +361,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
   } else {
     if (a.image.empty()) return make_error(EINVAL, "an IMAGE (or --config FILE) is required");
     // qemu-nbd's limits and words: NBD strings are at most 4096 bytes
-    // (proto.md "Option types", NBD_OPT_INFO and NBD_INFO_DESCRIPTION).
+    // (proto.md "Conventions": export names and descriptions are strings).
     if (a.export_name.size() > protocol::kMaxString) {
       return make_error(EINVAL, "export name '{}' too long", a.export_name);
     }
@@ -466,6 +466,7 @@ int serve(const ServeArgs& a) {
     if (pid_fd >= 0) {
       // Written only now, so waiting for the file means waiting for the socket.
       const std::string pid = std::to_string(::getpid()) + "\n";
+      errno = EIO;  // a short write sets none
       if (::write(pid_fd, pid.data(), pid.size()) != static_cast<ssize_t>(pid.size()) ||
           ::rename(pid_tmp.c_str(), a.pid_file.c_str()) != 0) {
         log::error("cannot write the pid file {}: {}", a.pid_file, std::strerror(errno));
