@@ -313,7 +313,7 @@ unsigned usable_cpus();
 class Server : public ExportCatalog, public ControlTarget {
  public:
   explicit Server(ServerOptions opts)
-      : opts_(std::move(opts)), threads_(opts_.threads ? opts_.threads : usable_cpus()), ctx_(1), pool_(1),
+      : opts_(std::move(opts)), threads_(opts_.threads ? opts_.threads : usable_cpus()), ctx_(1), pool_(0),
         strand_(asio::make_strand(ctx_)), signals_(ctx_, SIGINT, SIGTERM, SIGHUP), slot_freed_(strand_),
         drained_(strand_) {
     slot_freed_.expires_at(asio::steady_timer::time_point::max());
@@ -406,11 +406,13 @@ class Server : public ExportCatalog, public ControlTarget {
   asio::io_context ctx_;                                    // listeners, signals, shutdown, and connections too
   std::vector<asio::executor_work_guard<asio::io_context::executor_type>> worker_guards_;
   std::atomic<std::size_t> next_ctx_{0};
-  // The blocking pool: one thread of its own, the others attached
-  // (start_pool_threads). asio::thread_pool(N) hangs if it cannot create
-  // all N threads (a pids limit, RLIMIT_NPROC): its constructor joins the
-  // threads it made, which never stop. Threads attached one by one can be
-  // stopped and joined when the next cannot be made.
+  // The blocking pool: no thread of its own; start_pool_threads attaches
+  // them one by one. asio::thread_pool(N) hangs if it cannot create all N
+  // threads (a pids limit, RLIMIT_NPROC): its constructor joins the threads
+  // it made, which never stop. Attached threads can be stopped and joined
+  // when the next cannot be made. (Not thread_pool(1) plus attached ones:
+  // a pool made for one thread tells its scheduler so, which then does not
+  // wake idle threads for queued work.)
   asio::thread_pool pool_;
   std::vector<std::thread> pool_threads_;
   void start_pool_threads(unsigned n);
