@@ -163,8 +163,7 @@ Result<bool> Qcow2Image::continue_unstored_recovery(const IntentRecovery& failed
   file_size_ = QNBD_TRY(file_->size());
   header_ = QNBD_TRY(read_header(*file_, file_size_));
   QNBD_TRY(check_metadata_overlaps(header_));
-  bitmaps_ = QNBD_TRY(read_bitmap_directory(*file_, header_, file_size_));
-  bitmap_store_ = std::make_unique<BitmapStore>(*file_, header_, bitmaps_, file_size_, true, intent_);
+  QNBD_TRY(reopen_bitmap_store());
   RefcountGeometry rg{header_.cluster_bits, header_.refcount_order};
   refcounts_ = std::make_unique<Refcounts>(
       QNBD_TRY(Refcounts::load(*file_, rg, header_.refcount_table_offset, header_.refcount_table_clusters)));
@@ -206,8 +205,7 @@ Result<bool> Qcow2Image::continue_unstored_recovery(const IntentRecovery& failed
     QNBD_TRY(file_->pwrite(raw, 88));
     QNBD_TRY(file_->flush());
     header_ = QNBD_TRY(read_header(*file_, file_size_));
-    bitmaps_ = QNBD_TRY(read_bitmap_directory(*file_, header_, file_size_));
-    bitmap_store_ = std::make_unique<BitmapStore>(*file_, header_, bitmaps_, file_size_, true, intent_);
+    QNBD_TRY(reopen_bitmap_store());
     register_bitmaps();
     if (intent_.remove) intent_.remove();
     intent_state_ = "recovered";

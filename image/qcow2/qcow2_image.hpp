@@ -179,6 +179,10 @@ class Qcow2Image final : public BlockDevice {
   // store"). Sets intent_state_ and logs. Returns whether the record is
   // kept (AUTOCLEAR_QNBD_INTENT must then stay set); an error fails the open.
   Result<bool> continue_unstored_recovery(const IntentRecovery& failed);
+  // The writer's bitmap store anew from the directory header_ names, after
+  // a rewrite at open changed it (the caller registers it for overlap
+  // checks where the metadata map is current).
+  Result<void> reopen_bitmap_store();
   Result<void> load_snapshot_l1(const SnapshotRef& ref);
   Result<void> repair_dirty_image(File& file);
   Result<void> check_writable(std::uint64_t offset, std::uint64_t length, const char* what);

@@ -82,8 +82,7 @@ Result<void> Qcow2Image::init_writer() {
     if (rec.rewrote) {
       log::info("{}: {}", path_, rec.detail);
       file_size_ = QNBD_TRY(file_->size());
-      bitmaps_ = QNBD_TRY(read_bitmap_directory(*file_, header_, file_size_));
-      bitmap_store_ = std::make_unique<BitmapStore>(*file_, header_, bitmaps_, file_size_, true, intent_);
+      QNBD_TRY(reopen_bitmap_store());
       register_bitmaps();
     } else if (rec.state == "off") {
       log::info("{}: write-intent record not used ({}); bitmaps in use stay inconsistent", path_, rec.detail);
@@ -105,6 +104,12 @@ Result<void> Qcow2Image::init_writer() {
     QNBD_TRY(file_->flush());
   }
   writable_ = true;
+  return ok();
+}
+
+Result<void> Qcow2Image::reopen_bitmap_store() {
+  bitmaps_ = QNBD_TRY(read_bitmap_directory(*file_, header_, file_size_));
+  bitmap_store_ = std::make_unique<BitmapStore>(*file_, header_, bitmaps_, file_size_, true, intent_);
   return ok();
 }
 
