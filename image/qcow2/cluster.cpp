@@ -547,10 +547,14 @@ Result<std::size_t> Qcow2Image::write_new_clusters_locked(std::span<const std::b
   const std::uint64_t max = std::min<std::uint64_t>(buf.size() / cs, kMaxRun);
   // The run: clusters whose current entry is not overwritten in place
   // (unallocated, zero without a host cluster, compressed, or shared).
+  // The run stays inside one L2 table, as QEMU's allocation (one L2 slice
+  // per qcow2_alloc_host_offset step) does.
+  const std::uint64_t l1_index = offset >> (g.cluster_bits + l2_bits);
+  if (l1_index >= l1_.size()) return std::size_t{0};
   std::uint64_t run = 0;
   for (; run < max; ++run) {
     const std::uint64_t gc = offset + run * cs;
-    if ((gc >> (g.cluster_bits + l2_bits)) >= l1_.size()) break;
+    if ((gc >> (g.cluster_bits + l2_bits)) != l1_index) break;
     // A corrupt L1 or L2 entry: the cluster path reports it (and sets the
     // corrupt bit).
     auto m = get_host_offset_locked(gc, cs);
@@ -559,6 +563,12 @@ Result<std::size_t> Qcow2Image::write_new_clusters_locked(std::span<const std::b
     if (has_host && (m->l2_entry & QCOW_OFLAG_COPIED)) break;  // overwritten in place
   }
   if (run < 2) return std::size_t{0};
+  // The L2 table before the data clusters, as QEMU allocates them
+  // (get_cluster_table, then the data run): the same requests leave the
+  // same host layout as qemu-nbd's. The table is written and synced before
+  // the L1 entry names it (l2_for_write_locked); the entries for the run
+  // change only in the cache, below.
+  QNBD_TRY(l2_for_write_locked(l1_index));
   const std::uint64_t old_file_size = file_size_;
   const std::uint64_t host = QNBD_TRY(refcounts_->allocate(run));
   l2_cache_->depends_on_flush();

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The commonest write workload, a disk copied into an empty qcow2 over NBD
+# by one stream (a restore, an import, `qemu-img convert -n`), leaves a
+# file byte for byte identical to the one qemu-nbd leaves: the same
+# clusters at the same host offsets, the same refcounts, L1 and L2 tables.
+# A backup or migration tool that compares images, checksums them or
+# diffs `qemu-img map --output=json` sees no difference between the two
+# servers.
+#
+# The old build allocated a run of new data clusters before the L2 table
+# that maps them (QEMU allocates the table first), so every copy into an
+# empty image put its data one cluster lower and its tables elsewhere
+# (`cmp` differed at byte 196614, the first L1 entry).
+#
+# For 64 KiB (the default) and 2 MiB clusters, and for nbdcopy (one
+# connection, one thread, one request in flight, --destination-is-zero:
+# its WRITE_ZEROES for the holes are sent several at a time even so, and
+# each server may take concurrent requests in its own order) and
+# qemu-img convert -n (-m 1, which zeroes the holes one request at a time): a 2 GiB sparse source with random data, a run of written zeroes
+# and data on both sides of the first L2 table's end (512 MiB with 64 KiB
+# clusters), copied into two empty copies of one image, one served by each
+# server; then, by qemu-io, one write across the third table's end (its
+# run of new clusters needs the next table) and one where no table exists
+# yet. `cmp` must find the two images identical, qemu-img check clean, and
+# qnbd's image must read as the source with those writes.
+source "$(dirname "$0")/lib-serve.sh"
+requires qemu-img qemu-nbd nbdcopy cmp
+requires_qnbd
+
+T=$TMPDIR_TEST
+src=$T/src.raw
+truncate -s 2G "$src"
+put() {  # MIB_OFFSET BYTES: random bytes at that offset
+  head -c "$2" /dev/urandom | dd of="$src" bs=1M seek="$1" conv=notrunc status=none
+}
+put 2 $((3 << 20))
+dd if=/dev/zero of="$src" bs=1M seek=6 count=2 conv=notrunc status=none
+put 508 $((8 << 20))
+head -c 100000 /dev/urandom | dd of="$src" bs=1 seek=$((700 << 20)) conv=notrunc status=none
+writes=(-c "write -P 0x5c 1535M 2M" -c "write -P 0x5d 900M 3M")
+ref=$T/ref.raw  # what each image must read: the source, then the writes
+cp --sparse=always "$src" "$ref"
+qemu-io -f raw "${writes[@]}" "$ref" >/dev/null
+
+for cs in 65536 2097152; do
+  for tool in nbdcopy qemu-img; do
+    qemu-img create -q -f qcow2 -o cluster_size=$cs "$T/empty.qcow2" 2G
+    cp --sparse=always "$T/empty.qcow2" "$T/qnbd.qcow2"
+    cp --sparse=always "$T/empty.qcow2" "$T/qemu.qcow2"
+    for server in qnbd qemu; do
+      sock=$T/$server.sock
+      rm -f "$sock"
+      if [[ $server == qnbd ]]; then
+        start_server "$T/$server.pid" "$QNBD" serve -t -f qcow2 -k "$sock" --pid-file "$T/$server.pid" "$T/$server.qcow2" ||
+          fail "qnbd serve did not start"
+      else
+        start_server "$T/$server.pid" qemu-nbd -t -f qcow2 -k "$sock" --pid-file "$T/$server.pid" "$T/$server.qcow2" ||
+          fail "qemu-nbd did not start"
+      fi
+      uri="nbd+unix:///?socket=$sock"
+      if [[ $tool == nbdcopy ]]; then
+        timeout 120 nbdcopy -C 1 -T 1 -R 1 --destination-is-zero "$src" "$uri" || fail "$cs/$tool: nbdcopy into $server failed"
+      else
+        timeout 120 qemu-img convert -n -m 1 -f raw -O raw "$src" "$uri" || fail "$cs/$tool: qemu-img convert into $server failed"
+      fi
+      # One write across the end of an L2 table (the next table is new),
+      # then one inside a region no table maps yet.
+      timeout 60 qemu-io -f raw "${writes[@]}" "$uri" >/dev/null ||
+        fail "$cs/$tool: qemu-io into $server failed"
+      stop_server "$SERVER_PID" || fail "$cs/$tool: $server did not stop cleanly"
+    done
+    qemu-img compare -f raw -F qcow2 "$ref" "$T/qnbd.qcow2" >/dev/null || fail "$cs/$tool: qnbd's image does not read as written"
+    qemu-img check -q "$T/qnbd.qcow2" || fail "$cs/$tool: qemu-img check of qnbd's copy"
+    if ! cmp "$T/qnbd.qcow2" "$T/qemu.qcow2"; then
+      qemu-img map --output=json "$T/qnbd.qcow2" | head -n 4 >&2
+      qemu-img map --output=json "$T/qemu.qcow2" | head -n 4 >&2
+      fail "$cs/$tool: qnbd's image differs from qemu-nbd's"
+    fi
+    echo "ok: $cs-byte clusters, $tool: identical to qemu-nbd's image"
+  done
+done
+echo "PASS"
