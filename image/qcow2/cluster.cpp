@@ -428,9 +428,37 @@ Result<bool> Qcow2Image::reads_zero_fast_locked(std::uint64_t offset, std::uint6
   return true;
 }
 
+// qcow2_image.hpp says what; mutex_ held.
+Result<std::optional<bool>> Qcow2Image::allocation_cow_zero_locked(std::uint64_t offset, std::uint64_t end) {
+  const L2Geometry& g = geometry_;
+  // Extended L2 (per-subcluster allocation) and external data files keep
+  // the per-cluster decision.
+  if (g.extended_l2 || data_file_) return std::optional<bool>{};
+  const std::uint64_t cs = g.cluster_size();
+  const std::uint64_t first = align_down(offset, cs), last = align_down(end - 1, cs);
+  const bool head = offset > first, tail = end < last + cs;
+  const unsigned table_bits = g.cluster_bits + header_.l2_bits();
+  if (first == last || !(head || tail) || (first >> table_bits) != (last >> table_bits)) return std::optional<bool>{};
+  for (std::uint64_t gc = first; gc <= last; gc += cs) {
+    // A corrupt entry is the cluster path's to report.
+    auto m = get_host_offset_locked(gc, cs);
+    if (!m) return std::optional<bool>{};
+    const bool has_host = m->type == SubclusterType::normal || m->type == SubclusterType::zero_alloc;
+    if (has_host && (m->l2_entry & QCOW_OFLAG_COPIED)) return std::optional<bool>{};  // written in place
+  }
+  // Head first, as QEMU asks; a tail past the image end has no block
+  // status (write_cluster_locked says why).
+  if (head && !QNBD_TRY(reads_zero_fast_locked(first, offset - first))) return std::optional<bool>{false};
+  if (tail && (last + cs > size_ || !QNBD_TRY(reads_zero_fast_locked(end, last + cs - end)))) {
+    return std::optional<bool>{false};
+  }
+  return std::optional<bool>{true};
+}
+
 // Write guest bytes [offset, offset+length) inside one cluster (data null:
 // zeroes), allocating or copying the cluster as needed. mutex_ held.
-Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length) {
+Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length,
+                                              std::optional<bool> cow_zero) {
   const L2Geometry& g = geometry_;
   const std::uint64_t cs = g.cluster_size();
   const std::uint64_t gc = align_down(offset, cs);
@@ -489,13 +517,21 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
     // past the image end are nobody's. Crash ordering is unchanged: the L2
     // entry still reaches the disk only after this range is synced.
     const std::uint64_t after = in + length;
+    // QEMU's is_zero_cow asks block status of the tail region too, and a
+    // tail that runs past the image end gets none there (block/io.c
+    // bdrv_co_block_status answers EOF for what lies beyond), so QEMU
+    // copies zeroes into it rather than zeroing the range: the same here,
+    // so that the host file has the same holes as qemu-nbd's.
+    const bool tail_past_end = we > after && gc + we > size_;
     // A copy-on-write region: where QEMU's handle_alloc_space asks block
     // status (qcow2_image.cpp, metadata_preallocated), its refcounts
-    // holding this allocation.
-    if (ws < in || we > after) metadata_preallocated_locked();
-    const std::uint64_t cow_end = std::max(after, std::min(we, size_ > gc ? size_ - gc : 0));
-    const bool zero_around = data && (ws < in || we > after) && QNBD_TRY(reads_zero_fast_locked(gc + ws, in - ws)) &&
-                             QNBD_TRY(reads_zero_fast_locked(gc + after, cow_end - after));
+    // holding this allocation. A tail that starts at the image end is not
+    // asked about (the EOF answer comes before the driver's).
+    if (ws < in || (we > after && gc + after < size_)) metadata_preallocated_locked();
+    const bool zero_around = data && (ws < in || we > after) &&
+                             (cow_zero ? *cow_zero
+                                       : !tail_past_end && QNBD_TRY(reads_zero_fast_locked(gc + ws, in - ws)) &&
+                                             QNBD_TRY(reads_zero_fast_locked(gc + after, we - after)));
     if (zero_around) {
       QNBD_TRY(check_guest_write_locked(host + ws, we - ws));
       auto zeroed = data_file().write_zeroes_fast(host + ws, we - ws, false);

@@ -218,7 +218,17 @@ class Qcow2Image final : public BlockDevice {
   // dirty and its dependencies (refcounts, data) as to be synced first.
   void set_l2_entry_locked(L2Slot& s, std::uint64_t entry, std::uint64_t bitmap);
   Result<void> read_guest_locked(std::span<std::byte> buf, std::uint64_t offset);
-  Result<void> write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length);
+  // cow_zero: whether the copy-on-write regions may be zeroed by the file
+  // system (QEMU's is_zero_cow) when the caller decided it for a whole
+  // allocation (allocation_cow_zero_locked); unset: for this cluster alone.
+  Result<void> write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length,
+                                    std::optional<bool> cow_zero = std::nullopt);
+  // QEMU's is_zero_cow for a WRITE of [offset, end) whose first and last
+  // clusters both need a new host cluster and lie in one run of such
+  // clusters inside one L2 table: QEMU allocates that run at once and
+  // zeroes the copy-on-write regions of its head and tail together or not
+  // at all. Unset where the request is not such a run.
+  Result<std::optional<bool>> allocation_cow_zero_locked(std::uint64_t offset, std::uint64_t end);
   // Whole clusters from `offset` (cluster aligned) that need a new host
   // cluster, allocated as one contiguous run and written with one pwrite.
   // Returns the bytes written (0: no run of two or more clusters here).

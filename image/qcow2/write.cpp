@@ -309,11 +309,19 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
       if (m && !(m->type == SubclusterType::normal && m->copied)) metadata_preallocated_locked();
     }
   }
+  // Set for the request's first and last clusters when they are one
+  // allocation in QEMU's terms (allocation_cow_zero_locked), decided under
+  // the lock the first cluster is written under.
+  std::optional<bool> cow_zero;
+  const std::uint64_t request_start = offset, request_end = offset + buf.size();
   while (!buf.empty()) {
     const std::uint64_t gc = align_down(offset, cs);
     const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), gc + cs - offset));
     std::unique_lock lock(mutex_);
     if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
+    if (offset == request_start && gc != align_down(request_end - 1, cs)) {
+      cow_zero = QNBD_TRY(allocation_cow_zero_locked(request_start, request_end));
+    }
     // Fast path: an allocated COPIED cluster (all touched subclusters
     // allocated) is overwritten in place without the metadata mutex. The
     // lookup is read's; a corrupt entry takes the cluster path, which
@@ -341,7 +349,7 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
       lock.unlock();
       QNBD_TRY(data_file().pwrite(buf.first(n), *host));
     } else {
-      QNBD_TRY(write_cluster_locked(buf.data(), offset, n));
+      QNBD_TRY(write_cluster_locked(buf.data(), offset, n, cow_zero));
       QNBD_TRY(maybe_flush_frees_locked());
     }
     buf = buf.subspan(n);
