@@ -132,8 +132,11 @@ Result<void> write_new_directory(File& file, std::uint64_t cs, std::vector<Table
       std::memcpy(q + 24, b.name.data(), b.name.size());
       pos += static_cast<std::size_t>(align_up(24 + b.name.size(), 8));
     }
-    QNBD_TRY(file.pwrite(dir, dir_offset));
+    // Only the directory's own bytes, as QEMU writes it: the rest of its
+    // cluster is never read, and a directory at the end of the file leaves
+    // the file ending where qemu-img's and qemu-nbd's does.
     dir.resize(static_cast<std::size_t>(dir_size));
+    QNBD_TRY(file.pwrite(dir, dir_offset));
     dir_bytes = std::move(dir);
   }
   return file.flush();
