@@ -50,22 +50,14 @@ qemu-io -f raw "${writes[@]}" "$ref" >/dev/null
 for image in 65536 2097152 65536+bitmap; do
   cs=${image%+bitmap}
   for tool in nbdcopy qemu-img; do
-    qemu-img create -q -f qcow2 -o cluster_size=$cs "$T/empty.qcow2" 2G
+    qemu-img create -q -f qcow2 -o cluster_size="$cs" "$T/empty.qcow2" 2G
     # An enabled persistent bitmap: each server stores it when it stops.
     [[ $image == *+bitmap ]] && qemu-img bitmap --add "$T/empty.qcow2" b0
     cp --sparse=always "$T/empty.qcow2" "$T/qnbd.qcow2"
     cp --sparse=always "$T/empty.qcow2" "$T/qemu.qcow2"
     for server in qnbd qemu; do
-      sock=$T/$server.sock
-      rm -f "$sock"
-      if [[ $server == qnbd ]]; then
-        start_server "$T/$server.pid" "$QNBD" serve -t -f qcow2 -k "$sock" --pid-file "$T/$server.pid" "$T/$server.qcow2" ||
-          fail "qnbd serve did not start"
-      else
-        start_server "$T/$server.pid" qemu-nbd -t -f qcow2 -k "$sock" --pid-file "$T/$server.pid" "$T/$server.qcow2" ||
-          fail "qemu-nbd did not start"
-      fi
-      uri="nbd+unix:///?socket=$sock"
+      if [[ $server == qnbd ]]; then start_tool qnbd -f qcow2 "$T/qnbd.qcow2"; else start_tool qemu-nbd -f qcow2 "$T/qemu.qcow2"; fi
+      uri="nbd+unix:///?socket=$T/s.sock"
       if [[ $tool == nbdcopy ]]; then
         timeout 120 nbdcopy -C 1 -T 1 -R 1 --destination-is-zero "$src" "$uri" || fail "$image/$tool: nbdcopy into $server failed"
       else

@@ -29,24 +29,15 @@ cases=0
 # run_case NAME IMAGE QEMU-IO-COMMAND...: the writes through each server on
 # its own copy of IMAGE, then compare.
 run_case() {
-  local name=$1 image=$2 server sock
+  local name=$1 image=$2 server uri="nbd+unix:///?socket=$T/s.sock"
   shift 2
   local writes=()
   for c in "$@"; do writes+=(-c "$c"); done
   for server in qnbd qemu; do
     cp --sparse=always "$image" "$T/$server.qcow2"
-    sock=$T/$server.sock
-    rm -f "$sock"
-    if [[ $server == qnbd ]]; then
-      start_server "$T/$server.pid" "$QNBD" serve -t -f qcow2 -k "$sock" --pid-file "$T/$server.pid" "$T/$server.qcow2" ||
-        fail "$name: qnbd serve did not start"
-    else
-      start_server "$T/$server.pid" qemu-nbd -t -f qcow2 -k "$sock" --pid-file "$T/$server.pid" "$T/$server.qcow2" ||
-        fail "$name: qemu-nbd did not start"
-    fi
-    timeout 60 qemu-io -f raw "${writes[@]}" "nbd+unix:///?socket=$sock" >/dev/null ||
-      fail "$name: qemu-io through $server failed"
-    timeout 60 nbdinfo --map "nbd+unix:///?socket=$sock" >"$T/$server.map" || fail "$name: nbdinfo --map of $server failed"
+    if [[ $server == qnbd ]]; then start_tool qnbd -f qcow2 "$T/qnbd.qcow2"; else start_tool qemu-nbd -f qcow2 "$T/qemu.qcow2"; fi
+    timeout 60 qemu-io -f raw "${writes[@]}" "$uri" >/dev/null || fail "$name: qemu-io through $server failed"
+    timeout 60 nbdinfo --map "$uri" >"$T/$server.map" || fail "$name: nbdinfo --map of $server failed"
     stop_server "$SERVER_PID" || fail "$name: $server did not stop cleanly"
   done
   if ! diff -u "$T/qemu.map" "$T/qnbd.map" >&2; then
