@@ -513,9 +513,9 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
     // bytes reads as zeroes anyway, the host range is zeroed by the file
     // system (no data written; ZERO_RANGE leaves unwritten extents) and
     // only the new bytes are written, instead of a whole cluster of
-    // copied zeroes (2 MiB for one 4 KiB write on 2 MiB clusters). Bytes
-    // past the image end are nobody's. Crash ordering is unchanged: the L2
-    // entry still reaches the disk only after this range is synced.
+    // copied zeroes (2 MiB for one 4 KiB write on 2 MiB clusters). Crash
+    // ordering is unchanged: the L2 entry still reaches the disk only after
+    // this range is synced.
     const std::uint64_t after = in + length;
     // QEMU's is_zero_cow asks block status of the tail region too, and a
     // tail that runs past the image end gets none there (block/io.c
