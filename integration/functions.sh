@@ -164,6 +164,12 @@ wait_ready() {
 # PIDFILE once it is listening (qnbd serve --pid-file, qemu-nbd --pid-file),
 # wait for that file (the process dying first is a failure), and register a
 # cleanup that stops it by its own PID. Sets SERVER_PID.
+# A server wrapped in timeout(1) needs `timeout --foreground`: otherwise
+# timeout follows the SIGTERM it passes on with a SIGCONT, and a SIGCONT
+# that lands while LeakSanitizer stops the exiting server's threads
+# discards the SIGSTOP its tracer waits for, which hangs the exit for ever
+# (seen once in CI: the tracer in waitpid, the server spinning in
+# sched_yield).
 start_server() {
   local pidfile=$1
   shift

@@ -87,7 +87,7 @@ while IFS=$'\t' read -r name path scope keywords extra; do
   if [[ $scope == data ]] && command -v nbdcopy >/dev/null && command -v nbdinfo >/dev/null; then
     sock=$TMPDIR_TEST/serve.sock
     rm -f "$sock" "$TMPDIR_TEST/serve.pid"
-    if ! start_server "$TMPDIR_TEST/serve.pid" timeout 60 "$QNBD" serve -r -t -e 4 -k "$sock" \
+    if ! start_server "$TMPDIR_TEST/serve.pid" timeout --foreground 60 "$QNBD" serve -r -t -e 4 -k "$sock" \
         --pid-file "$TMPDIR_TEST/serve.pid" "${args[@]}" "$path"; then
       serve="did not start"
     elif timeout 30 nbdcopy "nbd+unix:///?socket=$sock" "$out" 2>/dev/null; then

@@ -28,7 +28,7 @@ while IFS=$'\t' read -r name path fmt; do
   rm -f "$qnbd_sock" "$qemu_sock"
 
   if ! start_server "$TMPDIR_TEST/qnbd.pid" \
-      timeout 300 "$QNBD" serve -r -t -e 8 -A -f "$fmt" -k "$qnbd_sock" --pid-file "$TMPDIR_TEST/qnbd.pid" "$path"; then
+      timeout --foreground 300 "$QNBD" serve -r -t -e 8 -A -f "$fmt" -k "$qnbd_sock" --pid-file "$TMPDIR_TEST/qnbd.pid" "$path"; then
     problems+=("$name: qnbd serve did not start")
     rows+=("$(printf '%-30s %s' "$name" "qnbd serve did not start")")
     continue
