@@ -15,6 +15,7 @@
 #include "common/log.hpp"
 #include "image/checkpoint.hpp"
 #include "image/view/cbw.hpp"
+#include "server/accept_backoff.hpp"
 #include "server/run_context.hpp"
 #include "server/unix_endpoint.hpp"
 
@@ -264,12 +265,7 @@ struct ControlServer::Impl {
       if (ec) {
         if (ec == asio::error::operation_aborted || stopping) co_return;
         log::warn("control: accept: {}", ec.message());
-        // A full descriptor table leaves the connection in the backlog:
-        // accepting again at once would spin, logging this line each time.
-        if (ec == asio::error::no_descriptors || ec == asio::error::no_buffer_space) {
-          asio::steady_timer backoff(ctx, std::chrono::milliseconds(100));
-          co_await backoff.async_wait(use_tuple);
-        }
+        co_await back_off_after_accept(ec, ctx.get_executor());
         continue;
       }
       if (clients.size() >= kMaxClients) {

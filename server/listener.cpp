@@ -13,6 +13,7 @@
 #include <cstdlib>
 
 #include "common/log.hpp"
+#include "server/accept_backoff.hpp"
 #include "server/unix_endpoint.hpp"
 
 namespace qnbd::server {
@@ -128,10 +129,7 @@ awaitable<void> Server::accept_loop(Acceptor& acc, std::shared_ptr<const TlsCred
     if (ec) {
       if (ec == asio::error::operation_aborted || shutting_down_) co_return;
       log::warn("accept: {}", ec.message());
-      if (ec == asio::error::no_descriptors || ec == asio::error::no_buffer_space) {
-        asio::steady_timer backoff(strand_, std::chrono::milliseconds(100));
-        co_await backoff.async_wait(use_tuple);
-      }
+      co_await back_off_after_accept(ec, strand_);
       continue;
     }
     auto id = next_id_++;

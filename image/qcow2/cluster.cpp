@@ -182,6 +182,14 @@ HostRange referenced_range(std::uint64_t l2_entry, std::uint32_t cluster_bits) {
   return {host, host ? std::uint64_t{1} << cluster_bits : 0};
 }
 
+// A whole-cluster write of this mapping goes to its own host cluster (an
+// allocated, COPIED one); any other needs a new host cluster (unallocated,
+// zero without a host cluster, compressed, or shared with a snapshot).
+bool written_in_place(const Mapping& m) {
+  const bool has_host = m.type == SubclusterType::normal || m.type == SubclusterType::zero_alloc;
+  return has_host && (m.l2_entry & QCOW_OFLAG_COPIED);
+}
+
 }  // namespace
 
 Result<Mapping> Qcow2Image::get_host_offset(std::uint64_t offset, std::uint64_t max_bytes) {
@@ -443,8 +451,7 @@ Result<std::optional<bool>> Qcow2Image::allocation_cow_zero_locked(std::uint64_t
     // A corrupt entry is the cluster path's to report.
     auto m = get_host_offset_locked(gc, cs);
     if (!m) return std::optional<bool>{};
-    const bool has_host = m->type == SubclusterType::normal || m->type == SubclusterType::zero_alloc;
-    if (has_host && (m->l2_entry & QCOW_OFLAG_COPIED)) return std::optional<bool>{};  // written in place
+    if (written_in_place(*m)) return std::optional<bool>{};
   }
   // Head first, as QEMU asks; a tail past the image end has no block
   // status (write_cluster_locked says why).
@@ -595,8 +602,7 @@ Result<std::size_t> Qcow2Image::write_new_clusters_locked(std::span<const std::b
     // corrupt bit).
     auto m = get_host_offset_locked(gc, cs);
     if (!m) break;
-    const bool has_host = m->type == SubclusterType::normal || m->type == SubclusterType::zero_alloc;
-    if (has_host && (m->l2_entry & QCOW_OFLAG_COPIED)) break;  // overwritten in place
+    if (written_in_place(*m)) break;
   }
   if (run < 2) return std::size_t{0};
   // The L2 table before the data clusters, as QEMU allocates them
