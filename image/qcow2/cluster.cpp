@@ -541,7 +541,19 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
                                              QNBD_TRY(reads_zero_fast_locked(gc + after, we - after)));
     if (zero_around) {
       QNBD_TRY(check_guest_write_locked(host + ws, we - ws));
-      auto zeroed = data_file().write_zeroes_fast(host + ws, we - ws, false);
+      // A new cluster is zeroed whole: nothing names it yet. A cluster
+      // kept in place (a zero cluster with its host cluster, or, with
+      // extended L2, one whose unallocated or zero subclusters the request
+      // reaches into) has only its two edge regions zeroed, never
+      // [in, after): with extended L2 that range may hold allocated
+      // subclusters whose data a FLUSH made durable, and zeroing them
+      // before the new bytes are written would leave zeroes there if the
+      // power fails between the two, where the old or the new data must be.
+      // (QEMU's handle_alloc_space zeroes from cow_start to the end of
+      // cow_end even for kept clusters; qnbd does not.)
+      auto zeroed = in_place ? data_file().write_zeroes_fast(host + ws, in - ws, false)
+                             : data_file().write_zeroes_fast(host + ws, we - ws, false);
+      if (zeroed && in_place && we > after) zeroed = data_file().write_zeroes_fast(host + after, we - after, false);
       if (zeroed) return data_file().pwrite(std::span(data, static_cast<std::size_t>(length)), host + in);
       if (zeroed.error().code != ENOTSUP) return zeroed.error();
       // The file system cannot: copy zeroes as below.
