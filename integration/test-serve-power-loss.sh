@@ -19,8 +19,8 @@
 #     that returned left its PREV disabled and dirty wherever a request
 #     answered before it wrote, and the bitmaps after it cover every
 #     request answered since and all data that reached the image.
-# Cases: qcow2 with 64 KiB and 4 KiB clusters, extended L2 over a backing
-# file, an external data file, cache=writethrough (qcow2 and raw), directsync
+# Cases: qcow2 with 64 KiB and 4 KiB clusters, extended L2 alone and over a
+# backing file, an external data file, cache=writethrough (qcow2 and raw), directsync
 # and none, a raw image, and qcow2 with checkpoints.
 # What the model of the disk leaves out: power_loss.py.
 source "$(dirname "$0")/lib-serve.sh"
@@ -75,6 +75,10 @@ for ((r = 0; r < ${QNBD_POWER_ROUNDS:-1}; r++)); do
   one qcow2-extl2-backing.$r $((s + 3)) qcow2 b0 \
     "qemu-img create -q -f raw base 16M && qemu-io -f raw -c 'write -P 0x5a 0 16M' base >/dev/null &&
      $(qcow2 "-o extended_l2=on,cluster_size=32k -b base -F raw")"
+  # Extended L2 without a backing file: a write from an unallocated
+  # subcluster into allocated ones of the same cluster once zeroed them
+  # before writing (zeroes after a power loss between the two).
+  one qcow2-extl2.$r $((s + 11)) qcow2 b0 "$(qcow2 "-o extended_l2=on")"
   one qcow2-datafile.$r $((s + 4)) qcow2 b0 "$(qcow2 "-o data_file=d.data")"
   # Writethrough: every answered change must be durable, not only FUA ones.
   WRITETHROUGH=1 one qcow2-writethrough.$r $((s + 5)) qcow2 b0 "$(qcow2 "")" --cache=writethrough
