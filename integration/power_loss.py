@@ -414,6 +414,13 @@ def judge_bitmaps(d, image, fmt, qnbd, work, events, crash_t, got, init_raw, siz
     dirty, between them, wherever a request started after it returned was
     answered, or left its data in the image."""
     names = bitmap_flags(d, image)
+    if not names:
+        # A crash inside the open's in-use marking (between clearing the
+        # bitmaps autoclear bit and setting it again, as QEMU marks them)
+        # hides every bitmap from QEMU; the write-intent record lets qnbd
+        # restore them. Recover first, then list them.
+        serve_and_read_bitmaps(qnbd, os.path.join(d, image), fmt, [], work)
+        names = bitmap_flags(d, image)
     dirty = serve_and_read_bitmaps(qnbd, os.path.join(d, image), fmt, sorted(names), work)
     after = bitmap_flags(d, image)
     for name, flags in after.items():
@@ -435,6 +442,8 @@ def judge_bitmaps(d, image, fmt, qnbd, work, events, crash_t, got, init_raw, siz
                 return f"{r['op']} {r['id']} at {r['off']}+{r['len']}, answered before {c['name']}, not dirty in {c['prev']}"
         start = c["t1"]
     newest = returned[-1]["name"] if returned else "b0"
+    if newest not in dirty:
+        return f"bitmap {newest} is gone after the recovery: {sorted(after)}"
     newer = [c["name"] for c in cps if c["t1"] >= crash_t and c["name"] in after]
     live = merged(*(dirty[n] for n in [newest] + newer))
     for r in data_reqs:
