@@ -5,9 +5,12 @@ image after a SIGKILL:
 
   EXPECT   the whole guest view as of the last successful flush
            (replaced atomically after each flush)
-  PENDING  one "offset length" line per request sent since that flush,
-           written before the request goes out: those bytes may hold old,
-           new or torn data after the kill.
+  PENDING  one "offset length KIND [FILL]" line per request sent since
+           that flush, written before the request goes out (KIND: w a
+           write whose byte at image offset p is (FILL + p // 512) & 0xff,
+           z zeroes, t a trim): after the kill each of those bytes holds
+           its flushed value or the value of one of them (a trimmed byte:
+           anything), never something no request wrote.
 
 Usage: kill_writer.py URI SEED EXPECT PENDING
 Exit status 0 when the connection broke (the expected end), 1 on a failed
@@ -52,10 +55,13 @@ def main():
                 save_flushed()
                 pending = open(pending_path, "a")
                 continue
-            pending.write(f"{off} {length}\n")
-            pending.flush()
             if kind < 65:
                 fill = rng.randrange(256)
+                pending.write(f"{off} {length} w {fill}\n")
+            else:
+                pending.write(f"{off} {length} {'z' if kind < 85 else 't'}\n")
+            pending.flush()
+            if kind < 65:
                 buf = bytes((fill + (off + i) // 512) & 0xFF for i in range(length))
                 h.pwrite(buf, off, nbd.CMD_FLAG_FUA if rng.randrange(8) == 0 else 0)
                 model[off:off + length] = buf
