@@ -21,7 +21,8 @@
 #     request answered since and all data that reached the image.
 # Cases: qcow2 with 64 KiB and 4 KiB clusters, extended L2 alone and over a
 # backing file, an external data file, cache=writethrough (qcow2 and raw), directsync
-# and none, a raw image, and qcow2 with checkpoints.
+# and none, a raw image, and qcow2 with checkpoints. QNBD_POWER_WIDE=1 adds
+# 18 more (below).
 # What the model of the disk leaves out: power_loss.py.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img nbdinfo cc
@@ -56,7 +57,7 @@ one() {
   fi
   LD_PRELOAD=$T/wlog.so ASAN_OPTIONS=${ASAN_OPTIONS:-}:verify_asan_link_order=0 \
     QNBD_WLOG=$d/wlog QNBD_WLOG_DIR=$d/disk start_serve -f "$fmt" -e 2 --discard=unmap "${extra[@]}" "$@" "$d/disk/d"
-  "$PY" "$here/power_loss.py" client "$SERVE_URI" "$d/events" "$seed" "$SIZE" 2 "${OPS:-150}" "${ctl[@]}" >"$d/client.out" ||
+  "$PY" "$here/power_loss.py" client "$SERVE_URI" "$d/events" "$seed" "$SIZE" "${THREADS:-2}" "${OPS:-150}" "${ctl[@]}" >"$d/client.out" ||
     fail "$name: the workload failed: $(cat "$d/client.out")"
   kill -9 "$SERVE_PID"
   wait "$SERVE_PID" 2>/dev/null || true
@@ -87,6 +88,40 @@ for ((r = 0; r < ${QNBD_POWER_ROUNDS:-1}; r++)); do
   one qcow2-cache-none.$r $((s + 7)) qcow2 b0 "$(qcow2 "-o cluster_size=4k")" --cache=none
   one raw.$r $((s + 6)) raw - "truncate -s 16M d"
   CHECKPOINTS=1 OPS=400 one qcow2-checkpoints.$r $((s + 8)) qcow2 b0 "$(qcow2 "")"
+  if [[ ${QNBD_POWER_WIDE:-0} == 1 ]]; then
+    # More geometries, for a longer hunt (not run in CI; each passed 2-4
+    # seeds on c8b90cf): 512-byte clusters (refcount table growth, 1-bit
+    # refcounts), lazy refcounts, 2 MiB clusters (both writers in one
+    # cluster), compat 0.10, a qcow2 backing file with compressed clusters,
+    # extended L2 at 16 KiB / 2 MiB / 128 KiB over a backing file, a raw
+    # external data file, internal snapshots (every write copies a shared
+    # cluster), a compressed image, four writers, and checkpoints on them.
+    snap="qemu-img create -q -f qcow2 d 16M && qemu-io -c 'write -P 0x11 0 16M' d >/dev/null && qemu-img snapshot -c s1 d"
+    one c512-rc64.$r $((s + 101)) qcow2 b0 "$(qcow2 "-o cluster_size=512,refcount_bits=64")"
+    one c512-rc1.$r $((s + 102)) qcow2 b0 "$(qcow2 "-o cluster_size=512,refcount_bits=1")"
+    one lazy.$r $((s + 103)) qcow2 b0 "$(qcow2 "-o cluster_size=4k,lazy_refcounts=on")"
+    one c2m.$r $((s + 104)) qcow2 b0 "$(qcow2 "-o cluster_size=2M")"
+    one compat010.$r $((s + 106)) qcow2 - "qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=4k d 16M"
+    one backing-qcow2.$r $((s + 107)) qcow2 b0 \
+      "qemu-img create -q -f qcow2 base 16M && qemu-io -c 'write -P 0x5a 0 8M' -c 'write -c -P 0x6b 8M 1M' base >/dev/null &&
+       $(qcow2 "-o cluster_size=4k -b base -F qcow2")"
+    one extl2-16k-rc2.$r $((s + 108)) qcow2 b0 "$(qcow2 "-o extended_l2=on,cluster_size=16k,refcount_bits=2")"
+    one extl2-2m.$r $((s + 109)) qcow2 b0 "$(qcow2 "-o extended_l2=on,cluster_size=2M")"
+    one extl2-128k-backing.$r $((s + 111)) qcow2 b0 \
+      "qemu-img create -q -f qcow2 base 16M && qemu-io -c 'write -P 0x5a 0 4M' -c 'write -z 4M 1M' -c 'write -c -P 0x6b 8M 1M' base >/dev/null &&
+       $(qcow2 "-o extended_l2=on,cluster_size=128k -b base -F qcow2")"
+    one c4k-datafile-raw.$r $((s + 112)) qcow2 b0 "$(qcow2 "-o cluster_size=4k,data_file=d.data,data_file_raw=on")"
+    one snap64k.$r $((s + 113)) qcow2 b0 "$snap && qemu-img bitmap --add d b0"
+    one snap4k.$r $((s + 114)) qcow2 b0 "${snap/create -q -f qcow2/create -q -f qcow2 -o cluster_size=4k} && qemu-img bitmap --add d b0"
+    one compressed.$r $((s + 115)) qcow2 b0 \
+      "qemu-img create -q -f raw r 16M && qemu-io -f raw -c 'write -P 0x33 0 16M' r >/dev/null &&
+       qemu-img convert -c -O qcow2 -o cluster_size=4k r d && rm r && qemu-img bitmap --add d b0"
+    THREADS=4 OPS=400 one c512-4t.$r $((s + 116)) qcow2 b0 "$(qcow2 "-o cluster_size=512,refcount_bits=64")"
+    THREADS=4 OPS=400 one extl2-4t.$r $((s + 117)) qcow2 b0 "$(qcow2 "-o extended_l2=on,cluster_size=16k")"
+    CHECKPOINTS=1 OPS=400 one cp-4k.$r $((s + 118)) qcow2 b0 "$(qcow2 "-o cluster_size=4k")"
+    CHECKPOINTS=1 OPS=400 one cp-extl2.$r $((s + 119)) qcow2 b0 "$(qcow2 "-o extended_l2=on")"
+    CHECKPOINTS=1 OPS=400 THREADS=4 one cp-snap.$r $((s + 120)) qcow2 b0 "$snap && qemu-img bitmap --add d b0"
+  fi
   rm -rf "${T:?}"/*."$r"
 done
 echo PASS
