@@ -4,7 +4,8 @@
 // flight). The post-crash bytes must pass `qemu-img check` with no
 // corruption (leaks allowed; images with the dirty bit are repaired with
 // `check -r all` first, after which they must be fully clean), and every
-// byte written before the last successful flush must read back intact.
+// byte must read back as it was at the last successful flush or as a write
+// or zeroing since left it (Expect::allowed).
 #include <doctest/doctest.h>
 
 #include <algorithm>
