@@ -480,6 +480,9 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
   // The host range [ws, we) of the cluster that must be written.
   std::uint64_t ws = 0, we = cs;
   std::uint64_t bitmap = 0;
+  // Whether [in, in + length) covers subclusters that hold data now (a
+  // kept extended-L2 cluster): those must not be zeroed before the write.
+  bool rewrites_data = false;
   const bool ext = g.extended_l2;
   if (ext) {
     const std::uint64_t sc = cs / SUBCLUSTERS_PER_CLUSTER;
@@ -492,6 +495,7 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
       ws = in;
       we = in + length;
     } else if (in_place) {
+      rewrites_data = (alloc & ~zero & touched & 0xffffffffull) != 0;
       // Only unallocated/zero edge subclusters are filled from the old view;
       // allocated ones get just the request's bytes, so a concurrent
       // in-place write elsewhere in the same subcluster is not overwritten
@@ -541,19 +545,21 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
                                              QNBD_TRY(reads_zero_fast_locked(gc + after, we - after)));
     if (zero_around) {
       QNBD_TRY(check_guest_write_locked(host + ws, we - ws));
-      // A new cluster is zeroed whole: nothing names it yet. A cluster
-      // kept in place (a zero cluster with its host cluster, or, with
-      // extended L2, one whose unallocated or zero subclusters the request
-      // reaches into) has only its two edge regions zeroed, never
-      // [in, after): with extended L2 that range may hold allocated
-      // subclusters whose data a FLUSH made durable, and zeroing them
-      // before the new bytes are written would leave zeroes there if the
-      // power fails between the two, where the old or the new data must be.
-      // (QEMU's handle_alloc_space zeroes from cow_start to the end of
-      // cow_end even for kept clusters; qnbd does not.)
-      auto zeroed = in_place ? data_file().write_zeroes_fast(host + ws, in - ws, false)
-                             : data_file().write_zeroes_fast(host + ws, we - ws, false);
-      if (zeroed && in_place && we > after) zeroed = data_file().write_zeroes_fast(host + after, we - after, false);
+      // The whole range is zeroed, as QEMU's handle_alloc_space does,
+      // where nothing in it is visible until the new L2 entry is: a new
+      // cluster, a zero cluster kept with its host cluster, unallocated or
+      // zero subclusters. But a write from such subclusters into ones of
+      // the same kept cluster that hold data (extended L2) has only its two
+      // edge regions zeroed, never [in, after): that data may be durable
+      // (a FLUSH), and zeroing it before the new bytes are written would
+      // leave zeroes there if the power failed between the two, where the
+      // old or the new data must be. (QEMU zeroes from cow_start to the end
+      // of cow_end there too; qnbd does not.)
+      auto zeroed = rewrites_data ? data_file().write_zeroes_fast(host + ws, in - ws, false)
+                                  : data_file().write_zeroes_fast(host + ws, we - ws, false);
+      if (zeroed && rewrites_data && we > after) {
+        zeroed = data_file().write_zeroes_fast(host + after, we - after, false);
+      }
       if (zeroed) return data_file().pwrite(std::span(data, static_cast<std::size_t>(length)), host + in);
       if (zeroed.error().code != ENOTSUP) return zeroed.error();
       // The file system cannot: copy zeroes as below.
