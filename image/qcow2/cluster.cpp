@@ -554,7 +554,10 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
       // (a FLUSH), and zeroing it before the new bytes are written would
       // leave zeroes there if the power failed between the two, where the
       // old or the new data must be. (QEMU zeroes from cow_start to the end
-      // of cow_end there too; qnbd does not.)
+      // of cow_end there too; qnbd does not. Where the edges once held
+      // written data, the file can then keep small data extents where
+      // QEMU's has unwritten ones: ext4 writes zeroes rather than split a
+      // written extent into small pieces. The data is the same.)
       auto zeroed = rewrites_data ? data_file().write_zeroes_fast(host + ws, in - ws, false)
                                   : data_file().write_zeroes_fast(host + ws, we - ws, false);
       if (zeroed && rewrites_data && we > after) {
