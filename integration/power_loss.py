@@ -381,6 +381,57 @@ def serve_and_read_bitmaps(qnbd, image, fmt, bitmaps, work):
             raise RuntimeError(f"qnbd serve exited {proc.returncode}: " + open(log.name).read().strip())
 
 
+def crash_during_recovery(d, image, fmt, qnbd, work, shim, rnd):
+    """Run `qnbd serve` (which recovers the bitmaps as it opens) on the
+    crashed folder d under the write-log shim, SIGKILL it once it serves,
+    and rebuild the folder at a random record of that log, as rebuild()
+    does. Returns the new folder, the record and the log's length."""
+    log2 = os.path.join(work, "recovery.wlog")
+    if os.path.exists(log2):
+        os.unlink(log2)
+    sock = os.path.join(work, "recover.sock")
+    pidfile = os.path.join(work, "recover.pid")
+    for p in (sock, pidfile):
+        if os.path.exists(p):
+            os.unlink(p)
+    env = dict(os.environ, LD_PRELOAD=shim, QNBD_WLOG=log2, QNBD_WLOG_DIR=d)
+    env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0"
+    with open(os.path.join(work, "recover.log"), "w") as log:
+        proc = subprocess.Popen(
+            [qnbd, "serve", "-k", sock, "--pid-file", pidfile, "-t", "-f", fmt, os.path.join(d, image)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            for _ in range(400):
+                if os.path.exists(pidfile) and os.path.getsize(pidfile) > 0:
+                    break
+                if proc.poll() is not None:
+                    raise RuntimeError("qnbd serve exited: " + open(log.name).read().strip())
+                time.sleep(0.025)
+            else:
+                raise RuntimeError("qnbd serve did not start")
+        finally:
+            proc.kill()
+            proc.wait()
+    recs = read_log(log2)
+    d2 = os.path.join(work, "crash2")
+    shutil.rmtree(d2, ignore_errors=True)
+    shutil.copytree(d, d2)
+    if not recs:
+        return d2, 0, 0
+    k = rnd.randrange(len(recs))
+    files, removed = rebuild(recs, k, covered_until(recs), d, rnd)
+    for name, content in files.items():
+        with open(os.path.join(d2, name), "wb") as f:
+            f.write(content)
+    for name in removed:
+        if os.path.exists(os.path.join(d2, name)):
+            os.unlink(os.path.join(d2, name))
+    return d2, k, len(recs)
+
+
 def bitmap_flags(d, image):
     out = run(["qemu-img", "info", "-U", "--output=json", image], cwd=d)
     out.check_returncode()
@@ -481,7 +532,10 @@ def check(log, init, events_path, work, image, fmt, size, points, seed, qnbd, bi
     picks = sorted({rnd.randrange(n) for _ in range(points - 1)} | {n - 1})
     syncs = sum(1 for r in recs if r[1] == SYNC_END)
     writes = sum(1 for r in recs if r[1] == WRITE)
-    total_checked = leaks = recovered = checkpoints_seen = 0
+    total_checked = leaks = recovered = checkpoints_seen = double = 0
+    # QNBD_DOUBLE_CRASH_SHIM=PATH (write_log_shim.c built): crash the
+    # recovery too (crash_during_recovery).
+    shim = os.environ.get("QNBD_DOUBLE_CRASH_SHIM")
     for k in picks:
         crash_t = recs[k][0]
         files, removed = rebuild(recs, k, ends, init, rnd)
@@ -513,6 +567,28 @@ def check(log, init, events_path, work, image, fmt, size, points, seed, qnbd, bi
             print(f"{where}: {res}")
             return 1
         total_checked += res
+        if bitmap != "-" and shim:
+            # A second power loss, this time while the next `qnbd serve`
+            # recovers: the bitmaps judged below are those a third open
+            # recovers from what that left, and the data must not change.
+            try:
+                d, k2, n2 = crash_during_recovery(d, image, fmt, qnbd, work, shim, rnd)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                print(f"{where}: the recovery under the log: {e}")
+                return 1
+            where += f", then after record {k2} of {n2} of the recovery"
+            c = run(["qemu-img", "check", "-q", "-f", "qcow2", image], cwd=d)
+            if c.returncode not in (0, 3):
+                print(f"{where}: qemu-img check exit {c.returncode}: {(c.stdout + c.stderr).strip()[:2000]}")
+                return 1
+            c = run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", image, raw], cwd=d)
+            if c.returncode:
+                print(f"{where}: qemu-img convert: {c.stderr.strip()}")
+                return 1
+            if open(raw, "rb").read() != got:
+                print(f"{where}: the guest data changed")
+                return 1
+            double += 1
         if bitmap != "-":
             try:
                 res = judge_bitmaps(d, image, fmt, qnbd, work, events, crash_t, got, init_raw, size)
@@ -531,6 +607,7 @@ def check(log, init, events_path, work, image, fmt, size, points, seed, qnbd, bi
         f"{len(picks)} crash points over {n} records ({writes} writes, {syncs} syncs); "
         f"{total_checked} sector checks; {leaks} with leaks only; {recovered} bitmap recoveries"
         + (f" ({checkpoints_seen} checkpoints judged)" if checkpoints_seen else "")
+        + (f"; {double} of them crashed again during the recovery" if double else "")
     )
     return 0
 
