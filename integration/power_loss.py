@@ -343,8 +343,9 @@ def bitmap_dirty(uri, bitmap):
     return [(e["offset"], e["length"]) for e in json.loads(out.stdout) if e["type"] & 1]
 
 
-def serve_and_read_bitmaps(qnbd, image, fmt, bitmaps, work):
-    """Recover (a writable `qnbd serve`) and read each bitmap's dirty extents."""
+def start_serve(qnbd, image, fmt, bitmaps, work, env=None):
+    """A writable `qnbd serve` of image (recovering its bitmaps as it
+    opens) on work/recover.sock, once it serves: (process, socket, log)."""
     sock = os.path.join(work, "recover.sock")
     pidfile = os.path.join(work, "recover.pid")
     for p in (sock, pidfile):
@@ -357,16 +358,25 @@ def serve_and_read_bitmaps(qnbd, image, fmt, bitmaps, work):
         + [image],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env=env,
     )
+    for _ in range(400):
+        if os.path.exists(pidfile) and os.path.getsize(pidfile) > 0:
+            return proc, sock, log
+        if proc.poll() is not None:
+            log.close()
+            raise RuntimeError("qnbd serve exited: " + open(log.name).read().strip())
+        time.sleep(0.025)
+    proc.kill()
+    proc.wait()
+    log.close()
+    raise RuntimeError("qnbd serve did not start")
+
+
+def serve_and_read_bitmaps(qnbd, image, fmt, bitmaps, work):
+    """Recover (a writable `qnbd serve`) and read each bitmap's dirty extents."""
+    proc, sock, log = start_serve(qnbd, image, fmt, bitmaps, work)
     try:
-        for _ in range(400):
-            if os.path.exists(pidfile) and os.path.getsize(pidfile) > 0:
-                break
-            if proc.poll() is not None:
-                raise RuntimeError("qnbd serve exited: " + open(log.name).read().strip())
-            time.sleep(0.025)
-        else:
-            raise RuntimeError("qnbd serve did not start")
         return {b: bitmap_dirty(f"nbd+unix:///?socket={sock}", b) for b in bitmaps}
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -389,47 +399,32 @@ def crash_during_recovery(d, image, fmt, qnbd, work, shim, rnd):
     log2 = os.path.join(work, "recovery.wlog")
     if os.path.exists(log2):
         os.unlink(log2)
-    sock = os.path.join(work, "recover.sock")
-    pidfile = os.path.join(work, "recover.pid")
-    for p in (sock, pidfile):
-        if os.path.exists(p):
-            os.unlink(p)
     env = dict(os.environ, LD_PRELOAD=shim, QNBD_WLOG=log2, QNBD_WLOG_DIR=d)
     env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0"
-    with open(os.path.join(work, "recover.log"), "w") as log:
-        proc = subprocess.Popen(
-            [qnbd, "serve", "-k", sock, "--pid-file", pidfile, "-t", "-f", fmt, os.path.join(d, image)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        try:
-            for _ in range(400):
-                if os.path.exists(pidfile) and os.path.getsize(pidfile) > 0:
-                    break
-                if proc.poll() is not None:
-                    raise RuntimeError("qnbd serve exited: " + open(log.name).read().strip())
-                time.sleep(0.025)
-            else:
-                raise RuntimeError("qnbd serve did not start")
-        finally:
-            proc.kill()
-            proc.wait()
+    proc, _, log = start_serve(qnbd, os.path.join(d, image), fmt, [], work, env)
+    proc.kill()
+    proc.wait()
+    log.close()
     recs = read_log(log2)
     d2 = os.path.join(work, "crash2")
-    shutil.rmtree(d2, ignore_errors=True)
-    shutil.copytree(d, d2)
     if not recs:
+        materialise(d, d2, {}, set())
         return d2, 0, 0
     k = rnd.randrange(len(recs))
-    files, removed = rebuild(recs, k, covered_until(recs), d, rnd)
+    materialise(d, d2, *rebuild(recs, k, covered_until(recs), d, rnd))
+    return d2, k, len(recs)
+
+
+def materialise(src, dst, files, removed):
+    """dst: a copy of the folder src with rebuild()'s files and removals."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
     for name, content in files.items():
-        with open(os.path.join(d2, name), "wb") as f:
+        with open(os.path.join(dst, name), "wb") as f:
             f.write(content)
     for name in removed:
-        if os.path.exists(os.path.join(d2, name)):
-            os.unlink(os.path.join(d2, name))
-    return d2, k, len(recs)
+        if os.path.exists(os.path.join(dst, name)):
+            os.unlink(os.path.join(dst, name))
 
 
 def bitmap_flags(d, image):
@@ -538,17 +533,8 @@ def check(log, init, events_path, work, image, fmt, size, points, seed, qnbd, bi
     shim = os.environ.get("QNBD_DOUBLE_CRASH_SHIM")
     for k in picks:
         crash_t = recs[k][0]
-        files, removed = rebuild(recs, k, ends, init, rnd)
         d = os.path.join(work, "crash")
-        shutil.rmtree(d, ignore_errors=True)
-        shutil.copytree(init, d)
-        for name, content in files.items():
-            with open(os.path.join(d, name), "wb") as f:
-                f.write(content)
-        for name in removed:
-            if os.path.exists(os.path.join(d, name)):
-                os.unlink(os.path.join(d, name))
-        img = os.path.join(d, image)
+        materialise(init, d, *rebuild(recs, k, ends, init, rnd))
         where = f"crash after record {k} of {n}"
         if fmt == "qcow2":
             c = run(["qemu-img", "check", "-q", "-f", "qcow2", image], cwd=d)
