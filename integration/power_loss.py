@@ -10,7 +10,9 @@
       JSON line per request to EVENTS: send and reply times
       (CLOCK_MONOTONIC), the request, and whether it succeeded. With
       QNBD and CONTROL_SOCKET, a further thread takes checkpoints while
-      they run (`qnbd ctl checkpoint`: c1 disables b0, c2 disables c1...).
+      they run (`qnbd ctl checkpoint`: c1 disables b0, c2 disables c1...);
+      with QNBD_POWER_BITMAP_EDITS=1 in the environment it edits other
+      bitmaps instead (add, clear, disable, enable, merge b0 in, remove).
 
   power_loss.py check LOG INITDIR EVENTS WORK IMAGE FMT SIZE POINTS SEED QNBD BITMAP
       LOG is what write_log_shim.c recorded while the server ran. For
@@ -144,10 +146,47 @@ def client(uri, events_path, seed, size, threads, ops, ctl=None):
                 return
             prev = name
 
+    edits = []
+
+    def bitmap_edits(qnbd, sock):
+        # Live edits of other bitmaps beside b0 while the writers run: add,
+        # clear, disable, enable, merge b0 in, remove (docs/control.md). b0
+        # is judged as without them; every bitmap must be consistent after
+        # the recovery.
+        rnd = random.Random(seed * 100 + 98)
+        enabled, live, n = set(), [], 0
+        while not done.wait(rnd.uniform(0, 0.005)):
+            if not live or (len(live) < 3 and rnd.random() < 0.3):
+                n += 1
+                name = f"x{n}"
+                args = ["bitmap-add", "", name] + (["-g", "4096"] if rnd.random() < 0.5 else [])
+                live.append(name)
+                enabled.add(name)
+            else:
+                name = rnd.choice(live)
+                op = rnd.choice(["clear", "toggle", "merge", "remove"])
+                if op == "toggle":
+                    args = ["bitmap-disable" if name in enabled else "bitmap-enable", "", name]
+                    enabled ^= {name}
+                elif op == "merge":
+                    args = ["bitmap-merge", "", name, "b0"]
+                elif op == "remove":
+                    args = ["bitmap-remove", "", name]
+                    live.remove(name)
+                    enabled.discard(name)
+                else:
+                    args = ["bitmap-clear", "", name]
+            r = subprocess.run([qnbd, "ctl", "-s", sock] + args, capture_output=True, text=True)
+            if r.returncode:
+                errors.append(f"{' '.join(args)}: {r.stderr.strip()}")
+                return
+            edits.append(args[0])
+
     ts = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
     for t in ts:
         t.start()
-    cp = threading.Thread(target=checkpoints, args=ctl) if ctl else None
+    side = bitmap_edits if os.environ.get("QNBD_POWER_BITMAP_EDITS") == "1" else checkpoints
+    cp = threading.Thread(target=side, args=ctl) if ctl else None
     if cp:
         cp.start()
     for t in ts:
@@ -162,7 +201,8 @@ def client(uri, events_path, seed, size, threads, ops, ctl=None):
         print("requests failed:", *errors[:5], sep="\n  ")
         return 1
     cps = sum(1 for e in events if e["op"] == "checkpoint")
-    print(f"{len(events) - cps} requests on {threads} connections" + (f", {cps} checkpoints" if ctl else ""))
+    side = f", {len(edits)} bitmap edits" if edits else f", {cps} checkpoints" if ctl else ""
+    print(f"{len(events) - cps} requests on {threads} connections{side}")
     return 0
 
 

@@ -21,7 +21,8 @@
 #     request answered since and all data that reached the image.
 # Cases: qcow2 with 64 KiB and 4 KiB clusters, extended L2 alone and over a
 # backing file, an external data file, cache=writethrough (qcow2 and raw), directsync
-# and none, a raw image, and qcow2 with checkpoints. QNBD_POWER_WIDE=1 adds
+# and none, a raw image, qcow2 with checkpoints and with live edits of other
+# bitmaps. QNBD_POWER_WIDE=1 adds
 # 18 more (below).
 # What the model of the disk leaves out: power_loss.py.
 source "$(dirname "$0")/lib-serve.sh"
@@ -95,6 +96,10 @@ for ((r = 0; r < ${QNBD_POWER_ROUNDS:-1}; r++)); do
   one qcow2-cache-none.$r $((s + 7)) qcow2 b0 "$(qcow2 "-o cluster_size=4k")" --cache=none
   one raw.$r $((s + 6)) raw - "truncate -s 16M d"
   CHECKPOINTS=1 OPS=400 one qcow2-checkpoints.$r $((s + 8)) qcow2 b0 "$(qcow2 "")"
+  # Live edits of other bitmaps through the control socket (add, clear,
+  # disable, enable, merge, remove) while the writers run.
+  CHECKPOINTS=1 QNBD_POWER_BITMAP_EDITS=1 OPS=1200 one qcow2-bitmap-edits.$r $((s + 12)) qcow2 b0 \
+    "$(qcow2 "-o cluster_size=4k")"
   if [[ ${QNBD_POWER_WIDE:-0} == 1 ]]; then
     # More geometries, for a longer hunt (not run in CI; each passed 2-4
     # seeds on c8b90cf): 512-byte clusters (refcount table growth, 1-bit

@@ -44,7 +44,11 @@ enum {
   OP_RENAME = 7,
   OP_UNLINK = 8
 };
-enum { MAX_FD = 65536, MAX_FILES = 64 };
+/* Every name a file had gets an id (a live edit of the bitmaps creates a
+ * new write-intent record each time), so MAX_FILES bounds the names a run
+ * may create; past it the shim aborts the process rather than leave the
+ * new file's changes out of the log. */
+enum { MAX_FD = 65536, MAX_FILES = 16384 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static int log_fd = -2; /* -2: not opened yet, -1: logging off */
@@ -112,7 +116,12 @@ static int tracked(int fd) { return fd >= 0 && fd < MAX_FD ? fd_file[fd] - 1 : -
 static int file_id(const char* rel, int create) {
   for (int i = 0; i < nfiles; ++i)
     if (strcmp(paths[i], rel) == 0) return i;
-  if (!create || nfiles >= MAX_FILES) return -1;
+  if (!create) return -1;
+  if (nfiles >= MAX_FILES) {
+    static const char msg[] = "write_log_shim: too many files to log; stopping\n";
+    (void)!syscall(SYS_write, 2, msg, sizeof msg - 1); /* not our write(): lock is held */
+    abort();
+  }
   int id = nfiles++;
   paths[id] = strdup(rel);
   emit(OP_OPEN, id, 0, strlen(rel), 0, rel, strlen(rel));
