@@ -20,10 +20,9 @@
 #     answered before it wrote, and the bitmaps after it cover every
 #     request answered since and all data that reached the image.
 # Cases: qcow2 with 64 KiB and 4 KiB clusters, extended L2 alone and over a
-# backing file, an external data file, cache=writethrough (qcow2 and raw), directsync
-# and none, a raw image, qcow2 with checkpoints and with live edits of other
-# bitmaps. QNBD_POWER_WIDE=1 adds
-# 18 more (below).
+# backing file, an external data file, cache=writethrough (qcow2 and raw),
+# directsync and none, a raw image, qcow2 with checkpoints and with live
+# edits of other bitmaps. QNBD_POWER_WIDE=1 adds 18 more (below).
 # What the model of the disk leaves out: power_loss.py.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img nbdinfo cc
