@@ -18,7 +18,10 @@
 #     socket while the writers run (c1 disables b0, c2 c1, ...), each one
 #     that returned left its PREV disabled and dirty wherever a request
 #     answered before it wrote, and the bitmaps after it cover every
-#     request answered since and all data that reached the image.
+#     request answered since and all data that reached the image;
+#   - and all of that again after the power fails a second time, inside
+#     the recovery (the recovering `qnbd serve` under the shim too, its log
+#     cut at a random record), the guest data unchanged by it.
 # Cases: qcow2 with 64 KiB and 4 KiB clusters, extended L2 alone and over a
 # backing file, an external data file, cache=writethrough (qcow2 and raw),
 # directsync and none, a raw image, qcow2 with checkpoints and with live
