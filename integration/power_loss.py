@@ -201,8 +201,8 @@ def client(uri, events_path, seed, size, threads, ops, ctl=None):
         print("requests failed:", *errors[:5], sep="\n  ")
         return 1
     cps = sum(1 for e in events if e["op"] == "checkpoint")
-    side = f", {len(edits)} bitmap edits" if edits else f", {cps} checkpoints" if ctl else ""
-    print(f"{len(events) - cps} requests on {threads} connections{side}")
+    extra = f", {len(edits)} bitmap edits" if edits else f", {cps} checkpoints" if ctl else ""
+    print(f"{len(events) - cps} requests on {threads} connections{extra}")
     return 0
 
 
@@ -547,6 +547,22 @@ def judge_bitmaps(d, image, fmt, qnbd, work, events, crash_t, got, init_raw, siz
     return len(returned)
 
 
+def check_and_read(d, image, fmt, raw):
+    """The image in folder d: qemu-img check (qcow2: exit 0, or 3 for leaks
+    only) and its guest view (qemu-img convert to raw). (check exit
+    status, bytes), or what failed."""
+    status = 0
+    if fmt == "qcow2":
+        c = run(["qemu-img", "check", "-q", "-f", "qcow2", image], cwd=d)
+        if c.returncode not in (0, 3):
+            return f"qemu-img check exit {c.returncode}: {(c.stdout + c.stderr).strip()[:2000]}"
+        status = c.returncode
+    c = run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", image, raw], cwd=d)
+    if c.returncode:
+        return f"qemu-img convert: {c.stderr.strip()}"
+    return status, open(raw, "rb").read()
+
+
 def check(log, init, events_path, work, image, fmt, size, points, seed, qnbd, bitmap):
     recs = read_log(log)
     if not recs:
@@ -576,18 +592,13 @@ def check(log, init, events_path, work, image, fmt, size, points, seed, qnbd, bi
         d = os.path.join(work, "crash")
         materialise(init, d, *rebuild(recs, k, ends, init, rnd))
         where = f"crash after record {k} of {n}"
-        if fmt == "qcow2":
-            c = run(["qemu-img", "check", "-q", "-f", "qcow2", image], cwd=d)
-            if c.returncode not in (0, 3):
-                print(f"{where}: qemu-img check exit {c.returncode}: {(c.stdout + c.stderr).strip()[:2000]}")
-                return 1
-            leaks += c.returncode == 3
         raw = os.path.join(work, "crash.raw")
-        c = run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", image, raw], cwd=d)
-        if c.returncode:
-            print(f"{where}: qemu-img convert: {c.stderr.strip()}")
+        res = check_and_read(d, image, fmt, raw)
+        if isinstance(res, str):
+            print(f"{where}: {res}")
             return 1
-        got = open(raw, "rb").read()
+        check_status, got = res
+        leaks += check_status == 3
         res = judge_data(got, events, hist, crash_t, init_raw)
         if isinstance(res, str):
             print(f"{where}: {res}")
@@ -603,16 +614,9 @@ def check(log, init, events_path, work, image, fmt, size, points, seed, qnbd, bi
                 print(f"{where}: the recovery under the log: {e}")
                 return 1
             where += f", then after record {k2} of {n2} of the recovery"
-            c = run(["qemu-img", "check", "-q", "-f", "qcow2", image], cwd=d)
-            if c.returncode not in (0, 3):
-                print(f"{where}: qemu-img check exit {c.returncode}: {(c.stdout + c.stderr).strip()[:2000]}")
-                return 1
-            c = run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", image, raw], cwd=d)
-            if c.returncode:
-                print(f"{where}: qemu-img convert: {c.stderr.strip()}")
-                return 1
-            if open(raw, "rb").read() != got:
-                print(f"{where}: the guest data changed")
+            res = check_and_read(d, image, fmt, raw)
+            if isinstance(res, str) or res[1] != got:
+                print(f"{where}: {res if isinstance(res, str) else 'the guest data changed'}")
                 return 1
             double += 1
         if bitmap != "-":

@@ -558,11 +558,8 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
       // written data, the file can then keep small data extents where
       // QEMU's has unwritten ones: ext4 writes zeroes rather than split a
       // written extent into small pieces. The data is the same.)
-      auto zeroed = rewrites_data ? data_file().write_zeroes_fast(host + ws, in - ws, false)
-                                  : data_file().write_zeroes_fast(host + ws, we - ws, false);
-      if (zeroed && rewrites_data && we > after) {
-        zeroed = data_file().write_zeroes_fast(host + after, we - after, false);
-      }
+      auto zeroed = data_file().write_zeroes_fast(host + ws, (rewrites_data ? in : we) - ws, false);
+      if (zeroed && rewrites_data) zeroed = data_file().write_zeroes_fast(host + after, we - after, false);
       if (zeroed) return data_file().pwrite(std::span(data, static_cast<std::size_t>(length)), host + in);
       if (zeroed.error().code != ENOTSUP) return zeroed.error();
       // The file system cannot: copy zeroes as below.
