@@ -372,9 +372,14 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     const bool read_only = a.read_only || a.load_snapshot.has_value();
     OpenModes modes = open_modes(a);
     if (a.offset) modes.offset = QNBD_TRY(parse_offset(*a.offset));
+    // qemu-nbd prepends each -B to its list, so it lists (NBD_OPT_LIST_META_CONTEXT)
+    // and replies (BLOCK_STATUS chunks) with the last -B first: clients that
+    // compare the two servers see the same order. A config file's `bitmaps`
+    // keep their order, as QMP's block-export-add keeps it.
+    const std::vector<std::string> bitmaps(a.bitmaps.rbegin(), a.bitmaps.rend());
     auto spec =
         QNBD_TRY(open_export(a.image, a.format, read_only, modes, a.export_name, a.description, a.shared != 1,
-                             a.allocation_depth, a.bitmaps, lock_options(a.lock, image::LockUse::export_),
+                             a.allocation_depth, bitmaps, lock_options(a.lock, image::LockUse::export_),
                              BitmapRecovery{a.recover_bitmaps == "yes", a.recovery_chunk}, view_options("", 0, a)));
     o.exports.push_back(std::move(spec));
     server::ListenerSpec ls;

@@ -41,7 +41,7 @@ def listing(queries):
     got = []
     h.opt_list_meta_context(lambda name: got.append(name) or 0)
     h.opt_abort()
-    return sorted(got)
+    return got  # in the server's order: qemu-nbd lists -B bitmaps last first
 for qs in (["qemu:"], ["qemu:dirty-bitmap:"], ["qemu:dirty-bitmap:fine"], ["qemu:dirty-bitmap:nope"],
            ["base:"], ["qemu:dirty-bitmap:cold"], []):
     res["list " + ",".join(qs)] = listing(qs)
@@ -56,11 +56,14 @@ size = h.get_size()
 for off in (0, 4096, 65536, 3 << 20, (3 << 20) + 100000, 9 << 20, (17 << 20) + 4000, 40 << 20, size - 4096):
     for flags in (0, nbd.CMD_FLAG_REQ_ONE):
         got = {}
+        order = []
         def cb(meta, offset, entries, err):
             got.setdefault(meta, []).append([offset, list(entries)])
+            order.append(meta)
             return 0
         h.block_status(min(8 << 20, size - off), off, cb, flags)
         res[f"status {off} {flags}"] = got
+        res[f"chunk order {off} {flags}"] = order
 json.dump(res, open(out, "w"), indent=1, sort_keys=True)
 print(len(res), "answers")
 PY
@@ -74,11 +77,13 @@ grep -q '"qemu:dirty-bitmap:fine"' "$TMPDIR_TEST/qnbd.json" || fail "bitmap cont
 stop_serve
 kill $qpid; wait $qpid 2>/dev/null || true
 
-# The same bitmaps through a config file's per-export `bitmaps` list.
+# The same bitmaps through a config file's per-export `bitmaps` list, whose
+# order is kept (as QMP's block-export-add keeps it): given as qemu-nbd's
+# command line above ends up ordering them.
 cat >"$TMPDIR_TEST/qnbd.json.conf" <<JSON
 {
   "exports": [ { "name": "", "image": "$img", "format": "qcow2", "read_only": true,
-                 "allocation_depth": true, "bitmaps": ["b0", "fine"] } ],
+                 "allocation_depth": true, "bitmaps": ["fine", "b0"] } ],
   "listeners": [ { "type": "unix", "path": "$TMPDIR_TEST/cfg.sock" } ]
 }
 JSON
