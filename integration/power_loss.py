@@ -126,16 +126,22 @@ def client(uri, events_path, seed, size, threads, ops, ctl=None):
 
     done = threading.Event()
 
+    views = os.environ.get("QNBD_POWER_VIEWS") == "1"
+
     def checkpoints(qnbd, sock):
         # Checkpoint c1 disables b0, c2 disables c1, ... while the writers
-        # run (qnbd ctl checkpoint, docs/control.md).
+        # run (qnbd ctl checkpoint, docs/control.md). With
+        # QNBD_POWER_VIEWS=1 each opens a point-in-time view of the export
+        # (docs/backup-views.md), the one two checkpoints back ended: the
+        # writers' requests save old data to the views' scratch first.
         rnd = random.Random(seed * 100 + 99)
         prev, n = "b0", 0
         while not done.wait(rnd.uniform(0.002, 0.02)):
             n += 1
             name = f"c{n}"
             t0 = time.monotonic_ns()
-            r = subprocess.run([qnbd, "ctl", "-s", sock, "checkpoint", "--name", name, "--disable", prev, ""],
+            view = ["--view"] if views else []
+            r = subprocess.run([qnbd, "ctl", "-s", sock, "checkpoint", "--name", name, "--disable", prev] + view + [""],
                                capture_output=True, text=True)
             ev = {"id": 0, "op": "checkpoint", "name": name, "prev": prev, "ok": r.returncode == 0,
                   "t0": t0, "t1": time.monotonic_ns()}
@@ -144,6 +150,13 @@ def client(uri, events_path, seed, size, threads, ops, ctl=None):
             if r.returncode:
                 errors.append(f"checkpoint {name}: {r.stderr.strip()}")
                 return
+            if views and n > 2:
+                # Two views live at a time: each write saves old data for both.
+                r = subprocess.run([qnbd, "ctl", "-s", sock, "view-end", "--checkpoint", f"c{n - 2}"],
+                                   capture_output=True, text=True)
+                if r.returncode:
+                    errors.append(f"view-end c{n - 2}: {r.stderr.strip()}")
+                    return
             prev = name
 
     edits = []
@@ -182,10 +195,76 @@ def client(uri, events_path, seed, size, threads, ops, ctl=None):
                 return
             edits.append(args[0])
 
+    cycles = []
+    cycle_events = []
+
+    def export_cycle(qnbd, sock):
+        # A second image, E, served and closed over and over through the
+        # control socket while the writers run, 16 times at least:
+        # export-add (its bitmaps marked in use), a few requests on one
+        # connection, export-remove (bitmaps stored, in use cleared: a
+        # clean close). Its requests go to EVENTS.e; an export-remove that
+        # returned is a flush of E.
+        image = os.environ["QNBD_POWER_CYCLE_IMAGE"]
+        rnd = random.Random(seed * 100 + 97)
+        uri_e = uri.replace(":///", ":///e", 1) if ":///?" in uri else None
+        if uri_e is None:
+            errors.append(f"cannot name export e in {uri}")
+            return
+        chunks_e = size // CHUNK
+        while not done.is_set() or len(cycles) < 16:
+            r = subprocess.run([qnbd, "ctl", "-s", sock, "export-add", "e", image, "-B", "b0"],
+                               capture_output=True, text=True)
+            if r.returncode:
+                errors.append(f"export-add e: {r.stderr.strip()}")
+                return
+            h = nbd.NBD()
+            h.connect_uri(uri_e)
+            for _ in range(rnd.randrange(1, 9)):
+                c = rnd.randrange(chunks_e)
+                first = rnd.randrange(CHUNK // SECTOR)
+                count = rnd.randrange(1, CHUNK // SECTOR - first + 1)
+                off, ln = c * CHUNK + first * SECTOR, count * SECTOR
+                with lock:
+                    rid = next_id[0]
+                    next_id[0] += 1
+                ev = {"id": rid, "thread": -1, "off": off, "len": ln, "fua": False}
+                t0 = time.monotonic_ns()
+                x = rnd.random()
+                try:
+                    if x < 0.7:
+                        ev["op"] = "write"
+                        h.pwrite(tagged(rid, off // SECTOR, count), off)
+                    elif x < 0.85:
+                        ev["op"] = "zero"
+                        h.zero(ln, off)
+                    else:
+                        ev["op"] = "trim"
+                        h.trim(ln, off)
+                    ev["ok"] = True
+                except nbd.Error as e:
+                    ev["ok"] = False
+                    errors.append(f"{ev} on e: {e}")
+                ev["t0"], ev["t1"] = t0, time.monotonic_ns()
+                cycle_events.append(ev)
+            h.shutdown()
+            t0 = time.monotonic_ns()
+            r = subprocess.run([qnbd, "ctl", "-s", sock, "export-remove", "e", "--force"], capture_output=True, text=True)
+            if r.returncode:
+                errors.append(f"export-remove e: {r.stderr.strip()}")
+                return
+            cycle_events.append({"id": 0, "op": "flush", "off": 0, "len": 0, "fua": False, "ok": True,
+                                 "t0": t0, "t1": time.monotonic_ns()})
+            cycles.append(1)
+
     ts = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
     for t in ts:
         t.start()
-    side = bitmap_edits if os.environ.get("QNBD_POWER_BITMAP_EDITS") == "1" else checkpoints
+    side = checkpoints
+    if os.environ.get("QNBD_POWER_BITMAP_EDITS") == "1":
+        side = bitmap_edits
+    elif os.environ.get("QNBD_POWER_CYCLE_IMAGE"):
+        side = export_cycle
     cp = threading.Thread(target=side, args=ctl) if ctl else None
     if cp:
         cp.start()
@@ -197,11 +276,17 @@ def client(uri, events_path, seed, size, threads, ops, ctl=None):
     with open(events_path, "w") as f:
         for ev in sorted(events, key=lambda e: e["t0"]):
             f.write(json.dumps(ev) + "\n")
+    if cycle_events:
+        with open(events_path + ".e", "w") as f:
+            for ev in cycle_events:
+                f.write(json.dumps(ev) + "\n")
     if errors:
         print("requests failed:", *errors[:5], sep="\n  ")
         return 1
     cps = sum(1 for e in events if e["op"] == "checkpoint")
     extra = f", {len(edits)} bitmap edits" if edits else f", {cps} checkpoints" if ctl else ""
+    if cycles:
+        extra = f", export e added and removed {len(cycles)} times ({len(cycle_events) - len(cycles)} requests)"
     print(f"{len(events) - cps} requests on {threads} connections{extra}")
     return 0
 
@@ -439,6 +524,10 @@ def crash_during_recovery(d, image, fmt, qnbd, work, shim, rnd):
     log2 = os.path.join(work, "recovery.wlog")
     if os.path.exists(log2):
         os.unlink(log2)
+    # The serve below changes d in place: the disk's state before it, from
+    # which its log is replayed, is a copy taken first.
+    before = os.path.join(work, "before-recovery")
+    materialise(d, before, {}, set())
     env = dict(os.environ, LD_PRELOAD=shim, QNBD_WLOG=log2, QNBD_WLOG_DIR=d)
     env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":verify_asan_link_order=0"
     proc, _, log = start_serve(qnbd, os.path.join(d, image), fmt, [], work, env)
@@ -448,10 +537,10 @@ def crash_during_recovery(d, image, fmt, qnbd, work, shim, rnd):
     recs = read_log(log2)
     d2 = os.path.join(work, "crash2")
     if not recs:
-        materialise(d, d2, {}, set())
+        materialise(before, d2, {}, set())
         return d2, 0, 0
     k = rnd.randrange(len(recs))
-    materialise(d, d2, *rebuild(recs, k, covered_until(recs), d, rnd))
+    materialise(before, d2, *rebuild(recs, k, covered_until(recs), before, rnd))
     return d2, k, len(recs)
 
 

@@ -25,7 +25,8 @@
 # Cases: qcow2 with 64 KiB and 4 KiB clusters, extended L2 alone and over a
 # backing file, an external data file, cache=writethrough (qcow2 and raw),
 # directsync and none, a raw image, qcow2 with checkpoints and with live
-# edits of other bitmaps. QNBD_POWER_WIDE=1 adds 18 more (below).
+# edits of other bitmaps, a second image added and removed over and over.
+# QNBD_POWER_WIDE=1 adds 18 more (below).
 # What the model of the disk leaves out: power_loss.py.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img nbdinfo cc
@@ -50,6 +51,8 @@ fi
 one() {
   local name=$1 seed=$2 fmt=$3 bitmap=$4 make=$5
   shift 5
+  # QNBD_POWER_ONLY=REGEX: only the cases whose name matches, for a hunt.
+  [[ $name =~ ${QNBD_POWER_ONLY:-.} ]] || return 0
   local d=$T/$name
   mkdir -p "$d/disk"
   (cd "$d/disk" && eval "$make") || fail "$name: cannot make the image"
@@ -67,7 +70,9 @@ one() {
   fi
   LD_PRELOAD=$T/wlog.so ASAN_OPTIONS=${ASAN_OPTIONS:-}:verify_asan_link_order=0 \
     QNBD_WLOG=$d/wlog QNBD_WLOG_DIR=$d/disk start_serve -f "$fmt" -e 2 --discard=unmap "${extra[@]}" "$@" "$d/disk/d"
-  "$PY" "$here/power_loss.py" client "$SERVE_URI" "$d/events" "$seed" "$SIZE" "${THREADS:-2}" "${OPS:-150}" "${ctl[@]}" >"$d/client.out" ||
+  local cycle=()
+  [[ ${CYCLE:-0} == 1 ]] && cycle=(QNBD_POWER_CYCLE_IMAGE="$d/disk/e")
+  env "${cycle[@]}" "$PY" "$here/power_loss.py" client "$SERVE_URI" "$d/events" "$seed" "$SIZE" "${THREADS:-2}" "${OPS:-150}" "${ctl[@]}" >"$d/client.out" ||
     fail "$name: the workload failed: $(cat "$d/client.out")"
   kill -9 "$SERVE_PID"
   wait "$SERVE_PID" 2>/dev/null || true
@@ -75,6 +80,12 @@ one() {
   "$PY" "$here/power_loss.py" check "$d/wlog" "$d/init" "$d/events" "$d/work" d "$fmt" "$SIZE" 24 "$seed" \
     "$QNBD" "$bitmap" >"$d/check.out" || fail "$name: $(cat "$d/check.out")"
   echo "$name: $(cat "$d/client.out"); $(cat "$d/check.out")"
+  if [[ ${CYCLE:-0} == 1 ]]; then
+    # The same crash points for the image that was added and removed.
+    "$PY" "$here/power_loss.py" check "$d/wlog" "$d/init" "$d/events.e" "$d/work-e" e "$fmt" "$SIZE" 24 $((seed + 1000)) \
+      "$QNBD" b0 >"$d/check-e.out" || fail "$name (e): $(cat "$d/check-e.out")"
+    echo "$name (e): $(cat "$d/check-e.out")"
+  fi
 }
 
 qcow2() { echo "qemu-img create -q -f qcow2 $1 d 16M && qemu-img bitmap --add d b0"; }
@@ -98,10 +109,17 @@ for ((r = 0; r < ${QNBD_POWER_ROUNDS:-1}; r++)); do
   one qcow2-cache-none.$r $((s + 7)) qcow2 b0 "$(qcow2 "-o cluster_size=4k")" --cache=none
   one raw.$r $((s + 6)) raw - "truncate -s 16M d"
   CHECKPOINTS=1 OPS=400 one qcow2-checkpoints.$r $((s + 8)) qcow2 b0 "$(qcow2 "")"
+  # The same with a point-in-time view opened at each checkpoint.
+  CHECKPOINTS=1 QNBD_POWER_VIEWS=1 OPS=400 one qcow2-views.$r $((s + 14)) qcow2 b0 "$(qcow2 "-o cluster_size=4k")"
   # Live edits of other bitmaps through the control socket (add, clear,
   # disable, enable, merge, remove) while the writers run.
   CHECKPOINTS=1 QNBD_POWER_BITMAP_EDITS=1 OPS=1200 one qcow2-bitmap-edits.$r $((s + 12)) qcow2 b0 \
     "$(qcow2 "-o cluster_size=4k")"
+  # A second image added and removed through the control socket over and
+  # over (bitmaps marked in use, then stored on a clean close) while the
+  # writers run: crash points inside the open and the close.
+  CYCLE=1 CHECKPOINTS=1 OPS=100 one qcow2-export-cycle.$r $((s + 13)) qcow2 b0 \
+    "$(qcow2 "-o cluster_size=4k") && qemu-img create -q -f qcow2 e 16M && qemu-img bitmap --add e b0"
   if [[ ${QNBD_POWER_WIDE:-0} == 1 ]]; then
     # More geometries, for a longer hunt (not run in CI; each passed 2-4
     # seeds on c8b90cf): 512-byte clusters (refcount table growth, 1-bit

@@ -133,6 +133,13 @@ static void note_open(int fd, const char* path, int flags) {
   pthread_mutex_lock(&lock);
   fd_file[fd] = 0;
   char real[PATH_MAX];
+  /* An O_TMPFILE file (a view's scratch space) has no name: a power loss
+   * takes it with the process, so nothing of it is logged (and its writes
+   * are not the folder's). */
+  if ((flags & O_TMPFILE) == O_TMPFILE) {
+    pthread_mutex_unlock(&lock);
+    return;
+  }
   if (logging() && realpath(path, real) && strncmp(real, dir, dir_len) == 0 && real[dir_len] == '/') {
     const char* rel = real + dir_len + 1;
     int id = file_id(rel, 1);
