@@ -157,17 +157,34 @@ Result<void> write_new_directory(File& file, std::uint64_t cs, std::vector<Table
 //            again: nothing points at them, so lowering their refcounts is
 //            safe whenever it reaches the disk.
 //   phase 3  the header switch: one write of cluster 0 pointing at the new
-//            directory. It may reach the disk at any moment after this (a
+//            directory, its autoclear word as it is on disk (see below). It
+//            may reach the disk at any moment after this (a
 //            guest FLUSH syncs the file too); whenever it does, everything it
 //            points at is already durable (phase 2 finished before it was
 //            issued). Until it does, the old header and the old directory,
 //            tables and data (never written in place, not yet freed) are
 //            what a crash leaves, with the write-intent record (still armed,
 //            still marking) matching that old directory.
-//   phase 4  fsync: the new header is durable.
+//   phase 4  fsync: the new header is durable. Then, where the autoclear
+//            word changes (a clean store clears AUTOCLEAR_QNBD_INTENT; the
+//            first bitmap sets AUTOCLEAR_BITMAPS), that 8-byte word alone,
+//            and another fsync.
 //   phase 5  free the old directory, tables and data: only now, so no crash
 //            can leave a durable header pointing at a freed (and perhaps
 //            reused) cluster; freed refcounts not yet on disk leak only.
+// Why the autoclear word is not switched with the directory: QEMU lays the
+// header out with the bitmaps extension's fields (nb_bitmaps, the
+// directory's size and offset) at bytes 512-535, in the header's second
+// sector, and the autoclear word at byte 88, in its first. One write of
+// both can land torn: the first sector new (AUTOCLEAR_QNBD_INTENT clear,
+// the record no longer trusted) beside the second old (the old directory,
+// its tracked bitmaps in_use), and the bitmaps were lost as inconsistent.
+// Written apart, a crash leaves the old header, or the new directory with
+// the old autoclear word (recover_from_intent: a record beside a directory
+// with nothing in_use finishes the switch), or the new header. A switch
+// that drops the extension (no bitmap left) clears AUTOCLEAR_BITMAPS
+// first instead, so that no sector mix shows a bitmaps extension QEMU
+// refuses (zero bitmaps) while that bit still vouches for it.
 // Live, the image's metadata mutex is taken only for phases 1, 3 and 5
 // (allocation and refcounts, the header, the frees): the writes and the two
 // fsyncs run without it, so guest writes (which need it to look up or
@@ -275,6 +292,7 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
 
   // Phase 3: switch the header (from the current in-memory one: a refcount
   // table move or any other header change made meanwhile is kept).
+  std::optional<std::uint64_t> autoclear_after;  // phase 4 writes it
   {
     auto lk = hold();
     if (live && header.corrupt()) {
@@ -294,13 +312,32 @@ Result<void> rewrite_bitmap_directory(File& file, Header& header, Refcounts& ref
       h.autoclear_features |= AUTOCLEAR_BITMAPS;
     }
     std::vector<std::byte> c0 = QNBD_TRY(serialize_header(h));
+    std::byte word[8];
+    QNBD_TRY(file.read_exact(word, kAutoclearFeaturesOffset, "header"));
+    std::uint64_t on_disk = load_be64(word);
+    if ((on_disk & AUTOCLEAR_BITMAPS) && !h.bitmaps) {
+      // The extension goes: stop vouching for it first (see above).
+      on_disk &= ~AUTOCLEAR_BITMAPS;
+      store_be64(word, on_disk);
+      QNBD_TRY(file.pwrite(word, kAutoclearFeaturesOffset));
+      QNBD_TRY(file.flush());
+    }
+    store_be64(c0.data() + kAutoclearFeaturesOffset, on_disk);
     QNBD_TRY(file.pwrite(c0, 0));
+    if (on_disk != h.autoclear_features) autoclear_after = h.autoclear_features;
     if (header.bitmaps)
       to_free.emplace_back(header.bitmaps->bitmap_directory_offset, header.bitmaps->bitmap_directory_size);
     header = std::move(h);
   }
-  // Phase 4: the new header is durable before anything it replaced is freed.
+  // Phase 4: the new header is durable before anything it replaced is freed,
+  // then its autoclear word (see above).
   QNBD_TRY(file.flush());
+  if (autoclear_after) {
+    std::byte word[8];
+    store_be64(word, *autoclear_after);
+    QNBD_TRY(file.pwrite(word, kAutoclearFeaturesOffset));
+    QNBD_TRY(file.flush());
+  }
 
   // Phase 5: free what is no longer referenced.
   {
@@ -481,12 +518,12 @@ Result<void> BitmapStore::mark_in_use_locked() {
     std::byte ac[8];
     const std::uint64_t intent_bit = record ? AUTOCLEAR_QNBD_INTENT : 0;
     store_be64(ac, (header_.autoclear_features & ~(AUTOCLEAR_BITMAPS | AUTOCLEAR_QNBD_INTENT)) | intent_bit);
-    QNBD_TRY(file_.pwrite(ac, 88));
+    QNBD_TRY(file_.pwrite(ac, kAutoclearFeaturesOffset));
     QNBD_TRY(file_.flush());
     QNBD_TRY(file_.pwrite(dir, ext.bitmap_directory_offset));
     QNBD_TRY(file_.flush());
     store_be64(ac, (header_.autoclear_features & ~AUTOCLEAR_QNBD_INTENT) | AUTOCLEAR_BITMAPS | intent_bit);
-    QNBD_TRY(file_.pwrite(ac, 88));
+    QNBD_TRY(file_.pwrite(ac, kAutoclearFeaturesOffset));
     QNBD_TRY(file_.flush());
     record_ = std::move(record);
   }
@@ -520,7 +557,8 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
   if (!(h.autoclear_features & AUTOCLEAR_BITMAPS) && h.version >= 3) {
     std::vector<std::byte> c0(static_cast<std::size_t>(std::min<std::uint64_t>(file_size, 1ull << MAX_CLUSTER_BITS)));
     QNBD_TRY(file.read_exact(c0, 0, "header"));
-    store_be64(c0.data() + 88, load_be64(c0.data() + 88) | AUTOCLEAR_BITMAPS);
+    store_be64(c0.data() + kAutoclearFeaturesOffset,
+               load_be64(c0.data() + kAutoclearFeaturesOffset) | AUTOCLEAR_BITMAPS);
     auto parsed = parse_header(c0, file_size);
     if (!parsed) return stale(fmt::format("bitmaps extension: {}", parsed.error().message));
     h = std::move(*parsed);
@@ -528,6 +566,35 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
   if (!h.bitmaps) return stale("the image has no bitmaps extension");
   auto directory = read_bitmap_directory(file, h, file_size);
   if (!directory) return stale(directory.error().message);
+  // A store's header switch durable but not yet the autoclear word written
+  // after it (rewrite_bitmap_directory, phase 4): the directory is the new
+  // one, nothing in it is in_use, so every bitmap is consistent as stored;
+  // only the word is left to write. Our bit set means no other writer has
+  // touched the image since (it would have cleared the bit), and qnbd
+  // issues no guest write while a tracked bitmap is not in_use, so this
+  // holds whatever the record says: the record is not needed.
+  const bool all_consistent =
+      std::none_of(directory->begin(), directory->end(), [](const BitmapInfo& b) { return b.in_use; });
+  auto finish_switch = [&](const std::string& why) -> Result<IntentRecovery> {
+    if (!refcounts) {
+      out.state = "pending";
+      out.detail = fmt::format("no bitmap is in use ({}); the next writable open clears the record's bit", why);
+      return std::move(out);
+    }
+    h.autoclear_features = (h.autoclear_features | AUTOCLEAR_BITMAPS) & ~AUTOCLEAR_QNBD_INTENT;
+    std::byte word[8];
+    QNBD_TRY(file.read_exact(word, kAutoclearFeaturesOffset, "header"));
+    store_be64(word, (load_be64(word) | AUTOCLEAR_BITMAPS) & ~AUTOCLEAR_QNBD_INTENT);
+    QNBD_TRY(file.pwrite(word, kAutoclearFeaturesOffset));
+    QNBD_TRY(file.flush());
+    header = std::move(h);
+    out.state = "recovered";
+    out.detail = fmt::format("no bitmap is in use ({}): a store's header switch was finished", why);
+    out.rewrote = true;
+    if (intent.remove) intent.remove();
+    if (intent.remove_next) intent.remove_next();
+    return std::move(out);
+  };
   const BitmapsExtension& ext = *h.bitmaps;
   std::vector<std::byte> dir(static_cast<std::size_t>(ext.bitmap_directory_size));
   QNBD_TRY(file.read_exact(dir, ext.bitmap_directory_offset, "bitmap directory"));
@@ -563,18 +630,20 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
     }
   }
   if (!rec && !found && why.empty()) {
+    if (all_consistent) return finish_switch(fmt::format("{} does not exist", intent.name));
     out.state = "missing";
     out.detail = fmt::format("{} does not exist", intent.name);
     return out;
   }
-  if (!rec) return stale(why);
+  if (!rec) return all_consistent ? finish_switch(why) : stale(why);
   for (std::size_t i = 0; i < directory->size(); ++i) {
     // Tracked bitmaps were enabled and consistent when armed, and in_use
     // once the directory was switched; anything else means this is not the
     // directory the record was armed for.
     const BitmapInfo& b = (*directory)[i];
     if (rec->tracked[i] && (!b.auto_enabled || b.in_use == rec->before_marking)) {
-      return stale(fmt::format("bitmap '{}' is not in the state the record was armed for", b.name));
+      std::string why2 = fmt::format("bitmap '{}' is not in the state the record was armed for", b.name);
+      return all_consistent ? finish_switch(why2) : stale(why2);
     }
   }
   // The tables still hold each bitmap's contents as last stored consistent

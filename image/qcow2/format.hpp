@@ -27,6 +27,9 @@ inline constexpr std::uint64_t COMPAT_LAZY_REFCOUNTS = 1ull << 0;
 inline constexpr std::uint64_t AUTOCLEAR_BITMAPS = 1ull << 0;
 inline constexpr std::uint64_t AUTOCLEAR_DATA_FILE_RAW = 1ull << 1;
 inline constexpr std::uint64_t AUTOCLEAR_MASK = 0x3;
+// Byte offsets of the v3 feature words in the header (qcow2.txt "Header").
+inline constexpr std::uint64_t kIncompatibleFeaturesOffset = 72;
+inline constexpr std::uint64_t kAutoclearFeaturesOffset = 88;
 
 // qcow2.txt "Header extensions": extension types.
 inline constexpr std::uint32_t EXT_END = 0x00000000;

@@ -200,9 +200,9 @@ Result<bool> Qcow2Image::continue_unstored_recovery(const IntentRecovery& failed
     QNBD_TRY(file_->pwrite(dir, now.directory_offset));
     QNBD_TRY(file_->flush());
     std::byte raw[8];
-    QNBD_TRY(file_->read_exact(raw, 88, "header"));
+    QNBD_TRY(file_->read_exact(raw, kAutoclearFeaturesOffset, "header"));
     store_be64(raw, (load_be64(raw) | AUTOCLEAR_BITMAPS) & ~AUTOCLEAR_QNBD_INTENT);
-    QNBD_TRY(file_->pwrite(raw, 88));
+    QNBD_TRY(file_->pwrite(raw, kAutoclearFeaturesOffset));
     QNBD_TRY(file_->flush());
     header_ = QNBD_TRY(read_header(*file_, file_size_));
     QNBD_TRY(reopen_bitmap_store());

@@ -39,9 +39,6 @@
 namespace qnbd::image::qcow2 {
 namespace {
 
-// Byte offsets of the v3 feature words in the header (qcow2.txt "Header").
-constexpr std::uint64_t kIncompatibleFeaturesOffset = 72;
-constexpr std::uint64_t kAutoclearFeaturesOffset = 88;
 // Apply queued frees once this many are pending, so memory stays bounded
 // between guest flushes.
 constexpr std::size_t kMaxPendingFrees = 4096;
