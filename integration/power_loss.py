@@ -257,7 +257,19 @@ def client(uri, events_path, seed, size, threads, ops, ctl=None):
                                  "t0": t0, "t1": time.monotonic_ns()})
             cycles.append(1)
 
-    ts = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    def guarded(fn):
+        # An exception in a thread (a refused connection, qnbd ctl not
+        # runnable) must fail the run, not end the thread quietly with
+        # fewer requests or edits.
+        def run(*args):
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{fn.__name__}: {e!r}")
+
+        return run
+
+    ts = [threading.Thread(target=guarded(worker), args=(t,)) for t in range(threads)]
     for t in ts:
         t.start()
     side = checkpoints
@@ -265,7 +277,7 @@ def client(uri, events_path, seed, size, threads, ops, ctl=None):
         side = bitmap_edits
     elif os.environ.get("QNBD_POWER_CYCLE_IMAGE"):
         side = export_cycle
-    cp = threading.Thread(target=side, args=ctl) if ctl else None
+    cp = threading.Thread(target=guarded(side), args=ctl) if ctl else None
     if cp:
         cp.start()
     for t in ts:
