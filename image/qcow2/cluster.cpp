@@ -437,35 +437,41 @@ Result<bool> Qcow2Image::reads_zero_fast_locked(std::uint64_t offset, std::uint6
 }
 
 // qcow2_image.hpp says what; mutex_ held.
-Result<std::optional<bool>> Qcow2Image::allocation_cow_zero_locked(std::uint64_t offset, std::uint64_t end) {
+Result<std::size_t> Qcow2Image::allocation_run_locked(std::uint64_t offset, std::uint64_t end) {
   const L2Geometry& g = geometry_;
   // Extended L2 (per-subcluster allocation) and external data files keep
-  // the per-cluster decision.
-  if (g.extended_l2 || data_file_) return std::optional<bool>{};
+  // the cluster path.
+  if (g.extended_l2 || data_file_) return std::size_t{0};
   const std::uint64_t cs = g.cluster_size();
-  const std::uint64_t first = align_down(offset, cs), last = align_down(end - 1, cs);
-  const bool head = offset > first, tail = end < last + cs;
   const unsigned table_bits = g.cluster_bits + header_.l2_bits();
-  if (first == last || !(head || tail) || (first >> table_bits) != (last >> table_bits)) return std::optional<bool>{};
-  for (std::uint64_t gc = first; gc <= last; gc += cs) {
-    // A corrupt entry is the cluster path's to report.
+  const std::uint64_t first = align_down(offset, cs);
+  const std::uint64_t l1_index = first >> table_bits;
+  if (l1_index >= l1_.size()) return std::size_t{0};
+  constexpr std::uint64_t kMaxRun = 1024;  // bounds the time mutex_ is held
+  std::size_t run = 0;
+  for (std::uint64_t gc = first; gc < end && run < kMaxRun; gc += cs, ++run) {
+    if ((gc >> table_bits) != l1_index) break;
+    // A corrupt L1 or L2 entry: the cluster path reports it (and sets the
+    // corrupt bit).
     auto m = get_host_offset_locked(gc, cs);
-    if (!m) return std::optional<bool>{};
-    if (written_in_place(*m)) return std::optional<bool>{};
+    if (!m || written_in_place(*m)) break;
   }
+  return run;
+}
+
+Result<bool> Qcow2Image::allocation_cow_zero_locked(std::uint64_t offset, std::uint64_t end) {
+  const std::uint64_t cs = geometry_.cluster_size();
+  const std::uint64_t first = align_down(offset, cs), stop = align_up(end, cs);
   // Head first, as QEMU asks; a tail past the image end has no block
   // status (write_cluster_locked says why).
-  if (head && !QNBD_TRY(reads_zero_fast_locked(first, offset - first))) return std::optional<bool>{false};
-  if (tail && (last + cs > size_ || !QNBD_TRY(reads_zero_fast_locked(end, last + cs - end)))) {
-    return std::optional<bool>{false};
-  }
-  return std::optional<bool>{true};
+  if (offset > first && !QNBD_TRY(reads_zero_fast_locked(first, offset - first))) return false;
+  if (end < stop && (stop > size_ || !QNBD_TRY(reads_zero_fast_locked(end, stop - end)))) return false;
+  return true;
 }
 
 // Write guest bytes [offset, offset+length) inside one cluster (data null:
 // zeroes), allocating or copying the cluster as needed. mutex_ held.
-Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length,
-                                              std::optional<bool> cow_zero) {
+Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length) {
   const L2Geometry& g = geometry_;
   const std::uint64_t cs = g.cluster_size();
   const std::uint64_t gc = align_down(offset, cs);
@@ -539,10 +545,9 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
     // holding this allocation. A tail that starts at the image end is not
     // asked about (the EOF answer comes before the driver's).
     if (ws < in || (we > after && gc + after < size_)) metadata_preallocated_locked();
-    const bool zero_around = data && (ws < in || we > after) &&
-                             (cow_zero ? *cow_zero
-                                       : !tail_past_end && QNBD_TRY(reads_zero_fast_locked(gc + ws, in - ws)) &&
-                                             QNBD_TRY(reads_zero_fast_locked(gc + after, we - after)));
+    const bool zero_around = data && (ws < in || we > after) && !tail_past_end &&
+                             QNBD_TRY(reads_zero_fast_locked(gc + ws, in - ws)) &&
+                             QNBD_TRY(reads_zero_fast_locked(gc + after, we - after));
     if (zero_around) {
       QNBD_TRY(check_guest_write_locked(host + ws, we - ws));
       // The whole range is zeroed, as QEMU's handle_alloc_space does,
@@ -595,61 +600,58 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
   return ok();
 }
 
-Result<std::size_t> Qcow2Image::write_new_clusters_locked(std::span<const std::byte> buf, std::uint64_t offset) {
-  // Sequential writes into fresh space are the common case (installing a
-  // guest, restoring a backup): one allocation and one data write for the
-  // whole run instead of one per cluster. Extended L2 (per-subcluster
-  // state) and external data files (no allocation) keep the cluster path.
-  const L2Geometry& g = geometry_;
-  if (g.extended_l2 || data_file_) return std::size_t{0};
-  const std::uint64_t cs = g.cluster_size();
-  const unsigned l2_bits = header_.l2_bits();
-  constexpr std::uint64_t kMaxRun = 1024;  // bounds the time mutex_ is held
-  const std::uint64_t max = std::min<std::uint64_t>(buf.size() / cs, kMaxRun);
-  // The run: clusters whose current entry is not overwritten in place
-  // (unallocated, zero without a host cluster, compressed, or shared).
-  // The run stays inside one L2 table, as QEMU's allocation (one L2 slice
-  // per qcow2_alloc_host_offset step) does.
-  const std::uint64_t l1_index = offset >> (g.cluster_bits + l2_bits);
-  if (l1_index >= l1_.size()) return std::size_t{0};
-  std::uint64_t run = 0;
-  for (; run < max; ++run) {
-    const std::uint64_t gc = offset + run * cs;
-    if ((gc >> (g.cluster_bits + l2_bits)) != l1_index) break;
-    // A corrupt L1 or L2 entry: the cluster path reports it (and sets the
-    // corrupt bit).
-    auto m = get_host_offset_locked(gc, cs);
-    if (!m) break;
-    if (written_in_place(*m)) break;
-  }
-  if (run < 2) return std::size_t{0};
-  // The L2 table before the data clusters, as QEMU allocates them
-  // (get_cluster_table, then the data run): the same requests leave the
-  // same host layout as qemu-nbd's. The table is written and synced before
-  // the L1 entry names it (l2_for_write_locked); the entries for the run
-  // change only in the cache, below.
-  QNBD_TRY(l2_for_write_locked(l1_index));
+Result<void> Qcow2Image::write_allocation_locked(std::span<const std::byte> buf, std::uint64_t offset, bool cow_zero) {
+  const std::uint64_t cs = geometry_.cluster_size();
+  const std::uint64_t end = offset + buf.size();
+  const std::uint64_t first = align_down(offset, cs), stop = align_up(end, cs);
+  const std::uint64_t n = (stop - first) / cs;
+  const std::uint64_t head = offset - first, tail = stop - end;  // copy-on-write regions
+  // The L2 table first, then the data run, as QEMU (get_cluster_table, then
+  // the run): written and synced before the L1 entry names it; the run's
+  // entries change only in the cache, below.
+  QNBD_TRY(l2_for_write_locked(first >> (geometry_.cluster_bits + header_.l2_bits())));
+  // Where QEMU's handle_alloc_space asks block status of the copy-on-write
+  // regions (write_cluster_locked has the tail's exception).
+  if (head || (tail && end < size_)) metadata_preallocated_locked();
   const std::uint64_t old_file_size = file_size_;
-  const std::uint64_t host = QNBD_TRY(refcounts_->allocate(run));
+  const std::uint64_t host = QNBD_TRY(refcounts_->allocate(n));
   l2_cache_->depends_on_flush();
-  file_size_ = std::max(file_size_, host + run * cs);
-  const std::size_t bytes = static_cast<std::size_t>(run * cs);
-  // Data first; the L2 entries reach the disk only after the refcounts and
-  // this data are synced (the L2 cache's dependency, before any write-back).
+  file_size_ = std::max(file_size_, host + n * cs);
   auto placed = [&]() -> Result<void> {
-    QNBD_TRY(check_guest_write_locked(host, bytes));
-    return data_file().pwrite(buf.first(bytes), host);
+    QNBD_TRY(check_guest_write_locked(host, n * cs));
+    if (cow_zero && (head || tail)) {
+      // QEMU's handle_alloc_space: the whole run zeroed by the file system
+      // (unwritten extents), then the new bytes. Nothing in it is visible
+      // before the L2 entries are, so the order is free.
+      auto zeroed = data_file().write_zeroes_fast(host, n * cs, false);
+      if (zeroed) return data_file().pwrite(buf, host + head);
+      if (zeroed.error().code != ENOTSUP) return zeroed.error();
+    }
+    // Copy-on-write: what the guest sees now around the new bytes (backing
+    // file, compressed or zero cluster, old shared cluster; past the image
+    // end, zeroes), in the same run.
+    std::vector<std::byte> cow(static_cast<std::size_t>(std::max(head, tail)));  // empty without COW
+    if (head) {
+      QNBD_TRY(read_guest_locked(std::span(cow).first(static_cast<std::size_t>(head)), first));
+      QNBD_TRY(data_file().pwrite(std::span(cow).first(static_cast<std::size_t>(head)), host));
+    }
+    QNBD_TRY(data_file().pwrite(buf, host + head));
+    if (tail) {
+      QNBD_TRY(read_guest_locked(std::span(cow).first(static_cast<std::size_t>(tail)), end));
+      QNBD_TRY(data_file().pwrite(std::span(cow).first(static_cast<std::size_t>(tail)), host + head + buf.size()));
+    }
+    return ok();
   }();
   if (!placed) {
-    abort_allocation_locked(host, run * cs, old_file_size);
-    return placed.error();
+    abort_allocation_locked(host, n * cs, old_file_size);
+    return placed;
   }
-  for (std::uint64_t i = 0; i < run; ++i) {
-    L2Slot s = QNBD_TRY(l2_slot_for_write_locked(offset + i * cs));
+  for (std::uint64_t i = 0; i < n; ++i) {
+    L2Slot s = QNBD_TRY(l2_slot_for_write_locked(first + i * cs));
     queue_free_locked(s.entry.entry);
     set_l2_entry_locked(s, (host + i * cs) | QCOW_OFLAG_COPIED, 0);
   }
-  return bytes;
+  return ok();
 }
 
 // Make a whole cluster read as zeroes (v3 zero flag, or extended L2 zero

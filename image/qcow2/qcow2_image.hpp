@@ -218,21 +218,23 @@ class Qcow2Image final : public BlockDevice {
   // dirty and its dependencies (refcounts, data) as to be synced first.
   void set_l2_entry_locked(L2Slot& s, std::uint64_t entry, std::uint64_t bitmap);
   Result<void> read_guest_locked(std::span<std::byte> buf, std::uint64_t offset);
-  // cow_zero: whether the copy-on-write regions may be zeroed by the file
-  // system (QEMU's is_zero_cow) when the caller decided it for a whole
-  // allocation (allocation_cow_zero_locked); unset: for this cluster alone.
-  Result<void> write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length,
-                                    std::optional<bool> cow_zero = std::nullopt);
-  // QEMU's is_zero_cow for a WRITE of [offset, end) whose first and last
-  // clusters both need a new host cluster and lie in one run of such
-  // clusters inside one L2 table: QEMU allocates that run at once and
-  // zeroes the copy-on-write regions of its head and tail together or not
-  // at all. Unset where the request is not such a run.
-  Result<std::optional<bool>> allocation_cow_zero_locked(std::uint64_t offset, std::uint64_t end);
-  // Whole clusters from `offset` (cluster aligned) that need a new host
-  // cluster, allocated as one contiguous run and written with one pwrite.
-  // Returns the bytes written (0: no run of two or more clusters here).
-  Result<std::size_t> write_new_clusters_locked(std::span<const std::byte> buf, std::uint64_t offset);
+  Result<void> write_cluster_locked(const std::byte* data, std::uint64_t offset, std::uint64_t length);
+  // The clusters from the one holding `offset`, up to `end`, that need a new
+  // host cluster (not overwritten in place) and lie in its L2 table: the
+  // run QEMU's handle_alloc allocates at once. 0 with extended L2 or an
+  // external data file (the cluster path allocates those).
+  Result<std::size_t> allocation_run_locked(std::uint64_t offset, std::uint64_t end);
+  // QEMU's is_zero_cow for such a run written with [offset, end): whether
+  // its copy-on-write regions (before offset in its first cluster, after
+  // end in its last) read as zeroes, so that the file system may zero the
+  // whole run (handle_alloc_space) instead of copies of zeroes.
+  Result<bool> allocation_cow_zero_locked(std::uint64_t offset, std::uint64_t end);
+  // Write [offset, offset + buf.size()), an allocation run of two or more
+  // clusters: allocated at once, so that a refcount block or table the
+  // allocation needs lands after the run, not inside it, as QEMU's; the
+  // new bytes in one pwrite, the copy-on-write regions zeroed with the run
+  // (cow_zero) or copied.
+  Result<void> write_allocation_locked(std::span<const std::byte> buf, std::uint64_t offset, bool cow_zero);
   Result<void> zero_cluster_locked(std::uint64_t guest_cluster, bool may_unmap, bool unallocate);
   Result<void> zero_subclusters_locked(std::uint64_t guest_cluster, unsigned first, unsigned last, bool may_unmap);
   Result<void> flush_locked();

@@ -306,19 +306,12 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
       if (m && !(m->type == SubclusterType::normal && m->copied)) metadata_preallocated_locked();
     }
   }
-  // Set for the request's first and last clusters when they are one
-  // allocation in QEMU's terms (allocation_cow_zero_locked), decided under
-  // the lock the first cluster is written under.
-  std::optional<bool> cow_zero;
-  const std::uint64_t request_start = offset, request_end = offset + buf.size();
+  const std::uint64_t request_end = offset + buf.size();
   while (!buf.empty()) {
     const std::uint64_t gc = align_down(offset, cs);
     const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), gc + cs - offset));
     std::unique_lock lock(mutex_);
     if (header_.corrupt()) return make_error(EIO, "{}: image is marked corrupt; writes are refused", path_);
-    if (offset == request_start && gc != align_down(request_end - 1, cs)) {
-      cow_zero = QNBD_TRY(allocation_cow_zero_locked(request_start, request_end));
-    }
     // Fast path: an allocated COPIED cluster (all touched subclusters
     // allocated) is overwritten in place without the metadata mutex. The
     // lookup is read's; a corrupt entry takes the cluster path, which
@@ -328,16 +321,6 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
         m && m->type == SubclusterType::normal && m->copied && m->bytes >= n) {
       host = m->host_offset;
     }
-    std::size_t batched = 0;
-    if (!host && offset == gc && buf.size() >= 2 * cs) {
-      batched = QNBD_TRY(write_new_clusters_locked(buf, offset));
-    }
-    if (batched) {
-      QNBD_TRY(maybe_flush_frees_locked());
-      buf = buf.subspan(batched);
-      offset += batched;
-      continue;
-    }
     if (host) {
       // A COPIED entry naming a metadata cluster (a corrupt image) fails
       // here with EIO and sets the corrupt bit.
@@ -345,10 +328,26 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
       std::shared_lock data(data_lock_);
       lock.unlock();
       QNBD_TRY(data_file().pwrite(buf.first(n), *host));
-    } else {
-      QNBD_TRY(write_cluster_locked(buf.data(), offset, n, cow_zero));
-      QNBD_TRY(maybe_flush_frees_locked());
+      buf = buf.subspan(n);
+      offset += n;
+      continue;
     }
+    // New host clusters: a run of two or more allocated at once, as QEMU
+    // allocates them (sequential writes into fresh space, the common case,
+    // become one allocation and one data write instead of one per
+    // cluster); a single one takes the cluster path.
+    const std::size_t run = QNBD_TRY(allocation_run_locked(offset, request_end));
+    if (run >= 2) {
+      const std::size_t bytes = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), gc + run * cs - offset));
+      const bool cow_zero = QNBD_TRY(allocation_cow_zero_locked(offset, offset + bytes));
+      QNBD_TRY(write_allocation_locked(buf.first(bytes), offset, cow_zero));
+      QNBD_TRY(maybe_flush_frees_locked());
+      buf = buf.subspan(bytes);
+      offset += bytes;
+      continue;
+    }
+    QNBD_TRY(write_cluster_locked(buf.data(), offset, n));
+    QNBD_TRY(maybe_flush_frees_locked());
     buf = buf.subspan(n);
     offset += n;
   }
