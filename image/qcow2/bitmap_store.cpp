@@ -607,9 +607,25 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
   // The record, or (a crash inside a live edit, after its header switch and
   // before the rename: docs/crash-safe-bitmaps.md, "Live edits") the next
   // record: the one armed for the directory on disk.
+  // Arming's in_use marking (mark_in_use_locked, step 3) rewrites the
+  // directory in place, and a directory of more than one sector (about ten
+  // bitmaps with checkpoint-style names) can land torn: some tracked
+  // entries in_use, some not, matching neither checksum the record holds.
+  // Such a mix, with every enabled entry set in_use, is the directory as
+  // armed: recognised so, it recovers like it (no guest write was issued
+  // before that step's sync returned).
+  IntentIdentity id_armed = id;
+  {
+    std::vector<bool> enabled(directory->size());
+    for (std::size_t i = 0; i < directory->size(); ++i) enabled[i] = (*directory)[i].auto_enabled;
+    std::vector<std::byte> marked = dir;
+    QNBD_TRY(set_in_use_flags(marked, enabled, true));
+    id_armed.directory_checksum = fnv1a64(marked);
+  }
   std::optional<IntentContents> rec;
   std::string why;
   bool found = false;
+  bool torn_marking = false;
   int found_as = 0;
   for (int which = 0; which < 2 && !rec; ++which) {
     if (which == 1 && !intent.open_next) break;
@@ -622,6 +638,12 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
     if (!*f) continue;
     found = true;
     auto r = read_intent(**f, id);
+    if (!r && id_armed.directory_checksum != id.directory_checksum) {
+      if (auto t = read_intent(**f, id_armed); t && !t->before_marking) {
+        r = std::move(t);
+        torn_marking = true;
+      }
+    }
     if (r) {
       rec = std::move(*r);
       found_as = which;
@@ -641,7 +663,7 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
     // once the directory was switched; anything else means this is not the
     // directory the record was armed for.
     const BitmapInfo& b = (*directory)[i];
-    if (rec->tracked[i] && (!b.auto_enabled || b.in_use == rec->before_marking)) {
+    if (rec->tracked[i] && (!b.auto_enabled || (!torn_marking && b.in_use == rec->before_marking))) {
       std::string why2 = fmt::format("bitmap '{}' is not in the state the record was armed for", b.name);
       return all_consistent ? finish_switch(why2) : stale(why2);
     }
