@@ -26,7 +26,7 @@
 # backing file, an external data file, cache=writethrough (qcow2 and raw),
 # directsync and none, a raw image, qcow2 with checkpoints and with live
 # edits of other bitmaps, a second image added and removed over and over.
-# QNBD_POWER_WIDE=1 adds 18 more (below).
+# QNBD_POWER_WIDE=1 adds 19 more (below).
 # What the model of the disk leaves out: power_loss.py.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img nbdinfo cc
@@ -153,6 +153,11 @@ for ((r = 0; r < ${QNBD_POWER_ROUNDS:-1}; r++)); do
     CHECKPOINTS=1 OPS=400 one cp-4k.$r $((s + 118)) qcow2 b0 "$(qcow2 "-o cluster_size=4k")"
     CHECKPOINTS=1 OPS=400 one cp-extl2.$r $((s + 119)) qcow2 b0 "$(qcow2 "-o extended_l2=on")"
     CHECKPOINTS=1 OPS=400 THREADS=4 one cp-snap.$r $((s + 120)) qcow2 b0 "$snap && qemu-img bitmap --add d b0"
+    # Twelve enabled bitmaps with checkpoint-style names: the directory that
+    # arming marks in_use in place spans two sectors.
+    many="$(qcow2 "-o cluster_size=4k")"
+    for i in $(seq 1 11); do many+=" && qemu-img bitmap --add d checkpoint-2026-12-07T05:00:0$i"; done
+    one many-bitmaps.$r $((s + 121)) qcow2 b0 "$many"
   fi
   rm -rf "${T:?}"/*."$r"
 done
