@@ -87,6 +87,7 @@ Result<std::uint64_t> CrashFile::size() {
 Result<void> CrashFile::flush() {
   std::lock_guard lock(mutex_);
   if (crashed_) return make_error(EIO, "{}: device lost power", name_);
+  if (cut_inside_flush_) QNBD_TRY(before_mutation_locked());
   // A flush makes durable what completed before it: replay the log rather
   // than copy the whole file, so a flush costs what was written since.
   for (const Logged& op : log_) {
@@ -152,6 +153,11 @@ void CrashFile::arm_crash(std::uint64_t mutating_calls, std::uint64_t seed) {
   crash_at_ = mutations_ + mutating_calls;
   crash_seed_ = seed;
   if (mutating_calls == 0) crashed_ = crash_locked(seed);
+}
+
+void CrashFile::set_cut_inside_flush(bool on) {
+  std::lock_guard lock(mutex_);
+  cut_inside_flush_ = on;
 }
 
 std::optional<std::vector<std::byte>> CrashFile::crashed_image() const {

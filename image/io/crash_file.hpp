@@ -56,6 +56,11 @@ class CrashFile final : public File {
   void arm_crash(std::uint64_t mutating_calls, std::uint64_t seed);
   // The bytes captured when an armed crash fired, if it did.
   std::optional<std::vector<std::byte>> crashed_image() const;
+  // Count each flush as a mutating call too, checked before it takes
+  // effect: an armed crash can then fire while a sync runs, with the writes
+  // since the last one still unsynced (a header written whole and then
+  // synced can land torn).
+  void set_cut_inside_flush(bool on);
 
   std::vector<std::byte> current() const;
   std::vector<std::byte> durable() const;
@@ -88,6 +93,7 @@ class CrashFile final : public File {
   std::optional<std::uint64_t> crash_at_;  // value of mutations_ at which to freeze
   std::uint64_t crash_seed_ = 0;
   std::optional<std::vector<std::byte>> crashed_;
+  bool cut_inside_flush_ = false;
 };
 
 }  // namespace qnbd::image

@@ -177,6 +177,8 @@ void run_point(const std::vector<std::byte>& fresh, std::uint64_t seed, const Te
   // (possibly during open, inside an allocation, between a refcount update
   // and its L2 entry); the rest crash after a random request.
   bool armed = rng() % 2 == 0;
+  // A frozen point may also land inside a sync, before it takes effect.
+  cf->set_cut_inside_flush(true);
   if (armed) cf->arm_crash(rng() % 120, seed ^ 0x5bd1e995);
   unsigned crash_after = 4 + static_cast<unsigned>(rng() % 40);
 
