@@ -610,13 +610,14 @@ Result<void> Qcow2Image::write_allocation_locked(std::span<const std::byte> buf,
   // the run): written and synced before the L1 entry names it; the run's
   // entries change only in the cache, below.
   QNBD_TRY(l2_for_write_locked(first >> (geometry_.cluster_bits + header_.l2_bits())));
-  // Where QEMU's handle_alloc_space asks block status of the copy-on-write
-  // regions (write_cluster_locked has the tail's exception).
-  if (head || (tail && end < size_)) metadata_preallocated_locked();
   const std::uint64_t old_file_size = file_size_;
   const std::uint64_t host = QNBD_TRY(refcounts_->allocate(n));
   l2_cache_->depends_on_flush();
   file_size_ = std::max(file_size_, host + n * cs);
+  // Where QEMU's handle_alloc_space asks block status of the copy-on-write
+  // regions, its refcounts holding this run (write_cluster_locked has the
+  // tail's exception).
+  if (head || (tail && end < size_)) metadata_preallocated_locked();
   auto placed = [&]() -> Result<void> {
     QNBD_TRY(check_guest_write_locked(host, n * cs));
     if (cow_zero && (head || tail)) {
