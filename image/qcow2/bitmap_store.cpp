@@ -186,9 +186,10 @@ Result<void> write_new_directory(File& file, std::uint64_t cs, std::vector<Table
 // first instead, so that no sector mix shows a bitmaps extension QEMU
 // refuses (zero bitmaps) while that bit still vouches for it.
 // Live, the image's metadata mutex is taken only for phases 1, 3 and 5
-// (allocation and refcounts, the header, the frees): the writes and the two
+// (allocation and refcounts, the header, the frees): the writes and the
 // fsyncs run without it, so guest writes (which need it to look up or
-// allocate clusters) are not held up behind the syncs. Data of an enabled
+// allocate clusters) are not held up behind the syncs (all but the one
+// before a switch that drops the extension: removing the last bitmap). Data of an enabled
 // bitmap may change meanwhile: a cluster that became dirty after phase 0 is
 // stored as clean, which only an in_use bitmap can see (qcow2.txt
 // "Bitmap directory", in_use: its stored contents mean nothing); disabled
