@@ -7,8 +7,8 @@
 // cluster.cpp also holds the Qcow2Image members that walk and change the
 // tables (declared in qcow2_image.hpp, private): the one L1/L2 lookup
 // (get_host_offset_locked) that read, block status and the write path all
-// use; cluster allocation (allocate_cluster_locked, the contiguous run of
-// write_new_clusters_locked) and queued frees; the L2 updates (new or
+// use; cluster allocation (allocate_cluster_locked, a write's contiguous run
+// of write_allocation_locked) and queued frees; the L2 updates (new or
 // copied L2 tables, l2_slot_for_write_locked / set_l2_entry_locked, data
 // clusters with copy-on-write, zero clusters and subclusters), with the
 // crash-ordering rules they follow. The request loops (write, write_zeroes,

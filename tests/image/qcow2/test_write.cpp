@@ -400,7 +400,7 @@ TEST_CASE("write: a failed data write gives its new clusters back (QEMU's alloc 
     REQUIRE(dev->close());
   }
   SUBCASE("a run of clusters") {
-    // Two fresh clusters at once (write_new_clusters_locked); the freed
+    // Two fresh clusters at once (write_allocation_locked); the freed
     // one alone is too short for the run, so the run lands at the end of
     // the file: fail that write.
     auto probe = open_on(std::make_unique<image::ForwardingFile>(mem));
