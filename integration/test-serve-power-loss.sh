@@ -24,8 +24,9 @@
 #     cut at a random record), the guest data unchanged by it.
 # Cases: qcow2 with 64 KiB and 4 KiB clusters, extended L2 alone and over a
 # backing file, an external data file, cache=writethrough (qcow2 and raw),
-# directsync and none, a raw image, qcow2 with checkpoints and with live
-# edits of other bitmaps, a second image added and removed over and over.
+# directsync and none, a raw image, qcow2 with checkpoints (with and without
+# point-in-time views) and with live edits of other bitmaps, a second image
+# added and removed over and over.
 # QNBD_POWER_WIDE=1 adds 19 more (below).
 # What the model of the disk leaves out: power_loss.py.
 source "$(dirname "$0")/lib-serve.sh"
