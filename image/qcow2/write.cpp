@@ -336,7 +336,9 @@ Result<void> Qcow2Image::write(std::span<const std::byte> buf, std::uint64_t off
     // allocates them (sequential writes into fresh space, the common case,
     // become one allocation and one data write instead of one per
     // cluster); a single one takes the cluster path.
-    const std::size_t run = QNBD_TRY(allocation_run_locked(offset, request_end));
+    // (A request whose rest lies in this cluster has no run to look for:
+    // the cluster path does its one lookup.)
+    const std::size_t run = request_end > gc + cs ? QNBD_TRY(allocation_run_locked(offset, request_end)) : 0;
     if (run >= 2) {
       const std::size_t bytes = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), gc + run * cs - offset));
       const bool cow_zero = QNBD_TRY(allocation_cow_zero_locked(offset, offset + bytes));
