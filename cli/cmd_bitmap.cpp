@@ -11,8 +11,10 @@
 #include "cli/commands.hpp"
 #include "cli/image_cli.hpp"
 #include "common/endian.hpp"
+#include "image/block_device.hpp"
 #include "image/io/file.hpp"
 #include "image/qcow2/bitmap_edit.hpp"
+#include "image/qcow2/bitmap_intent.hpp"
 #include "image/qcow2/format.hpp"
 
 namespace qnbd::cli {
@@ -25,6 +27,41 @@ Result<bool> is_qcow2(image::File& file) {
   std::byte magic[4]{};
   auto n = QNBD_TRY(file.pread(magic, 0));
   return n == 4 && load_be32(magic) == image::qcow2::QCOW2_MAGIC;
+}
+
+// A crashed `qnbd serve`'s write-intent record (docs/crash-safe-bitmaps.md)
+// is retired by any edit, since the edit rewrites the directory the record
+// was armed for. Retiring it unrecovered would leave the bitmaps it covers
+// inconsistent for good (a forced full backup), so recover them first, as
+// the next writable `qnbd serve` would: open the image writable through the
+// engine (which recovers and stores them) and close it. The caller holds
+// the image's lock on its own descriptor; this open takes none. Backing
+// files are not opened: recovery reads no guest data.
+Result<void> recover_pending_bitmaps(const std::string& path, image::File& file) {
+  std::byte raw[8];
+  if (QNBD_TRY(file.pread(raw, image::qcow2::kAutoclearFeaturesOffset)) != 8 ||
+      !(load_be64(raw) & image::qcow2::AUTOCLEAR_QNBD_INTENT)) {
+    return ok();
+  }
+  image::OpenOptions oo;
+  oo.format = image::ImageFormat::qcow2;
+  oo.read_only = false;
+  oo.no_backing = true;
+  oo.lock.locking = image::Locking::off;
+  auto dev = image::open_image(path, oo);
+  if (!dev) {
+    return make_error(dev.error().code, "cannot recover the crash-safe bitmaps before the edit: {}",
+                      dev.error().message);
+  }
+  const image::ImageInfo info = (*dev)->info();
+  if (auto closed = (*dev)->close(); !closed) {
+    return make_error(closed.error().code, "cannot store the recovered bitmaps before the edit: {}",
+                      closed.error().message);
+  }
+  if (info.intent_record == "recovered") {
+    std::fprintf(stderr, "qnbd: %s: %s, before the edit\n", path.c_str(), info.intent_record_detail.c_str());
+  }
+  return ok();
 }
 
 struct Args {
@@ -120,6 +157,10 @@ void add_bitmap_command(CLI::App& app, int& status) {
     const image::LockOptions lock = lock_options(a.lock, image::LockUse::tool);
     if (auto locked = (*file)->set_lock(image::lock_request(lock, image::LockRole::image, true, true)); !locked) {
       print_image_error(a.path, locked.error());
+      return;
+    }
+    if (auto recovered = recover_pending_bitmaps(a.path, **file); !recovered) {
+      print_image_error(a.path, recovered.error());
       return;
     }
     if (!a.source_file.empty()) {

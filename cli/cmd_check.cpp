@@ -74,24 +74,27 @@ void print_json(const qc::CheckResult& r, const std::string& filename) {
 }
 
 // A crashed writer's write-intent record (docs/crash-safe-bitmaps.md):
-// say what it holds (on stderr, so the report stays qemu-img's). -r all may
-// change guest-visible metadata the record does not cover, so it retires
-// the record as any other writer would (the bitmaps then stay
-// inconsistent); -r leaks only frees unreferenced clusters and keeps it.
-void report_intent_record(const std::string& filename, image::File& file, qc::RepairMode repair, bool quiet) {
+// say what it holds (on stderr, so the report stays qemu-img's). A repair of
+// corruptions (-r all) may change guest-visible metadata the record does
+// not cover, so it retires the record as any other writer would (the
+// bitmaps then stay inconsistent). Freeing leaked clusters changes no guest
+// data, so a repair that fixed nothing else (-r leaks, or -r all on an image
+// whose only defects were leaks, what a crash leaves) keeps it.
+void report_intent_record(const std::string& filename, image::File& file, bool repaired_corruptions, bool quiet) {
   std::byte raw[8];
-  auto n = file.pread(raw, 88);
+  auto n = file.pread(raw, qc::kAutoclearFeaturesOffset);
   if (!n || *n != 8 || !(load_be64(raw) & qc::AUTOCLEAR_QNBD_INTENT)) return;
   image::OpenOptions oo;
   oo.lock.locking = image::Locking::off;
   auto dev = image::open_image(filename, oo);
   const std::string state = dev ? (*dev)->info().intent_record : "unreadable";
   const std::string detail = dev ? (*dev)->info().intent_record_detail : dev.error().message;
-  if (repair == qc::RepairMode::all) {
+  if (repaired_corruptions) {
     store_be64(raw, load_be64(raw) & ~qc::AUTOCLEAR_QNBD_INTENT);
-    if (file.pwrite(raw, 88) && file.flush()) {
+    if (file.pwrite(raw, qc::kAutoclearFeaturesOffset) && file.flush()) {
       if (!quiet)
-        std::fprintf(stderr, "write-intent record: %s (%s); retired by -r all\n", state.c_str(), detail.c_str());
+        std::fprintf(stderr, "write-intent record: %s (%s); retired by the repair of corruptions\n", state.c_str(),
+                     detail.c_str());
       return;
     }
   }
@@ -194,7 +197,7 @@ int run_check(const std::string& filename, const std::string& repair_text, const
   } else if (!quiet) {
     print_human(r);
   }
-  report_intent_record(filename, **file, repair, quiet);
+  report_intent_record(filename, **file, repair == qc::RepairMode::all && r.corruptions_fixed > 0, quiet);
   if (r.check_errors) return 1;
   if (r.corruptions) return 2;
   if (r.leaks) return 3;

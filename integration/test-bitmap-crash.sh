@@ -7,8 +7,11 @@
 #  - after a kill, `qnbd info` reports the pending record and `qnbd check`
 #    names it; a qemu-io write, qemu-img check -r all, a writable qemu-nbd or
 #    qemu-img bitmap in between makes the record stale: the restarted qnbd
-#    refuses the bitmap as inconsistent, as it does with --recover-bitmaps=no;
-#    untouched, the same crashed image recovers and covers the write.
+#    refuses the bitmap as inconsistent, as it does with --recover-bitmaps=no,
+#    and so does qnbd check -r all once it repaired a corruption;
+#    untouched, the same crashed image recovers and covers the write, and
+#    so it does after `qnbd bitmap --add` (which recovers first) and after
+#    `qnbd check -r all` that found only leaks.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo timeout
 requires_qnbd
@@ -56,8 +59,28 @@ expect_refused io
 copy checkr
 qemu-img check -q -r all "$T/checkr.qcow2" || fail "qemu-img check -r all on the crashed copy"
 expect_refused checkr
+# qnbd check -r all repairing a corruption (a data cluster's L2 entry
+# without OFLAG_COPIED, its refcount 1) retires the record: the repair may
+# change what the record does not cover.
 copy qnbdcheck
-"$QNBD" check -q -r all "$T/qnbdcheck.qcow2" || fail "qnbd check -r all on the crashed copy"
+"$PY" - "$T/qnbdcheck.qcow2" <<'PY' || fail "cannot clear OFLAG_COPIED on the crashed copy"
+import json, struct, subprocess, sys
+path = sys.argv[1]
+m = json.loads(subprocess.check_output(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2", path]))
+host = next(e["offset"] for e in m if e["start"] <= 3 << 20 < e["start"] + e["length"] and e["data"])
+host += (3 << 20) - next(e["start"] for e in m if e["start"] <= 3 << 20 < e["start"] + e["length"])
+want = struct.pack(">Q", host | 1 << 63)
+data = open(path, "rb").read()
+hits = [i for i in range(0, len(data), 8) if data[i:i + 8] == want]
+assert len(hits) == 1, hits
+with open(path, "r+b") as f:
+    f.seek(hits[0])
+    f.write(struct.pack(">Q", host))
+PY
+"$QNBD" check -r all "$T/qnbdcheck.qcow2" >/dev/null 2>"$T/qnbdcheck.err" ||
+  fail "qnbd check -r all on the crashed copy: $(cat "$T/qnbdcheck.err")"
+grep -q "retired by the repair of corruptions" "$T/qnbdcheck.err" ||
+  fail "qnbd check -r all fixed a corruption but kept the record: $(cat "$T/qnbdcheck.err")"
 expect_refused qnbdcheck
 copy qemunbd
 start_server "$T/q.pid" qemu-nbd -t -f qcow2 -k "$T/q.sock" --pid-file "$T/q.pid" "$T/qemunbd.qcow2" ||
@@ -71,19 +94,41 @@ expect_refused qbitmap
 copy off
 expect_refused off --recover-bitmaps=no
 
-# Untouched, the same crash recovers: served with -B, the write is dirty,
-# and qemu-img sees consistent bitmaps afterwards.
-copy good
-start_serve -f qcow2 -B b0 "$T/good.qcow2"
-nbdinfo --json --map=qemu:dirty-bitmap:b0 "$SERVE_URI" >"$T/good.json" || fail "nbdinfo map of the recovered b0"
-stop_serve
-"$PY" - "$T/good.json" <<'PY' || fail "the write before the kill is not dirty in the recovered bitmap"
+# expect_recovered NAME [BITMAP...]: served with -B b0 (and each BITMAP),
+# copy NAME's b0 has the write before the kill dirty, no record is left
+# after a clean stop, and qemu-img sees consistent bitmaps.
+expect_recovered() {
+  local name=$1 b bitmaps=()
+  shift
+  for b in b0 "$@"; do bitmaps+=(-B "$b"); done
+  start_serve -f qcow2 "${bitmaps[@]}" "$T/$name.qcow2"
+  nbdinfo --json --map=qemu:dirty-bitmap:b0 "$SERVE_URI" >"$T/$name.json" || fail "$name: nbdinfo map of b0"
+  stop_serve
+  "$PY" - "$T/$name.json" <<'PY' || fail "$name: the write before the kill is not dirty in the recovered bitmap"
 import json, sys
 m = json.load(open(sys.argv[1]))
 start, end = 12 << 20, (12 << 20) + 65536
 assert any(e["offset"] <= start and end <= e["offset"] + e["length"] and e["type"] & 1 for e in m), m
 PY
-[[ ! -e $T/good.qcow2.qnbd-intent ]] || fail "the record was left behind after the clean stop"
-[[ $(qemu-img info "$T/good.qcow2") != *in-use* ]] || fail "bitmaps still in-use after recovery and a clean stop"
-qemu-img check -q "$T/good.qcow2" || [[ $? == 3 ]] || fail "qemu-img check found corruption after recovery"
+  [[ ! -e $T/$name.qcow2.qnbd-intent ]] || fail "$name: the record was left behind after the clean stop"
+  [[ $(qemu-img info "$T/$name.qcow2") != *in-use* ]] || fail "$name: bitmaps still in-use after a clean stop"
+  qemu-img check -q "$T/$name.qcow2" || [[ $? == 3 ]] || fail "$name: qemu-img check found corruption"
+  echo "$name: recovered"
+}
+# Untouched, the same crash recovers.
+copy good
+expect_recovered good
+# qnbd bitmap recovers the crashed writer's bitmaps before its edit, as the
+# next qnbd serve would (the edit rewrites the directory the record was
+# armed for: without that, b0 would stay inconsistent for good).
+copy qnbdbitmap
+"$QNBD" bitmap --add "$T/qnbdbitmap.qcow2" b2 2>"$T/qnbdbitmap.err" ||
+  fail "qnbd bitmap --add on the crashed copy: $(cat "$T/qnbdbitmap.err")"
+grep -q "recovered" "$T/qnbdbitmap.err" || fail "qnbd bitmap did not say it recovered: $(cat "$T/qnbdbitmap.err")"
+expect_recovered qnbdbitmap b2
+# qnbd check -r all on a crash that left only leaks repairs nothing the
+# record does not cover, and keeps it.
+copy qnbdcheckleaks
+"$QNBD" check -q -r all "$T/qnbdcheckleaks.qcow2" || fail "qnbd check -r all on the crashed copy"
+expect_recovered qnbdcheckleaks
 echo PASS
