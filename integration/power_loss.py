@@ -44,6 +44,7 @@ server and no more. Left out: the file system's own metadata beyond that
 (a file's size follows the changes kept).
 """
 import bisect
+import hashlib
 import json
 import os
 import random
@@ -480,9 +481,10 @@ def bitmap_dirty(uri, bitmap):
     return [(e["offset"], e["length"]) for e in json.loads(out.stdout) if e["type"] & 1]
 
 
-def start_serve(qnbd, image, fmt, bitmaps, work, env=None):
+def start_serve(qnbd, image, fmt, bitmaps, work, env=None, extra=()):
     """A writable `qnbd serve` of image (recovering its bitmaps as it
-    opens) on work/recover.sock, once it serves: (process, socket, log)."""
+    opens; extra: more arguments, such as -r) on work/recover.sock, once it
+    serves: (process, socket, log)."""
     sock = os.path.join(work, "recover.sock")
     pidfile = os.path.join(work, "recover.pid")
     for p in (sock, pidfile):
@@ -491,6 +493,7 @@ def start_serve(qnbd, image, fmt, bitmaps, work, env=None):
     log = open(os.path.join(work, "recover.log"), "w")
     proc = subprocess.Popen(
         [qnbd, "serve", "-k", sock, "--pid-file", pidfile, "-t", "-f", fmt]
+        + list(extra)
         + [a for b in bitmaps for a in ("-B", b)]
         + [image],
         stdout=log,
@@ -510,9 +513,10 @@ def start_serve(qnbd, image, fmt, bitmaps, work, env=None):
     raise RuntimeError("qnbd serve did not start")
 
 
-def serve_and_read_bitmaps(qnbd, image, fmt, bitmaps, work):
-    """Recover (a writable `qnbd serve`) and read each bitmap's dirty extents."""
-    proc, sock, log = start_serve(qnbd, image, fmt, bitmaps, work)
+def serve_and_read_bitmaps(qnbd, image, fmt, bitmaps, work, extra=()):
+    """Recover (a writable `qnbd serve`; with extra=["-r"], a read-only one,
+    which recovers in memory only) and read each bitmap's dirty extents."""
+    proc, sock, log = start_serve(qnbd, image, fmt, bitmaps, work, extra=extra)
     try:
         return {b: bitmap_dirty(f"nbd+unix:///?socket={sock}", b) for b in bitmaps}
     finally:
@@ -575,6 +579,21 @@ def bitmap_flags(d, image):
     return {b["name"]: b["flags"] for b in data.get("bitmaps", [])}
 
 
+# How many crash points' read-only exports judge_bitmaps compared.
+READ_ONLY_MATCHED = [0]
+
+
+def folder_digest(d):
+    """{name: sha256} of the files in folder d."""
+    out = {}
+    for name in sorted(os.listdir(d)):
+        p = os.path.join(d, name)
+        if os.path.isfile(p) and not os.path.islink(p):
+            with open(p, "rb") as f:
+                out[name] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
 def covered(extents, a, b):
     """Whether the sorted, merged extents cover [a, b)."""
     i = bisect.bisect_right(extents, (a, float("inf"))) - 1
@@ -608,7 +627,26 @@ def judge_bitmaps(d, image, fmt, qnbd, work, events, crash_t, got, init_raw, siz
         # restore them. Recover first, then list them.
         serve_and_read_bitmaps(qnbd, os.path.join(d, image), fmt, [], work)
         names = bitmap_flags(d, image)
+    # A read-only serve first: it exports what the writable open below will
+    # store (the record's recovery, in memory) and writes nothing. It
+    # refuses the whole set when some bitmap is inconsistent and not
+    # recoverable; that is judged by the writable open.
+    ro = None
+    if names:
+        before = folder_digest(d)
+        try:
+            ro = serve_and_read_bitmaps(qnbd, os.path.join(d, image), fmt, sorted(names), work, ["-r"])
+        except RuntimeError as e:
+            if "inconsistent" not in str(e):
+                raise
+        if folder_digest(d) != before:
+            return "a read-only qnbd serve changed the crashed folder"
     dirty = serve_and_read_bitmaps(qnbd, os.path.join(d, image), fmt, sorted(names), work)
+    for name, extents in (ro or {}).items():
+        if merged(extents) != merged(dirty[name]):
+            return f"bitmap {name}: the read-only export differs from what the recovery stored"
+    if ro is not None:
+        READ_ONLY_MATCHED[0] += 1
     after = bitmap_flags(d, image)
     for name, flags in after.items():
         if "in-use" in flags:
@@ -739,6 +777,7 @@ def check(log, init, events_path, work, image, fmt, size, points, seed, qnbd, bi
         f"{total_checked} sector checks; {leaks} with leaks only; {recovered} bitmap recoveries"
         + (f" ({checkpoints_seen} checkpoints judged)" if checkpoints_seen else "")
         + (f"; {double} of them crashed again during the recovery" if double else "")
+        + (f"; {READ_ONLY_MATCHED[0]} read-only exports matched it" if recovered else "")
     )
     return 0
 

@@ -11,7 +11,8 @@
 #    and so does qnbd check -r all once it repaired a corruption;
 #    untouched, the same crashed image recovers and covers the write, and
 #    so it does after `qnbd bitmap --add` (which recovers first) and after
-#    `qnbd check -r all` that found only leaks.
+#    `qnbd check -r all` that found only leaks; a read-only serve exports
+#    the recovered b0 and writes nothing (not under --force-share).
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo timeout
 requires_qnbd
@@ -118,6 +119,26 @@ PY
 # Untouched, the same crash recovers.
 copy good
 expect_recovered good
+# A read-only serve (an offline backup of the crashed disk) exports what the
+# next writable open will store, b0 dirty where the write was, and changes
+# nothing: not the image, not the record. Under --force-share a writer may
+# still hold the image, so there b0 stays inconsistent, as qemu-nbd has it.
+copy ro
+cp "$T/ro.qcow2" "$T/ro.before"
+start_serve -r -f qcow2 -B b0 "$T/ro.qcow2"
+nbdinfo --json --map=qemu:dirty-bitmap:b0 "$SERVE_URI" >"$T/ro.json" || fail "ro: nbdinfo map of b0"
+stop_serve
+"$PY" - "$T/ro.json" <<'PY' || fail "ro: the write before the kill is not dirty in the read-only export"
+import json, sys
+m = json.load(open(sys.argv[1]))
+start, end = 12 << 20, (12 << 20) + 65536
+assert any(e["offset"] <= start and end <= e["offset"] + e["length"] and e["type"] & 1 for e in m), m
+PY
+cmp -s "$T/ro.qcow2" "$T/ro.before" || fail "ro: a read-only serve changed the image"
+[[ -e $T/ro.qcow2.qnbd-intent ]] || fail "ro: a read-only serve removed the record"
+[[ $("$QNBD" info "$T/ro.qcow2") == *"write-intent record: pending"* ]] || fail "ro: the record is no longer pending"
+expect_refused ro -r --force-share
+expect_recovered ro
 # qnbd bitmap recovers the crashed writer's bitmaps before its edit, as the
 # next qnbd serve would (the edit rewrites the directory the record was
 # armed for: without that, b0 would stay inconsistent for good).

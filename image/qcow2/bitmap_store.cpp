@@ -406,6 +406,16 @@ void BitmapStore::adopt(std::unique_ptr<IntentRecord> record, std::vector<std::u
   marked_.store(true, std::memory_order_release);
 }
 
+void BitmapStore::adopt_read_only(std::vector<std::unique_ptr<DirtyBitmap>> recovered) {
+  std::lock_guard lock(load_mutex_);
+  if (writable_ || recovered.size() != entries_.size()) return;
+  for (std::size_t i = 0; i < entries_.size(); ++i) {
+    if (!recovered[i] || !entries_[i].info.in_use) continue;
+    entries_[i].bits = std::move(recovered[i]);
+    entries_[i].info.in_use = false;
+  }
+}
+
 Result<DirtyBitmap*> BitmapStore::load_locked(Entry& e) {
   if (!e.bits) {
     DirtyBitmap b = QNBD_TRY(load_bitmap_data(file_, header_.cluster_size(), header_.size, e.info, file_size_));

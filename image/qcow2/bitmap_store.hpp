@@ -175,6 +175,12 @@ class BitmapStore {
   // and marked as if loaded consistent, writes mark `record`, and store()
   // at close writes them and retires it. Call before any write.
   void adopt(std::unique_ptr<IntentRecord> record, std::vector<std::unique_ptr<DirtyBitmap>> recovered);
+  // A read-only open of a crashed writer's image whose record is trusted
+  // ("pending"): export `recovered` (one per directory entry, null where
+  // untracked: what the next writable open will store) instead of refusing
+  // those bitmaps as inconsistent. Nothing is written, now or at close.
+  // Ignored unless `recovered` matches the directory entry for entry.
+  void adopt_read_only(std::vector<std::unique_ptr<DirtyBitmap>> recovered);
 
   // ---- Live edits (bitmap_live.cpp) ----
   // A validated edit; holds edit_mutex_ so live edits of one image run one

@@ -133,6 +133,12 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
     auto r = recover_from_intent(file, copy, nullptr, img->file_size_, img->intent_);
     img->intent_state_ = r ? r->state : "stale";
     img->intent_detail_ = r ? r->detail : r.error().message;
+    // And export what it would store, so that a backup of a crashed,
+    // stopped disk (a read-only serve -B) needs no full copy. Not under
+    // force-share: a writer may hold the image, its record still growing.
+    if (r && r->state == "pending" && !options.lock.force_share) {
+      img->bitmap_store_->adopt_read_only(std::move(r->recovered));
+    }
   }
 
   const std::uint64_t cluster_size = h.cluster_size();

@@ -283,16 +283,18 @@ Fixture make_fixture(const Config& cfg, const TempDir& dir) {
 struct Totals {
   unsigned points = 0, mid_stream = 0, between_requests = 0, during_open = 0, recovered = 0, no_record = 0;
   unsigned leaked = 0;
-  unsigned checkpoints = 0;       // taken (called) in the crashed sessions
-  unsigned renames = 0;           // next records promoted before the crash
-  unsigned next_left = 0;         // points whose crash left a next record
-  unsigned with_checkpoints = 0;  // points with a checkpoint's bitmap on disk
-  unsigned closes = 0;            // points that called close() before the cut
-  unsigned closed = 0;            // ... and whose close() completed first
-  std::uint64_t under = 0;        // granules changed but clean: must stay 0
-  std::uint64_t outside = 0;      // dirty granules outside the bound: must stay 0
-  std::uint64_t over = 0;         // dirty granules untouched by any request (within the bound)
-  std::uint64_t changed = 0;      // granules whose content changed
+  unsigned checkpoints = 0;         // taken (called) in the crashed sessions
+  unsigned renames = 0;             // next records promoted before the crash
+  unsigned next_left = 0;           // points whose crash left a next record
+  unsigned with_checkpoints = 0;    // points with a checkpoint's bitmap on disk
+  unsigned closes = 0;              // points that called close() before the cut
+  unsigned closed = 0;              // ... and whose close() completed first
+  std::uint64_t under = 0;          // granules changed but clean: must stay 0
+  std::uint64_t outside = 0;        // dirty granules outside the bound: must stay 0
+  std::uint64_t over = 0;           // dirty granules untouched by any request (within the bound)
+  std::uint64_t changed = 0;        // granules whose content changed
+  unsigned read_only_pending = 0;   // points whose read-only open found a trusted record
+  unsigned read_only_compared = 0;  // bitmaps it exported, compared with the recovery's
 };
 
 // One seeded request; false once the device refuses (it lost power). Every
@@ -513,6 +515,37 @@ void run_point(const Fixture& f, std::uint64_t seed, const TempDir& dir, Totals&
   image::MemFile img("recovered.qcow2", g.img_after);
   SurvivingNames names(g);
   std::string state;
+  // A read-only open first: it recovers in memory only ("pending"),
+  // exports each tracked bitmap as the writable open below stores it, and
+  // writes nothing. Per base bitmap, its dirty granules (empty if it was
+  // not exported: not in use, or no trusted record).
+  std::vector<std::vector<bool>> read_only_dirty(f.base_bits.size());
+  {
+    const std::vector<std::byte> before = img.contents();
+    auto dev = open_mem(f, std::make_unique<image::ForwardingFile>(img), false, names.access());
+    REQUIRE_MESSAGE(dev, "read-only open after the crash: ", (dev ? "" : dev.error().message));
+    if ((*dev)->intent_state() == "pending") {
+      ++t.read_only_pending;
+      for (std::size_t b = 0; b < f.base_bits.size(); ++b) {
+        auto handle = (*dev)->export_bitmap(fmt::format("b{}", b));
+        if (!handle) continue;
+        std::vector<bool>& out = read_only_dirty[b];
+        const std::uint64_t gran = f.base_bits[b].granularity();
+        std::array<image::BitmapExtent, 64> ext;
+        for (std::uint64_t off = 0; off < kSize;) {
+          auto n = (*dev)->bitmap_status(*handle, off, kSize - off, ext);
+          REQUIRE_MESSAGE(n, (n ? "" : n.error().message));
+          REQUIRE(*n > 0);
+          for (std::size_t i = 0; i < *n; ++i) {
+            for (std::uint64_t g0 = off; g0 < off + ext[i].length; g0 += gran) out.push_back(ext[i].dirty);
+            off += ext[i].length;
+          }
+        }
+      }
+    }
+    REQUIRE((*dev)->close());
+    REQUIRE(img.contents() == before);
+  }
   {
     auto dev = open_mem(f, std::make_unique<image::ForwardingFile>(img), true, names.access());
     REQUIRE_MESSAGE(dev, "reopen after the crash: ", (dev ? "" : dev.error().message));
@@ -559,6 +592,14 @@ void run_point(const Fixture& f, std::uint64_t seed, const TempDir& dir, Totals&
     REQUIRE(info.name == fmt::format("b{}", b));
     REQUIRE_FALSE(info.in_use);
     const std::uint64_t gran = info.granularity;
+    if (!read_only_dirty[b].empty()) {
+      ++t.read_only_compared;
+      REQUIRE(read_only_dirty[b].size() == (kSize + gran - 1) / gran);
+      for (std::uint64_t off = 0; off < kSize; off += gran) {
+        CAPTURE(off);
+        REQUIRE(read_only_dirty[b][off / gran] == bits.is_dirty(off));
+      }
+    }
     for (std::uint64_t off = 0; off < kSize; off += gran) {
       const std::uint64_t n = std::min(gran, kSize - off);
       const bool changed = std::memcmp(view.data() + off, f.base_view.data() + off, n) != 0;
@@ -589,6 +630,8 @@ std::string summary(const Totals& t) {
                   t.points, t.mid_stream, t.between_requests, t.during_open, t.recovered, t.no_record, t.leaked,
                   t.changed, t.under, t.over, t.outside);
   s += fmt::format("; {} closed before the cut ({} inside close())", t.closed, t.closes - t.closed);
+  s += fmt::format("; {} read-only opens found the record trusted, {} bitmaps they exported matched the recovery",
+                   t.read_only_pending, t.read_only_compared);
   if (t.checkpoints) {
     s += fmt::format("; {} checkpoints called, {} next records promoted, {} crashes left a next record, {} points "
                      "with checkpoint bitmaps on disk",
@@ -615,6 +658,8 @@ Totals& operator+=(Totals& t, const Totals& o) {
   t.outside += o.outside;
   t.over += o.over;
   t.changed += o.changed;
+  t.read_only_pending += o.read_only_pending;
+  t.read_only_compared += o.read_only_compared;
   return t;
 }
 
@@ -674,6 +719,7 @@ TEST_CASE("crash bitmaps: after power loss at any point the reopened image recov
   CHECK(t.mid_stream > 0);
   CHECK(t.between_requests > 0);
   CHECK(t.recovered > t.points / 2);
+  CHECK(t.read_only_compared > t.points / 2);
   CHECK(t.closed > 0);
   CHECK(t.closes > t.closed);  // some cuts landed inside close()
   CHECK(t.changed > 0);
@@ -729,6 +775,7 @@ TEST_CASE("crash bitmaps: power loss across live checkpoints leaves every bitmap
   CHECK(t.next_left > 0);
   CHECK(t.with_checkpoints > t.points / 2);
   CHECK(t.recovered > t.points / 2);
+  CHECK(t.read_only_compared > t.points / 2);
   CHECK(t.closed > 0);
   CHECK(t.closes > t.closed);  // some cuts landed inside close()
 }
