@@ -95,22 +95,29 @@ expect_refused qbitmap
 copy off
 expect_refused off --recover-bitmaps=no
 
-# expect_recovered NAME [BITMAP...]: served with -B b0 (and each BITMAP),
-# copy NAME's b0 has the write before the kill dirty, no record is left
-# after a clean stop, and qemu-img sees consistent bitmaps.
-expect_recovered() {
-  local name=$1 b bitmaps=()
+# expect_recovered NAME [BITMAP...]: served writable with -B b0 (and each
+# BITMAP), copy NAME's b0 has the write before the kill dirty, no record is
+# left after a clean stop, and qemu-img sees consistent bitmaps.
+# expect_b0_dirty NAME [serve args]: served so (and -B b0), copy NAME's b0
+# has the write before the kill (0x77 at 12M) dirty.
+expect_b0_dirty() {
+  local name=$1
   shift
-  for b in b0 "$@"; do bitmaps+=(-B "$b"); done
-  start_serve -f qcow2 "${bitmaps[@]}" "$T/$name.qcow2"
+  start_serve -f qcow2 "$@" -B b0 "$T/$name.qcow2"
   nbdinfo --json --map=qemu:dirty-bitmap:b0 "$SERVE_URI" >"$T/$name.json" || fail "$name: nbdinfo map of b0"
   stop_serve
-  "$PY" - "$T/$name.json" <<'PY' || fail "$name: the write before the kill is not dirty in the recovered bitmap"
+  "$PY" - "$T/$name.json" <<'PY' || fail "$name: the write before the kill is not dirty in the exported b0"
 import json, sys
 m = json.load(open(sys.argv[1]))
 start, end = 12 << 20, (12 << 20) + 65536
 assert any(e["offset"] <= start and end <= e["offset"] + e["length"] and e["type"] & 1 for e in m), m
 PY
+}
+expect_recovered() {
+  local name=$1 b bitmaps=()
+  shift
+  for b in "$@"; do bitmaps+=(-B "$b"); done
+  expect_b0_dirty "$name" "${bitmaps[@]}"
   [[ ! -e $T/$name.qcow2.qnbd-intent ]] || fail "$name: the record was left behind after the clean stop"
   [[ $(qemu-img info "$T/$name.qcow2") != *in-use* ]] || fail "$name: bitmaps still in-use after a clean stop"
   qemu-img check -q "$T/$name.qcow2" || [[ $? == 3 ]] || fail "$name: qemu-img check found corruption"
@@ -125,15 +132,7 @@ expect_recovered good
 # still hold the image, so there b0 stays inconsistent, as qemu-nbd has it.
 copy ro
 cp "$T/ro.qcow2" "$T/ro.before"
-start_serve -r -f qcow2 -B b0 "$T/ro.qcow2"
-nbdinfo --json --map=qemu:dirty-bitmap:b0 "$SERVE_URI" >"$T/ro.json" || fail "ro: nbdinfo map of b0"
-stop_serve
-"$PY" - "$T/ro.json" <<'PY' || fail "ro: the write before the kill is not dirty in the read-only export"
-import json, sys
-m = json.load(open(sys.argv[1]))
-start, end = 12 << 20, (12 << 20) + 65536
-assert any(e["offset"] <= start and end <= e["offset"] + e["length"] and e["type"] & 1 for e in m), m
-PY
+expect_b0_dirty ro -r
 cmp -s "$T/ro.qcow2" "$T/ro.before" || fail "ro: a read-only serve changed the image"
 [[ -e $T/ro.qcow2.qnbd-intent ]] || fail "ro: a read-only serve removed the record"
 [[ $("$QNBD" info "$T/ro.qcow2") == *"write-intent record: pending"* ]] || fail "ro: the record is no longer pending"
