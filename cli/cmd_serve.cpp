@@ -58,6 +58,7 @@ struct ServeArgs {
   std::string control;
   std::uint32_t threads = 0;
   bool no_inline_io = false;
+  std::uint64_t poll_max_ns = qnbd::server::PollWindow::kDefaultMax.count();
   std::uint32_t handshake_timeout = 10;
   std::vector<std::string> objects;  // --object, qemu-nbd's spelling
   std::string tls_creds;             // --tls-creds ID
@@ -301,6 +302,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
   o.handshake_timeout_seconds = a.handshake_timeout;
   o.threads = a.threads;
   o.inline_io = !a.no_inline_io;
+  o.poll_max = std::chrono::nanoseconds(a.poll_max_ns);
   if (!a.config.empty()) {
     if (!a.image.empty()) return make_error(EINVAL, "give either --config or an IMAGE, not both");
     if (a.offset) return make_error(EINVAL, "-o/--offset is for an IMAGE, not for --config");
@@ -567,6 +569,10 @@ void add_serve_command(CLI::App& app, int& status) {
   cmd->add_option("--threads", args->threads, "I/O threads (default: one per core)");
   cmd->add_flag("--no-inline-io", args->no_inline_io,
                 "Run every device call on the blocking pool (default: small page-cache I/O runs inline)");
+  cmd->add_option("--poll-max-ns", args->poll_max_ns,
+                  "Longest a connection alone on its I/O thread spins for its client's next request before it "
+                  "sleeps, adapted as QEMU's iothread poll-max-ns (0 = never; default 64000)")
+      ->check(CLI::Range(std::uint64_t{0}, std::uint64_t{1'000'000}));
   cmd->add_option("--handshake-timeout", args->handshake_timeout, "Seconds allowed for negotiation (0 = none)");
   cmd->add_option("--object", args->objects,
                   "tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off] | "

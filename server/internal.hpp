@@ -281,6 +281,10 @@ class Session : public std::enable_shared_from_this<Session> {
   // Adaptive polling for the next request (session.cpp says why).
   using Clock = std::chrono::steady_clock;
   PollWindow poll_;
+  // The count of connections in transmission on this connection's io
+  // thread (Server::transmitting_on): it polls only while that is 1, since
+  // spinning would hold back the others' requests.
+  std::atomic<unsigned>* transmitting_ = nullptr;
   unsigned requests_since_empty_ = 0;  // requests since the receive buffer last ran dry
   void poll_for_request(std::size_t need);
   std::vector<std::unique_ptr<Slot>> slots_;
@@ -338,6 +342,8 @@ class Server : public ExportCatalog, public ControlTarget {
     };
     warm(ctx_);
     for (auto& w : workers_) warm(*w);
+    for (std::size_t i = 0; i <= workers_.size(); ++i)
+      transmitting_.push_back(std::make_unique<std::atomic<unsigned>>(0));
     start_pool_threads(std::max(kMinBlockingThreads, threads_));
   }
   ~Server();
@@ -371,6 +377,8 @@ class Server : public ExportCatalog, public ControlTarget {
   // next request (Session::poll_for_request). The client may run on a CPU
   // this process is not allowed (taskset), so this counts them all.
   bool may_poll() const { return cpus_online_ > 1; }
+  // Connections in transmission on io_context `c` (one of this server's).
+  std::atomic<unsigned>& transmitting_on(const asio::execution_context& c);
   const ServerOptions& options() const { return opts_; }
   asio::thread_pool& pool() { return pool_; }
 
@@ -406,6 +414,9 @@ class Server : public ExportCatalog, public ControlTarget {
   asio::io_context ctx_;                                    // listeners, signals, shutdown, and connections too
   std::vector<asio::executor_work_guard<asio::io_context::executor_type>> worker_guards_;
   std::atomic<std::size_t> next_ctx_{0};
+  // Per io context, ctx_ first, then workers_ in order: connections in
+  // transmission there (transmitting_on).
+  std::vector<std::unique_ptr<std::atomic<unsigned>>> transmitting_;
   // The blocking pool: no thread of its own; start_pool_threads attaches
   // them one by one. asio::thread_pool(N) hangs if it cannot create all N
   // threads (a pids limit, RLIMIT_NPROC): its constructor joins the threads

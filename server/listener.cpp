@@ -197,6 +197,13 @@ std::vector<std::shared_ptr<Session>> Server::live_sessions() {
   return {sessions_.begin(), sessions_.end()};
 }
 
+std::atomic<unsigned>& Server::transmitting_on(const asio::execution_context& c) {
+  for (std::size_t i = 0; i < workers_.size(); ++i) {
+    if (static_cast<const asio::execution_context*>(workers_[i].get()) == &c) return *transmitting_[i + 1];
+  }
+  return *transmitting_[0];
+}
+
 asio::io_context& Server::next_io_context() {
   const std::size_t i = next_ctx_.fetch_add(1, std::memory_order_relaxed) % (workers_.size() + 1);
   return i == 0 ? ctx_ : *workers_[i - 1];

@@ -10,6 +10,8 @@
 // the session strand; small page-cache reads/writes run inline.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -19,6 +21,7 @@
 #include "common/result.hpp"
 #include "image/block_device.hpp"
 #include "protocol/catalog.hpp"
+#include "server/poll_window.hpp"
 
 namespace qnbd::server {
 
@@ -87,6 +90,13 @@ struct ServerOptions {
   // Run small reads/writes/block status on the io threads instead of the
   // blocking pool (see Session::runs_inline); off = always use the pool.
   bool inline_io = true;
+  // How long a connection alone on its io thread, with nothing in flight,
+  // may spin for its client's next request before it sleeps (the ceiling of
+  // Session's adaptive PollWindow, which says why); 0 = never.
+  std::chrono::nanoseconds poll_max{PollWindow::kDefaultMax};
+  // Test seam: when set, counts the spins for a next request that began
+  // (tests/server/test_server.cpp checks when a connection may spin).
+  std::atomic<std::uint64_t>* polls_started = nullptr;
   // The control socket's path (docs/control.md); "" = none.
   std::string control_path;
   // Opens an image for export-add, as the exports above were opened (the

@@ -232,9 +232,12 @@ bool Session::fill_now(std::size_t need) {
 // while the waits after it stay short and shrinks to 0 after long ones: an
 // idle or slow client costs at most a few tens of microseconds of spinning.
 // Never over TLS (GnuTLS reads the socket), nor with a single CPU online
-// (the client could not run meanwhile).
+// (the client could not run meanwhile), nor while another connection is in
+// transmission on the same io thread (its requests would wait behind the
+// spinning). The ceiling is ServerOptions::poll_max (--poll-max-ns).
 void Session::poll_for_request(std::size_t need) {
   if (poll_.window().count() == 0) return;
+  if (auto* n = server_.options().polls_started) n->fetch_add(1, std::memory_order_relaxed);
   const auto until = Clock::now() + poll_.window();
   while (!fill_now(need) && Clock::now() < until) {
   }
@@ -274,6 +277,13 @@ awaitable<void> Session::transmission() {
     zero_copy_ = !nbec;
   }
   const auto& opts = server_.options();
+  poll_ = PollWindow(opts.poll_max);
+  transmitting_ = &server_.transmitting_on(asio::query(socket_.get_executor(), asio::execution::context));
+  transmitting_->fetch_add(1, std::memory_order_relaxed);
+  struct LeaveThread {
+    std::atomic<unsigned>* n;
+    ~LeaveThread() { n->fetch_sub(1, std::memory_order_relaxed); }
+  } leave_thread{transmitting_};
   for (;;) {
     if (write_failed_) break;
     if (stopping_) {
@@ -296,7 +306,8 @@ awaitable<void> Session::transmission() {
     // polling, on a noisy machine).
     if (buffered() < hsize) {
       const unsigned batch = std::exchange(requests_since_empty_, 0);
-      if (batch <= 1 && ready_.empty() && inflight_ == 0) poll_for_request(hsize);
+      if (batch <= 1 && ready_.empty() && inflight_ == 0 && transmitting_->load(std::memory_order_relaxed) == 1)
+        poll_for_request(hsize);
     }
     const bool waits = buffered() < hsize;
     const auto wait_start = waits ? Clock::now() : Clock::time_point{};

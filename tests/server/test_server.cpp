@@ -10,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <future>
 #include <thread>
 
@@ -79,7 +80,8 @@ std::vector<std::byte> be(std::initializer_list<std::pair<int, std::uint64_t>> f
 // its own thread; the future holds run_server's result once the last client
 // has gone.
 std::future<Result<int>> start_one_shot_server(const std::string& img, const std::string& sock, bool read_only,
-                                               const std::string& export_name, std::uint32_t threads) {
+                                               const std::string& export_name, std::uint32_t threads,
+                                               const std::function<void(server::ServerOptions&)>& adjust = {}) {
   server::ServerOptions opts;
   server::ExportSpec spec;
   spec.device = open_raw(img, read_only);
@@ -91,6 +93,7 @@ std::future<Result<int>> start_one_shot_server(const std::string& img, const std
   opts.listeners.push_back(l);
   opts.persistent = false;
   opts.threads = threads;
+  if (adjust) adjust(opts);
   return std::async(std::launch::async,
                     [opts = std::move(opts)]() mutable { return server::run_server(std::move(opts)); });
 }
@@ -333,4 +336,90 @@ TEST_CASE("in-process session: OPT_GO + structured replies, errors keep the sess
   std::string head(4, '\0');
   f.read(head.data(), 4);
   CHECK(head == pattern.substr(0, 4));
+}
+
+namespace {
+
+// Opens export `name` with OPT_GO (simple replies) and returns the socket,
+// in transmission.
+int open_transmission(const std::string& sock, const std::string& name) {
+  int fd = connect_and_read_greeting(sock);
+  send_all(fd, be({{4, NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES}}));
+  auto go = be({{8, IHAVEOPT}, {4, NBD_OPT_GO}, {4, 4 + name.size() + 2}, {4, name.size()}});
+  for (char c : name) go.push_back(std::byte(c));
+  for (auto b : be({{2, 0}})) go.push_back(b);
+  send_all(fd, go);
+  for (int i = 0; i < 16; ++i) {
+    auto r = read_opt_reply(fd);
+    REQUIRE(r.option == NBD_OPT_GO);
+    if (r.type == NBD_REP_ACK) return fd;
+    REQUIRE(r.type == NBD_REP_INFO);
+  }
+  FAIL("no NBD_REP_ACK for NBD_OPT_GO");
+  return -1;
+}
+
+// `reads` 4 KiB READs on fd, one at a time (queue depth 1: each sent as soon
+// as the previous reply is in), simple replies.
+void ping_pong_reads(int fd, int reads) {
+  for (int i = 0; i < reads; ++i) {
+    send_all(fd, be({{4, NBD_REQUEST_MAGIC},
+                     {2, 0},
+                     {2, NBD_CMD_READ},
+                     {8, static_cast<std::uint64_t>(i)},
+                     {8, (static_cast<std::uint64_t>(i) * 4096) % (64 << 10)},
+                     {4, 4096}}));
+    auto h = recv_exact(fd, 16);
+    REQUIRE(load_be32(h.data()) == NBD_SIMPLE_REPLY_MAGIC);
+    REQUIRE(load_be32(h.data() + 4) == 0);
+    REQUIRE(load_be64(h.data() + 8) == static_cast<std::uint64_t>(i));
+    recv_exact(fd, 4096);
+  }
+}
+
+void disconnect(int fd) {
+  send_all(fd, be({{4, NBD_REQUEST_MAGIC}, {2, 0}, {2, NBD_CMD_DISC}, {8, 0}, {8, 0}, {4, 0}}));
+  ::close(fd);
+}
+
+}  // namespace
+
+// Adaptive polling (Session::poll_for_request) spins on the io thread: it
+// must never hold back another connection's requests there, and --poll-max-ns
+// 0 turns it off. One io thread; the client answers each reply at once, so
+// a connection alone there does spin.
+TEST_CASE("a connection spins for its next request only while it is alone on its io thread") {
+  TempDir dir;
+  auto img = (dir.path / "d.img").string();
+  { std::ofstream o(img, std::ios::binary); }
+  std::filesystem::resize_file(img, 64 << 10);
+  struct Case {
+    const char* what;
+    bool second_connection;
+    std::chrono::nanoseconds poll_max;
+  };
+  for (const Case& c : {Case{"alone", false, server::PollWindow::kDefaultMax},
+                        Case{"beside an idle connection", true, server::PollWindow::kDefaultMax},
+                        Case{"--poll-max-ns 0", false, std::chrono::nanoseconds{0}}}) {
+    const std::string what = c.what;
+    CAPTURE(what);
+    auto sock = (dir.path / "p.sock").string();
+    std::atomic<std::uint64_t> polls{0};
+    auto fut = start_one_shot_server(img, sock, true, "", 1, [&](server::ServerOptions& o) {
+      o.polls_started = &polls;
+      o.poll_max = c.poll_max;
+      o.max_connections = 0;
+    });
+    int other = c.second_connection ? open_transmission(sock, "") : -1;
+    int fd = open_transmission(sock, "");
+    ping_pong_reads(fd, 400);
+    disconnect(fd);
+    if (other >= 0) disconnect(other);
+    expect_clean_exit(fut);
+    if (c.second_connection || c.poll_max.count() == 0) {
+      CHECK(polls.load() == 0);
+    } else {
+      CHECK(polls.load() > 0);
+    }
+  }
 }
