@@ -408,15 +408,17 @@ class Server : public ExportCatalog, public ControlTarget {
   long cpus_online_ = ::sysconf(_SC_NPROCESSORS_ONLN);
   ExportRegistry registry_;
   unsigned threads_;
+  // Per io context, ctx_ first, then workers_ in order: connections in
+  // transmission there (transmitting_on). Destroyed after the contexts: a
+  // session's coroutine still queued at exit decrements its count as its
+  // frame is destroyed with them.
+  std::vector<std::unique_ptr<std::atomic<unsigned>>> transmitting_;
   // Destroyed after ctx_: operations still queued in ctx_ at exit (an
   // accept cancelled by the shutdown) hold strands of these contexts.
   std::vector<std::unique_ptr<asio::io_context>> workers_;  // threads_ - 1 more io threads
   asio::io_context ctx_;                                    // listeners, signals, shutdown, and connections too
   std::vector<asio::executor_work_guard<asio::io_context::executor_type>> worker_guards_;
   std::atomic<std::size_t> next_ctx_{0};
-  // Per io context, ctx_ first, then workers_ in order: connections in
-  // transmission there (transmitting_on).
-  std::vector<std::unique_ptr<std::atomic<unsigned>>> transmitting_;
   // The blocking pool: no thread of its own; start_pool_threads attaches
   // them one by one. asio::thread_pool(N) hangs if it cannot create all N
   // threads (a pids limit, RLIMIT_NPROC): its constructor joins the threads
