@@ -167,7 +167,8 @@ def one_case(name, qnbd, shim, work, base, command, rnd, variants):
             status, data = r
             leaks += status == 3
             if data != init_raw:
-                first = next(i for i in range(len(data)) if i >= len(init_raw) or data[i] != init_raw[i])
+                n = min(len(data), len(init_raw))
+                first = next((i for i in range(n) if data[i] != init_raw[i]), n)
                 raise RuntimeError(f"{where}: the guest data changed (first at byte {first})")
             try:
                 got = bitmap_state(crash)
