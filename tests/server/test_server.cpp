@@ -418,7 +418,7 @@ TEST_CASE("a connection spins for its next request only while it is alone on its
     expect_clean_exit(fut);
     if (c.second_connection || c.poll_max.count() == 0) {
       CHECK(polls.load() == 0);
-    } else {
+    } else if (::sysconf(_SC_NPROCESSORS_ONLN) > 1) {  // Server::may_poll
       CHECK(polls.load() > 0);
     }
   }
