@@ -38,11 +38,7 @@ Result<bool> is_qcow2(image::File& file) {
 // the image's lock on its own descriptor; this open takes none. Backing
 // files are not opened: recovery reads no guest data.
 Result<void> recover_pending_bitmaps(const std::string& path, image::File& file) {
-  std::byte raw[8];
-  if (QNBD_TRY(file.pread(raw, image::qcow2::kAutoclearFeaturesOffset)) != 8 ||
-      !(load_be64(raw) & image::qcow2::AUTOCLEAR_QNBD_INTENT)) {
-    return ok();
-  }
+  if (!QNBD_TRY(image::qcow2::intent_bit_set(file))) return ok();
   image::OpenOptions oo;
   oo.format = image::ImageFormat::qcow2;
   oo.read_only = false;

@@ -81,17 +81,15 @@ void print_json(const qc::CheckResult& r, const std::string& filename) {
 // data, so a repair that fixed nothing else (-r leaks, or -r all on an image
 // whose only defects were leaks, what a crash leaves) keeps it.
 void report_intent_record(const std::string& filename, image::File& file, bool repaired_corruptions, bool quiet) {
-  std::byte raw[8];
-  auto n = file.pread(raw, qc::kAutoclearFeaturesOffset);
-  if (!n || *n != 8 || !(load_be64(raw) & qc::AUTOCLEAR_QNBD_INTENT)) return;
+  auto pending = qc::intent_bit_set(file);
+  if (!pending || !*pending) return;
   image::OpenOptions oo;
   oo.lock.locking = image::Locking::off;
   auto dev = image::open_image(filename, oo);
   const std::string state = dev ? (*dev)->info().intent_record : "unreadable";
   const std::string detail = dev ? (*dev)->info().intent_record_detail : dev.error().message;
   if (repaired_corruptions) {
-    store_be64(raw, load_be64(raw) & ~qc::AUTOCLEAR_QNBD_INTENT);
-    if (file.pwrite(raw, qc::kAutoclearFeaturesOffset) && file.flush()) {
+    if (qc::clear_intent_bit(file)) {
       if (!quiet)
         std::fprintf(stderr, "write-intent record: %s (%s); retired by the repair of corruptions\n", state.c_str(),
                      detail.c_str());

@@ -2,7 +2,7 @@
 # Process lifecycle of qnbd serve: exit after the last client without -t
 # (like qemu-nbd), TCP listener, --fork + --pid-file, the --shared cap,
 # the handshake timeout, SIGTERM with requests in flight, systemd socket
-# activation.
+# activation, --poll-max-ns refusals.
 source "$(dirname "$0")/lib-serve.sh"
 requires nbdinfo nbdcopy python3 timeout
 
@@ -113,4 +113,17 @@ if command -v systemd-socket-activate >/dev/null; then
   cmp "$img" "$TMPDIR_TEST/sd.img" || fail "socket-activated copy differs"
   kill -TERM $sdpid; wait $sdpid || true
 fi
+
+# 6. --poll-max-ns: a value out of range or not a number is refused with a
+# one-line error before anything listens; 0 (no polling) serves.
+for bad in 1000001 -5 abc; do
+  run_checked 10 "$QNBD" serve -f raw --poll-max-ns "$bad" -k "$TMPDIR_TEST/poll.sock" "$img"
+  [[ $RUN_KIND == error ]] || fail "--poll-max-ns $bad: $RUN_KIND $RUN_STATUS"
+  grep -q -- "--poll-max-ns" "$RUN_STDERR" || fail "--poll-max-ns $bad: the error does not name it: $(cat "$RUN_STDERR")"
+  [[ ! -e $TMPDIR_TEST/poll.sock ]] || fail "--poll-max-ns $bad: the server listened"
+done
+start_serve -f raw --poll-max-ns 0 "$img"
+nbdcopy "$SERVE_URI" "$TMPDIR_TEST/poll0.img" || fail "nbdcopy from a server with --poll-max-ns 0"
+cmp "$img" "$TMPDIR_TEST/poll0.img" || fail "copy with --poll-max-ns 0 differs"
+stop_serve
 echo PASS

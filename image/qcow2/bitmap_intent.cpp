@@ -11,6 +11,7 @@
 
 #include "common/checked.hpp"
 #include "common/endian.hpp"
+#include "image/qcow2/format.hpp"
 
 namespace qnbd::image::qcow2 {
 namespace {
@@ -281,6 +282,20 @@ Result<void> IntentRecord::mark(std::uint64_t offset, std::uint64_t length) {
   // Durable now: publish, so later writes of these chunks skip the lock.
   for (std::uint64_t j = first; j <= last; ++j) done_[j / 64].fetch_or(1ull << (j % 64), std::memory_order_release);
   return ok();
+}
+
+Result<bool> intent_bit_set(File& file) {
+  std::byte raw[8];
+  if (QNBD_TRY(file.pread(raw, kAutoclearFeaturesOffset)) != sizeof raw) return false;
+  return (load_be64(raw) & AUTOCLEAR_QNBD_INTENT) != 0;
+}
+
+Result<void> clear_intent_bit(File& file) {
+  std::byte raw[8];
+  QNBD_TRY(file.read_exact(raw, kAutoclearFeaturesOffset, "header"));
+  store_be64(raw, load_be64(raw) & ~AUTOCLEAR_QNBD_INTENT);
+  QNBD_TRY(file.pwrite(raw, kAutoclearFeaturesOffset));
+  return file.flush();
 }
 
 }  // namespace qnbd::image::qcow2

@@ -41,6 +41,14 @@ namespace qnbd::image::qcow2 {
 // the highest bit to stay clear of future assignments).
 inline constexpr std::uint64_t AUTOCLEAR_QNBD_INTENT = 1ull << 63;
 
+// Whether the qcow2 header in `file` has AUTOCLEAR_QNBD_INTENT set (a
+// crashed qnbd writer's record may be pending); false for a file too short
+// to hold the autoclear word.
+[[nodiscard]] Result<bool> intent_bit_set(File& file);
+// Clear AUTOCLEAR_QNBD_INTENT in the header and sync: the record is no
+// longer trusted (a tool changed what it does not cover).
+[[nodiscard]] Result<void> clear_intent_bit(File& file);
+
 // The file's fixed header (big-endian, as qcow2):
 //   0  u32 magic "QNWI"    4  u32 version (1)
 //   8  u64 chunk_size      16 u64 disk_size (the header's size field)

@@ -18,6 +18,7 @@
 #include "image/qcow2/bitmap_intent.hpp"
 #include "image/qcow2/check.hpp"
 #include "image/qcow2/create.hpp"
+#include "image/qcow2/format.hpp"
 #include "image/qcow2/header.hpp"
 #include "image/qcow2/qcow2_image.hpp"
 
@@ -502,4 +503,23 @@ TEST_CASE("intent record: on a full disk a record with no change is finished in 
     REQUIRE((*img)->close());
     CHECK(stored_bitmaps(file.contents()) == std::vector<std::vector<std::uint64_t>>{{}, {}});
   }
+}
+
+TEST_CASE("intent record: intent_bit_set reads the header's bit and clear_intent_bit clears only it") {
+  std::vector<std::byte> header(512);
+  const std::uint64_t other = 1;  // AUTOCLEAR_BITMAPS stays as it was
+  store_be64(header.data() + q::kAutoclearFeaturesOffset, other | q::AUTOCLEAR_QNBD_INTENT);
+  image::MemFile f("h.qcow2", header);
+  auto set = q::intent_bit_set(f);
+  REQUIRE(set);
+  CHECK(*set);
+  REQUIRE(q::clear_intent_bit(f));
+  set = q::intent_bit_set(f);
+  REQUIRE(set);
+  CHECK_FALSE(*set);
+  CHECK(load_be64(f.contents().data() + q::kAutoclearFeaturesOffset) == other);
+  image::MemFile tiny("t.qcow2", std::vector<std::byte>(40));  // no autoclear word
+  set = q::intent_bit_set(tiny);
+  REQUIRE(set);
+  CHECK_FALSE(*set);
 }
