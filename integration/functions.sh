@@ -22,6 +22,7 @@ export QNBD QNBD_SOURCE_DIR QNBD_BUILD_DIR
 SANITIZER_EXIT=99
 export ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}exitcode=$SANITIZER_EXIT:abort_on_error=0
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:+$UBSAN_OPTIONS:}exitcode=$SANITIZER_EXIT:print_stacktrace=1
+export TSAN_OPTIONS=${TSAN_OPTIONS:+$TSAN_OPTIONS:}exitcode=$SANITIZER_EXIT
 
 # Cleanup actions run in reverse order of registration when the script exits,
 # however it exits.
@@ -115,7 +116,7 @@ run_checked() {
   timeout --kill-after=5 "$limit" "$@" >"$RUN_STDOUT" 2>"$RUN_STDERR"
   RUN_STATUS=$?
   set -e
-  if grep -qE 'ERROR: (Address|Leak|Undefined)Sanitizer|runtime error:|SUMMARY: .*Sanitizer' "$RUN_STDERR"; then
+  if grep -qE 'ERROR: (Address|Leak|Undefined)Sanitizer|WARNING: ThreadSanitizer|runtime error:|SUMMARY: .*Sanitizer' "$RUN_STDERR"; then
     RUN_KIND=sanitizer
   elif ((RUN_STATUS == 124 || RUN_STATUS == 137)); then
     RUN_KIND=timeout
@@ -209,10 +210,10 @@ stop_server() {
   fi
 }
 
-# is_sanitizer_build: true if $QNBD carries ASan or UBSan (g++ links their
-# runtimes dynamically).
+# is_sanitizer_build: true if $QNBD carries ASan, UBSan or TSan (g++ links
+# their runtimes dynamically).
 is_sanitizer_build() {
-  ldd "$QNBD" 2>/dev/null | grep -qE 'lib(a|ub)san'
+  ldd "$QNBD" 2>/dev/null | grep -qE 'lib(a|ub|t)san'
 }
 
 # requires_strace: skip unless strace is installed and may trace here.
