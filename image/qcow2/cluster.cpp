@@ -299,7 +299,7 @@ Result<Mapping> Qcow2Image::get_host_offset_locked(std::uint64_t offset, std::ui
 Result<std::uint64_t> Qcow2Image::allocate_cluster_locked() {
   std::uint64_t host = QNBD_TRY(refcounts_->allocate(1));
   l2_cache_->depends_on_flush();
-  file_size_ = std::max(file_size_, host + header_.cluster_size());
+  file_size_ = std::max(file_size_.load(), host + header_.cluster_size());
   return host;
 }
 
@@ -592,7 +592,7 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
     if (fresh) abort_allocation_locked(host, cs, old_file_size);
     return placed;
   }
-  file_size_ = std::max(file_size_, data_file_ ? file_size_ : host + cs);
+  file_size_ = std::max(file_size_.load(), data_file_ ? file_size_.load() : host + cs);
 
   // The new entry: COPIED (refcount 1, or the external data file).
   if (!in_place) queue_free_locked(e.entry);
@@ -613,7 +613,7 @@ Result<void> Qcow2Image::write_allocation_locked(std::span<const std::byte> buf,
   const std::uint64_t old_file_size = file_size_;
   const std::uint64_t host = QNBD_TRY(refcounts_->allocate(n));
   l2_cache_->depends_on_flush();
-  file_size_ = std::max(file_size_, host + n * cs);
+  file_size_ = std::max(file_size_.load(), host + n * cs);
   // Where QEMU's handle_alloc_space asks block status of the copy-on-write
   // regions, its refcounts holding this run (write_cluster_locked has the
   // tail's exception).

@@ -293,7 +293,7 @@ Capabilities Qcow2Image::capabilities() const {
 Result<void> Qcow2Image::read_compressed(std::span<std::byte> buf, std::uint64_t offset, std::uint64_t l2_entry) {
   const std::uint64_t cluster_size = header_.cluster_size();
   CompressedDescriptor d = parse_compressed_descriptor(l2_entry, header_.cluster_bits);
-  if (d.host_offset >= file_size_) {
+  if (d.host_offset >= file_size_.load(std::memory_order_relaxed)) {
     return make_error(EIO, "image is corrupt: compressed cluster at {:#x} is beyond the end of the file",
                       d.host_offset);
   }

@@ -247,8 +247,11 @@ class Qcow2Image final : public BlockDevice {
   std::string full_backing_filename_;
   Header header_;
   L2Geometry geometry_;
-  std::uint64_t size_ = 0;       // virtual size exposed (rounded down to 512 as QEMU)
-  std::uint64_t file_size_ = 0;  // image file size at open
+  std::uint64_t size_ = 0;  // virtual size exposed (rounded down to 512 as QEMU)
+  // The image file's size as the engine knows it: read at open, grown by
+  // allocations (stores under mutex_). Atomic because read_compressed checks
+  // a descriptor against it without mutex_ while a writer allocates.
+  std::atomic<std::uint64_t> file_size_{0};
   std::unique_ptr<BlockDevice> backing_;
   std::vector<SnapshotInfo> snapshots_;
   std::uint64_t snapshots_size_ = 0;  // snapshot table bytes
