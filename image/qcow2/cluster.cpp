@@ -592,7 +592,7 @@ Result<void> Qcow2Image::write_cluster_locked(const std::byte* data, std::uint64
     if (fresh) abort_allocation_locked(host, cs, old_file_size);
     return placed;
   }
-  file_size_ = std::max(file_size_.load(), data_file_ ? file_size_.load() : host + cs);
+  if (!data_file_) file_size_ = std::max(file_size_.load(), host + cs);
 
   // The new entry: COPIED (refcount 1, or the external data file).
   if (!in_place) queue_free_locked(e.entry);

@@ -4,6 +4,7 @@
 // table cache, the refcounts and every other piece of metadata state. Reads
 // hold it only while looking up a mapping (get_host_offset) and release it
 // around guest data I/O, so reads of different clusters run in parallel.
+// The one field read without it is file_size_ (atomic; read_compressed).
 //
 // Writes (write.cpp): every allocating, copy-on-write, zeroing or discarding
 // step runs under mutex_, including its data copy. An overwrite of an
