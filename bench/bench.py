@@ -14,13 +14,16 @@ device has no holes) shows "-".
 
 Usage: bench/bench.py [--qnbd build/qnbd] [--qnbd-before OLD/qnbd] [--reps 3] [--runtime 5]
                       [--only ROW,... | --only 'ROW|ROW'] [--scale] [--no-pin] [--server-cpus LIST] [--client-cpus LIST]
-                      [--workdir DIR] [--shmdir DIR] [--json out.json]
+                      [--workdir DIR] [--shmdir DIR] [--json out.json] [--nbdkit-plugin-dir DIR]
 
 --qnbd-before runs a second qnbd binary (an older build) as one more server
 in the same alternating rounds, and prints qnbd ÷ before: a change's
 before/after from one run. --scale runs only the scaling rows: fio 4 KiB
 random read and random write at qd32 over 1, 2, 4, 8 and 16 connections
-(fio jobs, one NBD connection each) for qnbd, qemu-nbd and nbdkit file.
+(fio jobs, one NBD connection each) for qnbd, qemu-nbd and nbdkit file
+(and nbdkit null for reads), fio 1 MiB sequential reads at qd8 over 1, 8
+and 16, and nbdcopy over 1 and 8; bench/scale-bundle.sh packs it with
+every binary it runs for a machine that has none of them.
 
 Rows with "tmpfs" in their name keep their images in --shmdir (default
 /dev/shm/qnbd-bench; up to 4.3 GiB of memory, removed at exit); the others in
@@ -69,10 +72,15 @@ class Server:
             return [binary, "serve", "-t", "-e", "16", "-f", self.fmt, "-k", self.sock, *ro, self.image]
         if self.kind == "qemu-nbd":
             return ["qemu-nbd", "-t", "-e", "16", "-f", self.fmt, "-k", self.sock, *ro, self.image]
+        # nbdkit takes a plugin or filter by name, or as the path of its
+        # .so (--nbdkit-plugin-dir: a bundle's own, bench/scale-bundle.sh).
+        d = self.args.nbdkit_plugin_dir
+        plugin = (lambda n: os.path.join(d, f"nbdkit-{n}-plugin.so")) if d else (lambda n: n)
+        noextents = os.path.join(d, "nbdkit-noextents-filter.so") if d else "noextents"
         if self.kind == "nbdkit-file":
-            return ["nbdkit", "-f", "-U", self.sock, *ro, "file", f"file={self.image}"]
+            return ["nbdkit", "-f", "-U", self.sock, *ro, plugin("file"), f"file={self.image}"]
         if self.kind == "nbdkit-null":
-            return ["nbdkit", "-f", "-U", self.sock, "--filter=noextents", "null", f"size={self.size}"]
+            return ["nbdkit", "-f", "-U", self.sock, f"--filter={noextents}", plugin("null"), f"size={self.size}"]
         raise ValueError(self.kind)
 
     def start(self):
@@ -350,13 +358,29 @@ ROWS = [
 ]
 
 def scale_rows():
+    """Issue 10's many-core rows: 4 KiB random reads (nbdkit null beside, the
+    transport's ceiling) and writes over 1-16 connections, 1 MiB sequential
+    reads and nbdcopy over several."""
+    def conns_name(n):
+        return f"{n} conn{'s' if n > 1 else ''}"
+
     rows = []
     for rw in ("randread", "randwrite"):
         for conns in (1, 2, 4, 8, 16):
-            rows.append(Row(f"scale: fio 4k {rw} qd32, {conns} conn{'s' if conns > 1 else ''}",
+            rows.append(Row(f"scale: fio 4k {rw} qd32, {conns_name(conns)}",
                             (lambda rw, conns: lambda s, a: fio_iops(s.uri(), rw, "4k", 32, conns, a.runtime, a.pin,
                                                                       "2G"))(rw, conns),
-                            image="full", writable=rw == "randwrite", peers=("qemu-nbd", "nbdkit-file")))
+                            image="full", writable=rw == "randwrite",
+                            peers=("qemu-nbd", "nbdkit-file") + (("nbdkit-null",) if rw == "randread" else ())))
+    for conns in (1, 8, 16):
+        rows.append(Row(f"scale: fio 1M seq read qd8, {conns_name(conns)}",
+                        (lambda conns: lambda s, a: fio_iops(s.uri(), "read", "1M", 8, conns, a.runtime, a.pin,
+                                                             "2G"))(conns),
+                        image="full"))
+    for conns in (1, 8):
+        rows.append(Row(f"scale: nbdcopy seq read, {conns_name(conns)}",
+                        (lambda conns: lambda s, a: nbdcopy_rate(s.uri(), conns, 2 * GiB, a.pin))(conns),
+                        image="full"))
     return rows
 
 
@@ -402,6 +426,8 @@ def main():
     p.add_argument("--workdir", default=os.environ.get("QNBD_BENCH_DIR", "/var/tmp/qnbd-bench"))
     p.add_argument("--shmdir", default="/dev/shm/qnbd-bench")
     p.add_argument("--json", default="")
+    p.add_argument("--nbdkit-plugin-dir", default="",
+                   help="the folder of nbdkit's file and null plugins and noextents filter (default: nbdkit's own)")
     args = p.parse_args()
     for tool in ("qemu-img", "qemu-io", "qemu-nbd", "nbdcopy", "nbdinfo", "fio", "nbdkit", "taskset"):
         if not have(tool):
