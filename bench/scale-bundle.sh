@@ -63,6 +63,11 @@ cp "$plugins/plugins/nbdkit-file-plugin.so" "$plugins/plugins/nbdkit-null-plugin
 # loader they name.
 loader=
 for f in "$stage"/exe/* "$stage"/nbdkit/*; do
+  if ldd "$f" | grep -q "not found"; then
+    echo "scale-bundle: $(basename "$f") needs a library this machine lacks:" >&2
+    ldd "$f" | grep "not found" >&2
+    exit 1
+  fi
   while read -r lib; do
     cp -L -n "$lib" "$stage/lib/"
   done < <(ldd "$f" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\/.*ld-linux/ { print $1 }')
