@@ -17,8 +17,9 @@
 # taskset), every shared library they load, glibc's dynamic loader among
 # them, and bench.py. Each program runs through that loader with the
 # bundle's libraries only (bin/NAME is a wrapper), so neither the other
-# machine's glibc nor its libraries matter. It needs /bin/sh and python3
-# (any 3.8 or later: bench.py uses only the standard library) over there.
+# machine's glibc nor its libraries matter. It needs /bin/sh, coreutils, tar
+# with gzip, and python3 over there (bench.py uses only the standard
+# library; checked with Debian 12's 3.11 in a chroot that held nothing else).
 #
 # There: sh DIR/run.sh [bench.py options], e.g. from the device tool:
 #   run(command="sh build-scale/run.sh", carry=["build-scale"], timeout_s=540)
