@@ -64,15 +64,16 @@ cp "$plugins/plugins/nbdkit-file-plugin.so" "$plugins/plugins/nbdkit-null-plugin
 # loader they name.
 loader=
 for f in "$stage"/exe/* "$stage"/nbdkit/*; do
-  if ldd "$f" | grep -q "not found"; then
+  deps=$(ldd "$f")
+  if grep -q "not found" <<<"$deps"; then
     echo "scale-bundle: $(basename "$f") needs a library this machine lacks:" >&2
-    ldd "$f" | grep "not found" >&2
+    grep "not found" <<<"$deps" >&2
     exit 1
   fi
   while read -r lib; do
     cp -L -n "$lib" "$stage/lib/"
-  done < <(ldd "$f" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\/.*ld-linux/ { print $1 }')
-  interp=$(ldd "$f" | awk '$1 ~ /^\/.*ld-linux/ { print $1 }')
+  done < <(awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\/.*ld-linux/ { print $1 }' <<<"$deps")
+  interp=$(awk '$1 ~ /^\/.*ld-linux/ { print $1 }' <<<"$deps")
   [[ -n $interp ]] && loader=$(basename "$interp")
 done
 [[ -n $loader && -e $stage/lib/$loader ]] || { echo "scale-bundle: no dynamic loader found" >&2; exit 1; }
