@@ -15,7 +15,9 @@
 #      a file that shrinks under the server reads as zeroes past its end;
 #   3. a READ that fails after part of it went into the pipe (a damaged
 #      compressed cluster behind a data cluster): EIO, and the pages it left
-#      in the pipe must not reach the next reply.
+#      in the pipe must not reach the next reply;
+#   4. splice refused (a kernel or sandbox that does not splice into the
+#      socket, or out of the file system): the same READs, copied instead.
 source "$(dirname "$0")/functions.sh"
 requires_qnbd
 requires_strace
@@ -23,7 +25,6 @@ requires_python_nbd
 requires qemu-img qemu-io
 
 d=$TMPDIR_TEST
-MiB=$((1 << 20))
 
 # --- 1. read-only qcow2 with a backing file ---------------------------------
 "$PY" - "$d" <<'PY'
@@ -47,9 +48,7 @@ qemu-io -f qcow2 "${cmds[@]}" "$d/top.qcow2" || fail "qemu-io could not build th
 qemu-img convert -f qcow2 -O raw "$d/top.qcow2" "$d/truth.raw" || fail "qemu-img convert"
 
 trace=$d/trace.txt sock=$d/s.sock pidfile=$d/s.pid
-start_traced_server "$pidfile" "$trace" splice \
-  "$QNBD" serve -r -f qcow2 -k "$sock" --pid-file "$pidfile" "$d/top.qcow2" || fail "server did not start"
-"$PY" - "nbd+unix:///?socket=$sock" "$d/truth.raw" <<'PY' || fail "concurrent READs of the read-only qcow2"
+cat >"$d/reads.py" <<'PY'
 import random, sys
 import nbd
 uri, truth = sys.argv[1], open(sys.argv[2], "rb").read()
@@ -79,6 +78,9 @@ for off in range(0, len(truth), 1 << 20):
     assert h.pread(1 << 20, off) == truth[off:off + (1 << 20)], f"sequential READ at {off} differs"
 h.shutdown()
 PY
+start_traced_server "$pidfile" "$trace" splice \
+  "$QNBD" serve -r -f qcow2 -k "$sock" --pid-file "$pidfile" "$d/top.qcow2" || fail "server did not start"
+"$PY" "$d/reads.py" "nbd+unix:///?socket=$sock" "$d/truth.raw" || fail "concurrent READs of the read-only qcow2"
 end_traced_server
 # splice(IMAGE_FD, [OFFSET], PIPE_FD, NULL, ...) = N: pages from the image.
 from_file=$(grep -cE '^[0-9]+ +splice\([0-9]+, \[[0-9]+\], [0-9]+, NULL, .* = [1-9]' "$trace" || true)
@@ -191,4 +193,33 @@ for i in range(3):
 h.shutdown()
 PY
 stop_server "$bad_server"
+
+# --- 4. splice refused -------------------------------------------------------
+# Where the kernel or a sandbox will not splice into a socket, or out of
+# the image's file system, splice fails (EINVAL): the same READs as in 1
+# must come back whole and in order, by copying, on the same connection
+# (pages already in the pipe included). A shim makes splice refuse and
+# counts the refusals, so the case cannot pass without meeting one.
+requires cc
+cc -shared -fPIC -O2 -o "$d/refuse.so" "$INTEGRATION_DIR/splice_refuse_shim.c" -ldl ||
+  fail "cannot build the splice shim"
+for refuse in socket file; do
+  what="into the socket"
+  [[ $refuse == file ]] && what="out of the image file"
+  log=$d/refusals.$refuse sock5=$d/s5.$refuse.sock pidfile5=$d/s5.$refuse.pid
+  start_server "$pidfile5" env LD_PRELOAD="$d/refuse.so" QNBD_SPLICE_REFUSE=$refuse QNBD_SPLICE_LOG="$log" \
+    ASAN_OPTIONS="$ASAN_OPTIONS:verify_asan_link_order=0" \
+    "$QNBD" serve -r -f qcow2 -t -k "$sock5" --pid-file "$pidfile5" "$d/top.qcow2" || fail "server did not start"
+  refusing_server=$SERVER_PID
+  "$PY" "$d/reads.py" "nbd+unix:///?socket=$sock5" "$d/truth.raw" ||
+    fail "READs with splice $what refused"
+  # And a second connection, which finds splicing off from its start or
+  # meets the refusal itself.
+  "$PY" "$d/reads.py" "nbd+unix:///?socket=$sock5" "$d/truth.raw" ||
+    fail "READs of a second connection with splice $what refused"
+  stop_server "$refusing_server"
+  refusals=$(stat -c %s "$log" 2>/dev/null || echo 0)
+  echo "splice $what refused: $refusals refusals met, every READ right"
+  ((refusals > 0)) || fail "the shim refused no splice $what: the case tested nothing"
+done
 echo PASS

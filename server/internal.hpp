@@ -268,6 +268,16 @@ class Session : public std::enable_shared_from_this<Session> {
   int pipe_w_ = -1;
   std::size_t pipe_capacity_ = 0;
   std::size_t pipe_queued_ = 0;
+  // A kernel or sandbox that refuses splice from the pipe to the socket
+  // (EINVAL and kin): zero-copy stops for the connection and what the
+  // pipe still holds leaves by read and send through spill_ (made then),
+  // spill_pos_..spill_end_ being the next unsent bytes of the front
+  // reply's pipe piece.
+  bool splice_out_ = true;
+  static constexpr std::size_t kSpillBytes = 64u << 10;
+  std::unique_ptr<std::byte[]> spill_;
+  std::size_t spill_pos_ = 0, spill_end_ = 0;
+  SendStatus send_pipe_copied(int sock, std::size_t want);
   // Receive buffer: one recv can bring many pipelined request headers (and
   // small write payloads), instead of one syscall per 28/32-byte header.
   static constexpr std::size_t kRecvBufferSize = 64u << 10;

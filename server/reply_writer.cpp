@@ -4,7 +4,8 @@
 // pooled slot to the writer coroutine, which sends what is left. On a plain
 // connection both go through send_some (memory pieces by sendmsg, a
 // zero-copy READ's payload by splice from the connection's pipe, which
-// splice_in filled); over TLS the writer sends through Stream. Each reply
+// splice_in filled, or by read and send where that splice is refused);
+// over TLS the writer sends through Stream. Each reply
 // (all its chunks) goes out in order and whole before the next, so chunks
 // of different requests never interleave (NBD proto.md section
 // "Structured reply chunk message").
@@ -25,6 +26,14 @@
 #include "protocol/constants.hpp"
 
 namespace qnbd::server {
+namespace {
+
+// What splice answers where the kernel, a file system or a sandbox's
+// system-call filter does not do it for these descriptors (as opposed to a
+// full pipe or socket, or an I/O error).
+bool splice_refused(int err) { return err == EINVAL || err == EOPNOTSUPP || err == ENOSYS || err == EPERM; }
+
+}  // namespace
 
 awaitable<void> Session::writer() {
   auto self = shared_from_this();
@@ -128,8 +137,18 @@ Session::SendStatus Session::send_some() {
     if (k == front->pieces.size()) return SendStatus::failed;  // head_sent_ past its reply: cannot happen
     if (front->pieces[k].source == Piece::Source::pipe) {
       const std::size_t want = front->pieces[k].length - skip;
+      if (!splice_out_) {
+        if (const auto st = send_pipe_copied(sock, want); st != SendStatus::all_sent) return st;
+        continue;
+      }
       const ssize_t n = ::splice(pipe_r_, nullptr, sock, nullptr, want, SPLICE_F_NONBLOCK);
       if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && splice_refused(errno)) {
+        log::debug("conn {}: splice to the socket refused ({}): READs are copied", id_, std::strerror(errno));
+        splice_out_ = false;
+        zero_copy_ = false;
+        continue;
+      }
       if (n < 0) return errno == EAGAIN ? SendStatus::would_block : SendStatus::failed;
       if (n == 0) return SendStatus::failed;  // the pipe holds these bytes: cannot happen
       pipe_queued_ -= static_cast<std::size_t>(n);
@@ -174,6 +193,31 @@ Session::SendStatus Session::send_some() {
   return SendStatus::all_sent;
 }
 
+// Up to `want` bytes of the front reply's pipe piece, by read from the
+// pipe and send (splice to the socket refused); all_sent: progress made,
+// the caller goes on.
+Session::SendStatus Session::send_pipe_copied(int sock, std::size_t want) {
+  if (spill_pos_ == spill_end_) {
+    if (!spill_) spill_ = std::make_unique_for_overwrite<std::byte[]>(kSpillBytes);
+    ssize_t n;
+    do n = ::read(pipe_r_, spill_.get(), std::min(want, kSpillBytes));
+    while (n < 0 && errno == EINTR);
+    if (n <= 0) return SendStatus::failed;  // the pipe holds these bytes: cannot happen
+    pipe_queued_ -= static_cast<std::size_t>(n);
+    spill_pos_ = 0;
+    spill_end_ = static_cast<std::size_t>(n);
+  }
+  // spill_ holds no more than `want`: it was read for this piece, and
+  // every byte sent since left both.
+  ssize_t n;
+  do n = ::send(sock, spill_.get() + spill_pos_, spill_end_ - spill_pos_, MSG_DONTWAIT | MSG_NOSIGNAL);
+  while (n < 0 && errno == EINTR);
+  if (n < 0) return errno == EAGAIN || errno == EWOULDBLOCK ? SendStatus::would_block : SendStatus::failed;
+  spill_pos_ += static_cast<std::size_t>(n);
+  sent(static_cast<std::size_t>(n));
+  return SendStatus::all_sent;
+}
+
 void Session::sent(std::size_t n) {
   head_sent_ += n;
   while (!ready_.empty()) {
@@ -213,7 +257,8 @@ bool Session::open_splice_pipe() {
 }
 
 std::size_t Session::splice_in(int fd, std::uint64_t host_offset, std::size_t length) {
-  if (pipe_w_ < 0 && !open_splice_pipe()) return 0;
+  // zero_copy_ may have gone off since the READ began (a refusal).
+  if (!zero_copy_ || (pipe_w_ < 0 && !open_splice_pipe())) return 0;
   // A full pipe is emptied into the socket first when it can be (fio's
   // 1 MiB reads at queue depth 8 arrive together; each fills the pipe).
   if (pipe_queued_ + length > pipe_capacity_ && pipe_queued_ > 0 && !writer_writing_ && !write_failed_) send_some();
@@ -228,7 +273,7 @@ std::size_t Session::splice_in(int fd, std::uint64_t host_offset, std::size_t le
     }
     if (n < 0 && errno == EINTR) continue;
     // A file system that cannot splice: stop trying on this connection.
-    if (n < 0 && (errno == EINVAL || errno == EOPNOTSUPP)) zero_copy_ = false;
+    if (n < 0 && splice_refused(errno)) zero_copy_ = false;
     // 0: end of file (a raw file that shrank); EAGAIN: the pipe's page
     // slots are used up (a range that is not page-aligned needs one more);
     // an I/O error: the caller's read() meets and reports it.
