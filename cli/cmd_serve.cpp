@@ -58,7 +58,7 @@ struct ServeArgs {
   std::string control;
   std::uint32_t threads = 0;
   bool no_inline_io = false;
-  std::uint64_t poll_max_ns = qnbd::server::PollWindow::kDefaultMax.count();
+  std::optional<std::uint64_t> poll_max_ns;  // absent: the config file's, else the server's default
   std::uint32_t handshake_timeout = 10;
   std::vector<std::string> objects;  // --object, qemu-nbd's spelling
   std::string tls_creds;             // --tls-creds ID
@@ -302,7 +302,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
   o.handshake_timeout_seconds = a.handshake_timeout;
   o.threads = a.threads;
   o.inline_io = !a.no_inline_io;
-  o.poll_max = std::chrono::nanoseconds(a.poll_max_ns);
+  if (a.poll_max_ns) o.poll_max = std::chrono::nanoseconds(*a.poll_max_ns);
   if (!a.config.empty()) {
     if (!a.image.empty()) return make_error(EINVAL, "give either --config or an IMAGE, not both");
     if (a.offset) return make_error(EINVAL, "-o/--offset is for an IMAGE, not for --config");
@@ -348,6 +348,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     o.handshake_timeout_seconds = cfg.limits.handshake_timeout_seconds;
     o.max_inflight_bytes = cfg.limits.max_inflight_bytes_per_connection;
     if (!a.threads) o.threads = cfg.limits.threads;
+    if (!a.poll_max_ns && cfg.limits.poll_max_ns) o.poll_max = std::chrono::nanoseconds(*cfg.limits.poll_max_ns);
     o.control_path = cfg.control;
     // export-add on a config-file server: the defaults an export entry
     // without those keys gets (config::ExportConfig).

@@ -306,7 +306,7 @@ Result<ListenerConfig> read_listener(const json& v, const std::string& pointer) 
 Result<Limits> read_limits(const json& v, const std::string& pointer) {
   QNBD_TRY(expect_object(v, pointer,
                          {"max_connections", "handshake_timeout_seconds", "max_inflight_bytes_per_connection",
-                          "threads", "max_connections_per_address"}));
+                          "threads", "max_connections_per_address", "poll_max_ns"}));
   Limits limits;
   if (const json* x = find(v, "max_connections")) {
     limits.max_connections = static_cast<std::uint32_t>(
@@ -327,6 +327,9 @@ Result<Limits> read_limits(const json& v, const std::string& pointer) {
   if (const json* x = find(v, "threads")) {
     limits.threads = static_cast<std::uint32_t>(QNBD_TRY(as_integer(*x, child(pointer, "threads"), 0, max_threads)));
   }
+  if (const json* x = find(v, "poll_max_ns"))
+    limits.poll_max_ns =
+        static_cast<std::uint64_t>(QNBD_TRY(as_integer(*x, child(pointer, "poll_max_ns"), 0, max_poll_max_ns)));
   return limits;
 }
 

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -68,6 +69,9 @@ struct Limits {
   // Connections one client address may hold at once, counting those still
   // negotiating (TCP only; 0 = unlimited).
   std::uint32_t max_connections_per_address = 0;
+  // Longest a connection alone on its I/O thread polls for its client's
+  // next request (serve --poll-max-ns); absent = the server's default.
+  std::optional<std::uint64_t> poll_max_ns;
 };
 
 struct Config {
@@ -87,6 +91,7 @@ inline constexpr std::uint32_t max_handshake_timeout_seconds = 3600;
 inline constexpr std::uint64_t min_inflight_bytes = 64ull << 10;  // 64 KiB
 inline constexpr std::uint64_t max_inflight_bytes = 4ull << 30;   // 4 GiB
 inline constexpr std::uint32_t max_threads = 1024;
+inline constexpr std::uint64_t max_poll_max_ns = 1'000'000;  // 1 ms
 inline constexpr std::size_t max_config_file_bytes = 16u << 20;
 
 // The qemu-style objects of `qnbd serve --object ...` (qemu-nbd's spelling,

@@ -171,6 +171,8 @@ int Server::run() {
     asio::co_spawn(strand_, accept_loop(*acceptors_[i], acceptor_tls_[i]),
                    log_failure("accept loop", [this] { begin_shutdown("accept loop failed"); }));
   if (opts_.on_listening) opts_.on_listening();
+  log::info("{} io thread{}, polling up to {} ns for a lone connection's next request, small I/O {}", threads_,
+            threads_ == 1 ? "" : "s", opts_.poll_max.count(), opts_.inline_io ? "inline" : "on the pool");
   std::vector<std::thread> threads;
   try {
     for (auto& w : workers_) threads.emplace_back([&w] { run_context(*w, "io threads"); });

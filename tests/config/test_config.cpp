@@ -57,6 +57,7 @@ TEST_CASE("minimal config gets the documented defaults") {
   CHECK(c.limits.handshake_timeout_seconds == 10);
   CHECK(c.limits.max_inflight_bytes_per_connection == 64u * 1024 * 1024);
   CHECK(c.limits.threads == 0);
+  CHECK_FALSE(c.limits.poll_max_ns.has_value());
 }
 
 TEST_CASE("every field is read") {
@@ -75,7 +76,7 @@ TEST_CASE("every field is read") {
       {"type": "unix", "path": "/run/qnbd.sock"}
     ],
     "limits": {"max_connections": 0, "handshake_timeout_seconds": 30,
-               "max_inflight_bytes_per_connection": 1048576, "threads": 4}
+               "max_inflight_bytes_per_connection": 1048576, "threads": 4, "poll_max_ns": 0}
   })");
   REQUIRE_MESSAGE(r, (r ? "" : r.error().message));
   const auto& c = *r;
@@ -114,6 +115,8 @@ TEST_CASE("every field is read") {
   CHECK(c.limits.handshake_timeout_seconds == 30);
   CHECK(c.limits.max_inflight_bytes_per_connection == 1048576);
   CHECK(c.limits.threads == 4);
+  REQUIRE(c.limits.poll_max_ns.has_value());
+  CHECK(*c.limits.poll_max_ns == 0);
 }
 
 // qemu-nbd's cache modes, directsync included (O_DIRECT and write-through,
@@ -246,7 +249,9 @@ TEST_CASE("malformed documents name the JSON pointer and the defect") {
       {R"({"exports": [{"name": "", "image": "a"}], "limits": []})", "/limits: expected an object, got []"},
       {R"({"exports": [{"name": "", "image": "a"}], "limits": {"max_conn": 1}})",
        "/limits/max_conn: unknown key (allowed: max_connections, handshake_timeout_seconds, "
-       "max_inflight_bytes_per_connection, threads, max_connections_per_address)"},
+       "max_inflight_bytes_per_connection, threads, max_connections_per_address, poll_max_ns)"},
+      {R"({"exports": [{"name": "", "image": "a"}], "limits": {"poll_max_ns": 1000001}})",
+       "/limits/poll_max_ns: expected an integer in [0, 1000000], got 1000001"},
       {R"({"exports": [{"name": "", "image": "a"}], "limits": {"max_connections": 1000001}})",
        "/limits/max_connections: expected an integer in [0, 1000000], got 1000001"},
       {R"({"exports": [{"name": "", "image": "a"}], "limits": {"handshake_timeout_seconds": 0}})",
