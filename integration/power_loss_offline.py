@@ -18,6 +18,12 @@ and asks of the image:
     no bitmap lost, left inconsistent (in_use) or half edited. An edit is
     atomic at a power loss, as a database's commit is; check -r changes no
     bitmap at all.
+On an image a `qnbd serve` crashed with (enabled bitmaps in use, its
+write-intent record pending), `qnbd bitmap` recovers the bitmaps before it
+edits: there every crash state is first opened by a writable `qnbd serve`
+(which recovers whatever is still pending) and its bitmaps must then be
+those of the image recovered alone or recovered and edited: a power loss
+inside the recovery or the edit may not lose what the record tracks.
 Prints one line per case; exit 1 with the first failure.
 """
 import json
@@ -71,15 +77,20 @@ def make_base(d, cluster_opts):
     sh("qemu-img bitmap --add d b2", d)
 
 
-def bitmap_state(d):
-    """({name: (flags, granularity)}, {name: dirty extents}) of d/d, read
-    with qemu-img info and qemu-nbd -B (only consistent bitmaps can be
-    exported; an inconsistent one shows in its flags)."""
+def bitmap_state_listing(d):
+    """{name: (flags, granularity)} of d/d's bitmaps, as qemu-img info lists them."""
     out = pl.run(["qemu-img", "info", "-U", "--output=json", "d"], cwd=d)
     if out.returncode:
         raise RuntimeError(f"qemu-img info: {out.stderr.strip()}")
     data = json.loads(out.stdout).get("format-specific", {}).get("data", {})
-    listing = {b["name"]: (tuple(sorted(b["flags"])), b["granularity"]) for b in data.get("bitmaps", [])}
+    return {b["name"]: (tuple(sorted(b["flags"])), b["granularity"]) for b in data.get("bitmaps", [])}
+
+
+def bitmap_state(d):
+    """({name: (flags, granularity)}, {name: dirty extents}) of d/d, read
+    with qemu-img info and qemu-nbd -B (only consistent bitmaps can be
+    exported; an inconsistent one shows in its flags)."""
+    listing = bitmap_state_listing(d)
     exportable = [n for n, (flags, _) in listing.items() if "in-use" not in flags]
     sock = os.path.join(d, "..", "qemu-nbd.sock")
     sock = os.path.abspath(sock)
@@ -104,6 +115,38 @@ def bitmap_state(d):
     return listing, dirty
 
 
+def crash_a_writer(qnbd, d, work):
+    """Leave d/d as a `qnbd serve` killed while writing leaves it: guest
+    writes over NBD, then SIGKILL; b0 and b2 (enabled) in use, the
+    write-intent record d.qnbd-intent pending."""
+    proc, sock, log = pl.start_serve(qnbd, os.path.join(d, "d"), "qcow2", [], work)
+    try:
+        writes = " ".join(f"-c 'write -P 0x55 {off} {n}'" for off, n in WRITER_RANGES)
+        sh(f"qemu-io -f raw {writes} 'nbd+unix:///?socket={sock}' >/dev/null", d)
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+    listing = bitmap_state_listing(d)
+    if not os.path.exists(os.path.join(d, "d.qnbd-intent")) or "in-use" not in listing["b0"][0]:
+        raise RuntimeError(f"the killed writer left no pending record: {listing}")
+
+
+# What crash_a_writer writes: ranges every bitmap enabled then must mark.
+WRITER_RANGES = ((5 << 20, 192 << 10), (14 << 20, 4 << 10))
+
+
+def recover(qnbd, d, work):
+    """Open d/d with a writable `qnbd serve` and stop it: what the next
+    server does to an image with a pending record (recovers its bitmaps)."""
+    proc, _, log = pl.start_serve(qnbd, os.path.join(d, "d"), "qcow2", [], work)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    log.close()
+    if proc.returncode:
+        raise RuntimeError(f"qnbd serve exited {proc.returncode}: " + open(log.name).read().strip())
+
+
 def guest_bytes(d, raw):
     """(qemu-img check's exit status, the guest data) of d/d, or what failed."""
     return pl.check_and_read(d, "d", "qcow2", raw)
@@ -121,8 +164,32 @@ def one_case(name, qnbd, shim, work, base, command, rnd, variants):
     shutil.copytree(base, disk)
     shutil.copytree(base, after)
     raw = os.path.join(top, "raw")
+    # A pending write-intent record: judge each state as the next server
+    # leaves it (recovered), from a copy, so the rebuilt folder stays as it was.
+    pending = os.path.exists(os.path.join(base, "d.qnbd-intent"))
+    judged = os.path.join(top, "judged")
 
-    before_state = bitmap_state(init)
+    def state(d):
+        if not pending:
+            return bitmap_state(d)
+        shutil.rmtree(judged, ignore_errors=True)
+        shutil.copytree(d, judged)
+        recover(qnbd, judged, top)
+        return bitmap_state(judged)
+
+    def sound(st, what):
+        """No bitmap left inconsistent; after a crashed writer, each one it
+        had enabled (b0, b2) marks its writes."""
+        listing, dirty = st
+        if any("in-use" in flags for flags, _ in listing.values()):
+            raise RuntimeError(f"{what}: a bitmap is left inconsistent (in use): {listing}")
+        if pending:
+            for b in ("b0", "b2"):
+                if b in dirty and not all(pl.covered(pl.merged(dirty[b]), off, off + n) for off, n in WRITER_RANGES):
+                    raise RuntimeError(f"{what}: {b} lost the crashed writer's writes: {dirty[b]}")
+
+    before_state = state(init)
+    sound(before_state, f"{name}: the image before")
     r = guest_bytes(init, raw)
     if isinstance(r, str):
         raise RuntimeError(f"{name}: the image before: {r}")
@@ -131,7 +198,8 @@ def one_case(name, qnbd, shim, work, base, command, rnd, variants):
     done = pl.run([qnbd] + command, cwd=after)
     if done.returncode:
         raise RuntimeError(f"{name}: {' '.join(command)}: {done.stderr.strip()}")
-    after_state = bitmap_state(after)
+    after_state = state(after)
+    sound(after_state, f"{name}: the image after {' '.join(command)}")
     if command[0] == "check":
         # The repair must have had something to do, and done it.
         repaired = guest_bytes(after, raw)
@@ -147,7 +215,7 @@ def one_case(name, qnbd, shim, work, base, command, rnd, variants):
     done = subprocess.run([qnbd] + command, cwd=disk, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{name}: under the shim: {done.stderr.strip()}")
-    if bitmap_state(disk) != after_state:
+    if state(disk) != after_state:
         raise RuntimeError(f"{name}: the run under the shim ended elsewhere than the plain run")
     recs = pl.read_log(log)
     ends = pl.covered_until(recs)
@@ -171,7 +239,7 @@ def one_case(name, qnbd, shim, work, base, command, rnd, variants):
                 first = next((i for i in range(n) if data[i] != init_raw[i]), n)
                 raise RuntimeError(f"{where}: the guest data changed (first at byte {first})")
             try:
-                got = bitmap_state(crash)
+                got = state(crash)
             except RuntimeError as e:
                 raise RuntimeError(f"{where}: {e}")
             if got == before_state:
@@ -218,6 +286,17 @@ def main(argv):
             cases.append((f"{geometry}-{label}", base, cmd))
         cases.append((f"{geometry}-check-r-leaks", leaky, ["check", "-r", "leaks", "d"]))
         cases.append((f"{geometry}-check-r-all", leaky, ["check", "-r", "all", "d"]))
+        if geometry == "64k":
+            crashed = os.path.join(work, f"crashed-{geometry}")
+            shutil.rmtree(crashed, ignore_errors=True)
+            shutil.copytree(base, crashed)
+            crash_a_writer(qnbd, crashed, work)
+            for label, cmd in (
+                ("add", ["bitmap", "--add", "d", "new"]),
+                ("remove", ["bitmap", "--remove", "d", "b0"]),
+                ("disable", ["bitmap", "--disable", "d", "b2"]),
+            ):
+                cases.append((f"{geometry}-pending-record-{label}", crashed, cmd))
     only = os.environ.get("QNBD_POWER_ONLY")
     for name, base, cmd in cases:
         if only and only not in name:

@@ -9,6 +9,12 @@
 # -B's extents) exactly as before the command or as after it: an edit is
 # atomic at a power loss. (qemu-img bitmap is not: run under the same
 # judge, `qemu-img bitmap --add` lost every bitmap at its second record.)
+# And edits (add, remove, disable) of an image a killed `qnbd serve` left
+# with its write-intent record pending, which `qnbd bitmap` recovers
+# first: each crash state, recovered by the next writable `qnbd serve`,
+# must hold the bitmaps of the image recovered alone or recovered and
+# edited, none in use, each one the writer had enabled marking its writes
+# (an edit that retired the record unrecovered fails here).
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo cc
 requires_qnbd
