@@ -32,6 +32,7 @@ namespace {
 struct ServeArgs {
   std::string image;
   std::string socket;
+  std::optional<std::string> selinux_label;  // --selinux-label, for the -k socket
   std::uint16_t port = 10809;
   std::string bind = "127.0.0.1";
   std::string export_name;
@@ -287,6 +288,8 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
   server::ServerOptions o;
   // qemu-nbd: -n is --cache=none, and the two may not both be given.
   if (a.nocache && !a.cache.empty()) return make_error(EINVAL, "-n and --cache can only be specified once");
+  if (a.selinux_label && a.socket.empty())
+    return make_error(EINVAL, "--selinux-label is not permitted without --socket");
   // --object / --tls-creds / --tls-authz: TLS for the command line's listener.
   std::shared_ptr<const server::TlsCredentials> cli_tls;
   if (!a.tls_creds.empty() || !a.tls_authz.empty()) {
@@ -339,6 +342,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
       server::ListenerSpec ls;
       ls.kind = server::ListenerSpec::Kind::unix_socket;
       ls.path = a.socket;
+      ls.selinux_label = a.selinux_label;
       ls.tls = cli_tls;
       o.listeners = {ls};
     }
@@ -389,6 +393,7 @@ Result<server::ServerOptions> build_options(const ServeArgs& a) {
     if (!a.socket.empty()) {
       ls.kind = server::ListenerSpec::Kind::unix_socket;
       ls.path = a.socket;
+      ls.selinux_label = a.selinux_label;
     } else {
       ls.host = a.bind;
       ls.port = a.port;
@@ -521,6 +526,8 @@ void add_serve_command(CLI::App& app, int& status) {
   auto* cmd = app.add_subcommand("serve", "Export a disk image over NBD (options as qemu-nbd)");
   cmd->add_option("IMAGE", args->image, "Image file (raw or qcow2)");
   cmd->add_option("-k,--socket", args->socket, "Listen on this Unix socket instead of TCP");
+  cmd->add_option("--selinux-label", args->selinux_label,
+                  "Create the -k socket with this SELinux context (as qemu-nbd; needs --socket)");
   cmd->add_option("-p,--port", args->port, "TCP port (default 10809)");
   cmd->add_option("-b,--bind", args->bind, "Address to listen on (default 127.0.0.1)");
   cmd->add_option("-x,--export-name", args->export_name, "Export name (default \"\")");

@@ -12,7 +12,9 @@
 #    off (zero clusters instead of stored zeroes), so the comparison cannot
 #    pass with the flag ignored.
 # 3. -V prints the version and exits 0, as qemu-nbd -V does.
-# 4. A Unix socket path too long for the system is refused in one line; so
+# 4. --selinux-label: a context the kernel refuses, and the flag without
+#    --socket, are refused by both with qemu-nbd's words.
+# 5. A Unix socket path too long for the system is refused in one line; so
 #    are empty values, over-long names and a pid file that cannot be made.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo python3
@@ -87,6 +89,29 @@ check_flags host-serves "" --cache=none --aio=native
 check_flags serves "" --detect-zeroes=on
 check_flags serves "" --detect-zeroes=off
 check_flags serves "" --discard=unmap --detect-zeroes=unmap
+
+# --selinux-label: the -k socket is created in that SELinux context, and a
+# context the kernel will not take is refused with qemu-nbd's words (every
+# context, where SELinux is off, as on this project's CI); without --socket
+# it is refused before anything listens.
+bad_label=system_u:object_r:qnbd_no_such_t:s0
+check_flags refused "Cannot set SELinux socket create context to $bad_label" --selinux-label=$bad_label
+if command -v selinuxenabled >/dev/null && selinuxenabled; then
+  own_label=$(tr -d '\0' </proc/self/attr/current)
+  check_flags serves "" --selinux-label="$own_label"
+else
+  echo "note: SELinux is off on this host: a context it takes cannot be tried"
+fi
+port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+for tool in qemu-nbd "$QNBD serve"; do
+  st=0
+  # shellcheck disable=SC2086 # "$QNBD serve" is a command and its subcommand
+  timeout 10 $tool --selinux-label=$bad_label -b 127.0.0.1 -p "$port" "$T/flags.qcow2" 2>"$T/label.err" || st=$?
+  expect_eq "$st" 1 "$tool --selinux-label without --socket: exit status"
+  grep -qF -- "--selinux-label is not permitted without --socket" "$T/label.err" ||
+    fail "$tool --selinux-label without --socket: $(cat "$T/label.err")"
+done
+echo "--selinux-label without --socket: refused by both"
 
 # A socket path longer than sockaddr_un holds (107 bytes): refused in one
 # line with status 1, as qemu-nbd refuses it; the same for the control

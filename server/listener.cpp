@@ -10,7 +10,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <selinux/selinux.h>
+
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 
 #include "common/log.hpp"
 #include "server/accept_backoff.hpp"
@@ -65,7 +69,18 @@ Result<void> Server::listen() {
         if (::lstat(l.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(l.path.c_str());
         auto uep = unix_endpoint(l.path);
         if (!uep) return uep.error();
+        // The context applies to the sockets this thread creates until it
+        // is cleared: set it around this one socket only, as qemu-nbd does.
+        if (l.selinux_label && ::setsockcreatecon_raw(l.selinux_label->c_str()) == -1) {
+          const int err = errno;
+          return make_error(err, "Cannot set SELinux socket create context to {}: {}", *l.selinux_label,
+                            std::strerror(err));
+        }
         auto res = add_acceptor(asio::generic::stream_protocol::endpoint(*uep), false, l.tls);
+        if (l.selinux_label && ::setsockcreatecon_raw(nullptr) == -1) {
+          const int err = errno;
+          return make_error(err, "Cannot clear SELinux socket create context: {}", std::strerror(err));
+        }
         if (!res) return make_error(res.error().code, "cannot listen on {}: {}", l.path, res.error().message);
         unix_paths_.push_back(l.path);
         break;

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -70,7 +71,10 @@ struct ListenerSpec {
   std::string host = "127.0.0.1";
   std::uint16_t port = 10809;
   std::string path;  // unix_socket
-  int fd = -1;       // inherited_fd (systemd socket activation)
+  // unix_socket: the SELinux context its socket is created with
+  // (qemu-nbd --selinux-label); absent: the process's default.
+  std::optional<std::string> selinux_label;
+  int fd = -1;  // inherited_fd (systemd socket activation)
   // Set: TLS is required on this listener (NBD proto.md "FORCEDTLS mode").
   std::shared_ptr<const TlsCredentials> tls;
 };
