@@ -132,6 +132,30 @@ for args in "-k $long/s.sock" "-k $T/l.sock --control $long/c.sock"; do
 done
 echo "socket paths too long: refused in one line"
 
+# Something that is not a socket at the -k path (a mistyped image name):
+# qemu-nbd unlinks it and listens; qnbd leaves it and refuses in one line
+# that says why (before: "Address already in use").
+for kind in file dir link; do
+  rm -rf "$T/taken"
+  case $kind in
+    file) echo precious >"$T/taken" ;;
+    dir) mkdir "$T/taken" ;;
+    link) ln -s "$T/flags.qcow2" "$T/taken" ;;
+  esac
+  st=0
+  timeout 10 "$QNBD" serve -r -f qcow2 -k "$T/taken" "$T/flags.qcow2" 2>"$T/taken.err" || st=$?
+  expect_eq "$st" 1 "qnbd serve -k onto a $kind: exit status"
+  expect_eq "$(wc -l <"$T/taken.err")" 1 "qnbd serve -k onto a $kind: lines of stderr"
+  grep -qF "a file that is not a socket is there" "$T/taken.err" || fail "-k onto a $kind: $(cat "$T/taken.err")"
+  case $kind in
+    file) expect_eq "$(cat "$T/taken")" precious "the file at the -k path" ;;
+    dir) [[ -d $T/taken ]] || fail "the folder at the -k path is gone" ;;
+    link) [[ -L $T/taken ]] || fail "the link at the -k path is gone" ;;
+  esac
+done
+rm -rf "$T/taken"
+echo "-k onto a file, a folder or a link: refused, left as it was"
+
 # Options qemu-nbd refuses with their value: given empty (CLI11 would have
 # taken an empty value as the option not given: -k '' served on TCP), an
 # export name or description past NBD's 4096 bytes, a pid file that cannot

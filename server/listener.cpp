@@ -65,8 +65,15 @@ Result<void> Server::listen() {
       }
       case ListenerSpec::Kind::unix_socket: {
         struct stat st;
-        // Replace a stale socket from an earlier run, never another file type.
-        if (::lstat(l.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(l.path.c_str());
+        // Replace a stale socket from an earlier run, never another file
+        // type: qemu-nbd unlinks whatever is there, so a mistyped -k path
+        // (an image's name) costs that file.
+        if (::lstat(l.path.c_str(), &st) == 0) {
+          if (!S_ISSOCK(st.st_mode))
+            return make_error(EEXIST, "cannot listen on {}: a file that is not a socket is there (left as it is)",
+                              l.path);
+          ::unlink(l.path.c_str());
+        }
         auto uep = unix_endpoint(l.path);
         if (!uep) return uep.error();
         // The context applies to the sockets this thread creates until it
