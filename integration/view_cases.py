@@ -95,5 +95,26 @@ out = subprocess.run([qnbd, "ctl", "-s", ctl, "view-end", "a@v1"], capture_outpu
 expect(out.returncode != 0 and "not-found" in out.stderr, f"ending it again: not-found, got {out.stderr}")
 w.pwrite(bytes([0x55]) * 4096, 0)
 expect(connect("a").pread(4096, 0) == bytes([0x55]) * 4096, "the export still serves")
+
+# At most 16 views of one export at once (each write copies for every live
+# one): the 17th checkpoint with --view is refused as busy, before it
+# creates its bitmap; once one view ends, the next one starts.
+for i in range(16):
+    ctl_json("checkpoint", "--name", f"m{i}", "--view", "a")
+expect(len(views()) == 16, f"16 views: {sorted(views())}")
+bitmaps_before = [b["name"] for e in ctl_json("status")["result"]["exports"] for b in e["bitmaps"]]
+out = subprocess.run([qnbd, "ctl", "-s", ctl, "checkpoint", "--name", "m16", "--view", "a"],
+                     capture_output=True, text=True)
+expect(out.returncode != 0 and "busy" in out.stderr, f"a 17th view: busy, got {out.returncode} {out.stderr}")
+bitmaps_after = [b["name"] for e in ctl_json("status")["result"]["exports"] for b in e["bitmaps"]]
+expect(bitmaps_after == bitmaps_before, f"the refused checkpoint made no bitmap: {bitmaps_after}")
+ctl_json("view-end", "a@m0")
+ctl_json("checkpoint", "--name", "m16", "--view", "a")
+expect("a@m16" in views() and len(views()) == 16, f"after a view-end, the next view starts: {sorted(views())}")
+w.pwrite(bytes([0x66]) * (64 * K), 6 * M)
+expect(connect("a@m16").pread(64 * K, 6 * M) == bytes(64 * K), "the newest view is the disk at m16")
+for i in range(1, 17):
+    ctl_json("view-end", f"a@m{i}")
+expect(views() == {}, "no view left")
 w.shutdown()
 print("view cases: ok")

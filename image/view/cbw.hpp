@@ -157,7 +157,12 @@ class CbwDevice final : public BlockDevice {
 
   const ViewOptions& view_options() const { return options_; }
   BlockDevice& inner() const { return *inner_; }
+  // Views one export may have at once, failed ones included until their
+  // view-end: every write copies for each live one, and each holds a
+  // scratch file, an export and its granule table.
+  static constexpr std::size_t kMaxViews = 16;
   // A new view, not attached yet (opens its scratch file; writes go on).
+  // EBUSY when kMaxViews are attached.
   [[nodiscard]] Result<std::shared_ptr<PointInTimeView>> prepare_view(const std::string& checkpoint);
   // Attach a prepared view: call with write_gate() shut and drained (the
   // checkpoint's switch), so each write is wholly before or after.

@@ -305,3 +305,17 @@ TEST_CASE("the named-file fallback leaves no file; stale ones of this image are 
   CHECK_FALSE(std::filesystem::exists(stale));
   CHECK(std::filesystem::exists(foreign));
 }
+
+TEST_CASE("an export takes at most kMaxViews views; one ended makes room for the next") {
+  Fixture f;
+  std::vector<std::shared_ptr<PointInTimeView>> views;
+  for (std::size_t i = 0; i < CbwDevice::kMaxViews; ++i) views.push_back(f.view("c" + std::to_string(i)));
+  auto refused = f.dev->prepare_view("over");
+  REQUIRE_FALSE(refused);
+  CHECK(refused.error().code == EBUSY);
+  CHECK(f.dev->views().size() == CbwDevice::kMaxViews);
+  REQUIRE(f.dev->detach("c3"));
+  auto next = f.view("next");
+  CHECK(f.dev->views().size() == CbwDevice::kMaxViews);
+  CHECK(next->live());
+}
