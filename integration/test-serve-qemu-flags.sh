@@ -15,7 +15,9 @@
 # 4. --selinux-label: a context the kernel refuses, and the flag without
 #    --socket, are refused by both with qemu-nbd's words.
 # 5. A Unix socket path too long for the system is refused in one line; so
-#    are empty values, over-long names and a pid file that cannot be made.
+#    are empty values, over-long names, a pid file that cannot be made and
+#    a -k path that holds a file, a folder or a link (left as it was;
+#    qemu-nbd unlinks it).
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo python3
 requires_qnbd
