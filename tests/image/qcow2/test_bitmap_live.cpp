@@ -604,7 +604,10 @@ TEST_CASE("a crash after a live checkpoint recovers the new bitmap from the hand
   // refused in one line; the open goes on and c1 stays inconsistent.
   const std::string g = t / "g.qcow2";
   REQUIRE(run("cp " + a + " " + g + " && head -c 4096 /dev/urandom > " + g + ".qnbd-intent.next") == 0);
-  for (const auto& [path, want] : {std::pair{n, "recovered"}, std::pair{g, "stale"}}) {
+  for (const auto& [image, expected] : {std::pair{n, "recovered"}, std::pair{g, "stale"}}) {
+    // Copies: clang 14 lets no lambda (doctest's INFO) capture a structured binding.
+    const std::string path = image;
+    const std::string want = expected;
     auto r = open_image(path, o);
     REQUIRE_MESSAGE(r, r.error().message);
     auto* img = dynamic_cast<Qcow2Image*>(r->get());
