@@ -321,12 +321,8 @@ Result<std::unique_ptr<ControlServer>> ControlServer::start(const std::string& p
   auto endpoint = unix_endpoint(path);
   if (!endpoint) return make_error(endpoint.error().code, "control socket: {}", endpoint.error().message);
   auto impl = std::make_unique<Impl>(path, target);
-  struct stat st;
-  if (::lstat(path.c_str(), &st) == 0) {
-    if (!S_ISSOCK(st.st_mode))
-      return make_error(EEXIST, "control socket {}: a file that is not a socket is there", path);
-    ::unlink(path.c_str());
-  }
+  if (auto cleared = clear_stale_socket(path); !cleared)
+    return make_error(cleared.error().code, "control socket {}: {}", path, cleared.error().message);
   boost::system::error_code ec;
   const auto& ep = *endpoint;
   impl->acceptor.open(ep.protocol(), ec);

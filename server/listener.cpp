@@ -7,7 +7,6 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <selinux/selinux.h>
@@ -64,16 +63,8 @@ Result<void> Server::listen() {
         break;
       }
       case ListenerSpec::Kind::unix_socket: {
-        struct stat st;
-        // Replace a stale socket from an earlier run, never another file
-        // type: qemu-nbd unlinks whatever is there, so a mistyped -k path
-        // (an image's name) costs that file.
-        if (::lstat(l.path.c_str(), &st) == 0) {
-          if (!S_ISSOCK(st.st_mode))
-            return make_error(EEXIST, "cannot listen on {}: a file that is not a socket is there (left as it is)",
-                              l.path);
-          ::unlink(l.path.c_str());
-        }
+        if (auto cleared = clear_stale_socket(l.path); !cleared)
+          return make_error(cleared.error().code, "cannot listen on {}: {}", l.path, cleared.error().message);
         auto uep = unix_endpoint(l.path);
         if (!uep) return uep.error();
         // The context applies to the sockets this thread creates until it

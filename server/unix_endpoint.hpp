@@ -3,7 +3,9 @@
 // the process instead of refusing one option.
 #pragma once
 
+#include <sys/stat.h>
 #include <sys/un.h>
+#include <unistd.h>
 
 #include <string>
 
@@ -23,6 +25,17 @@ inline Result<boost::asio::local::stream_protocol::endpoint> unix_endpoint(const
     return make_error(ENAMETOOLONG, "Unix socket path '{}' is too long ({} bytes; at most {})", path, path.size(), max);
   }
   return boost::asio::local::stream_protocol::endpoint(path);
+}
+
+// Before binding `path`: a stale socket from an earlier run is removed;
+// anything else there (a file, a folder, a link: a mistyped path) is
+// refused and left as it is. qemu-nbd unlinks whatever is there.
+inline Result<void> clear_stale_socket(const std::string& path) {
+  struct stat st;
+  if (::lstat(path.c_str(), &st) != 0) return ok();
+  if (!S_ISSOCK(st.st_mode)) return make_error(EEXIST, "a file that is not a socket is there (left as it is)");
+  ::unlink(path.c_str());
+  return ok();
 }
 
 }  // namespace qnbd::server

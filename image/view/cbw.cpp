@@ -427,7 +427,7 @@ CbwDevice::~CbwDevice() {
 Result<std::shared_ptr<PointInTimeView>> CbwDevice::prepare_view(const std::string& checkpoint) {
   // The control socket serves one command at a time, so no other view is
   // attached between this count and the checkpoint's attach.
-  if (const std::size_t n = views().size(); n >= kMaxViews) {
+  if (const std::size_t n = nviews_.load(std::memory_order_relaxed); n >= kMaxViews) {
     return make_error(EBUSY, "the export has {} views, the most one may have: end one first (view-end)", n);
   }
   return PointInTimeView::create(inner_, checkpoint, image_path_, options_);
