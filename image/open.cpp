@@ -7,17 +7,19 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <array>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <utility>
 #include <vector>
 
 #include "common/checked.hpp"
-#include "common/endian.hpp"
 #include "common/log.hpp"
 #include "image/block_device.hpp"
 #include "image/io/range_file.hpp"
+#include "image/probe.hpp"
 #include "image/qcow2/create.hpp"
 #include "image/qcow2/format.hpp"
 #include "image/qcow2/qcow2_image.hpp"
@@ -76,9 +78,22 @@ Result<std::unique_ptr<BlockDevice>> open_one(const std::string& path, const Ope
 
   const bool probed = format == ImageFormat::detect;
   if (probed) {
-    std::byte magic[4] = {};
-    std::size_t n = QNBD_TRY(file->pread(magic, 0));
-    format = (n == 4 && load_be32(magic) == qcow2::QCOW2_MAGIC) ? ImageFormat::qcow2 : ImageFormat::raw;
+    // As QEMU (find_image_format): an empty file is raw; otherwise the
+    // first sector decides, and a format qnbd does not serve is refused
+    // rather than served as its container's bytes.
+    std::array<std::byte, kProbeSectorSize> head{};
+    if (QNBD_TRY(file->size()) > 0) QNBD_TRY(file->read_zero_fill(head, 0));
+    const std::string_view probed_as = probe_format(head, path);
+    if (probed_as == "qcow2") {
+      format = ImageFormat::qcow2;
+    } else if (probed_as == "raw") {
+      format = ImageFormat::raw;
+    } else {
+      return make_error(ENOTSUP,
+                        "{}: the image probes as {}, a format qnbd does not serve (qcow2 and raw only); give the "
+                        "format (-f raw) to export the file's bytes as they are",
+                        path, probed_as);
+    }
   }
   // Lock before the engine touches the file (a writable qcow2 open may
   // rewrite the header); backing files are read-only and shared.

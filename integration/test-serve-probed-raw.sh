@@ -6,6 +6,10 @@
 # "format". Also: an ordinary write to sector 0 still works; the export
 # advertises qemu-nbd's 512-byte minimum block; one warning line when a
 # writable export was probed; with the format given, the header is just data.
+# The same answers as qemu-nbd's to a table of first sectors holding the
+# signature of every format QEMU probes (and near misses). And opening: a
+# file QEMU would probe as a format qnbd does not serve is refused, as the
+# top image and as a backing file, unless -f raw says to serve its bytes.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-nbd nbdinfo python3
 requires_qnbd
@@ -51,6 +55,46 @@ minblock() {
   nbdinfo --json "$1" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["exports"][0]["block_size_minimum"])'
 }
 
+# sector_answers URI: write each first sector of a table into sector 0 of
+# the export (then zeroes again); print "NAME: OK" or "NAME: ERRNO" per row.
+# The table holds the signature of each format QEMU 7.2 probes, and near
+# misses that must stay raw (image/probe.cpp names the driver of each).
+sector_answers() {
+  "$PY" - "$1" <<'PY'
+import errno, nbd, struct, sys
+cloop = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
+bochs = (b"Bochs Virtual HD Image".ljust(32, b"\0") + b"Redolog".ljust(16, b"\0") +
+         b"Growing".ljust(16, b"\0"))
+vdi = b"<<< QEMU VM Virtual Disk Image >>>\n".ljust(64, b"\0")
+rows = {
+    "qcow2": b"QFI\xfb\0\0\0\3", "qcow2-v9": b"QFI\xfb\0\0\0\x09", "qcow": b"QFI\xfb\0\0\0\1",
+    "qcow-v0": b"QFI\xfb\0\0\0\0", "qed": b"QED\0", "qed-miss": b"QEDx",
+    "vmdk4": b"KDMV", "vmdk3": b"COWD", "vmdk-miss": b"KDMW",
+    "vmdk-descriptor": b"# Disk DescriptorFile\nversion=1\nRW 8 FLAT \"/etc/passwd\" 0\n",
+    "vmdk-v2-blank-lines": b"#\n   \n  \r\nversion=2\n", "vmdk-v3-crlf": b"version=3\r\n",
+    "vmdk-v4": b"version=4\n", "vmdk-empty-line": b"\nversion=1\n", "vmdk-no-eol": b"version=1",
+    "vdi": vdi + struct.pack("<I", 0xbeda107f), "vdi-miss": vdi + struct.pack("<I", 0xbeda107e),
+    "vpc": b"conectix", "vpc-miss": b"conectiX", "vhdx": b"vhdxfile", "vhdx-miss": b"vhdxfil",
+    "luks": b"LUKS\xba\xbe\0\1", "luks-v2": b"LUKS\xba\xbe\0\2",
+    "parallels": b"WithoutFreeSpace" + struct.pack("<I", 2),
+    "parallels-ext": b"WithouFreSpacExt" + struct.pack("<I", 2),
+    "parallels-v1": b"WithoutFreeSpace" + struct.pack("<I", 1),
+    "bochs-v2": bochs + struct.pack("<I", 0x20000), "bochs-v1": bochs + struct.pack("<I", 0x10000),
+    "bochs-v3": bochs + struct.pack("<I", 0x30000), "cloop": cloop, "cloop-miss": cloop[:-1],
+    "text": b"hello world\n", "zeroes": b"",
+}
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+for name, head in rows.items():
+    try:
+        h.pwrite(head.ljust(512, b"\0"), 0)
+        print(f"{name}: OK")
+    except nbd.Error as e:
+        print(f"{name}: {errno.errorcode.get(e.errnum, e.errnum)}")
+    h.pwrite(bytes(512), 0)
+PY
+}
+
 # qemu-nbd, format probed: EPERM, minimum block 512; sector 0 stays writable.
 truncate -s 1M "$T/q.raw"
 start_server "$T/q.pid" qemu-nbd -t -k "$T/q.sock" --pid-file "$T/q.pid" "$T/q.raw" || fail "qemu-nbd did not start"
@@ -58,8 +102,12 @@ quri="nbd+unix:///?socket=$T/q.sock"
 q_header=$(try_header "$quri")
 q_min=$(minblock "$quri")
 q_sector0=$(sector0 "$quri")
+q_sectors=$(sector_answers "$quri") || fail "sector table against qemu-nbd"
 stop_server "$SERVER_PID" || fail "qemu-nbd did not stop cleanly"
 expect_eq "$q_header" EPERM "qemu-nbd's answer to the header write"
+# The table must exercise both answers, or comparing with it proves little.
+[[ $(grep -c ': EPERM$' <<<"$q_sectors") -ge 10 && $(grep -c ': OK$' <<<"$q_sectors") -ge 10 ]] ||
+  fail "qemu-nbd's answers to the sector table are not a mix: $q_sectors"
 
 # probe_case WHAT ARGS...: the same against qnbd serve ARGS (a probed raw
 # export), then a restart that must still serve the image as raw.
@@ -70,20 +118,28 @@ probe_case() {
   truncate -s 1M "$T/v.raw"
   start_serve "$@"
   expect_eq "$(try_header "$SERVE_URI")" "$q_header" "$what: answer to the header write"
+  expect_eq "$(sector_answers "$SERVE_URI")" "$q_sectors" "$what: answers to the sector table (qnbd, then qemu-nbd)"
   expect_eq "$(minblock "$SERVE_URI")" "$q_min" "$what: minimum block size"
   # Writes over a raw socket, by a client that did not ask for block sizes
-  # (so may send unaligned requests): the magic assembled in two pieces is
-  # refused too. qnbd checks the magic alone (its probe), stricter than
-  # qemu's qcow2 probe that also wants a version >= 2.
+  # (so may send unaligned requests): a qcow2 header assembled in pieces
+  # is refused at the piece that completes it (qemu's block layer would
+  # have read-modify-written the whole sector and probed that). The magic
+  # with version 0 probes as raw in QEMU, so it is allowed.
   PYTHONPATH=$INTEGRATION_DIR "$PY" - "$SERVE_SOCK" <<'PY' || fail "$what: unaligned magic pieces"
 import sys, nbdwire
 s, _, _, _ = nbdwire.connect(sys.argv[1], False, [])
 nbdwire.send(s, False, 1, 0, 2, payload=b"QF")
 assert nbdwire.status(s, False) == 0
 nbdwire.send(s, False, 1, 2, 2, payload=b"I\xfb")
-assert nbdwire.status(s, False) == 1, "NBD_EPERM expected"
+assert nbdwire.status(s, False) == 0, "the magic with version 0 is raw to QEMU"
+nbdwire.send(s, False, 1, 4, 4, payload=b"\0\0\0\3")
+assert nbdwire.status(s, False) == 1, "NBD_EPERM expected for the version that completes a qcow2 header"
 nbdwire.send(s, False, 1, 1, 3, payload=b"xI\xfb")
-assert nbdwire.status(s, False) == 0, "a write that does not complete the magic"
+assert nbdwire.status(s, False) == 0, "a write that breaks the magic"
+nbdwire.send(s, False, 1, 4, 4, payload=b"\0\0\0\3")
+assert nbdwire.status(s, False) == 0, "the version without the magic"
+nbdwire.send(s, False, 1, 1, 1, payload=b"F")
+assert nbdwire.status(s, False) == 1, "NBD_EPERM expected for the byte that completes the magic"
 PY
   expect_eq "$(sector0 "$SERVE_URI")" "$q_sector0" "$what: ordinary write to sector 0"
   stop_serve
@@ -125,5 +181,71 @@ cat >"$T/cfg-raw.json" <<JSON
 JSON
 start_serve --config "$T/cfg-raw.json"
 expect_eq "$(try_header "$SERVE_URI")" OK "config format raw: header write"
+stop_serve
+
+# Opening without a format: a file QEMU would open as another format is
+# refused in one line naming that format (qnbd would otherwise serve the
+# container's bytes as the disk), as the top image and as a backing file
+# named without its format; with -f raw it is served as bytes. Each image
+# is made by qemu-img, and `qemu-img info` says which format QEMU probes.
+mkdir -p "$T/fmt"
+for fmt in vmdk vdi vpc vhdx qed qcow parallels luks; do
+  img=$T/fmt/d.$fmt
+  opts=()
+  # shellcheck disable=SC2054 # the commas belong to --object's argument
+  [[ $fmt == luks ]] && opts=(--object secret,id=s0,data=pw -o key-secret=s0)
+  qemu-img create -q -f "$fmt" "${opts[@]}" "$img" 1M || fail "qemu-img cannot make a $fmt image"
+  probed=$(qemu-img info --output=json "$img" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["format"])')
+  expect_eq "$probed" "$fmt" "qemu-img info's probe of the $fmt image"
+  run_checked 20 "$QNBD" serve -r -k "$T/fmt/s.sock" "$img"
+  [[ $RUN_KIND == error && $(wc -l <"$RUN_STDERR") == 1 ]] ||
+    { cat "$RUN_STDERR" >&2; fail "$fmt: serve without a format: $RUN_KIND, want one error line"; }
+  grep -q "probes as $fmt, a format qnbd does not serve" "$RUN_STDERR" ||
+    { cat "$RUN_STDERR" >&2; fail "$fmt: the refusal does not name the format"; }
+  # qemu-img 7.2 makes no overlay without a backing format, so name it and
+  # then turn that header extension into an unknown one (ignored by every
+  # reader, qcow2.txt "Header extensions"): the backing file is probed.
+  qemu-img create -q -f qcow2 -b "$img" -F "$fmt" -u "$T/fmt/top.qcow2" 1M
+  "$PY" - "$T/fmt/top.qcow2" <<'PY' || fail "cannot drop the backing format"
+import struct, sys
+with open(sys.argv[1], "r+b") as f:
+    head = f.read(4096)
+    off = struct.unpack(">I", head[100:104])[0]  # header_length: the extensions follow
+    while True:
+        kind, length = struct.unpack(">II", head[off:off + 8])
+        if kind == 0:
+            sys.exit("no backing format extension")
+        if kind == 0xE2792ACA:
+            f.seek(off)
+            f.write(struct.pack(">I", 0x7F0000AA))
+            break
+        off += 8 + (length + 7) // 8 * 8
+PY
+  run_checked 20 "$QNBD" info "$T/fmt/top.qcow2"
+  if [[ $RUN_KIND != error ]] || ! grep -q "could not open backing file: .*probes as $fmt" "$RUN_STDERR"; then
+    cat "$RUN_STDERR" "$RUN_STDOUT" >&2
+    fail "$fmt: a backing file probed as $fmt was not refused"
+  fi
+done
+# Served with -f raw, the vmdk file is its bytes.
+start_serve -r -f raw "$T/fmt/d.vmdk"
+expect_eq "$(first7 "$SERVE_URI")" "b'KDMV\\x01\\x00\\x00'" "-f raw: the vmdk file's first bytes"
+stop_serve
+# dmg: QEMU guesses it from the file name alone; qemu-img fails to open a
+# raw file named so, and qnbd refuses it naming dmg.
+truncate -s 1M "$T/fmt/d.dmg"
+qemu-img info "$T/fmt/d.dmg" >/dev/null 2>&1 && fail "qemu-img opened a raw file named .dmg"
+run_checked 20 "$QNBD" serve -r -k "$T/fmt/s.sock" "$T/fmt/d.dmg"
+if [[ $RUN_KIND != error ]] || ! grep -q "probes as dmg" "$RUN_STDERR"; then
+  cat "$RUN_STDERR" >&2
+  fail "a raw file named .dmg: $RUN_KIND"
+fi
+# The qcow2 magic with version 0 is raw to QEMU, and so to qnbd.
+printf 'QFI\373\0\0\0\0' >"$T/fmt/v0.img"
+truncate -s 1M "$T/fmt/v0.img"
+expect_eq "$(qemu-img info --output=json "$T/fmt/v0.img" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["format"])')" \
+  raw "qemu-img info's probe of a version 0 qcow2 magic"
+start_serve -r "$T/fmt/v0.img"
+expect_eq "$(first7 "$SERVE_URI")" "b'QFI\\xfb\\x00\\x00\\x00'" "a version 0 qcow2 magic served as raw"
 stop_serve
 echo PASS

@@ -1,18 +1,18 @@
 #include "image/raw/raw_device.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <mutex>
 
 #include "common/checked.hpp"
-#include "common/endian.hpp"
-#include "image/qcow2/format.hpp"
+#include "image/probe.hpp"
 
 namespace qnbd::image {
 
 namespace {
-// open_image() probes the first 4 bytes: the qcow2 magic means qcow2.
-constexpr std::uint64_t kProbeBytes = 4;
+// open_image() probes the first sector (image/probe.hpp).
+constexpr std::uint64_t kProbeBytes = kProbeSectorSize;
 }  // namespace
 
 RawDevice::RawDevice(std::unique_ptr<File> file, std::uint64_t size, const OpenOptions& options, bool probed)
@@ -54,33 +54,42 @@ Result<void> RawDevice::read(std::span<std::byte> buf, std::uint64_t offset) {
   return file_->read_zero_fill(buf, offset);
 }
 
-Result<void> RawDevice::check_probe_bytes(std::span<const std::byte> buf, std::uint64_t offset) {
-  // The bytes the probe will see after this write: the file's, overlaid
-  // with the part of buf that lands on them. Zeroing and trimming cannot
-  // form the magic (it has no zero byte), so only writes are checked.
-  std::byte head[kProbeBytes] = {};
+Result<void> RawDevice::check_probe_bytes(std::span<const std::byte> buf, std::uint64_t offset, std::uint64_t length) {
+  // The sector the probe will see after this change: the file's, overlaid
+  // with what lands on it (buf, or zeroes where buf is empty: a zeroing or
+  // a punched hole). QEMU checks whole-sector writes (raw_co_pwritev; its
+  // block layer turns a partial one into a read-modify-write); qnbd takes
+  // partial ones as they come, so the overlay stands in for that.
+  std::array<std::byte, kProbeBytes> head{};
   QNBD_TRY(file_->read_zero_fill(head, 0));
-  const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), kProbeBytes - offset));
-  std::memcpy(head + offset, buf.data(), n);
-  if (load_be32(head) == qcow2::QCOW2_MAGIC) {
+  const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(length, kProbeBytes - offset));
+  if (buf.empty()) {
+    std::memset(head.data() + offset, 0, n);
+  } else {
+    std::memcpy(head.data() + offset, buf.data(), n);
+  }
+  const std::string_view probed_as = probe_format(head);
+  if (probed_as != "raw") {
     return make_error(EPERM,
-                      "{}: write to the first sector refused: it would make this probed raw image "
-                      "open as qcow2 (give the format explicitly to allow it)",
-                      file_->name());
+                      "{}: write to the first sector refused: it would make this probed raw image open as {} "
+                      "(give the format explicitly to allow it)",
+                      file_->name(), probed_as);
   }
   return ok();
+}
+
+// Holds the probe lock over a change that reaches the probed sector, so
+// two changes each supplying part of a signature cannot both pass.
+std::unique_lock<std::mutex> RawDevice::lock_probe_sector(std::uint64_t offset, std::uint64_t length) {
+  if (!probed_ || offset >= kProbeBytes || length == 0) return {};
+  return std::unique_lock(probe_mutex_);
 }
 
 Result<void> RawDevice::write(std::span<const std::byte> buf, std::uint64_t offset, bool fua) {
   if (!writable_) return make_error(EROFS, "{}: image is read-only", file_->name());
   QNBD_TRY(check_range(offset, buf.size()));
-  // Writes that reach the probed bytes are checked and written under one
-  // lock, so two of them cannot assemble the magic between them.
-  std::unique_lock<std::mutex> probe_lock;
-  if (probed_ && offset < kProbeBytes && !buf.empty()) {
-    probe_lock = std::unique_lock(probe_mutex_);
-    QNBD_TRY(check_probe_bytes(buf, offset));
-  }
+  const auto probe_lock = lock_probe_sector(offset, buf.size());
+  if (probe_lock) QNBD_TRY(check_probe_bytes(buf, offset, buf.size()));
   QNBD_TRY(file_->pwrite(buf, offset));
   if (fua || writes_through_) QNBD_TRY(file_->flush());
   return ok();
@@ -94,6 +103,8 @@ Result<void> RawDevice::write_zeroes(std::uint64_t offset, std::uint64_t length,
   // discard=unmap by default (bdrv_inherited_options), so the request's
   // MAY_UNMAP reaches file-posix; --discard only governs TRIM.
   const bool unmap = flags.may_unmap;
+  const auto probe_lock = lock_probe_sector(offset, length);
+  if (probe_lock) QNBD_TRY(check_probe_bytes({}, offset, length));
   if (flags.fast_only) {
     QNBD_TRY(file_->write_zeroes_fast(offset, length, unmap));
   } else {
@@ -107,6 +118,9 @@ Result<void> RawDevice::discard(std::uint64_t offset, std::uint64_t length, Disc
   if (!writable_) return make_error(EROFS, "{}: image is read-only", file_->name());
   QNBD_TRY(check_range(offset, length));
   if (!discard_unmap_) return ok();  // discard=ignore, as qemu-nbd's default
+  // A punched hole may zero a partial block (the file system's choice).
+  const auto probe_lock = lock_probe_sector(offset, length);
+  if (probe_lock) QNBD_TRY(check_probe_bytes({}, offset, length));
   QNBD_TRY(file_->discard(offset, length));
   if (flags.fua || writes_through_) QNBD_TRY(file_->flush());
   return ok();

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "image/block_device.hpp"
@@ -40,8 +41,12 @@ class RawDevice final : public BlockDevice {
 
  private:
   Result<void> check_range(std::uint64_t offset, std::uint64_t length) const;
-  // EPERM if writing buf at offset would make the image probe as another format.
-  Result<void> check_probe_bytes(std::span<const std::byte> buf, std::uint64_t offset);
+  // EPERM if writing buf (length bytes), or zeroes where buf is empty, at
+  // offset would make the image probe as another format (image/probe.hpp).
+  Result<void> check_probe_bytes(std::span<const std::byte> buf, std::uint64_t offset, std::uint64_t length);
+  // The probe lock when the change reaches the probed sector of a probed
+  // image, else an empty lock.
+  std::unique_lock<std::mutex> lock_probe_sector(std::uint64_t offset, std::uint64_t length);
 
   std::unique_ptr<File> file_;
   std::uint64_t size_;
@@ -49,8 +54,8 @@ class RawDevice final : public BlockDevice {
   bool writes_through_;  // cache=writethrough/directsync: every change FUA (file.hpp)
   bool discard_unmap_;
   bool probed_;
-  // Serializes writes that touch the probed bytes, so two writes each
-  // supplying part of a magic cannot both pass the check.
+  // Serializes changes that touch the probed sector, so two writes each
+  // supplying part of a signature cannot both pass the check.
   std::mutex probe_mutex_;
 };
 

@@ -1,5 +1,6 @@
 // The raw driver: block status on a sparse host file, and the probed-raw
-// guard that keeps a guest from writing the qcow2 magic into the first bytes.
+// guard that keeps a guest from making the first sector probe as another
+// format.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -66,30 +67,59 @@ TEST_CASE("RawDevice: holes are zero and present, data is data") {
   CHECK(back[0] == std::byte{0});
 }
 
-TEST_CASE("RawDevice probed: no write may make the first bytes the qcow2 magic") {
+TEST_CASE("RawDevice probed: no change may make the first sector probe as another format") {
   OpenOptions o;
   o.read_only = false;
+  o.discard_unmap = true;
   auto bytes = [](std::string_view s) {
     return std::vector<std::byte>(reinterpret_cast<const std::byte*>(s.data()),
                                   reinterpret_cast<const std::byte*>(s.data()) + s.size());
+  };
+  auto sector = [&](std::string_view s) {
+    auto b = bytes(s);
+    b.resize(512);
+    return b;
   };
   RawDevice probed(std::make_unique<MemFile>("p", std::vector<std::byte>(4096)), 4096, o, true);
   RawDevice given(std::make_unique<MemFile>("g", std::vector<std::byte>(4096)), 4096, o, false);
   CHECK(probed.capabilities().min_block == 512);
   CHECK(given.capabilities().min_block == 1);
-  auto header = bytes(std::string("QFI\xfb\0\0\0\3", 8));
-  header.resize(512);
-  CHECK(probed.write(header, 0, false).error().code == EPERM);
-  REQUIRE(given.write(header, 0, false).has_value());
-  // In pieces: the second piece would complete the magic.
-  REQUIRE(probed.write(bytes("QF"), 0, false).has_value());
+  // Whole-sector headers of formats QEMU probes, as qemu-nbd refuses them
+  // (integration/test-serve-probed-raw.sh compares the two servers).
+  for (std::string_view head :
+       {std::string_view("QFI\xfb\0\0\0\3", 8), std::string_view("QFI\xfb\0\0\0\1", 8), std::string_view("KDMV"),
+        std::string_view("# Disk DescriptorFile\nversion=1\n"), std::string_view("conectix"),
+        std::string_view("vhdxfile"), std::string_view("QED\0", 4), std::string_view("LUKS\xba\xbe\0\1", 8)}) {
+    CAPTURE(head);
+    auto r = probed.write(sector(head), 0, false);
+    REQUIRE_FALSE(r.has_value());
+    CHECK(r.error().code == EPERM);
+    CHECK(given.write(sector(head), 0, false).has_value());
+  }
+  // The qcow2 magic with version 0 probes as raw in QEMU too: allowed.
+  REQUIRE(probed.write(sector(std::string_view("QFI\xfb\0\0\0\0", 8)), 0, false).has_value());
+  // In pieces: with the version already in place, the piece that would
+  // complete the magic is refused, wherever it lands.
+  REQUIRE(probed.write(sector(std::string_view("QF\0\0\0\0\0\3", 8)), 0, false).has_value());
   CHECK(probed.write(bytes("I\xfb"), 2, false).error().code == EPERM);
   REQUIRE(probed.write(bytes("I!"), 2, false).has_value());
   CHECK(probed.write(bytes("\xfb"), 3, false).error().code == EPERM);
-  // Past the probed bytes anything goes; an ordinary sector 0 write works.
-  REQUIRE(probed.write(bytes("QFI\xfb"), 4, false).has_value());
+  // A vmdk descriptor finished by its version line.
+  REQUIRE(probed.write(sector("# Disk DescriptorFile\n"), 0, false).has_value());
+  CHECK(probed.write(bytes("version=1\n"), 22, false).error().code == EPERM);
+  // Zeroes can complete a signature that holds a NUL ("QED\0"): a zeroing
+  // and, with --discard=unmap, a TRIM (a punched hole reads as zeroes).
+  REQUIRE(probed.write(sector("QEDx"), 0, false).has_value());
+  ZeroFlags zero;
+  CHECK(probed.write_zeroes(3, 1, zero).error().code == EPERM);
+  CHECK(probed.discard(3, 1, {}).error().code == EPERM);
+  REQUIRE(probed.write_zeroes(0, 4096, zero).has_value());  // all zeroes: raw
+  // Past the first sector anything goes; an ordinary sector 0 write works.
+  REQUIRE(probed.write(bytes("KDMV"), 512, false).has_value());
   REQUIRE(probed.write(bytes("boot"), 0, false).has_value());
-  std::vector<std::byte> back(8);
+  std::vector<std::byte> back(4);
   REQUIRE(probed.read(back, 0).has_value());
-  CHECK(back == bytes("bootQFI\xfb"));
+  CHECK(back == bytes("boot"));
+  REQUIRE(probed.read(back, 512).has_value());
+  CHECK(back == bytes("KDMV"));
 }
