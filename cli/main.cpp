@@ -78,7 +78,10 @@ int main(int argc, char** argv) {
   try {
     app.parse(static_cast<int>(cargs.size()), cargs.data());
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // CLI11 prints the message (or the help or version text); a usage
+    // error then exits 1, as qemu-nbd and qemu-img do, not with CLI11's
+    // own codes (105-115), which a tool spawning qemu-nbd does not expect.
+    return app.exit(e) == 0 ? 0 : 1;
   } catch (const std::exception& e) {
     // Errors are Results; an exception reaching here is a defect, but it
     // still ends with one line and status 1, not an abort.

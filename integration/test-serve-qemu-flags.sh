@@ -17,7 +17,7 @@
 # 5. A Unix socket path too long for the system is refused in one line; so
 #    are empty values, over-long names, a pid file that cannot be made and
 #    a -k path that holds a file, a folder or a link (left as it was;
-#    qemu-nbd unlinks it).
+#    qemu-nbd unlinks it); an unknown option and a bad number exit 1.
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-io qemu-nbd nbdinfo python3
 requires_qnbd
@@ -184,6 +184,10 @@ refuses "export description 'aaaa" -k "$T/e.sock" -D "$long"
 refuses "--socket: an empty value" -k ""
 refuses "--pid-file: an empty value" -k "$T/e.sock" --pid-file=
 refuses "Could not create '$T/no/such/dir/p'" -k "$T/e.sock" --pid-file "$T/no/such/dir/p"
+# Usage errors the command-line parser finds exit 1 too (qnbd exited with
+# CLI11's codes, 109 and 104).
+refuses "--no-such-option" -k "$T/e.sock" --no-such-option
+refuses "--shared" -k "$T/e.sock" -e many
 
 # The zero-payload WRITEs: aligned 1 MiB, unaligned 32 KiB, a FUA 64 KiB,
 # 128 KiB into never-written space, and one nonzero write beside them.
