@@ -431,6 +431,11 @@ int serve(const ServeArgs& a) {
   // write fails with EPIPE instead. qemu-nbd ignores SIGPIPE too. Sockets
   // never raise it (Asio sends with MSG_NOSIGNAL).
   ::signal(SIGPIPE, SIG_IGN);
+  // qemu-nbd also survives SIGUSR1, SIGALRM and SIGIO: QEMU's main loop
+  // blocks the first (its SIG_IPI) and reads the others from a signalfd
+  // with no handler (qemu_signal_init). A stray one (a `kill -USR1` meant
+  // for another process) must not end qnbd mid-request either.
+  for (int sig : {SIGUSR1, SIGALRM, SIGIO}) ::signal(sig, SIG_IGN);
   log::init(a.verbose);
   auto opts = build_options(a);
   if (!opts) {

@@ -17,6 +17,8 @@
 #     is in the image and the bitmap is stored.
 #  5. The same after SIGTERM with stderr on a pipe that has no reader
 #     (SIGPIPE ignored, as qemu-nbd).
+#  6. SIGUSR1, SIGALRM and SIGIO leave the server serving (qemu-nbd too);
+#     a SIGTERM then stops it as in case 4.
 set -euo pipefail
 source "$(dirname "$0")/lib-serve.sh"
 requires qemu-img qemu-nbd qemu-io nbdinfo python3 timeout
@@ -237,5 +239,27 @@ for tool in qemu-nbd qnbd; do
   st=0
   wait "$pid" || st=$?
   clean_stop "$tool after SIGTERM, stderr without a reader" "$st" "p-$tool.qcow2"
+done
+
+# ---- 6. signals qemu-nbd survives -------------------------------------------
+# SIGUSR1, SIGALRM and SIGIO (QEMU's main loop blocks or swallows them):
+# after each, the server still answers, and a SIGTERM then stops it
+# cleanly with the write in the image and the bitmap stored. (Before: qnbd
+# died of each, the write lost and b0 left in_use.)
+for tool in qemu-nbd qnbd; do
+  mkimg "s-$tool.qcow2"
+  start_tool "$tool" -f qcow2 "s-$tool.qcow2"
+  hup_write "nbd+unix:///?socket=$TMPDIR_TEST/s.sock"
+  for sig in USR1 ALRM IO; do
+    kill -"$sig" "$SERVER_PID"
+    sleep 0.2
+    nbdinfo --size "nbd+unix:///?socket=$TMPDIR_TEST/s.sock" >/dev/null ||
+      fail "$tool does not answer after SIG$sig"
+  done
+  kill -TERM "$SERVER_PID"
+  st=0
+  wait "$SERVER_PID" || st=$?
+  unset "_live_servers[$SERVER_PID]"
+  clean_stop "$tool after SIGUSR1, SIGALRM, SIGIO and SIGTERM" "$st" "s-$tool.qcow2"
 done
 echo "PASS"
