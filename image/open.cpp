@@ -21,7 +21,6 @@
 #include "image/io/range_file.hpp"
 #include "image/probe.hpp"
 #include "image/qcow2/create.hpp"
-#include "image/qcow2/format.hpp"
 #include "image/qcow2/qcow2_image.hpp"
 #include "image/raw/raw_device.hpp"
 
