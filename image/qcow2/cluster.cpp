@@ -173,6 +173,30 @@ Result<void> write_be64_at(File& f, std::uint64_t offset, std::uint64_t value) {
 struct HostRange {
   std::uint64_t offset = 0, bytes = 0;
 };
+// How many entries from index `from` on (before `end`) are all zero bytes.
+std::uint64_t count_zero_entries(const std::byte* table, std::uint64_t from, std::uint64_t end,
+                                 std::uint32_t entry_size) {
+  const std::uint64_t words_per_entry = entry_size / 8;
+  const std::byte* p = table + from * entry_size;
+  const std::byte* const stop = table + end * entry_size;
+  auto word = [](const std::byte* q) {
+    std::uint64_t w;
+    std::memcpy(&w, q, sizeof w);
+    return w;
+  };
+  // Eight words at a time while they are all zero, then word by word.
+  while (stop - p >= 64) {
+    std::uint64_t any = 0;
+    for (int i = 0; i < 8; ++i) any |= word(p + i * 8);
+    if (any) break;
+    p += 64;
+  }
+  while (p < stop && word(p) == 0) p += 8;
+  // p is at the first nonzero word (or the end); the entries before the
+  // one that holds it are zero.
+  return static_cast<std::uint64_t>(p - (table + from * entry_size)) / 8 / words_per_entry;
+}
+
 HostRange referenced_range(std::uint64_t l2_entry, std::uint32_t cluster_bits) {
   if (l2_entry & QCOW_OFLAG_COMPRESSED) {
     const CompressedDescriptor d = parse_compressed_descriptor(l2_entry, cluster_bits);
@@ -276,6 +300,18 @@ Result<Mapping> Qcow2Image::get_host_offset_locked(std::uint64_t offset, std::ui
   unsigned sc = sc_index + 1;
   L2Entry cur = first;
   while (run_end - offset < limit) {
+    if (sc == spc && m.type == SubclusterType::unallocated_plain) {
+      // An entry of all zero bytes (both words with extended L2) is an
+      // unallocated cluster: skip such entries a word at a time instead
+      // of decoding each. A map of a large sparse image is mostly these
+      // (nbdinfo --map of 1 TiB walks 16 million), so this is its cost.
+      const std::uint64_t wanted = (limit - (run_end - offset) + cluster_size - 1) >> cluster_bits;
+      const std::uint64_t end = std::min(l2_entries, idx + 1 + wanted);
+      const std::uint64_t zero = count_zero_entries(t, idx + 1, end, g.l2_entry_size());
+      idx += zero;
+      run_end += zero << cluster_bits;
+      if (run_end - offset >= limit) break;
+    }
     if (sc == spc) {
       ++idx;
       if (idx >= l2_entries) break;

@@ -7,10 +7,13 @@
 #include <atomic>
 #include <cstring>
 #include <memory>
+#include <random>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <vector>
+
+#include <fmt/format.h>
 
 #include "image/block_device.hpp"
 #include "image/io/forwarding_file.hpp"
@@ -474,4 +477,75 @@ TEST_CASE("snapshot table and bitmap directory are parsed and exposed") {
   info = (*dev)->info();
   REQUIRE(info.bitmaps.size() == 2);
   CHECK(info.bitmaps[0].in_use);
+}
+
+// get_host_offset's runs over long stretches of unallocated entries (which
+// it skips a word at a time) against a per-subcluster model: the same type
+// and the same length for every start and limit, with the nonzero entries
+// placed around the 8-entry blocks the skip reads, and, with extended L2,
+// entries whose first word is zero and whose bitmap is not.
+TEST_CASE("qcow2 on MemFile: runs across unallocated stretches match a per-subcluster model") {
+  for (const bool extended : {false, true}) {
+    CAPTURE(extended);
+    HandImage h;
+    h.extended_l2 = extended;
+    h.cluster_bits = extended ? 14 : 12;  // 1,024 and 512 entries in the one L2 table
+    const std::uint64_t entries = h.cs() / h.l2_entry_size();
+    h.size = entries * h.cs();
+    constexpr unsigned kData = 6;
+    h.build(kData);
+    const unsigned spc = extended ? 32 : 1;
+    const std::uint64_t sc_size = h.cs() / spc;
+    // The model: one type per subcluster. Data clusters take host clusters
+    // in descending order, so no two are contiguous and a data run ends
+    // with its cluster.
+    std::vector<SubclusterType> model(entries * spc, SubclusterType::unallocated_plain);
+    std::vector<std::uint64_t> cluster_of_data(entries, ~0ull);
+    const std::uint64_t nonzero[] = {7, 8, 9, 16, 63, 64, 65, 200, 201, 311, entries - 1};
+    unsigned next_data = kData;
+    for (std::size_t i = 0; i < std::size(nonzero); ++i) {
+      const std::uint64_t c = nonzero[i];
+      if (i % 3 == 0 && next_data > 0) {
+        const std::uint64_t host = h.data_offset(--next_data);
+        // Standard: the whole cluster. Extended: its first 3 subclusters.
+        h.set_l2(c, QCOW_OFLAG_COPIED | host, extended ? 0x7 : 0);
+        for (unsigned s = 0; s < (extended ? 3u : 1u); ++s) model[c * spc + s] = SubclusterType::normal;
+        if (extended) {
+          for (unsigned s = 3; s < spc; ++s) model[c * spc + s] = SubclusterType::unallocated_alloc;
+        }
+        cluster_of_data[c] = host;
+      } else if (extended) {
+        // Entry word 0, bitmap: subclusters 5 and 6 read as zeroes.
+        h.set_l2(c, 0, (std::uint64_t{0x60}) << 32);
+        model[c * spc + 5] = model[c * spc + 6] = SubclusterType::zero_plain;
+      } else {
+        h.set_l2(c, QCOW_OFLAG_ZERO);
+        model[c] = SubclusterType::zero_plain;
+      }
+    }
+    auto img = open_hand(h);
+    REQUIRE_MESSAGE(img.has_value(), img.error().message);
+    auto expected_bytes = [&](std::uint64_t offset, std::uint64_t max_bytes) {
+      const std::uint64_t first = offset / sc_size;
+      std::uint64_t s = first + 1;
+      while (s < model.size() && model[s] == model[first] &&
+             !(model[first] == SubclusterType::normal && s / spc != first / spc) &&
+             !(model[first] == SubclusterType::unallocated_alloc && s / spc != first / spc)) {
+        ++s;
+      }
+      return std::min(max_bytes, s * sc_size - offset);
+    };
+    std::mt19937_64 rng(extended ? 2 : 1);
+    for (int i = 0; i < 4000; ++i) {
+      const std::uint64_t offset = rng() % h.size;
+      const std::uint64_t max_bytes = 1 + rng() % (i % 2 ? h.size : 64 * h.cs());
+      auto m = (*img)->get_host_offset(offset, max_bytes);
+      REQUIRE_MESSAGE(m.has_value(), m.error().message);
+      const std::uint64_t want = expected_bytes(offset, std::min(max_bytes, h.size - offset));
+      if (m->type != model[offset / sc_size] || m->bytes != want) {
+        FAIL_CHECK(fmt::format("offset {} max {}: got {} bytes of {}, want {} of {}", offset, max_bytes, m->bytes,
+                               to_string(m->type), want, to_string(model[offset / sc_size])));
+      }
+    }
+  }
 }
