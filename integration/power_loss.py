@@ -579,8 +579,10 @@ def bitmap_flags(d, image):
     return {b["name"]: b["flags"] for b in data.get("bitmaps", [])}
 
 
-# How many crash points' read-only exports judge_bitmaps compared.
+# How many crash points' read-only exports judge_bitmaps compared, and how
+# many of those had the bitmaps hidden from QEMU (AUTOCLEAR_BITMAPS clear).
 READ_ONLY_MATCHED = [0]
+READ_ONLY_HIDDEN = [0]
 
 
 def folder_digest(d):
@@ -620,13 +622,19 @@ def judge_bitmaps(d, image, fmt, qnbd, work, events, crash_t, got, init_raw, siz
     dirty, between them, wherever a request started after it returned was
     answered, or left its data in the image."""
     names = bitmap_flags(d, image)
+    hidden = False
     if not names:
         # A crash inside the open's in-use marking (between clearing the
         # bitmaps autoclear bit and setting it again, as QEMU marks them)
         # hides every bitmap from QEMU; the write-intent record lets qnbd
-        # restore them. Recover first, then list them.
-        serve_and_read_bitmaps(qnbd, os.path.join(d, image), fmt, [], work)
-        names = bitmap_flags(d, image)
+        # restore them. Their names come from a recovery of a copy, so that
+        # the read-only serve below still sees the crashed folder.
+        names_copy = os.path.join(work, "names-copy")
+        materialise(d, names_copy, {}, set())
+        serve_and_read_bitmaps(qnbd, os.path.join(names_copy, image), fmt, [], work)
+        names = bitmap_flags(names_copy, image)
+        shutil.rmtree(names_copy)
+        hidden = bool(names)
     # A read-only serve first: it exports what the writable open below will
     # store (the record's recovery, in memory) and writes nothing. It
     # refuses the whole set when some bitmap is inconsistent and not
@@ -647,6 +655,11 @@ def judge_bitmaps(d, image, fmt, qnbd, work, events, crash_t, got, init_raw, siz
             return f"bitmap {name}: the read-only export differs from what the recovery stored"
     if ro is not None:
         READ_ONLY_MATCHED[0] += 1
+        READ_ONLY_HIDDEN[0] += hidden
+    elif hidden:
+        # The record vouches for every bitmap here (no guest write was
+        # issued before arming finished): a read-only serve exports them.
+        return "the read-only serve refused the bitmaps a crash inside arming hid from QEMU"
     after = bitmap_flags(d, image)
     for name, flags in after.items():
         if "in-use" in flags:
@@ -777,7 +790,8 @@ def check(log, init, events_path, work, image, fmt, size, points, seed, qnbd, bi
         f"{total_checked} sector checks; {leaks} with leaks only; {recovered} bitmap recoveries"
         + (f" ({checkpoints_seen} checkpoints judged)" if checkpoints_seen else "")
         + (f"; {double} of them crashed again during the recovery" if double else "")
-        + (f"; {READ_ONLY_MATCHED[0]} read-only exports matched it" if recovered else "")
+        + (f"; {READ_ONLY_MATCHED[0]} read-only exports matched it ({READ_ONLY_HIDDEN[0]} with the bitmaps hidden "
+           "from QEMU)" if recovered else "")
     )
     return 0
 

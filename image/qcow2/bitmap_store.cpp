@@ -590,6 +590,7 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
     if (!refcounts) {
       out.state = "pending";
       out.detail = fmt::format("no bitmap is in use ({}); the next writable open clears the record's bit", why);
+      out.directory = *directory;
       return std::move(out);
     }
     h.autoclear_features = (h.autoclear_features | AUTOCLEAR_BITMAPS) & ~AUTOCLEAR_QNBD_INTENT;
@@ -707,6 +708,7 @@ Result<IntentRecovery> recover_from_intent(File& file, Header& header, Refcounts
     out.from_next = found_as == 1;
     out.directory_offset = ext.bitmap_directory_offset;
     out.directory_size = ext.bitmap_directory_size;
+    out.directory = *directory;
     return std::move(out);
   };
   if (!refcounts) {

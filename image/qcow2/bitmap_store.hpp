@@ -116,6 +116,10 @@ struct IntentRecovery {
   // read even while AUTOCLEAR_BITMAPS is clear: a crash inside arming).
   std::uint64_t directory_offset = 0;
   std::uint64_t directory_size = 0;
+  // "pending": that directory's entries as read. While AUTOCLEAR_BITMAPS is
+  // clear the image's own header hides them (QEMU ignores the extension);
+  // a read-only open exports these instead (Qcow2Image::open).
+  std::vector<BitmapInfo> directory;
 };
 // With refcounts null (a read-only open) nothing is written: a trusted
 // record is reported as "pending". "unstored": the rewrite failed (a full

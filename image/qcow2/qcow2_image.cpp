@@ -137,6 +137,16 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
     // stopped disk (a read-only serve -B) needs no full copy. Not under
     // force-share: a writer may hold the image, its record still growing.
     if (r && r->state == "pending" && !options.lock.force_share) {
+      // A crash inside arming, or between a store's header switch and its
+      // last autoclear write, leaves AUTOCLEAR_BITMAPS clear: the header
+      // hides the directory the record vouches for (every tracked bitmap
+      // exact as stored then, since no guest write was issued), so serve
+      // that directory, as the writable open will store it.
+      if (!(h.autoclear_features & AUTOCLEAR_BITMAPS) && !r->directory.empty()) {
+        img->bitmaps_ = std::move(r->directory);
+        img->bitmap_store_ =
+            std::make_unique<BitmapStore>(file, img->header_, img->bitmaps_, img->file_size_, false, img->intent_);
+      }
       img->bitmap_store_->adopt_read_only(std::move(r->recovered));
     }
   }
