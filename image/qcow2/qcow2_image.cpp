@@ -139,9 +139,9 @@ Result<std::unique_ptr<Qcow2Image>> Qcow2Image::open(Parts parts, const OpenOpti
     if (r && r->state == "pending" && !options.lock.force_share) {
       // A crash inside arming, or between a store's header switch and its
       // last autoclear write, leaves AUTOCLEAR_BITMAPS clear: the header
-      // hides the directory the record vouches for (every tracked bitmap
-      // exact as stored then, since no guest write was issued), so serve
-      // that directory, as the writable open will store it.
+      // hides the directory the record vouches for. Serve that directory,
+      // with the record's recovery in place of its in_use entries, as the
+      // writable open will store it.
       if (!(h.autoclear_features & AUTOCLEAR_BITMAPS) && !r->directory.empty()) {
         img->bitmaps_ = std::move(r->directory);
         img->bitmap_store_ =

@@ -520,8 +520,8 @@ void run_point(const Fixture& f, std::uint64_t seed, const TempDir& dir, Totals&
   std::string state;
   // A read-only open first: it recovers in memory only ("pending"),
   // exports each tracked bitmap as the writable open below stores it, and
-  // writes nothing. Per base bitmap, its dirty granules (empty if it was
-  // not exported: not in use, or no trusted record).
+  // writes nothing. Per base bitmap, its dirty granules (empty if the open
+  // found no trusted record).
   std::vector<std::vector<bool>> read_only_dirty(f.base_bits.size());
   bool read_only_pending = false;
   {
